@@ -1,0 +1,139 @@
+//! `helo-agent run`: load and attach the XDP program, keep the ban maps tidy, and detach on
+//! shutdown. The SMTP proxy will run beside this loop.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::blocklist::Blocklist;
+use crate::config::Config;
+use crate::ebpf::{self, AttachMode, EbpfError, LoadOptions, PinnedMaps};
+
+/// How often expired bans whose source never came back are swept from the maps.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Ebpf(#[from] EbpfError),
+    #[error(
+        "no default route to take the interface from: pass --iface or set xdp.interface in the \
+         config"
+    )]
+    NoDefaultInterface,
+}
+
+/// Overrides from the command line.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    pub interface: Option<String>,
+    pub mode: Option<AttachMode>,
+}
+
+/// Runs until `shutdown` completes, then detaches the program (the pinned maps stay).
+pub async fn run(
+    config: &Config,
+    options: &RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let iface = match options.interface.clone().or_else(|| config.xdp.interface.clone()) {
+        Some(iface) => iface,
+        None => default_route_interface().ok_or(AgentError::NoDefaultInterface)?,
+    };
+    let mode = options.mode.unwrap_or(config.xdp.mode);
+    let mut program = ebpf::load(&LoadOptions {
+        pin_dir: &config.xdp.pin_dir,
+        sizes: config.xdp.sizes,
+        ports: &config.xdp.ports,
+        allow: &config.allowlist,
+    })?;
+    let used = program.attach(&iface, mode)?;
+    tracing::info!(
+        iface,
+        mode = used,
+        ports = ?config.xdp.ports,
+        pin_dir = %config.xdp.pin_dir.display(),
+        allowlist = config.allowlist.len(),
+        config = %config.source.as_deref().map_or("<embedded defaults>".into(), |p| p.display().to_string()),
+        "XDP ban filter attached"
+    );
+
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.tick().await;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = sweep.tick() => {
+                let dir = config.xdp.pin_dir.clone();
+                match tokio::task::spawn_blocking(move || sweep_expired(&dir)).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(purged)) => tracing::debug!(purged, "expired bans swept"),
+                    Ok(Err(error)) => tracing::warn!(%error, "sweeping expired bans failed"),
+                    Err(error) => tracing::warn!(%error, "ban sweep task failed"),
+                }
+            }
+        }
+    }
+    drop(program);
+    tracing::info!(
+        iface,
+        "XDP program detached; bans stay pinned in {}",
+        config.xdp.pin_dir.display()
+    );
+    Ok(())
+}
+
+fn sweep_expired(pin_dir: &Path) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
+    let mut list = Blocklist::new(PinnedMaps::open(pin_dir)?);
+    Ok(list.purge_expired(crate::clock::boot_ns())?)
+}
+
+/// The interface of the IPv4 default route, else of the IPv6 one.
+pub fn default_route_interface() -> Option<String> {
+    let v4 = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    let v6 = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
+    default_v4(&v4).or_else(|| default_v6(&v6))
+}
+
+/// From /proc/net/route: `Iface Destination Gateway Flags ... Mask ...`, all hex.
+fn default_v4(table: &str) -> Option<String> {
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.len() > 7 && fields[1] == "00000000" && fields[7] == "00000000")
+            .then(|| fields[0].to_owned())
+    })
+}
+
+/// From /proc/net/ipv6_route: `dest plen src splen next-hop metric refcnt use flags iface`.
+fn default_v6(table: &str) -> Option<String> {
+    table.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.len() == 10
+            && fields[0].bytes().all(|b| b == b'0')
+            && fields[1] == "00"
+            && fields[9] != "lo")
+            .then(|| fields[9].to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_route_from_proc_net_route() {
+        let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                     eth1\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                     eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
+        assert_eq!(default_v4(table).as_deref(), Some("eth0"));
+        assert_eq!(default_v4("Iface\tDestination\n"), None);
+    }
+
+    #[test]
+    fn default_route_from_proc_net_ipv6_route() {
+        let table = "00000000000000000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000001 00000000 00200001       lo\n\
+                     00000000000000000000000000000000 00 00000000000000000000000000000000 00 20010db8000000000000000000000001 00000400 00000001 00000000 00000003     ens3\n";
+        assert_eq!(default_v6(table).as_deref(), Some("ens3"));
+    }
+}

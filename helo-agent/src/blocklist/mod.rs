@@ -1,0 +1,275 @@
+//! Bans: what goes into the kernel's ban maps, for how long, and why.
+//!
+//! The logic (TTL to expiry instant, reason texts, listing with remaining time, skipping and
+//! purging expired entries) lives here and is written against [`BanStore`], so it is tested
+//! against [`fake::FakeStore`]. The real store over the pinned BPF maps is in `crate::ebpf`.
+//! Time is passed in (CLOCK_BOOTTIME ns, see `crate::clock`), never read here.
+
+pub mod fake;
+
+use std::time::Duration;
+
+use helo_common::{BanValue, NEVER_EXPIRES, REASON_TEXT_LEN};
+use serde::Serialize;
+
+use crate::addr::BanTarget;
+
+/// Where bans live. Implemented over the pinned BPF maps and by an in-memory fake.
+pub trait BanStore {
+    fn get(&self, target: &BanTarget) -> Result<Option<BanValue>, StoreError>;
+    fn put(&mut self, target: &BanTarget, value: &BanValue) -> Result<(), StoreError>;
+    /// Removes a ban; `Ok(false)` when there was none.
+    fn remove(&mut self, target: &BanTarget) -> Result<bool, StoreError>;
+    fn entries(&self) -> Result<Vec<(BanTarget, BanValue)>, StoreError>;
+    fn reason(&self, code: u32) -> Result<Option<[u8; REASON_TEXT_LEN]>, StoreError>;
+    fn put_reason(&mut self, code: u32, text: &[u8; REASON_TEXT_LEN]) -> Result<(), StoreError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("ban map {map}: {operation} failed: {source}")]
+    Map {
+        map: &'static str,
+        operation: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("ban map {map} is full ({capacity} entries)")]
+    Full { map: &'static str, capacity: usize },
+}
+
+/// How long a ban lasts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ttl {
+    For(Duration),
+    Forever,
+}
+
+/// One ban as `list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BanEntry {
+    pub target: String,
+    /// Seconds left, rounded up; `None` for a ban that never expires.
+    pub remaining_secs: Option<u64>,
+    pub reason: String,
+    /// Packets the kernel dropped because of this ban (approximate under contention).
+    pub hits: u64,
+}
+
+pub struct Blocklist<S> {
+    store: S,
+}
+
+impl<S: BanStore> Blocklist<S> {
+    pub fn new(store: S) -> Self {
+        Self { store }
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Bans `target` for `ttl` from `now_ns`. Re-banning replaces the expiry and the reason and
+    /// keeps the hit count.
+    pub fn ban(
+        &mut self,
+        target: &BanTarget,
+        ttl: Ttl,
+        reason: &str,
+        now_ns: u64,
+    ) -> Result<BanValue, StoreError> {
+        let text = reason_text(reason);
+        let code = helo_common::reason_code(trim_nul(&text));
+        if code != 0 && self.store.reason(code)?.is_none() {
+            // The reasons table only makes listings readable: a full table must not stop a ban.
+            if let Err(error) = self.store.put_reason(code, &text) {
+                tracing::warn!(%error, reason, "ban reason text not stored; list shows its code");
+            }
+        }
+        let expires_ns = match ttl {
+            Ttl::For(ttl) => crate::clock::after(now_ns, ttl),
+            Ttl::Forever => NEVER_EXPIRES,
+        };
+        let hits = self.store.get(target)?.map_or(0, |old| old.hits);
+        let value = BanValue { hits, ..BanValue::new(expires_ns, code) };
+        self.store.put(target, &value)?;
+        Ok(value)
+    }
+
+    /// Lifts a ban. `Ok(false)` when `target` was not banned.
+    pub fn unban(&mut self, target: &BanTarget) -> Result<bool, StoreError> {
+        self.store.remove(target)
+    }
+
+    /// Whether `target` is banned at `now_ns`.
+    pub fn is_banned(&self, target: &BanTarget, now_ns: u64) -> Result<bool, StoreError> {
+        Ok(self.store.get(target)?.is_some_and(|v| v.active_at(now_ns)))
+    }
+
+    /// Bans in force at `now_ns`, longest remaining first. Expired entries are left out (the
+    /// kernel removes them when their source comes back; [`Self::purge_expired`] sweeps).
+    pub fn list(&self, now_ns: u64) -> Result<Vec<BanEntry>, StoreError> {
+        let mut entries = Vec::new();
+        for (target, value) in self.store.entries()? {
+            if !value.active_at(now_ns) {
+                continue;
+            }
+            let remaining_secs = (value.expires_ns != NEVER_EXPIRES)
+                .then(|| (value.expires_ns - now_ns).div_ceil(1_000_000_000));
+            entries.push(BanEntry {
+                target: target.to_string(),
+                remaining_secs,
+                reason: self.reason_of(value.reason)?,
+                hits: value.hits,
+            });
+        }
+        entries.sort_by(|a, b| {
+            let key = |e: &BanEntry| e.remaining_secs.unwrap_or(u64::MAX);
+            key(b).cmp(&key(a)).then_with(|| a.target.cmp(&b.target))
+        });
+        Ok(entries)
+    }
+
+    /// Removes entries expired at `now_ns`; returns how many.
+    pub fn purge_expired(&mut self, now_ns: u64) -> Result<usize, StoreError> {
+        let mut purged = 0;
+        for (target, value) in self.store.entries()? {
+            if !value.active_at(now_ns) && self.store.remove(&target)? {
+                purged += 1;
+            }
+        }
+        Ok(purged)
+    }
+
+    fn reason_of(&self, code: u32) -> Result<String, StoreError> {
+        if code == 0 {
+            return Ok(String::new());
+        }
+        Ok(match self.store.reason(code)? {
+            Some(text) => String::from_utf8_lossy(trim_nul(&text)).into_owned(),
+            None => format!("#{code:08x}"),
+        })
+    }
+}
+
+/// `reason` as stored: UTF-8, cut at a char boundary to fit, NUL padded.
+fn reason_text(reason: &str) -> [u8; REASON_TEXT_LEN] {
+    let reason = reason.trim();
+    let mut end = reason.len().min(REASON_TEXT_LEN);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut text = [0u8; REASON_TEXT_LEN];
+    text[..end].copy_from_slice(&reason.as_bytes()[..end]);
+    text
+}
+
+fn trim_nul(text: &[u8]) -> &[u8] {
+    let end = text.iter().position(|b| *b == 0).unwrap_or(text.len());
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::FakeStore;
+    use super::*;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn target(s: &str) -> BanTarget {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_ban_holds_until_its_ttl_and_not_after() {
+        let mut list = Blocklist::new(FakeStore::default());
+        let t = target("192.0.2.7");
+        list.ban(&t, Ttl::For(Duration::from_secs(3)), "manual", 100 * SEC).unwrap();
+        assert!(list.is_banned(&t, 100 * SEC).unwrap());
+        assert!(list.is_banned(&t, 103 * SEC - 1).unwrap());
+        assert!(!list.is_banned(&t, 103 * SEC).unwrap());
+        assert!(!list.is_banned(&target("192.0.2.8"), 100 * SEC).unwrap());
+    }
+
+    #[test]
+    fn list_shows_remaining_reason_and_hits_and_skips_expired() {
+        let mut list = Blocklist::new(FakeStore::default());
+        list.ban(&target("192.0.2.7"), Ttl::For(Duration::from_secs(60)), "forged helo", 0)
+            .unwrap();
+        list.ban(&target("2001:db8::/64"), Ttl::Forever, "", 0).unwrap();
+        list.ban(&target("192.0.2.9"), Ttl::For(Duration::from_secs(1)), "short", 0).unwrap();
+        let entries = list.list(10 * SEC + 1).unwrap();
+        assert_eq!(
+            entries,
+            vec![
+                BanEntry {
+                    target: "2001:db8::/64".into(),
+                    remaining_secs: None,
+                    reason: String::new(),
+                    hits: 0
+                },
+                BanEntry {
+                    target: "192.0.2.7".into(),
+                    remaining_secs: Some(50),
+                    reason: "forged helo".into(),
+                    hits: 0
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn reban_replaces_expiry_and_reason_but_keeps_hits() {
+        let mut list = Blocklist::new(FakeStore::default());
+        let t = target("192.0.2.7");
+        list.ban(&t, Ttl::For(Duration::from_secs(5)), "first", 0).unwrap();
+        list.store.bump_hits(&t, 7);
+        let value = list.ban(&t, Ttl::For(Duration::from_secs(50)), "second", 0).unwrap();
+        assert_eq!(value.hits, 7);
+        assert_eq!(value.expires_ns, 50 * SEC);
+        assert_eq!(list.list(0).unwrap()[0].reason, "second");
+    }
+
+    #[test]
+    fn unban_reports_whether_there_was_a_ban() {
+        let mut list = Blocklist::new(FakeStore::default());
+        let t = target("2001:db8::1");
+        assert!(!list.unban(&t).unwrap());
+        list.ban(&t, Ttl::Forever, "x", 0).unwrap();
+        assert!(list.unban(&t).unwrap());
+        assert!(!list.is_banned(&t, 0).unwrap());
+    }
+
+    #[test]
+    fn purge_removes_only_expired() {
+        let mut list = Blocklist::new(FakeStore::default());
+        list.ban(&target("192.0.2.1"), Ttl::For(Duration::from_secs(1)), "", 0).unwrap();
+        list.ban(&target("192.0.2.2"), Ttl::For(Duration::from_secs(100)), "", 0).unwrap();
+        assert_eq!(list.purge_expired(2 * SEC).unwrap(), 1);
+        assert_eq!(list.store().len(), 1);
+    }
+
+    #[test]
+    fn long_reasons_are_cut_at_a_char_boundary() {
+        let mut list = Blocklist::new(FakeStore::default());
+        let long = "é".repeat(40); // 80 bytes
+        list.ban(&target("192.0.2.1"), Ttl::Forever, &long, 0).unwrap();
+        let shown = &list.list(0).unwrap()[0].reason;
+        assert_eq!(shown, &"é".repeat(32));
+    }
+
+    #[test]
+    fn a_full_reason_table_does_not_stop_a_ban() {
+        let mut list = Blocklist::new(FakeStore::with_reason_capacity(0));
+        list.ban(&target("192.0.2.1"), Ttl::Forever, "why", 0).unwrap();
+        let entry = &list.list(0).unwrap()[0];
+        assert_eq!(entry.reason, format!("#{:08x}", helo_common::reason_code(b"why")));
+    }
+
+    #[test]
+    fn a_full_ban_map_is_an_error() {
+        let mut list = Blocklist::new(FakeStore::with_capacity(1));
+        list.ban(&target("192.0.2.1"), Ttl::Forever, "", 0).unwrap();
+        let err = list.ban(&target("192.0.2.2"), Ttl::Forever, "", 0).unwrap_err();
+        assert!(matches!(err, StoreError::Full { .. }), "{err}");
+    }
+}

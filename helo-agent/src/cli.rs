@@ -1,0 +1,257 @@
+//! Command line: `helo-agent run | ban | unban | list | stats`. Parses arguments, runs the
+//! command, prints human or `--json` output. Errors bubble up as `anyhow` with their reason.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::addr::BanTarget;
+use crate::agent::RunOptions;
+use crate::blocklist::{Blocklist, Ttl};
+use crate::config::Config;
+use crate::ebpf::{AttachMode, PinnedMaps};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "helo-agent",
+    version,
+    about = "Protects a mail gateway from spam bots by their HELO, and bans them in the kernel with XDP",
+    long_about = "Protects a mail gateway from spam bots by their SMTP HELO/EHLO name. Bans are kept \
+                  in pinned BPF maps and enforced by an XDP program on the ingress interface: a banned \
+                  source's packets to the SMTP ports are dropped until the ban expires.\n\n\
+                  With no --config the agent runs on embedded defaults (see helo-filter.example.toml)."
+)]
+pub struct Cli {
+    /// Config file (TOML). Default: embedded defaults.
+    #[arg(long, global = true, env = "HELO_FILTER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory of the pinned maps; overrides xdp.pin_dir.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub pin_dir: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load and attach the XDP program and run until SIGINT or SIGTERM (needs root).
+    Run {
+        /// Interface to guard; overrides xdp.interface. Default: the default route's.
+        #[arg(long, value_name = "IF")]
+        iface: Option<String>,
+        /// XDP attach mode; overrides xdp.mode.
+        #[arg(long, value_enum)]
+        xdp_mode: Option<AttachMode>,
+    },
+    /// Ban an address: its packets to the guarded ports are dropped until the ban expires.
+    Ban {
+        /// IPv4 or IPv6 address, or an IPv6 /64 (2001:db8:1:2::/64).
+        target: String,
+        /// How long: 30s, 10m, 1h, 2d, 1w, 1h30m, or "forever". Default: bans.default_ttl.
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+        /// Why, shown by `list` (up to 64 bytes kept).
+        #[arg(long, value_name = "TEXT", default_value = "manual")]
+        reason: String,
+        /// Ban the /64 around an IPv6 address instead of the one host.
+        #[arg(long)]
+        prefix: bool,
+    },
+    /// Lift a ban.
+    Unban {
+        /// The address or IPv6 /64 as it was banned.
+        target: String,
+        /// Lift the /64 ban around an IPv6 address.
+        #[arg(long)]
+        prefix: bool,
+    },
+    /// List bans in force: address, remaining TTL, hits, reason.
+    List {
+        /// One JSON array, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// XDP verdict counters, summed over CPUs.
+    Stats {
+        /// One JSON object, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+pub fn execute(cli: Cli) -> anyhow::Result<()> {
+    let mut config = Config::load(cli.config.as_deref())?;
+    if let Some(dir) = cli.pin_dir {
+        config.xdp.pin_dir = dir;
+    }
+    match cli.command {
+        Command::Run { iface, xdp_mode } => {
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let options = RunOptions { interface: iface, mode: xdp_mode };
+            runtime.block_on(crate::agent::run(&config, &options, shutdown_signal()))?;
+        }
+        Command::Ban { target, ttl, reason, prefix } => {
+            let target = parse_target(&target, prefix)?;
+            let ttl = match ttl.as_deref() {
+                None => config.default_ban_ttl(),
+                Some("forever") => Ttl::Forever,
+                Some(text) => {
+                    let ttl = crate::duration::parse(text)?;
+                    anyhow::ensure!(!ttl.is_zero(), "--ttl must be longer than 0s");
+                    Ttl::For(ttl)
+                }
+            };
+            if let Some(net) = config.allowlist.iter().find(|net| allowlisted_target(net, &target))
+            {
+                anyhow::bail!(
+                    "{target} is in the allowlisted network {net} and would never be dropped: \
+                     remove it from allowlist.networks first"
+                );
+            }
+            let mut list = Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?);
+            list.ban(&target, ttl, &reason, crate::clock::boot_ns())?;
+            let how_long = match ttl {
+                Ttl::For(d) => crate::duration::format(d),
+                Ttl::Forever => "forever".into(),
+            };
+            println!("banned {target} for {how_long}");
+        }
+        Command::Unban { target, prefix } => {
+            let target = parse_target(&target, prefix)?;
+            let mut list = Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?);
+            if list.unban(&target)? {
+                println!("unbanned {target}");
+            } else {
+                anyhow::bail!("{target} is not banned (see `helo-agent list`)");
+            }
+        }
+        Command::List { json } => {
+            let list = Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?);
+            let entries = list.list(crate::clock::boot_ns())?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &entries)?;
+                writeln!(out)?;
+            } else {
+                writeln!(out, "{:<42} {:>10} {:>10}  REASON", "ADDRESS", "REMAINING", "HITS")?;
+                for e in &entries {
+                    let remaining = e.remaining_secs.map_or("forever".into(), |s| {
+                        crate::duration::format(std::time::Duration::from_secs(s))
+                    });
+                    writeln!(
+                        out,
+                        "{:<42} {:>10} {:>10}  {}",
+                        e.target, remaining, e.hits, e.reason
+                    )?;
+                }
+            }
+        }
+        Command::Stats { json } => {
+            let totals = PinnedMaps::open(&config.xdp.pin_dir)?.stats()?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                let object: serde_json::Map<String, serde_json::Value> = helo_common::Stat::ALL
+                    .iter()
+                    .map(|s| (s.name().to_owned(), totals[*s as usize].into()))
+                    .collect();
+                serde_json::to_writer_pretty(&mut out, &object)?;
+                writeln!(out)?;
+            } else {
+                for stat in helo_common::Stat::ALL {
+                    writeln!(out, "{:<14} {}", stat.name(), totals[stat as usize])?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_target(text: &str, prefix: bool) -> anyhow::Result<BanTarget> {
+    let target: BanTarget = text.parse()?;
+    Ok(match (prefix, target) {
+        (false, t) | (true, t @ BanTarget::V6Net64(_)) => t,
+        (true, BanTarget::V6(o)) => BanTarget::prefix(std::net::Ipv6Addr::from(o).into()),
+        (true, BanTarget::V4(_)) => anyhow::bail!("--prefix applies to IPv6 addresses only"),
+    })
+}
+
+fn allowlisted_target(net: &ipnet::IpNet, target: &BanTarget) -> bool {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    match target {
+        BanTarget::V4(o) => net.contains(&IpAddr::V4(Ipv4Addr::from(*o))),
+        BanTarget::V6(o) => net.contains(&IpAddr::V6(Ipv6Addr::from(*o))),
+        BanTarget::V6Net64(p) => {
+            let mut full = [0u8; 16];
+            full[..8].copy_from_slice(p);
+            // The /64 overlaps the allowlisted network either way round.
+            let prefix = ipnet::Ipv6Net::new(Ipv6Addr::from(full), 64).expect("64 <= 128");
+            match net {
+                ipnet::IpNet::V6(n) => n.contains(&prefix) || prefix.contains(n),
+                ipnet::IpNet::V4(_) => false,
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn prefix_flag_widens_ipv6_only() {
+        assert_eq!(parse_target("2001:db8:1:2::9", true).unwrap().to_string(), "2001:db8:1:2::/64");
+        assert_eq!(parse_target("2001:db8:1:2::9", false).unwrap().to_string(), "2001:db8:1:2::9");
+        assert!(parse_target("192.0.2.1", true).is_err());
+    }
+
+    #[test]
+    fn allowlisted_targets_are_found() {
+        let net: ipnet::IpNet = "2001:db8::/32".parse().unwrap();
+        assert!(allowlisted_target(&net, &"2001:db8:1:2::/64".parse().unwrap()));
+        assert!(allowlisted_target(&net, &"2001:db8::1".parse().unwrap()));
+        assert!(!allowlisted_target(&net, &"2001:db9::1".parse().unwrap()));
+        let wide: ipnet::IpNet = "2001:db8:1:2:3::/80".parse().unwrap();
+        assert!(allowlisted_target(&wide, &"2001:db8:1:2::/64".parse().unwrap()));
+        let v4: ipnet::IpNet = "10.0.0.0/8".parse().unwrap();
+        assert!(allowlisted_target(&v4, &"10.1.2.3".parse().unwrap()));
+        assert!(!allowlisted_target(&v4, &"11.1.2.3".parse().unwrap()));
+    }
+}

@@ -1,0 +1,426 @@
+//! The only file that touches aya: loading the XDP program, pinning and opening its maps,
+//! attaching it to an interface, test runs, and the [`BanStore`] over the pinned ban maps.
+//!
+//! Bans and counters live in maps pinned under the pin directory (default
+//! `/sys/fs/bpf/helo-filter`): they outlive the agent, and `helo-agent ban/unban/list/stats`
+//! work on them from another shell. The allowlist and guarded ports are written from the
+//! config at every start and are not pinned.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray};
+use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+use helo_common::{BanValue, PROGRAM_NAME, REASON_TEXT_LEN, STAT_COUNT, Stat, maps};
+use ipnet::IpNet;
+
+use crate::addr::BanTarget;
+use crate::blocklist::{BanStore, StoreError};
+
+/// The XDP object built from `helo-ebpf` by build.rs.
+static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/helo-ebpf"));
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/helo-filter";
+const BPFFS_MAGIC: u64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("loading XDP programs needs root (or CAP_BPF and CAP_NET_ADMIN): run as root")]
+    NotRoot,
+    #[error(
+        "{path} is not a mounted bpf filesystem: mount it with `mount -t bpf bpf /sys/fs/bpf` \
+         (`cargo xtask setup` does this)"
+    )]
+    NoBpffs { path: PathBuf },
+    #[error("no network interface named {name:?}: see `ip -br link` for the names on this host")]
+    NoSuchInterface { name: String },
+    #[error(
+        "no pinned helo-filter maps in {dir}: start the agent first (`helo-agent run`), or pass \
+         the --pin-dir it runs with"
+    )]
+    NotRunning { dir: PathBuf },
+    #[error("cannot create pin directory {dir}: {source}")]
+    PinDir { dir: PathBuf, source: io::Error },
+    #[error(
+        "pinned map {path} does not fit this agent ({found}; expected {expected}); it was left by \
+         another version: remove it with `rm {path}` (the bans in it are lost) and start again"
+    )]
+    Incompatible { path: PathBuf, found: String, expected: String },
+    #[error("cannot load the XDP object: {0}")]
+    Object(#[from] aya::EbpfError),
+    #[error("the kernel verifier rejected the XDP program: {source}\nverifier log:\n{log}")]
+    Verifier { source: io::Error, log: String },
+    #[error("cannot attach XDP to {iface} in {mode} mode: {source}")]
+    Attach { iface: String, mode: &'static str, source: ProgramError },
+    #[error("XDP program: {0}")]
+    Program(#[from] ProgramError),
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+}
+
+/// How to attach: let the kernel pick, native (driver) only, or generic (skb) only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Native mode, falling back to generic mode (with a warning) where the driver has no XDP.
+    Auto,
+    /// Native (driver) mode only: fails where the driver has no XDP support.
+    Native,
+    /// Generic (skb) mode: works on any interface, slower.
+    Skb,
+}
+
+/// Capacities of the ban maps (LRU: when full, the least recently used ban goes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub bans_v4: u32,
+    pub bans_v6: u32,
+    pub bans_v6_net: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            bans_v4: helo_common::DEFAULT_MAX_BANS_V4,
+            bans_v6: helo_common::DEFAULT_MAX_BANS_V6,
+            bans_v6_net: helo_common::DEFAULT_MAX_BANS_V6_NET,
+        }
+    }
+}
+
+pub struct LoadOptions<'a> {
+    pub pin_dir: &'a Path,
+    pub sizes: MapSizes,
+    pub ports: &'a [u16],
+    pub allow: &'a [IpNet],
+}
+
+/// A loaded (and maybe attached) XDP program. Dropping it detaches the program; the pinned maps
+/// stay.
+pub struct XdpProgram {
+    ebpf: Ebpf,
+    attached: Option<(String, &'static str)>,
+}
+
+/// Loads the program, reusing the pinned ban maps in `pin_dir` when present, and writes the
+/// guarded ports and the allowlist.
+pub fn load(options: &LoadOptions<'_>) -> Result<XdpProgram, EbpfError> {
+    if !rustix::process::geteuid().is_root() {
+        return Err(EbpfError::NotRoot);
+    }
+    let bpffs = options.pin_dir.parent().unwrap_or(options.pin_dir);
+    if !is_bpffs(bpffs) {
+        return Err(EbpfError::NoBpffs { path: bpffs.to_owned() });
+    }
+    std::fs::create_dir_all(options.pin_dir)
+        .map_err(|source| EbpfError::PinDir { dir: options.pin_dir.to_owned(), source })?;
+    check_pinned(options.pin_dir)?;
+
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(options.pin_dir)
+        .map_max_entries(maps::BANS_V4, options.sizes.bans_v4)
+        .map_max_entries(maps::BANS_V6, options.sizes.bans_v6)
+        .map_max_entries(maps::BANS_V6_NET, options.sizes.bans_v6_net)
+        .load(PROGRAM_OBJECT)?;
+    warn_on_resize(options.pin_dir, &options.sizes);
+
+    {
+        let mut ports: Array<_, u8> = typed(&mut ebpf, maps::PORTS)?;
+        for port in options.ports {
+            ports
+                .set(u32::from(*port), 1, 0)
+                .map_err(|source| EbpfError::Map { name: maps::PORTS, source })?;
+        }
+    }
+    write_allowlist(&mut ebpf, options.allow)?;
+
+    let program: &mut Xdp =
+        ebpf.program_mut(PROGRAM_NAME).expect("the embedded object defines helo_xdp").try_into()?;
+    program.load().map_err(|error| match error {
+        ProgramError::LoadError { io_error, verifier_log } => {
+            EbpfError::Verifier { source: io_error, log: verifier_log.to_string() }
+        }
+        other => EbpfError::Program(other),
+    })?;
+    Ok(XdpProgram { ebpf, attached: None })
+}
+
+fn write_allowlist(ebpf: &mut Ebpf, allow: &[IpNet]) -> Result<(), EbpfError> {
+    let mut v4: LpmTrie<_, [u8; 4], u8> = typed(ebpf, maps::ALLOW_V4)?;
+    for net in allow.iter().filter_map(|n| match n {
+        IpNet::V4(n) => Some(n.trunc()),
+        IpNet::V6(_) => None,
+    }) {
+        v4.insert(&Key::new(u32::from(net.prefix_len()), net.addr().octets()), 1, 0)
+            .map_err(|source| EbpfError::Map { name: maps::ALLOW_V4, source })?;
+    }
+    let mut v6: LpmTrie<_, [u8; 16], u8> = typed(ebpf, maps::ALLOW_V6)?;
+    for net in allow.iter().filter_map(|n| match n {
+        IpNet::V6(n) => Some(n.trunc()),
+        IpNet::V4(_) => None,
+    }) {
+        v6.insert(&Key::new(u32::from(net.prefix_len()), net.addr().octets()), 1, 0)
+            .map_err(|source| EbpfError::Map { name: maps::ALLOW_V6, source })?;
+    }
+    Ok(())
+}
+
+/// A typed handle on a map of a loaded object (the handle borrows the object).
+fn typed<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, EbpfError>
+where
+    T: TryFrom<&'a mut Map, Error = MapError>,
+{
+    let map = ebpf.map_mut(name).expect("the embedded object defines every map in helo_common");
+    T::try_from(map).map_err(|source| EbpfError::Map { name, source })
+}
+
+impl XdpProgram {
+    /// Attaches to `iface`. In [`AttachMode::Auto`] native mode is tried first, then generic.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str, EbpfError> {
+        let program: &mut Xdp =
+            self.ebpf.program_mut(PROGRAM_NAME).expect("loaded above").try_into()?;
+        let attempt = |program: &mut Xdp, mode: XdpMode, name: &'static str| {
+            program.attach(iface, mode).map(|_| name).map_err(|source| match source {
+                // if_nametoindex in the agent's own network namespace; /sys/class/net may show
+                // another one's.
+                ProgramError::UnknownInterface { name } => EbpfError::NoSuchInterface { name },
+                source => EbpfError::Attach { iface: iface.to_owned(), mode: name, source },
+            })
+        };
+        let used = match mode {
+            AttachMode::Native => attempt(program, XdpMode::Driver, "native")?,
+            AttachMode::Skb => attempt(program, XdpMode::Skb, "skb")?,
+            AttachMode::Auto => match attempt(program, XdpMode::Driver, "native") {
+                Ok(used) => used,
+                Err(error @ EbpfError::NoSuchInterface { .. }) => return Err(error),
+                Err(error) => {
+                    tracing::warn!(%error, iface, "native XDP refused; attaching in generic (skb) mode");
+                    attempt(program, XdpMode::Skb, "skb")?
+                }
+            },
+        };
+        self.attached = Some((iface.to_owned(), used));
+        Ok(used)
+    }
+
+    /// The interface and mode the program is attached in, if any.
+    pub fn attached(&self) -> Option<(&str, &'static str)> {
+        self.attached.as_ref().map(|(iface, mode)| (iface.as_str(), *mode))
+    }
+
+    /// Runs the program once per `repeat` on `frame` with BPF_PROG_TEST_RUN; returns the XDP
+    /// action and the kernel's mean time per run.
+    pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<(u32, Duration), EbpfError> {
+        let program: &Xdp = self.ebpf.program(PROGRAM_NAME).expect("loaded").try_into()?;
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..Default::default()
+        })?;
+        Ok((result.return_value, result.duration))
+    }
+}
+
+/// The pinned maps, opened from the pin directory: what the CLI and the agent share.
+pub struct PinnedMaps {
+    bans_v4: HashMap<MapData, [u8; 4], BanValue>,
+    bans_v6: HashMap<MapData, [u8; 16], BanValue>,
+    bans_v6_net: HashMap<MapData, [u8; 8], BanValue>,
+    reasons: HashMap<MapData, u32, [u8; REASON_TEXT_LEN]>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl PinnedMaps {
+    pub fn open(dir: &Path) -> Result<Self, EbpfError> {
+        if !dir.join(maps::BANS_V4).exists() {
+            return Err(EbpfError::NotRunning { dir: dir.to_owned() });
+        }
+        check_pinned(dir)?;
+        Ok(Self {
+            bans_v4: open_pinned(dir, maps::BANS_V4)?,
+            bans_v6: open_pinned(dir, maps::BANS_V6)?,
+            bans_v6_net: open_pinned(dir, maps::BANS_V6_NET)?,
+            reasons: open_pinned(dir, maps::REASONS)?,
+            stats: open_pinned(dir, maps::STATS)?,
+        })
+    }
+
+    /// The XDP verdict counters, summed over CPUs, indexed by [`Stat`].
+    pub fn stats(&self) -> Result<[u64; STAT_COUNT as usize], EbpfError> {
+        let mut totals = [0u64; STAT_COUNT as usize];
+        for stat in Stat::ALL {
+            let per_cpu = self
+                .stats
+                .get(&(stat as u32), 0)
+                .map_err(|source| EbpfError::Map { name: maps::STATS, source })?;
+            totals[stat as usize] = per_cpu.iter().sum();
+        }
+        Ok(totals)
+    }
+}
+
+fn open_pinned<T>(dir: &Path, name: &'static str) -> Result<T, EbpfError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let data =
+        MapData::from_pin(dir.join(name)).map_err(|source| EbpfError::Map { name, source })?;
+    let map = Map::from_map_data(data).map_err(|source| EbpfError::Map { name, source })?;
+    T::try_from(map).map_err(|source| EbpfError::Map { name, source })
+}
+
+/// Refuses pinned maps whose key or value sizes differ from this build's: reusing them would
+/// make the kernel read bans with the wrong layout.
+fn check_pinned(dir: &Path) -> Result<(), EbpfError> {
+    let expected: [(&'static str, usize, usize); 5] = [
+        (maps::BANS_V4, 4, size_of::<BanValue>()),
+        (maps::BANS_V6, 16, size_of::<BanValue>()),
+        (maps::BANS_V6_NET, 8, size_of::<BanValue>()),
+        (maps::REASONS, 4, REASON_TEXT_LEN),
+        (maps::STATS, 4, 8),
+    ];
+    for (name, key, value) in expected {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|source| EbpfError::Map { name, source })?;
+        if info.key_size() as usize != key || info.value_size() as usize != value {
+            return Err(EbpfError::Incompatible {
+                found: format!("key {} bytes, value {} bytes", info.key_size(), info.value_size()),
+                expected: format!("key {key} bytes, value {value} bytes"),
+                path,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A pinned map keeps the capacity it was created with; say so when the config asks for another.
+fn warn_on_resize(dir: &Path, sizes: &MapSizes) {
+    for (name, wanted) in [
+        (maps::BANS_V4, sizes.bans_v4),
+        (maps::BANS_V6, sizes.bans_v6),
+        (maps::BANS_V6_NET, sizes.bans_v6_net),
+    ] {
+        if let Ok(info) = MapInfo::from_pin(dir.join(name))
+            && info.max_entries() != wanted
+        {
+            tracing::warn!(
+                map = name,
+                pinned = info.max_entries(),
+                configured = wanted,
+                "pinned ban map keeps its old capacity; remove it (losing its bans) to resize"
+            );
+        }
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    rustix::fs::statfs(path).is_ok_and(|fs| fs.f_type as u64 == BPFFS_MAGIC)
+}
+
+/// Whether `dir` holds pinned helo-filter maps.
+pub fn pinned_maps_exist(dir: &Path) -> bool {
+    dir.join(maps::BANS_V4).exists()
+}
+
+fn map_error(map: &'static str, operation: &'static str, error: MapError) -> StoreError {
+    StoreError::Map { map, operation, source: Box::new(error) }
+}
+
+fn absent(error: &MapError) -> bool {
+    match error {
+        MapError::KeyNotFound | MapError::ElementNotFound => true,
+        MapError::SyscallError(e) => {
+            e.io_error.raw_os_error() == Some(rustix::io::Errno::NOENT.raw_os_error())
+        }
+        _ => false,
+    }
+}
+
+macro_rules! per_target {
+    ($self:ident, $target:expr, |$map:ident, $key:ident, $name:ident| $body:expr) => {
+        match $target {
+            BanTarget::V4(k) => {
+                let ($map, $key, $name) = (&$self.bans_v4, k, maps::BANS_V4);
+                $body
+            }
+            BanTarget::V6(k) => {
+                let ($map, $key, $name) = (&$self.bans_v6, k, maps::BANS_V6);
+                $body
+            }
+            BanTarget::V6Net64(k) => {
+                let ($map, $key, $name) = (&$self.bans_v6_net, k, maps::BANS_V6_NET);
+                $body
+            }
+        }
+    };
+    (mut $self:ident, $target:expr, |$map:ident, $key:ident, $name:ident| $body:expr) => {
+        match $target {
+            BanTarget::V4(k) => {
+                let ($map, $key, $name) = (&mut $self.bans_v4, k, maps::BANS_V4);
+                $body
+            }
+            BanTarget::V6(k) => {
+                let ($map, $key, $name) = (&mut $self.bans_v6, k, maps::BANS_V6);
+                $body
+            }
+            BanTarget::V6Net64(k) => {
+                let ($map, $key, $name) = (&mut $self.bans_v6_net, k, maps::BANS_V6_NET);
+                $body
+            }
+        }
+    };
+}
+
+impl BanStore for PinnedMaps {
+    fn get(&self, target: &BanTarget) -> Result<Option<BanValue>, StoreError> {
+        per_target!(self, target, |map, key, name| match map.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(error) if absent(&error) => Ok(None),
+            Err(error) => Err(map_error(name, "lookup", error)),
+        })
+    }
+
+    fn put(&mut self, target: &BanTarget, value: &BanValue) -> Result<(), StoreError> {
+        per_target!(mut self, target, |map, key, name| map
+            .insert(key, value, 0)
+            .map_err(|error| map_error(name, "update", error)))
+    }
+
+    fn remove(&mut self, target: &BanTarget) -> Result<bool, StoreError> {
+        per_target!(mut self, target, |map, key, name| match map.remove(key) {
+            Ok(()) => Ok(true),
+            Err(error) if absent(&error) => Ok(false),
+            Err(error) => Err(map_error(name, "delete", error)),
+        })
+    }
+
+    fn entries(&self) -> Result<Vec<(BanTarget, BanValue)>, StoreError> {
+        // Entries may vanish while we walk (the kernel removes expired bans, LRU evicts): a
+        // failed step of the walk is skipped, not fatal.
+        let mut all = Vec::new();
+        all.extend(self.bans_v4.iter().flatten().map(|(k, v)| (BanTarget::V4(k), v)));
+        all.extend(self.bans_v6.iter().flatten().map(|(k, v)| (BanTarget::V6(k), v)));
+        all.extend(self.bans_v6_net.iter().flatten().map(|(k, v)| (BanTarget::V6Net64(k), v)));
+        Ok(all)
+    }
+
+    fn reason(&self, code: u32) -> Result<Option<[u8; REASON_TEXT_LEN]>, StoreError> {
+        match self.reasons.get(&code, 0) {
+            Ok(text) => Ok(Some(text)),
+            Err(error) if absent(&error) => Ok(None),
+            Err(error) => Err(map_error(maps::REASONS, "lookup", error)),
+        }
+    }
+
+    fn put_reason(&mut self, code: u32, text: &[u8; REASON_TEXT_LEN]) -> Result<(), StoreError> {
+        self.reasons
+            .insert(code, text, 0)
+            .map_err(|error| map_error(maps::REASONS, "update", error))
+    }
+}

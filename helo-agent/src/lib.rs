@@ -1,0 +1,16 @@
+//! helo-agent: the user-space half of helo-filter.
+//!
+//! Where things are: `cli` parses the command line; `config` reads and validates the TOML;
+//! `addr` turns addresses into ban keys; `blocklist` decides what a ban is (pure, behind a
+//! store trait); `ebpf` is the only module that talks to the kernel through aya; `agent` is the
+//! `run` loop; `clock` and `duration` are the time helpers everything shares.
+#![deny(unsafe_code)]
+
+pub mod addr;
+pub mod agent;
+pub mod blocklist;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod duration;
+pub mod ebpf;

@@ -1,0 +1,251 @@
+//! The helo-filter XDP program.
+//!
+//! For every frame on the gateway's ingress interface: parse Ethernet (one 802.1Q/802.1ad tag),
+//! IPv4 or IPv6 (walking up to four extension headers) and TCP. Packets to a guarded destination
+//! port from a banned, unexpired source are dropped; everything else passes. Allowlisted networks
+//! pass whatever the ban maps say. Each frame is counted under exactly one verdict in a per-CPU
+//! array; nothing is logged per packet.
+#![no_std]
+#![no_main]
+
+mod packet;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::bpf_ktime_get_boot_ns,
+    macros::{map, xdp},
+    maps::{
+        Array, HashMap, LruHashMap, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::XdpContext,
+};
+use helo_common::{
+    BanValue, DEFAULT_MAX_BANS_V4, DEFAULT_MAX_BANS_V6, DEFAULT_MAX_BANS_V6_NET, MAX_ALLOW_ENTRIES,
+    MAX_REASONS, PORT_MAP_LEN, REASON_TEXT_LEN, STAT_COUNT, Stat, v6_prefix64,
+};
+use packet::{be16, read};
+
+// Ban and stats maps are pinned by name so that bans and counters outlive the agent; the agent
+// chooses the pin directory and may resize the ban maps before loading.
+#[map(name = "HELO_BANS_V4")]
+static BANS_V4: LruHashMap<[u8; 4], BanValue> = LruHashMap::pinned(DEFAULT_MAX_BANS_V4, 0);
+#[map(name = "HELO_BANS_V6")]
+static BANS_V6: LruHashMap<[u8; 16], BanValue> = LruHashMap::pinned(DEFAULT_MAX_BANS_V6, 0);
+#[map(name = "HELO_BANS_V6N")]
+static BANS_V6_NET: LruHashMap<[u8; 8], BanValue> = LruHashMap::pinned(DEFAULT_MAX_BANS_V6_NET, 0);
+#[map(name = "HELO_STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+#[map(name = "HELO_REASONS")]
+static REASONS: HashMap<u32, [u8; REASON_TEXT_LEN]> = HashMap::pinned(MAX_REASONS, 0);
+
+// Configuration maps: written by the agent from its config at every start, so not pinned.
+#[map(name = "HELO_ALLOW_V4")]
+static ALLOW_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_ALLOW_ENTRIES, 0);
+#[map(name = "HELO_ALLOW_V6")]
+static ALLOW_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_ALLOW_ENTRIES, 0);
+#[map(name = "HELO_PORTS")]
+static PORTS: Array<u8> = Array::with_max_entries(PORT_MAP_LEN, 0);
+
+const ETH_HDR_LEN: usize = 14;
+const VLAN_HDR_LEN: usize = 4;
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+const IPV6_HDR_LEN: usize = 40;
+const IPV6_EXT_HOP_BY_HOP: u8 = 0;
+const IPV6_EXT_ROUTING: u8 = 43;
+const IPV6_EXT_FRAGMENT: u8 = 44;
+const IPV6_EXT_DEST_OPTS: u8 = 60;
+const IPV6_MAX_EXT_HEADERS: usize = 4;
+
+#[xdp]
+pub fn helo_xdp(ctx: XdpContext) -> u32 {
+    let stat = match try_helo_xdp(&ctx) {
+        Ok(stat) => stat,
+        // Fail open: a frame we cannot parse is passed to the stack, never dropped. Dropping on
+        // a parser gap would silently cut mail; the kernel's own stack rejects real garbage, and
+        // the parse_error counter makes the gap visible.
+        Err(ParseError) => Stat::ParseError,
+    };
+    count(stat);
+    match stat {
+        Stat::Dropped => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+/// The frame is shorter than its headers say, or a header is malformed.
+struct ParseError;
+
+#[inline(always)]
+fn try_helo_xdp(ctx: &XdpContext) -> Result<Stat, ParseError> {
+    let mut offset = ETH_HDR_LEN;
+    let mut ether_type = be16(read::<2>(ctx, 12).ok_or(ParseError)?);
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        // One tag: TCI (2 bytes), then the encapsulated EtherType.
+        ether_type = be16(read::<2>(ctx, ETH_HDR_LEN + 2).ok_or(ParseError)?);
+        offset += VLAN_HDR_LEN;
+    }
+    match ether_type {
+        ETH_P_IPV4 => ipv4(ctx, offset),
+        ETH_P_IPV6 => ipv6(ctx, offset),
+        _ => Ok(Stat::NotGuarded),
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, offset: usize) -> Result<Stat, ParseError> {
+    let hdr = read::<20>(ctx, offset).ok_or(ParseError)?;
+    let version = hdr[0] >> 4;
+    let header_len = ((hdr[0] & 0x0f) as usize) * 4;
+    if version != 4 || header_len < 20 {
+        return Err(ParseError);
+    }
+    if hdr[9] != IPPROTO_TCP {
+        return Ok(Stat::NotGuarded);
+    }
+    // Only the first fragment carries the TCP ports.
+    let fragment_offset = be16([hdr[6], hdr[7]]) & 0x1fff;
+    if fragment_offset != 0 {
+        return Ok(Stat::NotGuarded);
+    }
+    if !guarded(tcp_dest_port(ctx, offset + header_len)?) {
+        return Ok(Stat::NotGuarded);
+    }
+    let source = [hdr[12], hdr[13], hdr[14], hdr[15]];
+    if ALLOW_V4.get(Key::new(32, source)).is_some() {
+        return Ok(Stat::Allowlisted);
+    }
+    Ok(match BANS_V4.get_ptr_mut(source) {
+        Some(ban) => match judge(ban) {
+            Judgement::Drop => Stat::Dropped,
+            Judgement::Expired => {
+                let _ = BANS_V4.remove(source);
+                Stat::ExpiredPass
+            }
+        },
+        None => Stat::Passed,
+    })
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Stat, ParseError> {
+    let hdr = read::<IPV6_HDR_LEN>(ctx, offset).ok_or(ParseError)?;
+    if hdr[0] >> 4 != 6 {
+        return Err(ParseError);
+    }
+    let mut next = hdr[6];
+    let mut transport = offset + IPV6_HDR_LEN;
+    // Walk a bounded chain of extension headers so that a hop-by-hop or destination-options
+    // header cannot smuggle a banned source past the filter.
+    for _ in 0..IPV6_MAX_EXT_HEADERS {
+        match next {
+            IPPROTO_TCP => break,
+            IPV6_EXT_HOP_BY_HOP | IPV6_EXT_ROUTING | IPV6_EXT_DEST_OPTS => {
+                let ext = read::<2>(ctx, transport).ok_or(ParseError)?;
+                next = ext[0];
+                transport += (ext[1] as usize + 1) * 8;
+            }
+            IPV6_EXT_FRAGMENT => {
+                let ext = read::<8>(ctx, transport).ok_or(ParseError)?;
+                if be16([ext[2], ext[3]]) >> 3 != 0 {
+                    // Not the first fragment: no ports to look at.
+                    return Ok(Stat::NotGuarded);
+                }
+                next = ext[0];
+                transport += 8;
+            }
+            _ => return Ok(Stat::NotGuarded),
+        }
+    }
+    if next != IPPROTO_TCP {
+        // More extension headers than any real SMTP client sends.
+        return Err(ParseError);
+    }
+    if !guarded(tcp_dest_port(ctx, transport)?) {
+        return Ok(Stat::NotGuarded);
+    }
+    let mut source = [0u8; 16];
+    source.copy_from_slice(&hdr[8..24]);
+    if ALLOW_V6.get(Key::new(128, source)).is_some() {
+        return Ok(Stat::Allowlisted);
+    }
+    if let Some(ban) = BANS_V6.get_ptr_mut(source) {
+        match judge(ban) {
+            Judgement::Drop => return Ok(Stat::Dropped),
+            Judgement::Expired => {
+                let _ = BANS_V6.remove(source);
+                // A /64 ban may still cover the host: fall through to it.
+            }
+        }
+    }
+    let prefix = v6_prefix64(&source);
+    Ok(match BANS_V6_NET.get_ptr_mut(prefix) {
+        Some(ban) => match judge(ban) {
+            Judgement::Drop => Stat::Dropped,
+            Judgement::Expired => {
+                let _ = BANS_V6_NET.remove(prefix);
+                Stat::ExpiredPass
+            }
+        },
+        None => Stat::Passed,
+    })
+}
+
+#[inline(always)]
+fn tcp_dest_port(ctx: &XdpContext, offset: usize) -> Result<u16, ParseError> {
+    // Source port (2 bytes), destination port (2 bytes).
+    let ports = read::<4>(ctx, offset).ok_or(ParseError)?;
+    Ok(be16([ports[2], ports[3]]))
+}
+
+#[inline(always)]
+fn guarded(port: u16) -> bool {
+    matches!(PORTS.get(port as u32), Some(flag) if *flag != 0)
+}
+
+enum Judgement {
+    Drop,
+    Expired,
+}
+
+#[inline(always)]
+fn judge(ban: *mut BanValue) -> Judgement {
+    // SAFETY: `ban` comes from a successful map lookup, so it points at a live value of the
+    // map for the rest of this program run (RCU); LRU eviction may recycle it, in which case
+    // we read another ban's fields, which is harmless for a drop decision.
+    let expires_ns = unsafe { (*ban).expires_ns };
+    // SAFETY: bpf_ktime_get_boot_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if expires_ns > now {
+        // SAFETY: as above; `hits` is a u64 inside the value. `core` has no atomic
+        // read-modify-write for the BPF target, so two CPUs dropping for the same source at the
+        // same instant may lose an increment: `hits` is an approximate count, documented so.
+        unsafe { (*ban).hits = (*ban).hits.wrapping_add(1) };
+        Judgement::Drop
+    } else {
+        Judgement::Expired
+    }
+}
+
+#[inline(always)]
+fn count(stat: Stat) {
+    if let Some(counter) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot of a successful lookup; no other CPU writes it, and XDP programs
+        // do not preempt each other on one CPU.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

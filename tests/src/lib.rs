@@ -1,0 +1,162 @@
+//! Shared helpers for the root-only suites in `tests/tests/`: hand-built frames, a program loaded
+//! into its own pin directory, network namespaces with veth, and the agent as a child process.
+//! Every resource is owned by a guard whose `Drop` removes it, so a failing test cleans up too.
+
+pub mod frames;
+pub mod netns;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Panics unless running as root: these suites load XDP programs and create namespaces.
+pub fn require_root() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "the root suites need root (BPF, namespaces): run them with `sudo -E cargo xtask test`"
+    );
+}
+
+/// A unique, short name for this process and call: `<prefix><pid % 100000><n>`.
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}{}{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A pin directory on bpffs that is removed, with every map pinned in it, when dropped.
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    pub fn new() -> Self {
+        ensure_bpffs();
+        PinDir(PathBuf::from("/sys/fs/bpf").join(unique("helo-test-")))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn ensure_bpffs() {
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "));
+    if !mounted {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]));
+    }
+}
+
+/// Runs a command to completion and panics, with its output, when it fails.
+pub fn run(command: &mut Command) -> String {
+    let output = command.output().unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\n{stdout}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The helo-agent binary under test: `HELO_AGENT_BIN` (set by `cargo xtask test`), else the
+/// debug build in the workspace target directory.
+pub fn agent_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("HELO_AGENT_BIN") {
+        return PathBuf::from(bin);
+    }
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/helo-agent");
+    assert!(
+        bin.exists(),
+        "{} not found: run the root suites with `cargo xtask test`, which builds it",
+        bin.display()
+    );
+    bin
+}
+
+/// `helo-agent --pin-dir DIR ARGS...`, run to completion; panics when it fails.
+pub fn agent_cli(pin_dir: &Path, args: &[&str]) -> String {
+    run(Command::new(agent_bin()).arg("--pin-dir").arg(pin_dir).args(args))
+}
+
+/// The agent running as a child; stopped with SIGTERM (then SIGKILL) when dropped.
+pub struct AgentProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `helo-agent ARGS...` through `prefix` (for example `ip netns exec NS`), logging to
+    /// a file, and waits until `ready` holds (or panics after 20 s with the log).
+    pub fn start(prefix: &[&str], args: &[&str], ready: impl Fn() -> bool) -> Self {
+        let log = std::env::temp_dir().join(format!("{}.log", unique("helo-agent-")));
+        let file = std::fs::File::create(&log).expect("agent log file");
+        let mut command = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(agent_bin());
+                c
+            }
+            None => Command::new(agent_bin()),
+        };
+        command.args(args).stdin(Stdio::null()).stdout(file.try_clone().unwrap()).stderr(file);
+        let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+        let mut agent = AgentProcess { child, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ready() {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!("the agent exited ({status}) before it was ready:\n{}", agent.log());
+            }
+            assert!(Instant::now() < deadline, "the agent was not ready in 20 s:\n{}", agent.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (up to 10 s) for a clean exit; returns whether it exited 0.
+    pub fn stop(&mut self) -> bool {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("child pid");
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}

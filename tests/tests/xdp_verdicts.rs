@@ -1,0 +1,281 @@
+//! XDP verdicts on hand-built frames, run in the kernel with BPF_PROG_TEST_RUN. Each test loads
+//! the real program into its own pin directory, bans through the same code the CLI uses, and
+//! checks both the verdict and the counter that moved.
+
+use std::time::Duration;
+
+use helo_agent::addr::BanTarget;
+use helo_agent::blocklist::{BanStore, Blocklist, Ttl};
+use helo_agent::clock::boot_ns;
+use helo_agent::ebpf::{self, LoadOptions, MapSizes, PinnedMaps, XdpProgram};
+use helo_common::{BanValue, STAT_COUNT, Stat};
+use tests::frames::{self, ACK, SYN};
+use tests::{PinDir, require_root};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+struct Loaded {
+    program: XdpProgram,
+    bans: Blocklist<PinnedMaps>,
+    // Dropped last: removes the pinned maps.
+    _dir: PinDir,
+}
+
+fn load_with(allow: &[&str]) -> Loaded {
+    require_root();
+    let dir = PinDir::new();
+    let allow: Vec<ipnet::IpNet> = allow.iter().map(|n| n.parse().unwrap()).collect();
+    let program = ebpf::load(&LoadOptions {
+        pin_dir: dir.path(),
+        sizes: MapSizes::default(),
+        ports: &helo_common::DEFAULT_PORTS,
+        allow: &allow,
+    })
+    .unwrap_or_else(|e| panic!("loading the XDP program: {e}"));
+    let bans = Blocklist::new(PinnedMaps::open(dir.path()).expect("pinned maps"));
+    Loaded { program, bans, _dir: dir }
+}
+
+fn load() -> Loaded {
+    load_with(&[])
+}
+
+impl Loaded {
+    fn stats(&self) -> [u64; STAT_COUNT as usize] {
+        self.bans.store().stats().expect("stats")
+    }
+
+    /// Runs `frame` once and returns the action and which counter moved (exactly one must).
+    fn verdict(&self, frame: &[u8]) -> (u32, Stat) {
+        let before = self.stats();
+        let (action, _) = self.program.test_run(frame, 1).expect("BPF_PROG_TEST_RUN");
+        let after = self.stats();
+        let moved: Vec<Stat> =
+            Stat::ALL.into_iter().filter(|s| after[*s as usize] != before[*s as usize]).collect();
+        assert_eq!(moved.len(), 1, "exactly one counter must move per frame, moved: {moved:?}");
+        assert_eq!(after[moved[0] as usize], before[moved[0] as usize] + 1);
+        (action, moved[0])
+    }
+
+    fn ban(&mut self, target: &str) {
+        let target: BanTarget = target.parse().unwrap();
+        self.bans.ban(&target, Ttl::For(Duration::from_secs(600)), "test", boot_ns()).unwrap();
+    }
+}
+
+#[test]
+fn banned_v4_syn_to_port_25_is_dropped_and_the_hit_counted() {
+    let mut xdp = load();
+    assert_eq!(xdp.verdict(&frames::syn_v4("203.0.113.9", 25)), (XDP_PASS, Stat::Passed));
+    xdp.ban("203.0.113.9");
+    assert_eq!(xdp.verdict(&frames::syn_v4("203.0.113.9", 25)), (XDP_DROP, Stat::Dropped));
+    assert_eq!(xdp.verdict(&frames::syn_v4("203.0.113.9", 587)), (XDP_DROP, Stat::Dropped));
+    let entries = xdp.bans.list(boot_ns()).unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].hits, 2);
+    // Another source to the same port is untouched.
+    assert_eq!(xdp.verdict(&frames::syn_v4("203.0.113.10", 25)), (XDP_PASS, Stat::Passed));
+}
+
+#[test]
+fn banned_source_established_segments_are_dropped_too() {
+    let mut xdp = load();
+    xdp.ban("203.0.113.9");
+    let ack =
+        frames::tcp_v4("203.0.113.9".parse().unwrap(), "198.51.100.1".parse().unwrap(), 25, ACK);
+    assert_eq!(xdp.verdict(&ack), (XDP_DROP, Stat::Dropped));
+}
+
+#[test]
+fn banned_v6_syn_to_port_25_is_dropped() {
+    let mut xdp = load();
+    xdp.ban("2001:db8:bad::9");
+    assert_eq!(xdp.verdict(&frames::syn_v6("2001:db8:bad::9", 25)), (XDP_DROP, Stat::Dropped));
+    assert_eq!(xdp.verdict(&frames::syn_v6("2001:db8:bad::10", 25)), (XDP_PASS, Stat::Passed));
+}
+
+#[test]
+fn v6_prefix_ban_covers_the_whole_64_and_nothing_else() {
+    let mut xdp = load();
+    xdp.ban("2001:db8:bad:1::/64");
+    for host in ["2001:db8:bad:1::1", "2001:db8:bad:1:ffff:ffff:ffff:ffff"] {
+        assert_eq!(xdp.verdict(&frames::syn_v6(host, 25)), (XDP_DROP, Stat::Dropped), "{host}");
+    }
+    assert_eq!(xdp.verdict(&frames::syn_v6("2001:db8:bad:2::1", 25)), (XDP_PASS, Stat::Passed));
+}
+
+#[test]
+fn the_same_banned_source_to_other_ports_passes_untouched() {
+    let mut xdp = load();
+    xdp.ban("203.0.113.9");
+    xdp.ban("2001:db8:bad::9");
+    assert_eq!(xdp.verdict(&frames::syn_v4("203.0.113.9", 22)), (XDP_PASS, Stat::NotGuarded));
+    assert_eq!(xdp.verdict(&frames::syn_v4("203.0.113.9", 2525)), (XDP_PASS, Stat::NotGuarded));
+    assert_eq!(xdp.verdict(&frames::udp_v4("203.0.113.9", 25)), (XDP_PASS, Stat::NotGuarded));
+    assert_eq!(xdp.verdict(&frames::syn_v6("2001:db8:bad::9", 22)), (XDP_PASS, Stat::NotGuarded));
+}
+
+#[test]
+fn expired_ban_passes_and_the_kernel_removes_it() {
+    let mut xdp = load();
+    let target: BanTarget = "203.0.113.9".parse().unwrap();
+    let past = BanValue::new(boot_ns() - 1, 0);
+    // Straight into the map: an expired ban is what a ban looks like after its TTL.
+    let mut maps = PinnedMaps::open(xdp._dir.path()).unwrap();
+    maps.put(&target, &past).unwrap();
+    assert_eq!(xdp.verdict(&frames::syn_v4("203.0.113.9", 25)), (XDP_PASS, Stat::ExpiredPass));
+    assert_eq!(maps.get(&target).unwrap(), None, "the program removes the expired entry");
+    assert_eq!(xdp.verdict(&frames::syn_v4("203.0.113.9", 25)), (XDP_PASS, Stat::Passed));
+    // A ban that ends a moment from now drops now and passes once its time is up.
+    xdp.bans.ban(&target, Ttl::For(Duration::from_millis(300)), "short", boot_ns()).unwrap();
+    assert_eq!(xdp.verdict(&frames::syn_v4("203.0.113.9", 25)), (XDP_DROP, Stat::Dropped));
+    std::thread::sleep(Duration::from_millis(350));
+    assert_eq!(xdp.verdict(&frames::syn_v4("203.0.113.9", 25)), (XDP_PASS, Stat::ExpiredPass));
+}
+
+#[test]
+fn expired_host_ban_still_falls_back_to_a_live_v6_prefix_ban() {
+    let mut xdp = load();
+    let host: BanTarget = "2001:db8:bad::9".parse().unwrap();
+    let mut maps = PinnedMaps::open(xdp._dir.path()).unwrap();
+    maps.put(&host, &BanValue::new(boot_ns() - 1, 0)).unwrap();
+    xdp.ban("2001:db8:bad::/64");
+    assert_eq!(xdp.verdict(&frames::syn_v6("2001:db8:bad::9", 25)), (XDP_DROP, Stat::Dropped));
+    assert_eq!(maps.get(&host).unwrap(), None);
+}
+
+#[test]
+fn allowlisted_source_passes_though_banned() {
+    let mut xdp = load_with(&["203.0.113.0/28", "2001:db8:600d::/48"]);
+    xdp.ban("203.0.113.9");
+    xdp.ban("2001:db8:600d::9");
+    xdp.ban("2001:db8:600d::/64");
+    xdp.ban("203.0.113.99");
+    assert_eq!(xdp.verdict(&frames::syn_v4("203.0.113.9", 25)), (XDP_PASS, Stat::Allowlisted));
+    assert_eq!(xdp.verdict(&frames::syn_v6("2001:db8:600d::9", 25)), (XDP_PASS, Stat::Allowlisted));
+    // Outside the allowlisted /28: the ban holds.
+    assert_eq!(xdp.verdict(&frames::syn_v4("203.0.113.99", 25)), (XDP_DROP, Stat::Dropped));
+}
+
+#[test]
+fn vlan_tagged_frames_are_judged_like_untagged_ones() {
+    let mut xdp = load();
+    xdp.ban("203.0.113.9");
+    xdp.ban("2001:db8:bad::9");
+    let v4 = frames::vlan_tagged(&frames::syn_v4("203.0.113.9", 25));
+    assert_eq!(xdp.verdict(&v4), (XDP_DROP, Stat::Dropped));
+    let v6 = frames::vlan_tagged(&frames::syn_v6("2001:db8:bad::9", 25));
+    assert_eq!(xdp.verdict(&v6), (XDP_DROP, Stat::Dropped));
+    let other = frames::vlan_tagged(&frames::syn_v4("203.0.113.10", 25));
+    assert_eq!(xdp.verdict(&other), (XDP_PASS, Stat::Passed));
+    let ssh = frames::vlan_tagged(&frames::syn_v4("203.0.113.9", 22));
+    assert_eq!(xdp.verdict(&ssh), (XDP_PASS, Stat::NotGuarded));
+}
+
+#[test]
+fn ipv6_extension_headers_do_not_hide_a_banned_source() {
+    let mut xdp = load();
+    xdp.ban("2001:db8:bad::9");
+    let (src, dst) = ("2001:db8:bad::9".parse().unwrap(), "2001:db8:100::1".parse().unwrap());
+    for chain in [&[0u8][..], &[60], &[0, 60], &[44], &[0, 43, 60, 44]] {
+        let frame = frames::tcp_v6_ext(src, dst, 25, SYN, chain);
+        assert_eq!(xdp.verdict(&frame), (XDP_DROP, Stat::Dropped), "extension chain {chain:?}");
+    }
+    // Five extension headers is more than the program walks: passed and counted, never dropped.
+    let long = frames::tcp_v6_ext(src, dst, 25, SYN, &[0, 60, 60, 60, 60]);
+    assert_eq!(xdp.verdict(&long), (XDP_PASS, Stat::ParseError));
+}
+
+#[test]
+fn non_first_fragments_pass_as_not_guarded() {
+    let mut xdp = load();
+    xdp.ban("203.0.113.9");
+    let mut frame = frames::syn_v4("203.0.113.9", 25);
+    frame[14 + 6] = 0x00;
+    frame[14 + 7] = 0x10; // fragment offset 16 (x8 bytes)
+    assert_eq!(xdp.verdict(&frame), (XDP_PASS, Stat::NotGuarded));
+}
+
+#[test]
+fn truncated_and_malformed_frames_pass_and_are_counted() {
+    let mut xdp = load();
+    xdp.ban("203.0.113.9");
+    xdp.ban("2001:db8:bad::9");
+    let v4 = frames::syn_v4("203.0.113.9", 25);
+    let v6 = frames::syn_v6("2001:db8:bad::9", 25);
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    // Cut inside the IP header and inside the TCP ports, for both families.
+    for cut in [15, 20, 33, 34, 35] {
+        cases.push((format!("v4 cut at {cut}"), v4[..cut].to_vec()));
+    }
+    for cut in [20, 53, 54, 56] {
+        cases.push((format!("v6 cut at {cut}"), v6[..cut].to_vec()));
+    }
+    let mut bad_version = v4.clone();
+    bad_version[14] = 0x55;
+    cases.push(("IPv4 header with version 5".into(), bad_version));
+    let mut short_ihl = v4.clone();
+    short_ihl[14] = 0x43;
+    cases.push(("IPv4 IHL of 3 words".into(), short_ihl));
+    let mut long_ihl = v4.clone();
+    long_ihl[14] = 0x4f; // 60-byte header: the TCP ports would lie past the frame's end
+    cases.push(("IPv4 IHL past the end".into(), long_ihl));
+    let mut v6_bad_version = v6.clone();
+    v6_bad_version[14] = 0x40;
+    cases.push(("IPv6 header with version 4".into(), v6_bad_version));
+    let tagged = frames::vlan_tagged(&v4);
+    cases.push(("VLAN tag without payload".into(), tagged[..17].to_vec()));
+    for (name, frame) in cases {
+        assert_eq!(xdp.verdict(&frame), (XDP_PASS, Stat::ParseError), "{name}");
+    }
+    // A bare Ethernet header of an unknown type is simply not ours.
+    let mut arp = v4[..14].to_vec();
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    assert_eq!(xdp.verdict(&arp), (XDP_PASS, Stat::NotGuarded));
+}
+
+#[test]
+fn ipv4_mapped_bans_land_in_the_ipv4_map() {
+    let mut xdp = load();
+    xdp.ban("::ffff:203.0.113.9");
+    assert_eq!(xdp.verdict(&frames::syn_v4("203.0.113.9", 25)), (XDP_DROP, Stat::Dropped));
+}
+
+#[test]
+fn configured_ports_replace_the_defaults() {
+    require_root();
+    let dir = PinDir::new();
+    let program = ebpf::load(&LoadOptions {
+        pin_dir: dir.path(),
+        sizes: MapSizes::default(),
+        ports: &[2525],
+        allow: &[],
+    })
+    .unwrap();
+    let mut bans = Blocklist::new(PinnedMaps::open(dir.path()).unwrap());
+    bans.ban(&"203.0.113.9".parse().unwrap(), Ttl::Forever, "", boot_ns()).unwrap();
+    let run = |port| program.test_run(&frames::syn_v4("203.0.113.9", port), 1).unwrap().0;
+    assert_eq!(run(2525), XDP_DROP);
+    assert_eq!(run(25), XDP_PASS);
+}
+
+#[test]
+fn bans_survive_a_reload_of_the_program() {
+    require_root();
+    let dir = PinDir::new();
+    let options = LoadOptions {
+        pin_dir: dir.path(),
+        sizes: MapSizes::default(),
+        ports: &helo_common::DEFAULT_PORTS,
+        allow: &[],
+    };
+    {
+        let _first = ebpf::load(&options).unwrap();
+        let mut bans = Blocklist::new(PinnedMaps::open(dir.path()).unwrap());
+        bans.ban(&"203.0.113.9".parse().unwrap(), Ttl::Forever, "kept", boot_ns()).unwrap();
+    }
+    let second = ebpf::load(&options).unwrap();
+    let (action, _) = second.test_run(&frames::syn_v4("203.0.113.9", 25), 1).unwrap();
+    assert_eq!(action, XDP_DROP, "a ban pinned by the first load holds in the second");
+}

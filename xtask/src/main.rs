@@ -1,0 +1,293 @@
+//! Developer tasks for helo-filter: `cargo xtask setup | build-ebpf | run | test | clippy`.
+//!
+//! Build logic lives in helo-agent's build.rs (the eBPF object is built and embedded there);
+//! this crate installs what a fresh Debian machine lacks and runs the suites.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+const APT_PACKAGES: &[&str] = &[
+    // bpf-linker, built against LLVM 22.
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    // The root suites: ip, nsenter, mount.
+    "iproute2",
+    "util-linux",
+    "mount",
+];
+const BPF_LINKER_VERSION: &str = "0.13";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPFFS: &str = "/sys/fs/bpf";
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "helo-filter developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing (idempotent): LLVM 22 packages, rust-src for nightly,
+    /// bpf-linker 0.13, and a bpffs at /sys/fs/bpf.
+    Setup,
+    /// Build the XDP object alone into target/bpfel-unknown-none/release/helo-ebpf.
+    BuildEbpf,
+    /// Build the agent (release) and run it as root on embedded defaults; arguments after `--`
+    /// go to `helo-agent run` (for example `-- --iface eth1`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Every test: unit tests, then the root suites in tests/ (XDP verdicts, network namespaces).
+    Test {
+        /// Passed to the test binaries (for example a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Clippy with -D warnings on the user crates and on the eBPF crate (BPF target).
+    Clippy,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::BuildEbpf => {
+            ensure_setup()?;
+            build_ebpf()
+        }
+        Task::Run { args } => {
+            ensure_setup()?;
+            step("building helo-agent (release)");
+            cargo(&["build", "--release", "--package", "helo-agent"])?;
+            let bin = workspace().join("target/release/helo-agent");
+            step(&format!("running {} run {}", bin.display(), args.join(" ")));
+            let status = Command::new(&bin).arg("run").args(&args).status()?;
+            if !status.success() {
+                bail!("helo-agent exited with {status}");
+            }
+            Ok(())
+        }
+        Task::Test { args } => test(&args),
+        Task::Clippy => {
+            ensure_setup()?;
+            clippy()
+        }
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+fn step(message: &str) {
+    eprintln!("==> {message}");
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Runs a command from the workspace root, with its output streaming through.
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    command.current_dir(workspace());
+    let status = command.status().with_context(|| format!("cannot run {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))
+}
+
+fn output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn missing_packages() -> Vec<&'static str> {
+    APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            output("dpkg-query", &["-W", "-f=${Status}", pkg])
+                .is_none_or(|status| !status.contains("install ok installed"))
+        })
+        .collect()
+}
+
+fn has_rust_src() -> bool {
+    output("rustup", &["component", "list", "--toolchain", "nightly", "--installed"])
+        .is_some_and(|list| list.lines().any(|l| l.starts_with("rust-src")))
+}
+
+fn bpf_linker_ok() -> bool {
+    output("bpf-linker", &["--version"])
+        .is_some_and(|v| v.contains(&format!("bpf-linker {BPF_LINKER_VERSION}")))
+}
+
+fn bpffs_mounted() -> bool {
+    std::fs::read_to_string("/proc/mounts").unwrap_or_default().lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(1) == Some(&BPFFS) && fields.get(2) == Some(&"bpf")
+    })
+}
+
+fn setup_complete() -> bool {
+    missing_packages().is_empty() && has_rust_src() && bpf_linker_ok() && bpffs_mounted()
+}
+
+/// Runs `setup` when anything is missing; other tasks call this first.
+fn ensure_setup() -> anyhow::Result<()> {
+    if setup_complete() { Ok(()) } else { setup() }
+}
+
+fn setup() -> anyhow::Result<()> {
+    let packages = missing_packages();
+    if packages.is_empty() {
+        step("apt packages: all present");
+    } else {
+        if !is_root() {
+            bail!(
+                "missing apt packages {packages:?}; install them as root: \
+                 `sudo apt-get update && sudo apt-get install -y {}`, or run `sudo -E cargo xtask setup`",
+                packages.join(" ")
+            );
+        }
+        step(&format!("installing apt packages: {}", packages.join(" ")));
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    if output("rustup", &["toolchain", "list"]).is_none_or(|l| !l.contains("nightly")) {
+        bail!(
+            "no nightly toolchain: the eBPF crate needs one (`rustup toolchain install nightly \
+             --component rust-src`)"
+        );
+    }
+    if has_rust_src() {
+        step("rust-src for nightly: present");
+    } else {
+        step("adding rust-src to the nightly toolchain");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    if bpf_linker_ok() {
+        step(&format!("bpf-linker {BPF_LINKER_VERSION}: present"));
+    } else {
+        step(&format!(
+            "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 4 minutes the first time)"
+        ));
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", &format!("^{BPF_LINKER_VERSION}")])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX))?;
+        if !bpf_linker_ok() {
+            bail!(
+                "bpf-linker was installed but `bpf-linker --version` does not answer: is ~/.cargo/bin on PATH?"
+            );
+        }
+    }
+
+    if bpffs_mounted() {
+        step(&format!("bpffs at {BPFFS}: mounted"));
+    } else if is_root() {
+        step(&format!("mounting bpffs at {BPFFS}"));
+        run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
+    } else {
+        bail!("no bpffs at {BPFFS}: mount it as root with `sudo mount -t bpf bpf {BPFFS}`");
+    }
+    step("setup complete");
+    Ok(())
+}
+
+fn build_ebpf() -> anyhow::Result<()> {
+    step("building helo-ebpf for bpfel-unknown-none");
+    run(Command::new("cargo").args([
+        "+nightly",
+        "build",
+        "--package",
+        "helo-ebpf",
+        "--bin",
+        "helo-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+    ]))?;
+    step("object: target/bpfel-unknown-none/release/helo-ebpf");
+    Ok(())
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ensure_setup()?;
+    step("unit tests (helo-common, helo-agent, xtask)");
+    let mut unit = vec!["test", "--workspace", "--exclude", "tests", "--exclude", "helo-ebpf"];
+    if !args.is_empty() {
+        unit.push("--");
+        unit.extend(&args);
+    }
+    cargo(&unit)?;
+    if !is_root() {
+        bail!(
+            "unit tests passed; the root suites (XDP in the kernel, network namespaces) need root: \
+             run `sudo -E cargo xtask test`"
+        );
+    }
+    step("building the agent for the root suites");
+    cargo(&["build", "--package", "helo-agent"])?;
+    step("root suites: XDP verdicts (BPF_PROG_TEST_RUN) and end to end in network namespaces");
+    let bin = workspace().join("target/debug/helo-agent");
+    let mut root = vec!["test", "--package", "tests", "--no-fail-fast", "--"];
+    root.extend(&args);
+    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(&root)
+        .env("HELO_AGENT_BIN", bin))
+}
+
+fn clippy() -> anyhow::Result<()> {
+    step("clippy: user crates and tests");
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "helo-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    step("clippy: helo-ebpf for the BPF target");
+    run(Command::new("cargo").args([
+        "+nightly",
+        "clippy",
+        "--package",
+        "helo-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
