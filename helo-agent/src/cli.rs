@@ -1,4 +1,4 @@
-//! Command line: `helo-agent run | ban | unban | list | stats`. Parses arguments, runs the
+//! Command line: `helo-agent run | ban | unban | list | check | stats`. Parses arguments, runs the
 //! command, prints human or `--json` output. Errors bubble up as `anyhow` with their reason.
 
 use std::io::Write as _;
@@ -12,6 +12,7 @@ use crate::agent::RunOptions;
 use crate::blocklist::{Blocklist, Ttl};
 use crate::config::Config;
 use crate::ebpf::{AttachMode, PinnedMaps};
+use crate::rules::{Action, Facts, RejectAt, Verdict};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -79,6 +80,23 @@ pub enum Command {
     /// List bans in force: address, remaining TTL, hits, reason.
     List {
         /// One JSON array, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain what the rules decide for a HELO, as the agent would (like `postmap -q`).
+    Check {
+        /// The HELO/EHLO argument, as a client would send it.
+        helo: String,
+        /// The client's address (literal and dynamic-name checks need it).
+        #[arg(long, value_name = "IP")]
+        client: Option<std::net::IpAddr>,
+        /// An earlier HELO of the same session (repeatable, oldest first).
+        #[arg(long, value_name = "HELO")]
+        previous: Vec<String>,
+        /// As on a listener with check_helo = false (submission).
+        #[arg(long)]
+        exempt_listener: bool,
+        /// One JSON object: verdict, rule, reason, entry, ttl, logged.
         #[arg(long)]
         json: bool,
     },
@@ -168,6 +186,22 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Check { helo, client, previous, exempt_listener, json } => {
+            for warning in &config.warnings {
+                eprintln!("helo-agent: warning: {warning}");
+            }
+            let facts = Facts { client, argument: &helo, previous: &previous, exempt_listener };
+            let verdict = config.rules.classify(&facts);
+            let mut out = std::io::stdout().lock();
+            if json {
+                let mut value = serde_json::to_value(&verdict)?;
+                value["helo"] = helo.clone().into();
+                serde_json::to_writer_pretty(&mut out, &value)?;
+                writeln!(out)?;
+            } else {
+                write_verdict(&mut out, &verdict)?;
+            }
+        }
         Command::Stats { json } => {
             let totals = PinnedMaps::open(&config.xdp.pin_dir)?.stats()?;
             let mut out = std::io::stdout().lock();
@@ -184,6 +218,34 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn write_verdict(out: &mut impl std::io::Write, verdict: &Verdict) -> std::io::Result<()> {
+    let mut headline = verdict.action.to_string();
+    if let Some(ttl) = verdict.ttl {
+        headline.push_str(&format!(" for {}", crate::duration::format(ttl)));
+    }
+    if verdict.action != Action::Pass {
+        let at = match verdict.reject_at {
+            RejectAt::Helo => "at HELO",
+            RejectAt::Rcpt => "at RCPT TO",
+        };
+        headline.push_str(&format!(" (rejected {at})"));
+    }
+    writeln!(out, "verdict: {headline}")?;
+    writeln!(out, "rule:    {}", verdict.rule)?;
+    writeln!(out, "reason:  {}", verdict.reason)?;
+    if let Some(entry) = &verdict.entry {
+        writeln!(out, "entry:   {entry}: {}", entry.text)?;
+    }
+    if let Some(reply) = &verdict.reply {
+        writeln!(out, "reply:   {} {}", reply.code, reply.text)?;
+    }
+    for logged in &verdict.logged {
+        let at = logged.entry.as_ref().map(|e| format!(" [{e}: {}]", e.text)).unwrap_or_default();
+        writeln!(out, "log-only: {}: {}{at}", logged.rule, logged.reason)?;
     }
     Ok(())
 }

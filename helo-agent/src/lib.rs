@@ -1,7 +1,8 @@
 //! helo-agent: the user-space half of helo-filter.
 //!
-//! Where things are: `cli` parses the command line; `config` reads and validates the TOML;
-//! `addr` turns addresses into ban keys; `blocklist` decides what a ban is (pure, behind a
+//! Where things are: `cli` parses the command line; `config` reads and validates the TOML and
+//! imports qmail and Postfix rule files; `rules` decides a HELO (pure, no I/O); `addr` turns
+//! addresses into ban keys; `blocklist` decides what a ban is (pure, behind a
 //! store trait); `ebpf` is the only module that talks to the kernel through aya; `agent` is the
 //! `run` loop; `clock` and `duration` are the time helpers everything shares.
 #![deny(unsafe_code)]
@@ -14,3 +15,4 @@ pub mod clock;
 pub mod config;
 pub mod duration;
 pub mod ebpf;
+pub mod rules;

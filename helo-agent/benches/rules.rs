@@ -1,0 +1,129 @@
+//! HELO classifications per second with 10, 1k and 10k rules, against the naive way: a loop
+//! over the same regexes, one `is_match` after another (what qmail's qregex does).
+//!
+//! Two rule shapes: regex lines (the badhelo file) and domain-table entries (an access table).
+//! The inputs are 64 HELOs: big senders' real names, ordinary senders, and some that match.
+//! `cargo bench -p helo-agent --bench rules`
+
+use std::hint::black_box;
+use std::net::IpAddr;
+use std::path::Path;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use helo_agent::config::{Config, HostFacts};
+use helo_agent::rules::{Facts, RuleSet};
+
+const SIZES: [usize; 3] = [10, 1_000, 10_000];
+
+/// Badhelo-style regex lines, deterministic, in the shapes real files have.
+fn regex_lines(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| match i % 5 {
+            0 => format!(r"^mail\.spam{i}\.example$"),
+            1 => format!(r"dsl[.-]pool{i}[.-]"),
+            2 => format!(r"^host{i}-[0-9]{{1,3}}\.bad{i}\.example"),
+            3 => format!(r"bulk{i}\.example\.net$"),
+            _ => format!(r"^(ppp|dyn){i}[.-][0-9]+"),
+        })
+        .collect()
+}
+
+fn domain_entries(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| match i % 3 {
+            0 => format!("=mail.spam{i}.example"),
+            1 => format!(".pool{i}.isp.example"),
+            _ => format!("bulk{i}.example.net"),
+        })
+        .collect()
+}
+
+fn inputs() -> Vec<(String, IpAddr)> {
+    let mut helos: Vec<(String, IpAddr)> = [
+        ("mail-wr1-f41.google.com", "209.85.221.41"),
+        ("EUR05-AM6-obe.outbound.protection.outlook.com", "40.107.22.59"),
+        ("a27-187.smtp-out.us-west-2.amazonses.com", "54.240.27.187"),
+        ("sonic309-21.consmr.mail.ne1.yahoo.com", "66.163.187.147"),
+        ("m228-59.mailgun.net", "159.135.228.59"),
+        ("[198.51.100.7]", "198.51.100.7"),
+    ]
+    .iter()
+    .map(|(h, c)| (h.to_string(), c.parse().unwrap()))
+    .collect();
+    for j in 0..50 {
+        helos
+            .push((format!("mx{j}.sender{j}.example"), format!("198.51.100.{j}").parse().unwrap()));
+    }
+    for j in [5, 15, 25, 35] {
+        helos.push((format!("mail.spam{j}.example"), "203.0.113.9".parse().unwrap()));
+        helos.push((format!("dsl-pool{}-7.isp.example", j + 1), "203.0.113.9".parse().unwrap()));
+    }
+    helos
+}
+
+fn ruleset(section: &str) -> RuleSet {
+    let text = format!("[identity]\ndetect = false\n[rules]\n{section}\n");
+    let config =
+        Config::parse(&text, Path::new("bench.toml"), &HostFacts::default()).expect("bench config");
+    (*config.rules).clone()
+}
+
+fn toml_list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("'{s}'")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+fn bench(c: &mut Criterion) {
+    let inputs = inputs();
+    let mut group = c.benchmark_group("helo_classify");
+    group.sample_size(20);
+    group.measurement_time(std::time::Duration::from_secs(3));
+    group.warm_up_time(std::time::Duration::from_secs(1));
+    group.throughput(Throughput::Elements(inputs.len() as u64));
+    for n in SIZES {
+        let lines = regex_lines(n);
+        let engine = ruleset(&format!("regexes = {}", toml_list(&lines)));
+        group.bench_with_input(BenchmarkId::new("engine_regex_rules", n), &inputs, |b, inputs| {
+            b.iter(|| {
+                for (helo, client) in inputs {
+                    let facts = Facts {
+                        client: Some(*client),
+                        argument: helo,
+                        previous: &[],
+                        exempt_listener: false,
+                    };
+                    black_box(engine.classify(&facts));
+                }
+            })
+        });
+        let naive: Vec<regex::Regex> = lines
+            .iter()
+            .map(|l| regex::RegexBuilder::new(l).case_insensitive(true).build().unwrap())
+            .collect();
+        group.bench_with_input(BenchmarkId::new("naive_regex_loop", n), &inputs, |b, inputs| {
+            b.iter(|| {
+                for (helo, _) in inputs {
+                    black_box(naive.iter().position(|re| re.is_match(helo)));
+                }
+            })
+        });
+        let table = ruleset(&format!("domains = {}", toml_list(&domain_entries(n))));
+        group.bench_with_input(BenchmarkId::new("engine_table_rules", n), &inputs, |b, inputs| {
+            b.iter(|| {
+                for (helo, client) in inputs {
+                    let facts = Facts {
+                        client: Some(*client),
+                        argument: helo,
+                        previous: &[],
+                        exempt_listener: false,
+                    };
+                    black_box(table.classify(&facts));
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

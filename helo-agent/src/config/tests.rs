@@ -1,0 +1,158 @@
+use super::*;
+
+fn host() -> HostFacts {
+    HostFacts {
+        hostname: Some("mx1.example.com".into()),
+        mailname: Some("example.com".into()),
+        addresses: vec!["192.0.2.25".parse().unwrap(), "fe80::1".parse().unwrap()],
+    }
+}
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("test.toml"), &host())
+}
+
+#[test]
+fn the_example_file_is_exactly_the_defaults() {
+    let example = parse_raw(EXAMPLE, Path::new("example")).expect("the example config parses");
+    assert_eq!(example, RawConfig::default());
+}
+
+#[test]
+fn empty_file_means_defaults() {
+    let config = parse("").unwrap();
+    assert_eq!(config.xdp.ports, vec![25, 465, 587]);
+    assert_eq!(config.default_ttl, Duration::from_secs(3600));
+    assert_eq!(config.xdp.mode, AttachMode::Auto);
+    assert_eq!(config.xdp.pin_dir, PathBuf::from("/sys/fs/bpf/helo-filter"));
+    assert_eq!(config.rules.reject_at, RejectAt::Rcpt);
+    assert_eq!(config.reject_message, "sorry, your HELO host name has been denied");
+    assert_eq!(config.rules.action(Check::ForgedIdentity), CheckAction::Ban);
+    assert_eq!(config.rules.action(Check::Dynamic), CheckAction::Log);
+}
+
+#[test]
+fn values_are_read() {
+    let config = parse(
+        r#"
+        [xdp]
+        interface = "eth1"
+        mode = "skb"
+        ports = [2525, 25, 25]
+        [bans]
+        default_ttl = "2d"
+        [allowlist]
+        networks = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7"]
+        [checks]
+        no_dot = "off"
+        dynamic = "ban"
+        [reject]
+        at = "helo"
+        message = "go away"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(config.xdp.interface.as_deref(), Some("eth1"));
+    assert_eq!(config.xdp.mode, AttachMode::Skb);
+    assert_eq!(config.xdp.ports, vec![25, 2525]);
+    assert_eq!(config.default_ttl, Duration::from_secs(172_800));
+    assert_eq!(config.allowlist.len(), 3);
+    assert_eq!(config.allowlist[2].to_string(), "192.0.2.7/32");
+    assert_eq!(config.rules.allowlist, config.allowlist);
+    assert_eq!(config.rules.action(Check::NoDot), CheckAction::Off);
+    assert_eq!(config.rules.action(Check::Dynamic), CheckAction::Ban);
+    assert_eq!(config.rules.reject_at, RejectAt::Helo);
+    assert_eq!(config.rules.ban_ttl, Duration::from_secs(172_800));
+    assert_eq!(config.reject_message, "go away");
+}
+
+#[test]
+fn identity_is_configured_and_detected() {
+    let config = parse("[identity]\ndomains = [\"example.org\", \"=gw.example.net\"]\naddresses = [\"198.51.100.25\"]").unwrap();
+    let names = &config.rules.identity.names;
+    for name in ["example.org", "a.example.org", "gw.example.net", "mx1.example.com", "example.com"]
+    {
+        assert!(names.lookup(name).is_some(), "{name}");
+    }
+    for name in ["x.gw.example.net", "a.mx1.example.com", "sub.example.com"] {
+        assert!(names.lookup(name).is_none(), "detected and = names cover that name only: {name}");
+    }
+    let addrs = &config.rules.identity.addresses;
+    assert!(addrs.contains(&"198.51.100.25".parse().unwrap()));
+    assert!(addrs.contains(&"192.0.2.25".parse().unwrap()));
+    assert!(!addrs.contains(&"fe80::1".parse().unwrap()), "link-local is nobody's identity");
+
+    let off = parse("[identity]\ndetect = false").unwrap();
+    assert!(off.rules.identity.names.is_empty());
+    assert!(off.rules.identity.addresses.is_empty());
+}
+
+#[test]
+fn rule_files_are_imported_with_their_locations() {
+    let dir = std::env::temp_dir().join(format!("helo-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let badhelo = dir.join("badhelo");
+    let access = dir.join("helo_access");
+    std::fs::write(&badhelo, "# comment\n^dsl-\n!\\.\n").unwrap();
+    std::fs::write(&access, "example.net REJECT\n.example.org OK\n").unwrap();
+    let text = format!(
+        "[rules]\nbadhelo_file = {:?}\naccess_file = {:?}\nregexes = [\"^spam\"]\ndomains = [\"=bad.example\"]\n",
+        badhelo.display().to_string(),
+        access.display().to_string()
+    );
+    let config = parse(&text).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(config.rules.badhelo.len(), 3);
+    assert_eq!(config.rules.table.len(), 2, "the .example.org line is skipped");
+    assert_eq!(config.warnings.len(), 1);
+    assert!(config.warnings[0].contains("helo_access:2"), "{:?}", config.warnings);
+}
+
+#[test]
+fn unknown_keys_are_refused_with_the_line() {
+    let err = parse("[xdp]\nport = [25]\n").unwrap_err().to_string();
+    assert!(err.contains("test.toml"), "{err}");
+    assert!(err.contains("line 2"), "{err}");
+    assert!(err.contains("unknown field `port`"), "{err}");
+    let err = parse("[checks]\nno_dots = \"off\"\n").unwrap_err().to_string();
+    assert!(err.contains("unknown field `no_dots`"), "{err}");
+}
+
+#[test]
+fn bad_values_name_the_key_and_the_fix() {
+    let cases = [
+        ("[xdp]\nports = []", "xdp.ports"),
+        ("[xdp]\nports = [0]", "xdp.ports"),
+        ("[xdp]\nmax_bans_v4 = 1", "xdp.max_bans_v4"),
+        ("[xdp]\npin_dir = \"relative\"", "xdp.pin_dir"),
+        ("[xdp]\ninterface = \"\"", "xdp.interface"),
+        ("[bans]\ndefault_ttl = \"60\"", "60s"),
+        ("[bans]\ndefault_ttl = \"0s\"", "bans.default_ttl"),
+        ("[allowlist]\nnetworks = [\"10.0.0.1/8\"]", "did you mean 10.0.0.0/8"),
+        ("[allowlist]\nnetworks = [\"example.com\"]", "allowlist.networks"),
+        ("[identity]\ndomains = [\"bad_name.example\"]", "identity.domains"),
+        ("[identity]\naddresses = [\"mx.example.com\"]", "identity.addresses"),
+        ("[rules]\ndomains = [\"..x\"]", "rules.domains"),
+        ("[rules]\nregexes = [\"(open\"]", "config rules.regexes:1: bad regex"),
+        ("[rules]\nbadhelo_file = \"/nonexistent/badhelo\"", "cannot read rules.badhelo_file file"),
+        ("[reject]\nmessage = \"two\\nlines\"", "reject.message"),
+    ];
+    for (text, expected) in cases {
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains(expected), "{text:?}: {err}");
+    }
+    for (text, expected) in [
+        ("[xdp]\nmode = \"fast\"", "unknown variant `fast`"),
+        ("[checks]\nbare_ip = \"drop\"", "unknown variant `drop`"),
+        ("[reject]\nat = \"data\"", "unknown variant `data`"),
+    ] {
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains(expected), "{text:?}: {err}");
+    }
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let err = Config::load(Some(Path::new("/nonexistent/helo.toml"))).unwrap_err();
+    assert!(err.to_string().contains("cannot read config file /nonexistent/helo.toml"));
+}

@@ -1,0 +1,175 @@
+//! The built-in HELO checks: each a pure function of the parsed HELO (and the client address
+//! where it matters) that returns why it fires, or `None`.
+
+use std::net::IpAddr;
+
+use super::helo::{Helo, parse};
+use crate::addr::canonical;
+
+/// Top-level names that never exist in public DNS (RFC 6762, 8375, 2606 and common practice).
+pub const PRIVATE_SUFFIXES: &[&str] =
+    &["local", "lan", "localdomain", "internal", "home", "home.arpa", "invalid"];
+
+pub fn invalid(helo: &Helo) -> Option<String> {
+    match helo {
+        Helo::Invalid(why) => Some(why.describe()),
+        _ => None,
+    }
+}
+
+pub fn localhost(helo: &Helo) -> Option<String> {
+    let Helo::Name(name) = helo else { return None };
+    (name == "localhost" || name.starts_with("localhost."))
+        .then(|| format!("HELO {name} names the client's own loopback host"))
+}
+
+pub fn bare_ip(helo: &Helo) -> Option<String> {
+    let Helo::BareIp(ip) = helo else { return None };
+    Some(format!("HELO is a bare IP address {ip} (RFC 5321 wants a name or [address literal])"))
+}
+
+/// An address literal must be the client's own address (IPv4-mapped forms compare equal).
+pub fn literal_mismatch(helo: &Helo, client: Option<IpAddr>) -> Option<String> {
+    let (Helo::Literal(literal), Some(client)) = (helo, client) else { return None };
+    (canonical(*literal) != canonical(client))
+        .then(|| format!("HELO address literal [{literal}] is not the client's address {client}"))
+}
+
+pub fn no_dot(helo: &Helo) -> Option<String> {
+    let Helo::Name(name) = helo else { return None };
+    (!name.contains('.')).then(|| format!("HELO {name} is not a fully qualified domain name"))
+}
+
+pub fn private_suffix(helo: &Helo) -> Option<String> {
+    let Helo::Name(name) = helo else { return None };
+    PRIVATE_SUFFIXES
+        .iter()
+        .find(|suffix| {
+            name.len() > suffix.len()
+                && name.ends_with(*suffix)
+                && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
+        })
+        .map(|suffix| format!("HELO {name} ends in .{suffix}, which is not a public domain"))
+}
+
+/// A name that embeds the client's IPv4 octets, forwards or backwards (`203-0-113-9.dyn.isp`,
+/// `9.113.0.203.dsl.isp`, `host203-0-113-9`): the mark of a dynamic or generic address.
+pub fn dynamic(helo: &Helo, client: Option<IpAddr>) -> Option<String> {
+    let (Helo::Name(name), Some(IpAddr::V4(v4))) = (helo, client.map(canonical)) else {
+        return None;
+    };
+    let octets = v4.octets();
+    let mut groups = [0u16; 32];
+    let mut count = 0;
+    for digits in name.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()) {
+        if count == groups.len() {
+            break;
+        }
+        // Longer than 3 digits cannot be an octet: keep a value that matches none.
+        groups[count] =
+            if digits.len() <= 3 { digits.parse().unwrap_or(u16::MAX) } else { u16::MAX };
+        count += 1;
+    }
+    let groups = &groups[..count];
+    let forward = octets.map(u16::from);
+    let mut backward = forward;
+    backward.reverse();
+    groups
+        .windows(4)
+        .any(|w| w == forward || w == backward)
+        .then(|| format!("HELO {name} embeds the client's address {v4}: a dynamic-looking name"))
+}
+
+/// The HELO changed to a different name within one session.
+pub fn changed(helo: &Helo, previous: &[String]) -> Option<String> {
+    let last = previous.last()?;
+    let before = parse(last);
+    (before != *helo).then(|| format!("HELO changed within the session (was {last:?})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(s: &str) -> Helo {
+        parse(s)
+    }
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn localhost_forms() {
+        assert!(localhost(&h("localhost")).is_some());
+        assert!(localhost(&h("LOCALHOST.localdomain")).is_some());
+        assert!(localhost(&h("localhost.")).is_some());
+        assert!(localhost(&h("localhostess.example")).is_none());
+        assert!(localhost(&h("mail.localhost.example")).is_none());
+    }
+
+    #[test]
+    fn literal_must_be_the_client() {
+        assert!(literal_mismatch(&h("[192.0.2.1]"), ip("192.0.2.1")).is_none());
+        assert!(literal_mismatch(&h("[192.0.2.1]"), ip("::ffff:192.0.2.1")).is_none());
+        assert!(literal_mismatch(&h("[192.0.2.1]"), ip("192.0.2.2")).is_some());
+        assert!(literal_mismatch(&h("[IPv6:2001:db8::25]"), ip("2001:db8::25")).is_none());
+        assert!(literal_mismatch(&h("[IPv6:2001:db8::25]"), ip("2001:db8::26")).is_some());
+        assert!(literal_mismatch(&h("[IPv6:2001:db8::25]"), ip("192.0.2.1")).is_some());
+        assert!(literal_mismatch(&h("[192.0.2.1]"), None).is_none(), "no client: no verdict");
+    }
+
+    #[test]
+    fn private_suffixes_only_as_whole_labels() {
+        for name in
+            ["pc.local", "box.lan", "x.localdomain", "db.corp.internal", "nas.home", "a.home.arpa"]
+        {
+            assert!(private_suffix(&h(name)).is_some(), "{name}");
+        }
+        for name in ["mail.example.com", "local", "mail.glocal", "homestead.example", "lan.example"]
+        {
+            assert!(private_suffix(&h(name)).is_none(), "{name}");
+        }
+    }
+
+    #[test]
+    fn dynamic_names_embedding_the_client_ip() {
+        let client = ip("203.0.113.9");
+        for name in [
+            "203-0-113-9.dyn.isp.example",
+            "9.113.0.203.dsl.isp.example",
+            "host203-0-113-9.pool.example",
+            "cpe-203.0.113.9.cable.example",
+        ] {
+            assert!(dynamic(&h(name), client).is_some(), "{name}");
+        }
+        for name in [
+            "mail-wr1-f41.google.com",
+            "203-0-113-10.dyn.isp.example",
+            "mx.example.com",
+            "1203-0-113-9.example",
+        ] {
+            assert!(dynamic(&h(name), client).is_none(), "{name}");
+        }
+        assert!(dynamic(&h("203-0-113-9.example"), ip("2001:db8::1")).is_none());
+        assert!(dynamic(&h("203-0-113-9.example"), ip("::ffff:203.0.113.9")).is_some());
+    }
+
+    #[test]
+    fn changed_compares_normalized_names() {
+        assert!(changed(&h("mail.example.com"), &[]).is_none());
+        assert!(changed(&h("mail.example.com"), &["MAIL.example.com.".into()]).is_none());
+        assert!(changed(&h("other.example.com"), &["mail.example.com".into()]).is_some());
+    }
+
+    #[test]
+    fn simple_shapes() {
+        assert!(no_dot(&h("exchange01")).is_some());
+        assert!(no_dot(&h("mail.example.com")).is_none());
+        assert!(no_dot(&h("[192.0.2.1]")).is_none());
+        assert!(bare_ip(&h("192.0.2.1")).is_some());
+        assert!(bare_ip(&h("[192.0.2.1]")).is_none());
+        assert!(invalid(&h("bad_name.example")).is_some());
+        assert!(invalid(&h("good.example")).is_none());
+    }
+}

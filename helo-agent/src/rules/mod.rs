@@ -1,0 +1,410 @@
+//! The HELO rules engine: pure code, no I/O. Given a session's facts (client address, the
+//! HELO/EHLO argument, earlier HELOs of the session, whether the listener checks HELO at all) it
+//! returns a [`Verdict`]: pass, reject or ban, the rule that decided, a reason a person can
+//! read, and for a table or regex match the exact entry (file and line).
+//!
+//! Order: exemptions (allowlisted client, submission listener), the domain table (whose `OK`
+//! entries permit outright, as in Postfix), forged identity, the badhelo regexes, then the
+//! built-in checks. Each check has its own action: `off`, `log` (dry run: noted, never
+//! enforced), `reject` or `ban`. The first enforcing match decides.
+
+pub mod badhelo;
+pub mod builtin;
+pub mod helo;
+pub mod table;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use rustc_hash::FxHashSet;
+use serde::{Deserialize, Serialize};
+
+use self::badhelo::BadheloSet;
+use self::helo::Helo;
+use self::table::DomainTable;
+use crate::addr::canonical;
+
+/// The checks, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Check {
+    /// Domain table entries (`rules.domains`, `rules.access_file`).
+    Table,
+    /// The HELO claims one of our names or addresses.
+    ForgedIdentity,
+    /// qmail badhelo regexes (`rules.regexes`, `rules.badhelo_file`).
+    Badhelo,
+    /// Not a host name or address at all: empty, bad characters, bad literal, too long.
+    Invalid,
+    /// `localhost`, `localhost.localdomain`.
+    Localhost,
+    /// An IP address without brackets.
+    BareIp,
+    /// An address literal that is not the client's address.
+    LiteralMismatch,
+    /// A name without a dot.
+    NoDot,
+    /// `.local`, `.lan`, `.localdomain`, `.internal`, `.home`, `.home.arpa`, `.invalid`.
+    PrivateSuffix,
+    /// A name that embeds the client's IPv4 address.
+    Dynamic,
+    /// A second HELO/EHLO in the session with another name.
+    Changed,
+}
+
+pub const CHECK_COUNT: usize = 11;
+
+impl Check {
+    pub const ALL: [Check; CHECK_COUNT] = [
+        Check::Table,
+        Check::ForgedIdentity,
+        Check::Badhelo,
+        Check::Invalid,
+        Check::Localhost,
+        Check::BareIp,
+        Check::LiteralMismatch,
+        Check::NoDot,
+        Check::PrivateSuffix,
+        Check::Dynamic,
+        Check::Changed,
+    ];
+
+    /// The rule id: stable snake_case, used in logs, metrics and `check --json`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Check::Table => "table",
+            Check::ForgedIdentity => "forged_identity",
+            Check::Badhelo => "badhelo",
+            Check::Invalid => "invalid",
+            Check::Localhost => "localhost",
+            Check::BareIp => "bare_ip",
+            Check::LiteralMismatch => "literal_mismatch",
+            Check::NoDot => "no_dot",
+            Check::PrivateSuffix => "private_suffix",
+            Check::Dynamic => "dynamic",
+            Check::Changed => "changed",
+        }
+    }
+}
+
+/// What a check does when it matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckAction {
+    Off,
+    /// Dry run: the match is logged and reported, the session passes.
+    Log,
+    Reject,
+    /// Reject, and ban the client address in the kernel for the ban TTL.
+    Ban,
+}
+
+/// The outcome for the session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Pass,
+    Reject,
+    Ban,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Pass => "pass",
+            Action::Reject => "reject",
+            Action::Ban => "ban",
+        })
+    }
+}
+
+/// Where a rejection is delivered: at the HELO itself, or (qmail style) at every RCPT TO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RejectAt {
+    Helo,
+    Rcpt,
+}
+
+/// Where a table or regex rule was written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EntryRef {
+    /// A file path, or `config` for entries written in the TOML itself.
+    pub source: String,
+    /// 1-based line in the file (for `config`, the 1-based position in its list); 0 for
+    /// entries detected from the host.
+    pub line: usize,
+    /// The entry as written.
+    pub text: String,
+}
+
+impl fmt::Display for EntryRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            0 => write!(f, "{}", self.source),
+            line => write!(f, "{}:{line}", self.source),
+        }
+    }
+}
+
+/// A reply an access-table entry asks for (`550 text`, `REJECT text`, `450 text`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Reply {
+    pub code: u16,
+    pub text: String,
+}
+
+/// What a domain-table entry says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TableAction {
+    /// Reject (or ban, per `checks.table`), with the entry's own reply if it gives one; a 4xx
+    /// reply is a temporary refusal and never bans.
+    Deny(Option<Reply>),
+    /// `OK`: pass, skipping every later check.
+    Permit,
+    /// `DUNNO`: as if the entry were not there.
+    Dunno,
+    /// `WARN`: log only.
+    Warn,
+}
+
+#[derive(Clone, Debug)]
+pub struct TableEntry {
+    pub action: TableAction,
+    pub entry: Arc<EntryRef>,
+}
+
+/// Our own names and addresses: a HELO claiming one of them is forged.
+#[derive(Clone, Debug, Default)]
+pub struct Identity {
+    pub names: DomainTable<Arc<EntryRef>>,
+    pub addresses: FxHashSet<IpAddr>,
+}
+
+/// One check that matched.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Match {
+    pub rule: &'static str,
+    pub reason: String,
+    pub entry: Option<Arc<EntryRef>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    #[serde(rename = "verdict")]
+    pub action: Action,
+    /// The rule id that decided (`pass` when nothing matched).
+    pub rule: &'static str,
+    pub reason: String,
+    /// The table line or regex line that matched, if any.
+    pub entry: Option<Arc<EntryRef>>,
+    /// A reply the matching entry asks for, instead of the standard one.
+    pub reply: Option<Reply>,
+    pub reject_at: RejectAt,
+    /// For `ban`: how long.
+    #[serde(serialize_with = "serialize_ttl")]
+    pub ttl: Option<Duration>,
+    /// Matches of `log` (dry-run) checks on the way, in order.
+    pub logged: Vec<Match>,
+}
+
+fn serialize_ttl<S: serde::Serializer>(ttl: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match ttl {
+        Some(d) => s.serialize_some(&d.as_secs()),
+        None => s.serialize_none(),
+    }
+}
+
+/// What the engine knows of a session at HELO time.
+#[derive(Clone, Copy, Debug)]
+pub struct Facts<'a> {
+    /// The client's address; `None` when unknown (client-dependent checks then do not fire).
+    pub client: Option<IpAddr>,
+    /// The HELO/EHLO argument as sent.
+    pub argument: &'a str,
+    /// Earlier HELO/EHLO arguments of this session, oldest first.
+    pub previous: &'a [String],
+    /// The listener is exempt from HELO checks (a submission port: the `NOBADHELO` idea).
+    pub exempt_listener: bool,
+}
+
+/// The compiled rules: built once from the config, shared by every session.
+#[derive(Clone, Debug)]
+pub struct RuleSet {
+    pub actions: [CheckAction; CHECK_COUNT],
+    pub identity: Identity,
+    pub allowlist: Vec<IpNet>,
+    pub table: DomainTable<TableEntry>,
+    pub badhelo: BadheloSet,
+    pub reject_at: RejectAt,
+    pub ban_ttl: Duration,
+}
+
+impl RuleSet {
+    pub fn action(&self, check: Check) -> CheckAction {
+        self.actions[check as usize]
+    }
+
+    pub fn classify(&self, facts: &Facts<'_>) -> Verdict {
+        if let Some(client) = facts.client {
+            let client = canonical(client);
+            if let Some(net) = self.allowlist.iter().find(|net| net.contains(&client)) {
+                return self.pass("allowlist", format!("client {client} is in allowlisted {net}"));
+            }
+        }
+        if facts.exempt_listener {
+            return self.pass("exempt_listener", "the listener does not check HELO".into());
+        }
+        let helo = helo::parse(facts.argument);
+        let mut logged = Vec::new();
+
+        // The table's lookup key: the normalized name, or a bare address as text.
+        let bare;
+        let key = match &helo {
+            Helo::Name(name) => Some(name.as_str()),
+            Helo::BareIp(ip) => {
+                bare = ip.to_string();
+                Some(bare.as_str())
+            }
+            _ => None,
+        };
+        if let Some(key) = key
+            && self.action(Check::Table) != CheckAction::Off
+            && let Some(found) = self.table.lookup(key)
+        {
+            let reason = || format!("HELO {key} is listed: {}", found.entry.text);
+            let entry = Some(found.entry.clone());
+            match &found.action {
+                TableAction::Permit => {
+                    let mut verdict = self.pass("table", reason());
+                    verdict.entry = entry;
+                    return verdict;
+                }
+                TableAction::Dunno => {}
+                TableAction::Warn => {
+                    logged.push(Match { rule: Check::Table.name(), reason: reason(), entry });
+                }
+                TableAction::Deny(reply) => {
+                    let reply = reply.clone();
+                    if let Some(v) = self.hit(Check::Table, reason(), entry, reply, &mut logged) {
+                        return v;
+                    }
+                }
+            }
+        }
+
+        if self.action(Check::ForgedIdentity) != CheckAction::Off
+            && let Some((reason, entry)) = self.forged(&helo, facts.client)
+            && let Some(v) = self.hit(Check::ForgedIdentity, reason, entry, None, &mut logged)
+        {
+            return v;
+        }
+
+        if self.action(Check::Badhelo) != CheckAction::Off
+            && let Some(rule) = self.badhelo.first_match(facts.argument.trim())
+        {
+            let reason = if rule.negated {
+                format!("HELO does not match required pattern {:?}", rule.pattern)
+            } else {
+                format!("HELO matches pattern {:?}", rule.pattern)
+            };
+            let entry = Some(Arc::new(rule.entry.clone()));
+            if let Some(v) = self.hit(Check::Badhelo, reason, entry, None, &mut logged) {
+                return v;
+            }
+        }
+
+        let client = facts.client;
+        let builtins: [(Check, &dyn Fn() -> Option<String>); 8] = [
+            (Check::Invalid, &|| builtin::invalid(&helo)),
+            (Check::Localhost, &|| builtin::localhost(&helo)),
+            (Check::BareIp, &|| builtin::bare_ip(&helo)),
+            (Check::LiteralMismatch, &|| builtin::literal_mismatch(&helo, client)),
+            (Check::NoDot, &|| builtin::no_dot(&helo)),
+            (Check::PrivateSuffix, &|| builtin::private_suffix(&helo)),
+            (Check::Dynamic, &|| builtin::dynamic(&helo, client)),
+            (Check::Changed, &|| builtin::changed(&helo, facts.previous)),
+        ];
+        for (check, test) in builtins {
+            if self.action(check) == CheckAction::Off {
+                continue;
+            }
+            if let Some(reason) = test()
+                && let Some(v) = self.hit(check, reason, None, None, &mut logged)
+            {
+                return v;
+            }
+        }
+        Verdict { logged, ..self.pass("pass", "no rule matched".into()) }
+    }
+
+    /// A HELO naming one of our names or addresses. A literal or bare address equal to the
+    /// client's own address is the client telling the truth, not a forgery.
+    fn forged(
+        &self,
+        helo: &Helo,
+        client: Option<IpAddr>,
+    ) -> Option<(String, Option<Arc<EntryRef>>)> {
+        match helo {
+            Helo::Name(name) => self.identity.names.lookup(name).map(|entry| {
+                (format!("HELO {name} claims our own name ({})", entry.text), Some(entry.clone()))
+            }),
+            Helo::BareIp(ip) | Helo::Literal(ip) => {
+                let ip = canonical(*ip);
+                (self.identity.addresses.contains(&ip) && client.map(canonical) != Some(ip))
+                    .then(|| (format!("HELO claims our own address {ip}"), None))
+            }
+            Helo::Invalid(_) => None,
+        }
+    }
+
+    /// A check matched: a verdict if its action enforces, else noted in `logged`.
+    fn hit(
+        &self,
+        check: Check,
+        reason: String,
+        entry: Option<Arc<EntryRef>>,
+        reply: Option<Reply>,
+        logged: &mut Vec<Match>,
+    ) -> Option<Verdict> {
+        let action = match self.action(check) {
+            CheckAction::Off => return None,
+            CheckAction::Log => {
+                logged.push(Match { rule: check.name(), reason, entry });
+                return None;
+            }
+            // A temporary (4xx) refusal asked for by an entry never bans.
+            CheckAction::Ban if reply.as_ref().is_none_or(|r| r.code >= 500) => Action::Ban,
+            CheckAction::Ban | CheckAction::Reject => Action::Reject,
+        };
+        Some(Verdict {
+            action,
+            rule: check.name(),
+            reason,
+            entry,
+            reply,
+            reject_at: self.reject_at,
+            ttl: (action == Action::Ban).then_some(self.ban_ttl),
+            logged: std::mem::take(logged),
+        })
+    }
+
+    fn pass(&self, rule: &'static str, reason: String) -> Verdict {
+        Verdict {
+            action: Action::Pass,
+            rule,
+            reason,
+            entry: None,
+            reply: None,
+            reject_at: self.reject_at,
+            ttl: None,
+            logged: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
