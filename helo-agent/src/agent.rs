@@ -1,5 +1,6 @@
-//! `helo-agent run`: load and attach the XDP program, keep the ban maps tidy, and detach on
-//! shutdown. The SMTP proxy will run beside this loop.
+//! `helo-agent run`: bind the SMTP listeners, load and attach the XDP program, start the ban
+//! worker on the pinned maps, serve sessions, keep the ban maps tidy, and detach on shutdown.
+//! Everything is validated and bound before the first session is accepted.
 
 use std::future::Future;
 use std::path::Path;
@@ -21,6 +22,8 @@ pub enum AgentError {
          config"
     )]
     NoDefaultInterface,
+    #[error(transparent)]
+    Bind(#[from] crate::proxy::BindError),
 }
 
 /// Overrides from the command line.
@@ -41,6 +44,7 @@ pub async fn run(
         None => default_route_interface().ok_or(AgentError::NoDefaultInterface)?,
     };
     let mode = options.mode.unwrap_or(config.xdp.mode);
+    let listeners = crate::proxy::bind(&config.proxy.listeners)?;
     let mut program = ebpf::load(&LoadOptions {
         pin_dir: &config.xdp.pin_dir,
         sizes: config.xdp.sizes,
@@ -58,12 +62,41 @@ pub async fn run(
         "XDP ban filter attached"
     );
 
+    let maps = PinnedMaps::open(&config.xdp.pin_dir)?;
+    let (bans, _worker) =
+        crate::blocklist::worker::spawn(maps, config.escalation, crate::clock::boot_ns);
+    let shared = crate::proxy::Shared::new(
+        config.proxy.clone(),
+        config.rules.clone(),
+        config.reject_message.clone(),
+        Some(bans),
+    );
+    for bound in &listeners {
+        if let Ok(address) = bound.listener.local_addr() {
+            tracing::info!(%address, check_helo = bound.check_helo, upstream = %config.proxy.upstream, "SMTP listener ready");
+        }
+    }
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let serve = crate::proxy::serve(listeners, shared, async move {
+        let mut stopped = stopped;
+        let _ = stopped.changed().await;
+    });
+    tokio::pin!(serve);
+
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.tick().await;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            () = &mut shutdown => break,
+            () = &mut shutdown => {
+                let _ = stop.send(true);
+                serve.await;
+                break;
+            }
+            () = &mut serve => break,
             _ = sweep.tick() => {
                 let dir = config.xdp.pin_dir.clone();
                 match tokio::task::spawn_blocking(move || sweep_expired(&dir)).await {

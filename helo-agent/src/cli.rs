@@ -46,7 +46,7 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load and attach the XDP program and run until SIGINT or SIGTERM (needs root).
+    /// Run the SMTP proxy and the XDP ban filter until SIGINT or SIGTERM (needs root).
     Run {
         /// Interface to guard; overrides xdp.interface. Default: the default route's.
         #[arg(long, value_name = "IF")]
@@ -54,6 +54,15 @@ pub enum Command {
         /// XDP attach mode; overrides xdp.mode.
         #[arg(long, value_enum)]
         xdp_mode: Option<AttachMode>,
+        /// Listen for SMTP here (repeatable); replaces proxy.listeners. Default: 0.0.0.0:25, [::]:25.
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Vec<std::net::SocketAddr>,
+        /// The MTA to hand sessions to; overrides proxy.upstream. Default: 127.0.0.1:10025.
+        #[arg(long, value_name = "ADDR:PORT")]
+        upstream: Option<std::net::SocketAddr>,
+        /// How the MTA learns the real client; overrides proxy.proxy_protocol. Default: v2.
+        #[arg(long, value_enum)]
+        proxy_protocol: Option<crate::proxy::header::ProxyProtocol>,
     },
     /// Ban an address: its packets to the guarded ports are dropped until the ban expires.
     Ban {
@@ -124,7 +133,19 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         config.xdp.pin_dir = dir;
     }
     match cli.command {
-        Command::Run { iface, xdp_mode } => {
+        Command::Run { iface, xdp_mode, listen, upstream, proxy_protocol } => {
+            if !listen.is_empty() {
+                config.proxy.listeners = listen
+                    .into_iter()
+                    .map(|address| crate::config::ListenerConfig { address, check_helo: true })
+                    .collect();
+            }
+            if let Some(upstream) = upstream {
+                config.proxy.upstream = upstream;
+            }
+            if let Some(protocol) = proxy_protocol {
+                config.proxy.proxy_protocol = protocol;
+            }
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             let options = RunOptions { interface: iface, mode: xdp_mode };

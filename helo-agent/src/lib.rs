@@ -15,4 +15,6 @@ pub mod clock;
 pub mod config;
 pub mod duration;
 pub mod ebpf;
+pub mod proxy;
 pub mod rules;
+pub mod smtp;

@@ -158,6 +158,10 @@ impl Testbed {
                 &self.gw_if,
                 "--xdp-mode",
                 "native",
+                // The greeter owns port 25 here: these suites are about the kernel path, so
+                // the proxy listens out of the way.
+                "--listen",
+                "127.0.0.1:10026",
             ],
             move || pin_dir.join(helo_common::maps::BANS_V4).exists() && attached(),
         )

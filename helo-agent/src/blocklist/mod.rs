@@ -6,6 +6,7 @@
 //! Time is passed in (CLOCK_BOOTTIME ns, see `crate::clock`), never read here.
 
 pub mod fake;
+pub mod worker;
 
 use std::time::Duration;
 

@@ -15,7 +15,9 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::blocklist::Ttl;
+use crate::blocklist::worker::Escalation;
 use crate::ebpf::{AttachMode, MapSizes};
+use crate::proxy::header::ProxyProtocol;
 use crate::rules::badhelo::BadheloSet;
 use crate::rules::table::DomainPattern;
 use crate::rules::{CHECK_COUNT, Check, CheckAction, EntryRef, Identity, RejectAt, RuleSet};
@@ -47,6 +49,50 @@ pub struct RawConfig {
     pub rules: RawRules,
     pub checks: RawChecks,
     pub reject: RawReject,
+    pub proxy: RawProxy,
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawProxy {
+    pub listeners: Vec<RawListener>,
+    pub upstream: String,
+    pub proxy_protocol: ProxyProtocol,
+    pub helo_timeout: String,
+    pub idle_timeout: String,
+    pub upstream_timeout: String,
+    pub max_sessions: usize,
+    pub max_sessions_per_ip: usize,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        Self {
+            listeners: vec![
+                RawListener { address: "0.0.0.0:25".into(), check_helo: true },
+                RawListener { address: "[::]:25".into(), check_helo: true },
+            ],
+            upstream: "127.0.0.1:10025".into(),
+            proxy_protocol: ProxyProtocol::V2,
+            helo_timeout: "60s".into(),
+            idle_timeout: "5m".into(),
+            upstream_timeout: "30s".into(),
+            max_sessions: 10_000,
+            max_sessions_per_ip: 20,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub address: String,
+    #[serde(default = "yes")]
+    pub check_helo: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, PartialEq, Deserialize)]
@@ -80,11 +126,19 @@ impl Default for RawXdp {
 #[serde(deny_unknown_fields, default)]
 pub struct RawBans {
     pub default_ttl: String,
+    pub escalation_factor: u32,
+    pub max_ttl: String,
+    pub history_size: usize,
 }
 
 impl Default for RawBans {
     fn default() -> Self {
-        Self { default_ttl: "1h".into() }
+        Self {
+            default_ttl: "1h".into(),
+            escalation_factor: 2,
+            max_ttl: "1w".into(),
+            history_size: 100_000,
+        }
     }
 }
 
@@ -244,6 +298,30 @@ pub struct Config {
     pub reject_message: String,
     /// Things that load but deserve a look (entries Postfix would ignore, duplicates).
     pub warnings: Vec<String>,
+    pub escalation: Escalation,
+    pub proxy: ProxyConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub address: std::net::SocketAddr,
+    /// false: a submission listener, HELO not checked (the NOBADHELO idea).
+    pub check_helo: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyConfig {
+    pub listeners: Vec<ListenerConfig>,
+    pub upstream: std::net::SocketAddr,
+    pub proxy_protocol: ProxyProtocol,
+    /// From the greeting to the HELO/EHLO.
+    pub helo_timeout: Duration,
+    /// Between reads from a rejected client, and of a relayed session with no traffic.
+    pub idle_timeout: Duration,
+    /// To connect to the MTA and read its greeting.
+    pub upstream_timeout: Duration,
+    pub max_sessions: usize,
+    pub max_sessions_per_ip: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -324,6 +402,67 @@ impl Config {
             ));
         }
 
+        let duration = |key: &str, text: &str| {
+            let value = crate::duration::parse(text).map_err(|e| invalid(key, e.to_string()))?;
+            if value.is_zero() {
+                return Err(invalid(key, "must be longer than 0s".into()));
+            }
+            Ok(value)
+        };
+        let max_ttl = duration("bans.max_ttl", &raw.bans.max_ttl)?;
+        if raw.bans.escalation_factor == 0 {
+            return Err(invalid(
+                "bans.escalation_factor",
+                "must be 1 (no escalation) or more".into(),
+            ));
+        }
+        if raw.bans.history_size == 0 {
+            return Err(invalid("bans.history_size", "must be at least 1".into()));
+        }
+        let escalation = Escalation {
+            factor: raw.bans.escalation_factor,
+            max_ttl,
+            history: raw.bans.history_size,
+        };
+        let socket = |key: &str, text: &str| {
+            text.trim().parse::<std::net::SocketAddr>().map_err(|_| {
+                invalid(
+                    key,
+                    format!("{text:?} is not an address:port (write 0.0.0.0:25 or [::]:25)"),
+                )
+            })
+        };
+        if raw.proxy.listeners.is_empty() {
+            return Err(invalid(
+                "proxy.listeners",
+                "no listeners: give at least one address".into(),
+            ));
+        }
+        let listeners = raw
+            .proxy
+            .listeners
+            .iter()
+            .map(|l| {
+                Ok(ListenerConfig {
+                    address: socket("proxy.listeners.address", &l.address)?,
+                    check_helo: l.check_helo,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        if raw.proxy.max_sessions == 0 || raw.proxy.max_sessions_per_ip == 0 {
+            return Err(invalid("proxy.max_sessions", "session limits must be at least 1".into()));
+        }
+        let proxy = ProxyConfig {
+            listeners,
+            upstream: socket("proxy.upstream", &raw.proxy.upstream)?,
+            proxy_protocol: raw.proxy.proxy_protocol,
+            helo_timeout: duration("proxy.helo_timeout", &raw.proxy.helo_timeout)?,
+            idle_timeout: duration("proxy.idle_timeout", &raw.proxy.idle_timeout)?,
+            upstream_timeout: duration("proxy.upstream_timeout", &raw.proxy.upstream_timeout)?,
+            max_sessions: raw.proxy.max_sessions,
+            max_sessions_per_ip: raw.proxy.max_sessions_per_ip,
+        };
+
         let mut warnings = Vec::new();
         let identity = identity(&raw.identity, host, &mut warnings)
             .map_err(|(key, message)| invalid(key, message))?;
@@ -360,6 +499,8 @@ impl Config {
             rules: Arc::new(rules),
             reject_message: message,
             warnings,
+            escalation,
+            proxy,
         })
     }
 

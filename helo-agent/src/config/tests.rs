@@ -136,6 +136,13 @@ fn bad_values_name_the_key_and_the_fix() {
         ("[rules]\nregexes = [\"(open\"]", "config rules.regexes:1: bad regex"),
         ("[rules]\nbadhelo_file = \"/nonexistent/badhelo\"", "cannot read rules.badhelo_file file"),
         ("[reject]\nmessage = \"two\\nlines\"", "reject.message"),
+        ("[bans]\nmax_ttl = \"forever\"", "bans.max_ttl"),
+        ("[bans]\nescalation_factor = 0", "bans.escalation_factor"),
+        ("[proxy]\nupstream = \"localhost\"", "proxy.upstream"),
+        ("[proxy]\nlisteners = []", "proxy.listeners"),
+        ("[[proxy.listeners]]\naddress = \"25\"", "proxy.listeners.address"),
+        ("[proxy]\nhelo_timeout = \"0s\"", "proxy.helo_timeout"),
+        ("[proxy]\nmax_sessions_per_ip = 0", "proxy.max_sessions"),
     ];
     for (text, expected) in cases {
         let err = parse(text).unwrap_err().to_string();
@@ -155,4 +162,30 @@ fn bad_values_name_the_key_and_the_fix() {
 fn missing_file_is_a_clear_error() {
     let err = Config::load(Some(Path::new("/nonexistent/helo.toml"))).unwrap_err();
     assert!(err.to_string().contains("cannot read config file /nonexistent/helo.toml"));
+}
+
+#[test]
+fn proxy_listeners_and_limits() {
+    let config = parse(
+        "[proxy]\nupstream = \"127.0.0.1:2525\"\nproxy_protocol = \"none\"\n\
+         [[proxy.listeners]]\naddress = \"0.0.0.0:25\"\n\
+         [[proxy.listeners]]\naddress = \"[::]:587\"\ncheck_helo = false\n",
+    )
+    .unwrap();
+    assert_eq!(
+        config.proxy.listeners,
+        vec![
+            ListenerConfig { address: "0.0.0.0:25".parse().unwrap(), check_helo: true },
+            ListenerConfig { address: "[::]:587".parse().unwrap(), check_helo: false },
+        ]
+    );
+    assert_eq!(config.proxy.upstream, "127.0.0.1:2525".parse().unwrap());
+    assert_eq!(config.proxy.proxy_protocol, ProxyProtocol::None);
+    let defaults = parse("").unwrap();
+    assert_eq!(defaults.proxy.listeners.len(), 2);
+    assert_eq!(defaults.proxy.proxy_protocol, ProxyProtocol::V2);
+    assert_eq!(
+        defaults.escalation,
+        Escalation { factor: 2, max_ttl: Duration::from_secs(604_800), history: 100_000 }
+    );
 }

@@ -1,0 +1,233 @@
+//! Bans requested by sessions, applied off the async path: a thread owns the [`Blocklist`]
+//! (map writes are syscalls) and takes requests over a bounded channel that never blocks the
+//! sender. Repeat offenders get longer bans: each new offence multiplies the TTL by `factor`,
+//! up to `max_ttl`; the offence history is an LRU of bounded size and forgets an address after
+//! `max_ttl` without offences.
+
+use std::net::IpAddr;
+use std::num::NonZeroUsize;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::time::Duration;
+
+use lru::LruCache;
+
+use super::{BanStore, Blocklist, Ttl};
+use crate::addr::BanTarget;
+
+/// Requests waiting at most; beyond, new ones are dropped (and counted) rather than block.
+const QUEUE: usize = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Escalation {
+    pub factor: u32,
+    pub max_ttl: Duration,
+    pub history: usize,
+}
+
+#[derive(Debug)]
+pub struct BanRequest {
+    pub client: IpAddr,
+    /// The rule's TTL, before escalation.
+    pub ttl: Duration,
+    pub reason: String,
+}
+
+/// The sending side; cheap to clone.
+#[derive(Clone)]
+pub struct BanSender {
+    tx: SyncSender<BanRequest>,
+}
+
+impl BanSender {
+    /// Queues a ban; never blocks. `false` when the queue is full or the worker has gone.
+    pub fn ban(&self, request: BanRequest) -> bool {
+        match self.tx.try_send(request) {
+            Ok(()) => true,
+            Err(TrySendError::Full(r)) => {
+                tracing::warn!(client = %r.client, "ban queue full: ban dropped");
+                false
+            }
+            Err(TrySendError::Disconnected(r)) => {
+                tracing::error!(client = %r.client, "ban worker gone: ban dropped");
+                false
+            }
+        }
+    }
+}
+
+struct Offence {
+    count: u32,
+    last_ns: u64,
+}
+
+/// The TTL for an offender's `count`-th offence (1-based).
+pub fn escalated(base: Duration, count: u32, escalation: &Escalation) -> Duration {
+    let factor = u64::from(escalation.factor.max(1)).saturating_pow(count.saturating_sub(1));
+    let secs = base.as_secs().saturating_mul(factor);
+    Duration::from_secs(secs).min(escalation.max_ttl.max(base))
+}
+
+/// Starts the worker; it runs until every sender is dropped, then returns the blocklist.
+pub fn spawn<S: BanStore + Send + 'static>(
+    store: S,
+    escalation: Escalation,
+    clock: fn() -> u64,
+) -> (BanSender, std::thread::JoinHandle<Blocklist<S>>) {
+    let (tx, rx) = sync_channel(QUEUE);
+    let handle = std::thread::Builder::new()
+        .name("helo-bans".into())
+        .spawn(move || run(Blocklist::new(store), escalation, clock, rx))
+        .expect("spawn the ban worker thread");
+    (BanSender { tx }, handle)
+}
+
+fn run<S: BanStore>(
+    mut list: Blocklist<S>,
+    escalation: Escalation,
+    clock: fn() -> u64,
+    rx: Receiver<BanRequest>,
+) -> Blocklist<S> {
+    let capacity = NonZeroUsize::new(escalation.history.max(1)).expect("at least 1");
+    let mut history: LruCache<BanTarget, Offence> = LruCache::new(capacity);
+    let forget_ns = u64::try_from(escalation.max_ttl.as_nanos()).unwrap_or(u64::MAX);
+    for request in rx {
+        let now = clock();
+        let target = BanTarget::host(request.client);
+        let count = match history.get_mut(&target) {
+            Some(offence) if now.saturating_sub(offence.last_ns) < forget_ns => {
+                offence.count += 1;
+                offence.last_ns = now;
+                offence.count
+            }
+            _ => {
+                history.put(target, Offence { count: 1, last_ns: now });
+                1
+            }
+        };
+        let ttl = escalated(request.ttl, count, &escalation);
+        match list.ban(&target, Ttl::For(ttl), &request.reason, now) {
+            Ok(_) => tracing::info!(
+                client = %request.client,
+                ttl = %crate::duration::format(ttl),
+                offence = count,
+                reason = request.reason,
+                "banned"
+            ),
+            Err(error) => tracing::error!(client = %request.client, %error, "ban failed"),
+        }
+    }
+    list
+}
+
+/// A shared store, so a test (or the agent's CLI side) can look while the worker writes.
+impl<S: BanStore> BanStore for std::sync::Arc<std::sync::Mutex<S>> {
+    fn get(&self, t: &BanTarget) -> Result<Option<helo_common::BanValue>, super::StoreError> {
+        self.lock().expect("store lock").get(t)
+    }
+    fn put(&mut self, t: &BanTarget, v: &helo_common::BanValue) -> Result<(), super::StoreError> {
+        self.lock().expect("store lock").put(t, v)
+    }
+    fn remove(&mut self, t: &BanTarget) -> Result<bool, super::StoreError> {
+        self.lock().expect("store lock").remove(t)
+    }
+    fn entries(&self) -> Result<Vec<(BanTarget, helo_common::BanValue)>, super::StoreError> {
+        self.lock().expect("store lock").entries()
+    }
+    fn reason(
+        &self,
+        code: u32,
+    ) -> Result<Option<[u8; helo_common::REASON_TEXT_LEN]>, super::StoreError> {
+        self.lock().expect("store lock").reason(code)
+    }
+    fn put_reason(
+        &mut self,
+        code: u32,
+        text: &[u8; helo_common::REASON_TEXT_LEN],
+    ) -> Result<(), super::StoreError> {
+        self.lock().expect("store lock").put_reason(code, text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::blocklist::fake::FakeStore;
+
+    const ESCALATION: Escalation =
+        Escalation { factor: 2, max_ttl: Duration::from_secs(8 * 3600), history: 2 };
+
+    #[test]
+    fn ttl_doubles_per_offence_up_to_the_maximum() {
+        let base = Duration::from_secs(3600);
+        let ttls: Vec<u64> =
+            (1..=6).map(|n| escalated(base, n, &ESCALATION).as_secs() / 3600).collect();
+        assert_eq!(ttls, [1, 2, 4, 8, 8, 8]);
+        assert_eq!(escalated(base, u32::MAX, &ESCALATION).as_secs(), 8 * 3600);
+        let flat = Escalation { factor: 1, ..ESCALATION };
+        assert_eq!(escalated(base, 5, &flat), base);
+    }
+
+    static NOW: AtomicU64 = AtomicU64::new(0);
+    fn now() -> u64 {
+        NOW.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn the_worker_escalates_repeat_offenders_and_forgets_in_lru_order() {
+        let store = Arc::new(Mutex::new(FakeStore::default()));
+        let (bans, worker) = spawn(store.clone(), ESCALATION, now);
+        let ban = |ip: &str| {
+            assert!(bans.ban(BanRequest {
+                client: ip.parse().unwrap(),
+                ttl: Duration::from_secs(3600),
+                reason: "forged_identity".into(),
+            }))
+        };
+        ban("203.0.113.9");
+        ban("203.0.113.9");
+        ban("203.0.113.9");
+        // Two other offenders push .9 out of the 2-entry history: its next ban starts again.
+        ban("203.0.113.10");
+        ban("203.0.113.11");
+        ban("203.0.113.9");
+        ban("::ffff:203.0.113.11");
+        drop(bans);
+        let list = worker.join().unwrap();
+        let ttl_of = |ip: &str| {
+            let target = BanTarget::host(ip.parse().unwrap());
+            list.store().get(&target).unwrap().unwrap().expires_ns / 1_000_000_000 / 3600
+        };
+        assert_eq!(ttl_of("203.0.113.9"), 1, "history forgot it: first offence again");
+        assert_eq!(ttl_of("203.0.113.10"), 1);
+        assert_eq!(ttl_of("203.0.113.11"), 2, "the mapped form is the same offender");
+        assert_eq!(list.list(0).unwrap()[0].reason, "forged_identity");
+    }
+
+    #[test]
+    fn an_old_offence_is_forgotten_after_max_ttl() {
+        let store = Arc::new(Mutex::new(FakeStore::default()));
+        static LATER: AtomicU64 = AtomicU64::new(0);
+        fn later() -> u64 {
+            LATER.load(Ordering::Relaxed)
+        }
+        let (bans, worker) = spawn(store, ESCALATION, later);
+        let request = || BanRequest {
+            client: "198.51.100.77".parse().unwrap(),
+            ttl: Duration::from_secs(3600),
+            reason: String::new(),
+        };
+        bans.ban(request());
+        // Let the worker take the first request before the clock jumps.
+        std::thread::sleep(Duration::from_millis(100));
+        LATER.store(9 * 3600 * 1_000_000_000, Ordering::Relaxed);
+        bans.ban(request());
+        drop(bans);
+        let list = worker.join().unwrap();
+        let target = BanTarget::host("198.51.100.77".parse().unwrap());
+        let value = list.store().get(&target).unwrap().unwrap();
+        assert_eq!(value.expires_ns, 10 * 3600 * 1_000_000_000, "a one-hour ban from the new now");
+    }
+}

@@ -1,0 +1,431 @@
+//! The transparent SMTP proxy: listeners, one task per session, the upstream connection with a
+//! PROXY header, and the relay that takes over after a pass verdict.
+//!
+//! A session: admit (global and per-address limits, else 421), connect to the MTA and send the
+//! PROXY header (unreachable: 421 4.3.0, no ban), relay the MTA's greeting, then read client
+//! lines through [`session::Session`] until the verdict. Pass: the HELO line and anything
+//! pipelined after it go to the MTA and [`relay`] splices the rest. Reject/ban: the MTA gets
+//! QUIT, the proxy answers the client to the end, and a ban is queued when the session closes
+//! (earlier, XDP would drop the client's ACKs of our own 553s). One log line per session.
+
+pub mod header;
+pub mod relay;
+pub mod session;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use self::session::{Session, Step};
+use crate::blocklist::worker::{BanRequest, BanSender};
+use crate::config::{ListenerConfig, ProxyConfig};
+use crate::rules::{Action, RuleSet};
+use crate::smtp::reply::{ReplyScan, greeting_host, scan_reply};
+use crate::smtp::{LineScan, MAX_COMMAND_LINE, reply, scan_line};
+
+const READ_CHUNK: usize = 4096;
+
+/// What every session shares.
+pub struct Shared {
+    pub config: ProxyConfig,
+    pub rules: Arc<RuleSet>,
+    pub reject_message: String,
+    /// Where bans go; `None` runs the proxy without banning (rejections only).
+    pub bans: Option<BanSender>,
+    sessions: Arc<Semaphore>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Shared {
+    pub fn new(
+        config: ProxyConfig,
+        rules: Arc<RuleSet>,
+        reject_message: String,
+        bans: Option<BanSender>,
+    ) -> Arc<Self> {
+        let sessions = Arc::new(Semaphore::new(config.max_sessions));
+        Arc::new(Shared {
+            config,
+            rules,
+            reject_message,
+            bans,
+            sessions,
+            per_ip: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admission> {
+        let permit = self.sessions.clone().try_acquire_owned().ok()?;
+        let mut per_ip = self.per_ip.lock().expect("per-ip lock");
+        let count = per_ip.entry(ip).or_insert(0);
+        if *count >= self.config.max_sessions_per_ip {
+            return None;
+        }
+        *count += 1;
+        Some(Admission { shared: self.clone(), ip, _permit: permit })
+    }
+}
+
+/// A session's place in the limits, given back when dropped.
+struct Admission {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut per_ip = self.shared.per_ip.lock().expect("per-ip lock");
+        if let Some(count) = per_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A bound listener and whether it checks HELO.
+pub struct Bound {
+    pub listener: TcpListener,
+    pub check_helo: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address}: {source}")]
+pub struct BindError {
+    pub address: SocketAddr,
+    pub source: io::Error,
+}
+
+/// Binds every listener. IPv6 sockets are v6-only, so `0.0.0.0:25` and `[::]:25` coexist.
+pub fn bind(listeners: &[ListenerConfig]) -> Result<Vec<Bound>, BindError> {
+    listeners
+        .iter()
+        .map(|l| {
+            let err = |source| BindError { address: l.address, source };
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(l.address),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )
+            .map_err(err)?;
+            socket.set_reuse_address(true).map_err(err)?;
+            if l.address.is_ipv6() {
+                socket.set_only_v6(true).map_err(err)?;
+            }
+            socket.set_nonblocking(true).map_err(err)?;
+            socket.bind(&l.address.into()).map_err(err)?;
+            socket.listen(1024).map_err(err)?;
+            let listener = TcpListener::from_std(socket.into()).map_err(err)?;
+            Ok(Bound { listener, check_helo: l.check_helo })
+        })
+        .collect()
+}
+
+/// Accepts on every listener until `shutdown` completes. A failing session is logged, never
+/// fatal.
+pub async fn serve(listeners: Vec<Bound>, shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for bound in listeners {
+        let shared = shared.clone();
+        tasks.spawn(async move {
+            loop {
+                match bound.listener.accept().await {
+                    Ok((stream, peer)) => {
+                        let shared = shared.clone();
+                        tokio::spawn(handle(shared, stream, peer, bound.check_helo));
+                    }
+                    Err(error) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+    }
+    shutdown.await;
+    tasks.shutdown().await;
+}
+
+/// How a session ended, for its log line.
+#[derive(Default)]
+struct Outcome {
+    helo: Option<String>,
+    verdict: Option<crate::rules::Verdict>,
+    up: u64,
+    down: u64,
+    spliced: bool,
+    end: &'static str,
+    error: Option<String>,
+}
+
+async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, check_helo: bool) {
+    let ip = crate::addr::canonical(peer.ip());
+    let started = Instant::now();
+    let Some(_admission) = shared.admit(ip) else {
+        let _ = client.write_all(&reply::line(421, "4.7.0", "Error: too many connections")).await;
+        tracing::warn!(client = %ip, "session refused: connection limit");
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let outcome = run_session(&shared, client, peer, check_helo).await;
+    let verdict = outcome.verdict.as_ref();
+    let action = verdict.map_or("none", |v| match v.action {
+        Action::Pass => "pass",
+        Action::Reject => "reject",
+        Action::Ban => "ban",
+    });
+    tracing::info!(
+        client = %ip,
+        helo = outcome.helo.as_deref().unwrap_or(""),
+        verdict = action,
+        rule = verdict.map_or("", |v| v.rule),
+        reason = verdict.map_or("", |v| v.reason.as_str()),
+        ttl = verdict.and_then(|v| v.ttl).map(crate::duration::format).unwrap_or_default(),
+        bytes_in = outcome.up,
+        bytes_out = outcome.down,
+        spliced = outcome.spliced,
+        ms = started.elapsed().as_millis() as u64,
+        end = outcome.end,
+        error = outcome.error.as_deref().unwrap_or(""),
+        "session"
+    );
+    if let (Some(verdict), Some(bans)) = (verdict, &shared.bans)
+        && verdict.action == Action::Ban
+    {
+        bans.ban(BanRequest {
+            client: ip,
+            ttl: verdict.ttl.unwrap_or(Duration::from_secs(3600)),
+            reason: format!("{}: {}", verdict.rule, outcome.helo.as_deref().unwrap_or("")),
+        });
+    }
+}
+
+async fn run_session(
+    shared: &Shared,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    check_helo: bool,
+) -> Outcome {
+    let config = &shared.config;
+    let mut outcome = Outcome::default();
+    let unavailable =
+        reply::line(421, "4.3.0", "Error: service temporarily unavailable, try again later");
+
+    // The MTA: connect, PROXY header, greeting.
+    let upstream =
+        tokio::time::timeout(config.upstream_timeout, TcpStream::connect(config.upstream)).await;
+    let mut upstream = match upstream {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            return fail(&mut client, &unavailable, outcome, "upstream_unreachable", e.to_string())
+                .await;
+        }
+        Err(_) => {
+            return fail(
+                &mut client,
+                &unavailable,
+                outcome,
+                "upstream_unreachable",
+                "connect timed out".into(),
+            )
+            .await;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let local = client.local_addr().unwrap_or(peer);
+    let header = header::encode(config.proxy_protocol, peer, local);
+    if let Err(e) = upstream.write_all(&header).await {
+        return fail(&mut client, &unavailable, outcome, "upstream_error", e.to_string()).await;
+    }
+    let greeting = match read_reply(&mut upstream, config.upstream_timeout).await {
+        Ok(greeting) => greeting,
+        Err(e) => {
+            return fail(&mut client, &unavailable, outcome, "upstream_error", e.to_string()).await;
+        }
+    };
+    if client.write_all(&greeting.bytes).await.is_err() {
+        outcome.end = "client_gone";
+        return outcome;
+    }
+    outcome.down += greeting.bytes.len() as u64;
+    if greeting.code != 220 {
+        outcome.end = "upstream_refused";
+        return outcome;
+    }
+
+    // Client commands up to the verdict, and after a rejection.
+    let host = greeting_host(&greeting.bytes).unwrap_or_else(|| "localhost".into());
+    let mut session = Session::new(
+        &shared.rules,
+        crate::addr::canonical(peer.ip()),
+        !check_helo,
+        &shared.reject_message,
+        host,
+    );
+    let mut upstream = Some(upstream);
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let helo_deadline = tokio::time::Instant::now() + config.helo_timeout;
+    loop {
+        // Every complete line in the buffer, in order (PIPELINING).
+        loop {
+            let (len, content) = match scan_line(&buf, MAX_COMMAND_LINE) {
+                LineScan::Line { len, content } => (len, content),
+                LineScan::NeedMore => break,
+                LineScan::TooLong => {
+                    let _ =
+                        client.write_all(&reply::line(500, "5.5.2", "Error: line too long")).await;
+                    return finish(outcome, &session, "line_too_long");
+                }
+            };
+            outcome.up += len as u64;
+            let step = session.on_line(&buf[..content]);
+            match step {
+                Step::Reply(answer) => {
+                    buf.drain(..len);
+                    if client.write_all(&answer).await.is_err() {
+                        return finish(outcome, &session, "client_gone");
+                    }
+                    outcome.down += answer.len() as u64;
+                }
+                Step::Close(answer) => {
+                    let _ = client.write_all(&answer).await;
+                    outcome.down += answer.len() as u64;
+                    return finish(outcome, &session, "closed");
+                }
+                Step::Reject(answer) => {
+                    buf.drain(..len);
+                    if let Some(mut mta) = upstream.take() {
+                        // The MTA's part ends here; its 221 is not awaited.
+                        let _ = mta.write_all(b"QUIT\r\n").await;
+                    }
+                    if client.write_all(&answer).await.is_err() {
+                        return finish(outcome, &session, "client_gone");
+                    }
+                    outcome.down += answer.len() as u64;
+                }
+                Step::Pass => {
+                    let Some(mut mta) = upstream.take() else {
+                        return finish(outcome, &session, "internal_error");
+                    };
+                    // The HELO line and everything pipelined after it: the only bytes of the
+                    // relayed session that pass through user space.
+                    outcome.up += (buf.len() - len) as u64;
+                    if let Err(e) = mta.write_all(&buf).await {
+                        let _ = client.write_all(&unavailable).await;
+                        outcome.error = Some(e.to_string());
+                        return finish(outcome, &session, "upstream_error");
+                    }
+                    buf.clear();
+                    let mut outcome = finish(outcome, &session, "relayed");
+                    match relay::relay(client, mta, config.idle_timeout).await {
+                        Ok(relayed) => {
+                            outcome.up += relayed.up;
+                            outcome.down += relayed.down;
+                            outcome.spliced = relayed.spliced;
+                        }
+                        Err(e) => {
+                            outcome.end = "relay_error";
+                            outcome.error = Some(e.to_string());
+                        }
+                    }
+                    return outcome;
+                }
+            }
+        }
+        // Read more: by the HELO deadline before a verdict, within the idle time after one.
+        let deadline = if session.verdict().is_none() {
+            helo_deadline
+        } else {
+            tokio::time::Instant::now() + config.idle_timeout
+        };
+        let mut chunk = [0u8; READ_CHUNK];
+        match tokio::time::timeout_at(deadline, client.read(&mut chunk)).await {
+            Ok(Ok(0)) => return finish(outcome, &session, "client_closed"),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => {
+                outcome.error = Some(e.to_string());
+                return finish(outcome, &session, "client_error");
+            }
+            Err(_) => {
+                let _ =
+                    client.write_all(&reply::line(421, "4.4.2", "Error: timeout exceeded")).await;
+                return finish(outcome, &session, "timeout");
+            }
+        }
+    }
+}
+
+fn finish(mut outcome: Outcome, session: &Session<'_>, end: &'static str) -> Outcome {
+    outcome.helo = session.helo().map(str::to_owned);
+    outcome.verdict = session.verdict().cloned();
+    outcome.end = end;
+    outcome
+}
+
+async fn fail(
+    client: &mut TcpStream,
+    answer: &[u8],
+    mut outcome: Outcome,
+    end: &'static str,
+    error: String,
+) -> Outcome {
+    let _ = client.write_all(answer).await;
+    outcome.down += answer.len() as u64;
+    outcome.end = end;
+    outcome.error = Some(error);
+    outcome
+}
+
+struct Greeting {
+    bytes: Vec<u8>,
+    code: u16,
+}
+
+/// Reads one complete reply (the greeting) within `limit`.
+async fn read_reply(upstream: &mut TcpStream, limit: Duration) -> io::Result<Greeting> {
+    let read = async {
+        let mut buf = Vec::new();
+        loop {
+            match scan_reply(&buf, MAX_COMMAND_LINE) {
+                ReplyScan::Complete { len, code } => {
+                    if len != buf.len() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "MTA spoke before it was asked",
+                        ));
+                    }
+                    return Ok(Greeting { bytes: buf, code });
+                }
+                ReplyScan::Malformed => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "MTA greeting is not an SMTP reply",
+                    ));
+                }
+                ReplyScan::NeedMore => {}
+            }
+            let mut chunk = [0u8; READ_CHUNK];
+            let n = upstream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "MTA closed before its greeting",
+                ));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(limit, read)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no greeting from the MTA in time"))?
+}

@@ -1,0 +1,171 @@
+//! Sans-IO SMTP: finding command lines in a byte buffer, parsing commands, and writing replies.
+//! No tokio here: the proxy feeds bytes in and writes what comes out, and tests split input at
+//! every byte.
+//!
+//! The proxy parses only what it must: client commands up to HELO/EHLO, and, in a rejected
+//! session, the commands it answers itself (never message content: DATA and BDAT are refused
+//! there, so no body is ever interpreted). After a pass verdict bytes are relayed untouched.
+
+pub mod reply;
+
+/// RFC 5321 4.5.3.1.4 allows 512 octets per command line; extensions (long EHLO arguments,
+/// MAIL parameters) push real clients past it, so we take up to 1000 (the text line limit)
+/// before answering 500.
+pub const MAX_COMMAND_LINE: usize = 1000;
+
+/// The result of looking for one line at the start of a buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LineScan {
+    /// A line of `len` bytes including its terminator (CRLF, or a bare LF as Postfix accepts);
+    /// `content` bytes before the terminator.
+    Line { len: usize, content: usize },
+    /// No terminator yet: read more.
+    NeedMore,
+    /// More than `max` bytes without a terminator.
+    TooLong,
+}
+
+/// Finds the first line in `buf`.
+pub fn scan_line(buf: &[u8], max: usize) -> LineScan {
+    match buf.iter().take(max).position(|b| *b == b'\n') {
+        Some(lf) => {
+            let content = if lf > 0 && buf[lf - 1] == b'\r' { lf - 1 } else { lf };
+            LineScan::Line { len: lf + 1, content }
+        }
+        None if buf.len() >= max => LineScan::TooLong,
+        None => LineScan::NeedMore,
+    }
+}
+
+/// A client command, as far as the proxy cares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Helo(String),
+    Ehlo(String),
+    Mail,
+    Rcpt,
+    Data,
+    Bdat,
+    Rset,
+    Noop,
+    Quit,
+    StartTls,
+    Auth,
+    Vrfy,
+    Help,
+    /// Any other verb (upper-cased), or an empty line.
+    Other(String),
+}
+
+impl Command {
+    /// Parses one command line (without its terminator). Verbs are case-insensitive; the HELO
+    /// argument is what follows the verb and its spaces, lossily decoded (invalid UTF-8 becomes
+    /// U+FFFD, which the rules then see as a character no host name has).
+    pub fn parse(line: &[u8]) -> Command {
+        let verb_end = line.iter().position(|b| *b == b' ' || *b == b'\t').unwrap_or(line.len());
+        let verb = String::from_utf8_lossy(&line[..verb_end]).to_ascii_uppercase();
+        let argument = || {
+            let rest = &line[verb_end..];
+            let start = rest.iter().position(|b| *b != b' ' && *b != b'\t').unwrap_or(rest.len());
+            String::from_utf8_lossy(&rest[start..]).trim_end().to_owned()
+        };
+        match verb.as_str() {
+            "HELO" => Command::Helo(argument()),
+            "EHLO" => Command::Ehlo(argument()),
+            "MAIL" => Command::Mail,
+            "RCPT" => Command::Rcpt,
+            "DATA" => Command::Data,
+            "BDAT" => Command::Bdat,
+            "RSET" => Command::Rset,
+            "NOOP" => Command::Noop,
+            "QUIT" => Command::Quit,
+            "STARTTLS" => Command::StartTls,
+            "AUTH" => Command::Auth,
+            "VRFY" | "EXPN" => Command::Vrfy,
+            "HELP" => Command::Help,
+            _ => Command::Other(verb),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` split at `split`, and collects the lines a reader would see.
+    fn lines_split_at(input: &[u8], split: usize) -> (Vec<Vec<u8>>, Vec<u8>) {
+        let mut buf = Vec::new();
+        let mut lines = Vec::new();
+        for chunk in [&input[..split], &input[split..]] {
+            buf.extend_from_slice(chunk);
+            while let LineScan::Line { len, content } = scan_line(&buf, MAX_COMMAND_LINE) {
+                lines.push(buf[..content].to_vec());
+                buf.drain(..len);
+            }
+        }
+        (lines, buf)
+    }
+
+    #[test]
+    fn lines_are_the_same_whatever_the_split_point() {
+        let input = b"EHLO a.example\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\nDATA\r\npartial";
+        let expected: Vec<Vec<u8>> = vec![
+            b"EHLO a.example".to_vec(),
+            b"MAIL FROM:<a@b>".to_vec(),
+            b"RCPT TO:<c@d>".to_vec(),
+            b"DATA".to_vec(),
+        ];
+        for split in 0..=input.len() {
+            let (lines, rest) = lines_split_at(input, split);
+            assert_eq!(lines, expected, "split at {split}");
+            assert_eq!(rest, b"partial", "split at {split}");
+        }
+    }
+
+    #[test]
+    fn smuggling_shapes_are_not_lines_of_their_own() {
+        // A bare CR is content, not a terminator; `\n.\r\n` is a bare-LF line then ".".
+        assert_eq!(scan_line(b"NOOP\rQUIT\r\n", 100), LineScan::Line { len: 11, content: 9 });
+        assert_eq!(scan_line(b"\r.\r\n", 100), LineScan::Line { len: 4, content: 2 });
+        assert_eq!(scan_line(b"\n.\r\n", 100), LineScan::Line { len: 1, content: 0 });
+        assert_eq!(scan_line(b"\r\n", 100), LineScan::Line { len: 2, content: 0 });
+        assert_eq!(scan_line(b"\r", 100), LineScan::NeedMore);
+    }
+
+    #[test]
+    fn over_long_lines_are_refused_at_the_limit() {
+        let long = vec![b'a'; MAX_COMMAND_LINE];
+        assert_eq!(scan_line(&long, MAX_COMMAND_LINE), LineScan::TooLong);
+        assert_eq!(scan_line(&long[..MAX_COMMAND_LINE - 1], MAX_COMMAND_LINE), LineScan::NeedMore);
+        let mut fits = vec![b'a'; MAX_COMMAND_LINE - 2];
+        fits.extend_from_slice(b"\r\n");
+        assert_eq!(
+            scan_line(&fits, MAX_COMMAND_LINE),
+            LineScan::Line { len: MAX_COMMAND_LINE, content: MAX_COMMAND_LINE - 2 }
+        );
+        let mut past = vec![b'a'; MAX_COMMAND_LINE];
+        past.extend_from_slice(b"\r\n");
+        assert_eq!(scan_line(&past, MAX_COMMAND_LINE), LineScan::TooLong);
+    }
+
+    #[test]
+    fn commands_parse_case_insensitively() {
+        assert_eq!(
+            Command::parse(b"EHLO mail.example.com"),
+            Command::Ehlo("mail.example.com".into())
+        );
+        assert_eq!(
+            Command::parse(b"helo   Mail.Example.com  "),
+            Command::Helo("Mail.Example.com".into())
+        );
+        assert_eq!(Command::parse(b"HeLo\t[192.0.2.1]"), Command::Helo("[192.0.2.1]".into()));
+        assert_eq!(Command::parse(b"HELO"), Command::Helo(String::new()));
+        assert_eq!(Command::parse(b"mail FROM:<a@b>"), Command::Mail);
+        assert_eq!(Command::parse(b"RCPT TO:<x@y>"), Command::Rcpt);
+        assert_eq!(Command::parse(b"StartTLS"), Command::StartTls);
+        assert_eq!(Command::parse(b"EXPN list"), Command::Vrfy);
+        assert_eq!(Command::parse(b""), Command::Other(String::new()));
+        assert_eq!(Command::parse(b"GET / HTTP/1.1"), Command::Other("GET".into()));
+        assert_eq!(Command::parse(b"HELO bad\xffname"), Command::Helo("bad\u{fffd}name".into()));
+    }
+}

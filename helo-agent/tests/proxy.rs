@@ -1,0 +1,424 @@
+//! The proxy against a scripted MTA on loopback, no root: whole transcripts on both sides, the
+//! PROXY header the MTA receives, bytes relayed unchanged, and the bans that reach the store.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use helo_agent::blocklist::BanStore;
+use helo_agent::blocklist::fake::FakeStore;
+use helo_agent::blocklist::worker::{self, Escalation};
+use helo_agent::config::{Config, HostFacts, ListenerConfig};
+use helo_agent::proxy::{self, Shared};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+/// A scripted MTA: greets, answers each command, takes DATA to the final dot, and records every
+/// byte it received (PROXY header included).
+struct Mta {
+    addr: SocketAddr,
+    received: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Mta {
+    async fn start() -> Mta {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let record = received.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(mta_session(stream, record.clone()));
+            }
+        });
+        Mta { addr, received }
+    }
+
+    fn received(&self) -> Vec<u8> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+async fn mta_session(mut stream: TcpStream, record: Arc<Mutex<Vec<u8>>>) {
+    stream.write_all(b"220 mta.test ESMTP scripted\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let mut in_data = false;
+    let mut chunk = [0u8; 65536];
+    loop {
+        let n = match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        record.lock().unwrap().extend_from_slice(&chunk[..n]);
+        buf.extend_from_slice(&chunk[..n]);
+        // Skip a PROXY v2 header at the very start.
+        if buf.starts_with(&proxy::header::V2_SIGNATURE) && buf.len() >= 16 {
+            let len = u16::from_be_bytes([buf[14], buf[15]]) as usize;
+            if buf.len() < 16 + len {
+                continue;
+            }
+            buf.drain(..16 + len);
+        }
+        loop {
+            if in_data {
+                let Some(end) = buf.windows(5).position(|w| w == b"\r\n.\r\n") else { break };
+                buf.drain(..end + 5);
+                in_data = false;
+                stream.write_all(b"250 2.0.0 Ok: queued\r\n").await.unwrap();
+                continue;
+            }
+            let Some(lf) = buf.iter().position(|b| *b == b'\n') else { break };
+            let line: Vec<u8> = buf.drain(..=lf).collect();
+            let verb = String::from_utf8_lossy(&line[..line.len().min(4)]).to_ascii_uppercase();
+            let answer: &[u8] = match verb.as_str() {
+                "EHLO" => b"250-mta.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+                "HELO" => b"250 mta.test\r\n",
+                "DATA" => {
+                    in_data = true;
+                    b"354 End data with <CR><LF>.<CR><LF>\r\n"
+                }
+                "QUIT" => {
+                    let _ = stream.write_all(b"221 2.0.0 Bye\r\n").await;
+                    return;
+                }
+                _ => b"250 2.0.0 Ok\r\n",
+            };
+            stream.write_all(answer).await.unwrap();
+        }
+    }
+}
+
+struct Agent {
+    addr: SocketAddr,
+    submission: SocketAddr,
+    store: Arc<Mutex<FakeStore>>,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Agent {
+    async fn start(mta: SocketAddr, extra: &str) -> Agent {
+        let text = format!(
+            "[identity]\ndetect = false\ndomains = [\"example.com\"]\naddresses = [\"192.0.2.25\"]\n\
+             [allowlist]\nnetworks = []\n{extra}"
+        );
+        let mut config =
+            Config::parse(&text, Path::new("test.toml"), &HostFacts::default()).unwrap();
+        config.proxy.upstream = mta;
+        config.proxy.listeners = vec![
+            ListenerConfig { address: "127.0.0.1:0".parse().unwrap(), check_helo: true },
+            ListenerConfig { address: "127.0.0.1:0".parse().unwrap(), check_helo: false },
+        ];
+        let store = Arc::new(Mutex::new(FakeStore::default()));
+        let escalation =
+            Escalation { factor: 2, max_ttl: Duration::from_secs(86_400), history: 100 };
+        let (bans, _worker) = worker::spawn(store.clone(), escalation, helo_agent::clock::boot_ns);
+        let bound = proxy::bind(&config.proxy.listeners).unwrap();
+        let addr = bound[0].listener.local_addr().unwrap();
+        let submission = bound[1].listener.local_addr().unwrap();
+        let shared = Shared::new(
+            config.proxy.clone(),
+            config.rules.clone(),
+            config.reject_message.clone(),
+            Some(bans),
+        );
+        let (stop, stopped) = oneshot::channel();
+        let done = tokio::spawn(proxy::serve(bound, shared, async {
+            let _ = stopped.await;
+        }));
+        Agent { addr, submission, store, stop: Some(stop), done }
+    }
+
+    fn banned(&self) -> Vec<String> {
+        self.store.entries().unwrap().iter().map(|(t, _)| t.to_string()).collect()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.done.await.unwrap();
+    }
+}
+
+/// Sends `lines` one at a time, reading one reply after each; returns the whole transcript.
+async fn converse(addr: SocketAddr, lines: &[&str]) -> Vec<String> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut transcript = vec![read_reply(&mut stream).await];
+    for line in lines {
+        stream.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
+        transcript.push(read_reply(&mut stream).await);
+    }
+    transcript
+}
+
+/// One complete SMTP reply (multi-line joined), or "" at end of stream.
+async fn read_reply(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .expect("reply in time")
+        {
+            Ok(0) | Err(_) => return String::from_utf8_lossy(&out).into_owned(),
+            Ok(_) => out.push(byte[0]),
+        }
+        if out.ends_with(b"\n") {
+            let last = out[..out.len() - 1].rsplit(|b| *b == b'\n').next().unwrap_or(&[]);
+            if last.len() >= 4 && last[3] == b' ' || last.len() == 4 {
+                return String::from_utf8_lossy(&out).into_owned();
+            }
+        }
+    }
+}
+
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    for _ in 0..100 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+#[tokio::test]
+async fn a_good_helo_is_relayed_byte_for_byte_with_a_proxy_header() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let mut client = TcpStream::connect(agent.addr).await.unwrap();
+    let client_addr = client.local_addr().unwrap();
+    assert_eq!(
+        read_reply(&mut client).await,
+        "220 mta.test ESMTP scripted\r\n",
+        "the MTA's own greeting"
+    );
+    // 8-bit, bare LF, a lone CR and a dot-stuffed line in the body: none of it is the proxy's.
+    let body = "Subject: t\r\n\r\ncaf\u{e9} \u{1f600}\r\nbare\nlf\r\nlone\rcr\r\n..dot\r\n.\r\n";
+    let session = "EHLO mail.sender.example\r\nMAIL FROM:<a@sender.example>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n";
+    client.write_all(session.as_bytes()).await.unwrap();
+    let mut replies = Vec::new();
+    for _ in 0..4 {
+        replies.push(read_reply(&mut client).await);
+    }
+    assert_eq!(replies[0], "250-mta.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n");
+    assert_eq!(replies[3], "354 End data with <CR><LF>.<CR><LF>\r\n");
+    client.write_all(body.as_bytes()).await.unwrap();
+    assert_eq!(read_reply(&mut client).await, "250 2.0.0 Ok: queued\r\n");
+    client.write_all(b"QUIT\r\n").await.unwrap();
+    assert_eq!(read_reply(&mut client).await, "221 2.0.0 Bye\r\n");
+
+    let received = mta.received();
+    let expected_header =
+        proxy::header::encode(proxy::header::ProxyProtocol::V2, client_addr, agent.addr);
+    assert_eq!(
+        &received[..expected_header.len()],
+        &expected_header[..],
+        "PROXY v2 names the real client"
+    );
+    let after = &received[expected_header.len()..];
+    assert_eq!(
+        after,
+        format!("{session}{body}QUIT\r\n").as_bytes(),
+        "the MTA gets exactly what the client sent"
+    );
+    assert!(agent.banned().is_empty());
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_forged_helo_gets_553_at_rcpt_and_the_client_is_banned_when_it_leaves() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let transcript = converse(
+        agent.addr,
+        &[
+            "EHLO mx.example.com",
+            "MAIL FROM:<bot@spam.example>",
+            "RCPT TO:<user@example.com>",
+            "DATA",
+            "QUIT",
+        ],
+    )
+    .await;
+    assert_eq!(
+        transcript,
+        [
+            "220 mta.test ESMTP scripted\r\n",
+            "250-mta.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+            "250 2.1.0 Ok\r\n",
+            "553 5.7.1 sorry, your HELO host name has been denied\r\n",
+            "554 5.5.1 Error: no valid recipients\r\n",
+            "221 2.0.0 Bye\r\n",
+        ]
+    );
+    let received = mta.received();
+    let header_len = 16 + 12;
+    assert_eq!(
+        &received[header_len..],
+        b"QUIT\r\n",
+        "the MTA saw the header and a QUIT, nothing else"
+    );
+    eventually("the ban reaches the store", || agent.banned() == ["127.0.0.1"]).await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_bare_ip_helo_is_banned_and_a_plain_reject_is_not() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let t = converse(agent.addr, &["HELO exchange01", "RCPT TO:<a@example.com>", "QUIT"]).await;
+    assert_eq!(t[2], "553 5.7.1 sorry, your HELO host name has been denied\r\n");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(agent.banned().is_empty(), "no_dot rejects, it does not ban");
+    let t = converse(agent.addr, &["HELO 127.0.0.1", "RCPT TO:<a@example.com>", "QUIT"]).await;
+    assert_eq!(t[1], "250 mta.test\r\n");
+    assert_eq!(t[2], "553 5.7.1 sorry, your HELO host name has been denied\r\n");
+    eventually("the bare-IP ban", || agent.banned() == ["127.0.0.1"]).await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn reject_at_helo_mode_refuses_the_helo_itself() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "[reject]\nat = \"helo\"\nmessage = \"go away\"").await;
+    let t = converse(
+        agent.addr,
+        &["HELO localhost", "HELO mail.sender.example", "MAIL FROM:<a@b>", "QUIT"],
+    )
+    .await;
+    assert_eq!(
+        &t[1..],
+        [
+            "553 5.7.1 go away\r\n",
+            "553 5.7.1 go away\r\n",
+            "503 5.5.1 Error: send HELO/EHLO first\r\n",
+            "221 2.0.0 Bye\r\n"
+        ]
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn pipelined_commands_after_a_good_helo_reach_the_mta_in_one_piece() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let mut client = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut client).await;
+    let burst =
+        "EHLO mail.sender.example\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@example.com>\r\nNOOP\r\n";
+    client.write_all(burst.as_bytes()).await.unwrap();
+    let replies = [
+        read_reply(&mut client).await,
+        read_reply(&mut client).await,
+        read_reply(&mut client).await,
+        read_reply(&mut client).await,
+    ];
+    assert_eq!(replies[1..], ["250 2.0.0 Ok\r\n", "250 2.0.0 Ok\r\n", "250 2.0.0 Ok\r\n"]);
+    assert!(mta.received().ends_with(burst.as_bytes()));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn pipelined_commands_after_a_bad_helo_are_all_answered_by_the_proxy() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let mut client = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut client).await;
+    client
+        .write_all(b"HELO localhost\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@example.com>\r\nQUIT\r\n")
+        .await
+        .unwrap();
+    let mut all = String::new();
+    client.read_to_string(&mut all).await.unwrap();
+    assert_eq!(
+        all,
+        "250 mta.test\r\n250 2.1.0 Ok\r\n553 5.7.1 sorry, your HELO host name has been denied\r\n221 2.0.0 Bye\r\n"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn the_submission_listener_does_not_judge_helo() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let t =
+        converse(agent.submission, &["HELO localhost", "RCPT TO:<a@example.com>", "QUIT"]).await;
+    assert_eq!(
+        &t[1..],
+        ["250 mta.test\r\n", "250 2.0.0 Ok\r\n", "221 2.0.0 Bye\r\n"],
+        "all answers are the MTA's"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(agent.banned().is_empty());
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_down_gets_421_and_no_ban() {
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    let agent = Agent::start(dead, "").await;
+    let t = converse(agent.addr, &[]).await;
+    assert_eq!(t, ["421 4.3.0 Error: service temporarily unavailable, try again later\r\n"]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(agent.banned().is_empty());
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn an_over_long_line_gets_500_and_a_close() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let mut client = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut client).await;
+    // 1 MB without a line end; the proxy answers at its line limit and closes.
+    let junk = vec![b'A'; 1 << 20];
+    let _ = client.write_all(&junk).await;
+    let mut all = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut all))
+        .await
+        .expect("closed in time");
+    assert!(
+        all.starts_with(b"500 5.5.2 Error: line too long\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&all)
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn commands_before_helo_are_answered_and_a_silent_client_times_out() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "[proxy]\nhelo_timeout = \"1s\"").await;
+    let t = converse(agent.addr, &["MAIL FROM:<a@b>", "NOOP"]).await;
+    assert_eq!(&t[1..], ["503 5.5.1 Error: send HELO/EHLO first\r\n", "250 2.0.0 Ok\r\n"]);
+    let mut client = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut client).await;
+    client.write_all(b"EHLO half-sent").await.unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(read_reply(&mut client).await, "421 4.4.2 Error: timeout exceeded\r\n");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn per_address_session_limit_holds() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "[proxy]\nmax_sessions_per_ip = 2").await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(agent.addr).await.unwrap();
+        assert!(read_reply(&mut c).await.starts_with("220 "));
+        held.push(c);
+    }
+    let mut third = TcpStream::connect(agent.addr).await.unwrap();
+    assert_eq!(read_reply(&mut third).await, "421 4.7.0 Error: too many connections\r\n");
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = converse(agent.addr, &["QUIT"]).await;
+    assert!(t[0].starts_with("220 "), "a slot frees when a session ends");
+    agent.stop().await;
+}
