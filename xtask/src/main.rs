@@ -15,10 +15,12 @@ const APT_PACKAGES: &[&str] = &[
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
-    // The root suites: ip, nsenter, mount.
+    // The root suites: ip, nsenter, mount; a real MTA and a real client.
     "iproute2",
     "util-linux",
     "mount",
+    "postfix",
+    "swaks",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -1,0 +1,483 @@
+//! End to end with real parts: a private Postfix in a gateway namespace taking PROXY v2 on
+//! 127.0.0.1:10025 and delivering the test domain to a pipe that keeps each message, the agent
+//! in front of it on port 25 with XDP on the gateway's veth, and swaks (and raw sockets) in a
+//! client namespace.
+//!
+//! One testbed for the whole file: a Postfix instance is slow to start and its config directory
+//! must be listed in the system's main.cf, so the scenarios run in order inside two tests that
+//! share nothing but the code.
+
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tests::netns::{Netns, veth};
+use tests::{AgentProcess, PinDir, agent_cli, require_root, run};
+
+const GW: &str = "198.51.100.1";
+const GW_NAME: &str = "mx.gw.test";
+const UPSTREAM: &str = "127.0.0.1:10025";
+const DOMAIN: &str = "e2e.test";
+
+/// A private Postfix instance, stopped and removed when dropped.
+struct Postfix {
+    dir: PathBuf,
+    ns_path: String,
+}
+
+impl Postfix {
+    fn start(ns: &Netns, name: &str) -> Postfix {
+        assert!(INSTANCES.contains(&name), "add {name} to INSTANCES");
+        let dir = PathBuf::from("/var/tmp/helo-filter-e2e").join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["queue", "data", "out"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        run(Command::new("chown").args(["postfix:postfix"]).arg(dir.join("data")));
+        run(Command::new("chmod").args(["1777"]).arg(dir.join("out")));
+        allow_config_directories();
+        let capture = dir.join("capture.sh");
+        std::fs::write(
+            &capture,
+            // Named by arrival (fixed-width nanoseconds), so sorting names sorts deliveries.
+            format!(
+                "#!/bin/sh\nout={}/$(date +%s%N)-$1\ncat > \"$out.tmp\" && mv \"$out.tmp\" \"$out\"\n",
+                dir.join("out").display()
+            ),
+        )
+        .unwrap();
+        run(Command::new("chmod").arg("755").arg(&capture));
+        let d = dir.display();
+        std::fs::write(
+            dir.join("main.cf"),
+            format!(
+                "compatibility_level = 3.6\nqueue_directory = {d}/queue\ndata_directory = {d}/data\n\
+                 maillog_file = {d}/postfix.log\nmyhostname = {GW_NAME}\nmydomain = gw.test\n\
+                 mydestination =\nrelay_domains = {DOMAIN}\ntransport_maps = inline:{{{DOMAIN}=capture:}}\n\
+                 inet_interfaces = all\ninet_protocols = ipv4\nmynetworks = 127.0.0.0/8\n\
+                 smtpd_peername_lookup = no\nsmtp_dns_support_level = disabled\nalias_maps =\n\
+                 alias_database =\nmessage_size_limit = 52428800\nbiff = no\n\
+                 smtpd_banner = $myhostname ESMTP Postfix\n"
+            ),
+        )
+        .unwrap();
+        let system_master = std::fs::read_to_string("/etc/postfix/master.cf").unwrap();
+        let mut master: String = system_master
+            .lines()
+            .filter(|l| !l.starts_with("smtp      inet") && !l.starts_with("smtp inet"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        master.push_str(&format!(
+            "{UPSTREAM} inet n - n - - smtpd\n  -o smtpd_upstream_proxy_protocol=haproxy\n\
+             capture unix - n n - - pipe\n  user=nobody argv={} ${{queue_id}}\n",
+            capture.display()
+        ));
+        std::fs::write(dir.join("master.cf"), master).unwrap();
+        run(Command::new("postconf").arg("-c").arg(&dir).args(["-F", "*/*/chroot = n"]));
+        let ns_path = format!("--net=/var/run/netns/{}", ns.name);
+        run(Command::new("nsenter").arg(&ns_path).args(["postfix", "-c"]).arg(&dir).arg("start"));
+        let postfix = Postfix { dir, ns_path };
+        wait_for("Postfix smtpd on 127.0.0.1:10025", Duration::from_secs(20), || {
+            ns.enter(|| std::net::TcpStream::connect(UPSTREAM).is_ok())
+        });
+        postfix
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("postfix.log")).unwrap_or_default()
+    }
+
+    /// Messages delivered so far, by file name.
+    fn delivered(&self) -> Vec<Vec<u8>> {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(self.dir.join("out"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_none_or(|e| e != "tmp"))
+            .collect();
+        names.sort();
+        names.iter().map(|p| std::fs::read(p).unwrap()).collect()
+    }
+
+    /// Waits for the `n`-th delivery and returns its body (after the first blank line).
+    fn body_of_delivery(&self, n: usize) -> Vec<u8> {
+        wait_for(&format!("delivery #{n}\n{}", self.log()), Duration::from_secs(30), || {
+            self.delivered().len() >= n
+        });
+        let message = self.delivered().remove(n - 1);
+        let start =
+            message.windows(2).position(|w| w == b"\n\n").expect("a header/body separator") + 2;
+        message[start..].to_vec()
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _ = Command::new("nsenter")
+            .arg(&self.ns_path)
+            .args(["postfix", "-c"])
+            .arg(&self.dir)
+            .arg("abort")
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The instances this file starts, one directory each under /var/tmp/helo-filter-e2e.
+const INSTANCES: [&str; 2] = ["main", "helo"];
+
+/// `postfix -c DIR` refuses directories the system main.cf does not list. The tests run in
+/// parallel, so the list is updated once for all of them (a read-modify-write each would race).
+fn allow_config_directories() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let current = run(Command::new("postconf").args(["-h", "alternate_config_directories"]));
+        let mut dirs: Vec<String> =
+            current.split([',', ' ', '\n']).filter(|d| !d.is_empty()).map(str::to_owned).collect();
+        for name in INSTANCES {
+            let dir = format!("/var/tmp/helo-filter-e2e/{name}");
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+        run(Command::new("postconf")
+            .arg("-e")
+            .arg(format!("alternate_config_directories = {}", dirs.join(", "))));
+    });
+}
+
+fn wait_for(what: &str, limit: Duration, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Bed {
+    gateway: Netns,
+    client: Netns,
+    gw_if: String,
+    pin_dir: PinDir,
+    postfix: Postfix,
+    work: PathBuf,
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+fn bed(name: &str, clients: &[&str]) -> Bed {
+    require_root();
+    let gateway = Netns::new("hfpg");
+    let client = Netns::new("hfpc");
+    let (gw_if, cl_if) = veth(&gateway, &client);
+    gateway.ip(&["addr", "add", &format!("{GW}/24"), "dev", &gw_if]);
+    for addr in clients {
+        client.ip(&["addr", "add", &format!("{addr}/24"), "dev", &cl_if]);
+    }
+    let postfix = Postfix::start(&gateway, name);
+    let work = std::env::temp_dir().join(tests::unique("helo-pf-"));
+    std::fs::create_dir_all(&work).unwrap();
+    Bed { gateway, client, gw_if, pin_dir: PinDir::new(), postfix, work }
+}
+
+impl Bed {
+    fn agent(&self, config: &str, extra: &[&str]) -> AgentProcess {
+        let config_path = self.work.join("agent.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut args: Vec<String> = [
+            "--config",
+            config_path.to_str().unwrap(),
+            "--pin-dir",
+            self.pin_dir.path().to_str().unwrap(),
+            "run",
+            "--iface",
+            &self.gw_if,
+            "--xdp-mode",
+            "native",
+            "--upstream",
+            UPSTREAM,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let prefix = self.gateway.exec_prefix();
+        let gateway = self.gateway.name.clone();
+        AgentProcess::start(&prefix.each_ref().map(String::as_str), &args, move || {
+            let ns = format!("/var/run/netns/{gateway}");
+            // Ready when port 25 answers with the MTA's greeting.
+            std::thread::spawn(move || {
+                let file = std::fs::File::open(ns).unwrap();
+                rustix::thread::move_into_link_name_space(
+                    std::os::fd::AsFd::as_fd(&file),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )
+                .unwrap();
+                greeting(&format!("{GW}:25")).is_some()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
+    /// swaks from `src` with `helo`; returns (exit success, transcript).
+    fn swaks(&self, src: &str, helo: &str, port: u16, body: Option<&Path>) -> (bool, String) {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/var/run/netns/{}", self.client.name))
+            .args(["swaks", "--server", GW, "--port", &port.to_string(), "--local-interface", src])
+            .args([
+                "--helo",
+                helo,
+                "--from",
+                "sender@sender.example",
+                "--to",
+                &format!("user@{DOMAIN}"),
+            ])
+            .args(["--timeout", "10"]);
+        if let Some(body) = body {
+            command.arg("--body").arg(format!("@{}", body.display()));
+        }
+        let out = command.output().expect("swaks runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    fn banned(&self) -> String {
+        agent_cli(self.pin_dir.path(), &["list"])
+    }
+
+    fn dropped(&self) -> u64 {
+        let stats: serde_json::Value =
+            serde_json::from_str(&agent_cli(self.pin_dir.path(), &["stats", "--json"])).unwrap();
+        stats["dropped"].as_u64().unwrap()
+    }
+
+    /// A bare TCP connect from `src` to the gateway's port 25 (1 s): `Err(TimedOut)` when dropped.
+    fn connect(&self, src: &str) -> Result<(), std::io::ErrorKind> {
+        let src: IpAddr = src.parse().unwrap();
+        self.client.enter(move || {
+            let dst: SocketAddr = format!("{GW}:25").parse().unwrap();
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            socket.bind(&SocketAddr::new(src, 0).into()).unwrap();
+            socket.connect_timeout(&dst.into(), Duration::from_secs(1)).map_err(|e| e.kind())
+        })
+    }
+}
+
+fn greeting(addr: &str) -> Option<String> {
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(500))
+            .ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut buf = [0u8; 256];
+    let n = stream.read(&mut buf).ok()?;
+    let _ = stream.write_all(b"QUIT\r\n");
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    text.starts_with("220").then_some(text)
+}
+
+/// Compares a delivered body with what swaks sent; on a difference, names the first differing
+/// offset and keeps both under /tmp for a look. swaks ends every body with an empty line of its
+/// own (`swaks --dump-mail` shows the `\r\n\r\n` before the dot, no proxy involved), which the
+/// pipe delivers as `\n\n`: exactly that is expected after the bytes sent.
+fn same_body(got: &[u8], sent: &[u8], what: &str) {
+    let sent = &[sent, b"\n\n"].concat()[..];
+    if got == sent {
+        return;
+    }
+    let at = got.iter().zip(sent).position(|(a, b)| a != b).unwrap_or(got.len().min(sent.len()));
+    let dir = std::env::temp_dir().join(tests::unique("helo-body-diff-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("sent"), sent).unwrap();
+    std::fs::write(dir.join("got"), got).unwrap();
+    let around = |b: &[u8]| {
+        String::from_utf8_lossy(&b[at.saturating_sub(40)..(at + 40).min(b.len())]).into_owned()
+    };
+    panic!(
+        "{what} differs at byte {at} ({} delivered, {} sent; both in {}):\n got: {:?}\nsent: {:?}",
+        got.len(),
+        sent.len(),
+        dir.display(),
+        around(got),
+        around(sent)
+    );
+}
+
+const CONFIG: &str = r#"
+[identity]
+detect = false
+domains = ["=mx.gw.test", "=gw.test"]
+addresses = ["198.51.100.1"]
+[allowlist]
+networks = ["198.51.100.128/25"]
+[bans]
+default_ttl = "4s"
+escalation_factor = 1
+"#;
+
+/// Bytes every body test sends: 8-bit, long lines, lines starting with dots, no CR (swaks
+/// sends CRLF, the pipe delivers LF).
+fn eight_bit_body(len: usize) -> Vec<u8> {
+    let mut body = Vec::with_capacity(len + 100);
+    let mut i: u32 = 0;
+    while body.len() < len {
+        match i % 7 {
+            0 => body.extend_from_slice(b".leading dot\n"),
+            1 => body.extend_from_slice("caf\u{e9} na\u{ef}ve \u{1f600} \u{fc}ber\n".as_bytes()),
+            2 => body.extend_from_slice(&[
+                0xe9, 0xff, 0x80, b' ', b'l', b'a', b't', b'i', b'n', b'1', b'\n',
+            ]),
+            3 => {
+                body.extend((0..990).map(|k| b'a' + ((k + i) % 26) as u8));
+                body.push(b'\n');
+            }
+            4 => body.extend_from_slice(b"..\n"),
+            _ => body.extend_from_slice(format!("line {i}\n").as_bytes()),
+        }
+        i += 1;
+    }
+    body
+}
+
+#[test]
+fn good_clients_are_delivered_byte_for_byte_and_bots_are_rejected_then_dropped() {
+    let bed = bed(
+        "main",
+        &["198.51.100.2", "198.51.100.3", "198.51.100.4", "198.51.100.5", "198.51.100.130"],
+    );
+    let agent = bed.agent(CONFIG, &["--listen", "198.51.100.1:25"]);
+
+    // A good HELO: delivered, Postfix sees the real client, the body arrives unchanged.
+    let body = bed.work.join("body-8bit");
+    let sent = eight_bit_body(64 * 1024);
+    std::fs::write(&body, &sent).unwrap();
+    let (ok, transcript) = bed.swaks("198.51.100.2", "mail.sender.example", 25, Some(&body));
+    assert!(ok, "a good client is delivered:\n{transcript}\n{}", agent.log());
+    same_body(&bed.postfix.body_of_delivery(1), &sent, "the 8-bit body");
+    assert!(
+        bed.postfix.log().contains("connect from unknown[198.51.100.2]"),
+        "Postfix logs the real client through PROXY v2:\n{}",
+        bed.postfix.log()
+    );
+
+    // 10 MB.
+    let big = bed.work.join("body-10mb");
+    let sent_big = eight_bit_body(10 * 1024 * 1024);
+    std::fs::write(&big, &sent_big).unwrap();
+    let (ok, transcript) = bed.swaks("198.51.100.2", "mail.sender.example", 25, Some(&big));
+    assert!(
+        ok,
+        "a 10 MB message is delivered:\n{}",
+        &transcript[transcript.len().saturating_sub(2000)..]
+    );
+    same_body(&bed.postfix.body_of_delivery(2), &sent_big, "the 10 MB body");
+
+    // Bots: our own name, our own IP literal, a bare IP. 553 at RCPT TO, then banned.
+    for (src, helo) in [
+        ("198.51.100.3", GW_NAME),
+        ("198.51.100.4", "[198.51.100.1]"),
+        ("198.51.100.5", "203.0.113.7"),
+    ] {
+        let (ok, transcript) = bed.swaks(src, helo, 25, None);
+        assert!(!ok, "{helo} from {src} is refused");
+        assert!(
+            transcript.contains("<** 553 5.7.1 sorry, your HELO host name has been denied"),
+            "{helo}: 553 at RCPT TO:\n{transcript}"
+        );
+        assert!(
+            transcript.contains("250 2.1.0 Ok"),
+            "{helo}: MAIL FROM was accepted (qmail style)"
+        );
+        wait_for(&format!("{src} in the ban list"), Duration::from_secs(5), || {
+            bed.banned().contains(src)
+        });
+    }
+    assert_eq!(bed.postfix.delivered().len(), 2, "nothing from the bots was delivered");
+
+    // The bot comes back with a good HELO: no TCP answer at all; the kernel counts the drops.
+    let dropped_before = bed.dropped();
+    let banned_at = Instant::now();
+    assert_eq!(
+        bed.connect("198.51.100.3"),
+        Err(std::io::ErrorKind::TimedOut),
+        "a banned client's SYN is dropped"
+    );
+    assert!(bed.dropped() > dropped_before, "the drop counter rises");
+    // Another client keeps working meanwhile.
+    let (ok, transcript) = bed.swaks("198.51.100.2", "mail.sender.example", 25, None);
+    assert!(ok, "an unbanned client is served while another is banned:\n{transcript}");
+
+    // An allowlisted client with a bad HELO is not rejected.
+    let (ok, transcript) = bed.swaks("198.51.100.130", "localhost", 25, None);
+    assert!(ok, "allowlisted clients pass whatever their HELO:\n{transcript}");
+
+    // PIPELINING: HELO and the next commands in one packet.
+    let pipelined = bed.client.enter(|| {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.bind(&"198.51.100.2:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        socket.connect_timeout(&format!("{GW}:25").parse::<SocketAddr>().unwrap().into(), Duration::from_secs(2)).unwrap();
+        let mut stream: std::net::TcpStream = socket.into();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut transcript = Vec::new();
+        let mut read_until = |stream: &mut std::net::TcpStream, code: &[u8]| {
+            let mut buf = [0u8; 4096];
+            while !transcript.windows(code.len()).any(|w| w == code) {
+                let n = stream.read(&mut buf).unwrap();
+                assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&transcript));
+                transcript.extend_from_slice(&buf[..n]);
+            }
+        };
+        read_until(&mut stream, b"220 ");
+        stream
+            .write_all(format!("EHLO mail.sender.example\r\nMAIL FROM:<p@sender.example>\r\nRCPT TO:<user@{DOMAIN}>\r\nDATA\r\n").as_bytes())
+            .unwrap();
+        read_until(&mut stream, b"354 ");
+        stream.write_all(b"Subject: pipelined\r\n\r\npipelined body\r\n.\r\nQUIT\r\n").unwrap();
+        read_until(&mut stream, b"221 ");
+        String::from_utf8_lossy(&transcript).into_owned()
+    });
+    assert!(
+        pipelined.contains("250 2.1.0 Ok") && pipelined.contains("250 2.1.5 Ok"),
+        "{pipelined}"
+    );
+    assert_eq!(bed.postfix.body_of_delivery(4 + 1), b"pipelined body\n");
+
+    // After the ban's 4 s the bot gets through again.
+    std::thread::sleep(
+        (banned_at + Duration::from_millis(4500)).saturating_duration_since(Instant::now()),
+    );
+    assert_eq!(bed.connect("198.51.100.3"), Ok(()), "the ban expired");
+    drop(agent);
+}
+
+#[test]
+fn reject_at_helo_and_a_submission_listener() {
+    let bed = bed("helo", &["198.51.100.2", "198.51.100.6"]);
+    let config = format!(
+        "{CONFIG}\n[reject]\nat = \"helo\"\n[proxy]\n[[proxy.listeners]]\naddress = \"198.51.100.1:25\"\n\
+         [[proxy.listeners]]\naddress = \"198.51.100.1:587\"\ncheck_helo = false\n"
+    );
+    let agent = bed.agent(&config, &[]);
+    let (ok, transcript) = bed.swaks("198.51.100.6", "localhost", 25, None);
+    assert!(!ok);
+    assert!(
+        transcript.contains("<** 553 5.7.1 sorry, your HELO host name has been denied"),
+        "the HELO itself is refused:\n{transcript}"
+    );
+    assert!(!transcript.contains("MAIL FROM"), "swaks stops at the refused HELO:\n{transcript}");
+    let (ok, transcript) = bed.swaks("198.51.100.2", "localhost", 587, None);
+    assert!(ok, "the submission listener does not judge HELO:\n{transcript}\n{}", agent.log());
+    assert!(bed.postfix.body_of_delivery(1).starts_with(b"This is a test mailing"));
+}
