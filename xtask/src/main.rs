@@ -15,12 +15,13 @@ const APT_PACKAGES: &[&str] = &[
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
-    // The root suites: ip, nsenter, mount; a real MTA and a real client.
+    // The root suites: ip, nsenter, mount; a real MTA and a real client; nft for transparent mode.
     "iproute2",
     "util-linux",
     "mount",
     "postfix",
     "swaks",
+    "nftables",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

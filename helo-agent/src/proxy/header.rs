@@ -13,6 +13,10 @@ pub enum ProxyProtocol {
     None,
     V1,
     V2,
+    /// No header: the connection to the MTA comes from the client's own address
+    /// (IP_TRANSPARENT), for MTAs that cannot take PROXY headers. Needs CAP_NET_ADMIN and a
+    /// route that brings the MTA's replies back to this host (see the README).
+    Transparent,
 }
 
 /// The v2 signature: `\r\n\r\n\0\r\nQUIT\n`.
@@ -24,7 +28,7 @@ pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 pub fn encode(protocol: ProxyProtocol, client: SocketAddr, local: SocketAddr) -> Vec<u8> {
     let (client_ip, local_ip) = same_family(client.ip(), local.ip());
     match protocol {
-        ProxyProtocol::None => Vec::new(),
+        ProxyProtocol::None | ProxyProtocol::Transparent => Vec::new(),
         ProxyProtocol::V1 => {
             let family = if client_ip.is_ipv4() { "TCP4" } else { "TCP6" };
             format!("PROXY {family} {client_ip} {local_ip} {} {}\r\n", client.port(), local.port())
@@ -117,5 +121,9 @@ mod tests {
             b"PROXY TCP6 2001:db8::9 2001:db8::1 1 25\r\n"
         );
         assert!(encode(ProxyProtocol::None, sa("203.0.113.9:1"), sa("198.51.100.1:25")).is_empty());
+        assert!(
+            encode(ProxyProtocol::Transparent, sa("203.0.113.9:1"), sa("198.51.100.1:25"))
+                .is_empty()
+        );
     }
 }

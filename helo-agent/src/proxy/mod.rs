@@ -222,8 +222,13 @@ async fn run_session(
         reply::line(421, "4.3.0", "Error: service temporarily unavailable, try again later");
 
     // The MTA: connect, PROXY header, greeting.
-    let upstream =
-        tokio::time::timeout(config.upstream_timeout, TcpStream::connect(config.upstream)).await;
+    let connect = async {
+        match config.proxy_protocol {
+            header::ProxyProtocol::Transparent => connect_as(peer.ip(), config.upstream).await,
+            _ => TcpStream::connect(config.upstream).await,
+        }
+    };
+    let upstream = tokio::time::timeout(config.upstream_timeout, connect).await;
     let mut upstream = match upstream {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
@@ -384,6 +389,32 @@ async fn fail(
     outcome.end = end;
     outcome.error = Some(error);
     outcome
+}
+
+/// Connects to `upstream` from the client's own address (transparent mode).
+async fn connect_as(client: IpAddr, upstream: SocketAddr) -> io::Result<TcpStream> {
+    let client = crate::addr::canonical(client);
+    if client.is_ipv4() != upstream.is_ipv4() {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "transparent mode cannot reach the MTA at {upstream} from {client}: give the MTA an address of each family"
+            ),
+        ));
+    }
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(upstream),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if client.is_ipv4() {
+        socket.set_ip_transparent_v4(true)?;
+    } else {
+        socket.set_ip_transparent_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::new(client, 0).into())?;
+    tokio::net::TcpSocket::from_std_stream(socket.into()).connect(upstream).await
 }
 
 struct Greeting {
