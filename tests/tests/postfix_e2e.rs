@@ -24,13 +24,19 @@ const DOMAIN: &str = "e2e.test";
 /// A private Postfix instance, stopped and removed when dropped.
 struct Postfix {
     dir: PathBuf,
-    ns_path: String,
+    // Held while the instance lives: another test run on this machine waits for it instead of
+    // clobbering the same directory. Declared last, so it is released after the cleanup.
+    _lock: std::fs::File,
 }
 
 impl Postfix {
     fn start(ns: &Netns, name: &str) -> Postfix {
         assert!(INSTANCES.contains(&name), "add {name} to INSTANCES");
-        let dir = PathBuf::from("/var/tmp/helo-filter-e2e").join(name);
+        let parent = PathBuf::from("/var/tmp/helo-filter-e2e");
+        std::fs::create_dir_all(&parent).unwrap();
+        let lock = std::fs::File::create(parent.join(format!("{name}.lock"))).unwrap();
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        let dir = parent.join(name);
         let _ = std::fs::remove_dir_all(&dir);
         for sub in ["queue", "data", "out"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
@@ -78,7 +84,7 @@ impl Postfix {
         run(Command::new("postconf").arg("-c").arg(&dir).args(["-F", "*/*/chroot = n"]));
         let ns_path = format!("--net=/var/run/netns/{}", ns.name);
         run(Command::new("nsenter").arg(&ns_path).args(["postfix", "-c"]).arg(&dir).arg("start"));
-        let postfix = Postfix { dir, ns_path };
+        let postfix = Postfix { dir, _lock: lock };
         wait_for("Postfix smtpd on 127.0.0.1:10025", Duration::from_secs(20), || {
             ns.enter(|| std::net::TcpStream::connect(UPSTREAM).is_ok())
         });
@@ -113,13 +119,22 @@ impl Postfix {
 }
 
 impl Drop for Postfix {
+    /// Stops the instance by its pid file: no namespace is needed for that, so this works even
+    /// when the gateway namespace is already gone. A master that survives is killed.
     fn drop(&mut self) {
-        let _ = Command::new("nsenter")
-            .arg(&self.ns_path)
-            .args(["postfix", "-c"])
-            .arg(&self.dir)
-            .arg("abort")
-            .output();
+        let pid_file = self.dir.join("queue/pid/master.pid");
+        let pid =
+            std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok());
+        let _ = Command::new("postfix").arg("-c").arg(&self.dir).arg("abort").output();
+        if let Some(pid) = pid.and_then(rustix::process::Pid::from_raw) {
+            for _ in 0..50 {
+                if rustix::process::test_kill_process(pid).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -155,12 +170,13 @@ fn wait_for(what: &str, limit: Duration, check: impl Fn() -> bool) {
     }
 }
 
+/// Fields drop in order: Postfix stops before the namespaces go.
 struct Bed {
+    postfix: Postfix,
     gateway: Netns,
     client: Netns,
     gw_if: String,
     pin_dir: PinDir,
-    postfix: Postfix,
     work: PathBuf,
 }
 
@@ -182,7 +198,7 @@ fn bed(name: &str, clients: &[&str]) -> Bed {
     let postfix = Postfix::start(&gateway, name);
     let work = std::env::temp_dir().join(tests::unique("helo-pf-"));
     std::fs::create_dir_all(&work).unwrap();
-    Bed { gateway, client, gw_if, pin_dir: PinDir::new(), postfix, work }
+    Bed { postfix, gateway, client, gw_if, pin_dir: PinDir::new(), work }
 }
 
 impl Bed {
