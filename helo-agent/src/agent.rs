@@ -49,7 +49,7 @@ pub async fn run(
         pin_dir: &config.xdp.pin_dir,
         sizes: config.xdp.sizes,
         ports: &config.xdp.ports,
-        allow: &config.allowlist,
+        allow: &config.rules.allowlist,
     })?;
     let used = program.attach(&iface, mode)?;
     tracing::info!(
@@ -57,7 +57,7 @@ pub async fn run(
         mode = used,
         ports = ?config.xdp.ports,
         pin_dir = %config.xdp.pin_dir.display(),
-        allowlist = config.allowlist.len(),
+        allowlist = config.rules.allowlist.len(),
         config = %config.source.as_deref().map_or("<embedded defaults>".into(), |p| p.display().to_string()),
         "XDP ban filter attached"
     );

@@ -162,7 +162,8 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                     Ttl::For(ttl)
                 }
             };
-            if let Some(net) = config.allowlist.iter().find(|net| allowlisted_target(net, &target))
+            if let Some(net) =
+                config.rules.allowlist.iter().find(|net| allowlisted_target(net, &target))
             {
                 anyhow::bail!(
                     "{target} is in the allowlisted network {net} and would never be dropped: \

@@ -291,8 +291,8 @@ pub struct Config {
     /// Where it came from (`None`: embedded defaults), for messages.
     pub source: Option<PathBuf>,
     pub xdp: XdpConfig,
-    pub default_ttl: Duration,
-    pub allowlist: Vec<IpNet>,
+    /// The compiled rules; they also hold the allowlist and the ban TTL the rest of the agent
+    /// uses.
     pub rules: Arc<RuleSet>,
     /// The text of the 553 reply to a rejected client.
     pub reject_message: String,
@@ -475,7 +475,7 @@ impl Config {
         let rules = RuleSet {
             actions: raw.checks.actions(),
             identity,
-            allowlist: allowlist.clone(),
+            allowlist,
             table,
             badhelo,
             reject_at: raw.reject.at,
@@ -494,8 +494,6 @@ impl Config {
                     bans_v6_net: raw.xdp.max_bans_v6_net,
                 },
             },
-            default_ttl,
-            allowlist,
             rules: Arc::new(rules),
             reject_message: message,
             warnings,
@@ -505,7 +503,7 @@ impl Config {
     }
 
     pub fn default_ban_ttl(&self) -> Ttl {
-        Ttl::For(self.default_ttl)
+        Ttl::For(self.rules.ban_ttl)
     }
 }
 

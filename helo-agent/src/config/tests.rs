@@ -22,7 +22,7 @@ fn the_example_file_is_exactly_the_defaults() {
 fn empty_file_means_defaults() {
     let config = parse("").unwrap();
     assert_eq!(config.xdp.ports, vec![25, 465, 587]);
-    assert_eq!(config.default_ttl, Duration::from_secs(3600));
+    assert_eq!(config.rules.ban_ttl, Duration::from_secs(3600));
     assert_eq!(config.xdp.mode, AttachMode::Auto);
     assert_eq!(config.xdp.pin_dir, PathBuf::from("/sys/fs/bpf/helo-filter"));
     assert_eq!(config.rules.reject_at, RejectAt::Rcpt);
@@ -55,14 +55,12 @@ fn values_are_read() {
     assert_eq!(config.xdp.interface.as_deref(), Some("eth1"));
     assert_eq!(config.xdp.mode, AttachMode::Skb);
     assert_eq!(config.xdp.ports, vec![25, 2525]);
-    assert_eq!(config.default_ttl, Duration::from_secs(172_800));
-    assert_eq!(config.allowlist.len(), 3);
-    assert_eq!(config.allowlist[2].to_string(), "192.0.2.7/32");
-    assert_eq!(config.rules.allowlist, config.allowlist);
+    assert_eq!(config.rules.ban_ttl, Duration::from_secs(172_800));
+    assert_eq!(config.rules.allowlist.len(), 3);
+    assert_eq!(config.rules.allowlist[2].to_string(), "192.0.2.7/32");
     assert_eq!(config.rules.action(Check::NoDot), CheckAction::Off);
     assert_eq!(config.rules.action(Check::Dynamic), CheckAction::Ban);
     assert_eq!(config.rules.reject_at, RejectAt::Helo);
-    assert_eq!(config.rules.ban_ttl, Duration::from_secs(172_800));
     assert_eq!(config.reject_message, "go away");
 }
 
