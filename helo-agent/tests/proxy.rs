@@ -422,3 +422,21 @@ async fn per_address_session_limit_holds() {
     assert!(t[0].starts_with("220 "), "a slot frees when a session ends");
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn a_noop_flood_before_helo_is_cut_off_and_the_mta_told_quit() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let mut client = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut client).await;
+    client.write_all("NOOP\r\n".repeat(100).as_bytes()).await.unwrap();
+    let mut all = String::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_string(&mut all))
+        .await
+        .expect("closed in time")
+        .unwrap();
+    assert_eq!(all.matches("250 2.0.0 Ok").count(), 20, "{all}");
+    assert!(all.ends_with("421 4.7.0 Error: too many commands\r\n"), "{all}");
+    eventually("the MTA hears QUIT", || mta.received().ends_with(b"QUIT\r\n")).await;
+    agent.stop().await;
+}

@@ -31,6 +31,8 @@ use crate::smtp::reply::{ReplyScan, greeting_host, scan_reply};
 use crate::smtp::{LineScan, MAX_COMMAND_LINE, reply, scan_line};
 
 const READ_CHUNK: usize = 4096;
+/// How long a one-line refusal (limits, MTA unavailable) may take to write.
+const REFUSAL_WRITE: Duration = Duration::from_secs(5);
 
 /// What every session shares.
 pub struct Shared {
@@ -172,7 +174,8 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
     let ip = crate::addr::canonical(peer.ip());
     let started = Instant::now();
     let Some(_admission) = shared.admit(ip) else {
-        let _ = client.write_all(&reply::line(421, "4.7.0", "Error: too many connections")).await;
+        let refusal = reply::line(421, "4.7.0", "Error: too many connections");
+        let _ = send(&mut client, &refusal, REFUSAL_WRITE).await;
         tracing::warn!(client = %ip, "session refused: connection limit");
         return;
     };
@@ -258,7 +261,7 @@ async fn run_session(
             return fail(&mut client, &unavailable, outcome, "upstream_error", e.to_string()).await;
         }
     };
-    if client.write_all(&greeting.bytes).await.is_err() {
+    if send(&mut client, &greeting.bytes, config.idle_timeout).await.is_err() {
         outcome.end = "client_gone";
         return outcome;
     }
@@ -287,8 +290,12 @@ async fn run_session(
                 LineScan::Line { len, content } => (len, content),
                 LineScan::NeedMore => break,
                 LineScan::TooLong => {
-                    let _ =
-                        client.write_all(&reply::line(500, "5.5.2", "Error: line too long")).await;
+                    let _ = send(
+                        &mut client,
+                        &reply::line(500, "5.5.2", "Error: line too long"),
+                        config.idle_timeout,
+                    )
+                    .await;
                     return finish(outcome, &session, "line_too_long");
                 }
             };
@@ -297,13 +304,16 @@ async fn run_session(
             match step {
                 Step::Reply(answer) => {
                     buf.drain(..len);
-                    if client.write_all(&answer).await.is_err() {
+                    if send(&mut client, &answer, config.idle_timeout).await.is_err() {
                         return finish(outcome, &session, "client_gone");
                     }
                     outcome.down += answer.len() as u64;
                 }
                 Step::Close(answer) => {
-                    let _ = client.write_all(&answer).await;
+                    if let Some(mut mta) = upstream.take() {
+                        let _ = mta.write_all(b"QUIT\r\n").await;
+                    }
+                    let _ = send(&mut client, &answer, config.idle_timeout).await;
                     outcome.down += answer.len() as u64;
                     return finish(outcome, &session, "closed");
                 }
@@ -313,7 +323,7 @@ async fn run_session(
                         // The MTA's part ends here; its 221 is not awaited.
                         let _ = mta.write_all(b"QUIT\r\n").await;
                     }
-                    if client.write_all(&answer).await.is_err() {
+                    if send(&mut client, &answer, config.idle_timeout).await.is_err() {
                         return finish(outcome, &session, "client_gone");
                     }
                     outcome.down += answer.len() as u64;
@@ -326,7 +336,7 @@ async fn run_session(
                     // relayed session that pass through user space.
                     outcome.up += (buf.len() - len) as u64;
                     if let Err(e) = mta.write_all(&buf).await {
-                        let _ = client.write_all(&unavailable).await;
+                        let _ = send(&mut client, &unavailable, config.idle_timeout).await;
                         outcome.error = Some(e.to_string());
                         return finish(outcome, &session, "upstream_error");
                     }
@@ -362,12 +372,23 @@ async fn run_session(
                 return finish(outcome, &session, "client_error");
             }
             Err(_) => {
-                let _ =
-                    client.write_all(&reply::line(421, "4.4.2", "Error: timeout exceeded")).await;
+                let _ = send(
+                    &mut client,
+                    &reply::line(421, "4.4.2", "Error: timeout exceeded"),
+                    config.idle_timeout,
+                )
+                .await;
                 return finish(outcome, &session, "timeout");
             }
         }
     }
+}
+
+/// Writes to the client within `limit`: a client that stops reading cannot hold a session.
+async fn send(client: &mut TcpStream, bytes: &[u8], limit: Duration) -> io::Result<()> {
+    tokio::time::timeout(limit, client.write_all(bytes))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client does not read"))?
 }
 
 fn finish(mut outcome: Outcome, session: &Session<'_>, end: &'static str) -> Outcome {
@@ -384,7 +405,7 @@ async fn fail(
     end: &'static str,
     error: String,
 ) -> Outcome {
-    let _ = client.write_all(answer).await;
+    let _ = send(client, answer, REFUSAL_WRITE).await;
     outcome.down += answer.len() as u64;
     outcome.end = end;
     outcome.error = Some(error);

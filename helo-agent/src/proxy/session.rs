@@ -14,6 +14,8 @@ use crate::smtp::{Command, reply};
 
 /// Commands a rejected session may send before it is closed.
 pub const MAX_REJECTED_COMMANDS: u32 = 50;
+/// Commands a client may send before its HELO/EHLO (NOOP floods, HTTP probes).
+pub const MAX_COMMANDS_BEFORE_HELO: u32 = 20;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
@@ -40,6 +42,7 @@ pub struct Session<'a> {
     verdict: Option<Verdict>,
     rejected: bool,
     rejected_commands: u32,
+    commands_before_helo: u32,
 }
 
 impl<'a> Session<'a> {
@@ -60,6 +63,7 @@ impl<'a> Session<'a> {
             verdict: None,
             rejected: false,
             rejected_commands: 0,
+            commands_before_helo: 0,
         }
     }
 
@@ -78,6 +82,12 @@ impl<'a> Session<'a> {
         let command = Command::parse(line);
         if self.rejected {
             return self.after_rejection(command);
+        }
+        if !matches!(command, Command::Helo(_) | Command::Ehlo(_) | Command::Quit) {
+            self.commands_before_helo += 1;
+            if self.commands_before_helo > MAX_COMMANDS_BEFORE_HELO {
+                return Step::Close(reply::line(421, "4.7.0", "Error: too many commands"));
+            }
         }
         match command {
             Command::Helo(argument) | Command::Ehlo(argument) => self.judge(argument, line),
@@ -202,6 +212,16 @@ mod tests {
         );
         assert_eq!(text(s.on_line(b"QUIT")), "close 221 2.0.0 Bye\r\n");
         assert!(s.verdict().is_none());
+    }
+
+    #[test]
+    fn commands_before_helo_are_limited() {
+        let rules = rules("");
+        let mut s = session(&rules);
+        for _ in 0..MAX_COMMANDS_BEFORE_HELO {
+            assert!(matches!(s.on_line(b"NOOP"), Step::Reply(_)));
+        }
+        assert_eq!(text(s.on_line(b"NOOP")), "close 421 4.7.0 Error: too many commands\r\n");
     }
 
     #[test]
