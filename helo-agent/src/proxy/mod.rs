@@ -166,6 +166,9 @@ struct Outcome {
     up: u64,
     down: u64,
     spliced: bool,
+    /// Bytes of the relayed session that passed through user space: the HELO line and what
+    /// the client pipelined after it (everything later is spliced).
+    copied: u64,
     end: &'static str,
     error: Option<String>,
 }
@@ -197,6 +200,7 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
         bytes_in = outcome.up,
         bytes_out = outcome.down,
         spliced = outcome.spliced,
+        copied = outcome.copied,
         ms = started.elapsed().as_millis() as u64,
         end = outcome.end,
         error = outcome.error.as_deref().unwrap_or(""),
@@ -335,6 +339,7 @@ async fn run_session(
                     // The HELO line and everything pipelined after it: the only bytes of the
                     // relayed session that pass through user space.
                     outcome.up += (buf.len() - len) as u64;
+                    outcome.copied = buf.len() as u64;
                     if let Err(e) = mta.write_all(&buf).await {
                         let _ = send(&mut client, &unavailable, config.idle_timeout).await;
                         outcome.error = Some(e.to_string());
@@ -342,16 +347,13 @@ async fn run_session(
                     }
                     buf.clear();
                     let mut outcome = finish(outcome, &session, "relayed");
-                    match relay::relay(client, mta, config.idle_timeout).await {
-                        Ok(relayed) => {
-                            outcome.up += relayed.up;
-                            outcome.down += relayed.down;
-                            outcome.spliced = relayed.spliced;
-                        }
-                        Err(e) => {
-                            outcome.end = "relay_error";
-                            outcome.error = Some(e.to_string());
-                        }
+                    let relayed = relay::relay(client, mta, config.idle_timeout).await;
+                    outcome.up += relayed.up;
+                    outcome.down += relayed.down;
+                    outcome.spliced = relayed.spliced;
+                    if let Some(e) = relayed.error {
+                        outcome.end = "relay_error";
+                        outcome.error = Some(e.to_string());
                     }
                     return outcome;
                 }
