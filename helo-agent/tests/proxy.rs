@@ -440,3 +440,29 @@ async fn a_noop_flood_before_helo_is_cut_off_and_the_mta_told_quit() {
     eventually("the MTA hears QUIT", || mta.received().ends_with(b"QUIT\r\n")).await;
     agent.stop().await;
 }
+
+/// After a pass the session is opaque: STARTTLS followed by TLS records, or BDAT chunks with
+/// binary data, reach the MTA exactly as sent. Nothing the client sends later is parsed.
+#[tokio::test]
+async fn after_a_pass_starttls_and_bdat_bytes_are_relayed_untouched() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let mut client = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut client).await;
+    client.write_all(b"EHLO mail.sender.example\r\n").await.unwrap();
+    read_reply(&mut client).await;
+    // A TLS ClientHello-like record (binary, NULs, a lone CR, a dot line) after STARTTLS, then
+    // a BDAT chunk whose payload holds what would be commands and an end-of-data marker.
+    let mut opaque = b"STARTTLS\r\n".to_vec();
+    opaque.extend_from_slice(&[0x16, 0x03, 0x01, 0x00, 0x2f, 0x01, 0x00, 0x00, 0x2b, 0x03, 0x03]);
+    opaque.extend((0u8..=255).collect::<Vec<u8>>());
+    opaque.extend_from_slice(b"\r.\r\n\n.\r\nQUIT\r\nBDAT 14 LAST\r\nRCPT TO:<x>\r\n\0");
+    client.write_all(&opaque).await.unwrap();
+    eventually("the opaque bytes reach the MTA", || mta.received().ends_with(&opaque)).await;
+    let received = mta.received();
+    let helo_at = received.windows(4).position(|w| w == b"EHLO").unwrap();
+    let mut expected = b"EHLO mail.sender.example\r\n".to_vec();
+    expected.extend_from_slice(&opaque);
+    assert_eq!(&received[helo_at..], &expected[..], "byte for byte, nothing added or removed");
+    agent.stop().await;
+}

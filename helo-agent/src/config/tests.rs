@@ -1,3 +1,5 @@
+//! Config snippets in, validated values or errors naming the key and the fix out.
+
 use super::*;
 
 fn host() -> HostFacts {
