@@ -23,8 +23,13 @@ struct Mta {
 }
 
 impl Mta {
+    /// On 127.0.0.2: the clients come from 127.0.0.1, and the MTA's own address is never banned.
     async fn start() -> Mta {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Mta::start_on("127.0.0.2:0").await
+    }
+
+    async fn start_on(address: &str) -> Mta {
+        let listener = TcpListener::bind(address).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
         let record = received.clone();
@@ -112,8 +117,12 @@ impl Agent {
             ListenerConfig { address: "127.0.0.1:0".parse().unwrap(), check_helo: false },
         ];
         let store = Arc::new(Mutex::new(FakeStore::default()));
-        let escalation =
-            Escalation { factor: 2, max_ttl: Duration::from_secs(86_400), history: 100 };
+        let escalation = Escalation {
+            factor: 2,
+            max_ttl: Duration::from_secs(86_400),
+            history: 100,
+            max_per_second: 1000,
+        };
         let (bans, _worker) = worker::spawn(store.clone(), escalation, helo_agent::clock::boot_ns);
         let bound = proxy::bind(&config.proxy.listeners).unwrap();
         let addr = bound[0].listener.local_addr().unwrap();
@@ -464,5 +473,16 @@ async fn after_a_pass_starttls_and_bdat_bytes_are_relayed_untouched() {
     let mut expected = b"EHLO mail.sender.example\r\n".to_vec();
     expected.extend_from_slice(&opaque);
     assert_eq!(&received[helo_at..], &expected[..], "byte for byte, nothing added or removed");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn the_mta_own_address_is_never_banned() {
+    let mta = Mta::start_on("127.0.0.1:0").await;
+    let agent = Agent::start(mta.addr, "").await;
+    let t = converse(agent.addr, &["HELO localhost", "RCPT TO:<a@example.com>", "QUIT"]).await;
+    assert_eq!(t[2], "553 5.7.1 sorry, your HELO host name has been denied\r\n", "still rejected");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(agent.banned().is_empty(), "but the MTA's own address is not banned");
     agent.stop().await;
 }

@@ -22,6 +22,10 @@ pub struct Escalation {
     pub factor: u32,
     pub max_ttl: Duration,
     pub history: usize,
+    /// Bans applied per second at most (a burst up to this many); beyond, requests are
+    /// dropped, so a flood of bad sessions cannot fill the LRU maps with noise and evict
+    /// real bans.
+    pub max_per_second: u32,
 }
 
 #[derive(Debug)]
@@ -90,8 +94,17 @@ fn run<S: BanStore>(
     let capacity = NonZeroUsize::new(escalation.history.max(1)).expect("at least 1");
     let mut history: LruCache<BanTarget, Offence> = LruCache::new(capacity);
     let forget_ns = u64::try_from(escalation.max_ttl.as_nanos()).unwrap_or(u64::MAX);
+    let mut bucket = TokenBucket::new(escalation.max_per_second, clock());
+    let mut capped: u64 = 0;
     for request in rx {
         let now = clock();
+        if !bucket.take(now) {
+            capped += 1;
+            if capped == 1 || capped.is_power_of_two() {
+                tracing::warn!(client = %request.client, capped, per_second = escalation.max_per_second, "ban rate cap reached: ban dropped");
+            }
+            continue;
+        }
         let target = BanTarget::host(request.client);
         let count = match history.get_mut(&target) {
             Some(offence) if now.saturating_sub(offence.last_ns) < forget_ns => {
@@ -117,6 +130,34 @@ fn run<S: BanStore>(
         }
     }
     list
+}
+
+/// At most `rate` tokens a second, holding up to `rate`.
+struct TokenBucket {
+    rate: u64,
+    tokens_milli: u64,
+    last_ns: u64,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, now_ns: u64) -> Self {
+        let rate = u64::from(rate.max(1));
+        TokenBucket { rate, tokens_milli: rate * 1000, last_ns: now_ns }
+    }
+
+    fn take(&mut self, now_ns: u64) -> bool {
+        let elapsed_ms = now_ns.saturating_sub(self.last_ns) / 1_000_000;
+        if elapsed_ms > 0 {
+            self.tokens_milli = (self.tokens_milli + elapsed_ms * self.rate).min(self.rate * 1000);
+            self.last_ns = now_ns;
+        }
+        if self.tokens_milli >= 1000 {
+            self.tokens_milli -= 1000;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// A shared store, so a test (or the agent's CLI side) can look while the worker writes.
@@ -156,8 +197,46 @@ mod tests {
     use super::*;
     use crate::blocklist::fake::FakeStore;
 
-    const ESCALATION: Escalation =
-        Escalation { factor: 2, max_ttl: Duration::from_secs(8 * 3600), history: 2 };
+    const ESCALATION: Escalation = Escalation {
+        factor: 2,
+        max_ttl: Duration::from_secs(8 * 3600),
+        history: 2,
+        max_per_second: 1000,
+    };
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_the_rate() {
+        let mut bucket = TokenBucket::new(3, 0);
+        assert_eq!((0..5).filter(|_| bucket.take(0)).count(), 3, "a burst of 3");
+        assert!(!bucket.take(100_000_000), "0.1 s later: 0.3 tokens");
+        assert!(bucket.take(400_000_000), "0.4 s later: 1.2 tokens");
+        assert_eq!(
+            (0..10).filter(|_| bucket.take(10_000_000_000)).count(),
+            3,
+            "refills to the burst only"
+        );
+    }
+
+    #[test]
+    fn bans_beyond_the_rate_cap_are_dropped() {
+        static FROZEN: AtomicU64 = AtomicU64::new(5_000_000_000);
+        fn frozen() -> u64 {
+            FROZEN.load(Ordering::Relaxed)
+        }
+        let store = Arc::new(Mutex::new(FakeStore::default()));
+        let capped = Escalation { max_per_second: 2, ..ESCALATION };
+        let (bans, worker) = spawn(store, capped, frozen);
+        for i in 1..=5 {
+            bans.ban(BanRequest {
+                client: format!("203.0.113.{i}").parse().unwrap(),
+                ttl: Duration::from_secs(60),
+                reason: String::new(),
+            });
+        }
+        drop(bans);
+        let list = worker.join().unwrap();
+        assert_eq!(list.store().entries().unwrap().len(), 2, "the clock stood still: two bans");
+    }
 
     #[test]
     fn ttl_doubles_per_offence_up_to_the_maximum() {

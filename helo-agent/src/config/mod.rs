@@ -129,6 +129,7 @@ pub struct RawBans {
     pub escalation_factor: u32,
     pub max_ttl: String,
     pub history_size: usize,
+    pub max_per_second: u32,
 }
 
 impl Default for RawBans {
@@ -138,6 +139,7 @@ impl Default for RawBans {
             escalation_factor: 2,
             max_ttl: "1w".into(),
             history_size: 100_000,
+            max_per_second: 100,
         }
     }
 }
@@ -419,10 +421,14 @@ impl Config {
         if raw.bans.history_size == 0 {
             return Err(invalid("bans.history_size", "must be at least 1".into()));
         }
+        if raw.bans.max_per_second == 0 {
+            return Err(invalid("bans.max_per_second", "must be at least 1".into()));
+        }
         let escalation = Escalation {
             factor: raw.bans.escalation_factor,
             max_ttl,
             history: raw.bans.history_size,
+            max_per_second: raw.bans.max_per_second,
         };
         let socket = |key: &str, text: &str| {
             text.trim().parse::<std::net::SocketAddr>().map_err(|_| {

@@ -138,6 +138,7 @@ fn bad_values_name_the_key_and_the_fix() {
         ("[reject]\nmessage = \"two\\nlines\"", "reject.message"),
         ("[bans]\nmax_ttl = \"forever\"", "bans.max_ttl"),
         ("[bans]\nescalation_factor = 0", "bans.escalation_factor"),
+        ("[bans]\nmax_per_second = 0", "bans.max_per_second"),
         ("[proxy]\nupstream = \"localhost\"", "proxy.upstream"),
         ("[proxy]\nlisteners = []", "proxy.listeners"),
         ("[[proxy.listeners]]\naddress = \"25\"", "proxy.listeners.address"),
@@ -186,6 +187,11 @@ fn proxy_listeners_and_limits() {
     assert_eq!(defaults.proxy.proxy_protocol, ProxyProtocol::V2);
     assert_eq!(
         defaults.escalation,
-        Escalation { factor: 2, max_ttl: Duration::from_secs(604_800), history: 100_000 }
+        Escalation {
+            factor: 2,
+            max_ttl: Duration::from_secs(604_800),
+            history: 100_000,
+            max_per_second: 100
+        }
     );
 }

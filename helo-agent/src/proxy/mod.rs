@@ -209,6 +209,11 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
     if let (Some(verdict), Some(bans)) = (verdict, &shared.bans)
         && verdict.action == Action::Ban
     {
+        // Never the MTA's own address: the gateway would cut itself off.
+        if ip == crate::addr::canonical(shared.config.upstream.ip()) {
+            tracing::warn!(client = %ip, rule = verdict.rule, "not banning the MTA's own address");
+            return;
+        }
         bans.ban(BanRequest {
             client: ip,
             ttl: verdict.ttl.unwrap_or(Duration::from_secs(3600)),
