@@ -51,25 +51,47 @@ pub async fn run(
         ports: &config.xdp.ports,
         allow: &config.rules.allowlist,
     })?;
-    let used = program.attach(&iface, mode)?;
-    tracing::info!(
-        iface,
-        mode = used,
-        ports = ?config.xdp.ports,
-        pin_dir = %config.xdp.pin_dir.display(),
-        allowlist = config.rules.allowlist.len(),
-        config = %config.source.as_deref().map_or("<embedded defaults>".into(), |p| p.display().to_string()),
-        "XDP ban filter attached"
-    );
+    // An attach the kernel refuses (no XDP on this driver in this mode, another program there)
+    // must not fail open silently: say so, and enforce the bans at accept instead. Other
+    // errors (no such interface) are configuration errors and stop the agent.
+    let attached = match program.attach(&iface, mode) {
+        Ok(used) => Some(used),
+        Err(error @ EbpfError::Attach { .. }) => {
+            tracing::error!(
+                %error,
+                iface,
+                "XDP NOT ATTACHED: bans are enforced in user space at accept instead (banned \
+                 clients are closed before the greeting; ports not proxied are not protected)"
+            );
+            None
+        }
+        Err(error) => return Err(error.into()),
+    };
+    if let Some(used) = attached {
+        tracing::info!(
+            iface,
+            mode = used,
+            ports = ?config.xdp.ports,
+            pin_dir = %config.xdp.pin_dir.display(),
+            allowlist = config.rules.allowlist.len(),
+            config = %config.source.as_deref().map_or("<embedded defaults>".into(), |p| p.display().to_string()),
+            "XDP ban filter attached"
+        );
+    }
 
     let maps = PinnedMaps::open(&config.xdp.pin_dir)?;
     let (bans, _worker) =
         crate::blocklist::worker::spawn(maps, config.escalation, crate::clock::boot_ns);
+    let enforce: Option<std::sync::Arc<dyn crate::blocklist::BanCheck>> = match attached {
+        Some(_) => None,
+        None => Some(std::sync::Arc::new(PinnedMaps::open(&config.xdp.pin_dir)?)),
+    };
     let shared = crate::proxy::Shared::new(
         config.proxy.clone(),
         config.rules.clone(),
         config.reject_message.clone(),
         Some(bans),
+        enforce,
     );
     for bound in &listeners {
         if let Ok(address) = bound.listener.local_addr() {
@@ -109,11 +131,8 @@ pub async fn run(
         }
     }
     drop(program);
-    tracing::info!(
-        iface,
-        "XDP program detached; bans stay pinned in {}",
-        config.xdp.pin_dir.display()
-    );
+    let what = if attached.is_some() { "XDP program detached" } else { "stopped" };
+    tracing::info!(iface, "{what}; bans stay pinned in {}", config.xdp.pin_dir.display());
     Ok(())
 }
 

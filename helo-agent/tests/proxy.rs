@@ -105,6 +105,11 @@ struct Agent {
 
 impl Agent {
     async fn start(mta: SocketAddr, extra: &str) -> Agent {
+        Agent::start_with(mta, extra, false).await
+    }
+
+    /// `enforce_at_accept`: as when XDP could not be attached.
+    async fn start_with(mta: SocketAddr, extra: &str, enforce_at_accept: bool) -> Agent {
         let text = format!(
             "[identity]\ndetect = false\ndomains = [\"example.com\"]\naddresses = [\"192.0.2.25\"]\n\
              [allowlist]\nnetworks = []\n{extra}"
@@ -127,11 +132,14 @@ impl Agent {
         let bound = proxy::bind(&config.proxy.listeners).unwrap();
         let addr = bound[0].listener.local_addr().unwrap();
         let submission = bound[1].listener.local_addr().unwrap();
+        let enforce: Option<Arc<dyn helo_agent::blocklist::BanCheck>> = enforce_at_accept
+            .then(|| Arc::new(store.clone()) as Arc<dyn helo_agent::blocklist::BanCheck>);
         let shared = Shared::new(
             config.proxy.clone(),
             config.rules.clone(),
             config.reject_message.clone(),
             Some(bans),
+            enforce,
         );
         let (stop, stopped) = oneshot::channel();
         let done = tokio::spawn(proxy::serve(bound, shared, async {
@@ -484,5 +492,17 @@ async fn the_mta_own_address_is_never_banned() {
     assert_eq!(t[2], "553 5.7.1 sorry, your HELO host name has been denied\r\n", "still rejected");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(agent.banned().is_empty(), "but the MTA's own address is not banned");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn without_xdp_a_banned_client_is_closed_at_accept() {
+    let mta = Mta::start().await;
+    let agent = Agent::start_with(mta.addr, "", true).await;
+    let t = converse(agent.addr, &["HELO localhost", "QUIT"]).await;
+    assert_eq!(t[0], "220 mta.test ESMTP scripted\r\n", "not banned yet: served");
+    eventually("the ban", || agent.banned() == ["127.0.0.1"]).await;
+    let mut again = TcpStream::connect(agent.addr).await.unwrap();
+    assert_eq!(read_reply(&mut again).await, "", "closed before any greeting");
     agent.stop().await;
 }

@@ -229,3 +229,63 @@ fn bans_outlive_an_agent_restart() {
     let _second = bed.start_agent();
     dropped(connect(&bed.client, CLIENT, GW_V4), "banned client after the restart");
 }
+
+/// XDP unavailable (native mode on loopback, which has no driver XDP): the agent says so and
+/// still enforces bans, closing a banned client at accept instead of failing open.
+#[test]
+fn without_xdp_bans_are_enforced_at_accept() {
+    let bed = testbed();
+    let pin = bed.pin_dir.path().to_str().unwrap().to_owned();
+    let config = bed._config.0.to_str().unwrap().to_owned();
+    let prefix = bed.gateway.exec_prefix();
+    let netns_path = format!("/var/run/netns/{}", bed.gateway.name);
+    // The greeter on port 25 plays the MTA; the proxy listens on 2525.
+    let greeted_on_2525 = move || {
+        let path = netns_path.clone();
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(path).unwrap();
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&file),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .unwrap();
+            greeting_at("127.0.0.1:2525").is_some()
+        })
+        .join()
+        .unwrap()
+    };
+    let agent = AgentProcess::start(
+        &prefix.each_ref().map(String::as_str),
+        &[
+            "--config",
+            &config,
+            "--pin-dir",
+            &pin,
+            "run",
+            "--iface",
+            "lo",
+            "--xdp-mode",
+            "native",
+            "--listen",
+            "127.0.0.1:2525",
+            "--upstream",
+            "127.0.0.1:25",
+        ],
+        greeted_on_2525.clone(),
+    );
+    assert!(agent.log().contains("XDP NOT ATTACHED"), "the agent says so loudly:\n{}", agent.log());
+    agent_cli(bed.pin_dir.path(), &["--config", &config, "ban", "127.0.0.1", "--ttl", "10m"]);
+    assert!(!greeted_on_2525(), "a banned client gets no greeting");
+    agent_cli(bed.pin_dir.path(), &["unban", "127.0.0.1"]);
+    assert!(greeted_on_2525(), "served again after unban");
+}
+
+/// The first bytes from `addr`, if it greets within 2 s.
+fn greeting_at(addr: &str) -> Option<String> {
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut buf = [0u8; 128];
+    let n = stream.read(&mut buf).ok()?;
+    (n > 0).then(|| String::from_utf8_lossy(&buf[..n]).into_owned())
+}

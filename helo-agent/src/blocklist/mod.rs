@@ -38,6 +38,23 @@ pub enum StoreError {
     Full { map: &'static str, capacity: usize },
 }
 
+/// Whether an address is banned now, for enforcing bans in user space when XDP cannot be
+/// attached: a ban of the host or of its IPv6 /64 counts.
+pub trait BanCheck: Send + Sync {
+    fn banned(&self, ip: std::net::IpAddr, now_ns: u64) -> bool;
+}
+
+impl<S: BanStore + Send + Sync> BanCheck for S {
+    fn banned(&self, ip: std::net::IpAddr, now_ns: u64) -> bool {
+        let active = |target: BanTarget| {
+            self.get(&target).ok().flatten().is_some_and(|ban| ban.active_at(now_ns))
+        };
+        let host = BanTarget::host(ip);
+        let prefix = BanTarget::prefix(ip);
+        active(host) || (prefix != host && active(prefix))
+    }
+}
+
 /// How long a ban lasts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ttl {
@@ -264,6 +281,20 @@ mod tests {
         list.ban(&target("192.0.2.1"), Ttl::Forever, "why", 0).unwrap();
         let entry = &list.list(0).unwrap()[0];
         assert_eq!(entry.reason, format!("#{:08x}", helo_common::reason_code(b"why")));
+    }
+
+    #[test]
+    fn ban_check_sees_host_and_prefix_bans_in_force() {
+        let mut list = Blocklist::new(FakeStore::default());
+        list.ban(&target("192.0.2.7"), Ttl::For(Duration::from_secs(10)), "", 0).unwrap();
+        list.ban(&target("2001:db8:1:2::/64"), Ttl::Forever, "", 0).unwrap();
+        let store = list.store();
+        assert!(store.banned("192.0.2.7".parse().unwrap(), SEC));
+        assert!(store.banned("::ffff:192.0.2.7".parse().unwrap(), SEC));
+        assert!(!store.banned("192.0.2.7".parse().unwrap(), 10 * SEC), "expired");
+        assert!(!store.banned("192.0.2.8".parse().unwrap(), SEC));
+        assert!(store.banned("2001:db8:1:2::99".parse().unwrap(), SEC));
+        assert!(!store.banned("2001:db8:1:3::99".parse().unwrap(), SEC));
     }
 
     #[test]

@@ -24,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use self::session::{Session, Step};
+use crate::blocklist::BanCheck;
 use crate::blocklist::worker::{BanRequest, BanSender};
 use crate::config::{ListenerConfig, ProxyConfig};
 use crate::rules::{Action, RuleSet};
@@ -41,6 +42,8 @@ pub struct Shared {
     pub reject_message: String,
     /// Where bans go; `None` runs the proxy without banning (rejections only).
     pub bans: Option<BanSender>,
+    /// When XDP could not be attached: bans are enforced here, at accept.
+    pub enforce: Option<Arc<dyn BanCheck>>,
     sessions: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -51,6 +54,7 @@ impl Shared {
         rules: Arc<RuleSet>,
         reject_message: String,
         bans: Option<BanSender>,
+        enforce: Option<Arc<dyn BanCheck>>,
     ) -> Arc<Self> {
         let sessions = Arc::new(Semaphore::new(config.max_sessions));
         Arc::new(Shared {
@@ -58,6 +62,7 @@ impl Shared {
             rules,
             reject_message,
             bans,
+            enforce,
             sessions,
             per_ip: Mutex::new(HashMap::new()),
         })
@@ -175,6 +180,13 @@ struct Outcome {
 
 async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, check_helo: bool) {
     let ip = crate::addr::canonical(peer.ip());
+    if let Some(enforce) = &shared.enforce
+        && enforce.banned(ip, crate::clock::boot_ns())
+    {
+        // What XDP would have done, as near as user space can: no greeting, just gone.
+        tracing::debug!(client = %ip, "banned client closed at accept (XDP not attached)");
+        return;
+    }
     let started = Instant::now();
     let Some(_admission) = shared.admit(ip) else {
         let refusal = reply::line(421, "4.7.0", "Error: too many connections");
