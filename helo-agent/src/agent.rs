@@ -10,6 +10,41 @@ use crate::blocklist::Blocklist;
 use crate::config::Config;
 use crate::ebpf::{self, AttachMode, EbpfError, LoadOptions, PinnedMaps};
 
+/// File descriptors a session may hold: client and MTA sockets, two pipes for splice.
+const FDS_PER_SESSION: u64 = 6;
+
+/// Raises RLIMIT_NOFILE to what `max_sessions` needs (as root past the hard limit, up to
+/// fs.nr_open); warns with the fix when that is not enough. Returns the limit in force.
+fn raise_fd_limit(max_sessions: usize) -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let need = max_sessions as u64 * FDS_PER_SESSION + 256;
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1_048_576);
+    let current = getrlimit(Resource::Nofile);
+    let (soft, hard) = (current.current.unwrap_or(u64::MAX), current.maximum.unwrap_or(u64::MAX));
+    let wanted = need.min(nr_open).max(soft);
+    let raised = setrlimit(
+        Resource::Nofile,
+        Rlimit { current: Some(wanted), maximum: Some(hard.max(wanted)) },
+    )
+    .or_else(|_| {
+        setrlimit(Resource::Nofile, Rlimit { current: Some(hard.min(wanted)), maximum: Some(hard) })
+    });
+    let limit = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    if raised.is_err() || limit < need {
+        tracing::warn!(
+            limit,
+            need,
+            max_sessions,
+            "open-file limit too low for proxy.max_sessions: raise it (systemd: LimitNOFILE={need}; \
+             shell: ulimit -n {need}) or lower proxy.max_sessions"
+        );
+    }
+    limit
+}
+
 /// How often expired bans whose source never came back are swept from the maps.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
@@ -44,6 +79,8 @@ pub async fn run(
         None => default_route_interface().ok_or(AgentError::NoDefaultInterface)?,
     };
     let mode = options.mode.unwrap_or(config.xdp.mode);
+    let fd_limit = raise_fd_limit(config.proxy.max_sessions);
+    tracing::debug!(fd_limit, "open-file limit");
     let listeners = crate::proxy::bind(&config.proxy.listeners)?;
     let mut program = ebpf::load(&LoadOptions {
         pin_dir: &config.xdp.pin_dir,
