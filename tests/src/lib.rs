@@ -73,6 +73,20 @@ pub fn run(command: &mut Command) -> String {
     stdout
 }
 
+/// The greeting at `addr`, if it greets with a 220 within 2 s (a QUIT follows, best effort).
+/// A 421 (say, the agent with no MTA behind it yet) is no greeting.
+pub fn greeting(addr: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let addr = addr.parse().ok()?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut buf = [0u8; 256];
+    let n = stream.read(&mut buf).ok()?;
+    let _ = stream.write_all(b"QUIT\r\n");
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    text.starts_with("220").then_some(text)
+}
+
 /// The helo-agent binary under test: `HELO_AGENT_BIN` (set by `cargo xtask test`), else the
 /// debug build in the workspace target directory.
 pub fn agent_bin() -> PathBuf {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tests::netns::{Netns, veth};
+use tests::netns::{Netns, in_netns, veth};
 use tests::{AgentProcess, PinDir, agent_cli, require_root};
 
 const GW_V4: &str = "198.51.100.1";
@@ -238,22 +238,10 @@ fn without_xdp_bans_are_enforced_at_accept() {
     let pin = bed.pin_dir.path().to_str().unwrap().to_owned();
     let config = bed._config.0.to_str().unwrap().to_owned();
     let prefix = bed.gateway.exec_prefix();
-    let netns_path = format!("/var/run/netns/{}", bed.gateway.name);
+    let gateway = bed.gateway.name.clone();
     // The greeter on port 25 plays the MTA; the proxy listens on 2525.
-    let greeted_on_2525 = move || {
-        let path = netns_path.clone();
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(path).unwrap();
-            rustix::thread::move_into_link_name_space(
-                std::os::fd::AsFd::as_fd(&file),
-                Some(rustix::thread::LinkNameSpaceType::Network),
-            )
-            .unwrap();
-            greeting_at("127.0.0.1:2525").is_some()
-        })
-        .join()
-        .unwrap()
-    };
+    let greeted_on_2525 =
+        move || in_netns(&gateway, || tests::greeting("127.0.0.1:2525").is_some());
     let agent = AgentProcess::start(
         &prefix.each_ref().map(String::as_str),
         &[
@@ -278,14 +266,4 @@ fn without_xdp_bans_are_enforced_at_accept() {
     assert!(!greeted_on_2525(), "a banned client gets no greeting");
     agent_cli(bed.pin_dir.path(), &["unban", "127.0.0.1"]);
     assert!(greeted_on_2525(), "served again after unban");
-}
-
-/// The first bytes from `addr`, if it greets within 2 s.
-fn greeting_at(addr: &str) -> Option<String> {
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    let mut buf = [0u8; 128];
-    let n = stream.read(&mut buf).ok()?;
-    (n > 0).then(|| String::from_utf8_lossy(&buf[..n]).into_owned())
 }

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tests::netns::{Netns, veth};
-use tests::{AgentProcess, PinDir, agent_cli, require_root, run};
+use tests::netns::{Netns, in_netns, veth};
+use tests::{AgentProcess, PinDir, agent_cli, greeting, require_root, run};
 
 const GW: &str = "198.51.100.1";
 const GW_NAME: &str = "mx.gw.test";
@@ -226,19 +226,8 @@ impl Bed {
         let prefix = self.gateway.exec_prefix();
         let gateway = self.gateway.name.clone();
         AgentProcess::start(&prefix.each_ref().map(String::as_str), &args, move || {
-            let ns = format!("/var/run/netns/{gateway}");
             // Ready when port 25 answers with the MTA's greeting.
-            std::thread::spawn(move || {
-                let file = std::fs::File::open(ns).unwrap();
-                rustix::thread::move_into_link_name_space(
-                    std::os::fd::AsFd::as_fd(&file),
-                    Some(rustix::thread::LinkNameSpaceType::Network),
-                )
-                .unwrap();
-                greeting(&format!("{GW}:25")).is_some()
-            })
-            .join()
-            .unwrap()
+            in_netns(&gateway, || greeting(&format!("{GW}:25")).is_some())
         })
     }
 
@@ -290,18 +279,6 @@ impl Bed {
             socket.connect_timeout(&dst.into(), Duration::from_secs(1)).map_err(|e| e.kind())
         })
     }
-}
-
-fn greeting(addr: &str) -> Option<String> {
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(500))
-            .ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    let mut buf = [0u8; 256];
-    let n = stream.read(&mut buf).ok()?;
-    let _ = stream.write_all(b"QUIT\r\n");
-    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-    text.starts_with("220").then_some(text)
 }
 
 /// Compares a delivered body with what swaks sent; on a difference, names the first differing
