@@ -1,4 +1,4 @@
-//! Developer tasks for helo-filter: `cargo xtask setup | build-ebpf | run | test | clippy`.
+//! Developer tasks for helo-filter: `cargo xtask setup | build-ebpf | run | test | clippy | fuzz`.
 //!
 //! Build logic lives in helo-agent's build.rs (the eBPF object is built and embedded there);
 //! this crate installs what a fresh Debian machine lacks and runs the suites.
@@ -37,7 +37,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what is missing (idempotent): LLVM 22 packages, rust-src for nightly,
-    /// bpf-linker 0.13, and a bpffs at /sys/fs/bpf.
+    /// bpf-linker 0.13, cargo-fuzz, postfix/swaks/nftables for the suites, and a bpffs at
+    /// /sys/fs/bpf.
     Setup,
     /// Build the XDP object alone into target/bpfel-unknown-none/release/helo-ebpf.
     BuildEbpf,
@@ -55,7 +56,19 @@ enum Task {
     },
     /// Clippy with -D warnings on the user crates and on the eBPF crate (BPF target).
     Clippy,
+    /// Run the cargo-fuzz targets (fuzz/), each for --seconds, from the seed corpora in
+    /// fuzz/corpus; new inputs go to a temporary directory, crashes to fuzz/artifacts.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// One target only (smtp_session, helo_rules, config, importers).
+        target: Option<String>,
+    },
 }
+
+const FUZZ_TARGETS: &[&str] = &["smtp_session", "helo_rules", "config", "importers"];
+/// Seconds each fuzz target runs inside `cargo xtask test`.
+const FUZZ_SECONDS_IN_TEST: u32 = 10;
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
@@ -81,7 +94,48 @@ fn main() -> anyhow::Result<()> {
             ensure_setup()?;
             clippy()
         }
+        Task::Fuzz { seconds, target } => {
+            ensure_setup()?;
+            let targets: Vec<&str> = match &target {
+                Some(t) if FUZZ_TARGETS.contains(&t.as_str()) => vec![t.as_str()],
+                Some(t) => bail!("no fuzz target {t:?}: choose one of {FUZZ_TARGETS:?}"),
+                None => FUZZ_TARGETS.to_vec(),
+            };
+            fuzz(&targets, seconds)
+        }
     }
+}
+
+fn cargo_fuzz_ok() -> bool {
+    output("cargo", &["fuzz", "--version"]).is_some()
+}
+
+/// Runs each target for `seconds` from its committed seeds; fails on any crash.
+fn fuzz(targets: &[&str], seconds: u32) -> anyhow::Result<()> {
+    step("building the fuzz targets (nightly, AddressSanitizer)");
+    run(Command::new("cargo").args(["+nightly", "fuzz", "build", "-O"]))?;
+    for target in targets {
+        step(&format!("fuzzing {target} for {seconds} s"));
+        let scratch =
+            std::env::temp_dir().join(format!("helo-fuzz-{target}-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch)?;
+        let seeds = workspace().join("fuzz/corpus").join(target);
+        let result = run(Command::new("cargo")
+            .args(["+nightly", "fuzz", "run", "-O", target])
+            .arg(&scratch)
+            .arg(&seeds)
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-print_final_stats=1",
+                "-print_funcs=0",
+            ]));
+        let _ = std::fs::remove_dir_all(&scratch);
+        result.with_context(|| {
+            format!("fuzz target {target} found a crash: the input is in fuzz/artifacts/{target}/")
+        })?;
+    }
+    Ok(())
 }
 
 fn workspace() -> PathBuf {
@@ -144,7 +198,11 @@ fn bpffs_mounted() -> bool {
 }
 
 fn setup_complete() -> bool {
-    missing_packages().is_empty() && has_rust_src() && bpf_linker_ok() && bpffs_mounted()
+    missing_packages().is_empty()
+        && has_rust_src()
+        && bpf_linker_ok()
+        && bpffs_mounted()
+        && cargo_fuzz_ok()
 }
 
 /// Runs `setup` when anything is missing; other tasks call this first.
@@ -208,6 +266,13 @@ fn setup() -> anyhow::Result<()> {
         }
     }
 
+    if cargo_fuzz_ok() {
+        step("cargo-fuzz: present");
+    } else {
+        step("installing cargo-fuzz (about 1 minute the first time)");
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+
     if bpffs_mounted() {
         step(&format!("bpffs at {BPFFS}: mounted"));
     } else if is_root() {
@@ -263,7 +328,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     root.extend(&args);
     run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(&root)
-        .env("HELO_AGENT_BIN", bin))
+        .env("HELO_AGENT_BIN", bin))?;
+    step(&format!("fuzzing, {FUZZ_SECONDS_IN_TEST} s a target (longer: cargo xtask fuzz)"));
+    fuzz(FUZZ_TARGETS, FUZZ_SECONDS_IN_TEST)
 }
 
 fn clippy() -> anyhow::Result<()> {

@@ -72,7 +72,8 @@ pub fn parse(argument: &str) -> Helo {
 
 /// `192.0.2.1` or `IPv6:2001:db8::1` (the tag is case-insensitive, RFC 5321 4.1.3).
 fn parse_literal(inner: &str) -> Option<IpAddr> {
-    if inner.len() > 5 && inner[..5].eq_ignore_ascii_case("ipv6:") {
+    // Compare bytes: slicing the str at 5 could cut a multi-byte character (found by fuzzing).
+    if inner.len() > 5 && inner.as_bytes()[..5].eq_ignore_ascii_case(b"ipv6:") {
         return inner[5..].parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6);
     }
     inner.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
@@ -149,6 +150,15 @@ mod tests {
         for bad in ["[2001:db8::1]", "[192.0.2]", "[foo]", "[192.0.2.1", "[]", "[IPv6:]"] {
             assert_eq!(parse(bad), Helo::Invalid(Invalid::BadLiteral), "{bad}");
         }
+    }
+
+    /// Regression (cargo fuzz, smtp_session and helo_rules): a literal whose 5th byte falls
+    /// inside a multi-byte character panicked on a str slice.
+    #[test]
+    fn literal_with_multibyte_characters_does_not_panic() {
+        assert_eq!(parse("[I\u{fffd}\u{fffd}6:2001:db8::1]"), Helo::Invalid(Invalid::BadLiteral));
+        assert_eq!(parse("[abcd\u{e9}]"), Helo::Invalid(Invalid::BadLiteral));
+        assert_eq!(parse("[\u{e9}\u{e9}\u{e9}]"), Helo::Invalid(Invalid::BadLiteral));
     }
 
     #[test]
