@@ -1,4 +1,4 @@
-//! Command line: `helo-agent run | ban | unban | list | check | stats`. Parses arguments, runs the
+//! Command line: `helo-agent run | ban | unban | list | check | check-config | stats`. Parses arguments, runs the
 //! command, prints human or `--json` output. Errors bubble up as `anyhow` with their reason.
 
 use std::io::Write as _;
@@ -109,6 +109,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Validate a config (and the rule files it names) without running anything.
+    CheckConfig {
+        /// The config to check; default: --config, else the embedded defaults.
+        file: Option<PathBuf>,
+    },
     /// XDP verdict counters, summed over CPUs.
     Stats {
         /// One JSON object, for scripts.
@@ -128,6 +133,24 @@ pub fn init_logging(format: LogFormat) {
 }
 
 pub fn execute(cli: Cli) -> anyhow::Result<()> {
+    if let Command::CheckConfig { file } = &cli.command {
+        let path = file.as_deref().or(cli.config.as_deref());
+        let config = Config::load(path)?;
+        for warning in &config.warnings {
+            println!("warning: {warning}");
+        }
+        let rules = &config.rules;
+        println!(
+            "config ok: {} ({} domain table entries, {} regex rules, {} identity names, {} listeners, upstream {})",
+            path.map_or("<embedded defaults>".into(), |p| p.display().to_string()),
+            rules.table.len(),
+            rules.badhelo.len(),
+            rules.identity.names.len(),
+            config.proxy.listeners.len(),
+            config.proxy.upstream,
+        );
+        return Ok(());
+    }
     let mut config = Config::load(cli.config.as_deref())?;
     if let Some(dir) = cli.pin_dir {
         config.xdp.pin_dir = dir;
@@ -224,6 +247,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 write_verdict(&mut out, &verdict)?;
             }
         }
+        Command::CheckConfig { .. } => unreachable!("handled before the config is loaded"),
         Command::Stats { json } => {
             let totals = PinnedMaps::open(&config.xdp.pin_dir)?.stats()?;
             let mut out = std::io::stdout().lock();
