@@ -117,6 +117,11 @@ impl Agent {
         let mut config =
             Config::parse(&text, Path::new("test.toml"), &HostFacts::default()).unwrap();
         config.proxy.upstream = mta;
+        // Tests stop the agent with clients still connected; they need not wait the
+        // production drain (30 s). The drain tests set their own.
+        if !extra.contains("shutdown_grace") {
+            config.proxy.shutdown_grace = Duration::from_secs(2);
+        }
         config.proxy.listeners = vec![
             ListenerConfig { address: "127.0.0.1:0".parse().unwrap(), check_helo: true },
             ListenerConfig { address: "127.0.0.1:0".parse().unwrap(), check_helo: false },
@@ -153,8 +158,15 @@ impl Agent {
     }
 
     async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
+        self.signal_stop();
         self.done.await.unwrap();
+    }
+
+    /// What SIGTERM does: the listeners close, sessions in flight drain.
+    fn signal_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }
 
@@ -505,4 +517,48 @@ async fn without_xdp_a_banned_client_is_closed_at_accept() {
     let mut again = TcpStream::connect(agent.addr).await.unwrap();
     assert_eq!(read_reply(&mut again).await, "", "closed before any greeting");
     agent.stop().await;
+}
+
+#[tokio::test]
+async fn on_shutdown_a_session_in_flight_finishes_and_new_ones_are_refused() {
+    let mta = Mta::start().await;
+    let mut agent = Agent::start(mta.addr, "").await;
+    let mut client = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut client).await;
+    client.write_all(b"EHLO mail.sender.example\r\n").await.unwrap();
+    read_reply(&mut client).await;
+    agent.signal_stop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(TcpStream::connect(agent.addr).await.is_err(), "the listener is closed");
+    assert!(!agent.done.is_finished(), "serve waits for the session in flight");
+    for (line, reply) in [("MAIL FROM:<a@b>", "250 2.0.0 Ok\r\n"), ("QUIT", "221 2.0.0 Bye\r\n")] {
+        client.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
+        assert_eq!(read_reply(&mut client).await, reply, "the session goes on during the drain");
+    }
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(5), &mut agent.done)
+        .await
+        .expect("serve returns once the session has ended")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn on_shutdown_an_idle_session_is_cut_after_the_grace() {
+    let mta = Mta::start().await;
+    let mut agent = Agent::start(mta.addr, "[proxy]\nshutdown_grace = \"1s\"").await;
+    let mut client = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut client).await;
+    client.write_all(b"EHLO mail.sender.example\r\n").await.unwrap();
+    read_reply(&mut client).await;
+    let started = std::time::Instant::now();
+    agent.signal_stop();
+    tokio::time::timeout(Duration::from_secs(5), &mut agent.done)
+        .await
+        .expect("serve returns")
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "waited {waited:?}"
+    );
 }

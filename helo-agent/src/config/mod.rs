@@ -63,6 +63,7 @@ pub struct RawProxy {
     pub upstream_timeout: String,
     pub max_sessions: usize,
     pub max_sessions_per_ip: usize,
+    pub shutdown_grace: String,
 }
 
 impl Default for RawProxy {
@@ -79,6 +80,7 @@ impl Default for RawProxy {
             upstream_timeout: "30s".into(),
             max_sessions: 10_000,
             max_sessions_per_ip: 20,
+            shutdown_grace: "30s".into(),
         }
     }
 }
@@ -324,6 +326,8 @@ pub struct ProxyConfig {
     pub upstream_timeout: Duration,
     pub max_sessions: usize,
     pub max_sessions_per_ip: usize,
+    /// On SIGTERM/SIGINT: how long sessions in flight may take to end.
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -467,6 +471,7 @@ impl Config {
             upstream_timeout: duration("proxy.upstream_timeout", &raw.proxy.upstream_timeout)?,
             max_sessions: raw.proxy.max_sessions,
             max_sessions_per_ip: raw.proxy.max_sessions_per_ip,
+            shutdown_grace: duration("proxy.shutdown_grace", &raw.proxy.shutdown_grace)?,
         };
 
         let mut warnings = Vec::new();

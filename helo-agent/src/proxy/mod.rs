@@ -161,6 +161,39 @@ pub async fn serve(listeners: Vec<Bound>, shared: Arc<Shared>, shutdown: impl Fu
     }
     shutdown.await;
     tasks.shutdown().await;
+    drain(&shared).await;
+}
+
+/// After the listeners close: waits for sessions in flight to end, up to
+/// `proxy.shutdown_grace`, saying every second how many are left. What is still open then is
+/// cut when the runtime stops.
+async fn drain(shared: &Shared) {
+    let total = shared.config.max_sessions;
+    let grace = shared.config.shutdown_grace;
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut last_report = tokio::time::Instant::now();
+    loop {
+        let open = total - shared.sessions.available_permits();
+        if open == 0 {
+            tracing::info!("all sessions ended");
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            tracing::warn!(
+                open,
+                grace_s = grace.as_secs(),
+                "shutdown grace over: cutting the sessions still open"
+            );
+            return;
+        }
+        if now >= last_report {
+            let left = deadline.saturating_duration_since(now).as_secs();
+            tracing::info!(open, seconds_left = left, "draining: waiting for sessions to end");
+            last_report = now + Duration::from_secs(1);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// How a session ended, for its log line.
