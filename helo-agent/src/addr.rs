@@ -9,6 +9,8 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
+use ipnet::{IpNet, Ipv6Net};
+
 /// The prefix length of an IPv6 prefix ban.
 pub const V6_PREFIX_BAN_LEN: u8 = 64;
 
@@ -55,13 +57,16 @@ impl BanTarget {
         }
     }
 
-    /// Whether this ban covers `ip`.
-    pub fn covers(&self, ip: IpAddr) -> bool {
-        match (self, canonical(ip)) {
-            (BanTarget::V4(a), IpAddr::V4(b)) => *a == b.octets(),
-            (BanTarget::V6(a), IpAddr::V6(b)) => *a == b.octets(),
-            (BanTarget::V6Net64(a), IpAddr::V6(b)) => *a == helo_common::v6_prefix64(&b.octets()),
-            _ => false,
+    /// The network this ban covers: a /32, a /128 or a /64.
+    pub fn network(&self) -> IpNet {
+        match self {
+            BanTarget::V4(o) => IpNet::from(IpAddr::V4(Ipv4Addr::from(*o))),
+            BanTarget::V6(o) => IpNet::from(IpAddr::V6(Ipv6Addr::from(*o))),
+            BanTarget::V6Net64(p) => {
+                let mut full = [0u8; 16];
+                full[..8].copy_from_slice(p);
+                Ipv6Net::new(Ipv6Addr::from(full), V6_PREFIX_BAN_LEN).expect("64 <= 128").into()
+            }
         }
     }
 }
@@ -100,15 +105,11 @@ impl FromStr for BanTarget {
 }
 
 impl fmt::Display for BanTarget {
+    /// Hosts as a plain address, the /64 with its prefix length.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BanTarget::V4(o) => write!(f, "{}", Ipv4Addr::from(*o)),
-            BanTarget::V6(o) => write!(f, "{}", Ipv6Addr::from(*o)),
-            BanTarget::V6Net64(p) => {
-                let mut full = [0u8; 16];
-                full[..8].copy_from_slice(p);
-                write!(f, "{}/{V6_PREFIX_BAN_LEN}", Ipv6Addr::from(full))
-            }
+            BanTarget::V6Net64(_) => write!(f, "{}", self.network()),
+            _ => write!(f, "{}", self.network().addr()),
         }
     }
 }
@@ -142,7 +143,8 @@ mod tests {
     fn ipv4_mapped_ipv6_is_the_ipv4_host() {
         assert_eq!(t("::ffff:192.0.2.7"), Ok(BanTarget::V4([192, 0, 2, 7])));
         assert_eq!(t("::ffff:192.0.2.7/128"), Ok(BanTarget::V4([192, 0, 2, 7])));
-        assert!(BanTarget::V4([192, 0, 2, 7]).covers("::ffff:192.0.2.7".parse().unwrap()));
+        let mapped = canonical("::ffff:192.0.2.7".parse().unwrap());
+        assert!(BanTarget::V4([192, 0, 2, 7]).network().contains(&mapped));
     }
 
     #[test]
@@ -151,9 +153,10 @@ mod tests {
         assert_eq!(t("2001:db8:1:2::/64"), Ok(expected));
         assert_eq!(t("2001:db8:1:2:aaaa::5/64"), Ok(expected));
         assert_eq!(expected.to_string(), "2001:db8:1:2::/64");
-        assert!(expected.covers("2001:db8:1:2:ffff::1".parse().unwrap()));
-        assert!(!expected.covers("2001:db8:1:3::1".parse().unwrap()));
-        assert!(!expected.covers("192.0.2.1".parse().unwrap()));
+        let covers = |ip: &str| expected.network().contains(&ip.parse::<IpAddr>().unwrap());
+        assert!(covers("2001:db8:1:2:ffff::1"));
+        assert!(!covers("2001:db8:1:3::1"));
+        assert!(!covers("192.0.2.1"));
     }
 
     #[test]

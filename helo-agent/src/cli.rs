@@ -305,22 +305,11 @@ fn parse_target(text: &str, prefix: bool) -> anyhow::Result<BanTarget> {
     })
 }
 
+/// Whether the ban and the allowlisted network overlap, either way round (a /64 may hold an
+/// allowlisted host, or lie inside an allowlisted network).
 fn allowlisted_target(net: &ipnet::IpNet, target: &BanTarget) -> bool {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-    match target {
-        BanTarget::V4(o) => net.contains(&IpAddr::V4(Ipv4Addr::from(*o))),
-        BanTarget::V6(o) => net.contains(&IpAddr::V6(Ipv6Addr::from(*o))),
-        BanTarget::V6Net64(p) => {
-            let mut full = [0u8; 16];
-            full[..8].copy_from_slice(p);
-            // The /64 overlaps the allowlisted network either way round.
-            let prefix = ipnet::Ipv6Net::new(Ipv6Addr::from(full), 64).expect("64 <= 128");
-            match net {
-                ipnet::IpNet::V6(n) => n.contains(&prefix) || prefix.contains(n),
-                ipnet::IpNet::V4(_) => false,
-            }
-        }
-    }
+    let banned = target.network();
+    net.contains(&banned) || banned.contains(net)
 }
 
 async fn shutdown_signal() {
