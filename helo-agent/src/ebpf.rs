@@ -102,7 +102,6 @@ pub struct LoadOptions<'a> {
 /// stay.
 pub struct XdpProgram {
     ebpf: Ebpf,
-    attached: Option<(String, &'static str)>,
 }
 
 /// Loads the program, reusing the pinned ban maps in `pin_dir` when present, and writes the
@@ -145,7 +144,7 @@ pub fn load(options: &LoadOptions<'_>) -> Result<XdpProgram, EbpfError> {
         }
         other => EbpfError::Program(other),
     })?;
-    Ok(XdpProgram { ebpf, attached: None })
+    Ok(XdpProgram { ebpf })
 }
 
 fn write_allowlist(ebpf: &mut Ebpf, allow: &[IpNet]) -> Result<(), EbpfError> {
@@ -202,13 +201,7 @@ impl XdpProgram {
                 }
             },
         };
-        self.attached = Some((iface.to_owned(), used));
         Ok(used)
-    }
-
-    /// The interface and mode the program is attached in, if any.
-    pub fn attached(&self) -> Option<(&str, &'static str)> {
-        self.attached.as_ref().map(|(iface, mode)| (iface.as_str(), *mode))
     }
 
     /// Runs the program once per `repeat` on `frame` with BPF_PROG_TEST_RUN; returns the XDP
@@ -321,11 +314,6 @@ fn warn_on_resize(dir: &Path, sizes: &MapSizes) {
 
 fn is_bpffs(path: &Path) -> bool {
     rustix::fs::statfs(path).is_ok_and(|fs| fs.f_type as u64 == BPFFS_MAGIC)
-}
-
-/// Whether `dir` holds pinned helo-filter maps.
-pub fn pinned_maps_exist(dir: &Path) -> bool {
-    dir.join(maps::BANS_V4).exists()
 }
 
 fn map_error(map: &'static str, operation: &'static str, error: MapError) -> StoreError {
