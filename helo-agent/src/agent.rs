@@ -1,12 +1,10 @@
 //! `helo-agent run`: bind the SMTP listeners, load and attach the XDP program, start the ban
-//! worker on the pinned maps, serve sessions, keep the ban maps tidy, and detach on shutdown.
+//! worker on the pinned maps (it also sweeps expired bans), serve sessions, and detach on
+//! shutdown.
 //! Everything is validated and bound before the first session is accepted.
 
 use std::future::Future;
-use std::path::Path;
-use std::time::Duration;
 
-use crate::blocklist::Blocklist;
 use crate::config::Config;
 use crate::ebpf::{self, AttachMode, EbpfError, LoadOptions, PinnedMaps};
 
@@ -44,9 +42,6 @@ fn raise_fd_limit(max_sessions: usize) -> u64 {
     }
     limit
 }
-
-/// How often expired bans whose source never came back are swept from the maps.
-const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -145,37 +140,18 @@ pub async fn run(
     });
     tokio::pin!(serve);
 
-    let mut sweep = tokio::time::interval(SWEEP_EVERY);
-    sweep.tick().await;
     tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => {
-                let _ = stop.send(true);
-                serve.await;
-                break;
-            }
-            () = &mut serve => break,
-            _ = sweep.tick() => {
-                let dir = config.xdp.pin_dir.clone();
-                match tokio::task::spawn_blocking(move || sweep_expired(&dir)).await {
-                    Ok(Ok(0)) => {}
-                    Ok(Ok(purged)) => tracing::debug!(purged, "expired bans swept"),
-                    Ok(Err(error)) => tracing::warn!(%error, "sweeping expired bans failed"),
-                    Err(error) => tracing::warn!(%error, "ban sweep task failed"),
-                }
-            }
+    tokio::select! {
+        () = &mut shutdown => {
+            let _ = stop.send(true);
+            serve.await;
         }
+        () = &mut serve => {}
     }
     drop(program);
     let what = if attached.is_some() { "XDP program detached" } else { "stopped" };
     tracing::info!(iface, "{what}; bans stay pinned in {}", config.xdp.pin_dir.display());
     Ok(())
-}
-
-fn sweep_expired(pin_dir: &Path) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
-    let mut list = Blocklist::new(PinnedMaps::open(pin_dir)?);
-    Ok(list.purge_expired(crate::clock::boot_ns())?)
 }
 
 /// The interface of the IPv4 default route, else of the IPv6 one.

@@ -2,17 +2,21 @@
 //! (map writes are syscalls) and takes requests over a bounded channel that never blocks the
 //! sender. Repeat offenders get longer bans: each new offence multiplies the TTL by `factor`,
 //! up to `max_ttl`; the offence history is an LRU of bounded size and forgets an address after
-//! `max_ttl` without offences.
+//! `max_ttl` without offences. The worker also sweeps expired bans from the store every minute.
 
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::time::Duration;
 
 use lru::LruCache;
 
 use super::{BanStore, Blocklist, Ttl};
 use crate::addr::BanTarget;
+
+/// How often expired bans whose source never came back are swept from the store (the kernel
+/// removes the others when they come back).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Requests waiting at most; beyond, new ones are dropped (and counted) rather than block.
 const QUEUE: usize = 4096;
@@ -96,7 +100,23 @@ fn run<S: BanStore>(
     let forget_ns = u64::try_from(escalation.max_ttl.as_nanos()).unwrap_or(u64::MAX);
     let mut bucket = TokenBucket::new(escalation.max_per_second, clock());
     let mut capped: u64 = 0;
-    for request in rx {
+    let sweep_ns = u64::try_from(SWEEP_EVERY.as_nanos()).unwrap_or(u64::MAX);
+    let mut next_sweep = clock().saturating_add(sweep_ns);
+    loop {
+        let now = clock();
+        if now >= next_sweep {
+            match list.purge_expired(now) {
+                Ok(0) => {}
+                Ok(purged) => tracing::debug!(purged, "expired bans swept"),
+                Err(error) => tracing::warn!(%error, "sweeping expired bans failed"),
+            }
+            next_sweep = now.saturating_add(sweep_ns);
+        }
+        let request = match rx.recv_timeout(Duration::from_nanos(next_sweep - now)) {
+            Ok(request) => request,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         let now = clock();
         if !bucket.take(now) {
             capped += 1;
@@ -308,5 +328,30 @@ mod tests {
         let target = BanTarget::host("198.51.100.77".parse().unwrap());
         let value = list.store().get(&target).unwrap().unwrap();
         assert_eq!(value.expires_ns, 10 * 3600 * 1_000_000_000, "a one-hour ban from the new now");
+    }
+
+    #[test]
+    fn the_worker_sweeps_expired_bans() {
+        static CLOCK: AtomicU64 = AtomicU64::new(0);
+        fn clock() -> u64 {
+            CLOCK.load(Ordering::Relaxed)
+        }
+        let store = Arc::new(Mutex::new(FakeStore::default()));
+        let (bans, worker) = spawn(store, ESCALATION, clock);
+        let request = |ip: &str, secs| BanRequest {
+            client: ip.parse().unwrap(),
+            ttl: Duration::from_secs(secs),
+            reason: String::new(),
+        };
+        bans.ban(request("198.51.100.1", 1));
+        std::thread::sleep(Duration::from_millis(100));
+        // A minute later the first ban has long expired; the next request wakes the worker.
+        CLOCK.store(61 * 1_000_000_000, Ordering::Relaxed);
+        bans.ban(request("198.51.100.2", 3600));
+        drop(bans);
+        let list = worker.join().unwrap();
+        let left: Vec<String> =
+            list.store().entries().unwrap().iter().map(|(t, _)| t.to_string()).collect();
+        assert_eq!(left, ["198.51.100.2"], "the expired ban was swept");
     }
 }
