@@ -1,12 +1,26 @@
-//! `helo-agent run`: bind the SMTP listeners, load and attach the XDP program, start the ban
-//! worker on the pinned maps (it also sweeps expired bans), serve sessions, and detach on
-//! shutdown.
-//! Everything is validated and bound before the first session is accepted.
+//! `helo-agent run`, in two halves. [`prepare`] does everything that needs root, in one
+//! thread: validate, bind the SMTP listeners, the control socket and the metrics port, load the
+//! XDP program and attach it (into the link pinned by an earlier run, when there is one),
+//! restore the ban snapshot. Then the process drops to `agent.user` ([`drop_privileges`]), and
+//! [`serve`] starts the runtime's work: the ban worker, the proxy, the control socket, metrics,
+//! SIGHUP reloads. On shutdown the worker saves the snapshot; the program stays attached
+//! through its pinned link (`helo-agent detach` removes it).
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
+use crate::blocklist::Blocklist;
+use crate::blocklist::snapshot::{self, Loaded};
+use crate::blocklist::worker::{self, BanSender};
 use crate::config::Config;
-use crate::ebpf::{self, AttachMode, EbpfError, LoadOptions, PinnedMaps};
+use crate::ebpf::{
+    self, Allowlist, AttachMode, Attached, EbpfError, LoadOptions, PinnedMaps, XdpProgram,
+};
+use crate::metrics::Metrics;
+use crate::proxy::Shared;
+use crate::proxy::header::ProxyProtocol;
 
 /// File descriptors a session may hold: client and MTA sockets, two pipes for splice.
 const FDS_PER_SESSION: u64 = 6;
@@ -54,21 +68,73 @@ pub enum AgentError {
     NoDefaultInterface,
     #[error(transparent)]
     Bind(#[from] crate::proxy::BindError),
+    #[error("cannot listen on the control socket {path}: {source}")]
+    Control { path: PathBuf, source: std::io::Error },
+    #[error(
+        "another agent is already running with the control socket {path}: stop it first, or \
+         give this one another agent.control_socket"
+    )]
+    AlreadyRunning { path: PathBuf },
+    #[error("cannot listen for metrics on {address}: {source}")]
+    Metrics { address: std::net::SocketAddr, source: std::io::Error },
+    #[error("cannot prepare the snapshot directory {path}: {source}")]
+    SnapshotDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Privilege(#[from] crate::privilege::PrivilegeError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
 }
 
-/// Overrides from the command line.
+/// Overrides from the command line; a reload applies them again to the re-read config.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
     pub interface: Option<String>,
     pub mode: Option<AttachMode>,
+    pub listen: Vec<std::net::SocketAddr>,
+    pub upstream: Option<std::net::SocketAddr>,
+    pub proxy_protocol: Option<ProxyProtocol>,
+    pub pin_dir: Option<PathBuf>,
 }
 
-/// Runs until `shutdown` completes, then detaches the program (the pinned maps stay).
-pub async fn run(
-    config: &Config,
-    options: &RunOptions,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), AgentError> {
+impl RunOptions {
+    pub fn apply(&self, config: &mut Config) {
+        if let Some(dir) = &self.pin_dir {
+            config.xdp.pin_dir = dir.clone();
+        }
+        if !self.listen.is_empty() {
+            config.proxy.listeners = self
+                .listen
+                .iter()
+                .map(|&address| crate::config::ListenerConfig { address, check_helo: true })
+                .collect();
+        }
+        if let Some(upstream) = self.upstream {
+            config.proxy.upstream = upstream;
+        }
+        if let Some(protocol) = self.proxy_protocol {
+            config.proxy.proxy_protocol = protocol;
+        }
+    }
+}
+
+/// What [`prepare`] set up as root, for [`serve`].
+pub struct Prepared {
+    config: Config,
+    options: RunOptions,
+    iface: String,
+    listeners: Vec<(std::net::TcpListener, bool)>,
+    program: XdpProgram,
+    attached: Option<Attached>,
+    allowlist: Option<Allowlist>,
+    bans: Blocklist<PinnedMaps>,
+    maps: Arc<PinnedMaps>,
+    history: Vec<(crate::addr::BanTarget, u32, u64)>,
+    control: std::os::unix::net::UnixListener,
+    metrics: Option<std::net::TcpListener>,
+}
+
+/// The privileged half of start-up; see the module doc. Single-threaded.
+pub fn prepare(config: Config, options: RunOptions) -> Result<Prepared, AgentError> {
     let iface = match options.interface.clone().or_else(|| config.xdp.interface.clone()) {
         Some(iface) => iface,
         None => default_route_interface().ok_or(AgentError::NoDefaultInterface)?,
@@ -76,7 +142,17 @@ pub async fn run(
     let mode = options.mode.unwrap_or(config.xdp.mode);
     let fd_limit = raise_fd_limit(config.proxy.max_sessions);
     tracing::debug!(fd_limit, "open-file limit");
-    let listeners = crate::proxy::bind(&config.proxy.listeners)?;
+    refuse_if_running(&config.agent.control_socket)?;
+    let listeners = crate::proxy::bind_std(&config.proxy.listeners)?;
+    let metrics = config
+        .agent
+        .metrics
+        .map(|address| {
+            std::net::TcpListener::bind(address)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|source| AgentError::Metrics { address, source })
+        })
+        .transpose()?;
     let mut program = ebpf::load(&LoadOptions {
         pin_dir: &config.xdp.pin_dir,
         sizes: config.xdp.sizes,
@@ -87,7 +163,7 @@ pub async fn run(
     // must not fail open silently: say so, and enforce the bans at accept instead. Other
     // errors (no such interface) are configuration errors and stop the agent.
     let attached = match program.attach(&iface, mode) {
-        Ok(used) => Some(used),
+        Ok(attached) => Some(attached),
         Err(error @ EbpfError::Attach { .. }) => {
             tracing::error!(
                 %error,
@@ -99,10 +175,12 @@ pub async fn run(
         }
         Err(error) => return Err(error.into()),
     };
-    if let Some(used) = attached {
+    if let Some(attached) = attached {
         tracing::info!(
             iface,
-            mode = used,
+            mode = attached.mode,
+            replaced_previous = attached.replaced,
+            stays_attached = attached.pinned,
             ports = ?config.xdp.ports,
             pin_dir = %config.xdp.pin_dir.display(),
             allowlist = config.rules.allowlist.len(),
@@ -110,20 +188,304 @@ pub async fn run(
             "XDP ban filter attached"
         );
     }
+    let allowlist = program.take_allowlist();
+    let mut bans = Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?);
+    let history = restore_snapshot(&config, &mut bans)?;
+    let maps = Arc::new(PinnedMaps::open(&config.xdp.pin_dir)?);
+    // Last: a control socket that answers means the agent is attached and restored.
+    let control = bind_control(&config.agent.control_socket)?;
+    Ok(Prepared {
+        config,
+        options,
+        iface,
+        listeners,
+        program,
+        attached,
+        allowlist,
+        bans,
+        maps,
+        history,
+        control,
+        metrics,
+    })
+}
 
-    let maps = PinnedMaps::open(&config.xdp.pin_dir)?;
-    let (bans, _worker) =
-        crate::blocklist::worker::spawn(maps, config.escalation, crate::clock::boot_ns);
-    let enforce: Option<std::sync::Arc<dyn crate::blocklist::BanCheck>> = match attached {
-        Some(_) => None,
-        None => Some(std::sync::Arc::new(PinnedMaps::open(&config.xdp.pin_dir)?)),
+/// Loads the snapshot into the maps; returns the offence history still in force. A corrupt
+/// snapshot is reported and set aside; the agent runs on.
+fn restore_snapshot(
+    config: &Config,
+    bans: &mut Blocklist<PinnedMaps>,
+) -> Result<Vec<(crate::addr::BanTarget, u32, u64)>, AgentError> {
+    let Some(path) = &config.snapshot.path else { return Ok(Vec::new()) };
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir)
+        .map_err(|source| AgentError::SnapshotDir { path: dir.to_owned(), source })?;
+    if let Some(user) = &config.agent.user {
+        // The agent writes snapshots after dropping root: the directory must be its own.
+        let user = crate::privilege::lookup(user)?;
+        let owner = |p: &Path| {
+            rustix::fs::chown(
+                p,
+                Some(rustix::fs::Uid::from_raw(user.uid)),
+                Some(rustix::fs::Gid::from_raw(user.gid)),
+            )
+            .map_err(|e| AgentError::SnapshotDir { path: p.to_owned(), source: e.into() })
+        };
+        owner(dir)?;
+        if path.exists() {
+            owner(path)?;
+        }
+    }
+    let now = crate::clock::Now::read();
+    let started = Instant::now();
+    let snapshot = match snapshot::load(path, now) {
+        Ok(Loaded::Good(snapshot)) => snapshot,
+        Ok(Loaded::Absent) => {
+            tracing::info!(snapshot = %path.display(), "no ban snapshot yet: starting with the pinned bans only");
+            return Ok(Vec::new());
+        }
+        Ok(Loaded::Corrupt { reason, aside }) => {
+            let aside = aside.map_or("(could not be renamed)".into(), |p| p.display().to_string());
+            tracing::error!(snapshot = %path.display(), reason, set_aside_as = aside, "ban snapshot is corrupt: not restored (the pinned bans still hold); look at the file set aside");
+            return Ok(Vec::new());
+        }
+        Err(error) => {
+            tracing::error!(%error, "ban snapshot not restored");
+            return Ok(Vec::new());
+        }
     };
-    let shared = crate::proxy::Shared::new(
+    match snapshot::restore(bans, &snapshot, now) {
+        Ok(done) => tracing::info!(
+            snapshot = %path.display(),
+            restored = done.restored,
+            expired = done.expired,
+            kept_longer_pinned = done.kept,
+            invalid = done.invalid,
+            ms = started.elapsed().as_millis() as u64,
+            "ban snapshot restored"
+        ),
+        Err(error) => tracing::error!(%error, "ban snapshot only partly restored"),
+    }
+    let forget_ns = u64::try_from(config.escalation.max_ttl.as_nanos()).unwrap_or(u64::MAX);
+    Ok(snapshot::offences_in_force(&snapshot, forget_ns, now))
+}
+
+/// A control socket that answers belongs to a running agent: two agents on the same maps and
+/// listeners would fight.
+fn refuse_if_running(path: &Path) -> Result<(), AgentError> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(AgentError::AlreadyRunning { path: path.to_owned() });
+    }
+    Ok(())
+}
+
+/// Binds the control socket mode 0600. A socket file nobody answers on is left from a crash
+/// and replaced.
+fn bind_control(path: &Path) -> Result<std::os::unix::net::UnixListener, AgentError> {
+    let err = |source| AgentError::Control { path: path.to_owned(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    refuse_if_running(path)?;
+    let _ = std::fs::remove_file(path);
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let listener = std::os::unix::net::UnixListener::bind(path);
+    rustix::process::umask(old);
+    let listener = listener.map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    Ok(listener)
+}
+
+/// Switches to `agent.user` (see [`crate::privilege`]); transparent mode keeps CAP_NET_RAW.
+pub fn drop_privileges(prepared: &Prepared) -> Result<(), AgentError> {
+    let Some(name) = &prepared.config.agent.user else {
+        tracing::warn!("agent.user is empty: running as root");
+        return Ok(());
+    };
+    let user = crate::privilege::lookup(name)?;
+    let keep = if prepared.config.proxy.proxy_protocol == ProxyProtocol::Transparent {
+        rustix::thread::CapabilitySet::NET_RAW
+    } else {
+        rustix::thread::CapabilitySet::empty()
+    };
+    crate::privilege::drop_to(&user, keep)?;
+    tracing::info!(user = name, uid = user.uid, capabilities = ?keep, "privileges dropped");
+    Ok(())
+}
+
+/// The whole `run`: prepare, drop privileges, serve until `shutdown`.
+pub fn run(
+    config: Config,
+    options: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let prepared = prepare(config, options)?;
+    drop_privileges(&prepared)?;
+    let runtime = tokio::runtime::Runtime::new().map_err(AgentError::Runtime)?;
+    runtime.block_on(serve(prepared, shutdown))
+}
+
+/// Re-reads the config and swaps in what can change live.
+struct Reloader {
+    source: Option<PathBuf>,
+    options: RunOptions,
+    current: Mutex<Config>,
+    allowlist: Mutex<Option<Allowlist>>,
+    shared: Arc<Shared>,
+    bans: BanSender,
+    metrics: Arc<Metrics>,
+    /// One reload at a time.
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl Reloader {
+    async fn reload(&self) -> Result<serde_json::Value, String> {
+        let _one = self.busy.lock().await;
+        let source = self.source.clone();
+        let options = self.options.clone();
+        let started = Instant::now();
+        let loaded = tokio::task::spawn_blocking(move || {
+            Config::load(source.as_deref()).map(|mut config| {
+                options.apply(&mut config);
+                config
+            })
+        })
+        .await
+        .map_err(|e| format!("reload task failed: {e}"))?;
+        let mut new = match loaded {
+            Ok(config) => config,
+            Err(error) => {
+                self.metrics
+                    .reloads
+                    .get_or_create(&crate::metrics::ResultLabels { result: "refused" })
+                    .inc();
+                tracing::error!(%error, "reload refused: the config in force keeps running");
+                return Err(format!("reload refused, the config in force keeps running: {error}"));
+            }
+        };
+        let mut current = self.current.lock().expect("config lock");
+        let needs_restart = keep_fixed(&current, &mut new);
+        for key in &needs_restart {
+            tracing::warn!(
+                key,
+                "reload: this setting changes only at a restart; the old value stays"
+            );
+        }
+        if new.rules.allowlist != current.rules.allowlist
+            && let Some(allowlist) = self.allowlist.lock().expect("allowlist lock").as_mut()
+            && let Err(error) = allowlist.replace(&new.rules.allowlist)
+        {
+            tracing::error!(%error, "reload: the kernel allowlist was not fully updated");
+        }
+        self.shared.replace(crate::proxy::Live {
+            config: new.proxy.clone(),
+            rules: new.rules.clone(),
+            reject_message: new.reject_message.clone(),
+        });
+        self.bans.reconfigure(new.escalation);
+        for warning in &new.warnings {
+            tracing::warn!("{warning}");
+        }
+        let summary = serde_json::json!({
+            "config": new.source.as_deref().map_or("<embedded defaults>".into(), |p| p.display().to_string()),
+            "badhelo_patterns": new.rules.badhelo.len(),
+            "table_entries": new.rules.table.len(),
+            "allowlist": new.rules.allowlist.len(),
+            "warnings": new.warnings,
+            "needs_restart": needs_restart,
+            "ms": started.elapsed().as_millis() as u64,
+        });
+        tracing::info!(summary = %summary, "config reloaded");
+        self.metrics.reloads.get_or_create(&crate::metrics::ResultLabels { result: "ok" }).inc();
+        *current = new;
+        Ok(summary)
+    }
+}
+
+/// Settings bound at start-up: copied from `old` into `new`; returns the keys that differed.
+fn keep_fixed(old: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if new.proxy.listeners != old.proxy.listeners {
+        changed.push("proxy.listeners");
+        new.proxy.listeners = old.proxy.listeners.clone();
+    }
+    if new.proxy.max_sessions != old.proxy.max_sessions {
+        changed.push("proxy.max_sessions");
+        new.proxy.max_sessions = old.proxy.max_sessions;
+    }
+    let transparent = |c: &Config| c.proxy.proxy_protocol == ProxyProtocol::Transparent;
+    if transparent(new) != transparent(old) {
+        changed.push("proxy.proxy_protocol (to or from transparent)");
+        new.proxy.proxy_protocol = old.proxy.proxy_protocol;
+    }
+    if new.xdp != old.xdp {
+        changed.push("xdp");
+        new.xdp = old.xdp.clone();
+    }
+    if new.agent != old.agent {
+        changed.push("agent");
+        new.agent = old.agent.clone();
+    }
+    if new.snapshot != old.snapshot {
+        changed.push("bans.snapshot");
+        new.snapshot = old.snapshot.clone();
+    }
+    changed
+}
+
+/// The unprivileged half: runs until `shutdown` completes.
+pub async fn serve(
+    prepared: Prepared,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let Prepared {
+        config,
+        options,
+        iface,
+        listeners,
+        program,
+        attached,
+        allowlist,
+        bans,
+        maps,
+        history,
+        control: control_listener,
+        metrics: metrics_listener,
+    } = prepared;
+    let listeners = listeners
+        .into_iter()
+        .zip(&config.proxy.listeners)
+        .map(|((listener, check_helo), l)| {
+            tokio::net::TcpListener::from_std(listener)
+                .map(|listener| crate::proxy::Bound { listener, check_helo })
+                .map_err(|source| crate::proxy::BindError { address: l.address, source })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let metrics = Arc::new(Metrics::default());
+    let (ban_sender, worker) = worker::start(
+        bans,
+        worker::Options {
+            escalation: config.escalation,
+            clock: crate::clock::boot_ns,
+            snapshot: config.snapshot.path.clone().map(|p| (p, config.snapshot.interval)),
+            metrics: Some(metrics.clone()),
+            history,
+        },
+    );
+    let enforce: Option<Arc<dyn crate::blocklist::BanCheck>> = match attached {
+        Some(_) => None,
+        None => Some(maps.clone()),
+    };
+    let shared = Shared::new(
         config.proxy.clone(),
         config.rules.clone(),
         config.reject_message.clone(),
-        Some(bans),
+        Some(ban_sender.clone()),
         enforce,
+        crate::proxy::Observe {
+            metrics: Some(metrics.clone()),
+            report_window: config.agent.report_window,
+        },
     );
     for bound in &listeners {
         if let Ok(address) = bound.listener.local_addr() {
@@ -133,13 +495,81 @@ pub async fn run(
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
+    let reloader = Arc::new(Reloader {
+        source: config.source.clone(),
+        options,
+        current: Mutex::new(config.clone()),
+        allowlist: Mutex::new(allowlist),
+        shared: shared.clone(),
+        bans: ban_sender.clone(),
+        metrics: metrics.clone(),
+        busy: tokio::sync::Mutex::new(()),
+    });
+    let mut background = tokio::task::JoinSet::new();
+    {
+        let stats_maps = maps.clone();
+        let reload = reloader.clone();
+        let current = reloader.clone();
+        let control = crate::control::server::Control {
+            pin_dir: config.xdp.pin_dir.clone(),
+            bans: ban_sender.clone(),
+            shared: shared.clone(),
+            stats: Box::new(move || stats_json(&stats_maps)),
+            reload: Box::new(move || {
+                let reload = reload.clone();
+                Box::pin(async move { reload.reload().await })
+            }),
+            allowlisted: Box::new(move |target| {
+                let config = current.current.lock().expect("config lock");
+                let banned = target.network();
+                config
+                    .rules
+                    .allowlist
+                    .iter()
+                    .find(|net| net.contains(&banned) || banned.contains(*net))
+                    .map(ToString::to_string)
+            }),
+        };
+        let listener = tokio::net::UnixListener::from_std(control_listener).map_err(|source| {
+            AgentError::Control { path: config.agent.control_socket.clone(), source }
+        })?;
+        tracing::info!(path = %config.agent.control_socket.display(), "control socket ready");
+        background.spawn(crate::control::server::serve(listener, Arc::new(control)));
+    }
+    if let Some(listener) = metrics_listener {
+        let address = listener.local_addr().ok();
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(|source| {
+            AgentError::Metrics { address: config.agent.metrics.expect("bound"), source }
+        })?;
+        let scrape_maps = maps.clone();
+        let scrape_shared = shared.clone();
+        let scrape_metrics = metrics.clone();
+        tracing::info!(address = ?address, "metrics at http://{}/metrics", address.map(|a| a.to_string()).unwrap_or_default());
+        background.spawn(crate::metrics::serve(listener, metrics.clone(), move || {
+            if let Ok(totals) = scrape_maps.stats() {
+                scrape_metrics.update_xdp(&totals);
+            }
+            crate::metrics::set_gauge(&scrape_metrics.sessions_open, scrape_shared.open_sessions());
+        }));
+    }
+    {
+        let reloader = reloader.clone();
+        background.spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the config");
+                let _ = reloader.reload().await;
+            }
+        });
+    }
+
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let serve = crate::proxy::serve(listeners, shared, async move {
+    let serve = crate::proxy::serve(listeners, shared.clone(), async move {
         let mut stopped = stopped;
         let _ = stopped.changed().await;
     });
     tokio::pin!(serve);
-
     tokio::pin!(shutdown);
     tokio::select! {
         () = &mut shutdown => {
@@ -148,10 +578,38 @@ pub async fn run(
         }
         () = &mut serve => {}
     }
+    background.shutdown().await;
+    drop((shared, reloader, ban_sender));
+    let saving = Instant::now();
+    let _ = tokio::task::spawn_blocking(move || worker.stop()).await;
+    tracing::debug!(ms = saving.elapsed().as_millis() as u64, "ban worker stopped");
     drop(program);
-    let what = if attached.is_some() { "XDP program detached" } else { "stopped" };
-    tracing::info!(iface, "{what}; bans stay pinned in {}", config.xdp.pin_dir.display());
+    match attached {
+        Some(a) if a.pinned => tracing::info!(
+            iface,
+            "stopped; the XDP program stays attached and keeps dropping banned sources (`helo-agent detach` removes it); bans stay pinned in {}",
+            config.xdp.pin_dir.display()
+        ),
+        Some(_) => tracing::info!(
+            iface,
+            "XDP program detached; bans stay pinned in {}",
+            config.xdp.pin_dir.display()
+        ),
+        None => {
+            tracing::info!(iface, "stopped; bans stay pinned in {}", config.xdp.pin_dir.display())
+        }
+    }
     Ok(())
+}
+
+/// The XDP counters by name.
+pub fn stats_json(maps: &PinnedMaps) -> Result<serde_json::Value, String> {
+    let totals = maps.stats().map_err(|e| e.to_string())?;
+    Ok(helo_common::Stat::ALL
+        .iter()
+        .map(|s| (s.name().to_owned(), serde_json::Value::from(totals[*s as usize])))
+        .collect::<serde_json::Map<_, _>>()
+        .into())
 }
 
 /// The interface of the IPv4 default route, else of the IPv6 one.

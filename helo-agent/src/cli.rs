@@ -1,17 +1,20 @@
-//! Command line: `helo-agent run | ban | unban | list | check | check-config | stats`. Parses arguments, runs the
+//! Command line: `helo-agent run | ban | unban | list | check | check-config | stats | reload |
+//! tophelos | detach`. `ban`, `unban`, `list` and `stats` go through the running agent's control
+//! socket when there is one, else to the pinned maps; `reload` and `tophelos` need the agent. Parses arguments, runs the
 //! command, prints human or `--json` output. Errors bubble up as `anyhow` with their reason.
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::addr::BanTarget;
 use crate::agent::RunOptions;
-use crate::blocklist::{Blocklist, Ttl};
+use crate::blocklist::{BanEntry, Blocklist, Ttl};
 use crate::config::Config;
+use crate::control::{ClientError, Envelope, Request};
 use crate::ebpf::{AttachMode, PinnedMaps};
+use crate::report::HeloRow;
 use crate::rules::{Action, Facts, RejectAt, Verdict};
 
 #[derive(Debug, Parser)]
@@ -120,12 +123,40 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make the running agent re-read its config and rule files (as SIGHUP does). A config
+    /// that does not validate is refused with the reason; the one in force keeps running.
+    Reload,
+    /// HELO names the running agent has seen: sessions, distinct clients, rejections by rule.
+    Tophelos {
+        /// How far back: 10m, 1h, 1d (at most agent.report_window).
+        #[arg(long, value_name = "DURATION", default_value = "1h")]
+        since: String,
+        /// Show this many names.
+        #[arg(long, default_value_t = 30)]
+        limit: usize,
+        /// One JSON array, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the XDP program from the interface: it stays attached after the agent exits
+    /// (so bans hold through restarts) until this removes its pinned link.
+    Detach {
+        /// Also remove the pinned ban maps and counters (the bans are lost; the snapshot file
+        /// stays and is restored at the next start).
+        #[arg(long)]
+        maps: bool,
+    },
 }
 
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: a log file or the journal gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -152,27 +183,22 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut config = Config::load(cli.config.as_deref())?;
-    if let Some(dir) = cli.pin_dir {
-        config.xdp.pin_dir = dir;
+    if let Some(dir) = &cli.pin_dir {
+        config.xdp.pin_dir = dir.clone();
     }
+    let agent = AgentLink { socket: &config.agent.control_socket, pin_dir: &config.xdp.pin_dir };
     match cli.command {
         Command::Run { iface, xdp_mode, listen, upstream, proxy_protocol } => {
-            if !listen.is_empty() {
-                config.proxy.listeners = listen
-                    .into_iter()
-                    .map(|address| crate::config::ListenerConfig { address, check_helo: true })
-                    .collect();
-            }
-            if let Some(upstream) = upstream {
-                config.proxy.upstream = upstream;
-            }
-            if let Some(protocol) = proxy_protocol {
-                config.proxy.proxy_protocol = protocol;
-            }
-            let runtime =
-                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-            let options = RunOptions { interface: iface, mode: xdp_mode };
-            runtime.block_on(crate::agent::run(&config, &options, shutdown_signal()))?;
+            let options = RunOptions {
+                interface: iface,
+                mode: xdp_mode,
+                listen,
+                upstream,
+                proxy_protocol,
+                pin_dir: cli.pin_dir,
+            };
+            options.apply(&mut config);
+            crate::agent::run(config, options, shutdown_signal())?;
         }
         Command::Ban { target, ttl, reason, prefix } => {
             let target = parse_target(&target, prefix)?;
@@ -193,8 +219,16 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                      remove it from allowlist.networks first"
                 );
             }
-            let mut list = Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?);
-            list.ban(&target, ttl, &reason, crate::clock::boot_ns())?;
+            let ttl_secs = match ttl {
+                Ttl::For(d) => Some(d.as_secs().max(1)),
+                Ttl::Forever => None,
+            };
+            let request =
+                Request::Ban { target: target.to_string(), ttl_secs, reason: reason.clone() };
+            if agent.ask(request)?.is_none() {
+                let mut list = Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?);
+                list.ban(&target, ttl, &reason, crate::clock::boot_ns())?;
+            }
             let how_long = match ttl {
                 Ttl::For(d) => crate::duration::format(d),
                 Ttl::Forever => "forever".into(),
@@ -203,16 +237,22 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Unban { target, prefix } => {
             let target = parse_target(&target, prefix)?;
-            let mut list = Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?);
-            if list.unban(&target)? {
+            let was_banned = match agent.ask(Request::Unban { target: target.to_string() })? {
+                Some(data) => data["was_banned"].as_bool().unwrap_or(false),
+                None => Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?).unban(&target)?,
+            };
+            if was_banned {
                 println!("unbanned {target}");
             } else {
                 anyhow::bail!("{target} is not banned (see `helo-agent list`)");
             }
         }
         Command::List { json } => {
-            let list = Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?);
-            let entries = list.list(crate::clock::boot_ns())?;
+            let entries: Vec<BanEntry> = match agent.ask(Request::List)? {
+                Some(data) => serde_json::from_value(data)?,
+                None => Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?)
+                    .list(crate::clock::boot_ns())?,
+            };
             let mut out = std::io::stdout().lock();
             if json {
                 serde_json::to_writer_pretty(&mut out, &entries)?;
@@ -249,19 +289,83 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CheckConfig { .. } => unreachable!("handled before the config is loaded"),
         Command::Stats { json } => {
-            let totals = PinnedMaps::open(&config.xdp.pin_dir)?.stats()?;
+            let object = match agent.ask(Request::Stats)? {
+                Some(data) => data,
+                None => crate::agent::stats_json(&PinnedMaps::open(&config.xdp.pin_dir)?)
+                    .map_err(anyhow::Error::msg)?,
+            };
             let mut out = std::io::stdout().lock();
             if json {
-                let object: serde_json::Map<String, serde_json::Value> = helo_common::Stat::ALL
-                    .iter()
-                    .map(|s| (s.name().to_owned(), totals[*s as usize].into()))
-                    .collect();
                 serde_json::to_writer_pretty(&mut out, &object)?;
                 writeln!(out)?;
             } else {
                 for stat in helo_common::Stat::ALL {
-                    writeln!(out, "{:<14} {}", stat.name(), totals[stat as usize])?;
+                    writeln!(out, "{:<14} {}", stat.name(), object[stat.name()])?;
                 }
+            }
+        }
+        Command::Reload => {
+            let summary = agent.require(Request::Reload)?;
+            println!(
+                "reloaded {}: {} regex rules, {} table entries, {} allowlisted networks",
+                summary["config"].as_str().unwrap_or("?"),
+                summary["badhelo_patterns"],
+                summary["table_entries"],
+                summary["allowlist"]
+            );
+            for warning in summary["warnings"].as_array().into_iter().flatten() {
+                println!("warning: {}", warning.as_str().unwrap_or_default());
+            }
+            for key in summary["needs_restart"].as_array().into_iter().flatten() {
+                println!(
+                    "not changed: {} (takes effect at a restart)",
+                    key.as_str().unwrap_or_default()
+                );
+            }
+        }
+        Command::Tophelos { since, limit, json } => {
+            let since = crate::duration::parse(&since)?;
+            let rows = agent.require(Request::Tophelos { since_secs: since.as_secs(), limit })?;
+            let rows: Vec<HeloRow> = serde_json::from_value(rows)?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &rows)?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:>9} {:>8} {:>9}  {:<40} RULES",
+                    "SESSIONS", "CLIENTS", "REJECTED", "HELO"
+                )?;
+                for row in &rows {
+                    let plus = if row.clients_capped { "+" } else { "" };
+                    let rules: Vec<String> =
+                        row.rules.iter().map(|r| format!("{}={}", r.rule, r.sessions)).collect();
+                    writeln!(
+                        out,
+                        "{:>9} {:>8} {:>9}  {:<40} {}",
+                        row.sessions,
+                        format!("{}{plus}", row.clients),
+                        row.rejected,
+                        row.helo,
+                        rules.join(" ")
+                    )?;
+                }
+            }
+        }
+        Command::Detach { maps } => {
+            let removed = crate::ebpf::detach(&config.xdp.pin_dir, maps)?;
+            if removed.is_empty() {
+                println!("nothing pinned in {}", config.xdp.pin_dir.display());
+            }
+            for path in removed {
+                println!("removed {}", path.display());
+            }
+            if agent.ask(Request::Stats).is_ok_and(|answer| answer.is_some()) {
+                println!(
+                    "note: an agent is still running and holds the program until it exits; \
+                     stop it to detach now"
+                );
             }
         }
     }
@@ -310,6 +414,35 @@ fn parse_target(text: &str, prefix: bool) -> anyhow::Result<BanTarget> {
 fn allowlisted_target(net: &ipnet::IpNet, target: &BanTarget) -> bool {
     let banned = target.network();
     net.contains(&banned) || banned.contains(net)
+}
+
+/// The running agent, reached through its control socket.
+struct AgentLink<'a> {
+    socket: &'a Path,
+    pin_dir: &'a Path,
+}
+
+impl AgentLink<'_> {
+    /// The agent's answer; `None` when no agent runs there (or it guards another pin
+    /// directory), so the caller works on the pinned maps itself.
+    fn ask(&self, request: Request) -> anyhow::Result<Option<serde_json::Value>> {
+        let envelope = Envelope { pin_dir: self.pin_dir.to_owned(), request };
+        match crate::control::request(self.socket, &envelope) {
+            Ok(response) if response.ok => Ok(Some(response.data)),
+            Ok(response) if response.data.get("pin_dir").is_some() => Ok(None),
+            Ok(response) => anyhow::bail!(response.error.unwrap_or_default()),
+            Err(ClientError::NotRunning { .. }) => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The agent's answer; an error when no agent runs.
+    fn require(&self, request: Request) -> anyhow::Result<serde_json::Value> {
+        let envelope = Envelope { pin_dir: self.pin_dir.to_owned(), request };
+        let response = crate::control::request(self.socket, &envelope)?;
+        anyhow::ensure!(response.ok, response.error.unwrap_or_default());
+        Ok(response.data)
+    }
 }
 
 async fn shutdown_signal() {

@@ -9,6 +9,26 @@ pub fn boot_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Now, in CLOCK_REALTIME nanoseconds since the Unix epoch: what snapshots store, since the
+/// boot clock restarts at zero after a reboot.
+pub fn unix_ns() -> u64 {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Both clocks read together, to convert between them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Now {
+    pub boot_ns: u64,
+    pub unix_ns: u64,
+}
+
+impl Now {
+    pub fn read() -> Self {
+        Now { boot_ns: boot_ns(), unix_ns: unix_ns() }
+    }
+}
+
 /// The instant `ttl` after `now_ns`, saturating (a huge TTL means "never").
 pub fn after(now_ns: u64, ttl: Duration) -> u64 {
     now_ns.saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX))

@@ -5,6 +5,11 @@
 //! `/sys/fs/bpf/helo-filter`): they outlive the agent, and `helo-agent ban/unban/list/stats`
 //! work on them from another shell. The allowlist and guarded ports are written from the
 //! config at every start and are not pinned.
+//!
+//! The XDP link is pinned too (`xdp-link-<iface>-<mode>`), so the program keeps dropping banned
+//! sources while the agent is stopped, restarting or crashed. The next start swaps its program
+//! into the pinned link atomically (no moment without a filter); `helo-agent detach` removes
+//! the pinned link, which detaches the program.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -12,6 +17,8 @@ use std::time::Duration;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::XdpLink;
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use helo_common::{BanValue, PROGRAM_NAME, REASON_TEXT_LEN, STAT_COUNT, Stat, maps};
@@ -98,10 +105,65 @@ pub struct LoadOptions<'a> {
     pub allow: &'a [IpNet],
 }
 
-/// A loaded (and maybe attached) XDP program. Dropping it detaches the program; the pinned maps
-/// stay.
+/// A loaded (and maybe attached) XDP program. Dropping it closes the agent's handles; a pinned
+/// link keeps the program attached, and the pinned maps stay.
 pub struct XdpProgram {
     ebpf: Ebpf,
+    pin_dir: PathBuf,
+    allowlist: Option<Allowlist>,
+}
+
+/// How [`XdpProgram::attach`] went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attached {
+    pub mode: &'static str,
+    /// The program replaced the one in a link pinned by an earlier run (no gap).
+    pub replaced: bool,
+    /// The link is pinned: the program stays attached after the agent exits.
+    pub pinned: bool,
+}
+
+const LINK_PREFIX: &str = "xdp-link-";
+
+fn link_pin(dir: &Path, iface: &str, mode: &str) -> PathBuf {
+    dir.join(format!("{LINK_PREFIX}{iface}-{mode}"))
+}
+
+/// Pinned links in `dir` for `iface` (any mode).
+fn pinned_links(dir: &Path, iface: Option<&str>) -> Vec<(PathBuf, String)> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let rest = name.strip_prefix(LINK_PREFIX)?;
+            let (link_iface, mode) = rest.rsplit_once('-')?;
+            (iface.is_none_or(|i| i == link_iface)).then(|| (e.path(), mode.to_owned()))
+        })
+        .collect()
+}
+
+/// Removes every pinned XDP link in `dir`, which detaches the program where no agent holds it;
+/// with `maps`, the pinned maps too (their bans are lost). Returns what was removed.
+pub fn detach(dir: &Path, maps: bool) -> Result<Vec<PathBuf>, EbpfError> {
+    let mut removed = Vec::new();
+    for (path, _) in pinned_links(dir, None) {
+        std::fs::remove_file(&path)
+            .map_err(|source| EbpfError::PinDir { dir: path.clone(), source })?;
+        removed.push(path);
+    }
+    if maps {
+        for name in [maps::BANS_V4, maps::BANS_V6, maps::BANS_V6_NET, maps::REASONS, maps::STATS] {
+            let path = dir.join(name);
+            if path.exists() {
+                std::fs::remove_file(&path)
+                    .map_err(|source| EbpfError::PinDir { dir: path.clone(), source })?;
+                removed.push(path);
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    Ok(removed)
 }
 
 /// Loads the program, reusing the pinned ban maps in `pin_dir` when present, and writes the
@@ -134,7 +196,11 @@ pub fn load(options: &LoadOptions<'_>) -> Result<XdpProgram, EbpfError> {
                 .map_err(|source| EbpfError::Map { name: maps::PORTS, source })?;
         }
     }
-    write_allowlist(&mut ebpf, options.allow)?;
+    let mut allowlist = Allowlist {
+        v4: take_typed(&mut ebpf, maps::ALLOW_V4)?,
+        v6: take_typed(&mut ebpf, maps::ALLOW_V6)?,
+    };
+    allowlist.replace(options.allow)?;
 
     let program: &mut Xdp =
         ebpf.program_mut(PROGRAM_NAME).expect("the embedded object defines helo_xdp").try_into()?;
@@ -144,27 +210,16 @@ pub fn load(options: &LoadOptions<'_>) -> Result<XdpProgram, EbpfError> {
         }
         other => EbpfError::Program(other),
     })?;
-    Ok(XdpProgram { ebpf })
+    Ok(XdpProgram { ebpf, pin_dir: options.pin_dir.to_owned(), allowlist: Some(allowlist) })
 }
 
-fn write_allowlist(ebpf: &mut Ebpf, allow: &[IpNet]) -> Result<(), EbpfError> {
-    let mut v4: LpmTrie<_, [u8; 4], u8> = typed(ebpf, maps::ALLOW_V4)?;
-    for net in allow.iter().filter_map(|n| match n {
-        IpNet::V4(n) => Some(n.trunc()),
-        IpNet::V6(_) => None,
-    }) {
-        v4.insert(&Key::new(u32::from(net.prefix_len()), net.addr().octets()), 1, 0)
-            .map_err(|source| EbpfError::Map { name: maps::ALLOW_V4, source })?;
-    }
-    let mut v6: LpmTrie<_, [u8; 16], u8> = typed(ebpf, maps::ALLOW_V6)?;
-    for net in allow.iter().filter_map(|n| match n {
-        IpNet::V6(n) => Some(n.trunc()),
-        IpNet::V4(_) => None,
-    }) {
-        v6.insert(&Key::new(u32::from(net.prefix_len()), net.addr().octets()), 1, 0)
-            .map_err(|source| EbpfError::Map { name: maps::ALLOW_V6, source })?;
-    }
-    Ok(())
+/// A map taken out of a loaded object, typed.
+fn take_typed<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).expect("the embedded object defines every map in helo_common");
+    T::try_from(map).map_err(|source| EbpfError::Map { name, source })
 }
 
 /// A typed handle on a map of a loaded object (the handle borrows the object).
@@ -176,20 +231,109 @@ where
     T::try_from(map).map_err(|source| EbpfError::Map { name, source })
 }
 
+/// The loaded program's allowlist tries, kept to replace the allowlist on a reload.
+pub struct Allowlist {
+    v4: LpmTrie<MapData, [u8; 4], u8>,
+    v6: LpmTrie<MapData, [u8; 16], u8>,
+}
+
+impl Allowlist {
+    /// Makes the tries hold exactly `allow`: new entries first, then stale ones removed, so an
+    /// address allowlisted before and after is never dropped in between.
+    pub fn replace(&mut self, allow: &[IpNet]) -> Result<(), EbpfError> {
+        let trunc: Vec<IpNet> = allow.iter().map(IpNet::trunc).collect();
+        for net in &trunc {
+            let result = match net {
+                IpNet::V4(n) => {
+                    self.v4.insert(&Key::new(u32::from(n.prefix_len()), n.addr().octets()), 1, 0)
+                }
+                IpNet::V6(n) => {
+                    self.v6.insert(&Key::new(u32::from(n.prefix_len()), n.addr().octets()), 1, 0)
+                }
+            };
+            result.map_err(|source| EbpfError::Map { name: maps::ALLOW_V4, source })?;
+        }
+        let stale_v4: Vec<Key<[u8; 4]>> = self
+            .v4
+            .keys()
+            .flatten()
+            .filter(|k| !trunc.iter().any(|n| matches!(n, IpNet::V4(n) if u32::from(n.prefix_len()) == k.prefix_len() && n.addr().octets() == k.data())))
+            .collect();
+        for key in stale_v4 {
+            self.v4
+                .remove(&key)
+                .map_err(|source| EbpfError::Map { name: maps::ALLOW_V4, source })?;
+        }
+        let stale_v6: Vec<Key<[u8; 16]>> = self
+            .v6
+            .keys()
+            .flatten()
+            .filter(|k| !trunc.iter().any(|n| matches!(n, IpNet::V6(n) if u32::from(n.prefix_len()) == k.prefix_len() && n.addr().octets() == k.data())))
+            .collect();
+        for key in stale_v6 {
+            self.v6
+                .remove(&key)
+                .map_err(|source| EbpfError::Map { name: maps::ALLOW_V6, source })?;
+        }
+        Ok(())
+    }
+
+    /// What the tries hold, as networks.
+    pub fn networks(&self) -> Vec<IpNet> {
+        let v4 = self.v4.keys().flatten().filter_map(|k| {
+            ipnet::Ipv4Net::new(k.data().into(), k.prefix_len() as u8).ok().map(IpNet::V4)
+        });
+        let v6 = self.v6.keys().flatten().filter_map(|k| {
+            ipnet::Ipv6Net::new(k.data().into(), k.prefix_len() as u8).ok().map(IpNet::V6)
+        });
+        v4.chain(v6).collect()
+    }
+}
+
 impl XdpProgram {
-    /// Attaches to `iface`. In [`AttachMode::Auto`] native mode is tried first, then generic.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str, EbpfError> {
+    /// The allowlist tries, to replace the allowlist on a reload (the program keeps using
+    /// them). `None` after the first call.
+    pub fn take_allowlist(&mut self) -> Option<Allowlist> {
+        self.allowlist.take()
+    }
+
+    /// Attaches to `iface` and pins the link. A link pinned by an earlier run on the same
+    /// interface (in the mode asked for; any mode under [`AttachMode::Auto`]) gets this
+    /// program swapped in atomically; a pinned link in another mode, or a dead one (its
+    /// interface gone), is removed first. In [`AttachMode::Auto`] native mode is tried first,
+    /// then generic.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<Attached, EbpfError> {
         let program: &mut Xdp =
             self.ebpf.program_mut(PROGRAM_NAME).expect("loaded above").try_into()?;
+        for (path, pinned_mode) in pinned_links(&self.pin_dir, Some(iface)) {
+            let wanted = match mode {
+                AttachMode::Auto => true,
+                AttachMode::Native => pinned_mode == "native",
+                AttachMode::Skb => pinned_mode == "skb",
+            };
+            let reused = wanted
+                .then(|| {
+                    let link = PinnedLink::from_pin(&path).ok()?;
+                    let link = XdpLink::try_from(FdLink::from(link)).ok()?;
+                    program.attach_to_link(link).ok()
+                })
+                .flatten();
+            if reused.is_some() {
+                let mode = if pinned_mode == "native" { "native" } else { "skb" };
+                return Ok(Attached { mode, replaced: true, pinned: true });
+            }
+            tracing::info!(link = %path.display(), "removing a pinned XDP link of another mode or a gone interface");
+            let _ = std::fs::remove_file(&path);
+        }
         let attempt = |program: &mut Xdp, mode: XdpMode, name: &'static str| {
-            program.attach(iface, mode).map(|_| name).map_err(|source| match source {
+            program.attach(iface, mode).map(|id| (name, id)).map_err(|source| match source {
                 // if_nametoindex in the agent's own network namespace; /sys/class/net may show
                 // another one's.
                 ProgramError::UnknownInterface { name } => EbpfError::NoSuchInterface { name },
                 source => EbpfError::Attach { iface: iface.to_owned(), mode: name, source },
             })
         };
-        let used = match mode {
+        let (used, link_id) = match mode {
             AttachMode::Native => attempt(program, XdpMode::Driver, "native")?,
             AttachMode::Skb => attempt(program, XdpMode::Skb, "skb")?,
             AttachMode::Auto => match attempt(program, XdpMode::Driver, "native") {
@@ -201,7 +345,29 @@ impl XdpProgram {
                 }
             },
         };
-        Ok(used)
+        // Pin the link so the program outlives the agent. A netlink attachment (kernels
+        // without XDP links) cannot be pinned: it detaches when the agent exits.
+        let path = link_pin(&self.pin_dir, iface, used);
+        let pinned = program
+            .take_link(link_id)
+            .ok()
+            .and_then(|link| FdLink::try_from(link).ok())
+            .map(|link| link.pin(&path));
+        let pinned = match pinned {
+            Some(Ok(_)) => true,
+            Some(Err(error)) => {
+                tracing::warn!(%error, link = %path.display(), "cannot pin the XDP link: the program detaches when the agent exits");
+                false
+            }
+            None => {
+                tracing::warn!(
+                    iface,
+                    "XDP attached through netlink (no BPF link): the program detaches when the agent exits"
+                );
+                false
+            }
+        };
+        Ok(Attached { mode: used, replaced: false, pinned })
     }
 
     /// Runs the program once per `repeat` on `frame` with BPF_PROG_TEST_RUN; returns the XDP

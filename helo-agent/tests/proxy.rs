@@ -145,6 +145,7 @@ impl Agent {
             config.reject_message.clone(),
             Some(bans),
             enforce,
+            Default::default(),
         );
         let (stop, stopped) = oneshot::channel();
         let done = tokio::spawn(proxy::serve(bound, shared, async {

@@ -24,17 +24,52 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
-/// A pin directory on bpffs that is removed, with every map pinned in it, when dropped.
-pub struct PinDir(pub PathBuf);
+/// One test's agent files: a pin directory on bpffs and a state directory (control socket,
+/// ban snapshot, config), both removed, with everything in them, when dropped. Tests running
+/// side by side never share a socket, a snapshot or maps.
+pub struct PinDir(pub PathBuf, PathBuf);
 
 impl PinDir {
     pub fn new() -> Self {
         ensure_bpffs();
-        PinDir(PathBuf::from("/sys/fs/bpf").join(unique("helo-test-")))
+        let name = unique("helo-test-");
+        let state = std::env::temp_dir().join(format!("{name}-state"));
+        std::fs::create_dir_all(&state).expect("state directory");
+        PinDir(PathBuf::from("/sys/fs/bpf").join(name), state)
     }
 
     pub fn path(&self) -> &Path {
         &self.0
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.1.join("control.sock")
+    }
+
+    pub fn snapshot(&self) -> PathBuf {
+        self.1.join("bans.json")
+    }
+
+    /// Writes the agent config `text` with this test's pin directory, control socket and
+    /// snapshot filled in (where `text` does not set them); returns its path.
+    pub fn config(&self, text: &str) -> PathBuf {
+        let mut table: toml::Table = text.parse().expect("test config parses");
+        let mut set = |section: &str, key: &str, value: &Path| {
+            let section = table
+                .entry(section)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .expect("a table");
+            section
+                .entry(key)
+                .or_insert_with(|| toml::Value::String(value.to_str().unwrap().to_owned()));
+        };
+        set("xdp", "pin_dir", &self.0);
+        set("agent", "control_socket", &self.control_socket());
+        set("bans", "snapshot", &self.snapshot());
+        let path = self.1.join(unique("agent-").to_string() + ".toml");
+        std::fs::write(&path, toml::to_string(&table).unwrap()).expect("write the test config");
+        path
     }
 }
 
@@ -47,6 +82,7 @@ impl Default for PinDir {
 impl Drop for PinDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(&self.1);
     }
 }
 
@@ -85,6 +121,11 @@ pub fn greeting(addr: &str) -> Option<String> {
     let _ = stream.write_all(b"QUIT\r\n");
     let text = String::from_utf8_lossy(&buf[..n]).into_owned();
     text.starts_with("220").then_some(text)
+}
+
+/// Whether an agent answers on the control socket at `path`.
+pub fn control_answers(path: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(path).is_ok()
 }
 
 /// The helo-agent binary under test: `HELO_AGENT_BIN` (set by `cargo xtask test`), else the
@@ -143,6 +184,16 @@ impl AgentProcess {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would; waits for the process to go.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits (up to 10 s) for a clean exit; returns whether it exited 0.

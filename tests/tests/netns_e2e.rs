@@ -101,16 +101,7 @@ struct Testbed {
     gw_if: String,
     pin_dir: PinDir,
     _greeter: Greeter,
-    _config: tempfile_path::TempFile,
-}
-
-mod tempfile_path {
-    pub struct TempFile(pub std::path::PathBuf);
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+    config: std::path::PathBuf,
 }
 
 fn testbed() -> Testbed {
@@ -125,17 +116,21 @@ fn testbed() -> Testbed {
     }
     client.ip(&["addr", "add", &format!("{CLIENT_V6}/64"), "dev", &cl_if, "nodad"]);
     let greeter = Greeter::start(&gateway);
-    let config = tempfile_path::TempFile(
-        std::env::temp_dir().join(format!("{}.toml", tests::unique("helo-e2e-"))),
-    );
-    std::fs::write(&config.0, "[allowlist]\nnetworks = [\"198.51.100.128/25\"]\n").unwrap();
-    Testbed { gateway, client, gw_if, pin_dir: PinDir::new(), _greeter: greeter, _config: config }
+    let pin_dir = PinDir::new();
+    let config = pin_dir.config("[allowlist]\nnetworks = [\"198.51.100.128/25\"]\n");
+    Testbed { gateway, client, gw_if, pin_dir, _greeter: greeter, config }
 }
 
 impl Testbed {
     fn start_agent(&self) -> AgentProcess {
+        self.start_agent_with(&[])
+    }
+
+    /// The agent, ready once XDP is attached and its control socket answers (which it does
+    /// only after attaching and restoring the snapshot).
+    fn start_agent_with(&self, extra: &[&str]) -> AgentProcess {
         let pin = self.pin_dir.path().to_str().unwrap().to_owned();
-        let config = self._config.0.to_str().unwrap().to_owned();
+        let config = self.config.to_str().unwrap().to_owned();
         let (gateway, gw_if) = (self.gateway.name.clone(), self.gw_if.clone());
         let attached = move || {
             let out = std::process::Command::new("ip")
@@ -145,6 +140,7 @@ impl Testbed {
             String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
         };
         let pin_dir = self.pin_dir.path().to_owned();
+        let control = self.pin_dir.control_socket();
         let prefix = self.gateway.exec_prefix();
         AgentProcess::start(
             &prefix.each_ref().map(String::as_str),
@@ -162,8 +158,26 @@ impl Testbed {
                 // the proxy listens out of the way.
                 "--listen",
                 "127.0.0.1:10026",
-            ],
-            move || pin_dir.join(helo_common::maps::BANS_V4).exists() && attached(),
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>(),
+            move || {
+                pin_dir.join(helo_common::maps::BANS_V4).exists()
+                    && attached()
+                    && tests::control_answers(&control)
+            },
+        )
+    }
+
+    fn attached(&self) -> bool {
+        self.gateway.ip(&["link", "show", &self.gw_if]).contains("prog/xdp")
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        agent_cli(
+            self.pin_dir.path(),
+            &[&["--config", self.config.to_str().unwrap()], args].concat(),
         )
     }
 }
@@ -196,8 +210,6 @@ fn ban_drops_until_expiry_spares_others_and_allowlisted_clients() {
     greeted(connect(&bed.client, CLIENT, GW_V4), "client after its ban expired");
 
     assert!(agent.stop(), "the agent exits cleanly on SIGTERM:\n{}", agent.log());
-    let link = bed.gateway.ip(&["link", "show", &bed.gw_if]);
-    assert!(!link.contains("prog/xdp"), "the program is detached on shutdown:\n{link}");
 }
 
 #[test]
@@ -217,16 +229,100 @@ fn ipv6_prefix_ban_drops_until_unbanned() {
     greeted(connect(&bed.client, CLIENT_V6, GW_V6), "v6 client after unban");
 }
 
+/// The program stays attached through its pinned link while the agent is down, the next agent
+/// swaps its program in without a gap, and `detach` removes it.
 #[test]
-fn bans_outlive_an_agent_restart() {
+fn bans_hold_while_the_agent_is_down_and_across_a_restart() {
     let bed = testbed();
     let mut first = bed.start_agent();
-    agent_cli(bed.pin_dir.path(), &["ban", CLIENT, "--ttl", "10m"]);
+    bed.cli(&["ban", CLIENT, "--ttl", "10m", "--reason", "restart"]);
     dropped(connect(&bed.client, CLIENT, GW_V4), "banned client");
     assert!(first.stop(), "first agent exits cleanly:\n{}", first.log());
-    // With the agent down and the program detached, nothing drops.
-    greeted(connect(&bed.client, CLIENT, GW_V4), "client while the agent is down");
-    let _second = bed.start_agent();
+    assert!(bed.attached(), "the program stays attached after the agent exits");
+    dropped(connect(&bed.client, CLIENT, GW_V4), "banned client while the agent is down");
+    greeted(connect(&bed.client, NEIGHBOUR, GW_V4), "others while the agent is down");
+
+    let second = bed.start_agent();
+    assert!(
+        second.log().contains("replaced_previous")
+            && second.log().contains("replaced_previous=true"),
+        "the new program goes into the pinned link:\n{}",
+        second.log()
+    );
+    dropped(connect(&bed.client, CLIENT, GW_V4), "banned client after the restart");
+    drop(second);
+
+    let removed = bed.cli(&["detach"]);
+    assert!(removed.contains("xdp-link-"), "detach removes the pinned link:\n{removed}");
+    assert!(!bed.attached(), "detach leaves no program on the interface");
+    greeted(connect(&bed.client, CLIENT, GW_V4), "client once the program is detached");
+}
+
+/// What a reboot does to the pinned maps (they are gone), done with `detach --maps`: the next
+/// agent restores the bans from the snapshot the last one saved at shutdown.
+#[test]
+fn bans_come_back_from_the_snapshot_when_the_maps_are_gone() {
+    let bed = testbed();
+    let mut first = bed.start_agent();
+    // Through the control socket: the agent's worker writes the ban.
+    bed.cli(&["ban", CLIENT, "--ttl", "10m", "--reason", "from-snapshot"]);
+    assert!(first.stop(), "first agent exits cleanly:\n{}", first.log());
+    let saved = std::fs::read_to_string(bed.pin_dir.snapshot()).expect("a snapshot was saved");
+    assert!(saved.contains(CLIENT) && saved.contains("from-snapshot"), "snapshot: {saved}");
+
+    bed.cli(&["detach", "--maps"]);
+    assert!(!bed.pin_dir.path().join(helo_common::maps::BANS_V4).exists(), "maps removed");
+    greeted(connect(&bed.client, CLIENT, GW_V4), "client with no maps and no program");
+
+    let second = bed.start_agent();
+    assert!(second.log().contains("restored=1"), "one ban restored:\n{}", second.log());
+    dropped(connect(&bed.client, CLIENT, GW_V4), "banned client after the restore");
+    let listing: serde_json::Value = serde_json::from_str(&bed.cli(&["list", "--json"])).unwrap();
+    assert_eq!(listing[0]["reason"], "from-snapshot", "{listing}");
+    let left = listing[0]["remaining_secs"].as_u64().unwrap();
+    assert!((540..=600).contains(&left), "the remaining time is kept, not reset: {left} s");
+}
+
+/// A corrupt snapshot is reported and set aside; the agent starts anyway.
+#[test]
+fn a_corrupt_snapshot_is_set_aside_not_fatal() {
+    let bed = testbed();
+    std::fs::write(bed.pin_dir.snapshot(), b"{\"version\": 1, \"bans\": [{\"target\"").unwrap();
+    let agent = bed.start_agent();
+    let log = agent.log();
+    assert!(log.contains("ban snapshot is corrupt"), "reported:\n{log}");
+    assert!(!bed.pin_dir.snapshot().exists(), "the corrupt file is renamed aside");
+    let dir = bed.pin_dir.snapshot().parent().unwrap().to_owned();
+    let aside = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("bans.json.corrupt-"));
+    assert!(aside, "bans.json.corrupt-<time> is kept for a look");
+}
+
+/// SIGKILL, then a restart: bans held in the kernel meanwhile, and the new agent serves
+/// sessions (through the proxy, to the greeter as MTA) within 2 s of its start.
+#[test]
+fn after_sigkill_a_restart_serves_within_two_seconds_and_bans_hold() {
+    let bed = testbed();
+    let upstream = ["--upstream", "127.0.0.1:25"];
+    let mut first = bed.start_agent_with(&upstream);
+    bed.cli(&["ban", CLIENT, "--ttl", "10m"]);
+    first.kill();
+    dropped(connect(&bed.client, CLIENT, GW_V4), "banned client after the agent was killed");
+
+    let gateway = bed.gateway.name.clone();
+    let started = Instant::now();
+    let second = bed.start_agent_with(&upstream);
+    let deadline = started + Duration::from_secs(2);
+    let mut served = false;
+    while Instant::now() < deadline + Duration::from_secs(1) && !served {
+        served = in_netns(&gateway, || tests::greeting("127.0.0.1:10026").is_some());
+    }
+    let recovery = started.elapsed();
+    assert!(served, "the restarted agent serves:\n{}", second.log());
+    assert!(recovery <= Duration::from_secs(2), "served {recovery:?} after the restart (over 2 s)");
+    eprintln!("recovery after SIGKILL: served {} ms after the restart", recovery.as_millis());
     dropped(connect(&bed.client, CLIENT, GW_V4), "banned client after the restart");
 }
 
@@ -236,7 +332,7 @@ fn bans_outlive_an_agent_restart() {
 fn without_xdp_bans_are_enforced_at_accept() {
     let bed = testbed();
     let pin = bed.pin_dir.path().to_str().unwrap().to_owned();
-    let config = bed._config.0.to_str().unwrap().to_owned();
+    let config = bed.config.to_str().unwrap().to_owned();
     let prefix = bed.gateway.exec_prefix();
     let gateway = bed.gateway.name.clone();
     // The greeter on port 25 plays the MTA; the proxy listens on 2525.

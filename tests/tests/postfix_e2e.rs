@@ -4,8 +4,8 @@
 //! client namespace.
 //!
 //! One testbed for the whole file: a Postfix instance is slow to start and its config directory
-//! must be listed in the system's main.cf, so the scenarios run in order inside two tests that
-//! share nothing but the code.
+//! must be listed in the system's main.cf, so the scenarios run in order inside a few tests
+//! that share nothing but the code.
 
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr};
@@ -140,7 +140,7 @@ impl Drop for Postfix {
 }
 
 /// The instances this file starts, one directory each under /var/tmp/helo-filter-e2e.
-const INSTANCES: [&str; 2] = ["main", "helo"];
+const INSTANCES: [&str; 3] = ["main", "helo", "ops"];
 
 /// `postfix -c DIR` refuses directories the system main.cf does not list. The tests run in
 /// parallel, so the list is updated once for all of them (a read-modify-write each would race).
@@ -203,8 +203,11 @@ fn bed(name: &str, clients: &[&str]) -> Bed {
 
 impl Bed {
     fn agent(&self, config: &str, extra: &[&str]) -> AgentProcess {
-        let config_path = self.work.join("agent.toml");
-        std::fs::write(&config_path, config).unwrap();
+        self.agent_at(&self.pin_dir.config(config), extra)
+    }
+
+    /// The agent on the config file at `config_path` (a test that reloads rewrites it).
+    fn agent_at(&self, config_path: &Path, extra: &[&str]) -> AgentProcess {
         let mut args: Vec<String> = [
             "--config",
             config_path.to_str().unwrap(),
@@ -473,4 +476,178 @@ fn reject_at_helo_and_a_submission_listener() {
     let (ok, transcript) = bed.swaks("198.51.100.2", "localhost", 587, None);
     assert!(ok, "the submission listener does not judge HELO:\n{transcript}\n{}", agent.log());
     assert!(bed.postfix.body_of_delivery(1).starts_with(b"This is a test mailing"));
+}
+
+/// Day-two operations against the real MTA: tophelos and metrics count a scripted set of
+/// sessions; a reload swaps the rules without touching a session in flight; a bad config is
+/// refused and the old one keeps running; the running agent holds no privileges and its
+/// control socket refuses other users.
+#[test]
+fn operations_tophelos_metrics_reload_and_least_privilege() {
+    let bed = bed("ops", &["198.51.100.2", "198.51.100.3", "198.51.100.4"]);
+    let base = format!("{CONFIG}\n[agent]\nmetrics = \"127.0.0.1:9125\"\n");
+    let config = bed.pin_dir.config(&base);
+    let cfg = config.to_str().unwrap().to_owned();
+    let agent = bed.agent_at(&config, &[]);
+    let cli = |args: &[&str]| {
+        agent_cli(bed.pin_dir.path(), &[&["--config", cfg.as_str()], args].concat())
+    };
+
+    // The scripted sessions: two clients say "friend" (no dot: rejected), one passes.
+    for src in ["198.51.100.2", "198.51.100.3"] {
+        let (ok, transcript) = bed.swaks(src, "friend", 25, None);
+        assert!(!ok && transcript.contains("553"), "{transcript}");
+    }
+    let (ok, transcript) = bed.swaks("198.51.100.4", "mail.sender.example", 25, None);
+    assert!(ok, "{transcript}");
+
+    let rows: serde_json::Value =
+        serde_json::from_str(&cli(&["tophelos", "--since", "10m", "--json"])).unwrap();
+    let row = |helo: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["helo"] == helo)
+            .cloned()
+            .unwrap_or_else(|| panic!("{helo} in tophelos: {rows:#}"))
+    };
+    let friend = row("friend");
+    assert_eq!((friend["sessions"].as_u64(), friend["clients"].as_u64()), (Some(2), Some(2)));
+    assert_eq!(friend["rejected"], 2);
+    assert_eq!(friend["rules"][0]["rule"], "no_dot");
+    let good = row("mail.sender.example");
+    assert_eq!((good["sessions"].as_u64(), good["rejected"].as_u64()), (Some(1), Some(0)));
+    let table = cli(&["tophelos"]);
+    assert!(table.contains("friend") && table.contains("no_dot=2"), "{table}");
+
+    let scrape = || {
+        let text = in_netns(&bed.gateway.name, || {
+            let mut stream = std::net::TcpStream::connect("127.0.0.1:9125").expect("metrics port");
+            stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut text = String::new();
+            stream.read_to_string(&mut text).unwrap();
+            text
+        });
+        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(body.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF:\n{body}");
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| {
+                let (name, value) = l.rsplit_once(' ').expect("name value");
+                (name.to_owned(), value.parse::<f64>().expect("a number"))
+            })
+            .collect::<std::collections::HashMap<String, f64>>()
+    };
+    let metrics = scrape();
+    let get = |m: &std::collections::HashMap<String, f64>, k: &str| {
+        *m.get(k).unwrap_or_else(|| panic!("{k} in {m:#?}"))
+    };
+    assert_eq!(get(&metrics, r#"helo_filter_sessions_total{verdict="reject",rule="no_dot"}"#), 2.0);
+    assert_eq!(get(&metrics, r#"helo_filter_sessions_total{verdict="pass",rule="pass"}"#), 1.0);
+    assert!(get(&metrics, r#"helo_filter_xdp_packets_total{name="passed"}"#) > 0.0);
+    assert!(get(&metrics, r#"helo_filter_relay_bytes_total{path="splice"}"#) > 0.0);
+
+    // A session that started before the reload keeps the rules it started with.
+    let in_flight = bed.client.enter(|| {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.bind(&"198.51.100.3:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        socket.connect(&format!("{GW}:25").parse::<SocketAddr>().unwrap().into()).unwrap();
+        let mut stream: std::net::TcpStream = socket.into();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        read_until(&mut stream, b"220 ");
+        stream
+    });
+    let reloaded = format!("{base}\n[rules]\nregexes = [\"^mail[.]sender[.]\"]\n");
+    std::fs::write(&config, toml_with_paths(&bed, &reloaded)).unwrap();
+    let said = cli(&["reload"]);
+    assert!(said.contains("1 regex rules"), "{said}");
+    let (ok, transcript) = bed.swaks("198.51.100.4", "mail.sender.example", 25, None);
+    assert!(
+        !ok && transcript.contains("553"),
+        "the new rule holds after the reload:\n{transcript}"
+    );
+    let old_session = bed.client.enter(move || {
+        let mut stream = in_flight;
+        stream.write_all(b"EHLO mail.sender.example\r\n").unwrap();
+        let ehlo = read_until(&mut stream, b"250 ");
+        stream.write_all(b"QUIT\r\n").unwrap();
+        ehlo
+    });
+    assert!(
+        old_session.contains("250"),
+        "the session in flight was not cut or re-judged: {old_session}"
+    );
+
+    // A bad config (SIGHUP, as systemd's ExecReload sends): refused, the old one runs on.
+    std::fs::write(&config, "bogus = 1\n").unwrap();
+    let pid = rustix::process::Pid::from_raw(agent.pid() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    wait_for("the refused reload", Duration::from_secs(5), || {
+        agent.log().contains("reload refused")
+    });
+    let (ok, transcript) = bed.swaks("198.51.100.3", "mail.sender.example", 25, None);
+    assert!(!ok && transcript.contains("553"), "the rules in force still hold:\n{transcript}");
+    assert_eq!(get(&scrape(), r#"helo_filter_reloads_total{result="refused"}"#), 1.0);
+    std::fs::write(&config, toml_with_paths(&bed, &reloaded)).unwrap();
+
+    // Least privilege: the running agent is helo-filter with no capabilities at all.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(name)).unwrap_or_default().trim().to_owned()
+    };
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let uid = passwd
+        .lines()
+        .find_map(|l| l.strip_prefix("helo-filter:x:"))
+        .and_then(|rest| rest.split(':').next())
+        .expect("the helo-filter user exists (cargo xtask setup)");
+    assert_eq!(field("Uid:").split_whitespace().collect::<Vec<_>>(), [uid; 4], "{status}");
+    assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
+    assert_eq!(field("CapPrm:"), "0000000000000000", "{status}");
+    assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    for entry in std::fs::read_dir(bed.pin_dir.path()).unwrap().flatten() {
+        let meta = entry.metadata().unwrap();
+        assert_eq!(meta.uid(), 0, "{:?} belongs to root", entry.path());
+        assert_eq!(meta.mode() & 0o022, 0, "{:?} is writable by others", entry.path());
+    }
+    let socket = bed.pin_dir.control_socket();
+    assert_eq!(std::fs::metadata(&socket).unwrap().mode() & 0o777, 0o600);
+
+    // Another user: refused by the file mode, and by the agent itself when the mode is loosened.
+    let as_nobody = || {
+        Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .arg(tests::agent_bin())
+            .args(["--config", &cfg, "list"])
+            .output()
+            .unwrap()
+    };
+    let out = as_nobody();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("root-only"), "{out:?}");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = as_nobody();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("root-only"), "{out:?}");
+    assert!(agent.log().contains("refused a connection from a non-root user"), "{}", agent.log());
+}
+
+/// `text` as `PinDir::config` writes it (the paths filled in), for rewriting a config in place.
+fn toml_with_paths(bed: &Bed, text: &str) -> String {
+    std::fs::read_to_string(bed.pin_dir.config(text)).unwrap()
+}
+
+/// Reads from `stream` until `code` appears; returns what was read.
+fn read_until(stream: &mut std::net::TcpStream, code: &[u8]) -> String {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(code.len()).any(|w| w == code) {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
 }

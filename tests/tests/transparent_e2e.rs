@@ -81,11 +81,14 @@ fn the_mta_sees_the_real_client_address() {
     ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
 
     let pin_dir = PinDir::new();
+    let config = pin_dir.config("");
     let prefix = gateway.exec_prefix();
     let gateway_name = gateway.name.clone();
     let _agent = AgentProcess::start(
         &prefix.each_ref().map(String::as_str),
         &[
+            "--config",
+            config.to_str().unwrap(),
             "--pin-dir",
             pin_dir.path().to_str().unwrap(),
             "run",

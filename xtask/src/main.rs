@@ -197,8 +197,17 @@ fn bpffs_mounted() -> bool {
     })
 }
 
+/// The unprivileged user the agent drops to (agent.user's default).
+const AGENT_USER: &str = "helo-filter";
+
+fn agent_user_exists() -> bool {
+    std::fs::read_to_string("/etc/passwd")
+        .is_ok_and(|p| p.lines().any(|l| l.split(':').next() == Some(AGENT_USER)))
+}
+
 fn setup_complete() -> bool {
-    missing_packages().is_empty()
+    agent_user_exists()
+        && missing_packages().is_empty()
         && has_rust_src()
         && bpf_linker_ok()
         && bpffs_mounted()
@@ -271,6 +280,28 @@ fn setup() -> anyhow::Result<()> {
     } else {
         step("installing cargo-fuzz (about 1 minute the first time)");
         run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+
+    if agent_user_exists() {
+        step(&format!("system user {AGENT_USER}: present"));
+    } else if is_root() {
+        step(&format!(
+            "creating the system user {AGENT_USER} (the agent drops to it after start-up)"
+        ));
+        run(Command::new("useradd").args([
+            "--system",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            AGENT_USER,
+        ]))?;
+    } else {
+        bail!(
+            "no user {AGENT_USER}: create it as root with `sudo useradd --system --no-create-home \
+             --shell /usr/sbin/nologin {AGENT_USER}`"
+        );
     }
 
     if bpffs_mounted() {

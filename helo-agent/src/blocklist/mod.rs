@@ -6,12 +6,13 @@
 //! Time is passed in (CLOCK_BOOTTIME ns, see `crate::clock`), never read here.
 
 pub mod fake;
+pub mod snapshot;
 pub mod worker;
 
 use std::time::Duration;
 
 use helo_common::{BanValue, NEVER_EXPIRES, REASON_TEXT_LEN};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::addr::BanTarget;
 
@@ -63,7 +64,7 @@ pub enum Ttl {
 }
 
 /// One ban as `list` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BanEntry {
     pub target: String,
     /// Seconds left, rounded up; `None` for a ban that never expires.
@@ -113,6 +114,28 @@ impl<S: BanStore> Blocklist<S> {
         Ok(value)
     }
 
+    /// Writes a ban with a given expiry, reason and hit count (a restore). `known` remembers
+    /// reason codes already stored, sparing a lookup per ban.
+    pub fn put_ban(
+        &mut self,
+        target: &BanTarget,
+        expires_ns: u64,
+        reason: &str,
+        hits: u64,
+        known: &mut std::collections::HashSet<u32>,
+    ) -> Result<(), StoreError> {
+        let text = reason_text(reason);
+        let code = helo_common::reason_code(trim_nul(&text));
+        if code != 0
+            && known.insert(code)
+            && self.store.reason(code)?.is_none()
+            && let Err(error) = self.store.put_reason(code, &text)
+        {
+            tracing::warn!(%error, reason, "ban reason text not stored; list shows its code");
+        }
+        self.store.put(target, &BanValue { hits, ..BanValue::new(expires_ns, code) })
+    }
+
     /// Lifts a ban. `Ok(false)` when `target` was not banned.
     pub fn unban(&mut self, target: &BanTarget) -> Result<bool, StoreError> {
         self.store.remove(target)
@@ -153,7 +176,7 @@ impl<S: BanStore> Blocklist<S> {
         Ok(purged)
     }
 
-    fn reason_of(&self, code: u32) -> Result<String, StoreError> {
+    pub fn reason_of(&self, code: u32) -> Result<String, StoreError> {
         if code == 0 {
             return Ok(String::new());
         }

@@ -2,17 +2,25 @@
 //! (map writes are syscalls) and takes requests over a bounded channel that never blocks the
 //! sender. Repeat offenders get longer bans: each new offence multiplies the TTL by `factor`,
 //! up to `max_ttl`; the offence history is an LRU of bounded size and forgets an address after
-//! `max_ttl` without offences. The worker also sweeps expired bans from the store every minute.
+//! `max_ttl` without offences. The worker also sweeps expired bans from the store every minute,
+//! saves the snapshot (see [`super::snapshot`]) every `snapshot_interval` and when it stops, and
+//! answers the control socket's ban/unban/list, so one thread writes the maps.
 
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::time::Duration;
 
+use helo_common::BanValue;
 use lru::LruCache;
 
-use super::{BanStore, Blocklist, Ttl};
+use super::snapshot::{self, SavedOffence};
+use super::{BanEntry, BanStore, Blocklist, Ttl};
 use crate::addr::BanTarget;
+use crate::clock::Now;
+use crate::metrics::Metrics;
 
 /// How often expired bans whose source never came back are swept from the store (the kernel
 /// removes the others when they come back).
@@ -40,26 +48,84 @@ pub struct BanRequest {
     pub reason: String,
 }
 
+/// An admin's request (the control socket), answered on `reply`.
+#[derive(Debug)]
+pub enum Command {
+    /// A manual ban: no escalation, not subject to the rate cap.
+    Ban {
+        target: BanTarget,
+        ttl: Ttl,
+        reason: String,
+    },
+    /// Lifts a ban and forgets the address's offences.
+    Unban {
+        target: BanTarget,
+    },
+    List,
+}
+
+#[derive(Debug)]
+pub enum Answer {
+    Banned(BanValue),
+    Unbanned(bool),
+    Listed(Vec<BanEntry>),
+}
+
+enum Message {
+    Offence(BanRequest),
+    Command(Command, tokio::sync::oneshot::Sender<Result<Answer, String>>),
+    Reconfigure(Escalation),
+    Stop,
+}
+
 /// The sending side; cheap to clone.
 #[derive(Clone)]
 pub struct BanSender {
-    tx: SyncSender<BanRequest>,
+    tx: SyncSender<Message>,
 }
 
 impl BanSender {
     /// Queues a ban; never blocks. `false` when the queue is full or the worker has gone.
     pub fn ban(&self, request: BanRequest) -> bool {
-        match self.tx.try_send(request) {
+        match self.tx.try_send(Message::Offence(request)) {
             Ok(()) => true,
-            Err(TrySendError::Full(r)) => {
+            Err(TrySendError::Full(Message::Offence(r))) => {
                 tracing::warn!(client = %r.client, "ban queue full: ban dropped");
                 false
             }
-            Err(TrySendError::Disconnected(r)) => {
-                tracing::error!(client = %r.client, "ban worker gone: ban dropped");
+            Err(_) => {
+                tracing::error!("ban worker gone: ban dropped");
                 false
             }
         }
+    }
+
+    /// Runs an admin command on the worker and waits for its answer.
+    pub async fn command(&self, command: Command) -> Result<Answer, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.tx
+            .try_send(Message::Command(command, reply))
+            .map_err(|_| "the ban worker is busy or gone: try again".to_owned())?;
+        answer.await.map_err(|_| "the ban worker stopped".to_owned())?
+    }
+
+    /// New escalation settings (a reload).
+    pub fn reconfigure(&self, escalation: Escalation) {
+        let _ = self.tx.try_send(Message::Reconfigure(escalation));
+    }
+}
+
+/// The worker thread; [`Worker::stop`] saves the snapshot and joins it.
+pub struct Worker<S> {
+    tx: SyncSender<Message>,
+    handle: std::thread::JoinHandle<Blocklist<S>>,
+}
+
+impl<S> Worker<S> {
+    /// Asks the worker to finish (after the requests already queued), save, and return.
+    pub fn stop(self) -> Blocklist<S> {
+        let _ = self.tx.send(Message::Stop);
+        self.handle.join().expect("the ban worker panicked")
     }
 }
 
@@ -75,81 +141,257 @@ pub fn escalated(base: Duration, count: u32, escalation: &Escalation) -> Duratio
     Duration::from_secs(secs).min(escalation.max_ttl.max(base))
 }
 
-/// Starts the worker; it runs until every sender is dropped, then returns the blocklist.
+/// Everything the worker starts with.
+pub struct Options {
+    pub escalation: Escalation,
+    /// CLOCK_BOOTTIME ns; tests pass a fake.
+    pub clock: fn() -> u64,
+    /// Where and how often to save; `None`: never.
+    pub snapshot: Option<(PathBuf, Duration)>,
+    pub metrics: Option<Arc<Metrics>>,
+    /// Offences restored from a snapshot: target, count, last offence (boot ns).
+    pub history: Vec<(BanTarget, u32, u64)>,
+}
+
+impl Options {
+    pub fn new(escalation: Escalation, clock: fn() -> u64) -> Self {
+        Options { escalation, clock, snapshot: None, metrics: None, history: Vec::new() }
+    }
+}
+
+/// Starts the worker; it runs until [`Worker::stop`] or until every sender is dropped, then
+/// returns the blocklist.
 pub fn spawn<S: BanStore + Send + 'static>(
     store: S,
     escalation: Escalation,
     clock: fn() -> u64,
 ) -> (BanSender, std::thread::JoinHandle<Blocklist<S>>) {
     let (tx, rx) = sync_channel(QUEUE);
+    let options = Options::new(escalation, clock);
     let handle = std::thread::Builder::new()
         .name("helo-bans".into())
-        .spawn(move || run(Blocklist::new(store), escalation, clock, rx))
+        .spawn(move || State::new(Blocklist::new(store), options).run(rx))
         .expect("spawn the ban worker thread");
     (BanSender { tx }, handle)
 }
 
-fn run<S: BanStore>(
-    mut list: Blocklist<S>,
-    escalation: Escalation,
-    clock: fn() -> u64,
-    rx: Receiver<BanRequest>,
-) -> Blocklist<S> {
-    let capacity = NonZeroUsize::new(escalation.history.max(1)).expect("at least 1");
-    let mut history: LruCache<BanTarget, Offence> = LruCache::new(capacity);
-    let forget_ns = u64::try_from(escalation.max_ttl.as_nanos()).unwrap_or(u64::MAX);
-    let mut bucket = TokenBucket::new(escalation.max_per_second, clock());
-    let mut capped: u64 = 0;
-    let sweep_ns = u64::try_from(SWEEP_EVERY.as_nanos()).unwrap_or(u64::MAX);
-    let mut next_sweep = clock().saturating_add(sweep_ns);
-    loop {
-        let now = clock();
-        if now >= next_sweep {
-            match list.purge_expired(now) {
-                Ok(0) => {}
-                Ok(purged) => tracing::debug!(purged, "expired bans swept"),
-                Err(error) => tracing::warn!(%error, "sweeping expired bans failed"),
-            }
-            next_sweep = now.saturating_add(sweep_ns);
+/// [`spawn`] with snapshots, metrics and a restored history; stopped with [`Worker::stop`].
+pub fn start<S: BanStore + Send + 'static>(
+    list: Blocklist<S>,
+    options: Options,
+) -> (BanSender, Worker<S>) {
+    let (tx, rx) = sync_channel(QUEUE);
+    let handle = std::thread::Builder::new()
+        .name("helo-bans".into())
+        .spawn(move || State::new(list, options).run(rx))
+        .expect("spawn the ban worker thread");
+    (BanSender { tx: tx.clone() }, Worker { tx, handle })
+}
+
+struct State<S> {
+    list: Blocklist<S>,
+    options: Options,
+    history: LruCache<BanTarget, Offence>,
+    bucket: TokenBucket,
+    capped: u64,
+}
+
+impl<S: BanStore> State<S> {
+    fn new(list: Blocklist<S>, mut options: Options) -> Self {
+        let escalation = options.escalation;
+        let capacity = NonZeroUsize::new(escalation.history.max(1)).expect("at least 1");
+        let mut history = LruCache::new(capacity);
+        let mut restored = std::mem::take(&mut options.history);
+        restored.sort_by_key(|(_, _, last)| *last);
+        for (target, count, last_ns) in restored {
+            history.put(target, Offence { count, last_ns });
         }
-        let request = match rx.recv_timeout(Duration::from_nanos(next_sweep - now)) {
-            Ok(request) => request,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
-        let now = clock();
-        if !bucket.take(now) {
-            capped += 1;
-            if capped == 1 || capped.is_power_of_two() {
-                tracing::warn!(client = %request.client, capped, per_second = escalation.max_per_second, "ban rate cap reached: ban dropped");
+        let bucket = TokenBucket::new(escalation.max_per_second, (options.clock)());
+        State { list, options, history, bucket, capped: 0 }
+    }
+
+    fn run(mut self, rx: Receiver<Message>) -> Blocklist<S> {
+        let clock = self.options.clock;
+        let every = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let sweep_ns = every(SWEEP_EVERY);
+        let save_ns = self.options.snapshot.as_ref().map_or(u64::MAX, |(_, d)| every(*d));
+        let mut next_sweep = clock().saturating_add(sweep_ns);
+        let mut next_save = clock().saturating_add(save_ns);
+        loop {
+            let now = clock();
+            if now >= next_sweep {
+                self.sweep(now);
+                next_sweep = now.saturating_add(sweep_ns);
             }
-            continue;
+            if now >= next_save {
+                self.save_logged();
+                next_save = now.saturating_add(save_ns);
+            }
+            let wait = next_sweep.min(next_save).saturating_sub(now);
+            match rx.recv_timeout(Duration::from_nanos(wait)) {
+                Ok(Message::Offence(request)) => self.offence(request),
+                Ok(Message::Command(command, reply)) => {
+                    let _ = reply.send(self.command(command));
+                }
+                Ok(Message::Reconfigure(escalation)) => self.reconfigure(escalation),
+                Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+        }
+        self.save_logged();
+        self.list
+    }
+
+    fn sweep(&mut self, now: u64) {
+        match self.list.purge_expired(now) {
+            Ok(0) => {}
+            Ok(purged) => {
+                tracing::debug!(purged, "expired bans swept");
+                if let Some(m) = &self.options.metrics {
+                    m.bans_swept.inc_by(purged as u64);
+                }
+            }
+            Err(error) => tracing::warn!(%error, "sweeping expired bans failed"),
+        }
+        self.count_entries(now);
+    }
+
+    fn count_entries(&self, now: u64) {
+        let Some(metrics) = &self.options.metrics else { return };
+        if let Ok(entries) = self.list.store().entries() {
+            let active = entries.iter().filter(|(_, v)| v.active_at(now)).count();
+            crate::metrics::set_gauge(&metrics.bans_active, active);
+            for name in ["v4", "v6", "v6_net"] {
+                let n = entries
+                    .iter()
+                    .filter(|(t, _)| {
+                        matches!(
+                            (name, t),
+                            ("v4", BanTarget::V4(_))
+                                | ("v6", BanTarget::V6(_))
+                                | ("v6_net", BanTarget::V6Net64(_))
+                        )
+                    })
+                    .count();
+                crate::metrics::set_gauge(
+                    &metrics.map_entries.get_or_create(&crate::metrics::NameLabels { name }),
+                    n,
+                );
+            }
+        }
+    }
+
+    fn offence(&mut self, request: BanRequest) {
+        let now = (self.options.clock)();
+        let escalation = self.options.escalation;
+        if !self.bucket.take(now) {
+            self.capped += 1;
+            if let Some(m) = &self.options.metrics {
+                m.bans_capped.inc();
+            }
+            if self.capped == 1 || self.capped.is_power_of_two() {
+                tracing::warn!(client = %request.client, capped = self.capped, per_second = escalation.max_per_second, "ban rate cap reached: ban dropped");
+            }
+            return;
         }
         let target = BanTarget::host(request.client);
-        let count = match history.get_mut(&target) {
+        let forget_ns = u64::try_from(escalation.max_ttl.as_nanos()).unwrap_or(u64::MAX);
+        let count = match self.history.get_mut(&target) {
             Some(offence) if now.saturating_sub(offence.last_ns) < forget_ns => {
                 offence.count += 1;
                 offence.last_ns = now;
                 offence.count
             }
             _ => {
-                history.put(target, Offence { count: 1, last_ns: now });
+                self.history.put(target, Offence { count: 1, last_ns: now });
                 1
             }
         };
         let ttl = escalated(request.ttl, count, &escalation);
-        match list.ban(&target, Ttl::For(ttl), &request.reason, now) {
-            Ok(_) => tracing::info!(
-                client = %request.client,
-                ttl = %crate::duration::format(ttl),
-                offence = count,
-                reason = request.reason,
-                "banned"
-            ),
+        match self.list.ban(&target, Ttl::For(ttl), &request.reason, now) {
+            Ok(_) => {
+                if let Some(m) = &self.options.metrics {
+                    m.bans_added.inc();
+                }
+                tracing::info!(
+                    client = %request.client,
+                    ttl = %crate::duration::format(ttl),
+                    offence = count,
+                    reason = request.reason,
+                    "banned"
+                );
+            }
             Err(error) => tracing::error!(client = %request.client, %error, "ban failed"),
         }
     }
-    list
+
+    fn command(&mut self, command: Command) -> Result<Answer, String> {
+        let now = (self.options.clock)();
+        match command {
+            Command::Ban { target, ttl, reason } => {
+                let value = self.list.ban(&target, ttl, &reason, now).map_err(|e| e.to_string())?;
+                if let Some(m) = &self.options.metrics {
+                    m.bans_added.inc();
+                }
+                tracing::info!(%target, reason, "banned by an admin");
+                Ok(Answer::Banned(value))
+            }
+            Command::Unban { target } => {
+                self.history.pop(&target);
+                let was = self.list.unban(&target).map_err(|e| e.to_string())?;
+                tracing::info!(%target, was_banned = was, "unbanned by an admin");
+                Ok(Answer::Unbanned(was))
+            }
+            Command::List => self.list.list(now).map(Answer::Listed).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn reconfigure(&mut self, escalation: Escalation) {
+        if escalation.history != self.options.escalation.history {
+            let capacity = NonZeroUsize::new(escalation.history.max(1)).expect("at least 1");
+            self.history.resize(capacity);
+        }
+        if escalation.max_per_second != self.options.escalation.max_per_second {
+            self.bucket = TokenBucket::new(escalation.max_per_second, (self.options.clock)());
+        }
+        self.options.escalation = escalation;
+    }
+
+    /// Saves the snapshot; the number of bans saved.
+    fn save(&self) -> Result<usize, String> {
+        let Some((path, _)) = &self.options.snapshot else {
+            return Err("no snapshot file configured (bans.snapshot)".into());
+        };
+        let now = Now { boot_ns: (self.options.clock)(), unix_ns: crate::clock::unix_ns() };
+        let offences = self
+            .history
+            .iter()
+            .map(|(target, o)| SavedOffence {
+                target: target.to_string(),
+                count: o.count,
+                last_unix: snapshot::boot_to_unix(o.last_ns, now) / 1_000_000_000,
+            })
+            .collect();
+        let captured = snapshot::capture(&self.list, offences, now).map_err(|e| e.to_string())?;
+        snapshot::save(path, &captured).map_err(|e| e.to_string())?;
+        self.count_entries(now.boot_ns);
+        Ok(captured.bans.len())
+    }
+
+    fn save_logged(&self) {
+        if self.options.snapshot.is_none() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        match self.save() {
+            Ok(bans) => tracing::debug!(
+                bans,
+                ms = started.elapsed().as_millis() as u64,
+                "ban snapshot saved"
+            ),
+            Err(error) => tracing::error!(%error, "ban snapshot not saved"),
+        }
+    }
 }
 
 /// At most `rate` tokens a second, holding up to `rate`.

@@ -42,6 +42,7 @@ pub enum ConfigError {
 #[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
+    pub agent: RawAgent,
     pub xdp: RawXdp,
     pub bans: RawBans,
     pub allowlist: RawAllowlist,
@@ -50,6 +51,26 @@ pub struct RawConfig {
     pub checks: RawChecks,
     pub reject: RawReject,
     pub proxy: RawProxy,
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAgent {
+    pub user: String,
+    pub control_socket: PathBuf,
+    pub metrics: String,
+    pub report_window: String,
+}
+
+impl Default for RawAgent {
+    fn default() -> Self {
+        Self {
+            user: "helo-filter".into(),
+            control_socket: PathBuf::from("/run/helo-filter/control.sock"),
+            metrics: String::new(),
+            report_window: "24h".into(),
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Deserialize)]
@@ -132,6 +153,8 @@ pub struct RawBans {
     pub max_ttl: String,
     pub history_size: usize,
     pub max_per_second: u32,
+    pub snapshot: PathBuf,
+    pub snapshot_interval: String,
 }
 
 impl Default for RawBans {
@@ -142,6 +165,8 @@ impl Default for RawBans {
             max_ttl: "1w".into(),
             history_size: 100_000,
             max_per_second: 100,
+            snapshot: PathBuf::from("/var/lib/helo-filter/bans.json"),
+            snapshot_interval: "5m".into(),
         }
     }
 }
@@ -304,6 +329,28 @@ pub struct Config {
     pub warnings: Vec<String>,
     pub escalation: Escalation,
     pub proxy: ProxyConfig,
+    pub agent: AgentConfig,
+    pub snapshot: SnapshotConfig,
+}
+
+/// Process-level settings: who the agent runs as, where it is controlled and observed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// The user to switch to after binding and attaching; `None` stays root.
+    pub user: Option<String>,
+    pub control_socket: PathBuf,
+    /// Prometheus metrics over HTTP; `None`: off.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// How far back `tophelos` can look.
+    pub report_window: Duration,
+}
+
+/// Where bans and offence history are saved, and how often.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotConfig {
+    /// `None`: no snapshots.
+    pub path: Option<PathBuf>,
+    pub interval: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -434,6 +481,13 @@ impl Config {
             history: raw.bans.history_size,
             max_per_second: raw.bans.max_per_second,
         };
+        let absolute = |key: &str, path: PathBuf| {
+            if path.is_absolute() {
+                Ok(path)
+            } else {
+                Err(invalid(key, format!("{} is not an absolute path", path.display())))
+            }
+        };
         let socket = |key: &str, text: &str| {
             text.trim().parse::<std::net::SocketAddr>().map_err(|_| {
                 invalid(
@@ -474,7 +528,43 @@ impl Config {
             shutdown_grace: duration("proxy.shutdown_grace", &raw.proxy.shutdown_grace)?,
         };
 
+        let agent = AgentConfig {
+            user: match raw.agent.user.trim() {
+                "" | "root" => None,
+                user => Some(user.to_owned()),
+            },
+            control_socket: absolute("agent.control_socket", raw.agent.control_socket)?,
+            metrics: match raw.agent.metrics.trim() {
+                "" | "off" => None,
+                text => Some(socket("agent.metrics", text)?),
+            },
+            report_window: duration("agent.report_window", &raw.agent.report_window)?,
+        };
+        let snapshot = SnapshotConfig {
+            path: if raw.bans.snapshot.as_os_str().is_empty() {
+                None
+            } else {
+                Some(absolute("bans.snapshot", raw.bans.snapshot)?)
+            },
+            interval: duration("bans.snapshot_interval", &raw.bans.snapshot_interval)?,
+        };
+
         let mut warnings = Vec::new();
+        if agent.user.is_none() {
+            warnings.push(
+                "agent.user is empty: the agent keeps running as root after start-up (set \
+                 agent.user = \"helo-filter\" to drop privileges)"
+                    .to_owned(),
+            );
+        }
+        if let Some(address) = agent.metrics
+            && !address.ip().is_loopback()
+        {
+            warnings.push(format!(
+                "agent.metrics = {address} is reachable from other hosts: bind it to 127.0.0.1 \
+                 unless a firewall guards it"
+            ));
+        }
         let identity = identity(&raw.identity, host, &mut warnings)
             .map_err(|(key, message)| invalid(key, message))?;
         let table = table(&raw.rules, &mut warnings)?;
@@ -510,6 +600,8 @@ impl Config {
             warnings,
             escalation,
             proxy,
+            agent,
+            snapshot,
         })
     }
 

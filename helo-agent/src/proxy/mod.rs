@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,15 +35,37 @@ const READ_CHUNK: usize = 4096;
 /// How long a one-line refusal (limits, MTA unavailable) may take to write.
 const REFUSAL_WRITE: Duration = Duration::from_secs(5);
 
-/// What every session shares.
-pub struct Shared {
+/// What a reload replaces. A session takes the current one when it starts and keeps it to
+/// its end, so a reload never changes the rules under a session in flight.
+pub struct Live {
     pub config: ProxyConfig,
     pub rules: Arc<RuleSet>,
     pub reject_message: String,
+}
+
+/// Where sessions are counted besides the log: metrics and the tophelos report.
+pub struct Observe {
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    pub report_window: Duration,
+}
+
+impl Default for Observe {
+    fn default() -> Self {
+        Observe { metrics: None, report_window: Duration::from_secs(24 * 3600) }
+    }
+}
+
+/// What every session shares.
+pub struct Shared {
+    live: RwLock<Arc<Live>>,
     /// Where bans go; `None` runs the proxy without banning (rejections only).
     pub bans: Option<BanSender>,
     /// When XDP could not be attached: bans are enforced here, at accept.
     pub enforce: Option<Arc<dyn BanCheck>>,
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    pub report: Mutex<crate::report::Report>,
+    /// Fixed at start: the semaphore is sized by it.
+    max_sessions: usize,
     sessions: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -55,24 +77,42 @@ impl Shared {
         reject_message: String,
         bans: Option<BanSender>,
         enforce: Option<Arc<dyn BanCheck>>,
+        observe: Observe,
     ) -> Arc<Self> {
-        let sessions = Arc::new(Semaphore::new(config.max_sessions));
+        let max_sessions = config.max_sessions;
+        let sessions = Arc::new(Semaphore::new(max_sessions));
         Arc::new(Shared {
-            config,
-            rules,
-            reject_message,
+            live: RwLock::new(Arc::new(Live { config, rules, reject_message })),
             bans,
             enforce,
+            metrics: observe.metrics,
+            report: Mutex::new(crate::report::Report::new(observe.report_window)),
+            max_sessions,
             sessions,
             per_ip: Mutex::new(HashMap::new()),
         })
     }
 
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admission> {
+    /// The settings new sessions start with.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().expect("live config lock").clone()
+    }
+
+    /// Swaps in reloaded settings for the sessions that start from now on.
+    pub fn replace(&self, live: Live) {
+        *self.live.write().expect("live config lock") = Arc::new(live);
+    }
+
+    /// Sessions open now.
+    pub fn open_sessions(&self) -> usize {
+        self.max_sessions - self.sessions.available_permits()
+    }
+
+    fn admit(self: &Arc<Self>, ip: IpAddr, per_ip_limit: usize) -> Option<Admission> {
         let permit = self.sessions.clone().try_acquire_owned().ok()?;
         let mut per_ip = self.per_ip.lock().expect("per-ip lock");
         let count = per_ip.entry(ip).or_insert(0);
-        if *count >= self.config.max_sessions_per_ip {
+        if *count >= per_ip_limit {
             return None;
         }
         *count += 1;
@@ -112,8 +152,25 @@ pub struct BindError {
     pub source: io::Error,
 }
 
-/// Binds every listener. IPv6 sockets are v6-only, so `0.0.0.0:25` and `[::]:25` coexist.
+/// Binds every listener (in a runtime). IPv6 sockets are v6-only, so `0.0.0.0:25` and
+/// `[::]:25` coexist.
 pub fn bind(listeners: &[ListenerConfig]) -> Result<Vec<Bound>, BindError> {
+    bind_std(listeners)?
+        .into_iter()
+        .zip(listeners)
+        .map(|((listener, check_helo), l)| {
+            let listener = TcpListener::from_std(listener)
+                .map_err(|source| BindError { address: l.address, source })?;
+            Ok(Bound { listener, check_helo })
+        })
+        .collect()
+}
+
+/// Binds every listener before any runtime exists (the agent binds port 25 as root, then drops
+/// privileges, then starts the runtime). Non-blocking, ready for [`bind`]'s conversion.
+pub fn bind_std(
+    listeners: &[ListenerConfig],
+) -> Result<Vec<(std::net::TcpListener, bool)>, BindError> {
     listeners
         .iter()
         .map(|l| {
@@ -131,8 +188,7 @@ pub fn bind(listeners: &[ListenerConfig]) -> Result<Vec<Bound>, BindError> {
             socket.set_nonblocking(true).map_err(err)?;
             socket.bind(&l.address.into()).map_err(err)?;
             socket.listen(1024).map_err(err)?;
-            let listener = TcpListener::from_std(socket.into()).map_err(err)?;
-            Ok(Bound { listener, check_helo: l.check_helo })
+            Ok((socket.into(), l.check_helo))
         })
         .collect()
 }
@@ -168,12 +224,11 @@ pub async fn serve(listeners: Vec<Bound>, shared: Arc<Shared>, shutdown: impl Fu
 /// `proxy.shutdown_grace`, saying every second how many are left. What is still open then is
 /// cut when the runtime stops.
 async fn drain(shared: &Shared) {
-    let total = shared.config.max_sessions;
-    let grace = shared.config.shutdown_grace;
+    let grace = shared.live().config.shutdown_grace;
     let deadline = tokio::time::Instant::now() + grace;
     let mut last_report = tokio::time::Instant::now();
     loop {
-        let open = total - shared.sessions.available_permits();
+        let open = shared.open_sessions();
         if open == 0 {
             tracing::info!("all sessions ended");
             return;
@@ -221,14 +276,15 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
         return;
     }
     let started = Instant::now();
-    let Some(_admission) = shared.admit(ip) else {
+    let live = shared.live();
+    let Some(_admission) = shared.admit(ip, live.config.max_sessions_per_ip) else {
         let refusal = reply::line(421, "4.7.0", "Error: too many connections");
         let _ = send(&mut client, &refusal, REFUSAL_WRITE).await;
         tracing::warn!(client = %ip, "session refused: connection limit");
         return;
     };
     let _ = client.set_nodelay(true);
-    let outcome = run_session(&shared, client, peer, check_helo).await;
+    let outcome = run_session(&live, client, peer, check_helo).await;
     let verdict = outcome.verdict.as_ref();
     let action = verdict.map_or("none", |v| match v.action {
         Action::Pass => "pass",
@@ -251,11 +307,12 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
         error = outcome.error.as_deref().unwrap_or(""),
         "session"
     );
+    observe(&shared, ip, &outcome, action);
     if let (Some(verdict), Some(bans)) = (verdict, &shared.bans)
         && verdict.action == Action::Ban
     {
         // Never the MTA's own address: the gateway would cut itself off.
-        if ip == crate::addr::canonical(shared.config.upstream.ip()) {
+        if ip == crate::addr::canonical(live.config.upstream.ip()) {
             tracing::warn!(client = %ip, rule = verdict.rule, "not banning the MTA's own address");
             return;
         }
@@ -267,13 +324,38 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
     }
 }
 
+/// Counts a finished session for the metrics and the tophelos report.
+fn observe(shared: &Shared, ip: IpAddr, outcome: &Outcome, action: &'static str) {
+    let verdict = outcome.verdict.as_ref();
+    if let Some(helo) = &outcome.helo {
+        let rejected_by = verdict.filter(|v| v.action != Action::Pass).map(|v| v.rule);
+        let now = crate::clock::unix_ns() / 1_000_000_000;
+        shared.report.lock().expect("report lock").record(now, helo, ip, rejected_by);
+    }
+    let Some(metrics) = &shared.metrics else { return };
+    let rule = verdict.map_or("", |v| v.rule);
+    metrics.sessions.get_or_create(&crate::metrics::VerdictLabels { verdict: action, rule }).inc();
+    metrics.session_ends.get_or_create(&crate::metrics::EndLabels { end: outcome.end }).inc();
+    if outcome.verdict.as_ref().is_some_and(|v| v.action == Action::Pass) {
+        let relayed = outcome.up + outcome.down;
+        let (spliced, copied) = if outcome.spliced {
+            (relayed.saturating_sub(outcome.copied), outcome.copied)
+        } else {
+            (0, relayed)
+        };
+        let path = |path| crate::metrics::PathLabels { path };
+        metrics.relay_bytes.get_or_create(&path("splice")).inc_by(spliced);
+        metrics.relay_bytes.get_or_create(&path("copy")).inc_by(copied);
+    }
+}
+
 async fn run_session(
-    shared: &Shared,
+    live: &Live,
     mut client: TcpStream,
     peer: SocketAddr,
     check_helo: bool,
 ) -> Outcome {
-    let config = &shared.config;
+    let config = &live.config;
     let mut outcome = Outcome::default();
     let unavailable =
         reply::line(421, "4.3.0", "Error: service temporarily unavailable, try again later");
@@ -328,10 +410,10 @@ async fn run_session(
     // Client commands up to the verdict, and after a rejection.
     let host = greeting_host(&greeting.bytes).unwrap_or_else(|| "localhost".into());
     let mut session = Session::new(
-        &shared.rules,
+        &live.rules,
         crate::addr::canonical(peer.ip()),
         !check_helo,
-        &shared.reject_message,
+        &live.reject_message,
         host,
     );
     let mut upstream = Some(upstream);

@@ -1,0 +1,246 @@
+//! Counters for Prometheus, and the small HTTP endpoint that serves them (`GET /metrics`,
+//! OpenMetrics text). Off by default; `agent.metrics` names the address (keep it on localhost).
+//!
+//! Sessions are counted by verdict and rule and by how they ended; bans as added, swept and in
+//! force; the XDP program's per-CPU verdict counters are read from the pinned map at each scrape.
+
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    pub verdict: &'static str,
+    pub rule: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndLabels {
+    pub end: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameLabels {
+    pub name: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    pub path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub sessions: Family<VerdictLabels, Counter>,
+    pub session_ends: Family<EndLabels, Counter>,
+    pub bans_added: Counter,
+    pub bans_capped: Counter,
+    pub bans_swept: Counter,
+    pub bans_active: Gauge,
+    pub map_entries: Family<NameLabels, Gauge>,
+    pub xdp_packets: Family<NameLabels, Counter>,
+    pub relay_bytes: Family<PathLabels, Counter>,
+    pub reloads: Family<ResultLabels, Counter>,
+    pub sessions_open: Gauge,
+    /// The XDP counters as last read, to add only what is new.
+    xdp_seen: Mutex<[u64; helo_common::STAT_COUNT as usize]>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("helo_filter");
+        let sessions = Family::<VerdictLabels, Counter>::default();
+        registry.register(
+            "sessions",
+            "SMTP sessions by verdict (pass, reject, ban, none: no HELO) and deciding rule",
+            sessions.clone(),
+        );
+        let session_ends = Family::<EndLabels, Counter>::default();
+        registry.register(
+            "session_ends",
+            "Sessions by how they ended (relayed, closed, timeout, upstream_unreachable, upstream_error, ...)",
+            session_ends.clone(),
+        );
+        let bans_added = Counter::default();
+        registry.register("bans_added", "Bans written to the kernel maps", bans_added.clone());
+        let bans_capped = Counter::default();
+        registry.register(
+            "bans_capped",
+            "Bans dropped by the bans.max_per_second cap",
+            bans_capped.clone(),
+        );
+        let bans_swept = Counter::default();
+        registry.register(
+            "bans_expired",
+            "Expired bans swept from the maps by the agent",
+            bans_swept.clone(),
+        );
+        let bans_active = Gauge::default();
+        registry.register(
+            "bans_active",
+            "Bans in force at the last sweep or snapshot",
+            bans_active.clone(),
+        );
+        let map_entries = Family::<NameLabels, Gauge>::default();
+        registry.register(
+            "map_entries",
+            "Entries in each ban map at the last sweep or snapshot, expired ones included",
+            map_entries.clone(),
+        );
+        let xdp_packets = Family::<NameLabels, Counter>::default();
+        registry.register(
+            "xdp_packets",
+            "Packets seen by the XDP program, by verdict (passed, dropped, expired_pass, allowlisted, not_guarded, parse_error)",
+            xdp_packets.clone(),
+        );
+        let relay_bytes = Family::<PathLabels, Counter>::default();
+        registry.register(
+            "relay_bytes",
+            "Bytes of relayed sessions by path: splice (in the kernel) or copy (through user space)",
+            relay_bytes.clone(),
+        );
+        let reloads = Family::<ResultLabels, Counter>::default();
+        registry.register("reloads", "Config reloads by result", reloads.clone());
+        let sessions_open = Gauge::default();
+        registry.register("sessions_open", "Sessions open now", sessions_open.clone());
+        Metrics {
+            registry,
+            sessions,
+            session_ends,
+            bans_added,
+            bans_capped,
+            bans_swept,
+            bans_active,
+            map_entries,
+            xdp_packets,
+            relay_bytes,
+            reloads,
+            sessions_open,
+            xdp_seen: Mutex::new([0; helo_common::STAT_COUNT as usize]),
+        }
+    }
+}
+
+impl Metrics {
+    /// Adds what the XDP counters gained since the last call (a recreated map starts again).
+    pub fn update_xdp(&self, totals: &[u64; helo_common::STAT_COUNT as usize]) {
+        let mut seen = self.xdp_seen.lock().expect("xdp counters lock");
+        for stat in helo_common::Stat::ALL {
+            let i = stat as usize;
+            let gained = totals[i].checked_sub(seen[i]).unwrap_or(totals[i]);
+            self.xdp_packets.get_or_create(&NameLabels { name: stat.name() }).inc_by(gained);
+            seen[i] = totals[i];
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// Sets a gauge to a count.
+pub fn set_gauge(gauge: &Gauge, value: usize) {
+    gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+}
+
+/// How long a scraper may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_REQUEST: usize = 8192;
+
+/// Serves `GET /metrics` on `listener` until the task is dropped. `refresh` runs before each
+/// scrape (it reads the XDP counters).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    refresh: impl Fn() + Send + Sync + 'static,
+) {
+    let refresh = std::sync::Arc::new(refresh);
+    static SCRAPES: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let Ok((mut stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        let refresh = refresh.clone();
+        tokio::spawn(async move {
+            let mut request = Vec::new();
+            let read = async {
+                let mut chunk = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_REQUEST {
+                    let n = stream.read(&mut chunk).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    request.extend_from_slice(&chunk[..n]);
+                }
+                std::io::Result::Ok(())
+            };
+            if !matches!(tokio::time::timeout(REQUEST_TIMEOUT, read).await, Ok(Ok(()))) {
+                return;
+            }
+            let (status, content_type, body) =
+                if request.starts_with(b"GET /metrics ") || request.starts_with(b"GET /metrics?") {
+                    refresh();
+                    SCRAPES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    (
+                        "200 OK",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        metrics.encode(),
+                    )
+                } else {
+                    tracing::debug!(%peer, "metrics: not GET /metrics");
+                    ("404 Not Found", "text/plain", "GET /metrics\n".to_owned())
+                };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let write = async {
+                stream.write_all(head.as_bytes()).await?;
+                stream.write_all(body.as_bytes()).await?;
+                stream.shutdown().await
+            };
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, write).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xdp_counters_add_only_what_is_new_and_survive_a_reset() {
+        let metrics = Metrics::default();
+        let mut totals = [0u64; helo_common::STAT_COUNT as usize];
+        totals[helo_common::Stat::Dropped as usize] = 10;
+        metrics.update_xdp(&totals);
+        totals[helo_common::Stat::Dropped as usize] = 15;
+        metrics.update_xdp(&totals);
+        let dropped = || metrics.xdp_packets.get_or_create(&NameLabels { name: "dropped" }).get();
+        assert_eq!(dropped(), 15);
+        totals[helo_common::Stat::Dropped as usize] = 4; // the maps were recreated
+        metrics.update_xdp(&totals);
+        assert_eq!(dropped(), 19);
+        let text = metrics.encode();
+        assert!(text.contains("helo_filter_xdp_packets_total{name=\"dropped\"} 19"), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
