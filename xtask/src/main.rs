@@ -1,4 +1,5 @@
-//! Developer tasks for helo-filter: `cargo xtask setup | build-ebpf | run | test | clippy | fuzz`.
+//! Developer tasks for helo-filter: `cargo xtask setup | build-ebpf | run | test | clippy | fuzz |
+//! bench`.
 //!
 //! Build logic lives in helo-agent's build.rs (the eBPF object is built and embedded there);
 //! this crate installs what a fresh Debian machine lacks and runs the suites.
@@ -22,6 +23,12 @@ const APT_PACKAGES: &[&str] = &[
     "postfix",
     "swaks",
     "nftables",
+    // cargo xtask bench: the peers and the load tools, and a font for the plots.
+    "haproxy",
+    "hping3",
+    "ipset",
+    "iptables",
+    "fonts-dejavu-core",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -56,6 +63,15 @@ enum Task {
     },
     /// Clippy with -D warnings on the user crates and on the eBPF crate (BPF target).
     Clippy,
+    /// Every benchmark against its peers (HAProxy, nftables, iptables+ipset, a naive regex
+    /// loop, direct connections) in one run, as root; writes bench/RESULTS.md and PNG plots.
+    /// Section names (xdp, flood, proxy, rules) run only those.
+    Bench {
+        /// Where RESULTS.md and the plots go.
+        #[arg(long, default_value = "bench")]
+        out: String,
+        sections: Vec<String>,
+    },
     /// Run the cargo-fuzz targets (fuzz/), each for --seconds, from the seed corpora in
     /// fuzz/corpus; new inputs go to a temporary directory, crashes to fuzz/artifacts.
     Fuzz {
@@ -90,6 +106,29 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Test { args } => test(&args),
+        Task::Bench { out, sections } => {
+            ensure_setup()?;
+            if !is_root() {
+                bail!(
+                    "the benchmarks load XDP programs and create namespaces: run `sudo -E cargo xtask bench`"
+                );
+            }
+            step("building helo-agent and the bench runner (release)");
+            cargo(&["build", "--release", "--package", "helo-agent", "--package", "bench"])?;
+            let root = workspace();
+            step("running the benchmarks (about 5 minutes; progress below)");
+            let status = Command::new(root.join("target/release/bench"))
+                .arg("--out")
+                .arg(root.join(&out))
+                .args(&sections)
+                .env("HELO_AGENT_BIN", root.join("target/release/helo-agent"))
+                .current_dir(&root)
+                .status()?;
+            if !status.success() {
+                bail!("the benchmarks failed ({status})");
+            }
+            Ok(())
+        }
         Task::Clippy => {
             ensure_setup()?;
             clippy()
