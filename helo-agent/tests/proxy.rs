@@ -563,3 +563,42 @@ async fn on_shutdown_an_idle_session_is_cut_after_the_grace() {
         "waited {waited:?}"
     );
 }
+
+/// An MTA that dies (closes without a reply) when the client sends MAIL: the client, already
+/// relayed, gets a 421 instead of a silent close; no ban; the agent serves the next session.
+#[tokio::test]
+async fn an_mta_dying_mid_session_gets_the_client_421_and_no_ban() {
+    let listener = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let mta = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                stream.write_all(b"220 mta.test ESMTP dying\r\n").await.unwrap();
+                let mut buf = [0u8; 1024];
+                loop {
+                    let n = match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if buf[..n].starts_with(b"MAIL") {
+                        return; // killed: the socket closes, no reply
+                    }
+                    stream.write_all(b"250 mta.test\r\n").await.unwrap();
+                }
+            });
+        }
+    });
+    let agent = Agent::start(mta, "[proxy]\nproxy_protocol = \"none\"\n").await;
+    let t = converse(agent.addr, &["EHLO mail.sender.example", "MAIL FROM:<a@sender.example>"])
+        .await;
+    assert_eq!(
+        t.last().map(String::as_str),
+        Some("421 4.4.2 Error: connection to the mail server lost, try again later\r\n"),
+        "{t:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(agent.banned().is_empty(), "an MTA failure never bans the client");
+    let again = converse(agent.addr, &[]).await;
+    assert_eq!(again, ["220 mta.test ESMTP dying\r\n"], "the agent lives on");
+    agent.stop().await;
+}

@@ -261,8 +261,9 @@ struct Outcome {
     up: u64,
     down: u64,
     spliced: bool,
-    /// Bytes of the relayed session that passed through user space: the HELO line and what
-    /// the client pipelined after it (everything later is spliced).
+    /// Bytes of the relayed session's client side that passed through user space: the HELO
+    /// line and what the client pipelined after it (everything later is spliced). The MTA's
+    /// replies are copied (to watch for an MTA that dies) and counted in `down`.
     copied: u64,
     end: &'static str,
     error: Option<String>,
@@ -339,11 +340,11 @@ fn observe(shared: &Shared, ip: IpAddr, outcome: &Outcome, action: &'static str)
     metrics.sessions.get_or_create(&crate::metrics::VerdictLabels { verdict: action, rule }).inc();
     metrics.session_ends.get_or_create(&crate::metrics::EndLabels { end: outcome.end }).inc();
     if outcome.verdict.as_ref().is_some_and(|v| v.action == Action::Pass) {
-        let relayed = outcome.up + outcome.down;
+        // Spliced: the client's side after the HELO line. Copied: that line and the replies.
         let (spliced, copied) = if outcome.spliced {
-            (relayed.saturating_sub(outcome.copied), outcome.copied)
+            (outcome.up.saturating_sub(outcome.copied), outcome.copied + outcome.down)
         } else {
-            (0, relayed)
+            (0, outcome.up + outcome.down)
         };
         let path = |path| crate::metrics::PathLabels { path };
         metrics.relay_bytes.get_or_create(&path("splice")).inc_by(spliced);
@@ -485,6 +486,10 @@ async fn run_session(
                     outcome.up += relayed.up;
                     outcome.down += relayed.down;
                     outcome.spliced = relayed.spliced;
+                    if relayed.upstream_lost {
+                        // Told 421; never a ban (the verdict was a pass).
+                        outcome.end = "upstream_lost";
+                    }
                     if let Some(e) = relayed.error {
                         outcome.end = "relay_error";
                         outcome.error = Some(e.to_string());

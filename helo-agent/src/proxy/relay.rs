@@ -1,6 +1,10 @@
-//! After a pass verdict: both directions relayed zero-copy with splice(2) through a pipe, so
-//! message bytes never enter user space. Where a pipe or splice is unavailable the relay falls
-//! back to a plain copy and says so.
+//! After a pass verdict: the client's side (commands and message data, the heavy direction) is
+//! relayed zero-copy with splice(2) through a pipe, so message bytes never enter user space.
+//! The MTA's replies (a few hundred bytes a session) are copied, and the relay watches the last
+//! one: when the MTA's connection ends without a goodbye (221, or its own 421) while the client
+//! is still talking, the MTA died mid-session, and the client gets `421 4.4.2` instead of a
+//! silent close — no mail is lost, because nothing the MTA did not acknowledge counts as sent.
+//! Where a pipe or splice is unavailable the relay falls back to a plain copy and says so.
 //!
 //! No `unsafe`: rustix's `splice` takes borrowed descriptors; tokio's readiness drives it.
 
@@ -26,6 +30,47 @@ pub struct Relayed {
     /// Why the relay ended early (idle timeout, a socket error); `None` when both sides closed.
     /// The byte counts hold either way.
     pub error: Option<io::Error>,
+    /// The MTA went away mid-session; the client was told 421.
+    pub upstream_lost: bool,
+}
+
+/// The reply the MTA sends when it drops a session it lost: the client retries later.
+pub const UPSTREAM_LOST: &[u8] =
+    b"421 4.4.2 Error: connection to the mail server lost, try again later\r\n";
+
+/// The code of the last complete reply line seen in a byte stream, fed in pieces.
+#[derive(Debug, Default)]
+pub struct LastReply {
+    digits: [u8; 3],
+    in_line: usize,
+    pub code: Option<u16>,
+}
+
+impl LastReply {
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if b == b'\n' {
+                self.code = (self.in_line >= 3 && self.digits.iter().all(u8::is_ascii_digit))
+                    .then(|| self.digits.iter().fold(0u16, |n, d| n * 10 + u16::from(d - b'0')));
+                self.in_line = 0;
+            } else {
+                if self.in_line < 3 {
+                    self.digits[self.in_line] = b;
+                }
+                self.in_line += 1;
+            }
+        }
+    }
+
+    /// Whether the stream ended on a reply that closes the session.
+    pub fn said_goodbye(&self) -> bool {
+        self.in_line == 0 && matches!(self.code, Some(221 | 421))
+    }
+
+    /// Whether a reply line is half-sent.
+    pub fn mid_line(&self) -> bool {
+        self.in_line > 0
+    }
 }
 
 /// Whether an error only means the peer has gone: a reset after its last bytes (a client that
@@ -54,25 +99,94 @@ pub async fn relay(client: TcpStream, upstream: TcpStream, idle: Duration) -> Re
             }
         }
     };
-    let pipes = (
-        pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC),
-        pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC),
-    );
-    let (Ok(up_pipe), Ok(down_pipe)) = pipes else {
+    let Ok(up_pipe) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC) else {
         tracing::warn!("no pipe for splice: relaying with a user-space copy");
         return copy(client, upstream, idle).await;
     };
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let client_done = std::sync::atomic::AtomicBool::new(false);
+    let lost = std::sync::atomic::AtomicBool::new(false);
     let both = async {
-        let up = splice_one_way(&client, &upstream, &up_pipe, &up, &touch);
-        let down = splice_one_way(&upstream, &client, &down_pipe, &down, &touch);
+        let up = async {
+            let result = splice_one_way(&client, &upstream, &up_pipe, &up, &touch).await;
+            client_done.store(true, Ordering::Relaxed);
+            result
+        };
+        let down = replies(&upstream, &client, &down, &touch, &client_done, &lost);
         tokio::try_join!(up, down)
     };
     let error = tokio::select! {
         result = both => result.err(),
         () = watchdog => Some(io::Error::new(io::ErrorKind::TimedOut, format!("no traffic for {}s", idle.as_secs()))),
     };
-    Relayed { up: up.into_inner(), down: down.into_inner(), spliced: true, error }
+    Relayed {
+        up: up.into_inner(),
+        down: down.into_inner(),
+        spliced: true,
+        error,
+        upstream_lost: lost.into_inner(),
+    }
+}
+
+/// Copies the MTA's replies to the client until the MTA's side ends, then half-closes the
+/// client's. An end without a goodbye while the client still talks gets the client a 421.
+async fn replies(
+    from: &TcpStream,
+    to: &TcpStream,
+    total: &AtomicU64,
+    touch: &impl Fn(),
+    client_done: &std::sync::atomic::AtomicBool,
+    lost: &std::sync::atomic::AtomicBool,
+) -> io::Result<()> {
+    let mut last = LastReply::default();
+    let mut buf = vec![0u8; 4096];
+    let ended = loop {
+        from.readable().await?;
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => break Err(e),
+        };
+        touch();
+        last.feed(&buf[..n]);
+        if let Err(e) = write_all(to, &buf[..n]).await {
+            if peer_gone(&e) {
+                // The client has gone: nothing left to tell it.
+                let _ = rustix::net::shutdown(from, rustix::net::Shutdown::Read);
+                return Ok(());
+            }
+            return Err(e);
+        }
+        total.fetch_add(n as u64, Ordering::Relaxed);
+    };
+    match ended {
+        Err(e) if !peer_gone(&e) => return Err(e),
+        _ => {}
+    }
+    if !last.said_goodbye() && !client_done.load(Ordering::Relaxed) {
+        lost.store(true, Ordering::Relaxed);
+        let notice = if last.mid_line() {
+            [b"\r\n", UPSTREAM_LOST].concat()
+        } else {
+            UPSTREAM_LOST.to_vec()
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), write_all(to, &notice)).await;
+    }
+    let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
+    Ok(())
+}
+
+async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        to.writable().await?;
+        match to.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Moves `from` to `to` through `pipe` until `from` ends, then half-closes `to`.
@@ -140,7 +254,7 @@ async fn copy(mut client: TcpStream, mut upstream: TcpStream, idle: Duration) ->
         tokio::time::timeout(idle * 10, tokio::io::copy_bidirectional(&mut client, &mut upstream))
             .await;
     match copied {
-        Ok(Ok((up, down))) => Relayed { up, down, spliced: false, error: None },
+        Ok(Ok((up, down))) => Relayed { up, down, spliced: false, ..Default::default() },
         Ok(Err(e)) => Relayed { error: (!peer_gone(&e)).then_some(e), ..Default::default() },
         Err(_) => Relayed {
             error: Some(io::Error::new(io::ErrorKind::TimedOut, "relay took too long")),
@@ -192,6 +306,7 @@ mod tests {
         let relayed = relay.await.unwrap();
         assert!(relayed.error.is_none(), "{:?}", relayed.error);
         assert_eq!((relayed.up, relayed.down, relayed.spliced), (body.len() as u64, 22, true));
+        assert!(!relayed.upstream_lost, "the client had finished: no 421");
     }
 
     /// A client that resets after QUIT (our 221 unread) ends the relay normally, counted.
@@ -214,6 +329,50 @@ mod tests {
         let relayed = relay.await.unwrap();
         assert!(relayed.error.is_none(), "a reset after the end is no error: {:?}", relayed.error);
         assert_eq!((relayed.up, relayed.down, relayed.spliced), (6, 15, true));
+        assert!(!relayed.upstream_lost, "221 then close is the ordinary end");
+    }
+
+    #[test]
+    fn the_last_reply_code_is_tracked_across_pieces() {
+        let mut last = LastReply::default();
+        last.feed(b"250-mx\r\n250 8BITM");
+        assert_eq!(last.code, Some(250));
+        assert!(last.mid_line());
+        last.feed(b"IME\r\n22");
+        assert!(!last.said_goodbye());
+        last.feed(b"1 2.0.0 Bye\r\n");
+        assert!(last.said_goodbye());
+        last.feed(b"421 4.4.2 timeout\n");
+        assert!(last.said_goodbye(), "the MTA's own 421 is a goodbye too");
+        last.feed(b"354 go ahead\r\n");
+        assert!(!last.said_goodbye());
+    }
+
+    /// The MTA dies while the client is mid-transaction: the client gets a 421, not a silent
+    /// close.
+    #[tokio::test]
+    async fn an_mta_that_dies_mid_session_gets_the_client_a_421() {
+        let (mut client_far, client_near) = pair().await;
+        let (upstream_near, mut upstream_far) = pair().await;
+        let relay = tokio::spawn(relay(client_near, upstream_near, Duration::from_secs(5)));
+        client_far.write_all(b"MAIL FROM:<a@b.example>\r\n").await.unwrap();
+        let mut mail = [0u8; 25];
+        upstream_far.read_exact(&mut mail).await.unwrap();
+        upstream_far.write_all(b"250 2.1.0 Ok\r\n").await.unwrap();
+        client_far.write_all(b"DATA\r\n").await.unwrap();
+        upstream_far.write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n").await.unwrap();
+        drop(upstream_far); // killed: no 221
+        let mut seen = Vec::new();
+        client_far.read_to_end(&mut seen).await.unwrap();
+        let seen = String::from_utf8(seen).unwrap();
+        assert!(
+            seen.ends_with(
+                "\r\n421 4.4.2 Error: connection to the mail server lost, try again later\r\n"
+            ),
+            "{seen}"
+        );
+        let relayed = relay.await.unwrap();
+        assert!(relayed.upstream_lost);
     }
 
     #[tokio::test]
