@@ -485,6 +485,7 @@ pub async fn serve(
         crate::proxy::Observe {
             metrics: Some(metrics.clone()),
             report_window: config.agent.report_window,
+            lookup: Some(maps.clone()),
         },
     );
     for bound in &listeners {

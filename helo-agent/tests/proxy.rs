@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 struct Mta {
     addr: SocketAddr,
     received: Arc<Mutex<Vec<u8>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Mta {
@@ -32,13 +33,19 @@ impl Mta {
         let listener = TcpListener::bind(address).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
-        let record = received.clone();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (record, count) = (received.clone(), connections.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tokio::spawn(mta_session(stream, record.clone()));
             }
         });
-        Mta { addr, received }
+        Mta { addr, received, connections }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn received(&self) -> Vec<u8> {
@@ -117,6 +124,11 @@ impl Agent {
         let mut config =
             Config::parse(&text, Path::new("test.toml"), &HostFacts::default()).unwrap();
         config.proxy.upstream = mta;
+        // Most transcripts here show the MTA's own banner; the tests of the proxy's own
+        // greeting say so.
+        if !extra.contains("greeting") {
+            config.proxy.greeting = helo_agent::config::GreetingMode::Mta;
+        }
         // Tests stop the agent with clients still connected; they need not wait the
         // production drain (30 s). The drain tests set their own.
         if !extra.contains("shutdown_grace") {
@@ -145,7 +157,10 @@ impl Agent {
             config.reject_message.clone(),
             Some(bans),
             enforce,
-            Default::default(),
+            helo_agent::proxy::Observe {
+                lookup: Some(Arc::new(store.clone()) as Arc<dyn helo_agent::blocklist::BanCheck>),
+                ..Default::default()
+            },
         );
         let (stop, stopped) = oneshot::channel();
         let done = tokio::spawn(proxy::serve(bound, shared, async {
@@ -589,8 +604,8 @@ async fn an_mta_dying_mid_session_gets_the_client_421_and_no_ban() {
         }
     });
     let agent = Agent::start(mta, "[proxy]\nproxy_protocol = \"none\"\n").await;
-    let t = converse(agent.addr, &["EHLO mail.sender.example", "MAIL FROM:<a@sender.example>"])
-        .await;
+    let t =
+        converse(agent.addr, &["EHLO mail.sender.example", "MAIL FROM:<a@sender.example>"]).await;
     assert_eq!(
         t.last().map(String::as_str),
         Some("421 4.4.2 Error: connection to the mail server lost, try again later\r\n"),
@@ -600,5 +615,157 @@ async fn an_mta_dying_mid_session_gets_the_client_421_and_no_ban() {
     assert!(agent.banned().is_empty(), "an MTA failure never bans the client");
     let again = converse(agent.addr, &[]).await;
     assert_eq!(again, ["220 mta.test ESMTP dying\r\n"], "the agent lives on");
+    agent.stop().await;
+}
+
+const OWN: &str = "[proxy]\ngreeting = \"own\"\nhostname = \"gw.test\"\nhelo_timeout = \"2s\"\n";
+
+/// The proxy's own greeting (the default): the MTA is connected only once a HELO passes, its
+/// banner swallowed, and everything after is relayed byte for byte; a rejected client never
+/// reaches the MTA at all.
+#[tokio::test]
+async fn with_its_own_greeting_the_proxy_connects_the_mta_only_for_a_passing_helo() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, OWN).await;
+    let t = converse(
+        agent.addr,
+        &["EHLO localhost", "MAIL FROM:<a@b.example>", "RCPT TO:<c@d.example>", "QUIT"],
+    )
+    .await;
+    assert_eq!(t[0], "220 gw.test ESMTP\r\n");
+    assert!(t[1].starts_with("250-gw.test"), "the proxy answers a rejected client itself: {t:?}");
+    assert!(t[3].starts_with("553 5.7.1"), "{t:?}");
+    assert_eq!(mta.connections(), 0, "a rejected client never takes an MTA connection");
+
+    let body = "Subject: own\r\n\r\n\u{e9}t\u{e9} .. \r\n..leading dot\r\n";
+    let t = converse(
+        agent.addr,
+        &[
+            "EHLO mail.sender.example",
+            "MAIL FROM:<a@sender.example>",
+            "RCPT TO:<c@d.example>",
+            "DATA",
+            &format!("{body}."),
+        ],
+    )
+    .await;
+    assert_eq!(t[0], "220 gw.test ESMTP\r\n");
+    assert!(t[1].starts_with("250-mta.test"), "the MTA's EHLO reply reaches the client: {t:?}");
+    assert_eq!(t[5], "250 2.0.0 Ok: queued\r\n", "{t:?}");
+    assert_eq!(mta.connections(), 1);
+    let received = mta.received();
+    let after_header =
+        &received[received.windows(4).position(|w| w == b"EHLO").expect("EHLO relayed")..];
+    let expected = format!(
+        "EHLO mail.sender.example\r\nMAIL FROM:<a@sender.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n{body}.\r\n"
+    );
+    assert_eq!(String::from_utf8_lossy(after_header), expected, "byte for byte");
+    assert!(received.starts_with(&proxy::header::V2_SIGNATURE), "the PROXY header comes first");
+    agent.stop().await;
+}
+
+/// 5000 connections that never send HELO: no MTA connection, a good client served at once
+/// meanwhile, and every idle one told 421 and closed at the HELO timeout (2 s here).
+#[tokio::test]
+async fn five_thousand_idle_connections_neither_reach_the_mta_nor_delay_a_good_client() {
+    const IDLE: usize = 5000;
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, &format!("{OWN}max_sessions_per_ip = 10000\n")).await;
+    let mut idle = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE {
+        idle.push(TcpStream::connect(agent.addr).await.expect("connect"));
+    }
+    let started = std::time::Instant::now();
+    let t = converse(agent.addr, &["EHLO mail.sender.example", "QUIT"]).await;
+    let served = started.elapsed();
+    assert_eq!(t[2], "221 2.0.0 Bye\r\n", "{t:?}");
+    assert!(
+        served < Duration::from_secs(1),
+        "a good client waited {served:?} behind {IDLE} idle ones"
+    );
+    assert_eq!(mta.connections(), 1, "only the good client reached the MTA");
+    let mut told = 0;
+    for mut stream in idle {
+        let mut all = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut all)).await;
+        assert!(read.is_ok(), "an idle connection was not closed at its timeout");
+        if all.ends_with(b"421 4.4.2 Error: timeout exceeded\r\n") {
+            told += 1;
+        }
+    }
+    assert_eq!(told, IDLE, "every idle connection got 421 at the HELO timeout");
+    eprintln!("{IDLE} idle connections held; good client served in {} ms", served.as_millis());
+    agent.stop().await;
+}
+
+/// Behind a trusted load balancer (here 127.0.0.1): its PROXY header names the real client,
+/// which the rules judge, the MTA is told about and the ban goes to; the balancer is never
+/// banned; the banned client, coming back through the balancer, is closed at accept.
+#[tokio::test]
+async fn behind_a_trusted_front_proxy_bans_go_to_the_real_client() {
+    let mta = Mta::start().await;
+    let agent =
+        Agent::start(mta.addr, &format!("{OWN}trusted_proxies = [\"127.0.0.1/32\"]\n")).await;
+    let through_balancer = |lines: Vec<&'static str>| {
+        let addr = agent.addr;
+        async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream.write_all(b"PROXY TCP4 203.0.113.50 192.0.2.25 40000 25\r\n").await.unwrap();
+            let mut transcript = vec![read_reply(&mut stream).await];
+            for line in lines {
+                stream.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
+                transcript.push(read_reply(&mut stream).await);
+            }
+            transcript
+        }
+    };
+    // A literal of the real client's own address is honest, not forged (the rules see it).
+    let t = through_balancer(vec!["EHLO [203.0.113.50]", "QUIT"]).await;
+    assert!(t[1].starts_with("250-mta.test"), "relayed: {t:?}");
+    let received = mta.received();
+    let v2 = &received[..28];
+    assert_eq!(&v2[..12], &proxy::header::V2_SIGNATURE);
+    assert_eq!(&v2[16..20], &[203, 0, 113, 50], "the MTA is told the real client");
+    assert_eq!(&v2[20..24], &[192, 0, 2, 25], "and the address it connected to");
+
+    let t = through_balancer(vec![
+        "EHLO localhost",
+        "MAIL FROM:<a@b.example>",
+        "RCPT TO:<c@d.example>",
+        "QUIT",
+    ])
+    .await;
+    assert!(t[3].starts_with("553"), "{t:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(agent.banned(), ["203.0.113.50"], "the real client is banned, not the balancer");
+
+    let t = through_balancer(vec![]).await;
+    assert_eq!(t, [""], "the banned client is closed at accept, behind the balancer too");
+    // Without a header the balancer's connection is closed unanswered.
+    let t = converse(agent.addr, &[]).await;
+    assert_eq!(t, [""], "{t:?}");
+    agent.stop().await;
+}
+
+/// A PROXY header from an address that is not a trusted front proxy is refused, not believed.
+#[tokio::test]
+async fn a_proxy_header_from_an_untrusted_address_is_refused() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, OWN).await;
+    let mut stream = TcpStream::connect(agent.addr).await.unwrap();
+    assert_eq!(read_reply(&mut stream).await, "220 gw.test ESMTP\r\n");
+    stream
+        .write_all(b"PROXY TCP4 192.0.2.99 192.0.2.25 40000 25\r\nEHLO localhost\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_reply(&mut stream).await,
+        "554 5.7.0 Error: PROXY header from an untrusted address\r\n"
+    );
+    assert_eq!(read_reply(&mut stream).await, "", "and closed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(agent.banned().is_empty(), "nobody is banned on a header's word");
+    assert_eq!(mta.connections(), 0);
     agent.stop().await;
 }

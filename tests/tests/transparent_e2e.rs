@@ -81,7 +81,7 @@ fn the_mta_sees_the_real_client_address() {
     ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
 
     let pin_dir = PinDir::new();
-    let config = pin_dir.config("");
+    let config = pin_dir.config("[proxy]\nhostname = \"gw.test\"\n");
     let prefix = gateway.exec_prefix();
     let gateway_name = gateway.name.clone();
     let _agent = AgentProcess::start(
@@ -127,7 +127,8 @@ fn the_mta_sees_the_real_client_address() {
         transcript.push_str(&String::from_utf8_lossy(&buf[..n]));
         transcript
     });
-    assert_eq!(transcript, "220 mta.test ESMTP\r\n250 mta.test\r\n", "the MTA's own replies");
+    // The proxy greets; the MTA, connected once the HELO passed, answers the EHLO.
+    assert_eq!(transcript, "220 gw.test ESMTP\r\n250 mta.test\r\n", "the MTA's reply to EHLO");
     let (peer, first) = seen_rx.recv_timeout(Duration::from_secs(5)).expect("the MTA was reached");
     assert_eq!(peer.ip().to_string(), CLIENT, "the MTA sees the client's own address");
     assert_eq!(first, "EHLO mail.sender.example\r\n", "no PROXY header before the HELO");

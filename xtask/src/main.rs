@@ -77,12 +77,13 @@ enum Task {
     Fuzz {
         #[arg(long, default_value_t = 60)]
         seconds: u32,
-        /// One target only (smtp_session, helo_rules, config, importers).
+        /// One target only (smtp_session, helo_rules, config, importers, proxy_header).
         target: Option<String>,
     },
 }
 
-const FUZZ_TARGETS: &[&str] = &["smtp_session", "helo_rules", "config", "importers"];
+const FUZZ_TARGETS: &[&str] =
+    &["smtp_session", "helo_rules", "config", "importers", "proxy_header"];
 /// Seconds each fuzz target runs inside `cargo xtask test`.
 const FUZZ_SECONDS_IN_TEST: u32 = 10;
 

@@ -79,6 +79,9 @@ pub struct RawProxy {
     pub listeners: Vec<RawListener>,
     pub upstream: String,
     pub proxy_protocol: ProxyProtocol,
+    pub greeting: GreetingMode,
+    pub hostname: String,
+    pub trusted_proxies: Vec<String>,
     pub helo_timeout: String,
     pub idle_timeout: String,
     pub upstream_timeout: String,
@@ -96,6 +99,9 @@ impl Default for RawProxy {
             ],
             upstream: "127.0.0.1:10025".into(),
             proxy_protocol: ProxyProtocol::V2,
+            greeting: GreetingMode::Own,
+            hostname: String::new(),
+            trusted_proxies: Vec::new(),
             helo_timeout: "60s".into(),
             idle_timeout: "5m".into(),
             upstream_timeout: "30s".into(),
@@ -104,6 +110,16 @@ impl Default for RawProxy {
             shutdown_grace: "30s".into(),
         }
     }
+}
+
+/// Who greets the client: the proxy itself, connecting to the MTA only for a client whose HELO
+/// passed (as postscreen does: idle and rejected bots never take an MTA process), or the MTA,
+/// connected at accept and its own banner relayed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GreetingMode {
+    Own,
+    Mta,
 }
 
 #[derive(Debug, PartialEq, Deserialize)]
@@ -365,6 +381,11 @@ pub struct ProxyConfig {
     pub listeners: Vec<ListenerConfig>,
     pub upstream: std::net::SocketAddr,
     pub proxy_protocol: ProxyProtocol,
+    pub greeting: GreetingMode,
+    /// The name in the proxy's own 220 and its replies to rejected clients.
+    pub hostname: String,
+    /// Front proxies (load balancers) whose PROXY header names the real client.
+    pub trusted_proxies: Vec<IpNet>,
     /// From the greeting to the HELO/EHLO.
     pub helo_timeout: Duration,
     /// Between reads from a rejected client, and of a relayed session with no traffic.
@@ -520,6 +541,19 @@ impl Config {
             listeners,
             upstream: socket("proxy.upstream", &raw.proxy.upstream)?,
             proxy_protocol: raw.proxy.proxy_protocol,
+            greeting: raw.proxy.greeting,
+            trusted_proxies: parse_networks(&raw.proxy.trusted_proxies)
+                .map_err(|message| invalid("proxy.trusted_proxies", message))?,
+            hostname: match raw.proxy.hostname.trim() {
+                "" => host.hostname.clone().unwrap_or_else(|| {
+                    let name = rustix::system::uname().nodename().to_string_lossy().into_owned();
+                    if name.is_empty() { "localhost".into() } else { name }
+                }),
+                name if name.contains(|c: char| c.is_whitespace() || c.is_control()) => {
+                    return Err(invalid("proxy.hostname", format!("{name:?} is not a host name")));
+                }
+                name => name.to_owned(),
+            },
             helo_timeout: duration("proxy.helo_timeout", &raw.proxy.helo_timeout)?,
             idle_timeout: duration("proxy.idle_timeout", &raw.proxy.idle_timeout)?,
             upstream_timeout: duration("proxy.upstream_timeout", &raw.proxy.upstream_timeout)?,

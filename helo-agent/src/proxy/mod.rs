@@ -1,12 +1,13 @@
 //! The transparent SMTP proxy: listeners, one task per session, the upstream connection with a
 //! PROXY header, and the relay that takes over after a pass verdict.
 //!
-//! A session: admit (global and per-address limits, else 421), connect to the MTA and send the
-//! PROXY header (unreachable: 421 4.3.0, no ban), relay the MTA's greeting, then read client
-//! lines through [`session::Session`] until the verdict. Pass: the HELO line and anything
-//! pipelined after it go to the MTA and [`relay`] splices the rest. Reject/ban: the MTA gets
-//! QUIT, the proxy answers the client to the end, and a ban is queued when the session closes
-//! (earlier, XDP would drop the client's ACKs of our own 553s). One log line per session.
+//! A session: admit (global and per-address limits, else 421), greet (`proxy.greeting`: the
+//! proxy's own 220, or the MTA connected at accept with its banner relayed), then read client
+//! lines through [`session::Session`] until the verdict. Pass: the MTA is connected if it was
+//! not (PROXY header; unreachable: 421 4.3.0, no ban), the HELO line and anything pipelined
+//! after it go to it, and [`relay`] takes over. Reject/ban: a connected MTA gets QUIT, the
+//! proxy answers the client to the end, and a ban is queued when the session closes (earlier,
+//! XDP would drop the client's ACKs of our own 553s). One log line per session.
 
 pub mod header;
 pub mod relay;
@@ -26,7 +27,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use self::session::{Session, Step};
 use crate::blocklist::BanCheck;
 use crate::blocklist::worker::{BanRequest, BanSender};
-use crate::config::{ListenerConfig, ProxyConfig};
+use crate::config::{GreetingMode, ListenerConfig, ProxyConfig};
 use crate::rules::{Action, RuleSet};
 use crate::smtp::reply::{ReplyScan, greeting_host, scan_reply};
 use crate::smtp::{LineScan, MAX_COMMAND_LINE, reply, scan_line};
@@ -49,11 +50,13 @@ pub struct Live {
 pub struct Observe {
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
     pub report_window: Duration,
+    /// The ban maps, read for clients behind a trusted front proxy.
+    pub lookup: Option<Arc<dyn BanCheck>>,
 }
 
 impl Default for Observe {
     fn default() -> Self {
-        Observe { metrics: None, report_window: Duration::from_secs(24 * 3600) }
+        Observe { metrics: None, report_window: Duration::from_secs(24 * 3600), lookup: None }
     }
 }
 
@@ -64,6 +67,8 @@ pub struct Shared {
     pub bans: Option<BanSender>,
     /// When XDP could not be attached: bans are enforced here, at accept.
     pub enforce: Option<Arc<dyn BanCheck>>,
+    /// The bans, for clients behind a trusted front proxy (XDP sees only the proxy).
+    pub lookup: Option<Arc<dyn BanCheck>>,
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
     pub report: Mutex<crate::report::Report>,
     /// Fixed at start: the semaphore is sized by it.
@@ -87,6 +92,7 @@ impl Shared {
             live: RwLock::new(Arc::new(Live { config, rules, reject_message })),
             bans,
             enforce,
+            lookup: observe.lookup,
             metrics: observe.metrics,
             report: Mutex::new(crate::report::Report::new(observe.report_window)),
             max_sessions,
@@ -270,16 +276,39 @@ struct Outcome {
 }
 
 async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, check_helo: bool) {
-    let ip = crate::addr::canonical(peer.ip());
-    if let Some(enforce) = &shared.enforce
-        && enforce.banned(ip, crate::clock::boot_ns())
-    {
-        // What XDP would have done, as near as user space can: no greeting, just gone.
-        tracing::debug!(client = %ip, "banned client closed at accept (XDP not attached)");
-        return;
-    }
     let started = Instant::now();
     let live = shared.live();
+    let from = crate::addr::canonical(peer.ip());
+    let mut local = client.local_addr().unwrap_or(peer);
+    let mut peer = peer;
+    // A trusted front proxy (load balancer) says who the client is; anyone else's PROXY header
+    // is refused in the session.
+    let balancer =
+        live.config.trusted_proxies.iter().any(|net| net.contains(&from)).then_some(from);
+    if let Some(balancer) = balancer {
+        match read_inbound(&mut client, live.config.helo_timeout).await {
+            Ok(header::Inbound::Proxied { client: real, local: dst }) => {
+                peer = real;
+                local = dst;
+            }
+            Ok(header::Inbound::Local) => {}
+            Err(error) => {
+                tracing::warn!(%balancer, %error, "trusted front proxy sent no valid PROXY header: connection closed");
+                return;
+            }
+        }
+    }
+    let ip = crate::addr::canonical(peer.ip());
+    // Behind a balancer XDP sees only the balancer, so the bans are checked here; without XDP,
+    // for everyone.
+    let check = if balancer.is_some() { shared.lookup.as_ref() } else { shared.enforce.as_ref() };
+    if let Some(check) = check
+        && check.banned(ip, crate::clock::boot_ns())
+    {
+        // What XDP would have done, as near as user space can: no greeting, just gone.
+        tracing::debug!(client = %ip, via = ?balancer, "banned client closed at accept");
+        return;
+    }
     let Some(_admission) = shared.admit(ip, live.config.max_sessions_per_ip) else {
         let refusal = reply::line(421, "4.7.0", "Error: too many connections");
         let _ = send(&mut client, &refusal, REFUSAL_WRITE).await;
@@ -287,7 +316,7 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
         return;
     };
     let _ = client.set_nodelay(true);
-    let outcome = run_session(&live, client, peer, check_helo).await;
+    let outcome = run_session(&live, client, peer, local, check_helo).await;
     let verdict = outcome.verdict.as_ref();
     let action = verdict.map_or("none", |v| match v.action {
         Action::Pass => "pass",
@@ -314,8 +343,11 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
     if let (Some(verdict), Some(bans)) = (verdict, &shared.bans)
         && verdict.action == Action::Ban
     {
-        // Never the MTA's own address: the gateway would cut itself off.
-        if ip == crate::addr::canonical(live.config.upstream.ip()) {
+        // Never the MTA's own address (the gateway would cut itself off), nor a front proxy's
+        // (every client behind it would be cut off).
+        if ip == crate::addr::canonical(live.config.upstream.ip())
+            || live.config.trusted_proxies.iter().any(|net| net.contains(&ip))
+        {
             tracing::warn!(client = %ip, rule = verdict.rule, "not banning the MTA's own address");
             return;
         }
@@ -356,6 +388,7 @@ async fn run_session(
     live: &Live,
     mut client: TcpStream,
     peer: SocketAddr,
+    local: SocketAddr,
     check_helo: bool,
 ) -> Outcome {
     let config = &live.config;
@@ -363,55 +396,40 @@ async fn run_session(
     let unavailable =
         reply::line(421, "4.3.0", "Error: service temporarily unavailable, try again later");
 
-    // The MTA: connect, PROXY header, greeting.
-    let connect = async {
-        match config.proxy_protocol {
-            header::ProxyProtocol::Transparent => connect_as(peer.ip(), config.upstream).await,
-            _ => TcpStream::connect(config.upstream).await,
+    // Who greets: the MTA (connected now, its banner relayed), or the proxy itself (the MTA
+    // is connected only for a client whose HELO passes).
+    let (mut upstream, host) = match config.greeting {
+        GreetingMode::Mta => {
+            let (mta, greeting) = match open_upstream(config, peer, local).await {
+                Ok(opened) => opened,
+                Err((end, error)) => {
+                    return fail(&mut client, &unavailable, outcome, end, error).await;
+                }
+            };
+            if send(&mut client, &greeting.bytes, config.idle_timeout).await.is_err() {
+                outcome.end = "client_gone";
+                return outcome;
+            }
+            outcome.down += greeting.bytes.len() as u64;
+            if greeting.code != 220 {
+                outcome.end = "upstream_refused";
+                return outcome;
+            }
+            let host = greeting_host(&greeting.bytes).unwrap_or_else(|| "localhost".into());
+            (Some(mta), host)
+        }
+        GreetingMode::Own => {
+            let banner = format!("220 {} ESMTP\r\n", config.hostname);
+            if send(&mut client, banner.as_bytes(), config.idle_timeout).await.is_err() {
+                outcome.end = "client_gone";
+                return outcome;
+            }
+            outcome.down += banner.len() as u64;
+            (None, config.hostname.clone())
         }
     };
-    let upstream = tokio::time::timeout(config.upstream_timeout, connect).await;
-    let mut upstream = match upstream {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            return fail(&mut client, &unavailable, outcome, "upstream_unreachable", e.to_string())
-                .await;
-        }
-        Err(_) => {
-            return fail(
-                &mut client,
-                &unavailable,
-                outcome,
-                "upstream_unreachable",
-                "connect timed out".into(),
-            )
-            .await;
-        }
-    };
-    let _ = upstream.set_nodelay(true);
-    let local = client.local_addr().unwrap_or(peer);
-    let header = header::encode(config.proxy_protocol, peer, local);
-    if let Err(e) = upstream.write_all(&header).await {
-        return fail(&mut client, &unavailable, outcome, "upstream_error", e.to_string()).await;
-    }
-    let greeting = match read_reply(&mut upstream, config.upstream_timeout).await {
-        Ok(greeting) => greeting,
-        Err(e) => {
-            return fail(&mut client, &unavailable, outcome, "upstream_error", e.to_string()).await;
-        }
-    };
-    if send(&mut client, &greeting.bytes, config.idle_timeout).await.is_err() {
-        outcome.end = "client_gone";
-        return outcome;
-    }
-    outcome.down += greeting.bytes.len() as u64;
-    if greeting.code != 220 {
-        outcome.end = "upstream_refused";
-        return outcome;
-    }
 
     // Client commands up to the verdict, and after a rejection.
-    let host = greeting_host(&greeting.bytes).unwrap_or_else(|| "localhost".into());
     let mut session = Session::new(
         &live.rules,
         crate::addr::canonical(peer.ip()),
@@ -419,10 +437,18 @@ async fn run_session(
         &live.reject_message,
         host,
     );
-    let mut upstream = Some(upstream);
     let mut buf: Vec<u8> = Vec::new();
     let helo_deadline = tokio::time::Instant::now() + config.helo_timeout;
     loop {
+        // A PROXY header from a peer not in proxy.trusted_proxies: refused, never believed.
+        if outcome.up == 0 && session.helo().is_none() && refuses_header(&buf) {
+            let refusal =
+                reply::line(554, "5.7.0", "Error: PROXY header from an untrusted address");
+            let _ = send(&mut client, &refusal, config.idle_timeout).await;
+            outcome.down += refusal.len() as u64;
+            tracing::warn!(client = %peer.ip(), "PROXY header from an address not in proxy.trusted_proxies: refused");
+            return finish(outcome, &session, "untrusted_proxy_header");
+        }
         // Every complete line in the buffer, in order (PIPELINING).
         loop {
             let (len, content) = match scan_line(&buf, MAX_COMMAND_LINE) {
@@ -468,8 +494,24 @@ async fn run_session(
                     outcome.down += answer.len() as u64;
                 }
                 Step::Pass => {
-                    let Some(mut mta) = upstream.take() else {
-                        return finish(outcome, &session, "internal_error");
+                    let mut mta = match upstream.take() {
+                        Some(mta) => mta,
+                        None => match open_upstream(config, peer, local).await {
+                            // The MTA's banner is ours to swallow: the client had ours.
+                            Ok((mta, greeting)) if greeting.code == 220 => mta,
+                            Ok((_, greeting)) => {
+                                let said =
+                                    String::from_utf8_lossy(&greeting.bytes).trim().to_owned();
+                                outcome.error = Some(format!("MTA greeted with {said:?}"));
+                                let _ = send(&mut client, &unavailable, config.idle_timeout).await;
+                                return finish(outcome, &session, "upstream_refused");
+                            }
+                            Err((end, error)) => {
+                                outcome.error = Some(error);
+                                let _ = send(&mut client, &unavailable, config.idle_timeout).await;
+                                return finish(outcome, &session, end);
+                            }
+                        },
                     };
                     // The HELO line and everything pipelined after it: the only bytes of the
                     // relayed session that pass through user space.
@@ -523,6 +565,80 @@ async fn run_session(
             }
         }
     }
+}
+
+/// Whether the first bytes of a session are a PROXY header (complete enough to tell).
+fn refuses_header(buf: &[u8]) -> bool {
+    buf.starts_with(b"PROXY ") || buf.starts_with(&header::V2_SIGNATURE)
+}
+
+/// Reads a trusted front proxy's PROXY header, exactly its bytes (peeked first, so none of the
+/// client's SMTP is consumed), within `limit`.
+async fn read_inbound(client: &mut TcpStream, limit: Duration) -> io::Result<header::Inbound> {
+    let read = async {
+        let mut peeked = vec![0u8; 1100];
+        loop {
+            let n = client.peek(&mut peeked).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before a PROXY header",
+                ));
+            }
+            match header::decode(&peeked[..n]) {
+                header::Decoded::NeedMore if n < peeked.len() => {
+                    // Wait for more than what is already there.
+                    client.readable().await?;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                header::Decoded::NeedMore => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "PROXY header too long",
+                    ));
+                }
+                header::Decoded::Header { len, inbound } => {
+                    let mut skip = vec![0u8; len];
+                    client.read_exact(&mut skip).await?;
+                    return Ok(inbound);
+                }
+                header::Decoded::Invalid(why) => {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+                }
+            }
+        }
+    };
+    tokio::time::timeout(limit, read)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no PROXY header in time"))?
+}
+
+/// Connects to the MTA (from the client's address in transparent mode), sends the PROXY header
+/// and reads the MTA's greeting, all within `upstream_timeout`. Errors: the session's `end` and
+/// what went wrong.
+async fn open_upstream(
+    config: &ProxyConfig,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Result<(TcpStream, Greeting), (&'static str, String)> {
+    let connect = async {
+        match config.proxy_protocol {
+            header::ProxyProtocol::Transparent => connect_as(peer.ip(), config.upstream).await,
+            _ => TcpStream::connect(config.upstream).await,
+        }
+    };
+    let mut upstream = match tokio::time::timeout(config.upstream_timeout, connect).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(("upstream_unreachable", e.to_string())),
+        Err(_) => return Err(("upstream_unreachable", "connect timed out".into())),
+    };
+    let _ = upstream.set_nodelay(true);
+    let header = header::encode(config.proxy_protocol, peer, local);
+    upstream.write_all(&header).await.map_err(|e| ("upstream_error", e.to_string()))?;
+    let greeting = read_reply(&mut upstream, config.upstream_timeout)
+        .await
+        .map_err(|e| ("upstream_error", e.to_string()))?;
+    Ok((upstream, greeting))
 }
 
 /// Writes to the client within `limit`: a client that stops reading cannot hold a session.
