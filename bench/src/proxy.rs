@@ -296,8 +296,9 @@ fn run_in(report: &mut Report, out: &Path, work: &Path) -> anyhow::Result<()> {
              program. A quarter is scheduling (`_raw_spin_unlock_irqrestore` in wake-ups, \
              `finish_task_switch`): 2 runtime threads, 20 client threads and smtp-sink trade 2 \
              cores. Per session the agent creates two pipes and splices even a 23-byte message, \
-             where HAProxy's `splice-auto` copies small transfers; and it connects to the MTA at \
-             accept, as HAProxy does. A single runtime thread (TOKIO_WORKER_THREADS=1) was slower \
+             where HAProxy's `splice-auto` copies small transfers; and with its own greeting it \
+             connects to the MTA only after the EHLO, one more round trip inside each session \
+             (the price of keeping idle and rejected bots off the MTA). A single runtime thread (TOKIO_WORKER_THREADS=1) was slower \
              (3.1k/s). What would close part of the gap: copy first and switch to splice only when \
              a read fills the buffer (splice-auto), and reuse pipes across sessions. The 1.5x \
              HAProxy target also assumed the agent does less per session than a generic proxy; it \
@@ -415,8 +416,9 @@ fn run_in(report: &mut Report, out: &Path, work: &Path) -> anyhow::Result<()> {
         &format!(
             "{IDLE} connections opened and greeted, then left silent (no HELO); the proxy's RSS \
              (VmRSS) before and after, divided by the sessions. 5000, not the 10k the issue asks: this \
-             machine's hard open-file limit is 20000 and each proxied session holds two sockets in \
-             the proxy and one in smtp-sink."
+             machine's hard open-file limit is 20000, and HAProxy, which connects to the MTA at \
+             accept, holds two sockets per session and smtp-sink one. helo-agent, greeting itself, \
+             holds one and the MTA none."
         ),
         &["proxy", "RSS before MiB", "RSS with idle sessions MiB", "KiB per session"],
         &memory_rows,
