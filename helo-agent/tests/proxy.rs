@@ -769,3 +769,33 @@ async fn a_proxy_header_from_an_untrusted_address_is_refused() {
     assert_eq!(mta.connections(), 0);
     agent.stop().await;
 }
+
+/// SMTP smuggling shapes and bare CR/LF after a pass: relayed exactly as sent, never
+/// reinterpreted by the proxy (the MTA alone decides where DATA ends).
+#[tokio::test]
+async fn smuggling_shapes_and_bare_line_ends_are_relayed_untouched() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let mut stream = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut stream).await;
+    let session: &[u8] = b"EHLO mail.sender.example\r\nMAIL FROM:<a@sender.example>\r\n\
+        RCPT TO:<c@d.example>\r\nDATA\r\n";
+    stream.write_all(session).await.unwrap();
+    for _ in 0..4 {
+        read_reply(&mut stream).await;
+    }
+    let body: &[u8] =
+        b"bare\rCR and bare\nLF\r\n.\r\r\n..\r\nsmuggle 1\n.\r\nMAIL FROM:<evil@x>\r\n\
+        smuggle 2\r.\r\nRCPT TO:<evil@x>\r\n.\r\n";
+    // Byte by byte: every line end split across reads.
+    for b in body {
+        stream.write_all(std::slice::from_ref(b)).await.unwrap();
+    }
+    assert_eq!(read_reply(&mut stream).await, "250 2.0.0 Ok: queued\r\n", "one message, one 250");
+    stream.write_all(b"QUIT\r\n").await.unwrap();
+    assert_eq!(read_reply(&mut stream).await, "221 2.0.0 Bye\r\n");
+    let received = mta.received();
+    let start = received.windows(4).position(|w| w == b"EHLO").expect("relayed");
+    assert_eq!(&received[start..], [session, body, b"QUIT\r\n"].concat(), "byte for byte");
+    agent.stop().await;
+}
