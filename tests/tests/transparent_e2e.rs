@@ -63,7 +63,8 @@ fn the_mta_sees_the_real_client_address() {
         "1",
     ]);
 
-    // The MTA: greets, answers one command, reports the peer it saw and the first bytes.
+    // The MTA: greets, answers one command, reports the peer it saw and the first bytes, and
+    // answers QUIT with 221 (closing without it would be an MTA lost mid-session).
     let (seen_tx, seen_rx) = mpsc::channel();
     let (ready_tx, ready_rx) = mpsc::channel();
     let _mta_thread = mta.spawn(move || {
@@ -77,6 +78,10 @@ fn the_mta_sees_the_real_client_address() {
         reader.read_line(&mut line).unwrap();
         stream.write_all(b"250 mta.test\r\n").unwrap();
         seen_tx.send((peer, line)).unwrap();
+        let mut quit = String::new();
+        if reader.read_line(&mut quit).is_ok() && quit.starts_with("QUIT") {
+            let _ = stream.write_all(b"221 mta.test\r\n");
+        }
     });
     ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
 
@@ -125,10 +130,17 @@ fn the_mta_sees_the_real_client_address() {
         stream.write_all(b"EHLO mail.sender.example\r\n").unwrap();
         let n = stream.read(&mut buf).unwrap();
         transcript.push_str(&String::from_utf8_lossy(&buf[..n]));
+        stream.write_all(b"QUIT\r\n").unwrap();
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+        transcript.push_str(&String::from_utf8_lossy(&rest));
         transcript
     });
     // The proxy greets; the MTA, connected once the HELO passed, answers the EHLO.
-    assert_eq!(transcript, "220 gw.test ESMTP\r\n250 mta.test\r\n", "the MTA's reply to EHLO");
+    assert_eq!(
+        transcript, "220 gw.test ESMTP\r\n250 mta.test\r\n221 mta.test\r\n",
+        "the MTA's replies to EHLO and QUIT"
+    );
     let (peer, first) = seen_rx.recv_timeout(Duration::from_secs(5)).expect("the MTA was reached");
     assert_eq!(peer.ip().to_string(), CLIENT, "the MTA sees the client's own address");
     assert_eq!(first, "EHLO mail.sender.example\r\n", "no PROXY header before the HELO");
