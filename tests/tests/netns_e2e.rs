@@ -237,6 +237,30 @@ fn bans_hold_while_the_agent_is_down_and_across_a_restart() {
     let mut first = bed.start_agent();
     bed.cli(&["ban", CLIENT, "--ttl", "10m", "--reason", "restart"]);
     dropped(connect(&bed.client, CLIENT, GW_V4), "banned client");
+
+    // Load across the restart: the banned client and a neighbour keep connecting.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = |src: &'static str| {
+        let (stop, client) = (stop.clone(), bed.client.name.clone());
+        std::thread::spawn(move || {
+            let (mut answered, mut dropped) = (0u32, 0u32);
+            while !stop.load(Ordering::Relaxed) {
+                let attempt = tests::netns::in_netns(&client, move || {
+                    let src: IpAddr = src.parse().unwrap();
+                    let dst = SocketAddr::new(GW_V4.parse().unwrap(), 25);
+                    let socket =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                            .unwrap();
+                    socket.bind(&SocketAddr::new(src, 0).into()).unwrap();
+                    socket.connect_timeout(&dst.into(), Duration::from_millis(300)).is_ok()
+                });
+                if attempt { answered += 1 } else { dropped += 1 }
+            }
+            (answered, dropped)
+        })
+    };
+    let (banned_load, neighbour_load) = (load(CLIENT), load(NEIGHBOUR));
+    std::thread::sleep(Duration::from_millis(500));
     assert!(first.stop(), "first agent exits cleanly:\n{}", first.log());
     assert!(bed.attached(), "the program stays attached after the agent exits");
     dropped(connect(&bed.client, CLIENT, GW_V4), "banned client while the agent is down");
@@ -250,6 +274,15 @@ fn bans_hold_while_the_agent_is_down_and_across_a_restart() {
         second.log()
     );
     dropped(connect(&bed.client, CLIENT, GW_V4), "banned client after the restart");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (banned_answered, banned_dropped) = banned_load.join().unwrap();
+    let (neighbour_answered, _) = neighbour_load.join().unwrap();
+    assert_eq!(banned_answered, 0, "the banned client got through during the restart");
+    assert!(
+        banned_dropped > 0 && neighbour_answered > 0,
+        "the load ran: {banned_dropped} dropped, {neighbour_answered} served"
+    );
     drop(second);
 
     let removed = bed.cli(&["detach"]);
