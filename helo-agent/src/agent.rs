@@ -287,7 +287,20 @@ fn bind_control(path: &Path) -> Result<std::os::unix::net::UnixListener, AgentEr
         std::fs::create_dir_all(dir).map_err(err)?;
     }
     refuse_if_running(path)?;
-    let _ = std::fs::remove_file(path);
+    // A socket nobody answers on is left from a crash; anything else at that path is not ours
+    // to delete.
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            std::fs::remove_file(path).map_err(err)?;
+        }
+        Ok(_) => {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way: set agent.control_socket to a path of its own",
+            )));
+        }
+        Err(_) => {}
+    }
     let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
     let listener = std::os::unix::net::UnixListener::bind(path);
     rustix::process::umask(old);
@@ -644,6 +657,25 @@ fn default_v6(table: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_control_socket_replaces_a_stale_socket_but_never_another_file() {
+        let dir = std::env::temp_dir().join(format!("helo-control-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("not-a-socket");
+        std::fs::write(&file, b"precious").unwrap();
+        let err = bind_control(&file).unwrap_err().to_string();
+        assert!(err.contains("not a socket"), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious", "left alone");
+
+        let path = dir.join("control.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap()); // a crash leaves this
+        let listener = bind_control(&path).expect("the stale socket is replaced");
+        let err = bind_control(&path).unwrap_err();
+        assert!(matches!(err, AgentError::AlreadyRunning { .. }), "{err}");
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn default_route_from_proc_net_route() {

@@ -22,6 +22,25 @@ use crate::rules::badhelo::BadheloSet;
 use crate::rules::table::DomainPattern;
 use crate::rules::{CHECK_COUNT, Check, CheckAction, EntryRef, Identity, RejectAt, RuleSet};
 
+/// Directories the snapshot may not live in directly (the agent chowns the snapshot's
+/// directory to agent.user).
+const SHARED_DIRS: &[&str] = &[
+    "/",
+    "/etc",
+    "/home",
+    "/opt",
+    "/root",
+    "/run",
+    "/srv",
+    "/tmp",
+    "/usr",
+    "/var",
+    "/var/lib",
+    "/var/run",
+    "/var/tmp",
+    "/var/spool",
+];
+
 /// The example config, every key at its default, with comments.
 pub const EXAMPLE: &str = include_str!("../../helo-filter.example.toml");
 
@@ -578,7 +597,21 @@ impl Config {
             path: if raw.bans.snapshot.as_os_str().is_empty() {
                 None
             } else {
-                Some(absolute("bans.snapshot", raw.bans.snapshot)?)
+                let path = absolute("bans.snapshot", raw.bans.snapshot)?;
+                // The agent gives the snapshot's directory to agent.user: never a shared one.
+                let dir = path.parent().unwrap_or(Path::new("/"));
+                if SHARED_DIRS.iter().any(|shared| dir == Path::new(shared)) {
+                    return Err(invalid(
+                        "bans.snapshot",
+                        format!(
+                            "{} is a shared directory, and the agent makes the snapshot's \
+                             directory its own: use a directory of its own, such as \
+                             /var/lib/helo-filter/bans.json",
+                            dir.display()
+                        ),
+                    ));
+                }
+                Some(path)
             },
             interval: duration("bans.snapshot_interval", &raw.bans.snapshot_interval)?,
         };

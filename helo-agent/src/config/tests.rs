@@ -144,6 +144,13 @@ fn bad_values_name_the_key_and_the_fix() {
         ("[[proxy.listeners]]\naddress = \"25\"", "proxy.listeners.address"),
         ("[proxy]\nhelo_timeout = \"0s\"", "proxy.helo_timeout"),
         ("[proxy]\nmax_sessions_per_ip = 0", "proxy.max_sessions"),
+        ("[bans]\nsnapshot = \"/tmp/bans.json\"", "/tmp is a shared directory"),
+        ("[bans]\nsnapshot = \"/bans.json\"", "/ is a shared directory"),
+        ("[bans]\nsnapshot = \"bans.json\"", "bans.snapshot"),
+        ("[agent]\ncontrol_socket = \"control.sock\"", "agent.control_socket"),
+        ("[agent]\nmetrics = \"9125\"", "agent.metrics"),
+        ("[proxy]\ntrusted_proxies = [\"lb.example\"]", "proxy.trusted_proxies"),
+        ("[proxy]\nhostname = \"two words\"", "proxy.hostname"),
     ];
     for (text, expected) in cases {
         let err = parse(text).unwrap_err().to_string();
