@@ -241,41 +241,31 @@ impl Allowlist {
     /// Makes the tries hold exactly `allow`: new entries first, then stale ones removed, so an
     /// address allowlisted before and after is never dropped in between.
     pub fn replace(&mut self, allow: &[IpNet]) -> Result<(), EbpfError> {
-        let trunc: Vec<IpNet> = allow.iter().map(IpNet::trunc).collect();
-        for net in &trunc {
-            let result = match net {
-                IpNet::V4(n) => {
-                    self.v4.insert(&Key::new(u32::from(n.prefix_len()), n.addr().octets()), 1, 0)
-                }
-                IpNet::V6(n) => {
-                    self.v6.insert(&Key::new(u32::from(n.prefix_len()), n.addr().octets()), 1, 0)
-                }
-            };
-            result.map_err(|source| EbpfError::Map { name: maps::ALLOW_V4, source })?;
+        let wanted: Vec<IpNet> = allow.iter().map(IpNet::trunc).collect();
+        for net in &wanted {
+            self.update(net, true)?;
         }
-        let stale_v4: Vec<Key<[u8; 4]>> = self
-            .v4
-            .keys()
-            .flatten()
-            .filter(|k| !trunc.iter().any(|n| matches!(n, IpNet::V4(n) if u32::from(n.prefix_len()) == k.prefix_len() && n.addr().octets() == k.data())))
-            .collect();
-        for key in stale_v4 {
-            self.v4
-                .remove(&key)
-                .map_err(|source| EbpfError::Map { name: maps::ALLOW_V4, source })?;
-        }
-        let stale_v6: Vec<Key<[u8; 16]>> = self
-            .v6
-            .keys()
-            .flatten()
-            .filter(|k| !trunc.iter().any(|n| matches!(n, IpNet::V6(n) if u32::from(n.prefix_len()) == k.prefix_len() && n.addr().octets() == k.data())))
-            .collect();
-        for key in stale_v6 {
-            self.v6
-                .remove(&key)
-                .map_err(|source| EbpfError::Map { name: maps::ALLOW_V6, source })?;
+        for net in self.networks().into_iter().filter(|net| !wanted.contains(net)) {
+            self.update(&net, false)?;
         }
         Ok(())
+    }
+
+    /// Inserts or removes one network.
+    fn update(&mut self, net: &IpNet, insert: bool) -> Result<(), EbpfError> {
+        let (name, result) = match net {
+            IpNet::V4(n) => {
+                let key = Key::new(u32::from(n.prefix_len()), n.addr().octets());
+                let result = if insert { self.v4.insert(&key, 1, 0) } else { self.v4.remove(&key) };
+                (maps::ALLOW_V4, result)
+            }
+            IpNet::V6(n) => {
+                let key = Key::new(u32::from(n.prefix_len()), n.addr().octets());
+                let result = if insert { self.v6.insert(&key, 1, 0) } else { self.v6.remove(&key) };
+                (maps::ALLOW_V6, result)
+            }
+        };
+        result.map_err(|source| EbpfError::Map { name, source })
     }
 
     /// What the tries hold, as networks.

@@ -158,6 +158,26 @@ fn allowlisted_source_passes_though_banned() {
     assert_eq!(xdp.verdict(&frames::syn_v4("203.0.113.99", 25)), (XDP_DROP, Stat::Dropped));
 }
 
+/// A reload replaces the allowlist in the kernel in place: the new networks are spared, the
+/// dropped ones are not.
+#[test]
+fn a_reloaded_allowlist_takes_effect_in_the_kernel() {
+    let mut xdp = load_with(&["203.0.113.0/28", "2001:db8:600d::/48"]);
+    xdp.ban("203.0.113.9");
+    xdp.ban("198.51.100.9");
+    xdp.ban("2001:db8:600d::9");
+    let mut allowlist = xdp.program.take_allowlist().expect("the loaded tries");
+    let new: Vec<ipnet::IpNet> =
+        ["198.51.100.0/24", "2001:db8:600d::/48"].iter().map(|n| n.parse().unwrap()).collect();
+    allowlist.replace(&new).unwrap();
+    let mut held = allowlist.networks();
+    held.sort();
+    assert_eq!(held, new, "exactly the new allowlist");
+    assert_eq!(xdp.verdict(&frames::syn_v4("203.0.113.9", 25)), (XDP_DROP, Stat::Dropped));
+    assert_eq!(xdp.verdict(&frames::syn_v4("198.51.100.9", 25)), (XDP_PASS, Stat::Allowlisted));
+    assert_eq!(xdp.verdict(&frames::syn_v6("2001:db8:600d::9", 25)), (XDP_PASS, Stat::Allowlisted));
+}
+
 #[test]
 fn vlan_tagged_frames_are_judged_like_untagged_ones() {
     let mut xdp = load();
