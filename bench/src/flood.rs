@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tests::netns::{Netns, veth};
 use tests::{AgentProcess, PinDir, agent_cli};
 
+use crate::procfs::{cpu_ticks, process_ticks};
 use crate::report::{Report, f};
 use crate::{median, progress};
 
@@ -18,31 +19,6 @@ const GW: &str = "10.99.0.1";
 const ATTACKER: &str = "10.99.0.2";
 const FLOOD: Duration = Duration::from_secs(4);
 const ROUNDS: usize = 3;
-
-/// Busy and total CPU time of the whole machine, in clock ticks.
-fn cpu_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let total: u64 = fields.iter().take(8).sum();
-    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
-
-/// utime + stime of a process, in clock ticks.
-fn process_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    get(11) + get(12)
-}
 
 struct Flooded {
     dropped: u64,

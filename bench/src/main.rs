@@ -6,6 +6,7 @@
 mod flood;
 mod machine;
 mod plot;
+mod procfs;
 mod proxy;
 mod report;
 mod rules;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tests::{AgentProcess, PinDir};
 
+use crate::procfs::{process_ticks, rss_kib};
 use crate::report::{Report, f};
 use crate::{median, progress};
 
@@ -198,23 +199,6 @@ fn drive(
         p99_ms: pct(0.99),
         cpu_secs: (cpu1 - cpu0) as f64 / hz,
     })
-}
-
-fn process_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    get(11) + get(12)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 pub fn run(report: &mut Report, out: &Path) -> anyhow::Result<()> {
