@@ -69,6 +69,13 @@ impl BanTarget {
             }
         }
     }
+
+    /// Whether this ban and `net` overlap, either way round (a /64 may hold an allowlisted
+    /// host, or lie inside an allowlisted network).
+    pub fn overlaps(&self, net: &IpNet) -> bool {
+        let banned = self.network();
+        net.contains(&banned) || banned.contains(net)
+    }
 }
 
 impl FromStr for BanTarget {
@@ -125,6 +132,19 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bans_overlapping_allowlisted_networks_are_found() {
+        let net: ipnet::IpNet = "2001:db8::/32".parse().unwrap();
+        assert!("2001:db8:1:2::/64".parse::<BanTarget>().unwrap().overlaps(&net));
+        assert!("2001:db8::1".parse::<BanTarget>().unwrap().overlaps(&net));
+        assert!(!"2001:db9::1".parse::<BanTarget>().unwrap().overlaps(&net));
+        let wide: ipnet::IpNet = "2001:db8:1:2:3::/80".parse().unwrap();
+        assert!("2001:db8:1:2::/64".parse::<BanTarget>().unwrap().overlaps(&wide));
+        let v4: ipnet::IpNet = "10.0.0.0/8".parse().unwrap();
+        assert!("10.1.2.3".parse::<BanTarget>().unwrap().overlaps(&v4));
+        assert!(!"11.1.2.3".parse::<BanTarget>().unwrap().overlaps(&v4));
+    }
 
     fn t(s: &str) -> Result<BanTarget, AddrError> {
         s.parse()

@@ -535,12 +535,11 @@ pub async fn serve(
             }),
             allowlisted: Box::new(move |target| {
                 let config = current.current.lock().expect("config lock");
-                let banned = target.network();
                 config
                     .rules
                     .allowlist
                     .iter()
-                    .find(|net| net.contains(&banned) || banned.contains(*net))
+                    .find(|net| target.overlaps(net))
                     .map(ToString::to_string)
             }),
         };
