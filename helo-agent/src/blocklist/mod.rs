@@ -142,7 +142,7 @@ impl<S: BanStore> Blocklist<S> {
     }
 
     /// Bans in force at `now_ns`, longest remaining first. Expired entries are left out (the
-    /// kernel removes them when their source comes back; [`Self::purge_expired`] sweeps).
+    /// kernel removes them when their source comes back; [`Self::remove_expired`] sweeps).
     pub fn list(&self, now_ns: u64) -> Result<Vec<BanEntry>, StoreError> {
         let mut entries = Vec::new();
         for (target, value) in self.store.entries()? {
@@ -165,11 +165,16 @@ impl<S: BanStore> Blocklist<S> {
         Ok(entries)
     }
 
-    /// Removes entries expired at `now_ns`; returns how many.
-    pub fn purge_expired(&mut self, now_ns: u64) -> Result<usize, StoreError> {
+    /// Removes those of `entries` (as the store listed them) expired at `now_ns`; returns how
+    /// many. The caller lists the entries, so one walk of the maps also serves its counting.
+    pub fn remove_expired(
+        &mut self,
+        entries: &[(BanTarget, BanValue)],
+        now_ns: u64,
+    ) -> Result<usize, StoreError> {
         let mut purged = 0;
-        for (target, value) in self.store.entries()? {
-            if !value.active_at(now_ns) && self.store.remove(&target)? {
+        for (target, value) in entries {
+            if !value.active_at(now_ns) && self.store.remove(target)? {
                 purged += 1;
             }
         }
@@ -281,7 +286,8 @@ mod tests {
         let mut list = Blocklist::new(FakeStore::default());
         list.ban(&target("192.0.2.1"), Ttl::For(Duration::from_secs(1)), "", 0).unwrap();
         list.ban(&target("192.0.2.2"), Ttl::For(Duration::from_secs(100)), "", 0).unwrap();
-        assert_eq!(list.purge_expired(2 * SEC).unwrap(), 1);
+        let entries = list.store().entries().unwrap();
+        assert_eq!(list.remove_expired(&entries, 2 * SEC).unwrap(), 1);
         assert_eq!(list.store().len(), 1);
     }
 

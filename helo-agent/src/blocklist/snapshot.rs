@@ -115,14 +115,16 @@ pub fn save(path: &Path, snapshot: &Snapshot) -> Result<(), SnapshotError> {
     Ok(())
 }
 
-/// The bans in force in `list` and the offence history, as a snapshot taken at `now`.
+/// The bans in force among `entries` (as `list`'s store listed them) and the offence history,
+/// as a snapshot taken at `now`.
 pub fn capture<S: BanStore>(
     list: &Blocklist<S>,
+    entries: &[(BanTarget, helo_common::BanValue)],
     offences: Vec<SavedOffence>,
     now: Now,
 ) -> Result<Snapshot, StoreError> {
     let mut bans = Vec::new();
-    for (target, value) in list.store().entries()? {
+    for &(target, value) in entries {
         if !value.active_at(now.boot_ns) {
             continue;
         }
@@ -245,7 +247,8 @@ mod tests {
         old.ban(&"2001:db8::/64".parse().unwrap(), Ttl::Forever, "manual", before.boot_ns).unwrap();
         let offences =
             vec![SavedOffence { target: "192.0.2.1".into(), count: 3, last_unix: 1_700_000_000 }];
-        let snapshot = capture(&old, offences, before).unwrap();
+        let entries = old.store().entries().unwrap();
+        let snapshot = capture(&old, &entries, offences, before).unwrap();
         let text = serde_json::to_string(&snapshot).unwrap();
         let snapshot: Snapshot = serde_json::from_str(&text).unwrap();
 

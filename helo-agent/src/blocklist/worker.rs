@@ -242,8 +242,16 @@ impl<S: BanStore> State<S> {
         self.list
     }
 
+    /// Removes expired bans and counts what is left, from one walk of the maps.
     fn sweep(&mut self, now: u64) {
-        match self.list.purge_expired(now) {
+        let entries = match self.list.store().entries() {
+            Ok(entries) => entries,
+            Err(error) => {
+                tracing::warn!(%error, "sweeping expired bans failed");
+                return;
+            }
+        };
+        match self.list.remove_expired(&entries, now) {
             Ok(0) => {}
             Ok(purged) => {
                 tracing::debug!(purged, "expired bans swept");
@@ -253,31 +261,31 @@ impl<S: BanStore> State<S> {
             }
             Err(error) => tracing::warn!(%error, "sweeping expired bans failed"),
         }
-        self.count_entries(now);
+        let left: Vec<_> = entries.into_iter().filter(|(_, v)| v.active_at(now)).collect();
+        self.count_entries(&left, now);
     }
 
-    fn count_entries(&self, now: u64) {
+    /// Sets the ban gauges from `entries`, the maps' content as last listed.
+    fn count_entries(&self, entries: &[(BanTarget, helo_common::BanValue)], now: u64) {
         let Some(metrics) = &self.options.metrics else { return };
-        if let Ok(entries) = self.list.store().entries() {
-            let active = entries.iter().filter(|(_, v)| v.active_at(now)).count();
-            crate::metrics::set_gauge(&metrics.bans_active, active);
-            for name in ["v4", "v6", "v6_net"] {
-                let n = entries
-                    .iter()
-                    .filter(|(t, _)| {
-                        matches!(
-                            (name, t),
-                            ("v4", BanTarget::V4(_))
-                                | ("v6", BanTarget::V6(_))
-                                | ("v6_net", BanTarget::V6Net64(_))
-                        )
-                    })
-                    .count();
-                crate::metrics::set_gauge(
-                    &metrics.map_entries.get_or_create(&crate::metrics::NameLabels { name }),
-                    n,
-                );
-            }
+        let active = entries.iter().filter(|(_, v)| v.active_at(now)).count();
+        crate::metrics::set_gauge(&metrics.bans_active, active);
+        for name in ["v4", "v6", "v6_net"] {
+            let n = entries
+                .iter()
+                .filter(|(t, _)| {
+                    matches!(
+                        (name, t),
+                        ("v4", BanTarget::V4(_))
+                            | ("v6", BanTarget::V6(_))
+                            | ("v6_net", BanTarget::V6Net64(_))
+                    )
+                })
+                .count();
+            crate::metrics::set_gauge(
+                &metrics.map_entries.get_or_create(&crate::metrics::NameLabels { name }),
+                n,
+            );
         }
     }
 
@@ -372,9 +380,11 @@ impl<S: BanStore> State<S> {
                 last_unix: snapshot::boot_to_unix(o.last_ns, now) / 1_000_000_000,
             })
             .collect();
-        let captured = snapshot::capture(&self.list, offences, now).map_err(|e| e.to_string())?;
+        let entries = self.list.store().entries().map_err(|e| e.to_string())?;
+        let captured =
+            snapshot::capture(&self.list, &entries, offences, now).map_err(|e| e.to_string())?;
         snapshot::save(path, &captured).map_err(|e| e.to_string())?;
-        self.count_entries(now.boot_ns);
+        self.count_entries(&entries, now.boot_ns);
         Ok(captured.bans.len())
     }
 
