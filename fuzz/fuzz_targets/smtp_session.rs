@@ -1,13 +1,15 @@
 //! Arbitrary client bytes through the line scanner and the session state machine, as the proxy
-//! feeds them: no panic, lines never longer than the buffer or the limit, and a session that
-//! passed or closed is never fed again.
+//! feeds them, with MTA reply codes taken from the data for the lines forwarded after a pass:
+//! no panic, lines never longer than the buffer or the limit, replies well formed, a waiting
+//! session released by the replies it waits for, and a session that closed or went opaque is
+//! never fed again.
 #![no_main]
 
 use std::path::Path;
 use std::sync::OnceLock;
 
 use helo_agent::config::{Config, HostFacts};
-use helo_agent::proxy::session::{Session, Step};
+use helo_agent::proxy::session::{AfterReply, Session, Step};
 use helo_agent::rules::RuleSet;
 use helo_agent::smtp::{LineScan, MAX_COMMAND_LINE, scan_line};
 use libfuzzer_sys::fuzz_target;
@@ -19,6 +21,11 @@ fn rules() -> &'static RuleSet {
                     [rules]\nregexes = ['^(a?dsl|dhcp|dyn(amic)?|ppp)([.-][0-9]{1,3}){4}', '!\\.']\n";
         (*Config::parse(text, Path::new("fuzz"), &HostFacts::default()).unwrap().rules).clone()
     })
+}
+
+fn well_formed(answer: &[u8]) {
+    assert!(answer.ends_with(b"\r\n"), "replies end in CRLF");
+    assert!(answer[..3].iter().all(u8::is_ascii_digit), "replies start with a code");
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -36,14 +43,25 @@ fuzz_target!(|data: &[u8]| {
                 LineScan::Line { len, content } => {
                     assert!(content < len && len <= buf.len() && len <= MAX_COMMAND_LINE);
                     match session.on_line(&buf[..content]) {
-                        Step::Pass | Step::Close(_) => return,
-                        Step::Reply(answer) | Step::Reject(answer) => {
-                            assert!(answer.ends_with(b"\r\n"), "replies end in CRLF");
-                            assert!(
-                                answer[..3].iter().all(u8::is_ascii_digit),
-                                "replies start with a code"
-                            );
+                        Step::Close(_) | Step::Opaque => return,
+                        Step::Pass | Step::Forward | Step::Defer => {
+                            // The MTA answers what it owes, with codes taken from the data.
+                            let mut answered = 0;
+                            while session.waiting() {
+                                answered += 1;
+                                assert!(
+                                    answered < 10_000,
+                                    "a waiting session is released by replies"
+                                );
+                                let code = 200 + u16::from(rest.first().copied().unwrap_or(0)) * 2;
+                                match session.on_reply(code) {
+                                    AfterReply::Opaque(_) => return,
+                                    AfterReply::Reject(answer) => well_formed(&answer),
+                                    AfterReply::Continue => {}
+                                }
+                            }
                         }
+                        Step::Reply(answer) | Step::Reject(answer) => well_formed(&answer),
                     }
                     buf.drain(..len);
                 }

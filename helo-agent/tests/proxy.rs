@@ -799,3 +799,252 @@ async fn smuggling_shapes_and_bare_line_ends_are_relayed_untouched() {
     assert_eq!(&received[start..], [session, body, b"QUIT\r\n"].concat(), "byte for byte");
     agent.stop().await;
 }
+
+/// Regression (issue 11): only the first HELO was judged, so `EHLO good`, then `EHLO <our own
+/// name>` reached the MTA with every reply 250. Now every HELO before the session is opaque is
+/// judged: the forged one never reaches the MTA, the MTA gets QUIT, the proxy finishes the
+/// transcript (553 at RCPT) and the client is banned.
+#[tokio::test]
+async fn a_forged_second_ehlo_after_a_good_one_is_rejected_and_banned() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let t = converse(
+        agent.addr,
+        &[
+            "EHLO good.sender.example",
+            "EHLO mx.example.com",
+            "MAIL FROM:<bot@spam.example>",
+            "RCPT TO:<user@example.com>",
+            "QUIT",
+        ],
+    )
+    .await;
+    assert_eq!(t[1], "250-mta.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n", "the MTA's reply");
+    assert_eq!(
+        t[2], "250-mta.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+        "the proxy answers the forged EHLO itself, as the MTA named itself"
+    );
+    assert_eq!(t[4], "553 5.7.1 sorry, your HELO host name has been denied\r\n", "{t:?}");
+    assert_eq!(t[5], "221 2.0.0 Bye\r\n");
+    eventually("the MTA hears QUIT", || mta.received().ends_with(b"QUIT\r\n")).await;
+    let received = String::from_utf8_lossy(&mta.received()).into_owned();
+    assert!(!received.contains("mx.example.com"), "the forged name never reaches the MTA");
+    assert!(!received.contains("MAIL FROM"), "nor anything after it");
+    eventually("the ban", || agent.banned() == ["127.0.0.1"]).await;
+    agent.stop().await;
+}
+
+/// The same trick in one write (PIPELINING): the MTA's reply to the good EHLO reaches the
+/// client first, then the proxy's answers, in order.
+#[tokio::test]
+async fn a_forged_ehlo_pipelined_after_a_good_one_in_one_write_is_rejected() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let mut client = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut client).await;
+    client
+        .write_all(
+            b"EHLO good.sender.example\r\nMAIL FROM:<a@b.example>\r\nEHLO mx.example.com\r\n\
+              MAIL FROM:<bot@spam.example>\r\nRCPT TO:<user@example.com>\r\nQUIT\r\n",
+        )
+        .await
+        .unwrap();
+    let mut replies = Vec::new();
+    for _ in 0..6 {
+        replies.push(read_reply(&mut client).await);
+    }
+    assert_eq!(
+        replies,
+        [
+            "250-mta.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+            "250 2.0.0 Ok\r\n",
+            "250-mta.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+            "250 2.1.0 Ok\r\n",
+            "553 5.7.1 sorry, your HELO host name has been denied\r\n",
+            "221 2.0.0 Bye\r\n",
+        ]
+    );
+    eventually("the MTA hears QUIT", || mta.received().ends_with(b"QUIT\r\n")).await;
+    let received = String::from_utf8_lossy(&mta.received()).into_owned();
+    assert!(!received.contains("mx.example.com"), "{received}");
+    eventually("the ban", || agent.banned() == ["127.0.0.1"]).await;
+    agent.stop().await;
+}
+
+/// A second HELO after a DATA the MTA refused is still commands, and still judged; after a
+/// message was accepted the session is opaque (documented): it reaches the MTA.
+#[tokio::test]
+async fn a_helo_after_a_refused_data_is_judged() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let listener = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let refusing = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                stream.write_all(b"220 mta.test ESMTP\r\n").await.unwrap();
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    let answer: &[u8] = if buf.starts_with(b"DATA") {
+                        b"554 5.5.1 Error: no valid recipients\r\n"
+                    } else {
+                        b"250 mta.test\r\n"
+                    };
+                    let _ = stream.write_all(answer).await;
+                }
+            });
+        }
+    });
+    let refusing_agent = Agent::start(refusing, "[proxy]\nproxy_protocol = \"none\"\n").await;
+    let t = converse(refusing_agent.addr, &["HELO good.sender.example", "DATA", "HELO localhost"])
+        .await;
+    assert_eq!(t[2], "554 5.5.1 Error: no valid recipients\r\n");
+    assert_eq!(t[3], "250 mta.test\r\n", "answered by the proxy, as the MTA would");
+    eventually("the ban", || refusing_agent.banned() == ["127.0.0.1"]).await;
+    refusing_agent.stop().await;
+    agent.stop().await;
+}
+
+/// Regression (issue 11): with the MTA offering STARTTLS, a client that finished its TLS
+/// session cleanly read a plaintext `421 4.4.2 ... connection to the mail server lost` on the
+/// raw socket, and the session counted as `upstream_lost`. After STARTTLS the relay cannot
+/// read replies and must add nothing to the stream.
+#[tokio::test]
+async fn after_starttls_nothing_is_added_when_the_mta_closes() {
+    // What a TLS close looks like from outside: an alert record, then the end of stream.
+    const CLOSE_NOTIFY: &[u8] = &[0x15, 0x03, 0x03, 0x00, 0x02, 0x01, 0x00];
+    let listener = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let mta = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                stream.write_all(b"220 mta.test ESMTP\r\n").await.unwrap();
+                let mut buf = [0u8; 1024];
+                let mut tls = false;
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    if tls {
+                        // The client's "close_notify": answer with ours and close, no 221.
+                        let _ = stream.write_all(CLOSE_NOTIFY).await;
+                        return;
+                    }
+                    if buf.starts_with(b"STARTTLS") {
+                        tls = true;
+                        stream.write_all(b"220 2.0.0 Ready to start TLS\r\n").await.unwrap();
+                    } else {
+                        stream.write_all(b"250 mta.test\r\n").await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let agent = Agent::start(mta, "[proxy]\nproxy_protocol = \"none\"\n").await;
+    let mut client = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut client).await;
+    client.write_all(b"EHLO mail.sender.example\r\n").await.unwrap();
+    assert_eq!(read_reply(&mut client).await, "250 mta.test\r\n");
+    client.write_all(b"STARTTLS\r\n").await.unwrap();
+    assert_eq!(read_reply(&mut client).await, "220 2.0.0 Ready to start TLS\r\n");
+    client.write_all(CLOSE_NOTIFY).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .unwrap();
+    assert_eq!(rest, CLOSE_NOTIFY, "the MTA's bytes and nothing else: no plaintext 421");
+    agent.stop().await;
+}
+
+/// Regression (issue 11): a command line of 1030 bytes or more got a connection reset instead
+/// of `500 5.5.2`: the proxy closed with unread input, so the kernel answered with RST and the
+/// reply was lost. Now it half-closes and drains the input first.
+#[tokio::test]
+async fn a_line_over_the_limit_gets_500_not_a_reset() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    for size in [1030, 1500, 8000, 65_000] {
+        let mut client = TcpStream::connect(agent.addr).await.unwrap();
+        read_reply(&mut client).await;
+        let mut line = format!("EHLO {}", "a".repeat(size)).into_bytes();
+        line.extend_from_slice(b"\r\n");
+        client.write_all(&line).await.unwrap();
+        // Read only after the proxy has had time to answer and close: a reset would be here
+        // first and destroy the reply.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut all = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut all))
+            .await
+            .expect("closed in time");
+        assert!(read.is_ok(), "a {size}-byte line: no reset, got {read:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&all),
+            "500 5.5.2 Error: line too long\r\n",
+            "a {size}-byte line"
+        );
+    }
+    agent.stop().await;
+}
+
+/// The other reply-and-close paths: QUIT with commands pipelined after it, and too many
+/// commands before HELO, both with input the proxy never reads.
+#[tokio::test]
+async fn replies_before_a_close_survive_unread_input() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let mut client = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut client).await;
+    client.write_all(b"QUIT\r\nNOOP\r\nNOOP\r\nNOOP\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut all = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut all))
+        .await
+        .expect("closed in time");
+    assert!(read.is_ok(), "{read:?}");
+    assert_eq!(String::from_utf8_lossy(&all), "221 2.0.0 Bye\r\n");
+
+    let mut client = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut client).await;
+    client.write_all("NOOP\r\n".repeat(40).as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut all = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut all))
+        .await
+        .expect("closed in time");
+    assert!(read.is_ok(), "{read:?}");
+    assert!(String::from_utf8_lossy(&all).ends_with("421 4.7.0 Error: too many commands\r\n"));
+    agent.stop().await;
+}
+
+/// Regression (issue 11): with one client idle before HELO and one rejected bot idling after
+/// MAIL, SIGTERM waited the whole grace, then cut both without a session line, and the bot was
+/// never banned. Sessions that carry no mail are told 421 at once; the bot is banned.
+#[tokio::test]
+async fn on_shutdown_sessions_without_mail_are_told_421_at_once_and_bans_kept() {
+    let mta = Mta::start().await;
+    let mut agent = Agent::start(mta.addr, "[proxy]\nshutdown_grace = \"30s\"").await;
+    let mut idle = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut idle).await;
+    let mut bot = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut bot).await;
+    for line in ["HELO localhost", "MAIL FROM:<bot@spam.example>"] {
+        bot.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
+        read_reply(&mut bot).await;
+    }
+    let started = std::time::Instant::now();
+    agent.signal_stop();
+    let closing = "421 4.3.2 Error: service shutting down, try again later\r\n";
+    assert_eq!(read_reply(&mut idle).await, closing);
+    assert_eq!(read_reply(&mut bot).await, closing);
+    drop((idle, bot));
+    tokio::time::timeout(Duration::from_secs(5), &mut agent.done)
+        .await
+        .expect("serve returns without waiting the grace")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    eventually("the rejected bot is banned", || agent.banned() == ["127.0.0.1"]).await;
+}

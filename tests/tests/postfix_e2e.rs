@@ -30,7 +30,8 @@ struct Postfix {
 }
 
 impl Postfix {
-    fn start(ns: &Netns, name: &str) -> Postfix {
+    /// `extra`: lines added to the instance's main.cf (TLS settings, say).
+    fn start(ns: &Netns, name: &str, extra: &str) -> Postfix {
         assert!(INSTANCES.contains(&name), "add {name} to INSTANCES");
         let parent = PathBuf::from("/var/tmp/helo-filter-e2e");
         std::fs::create_dir_all(&parent).unwrap();
@@ -65,7 +66,7 @@ impl Postfix {
                  inet_interfaces = all\ninet_protocols = ipv4\nmynetworks = 127.0.0.0/8\n\
                  smtpd_peername_lookup = no\nsmtp_dns_support_level = disabled\nalias_maps =\n\
                  alias_database =\nmessage_size_limit = 52428800\nbiff = no\n\
-                 smtpd_banner = $myhostname ESMTP Postfix\n"
+                 smtpd_banner = $myhostname ESMTP Postfix\n{extra}"
             ),
         )
         .unwrap();
@@ -140,7 +141,7 @@ impl Drop for Postfix {
 }
 
 /// The instances this file starts, one directory each under /var/tmp/helo-filter-e2e.
-const INSTANCES: [&str; 4] = ["main", "helo", "ops", "bytes"];
+const INSTANCES: [&str; 5] = ["main", "helo", "ops", "bytes", "tls"];
 
 /// `postfix -c DIR` refuses directories the system main.cf does not list. The tests run in
 /// parallel, so the list is updated once for all of them (a read-modify-write each would race).
@@ -187,6 +188,11 @@ impl Drop for Bed {
 }
 
 fn bed(name: &str, clients: &[&str]) -> Bed {
+    bed_with(name, clients, "")
+}
+
+/// A bed whose Postfix has `extra` in its main.cf.
+fn bed_with(name: &str, clients: &[&str], extra: &str) -> Bed {
     require_root();
     let gateway = Netns::new("hfpg");
     let client = Netns::new("hfpc");
@@ -195,7 +201,7 @@ fn bed(name: &str, clients: &[&str]) -> Bed {
     for addr in clients {
         client.ip(&["addr", "add", &format!("{addr}/24"), "dev", &cl_if]);
     }
-    let postfix = Postfix::start(&gateway, name);
+    let postfix = Postfix::start(&gateway, name, extra);
     let work = std::env::temp_dir().join(tests::unique("helo-pf-"));
     std::fs::create_dir_all(&work).unwrap();
     Bed { postfix, gateway, client, gw_if, pin_dir: PinDir::new(), work }
@@ -236,6 +242,18 @@ impl Bed {
 
     /// swaks from `src` with `helo`; returns (exit success, transcript).
     fn swaks(&self, src: &str, helo: &str, port: u16, body: Option<&Path>) -> (bool, String) {
+        self.swaks_with(src, helo, port, body, &[])
+    }
+
+    /// swaks with `extra` options (`--tls`, say).
+    fn swaks_with(
+        &self,
+        src: &str,
+        helo: &str,
+        port: u16,
+        body: Option<&Path>,
+        extra: &[&str],
+    ) -> (bool, String) {
         let mut command = Command::new("nsenter");
         command
             .arg(format!("--net=/var/run/netns/{}", self.client.name))
@@ -248,7 +266,8 @@ impl Bed {
                 "--to",
                 &format!("user@{DOMAIN}"),
             ])
-            .args(["--timeout", "10"]);
+            .args(["--timeout", "10"])
+            .args(extra);
         if let Some(body) = body {
             command.arg("--body").arg(format!("@{}", body.display()));
         }
@@ -860,4 +879,97 @@ fn a_thousand_random_messages_arrive_byte_for_byte() {
     }
     assert_eq!(lost, 0, "{lost} of {MESSAGES} messages lost");
     eprintln!("{MESSAGES} random messages compared: 0 lost, 0 altered");
+}
+
+/// Regression (issue 11): with the MTA offering STARTTLS, clients that ended their TLS session
+/// cleanly got a plaintext `421 4.4.2 ... connection to the mail server lost` on the raw
+/// socket and the session counted as `upstream_lost` (13 of 20 deliveries in the report). A
+/// real Postfix with a certificate made here, swaks doing STARTTLS: every message delivered,
+/// no session `upstream_lost`, every one relayed as TLS. Then, on the same Postfix in plain
+/// text, the second-EHLO trick: a forged EHLO after a good one never reaches Postfix.
+#[test]
+fn starttls_sessions_are_delivered_and_never_counted_as_a_lost_mta() {
+    require_root();
+    let certs = PathBuf::from("/var/tmp/helo-filter-e2e/tls-cert");
+    std::fs::create_dir_all(&certs).unwrap();
+    let (cert, key) = (certs.join("cert.pem"), certs.join("key.pem"));
+    run(Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"])
+        .args(["-subj", &format!("/CN={GW_NAME}"), "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert));
+    let bed = bed_with(
+        "tls",
+        &["198.51.100.2", "198.51.100.3"],
+        &format!(
+            "smtpd_tls_security_level = may\nsmtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let agent = bed.agent(CONFIG, &["--listen", "198.51.100.1:25"]);
+    const ROUNDS: usize = 10;
+    for round in 1..=ROUNDS {
+        let (ok, transcript) =
+            bed.swaks_with("198.51.100.2", "mail.sender.example", 25, None, &["--tls"]);
+        assert!(
+            ok,
+            "round {round}: a STARTTLS client is delivered:\n{transcript}\n{}",
+            agent.log()
+        );
+        assert!(transcript.contains("220 2.0.0 Ready to start TLS"), "{transcript}");
+        assert!(!transcript.contains("421"), "round {round}:\n{transcript}");
+    }
+    wait_for("every TLS message delivered", Duration::from_secs(30), || {
+        bed.postfix.delivered().len() == ROUNDS
+    });
+    wait_for(&format!("every session logged:\n{}", agent.log()), Duration::from_secs(5), || {
+        agent.log().matches("client=198.51.100.2 ").count() == ROUNDS
+    });
+    let log = agent.log();
+    assert!(!log.contains("upstream_lost"), "a TLS session is never a lost MTA:\n{log}");
+    assert_eq!(log.matches("tls=true").count(), ROUNDS, "every one relayed as TLS:\n{log}");
+
+    // The second-EHLO trick against the real Postfix (plaintext, no STARTTLS).
+    let transcript = bed.client.enter(|| {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.bind(&"198.51.100.3:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        let gw: SocketAddr = format!("{GW}:25").parse().unwrap();
+        socket.connect_timeout(&gw.into(), Duration::from_secs(2)).unwrap();
+        let mut stream: std::net::TcpStream = socket.into();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut transcript = read_until(&mut stream, b"220 ");
+        for (line, code) in [
+            ("EHLO good.sender.example".to_owned(), &b"250 "[..]),
+            (format!("EHLO {GW_NAME}"), b"250 "),
+            ("MAIL FROM:<bot@spam.example>".to_owned(), b"250 "),
+            (format!("RCPT TO:<user@{DOMAIN}>"), b"553 "),
+        ] {
+            stream.write_all(format!("{line}\r\n").as_bytes()).unwrap();
+            transcript.push_str(&read_until(&mut stream, code));
+        }
+        transcript
+    });
+    assert!(
+        transcript.contains("553 5.7.1 sorry, your HELO host name has been denied"),
+        "{transcript}"
+    );
+    wait_for("the bot in the ban list", Duration::from_secs(5), || {
+        bed.banned().contains("198.51.100.3")
+    });
+    // Postfix counts the commands it saw at disconnect: one EHLO (the good one), then the
+    // proxy's QUIT. The forged EHLO, MAIL and RCPT never reached it.
+    wait_for(
+        &format!("Postfix's disconnect line for the bot:\n{}", bed.postfix.log()),
+        Duration::from_secs(5),
+        || {
+            bed.postfix
+                .log()
+                .contains("disconnect from unknown[198.51.100.3] ehlo=1 quit=1 commands=2")
+        },
+    );
+    assert_eq!(bed.postfix.delivered().len(), ROUNDS, "nothing from the bot");
+    drop(agent);
 }

@@ -23,6 +23,10 @@ const APT_PACKAGES: &[&str] = &[
     "postfix",
     "swaks",
     "nftables",
+    // STARTTLS end to end: swaks --tls, and openssl to make the test MTA's certificate.
+    "libio-socket-ssl-perl",
+    "libnet-ssleay-perl",
+    "openssl",
     // cargo xtask bench: the peers and the load tools, and a font for the plots.
     "haproxy",
     "hping3",

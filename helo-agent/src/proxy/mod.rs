@@ -1,13 +1,16 @@
 //! The transparent SMTP proxy: listeners, one task per session, the upstream connection with a
-//! PROXY header, and the relay that takes over after a pass verdict.
+//! PROXY header, and the relay that takes over once a passed session is opaque.
 //!
 //! A session: admit (global and per-address limits, else 421), greet (`proxy.greeting`: the
 //! proxy's own 220, or the MTA connected at accept with its banner relayed), then read client
-//! lines through [`session::Session`] until the verdict. Pass: the MTA is connected if it was
-//! not (PROXY header; unreachable: 421 4.3.0, no ban), the HELO line and anything pipelined
-//! after it go to it, and [`relay`] takes over. Reject/ban: a connected MTA gets QUIT, the
-//! proxy answers the client to the end, and a ban is queued when the session closes (earlier,
-//! XDP would drop the client's ACKs of our own 553s). One log line per session.
+//! lines through [`session::Session`], which makes every reply decision. Pass: the MTA is
+//! connected if it was not (PROXY header; unreachable: 421 4.3.0, no ban) and the client's
+//! lines go to it one at a time, its replies back, every later HELO judged, until STARTTLS,
+//! DATA or BDAT makes the session opaque and [`relay`] takes over. Reject/ban (first HELO or a
+//! later one): a connected MTA gets QUIT, the proxy answers the client to the end, and a ban is
+//! queued when the session closes (earlier, XDP would drop the client's ACKs of our own 553s).
+//! Shutdown: sessions without mail are told 421 at once, relaying ones get the grace. One log
+//! line per session.
 
 pub mod header;
 pub mod relay;
@@ -22,9 +25,9 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use self::session::{Session, Step};
+use self::session::{AfterReply, Opacity, Session, Step};
 use crate::blocklist::BanCheck;
 use crate::blocklist::worker::{BanRequest, BanSender};
 use crate::config::{GreetingMode, ListenerConfig, ProxyConfig};
@@ -37,6 +40,22 @@ use crate::smtp::{LineScan, MAX_COMMAND_LINE, reply, scan_line};
 const READ_CHUNK: usize = 1024;
 /// How long a one-line refusal (limits, MTA unavailable) may take to write.
 const REFUSAL_WRITE: Duration = Duration::from_secs(5);
+/// After a session's last reply and half-close: how long the client's remaining input is read
+/// and dropped, so that closing does not reset the connection before the reply is read.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// After the grace: how long cut sessions get to log and queue their bans.
+const CUT_WAIT: Duration = Duration::from_secs(1);
+
+/// Where a shutdown stands, as sessions see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Drain {
+    Running,
+    /// The listeners are closed: sessions that carry no mail (before their verdict, or
+    /// rejected) are told 421 and end now; relaying ones get `proxy.shutdown_grace`.
+    Draining,
+    /// The grace is over: every session still open ends now, logged (and banned) as usual.
+    Cut,
+}
 
 /// What a reload replaces. A session takes the current one when it starts and keeps it to
 /// its end, so a reload never changes the rules under a session in flight.
@@ -75,6 +94,9 @@ pub struct Shared {
     max_sessions: usize,
     sessions: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    drain: watch::Sender<Drain>,
+    refused: Throttled,
+    accept_failed: Throttled,
 }
 
 impl Shared {
@@ -98,6 +120,9 @@ impl Shared {
             max_sessions,
             sessions,
             per_ip: Mutex::new(HashMap::new()),
+            drain: watch::Sender::new(Drain::Running),
+            refused: Throttled::default(),
+            accept_failed: Throttled::default(),
         })
     }
 
@@ -125,6 +150,30 @@ impl Shared {
         }
         *count += 1;
         Some(Admission { shared: self.clone(), ip, _permit: permit })
+    }
+}
+
+/// A warning a flood would repeat thousands of times a second (refused connections, failed
+/// accepts): written at most once per second, saying how many occurrences it stands for.
+#[derive(Default)]
+pub struct Throttled {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Throttled {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    /// Counts one occurrence; `Some(n)` when it is to be written, standing for `n` occurrences
+    /// (this one and those folded since the last line).
+    pub fn tick(&self, now: Instant) -> Option<u64> {
+        let mut state = self.state.lock().expect("throttle lock");
+        let (last, folded) = &mut *state;
+        *folded += 1;
+        if last.is_some_and(|at| now.duration_since(at) < Self::EVERY) {
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(folded))
     }
 }
 
@@ -216,7 +265,9 @@ pub async fn serve(listeners: Vec<Bound>, shared: Arc<Shared>, shutdown: impl Fu
                     }
                     Err(error) => {
                         // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(%error, "accept failed");
+                        if let Some(count) = shared.accept_failed.tick(Instant::now()) {
+                            tracing::warn!(%error, count, "accept failed (count: since the last such line); out of file descriptors? raise LimitNOFILE or lower proxy.max_sessions");
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
@@ -225,6 +276,7 @@ pub async fn serve(listeners: Vec<Bound>, shared: Arc<Shared>, shutdown: impl Fu
     }
     shutdown.await;
     tasks.shutdown().await;
+    shared.drain.send_replace(Drain::Draining);
     drain(&shared).await;
 }
 
@@ -248,6 +300,12 @@ async fn drain(shared: &Shared) {
                 grace_s = grace.as_secs(),
                 "shutdown grace over: cutting the sessions still open"
             );
+            shared.drain.send_replace(Drain::Cut);
+            // Cut sessions still write their log line and queue their ban; give them a moment.
+            let cut_by = tokio::time::Instant::now() + CUT_WAIT;
+            while shared.open_sessions() > 0 && tokio::time::Instant::now() < cut_by {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             return;
         }
         if now >= last_report {
@@ -267,10 +325,16 @@ struct Outcome {
     up: u64,
     down: u64,
     spliced: bool,
-    /// Bytes of the relayed session's client side that passed through user space: the HELO
-    /// line and what the client pipelined after it (everything later is spliced). The MTA's
-    /// replies are copied (to watch for an MTA that dies) and counted in `down`.
+    /// Bytes of the relayed session's client side that passed through user space: the command
+    /// lines up to the point the session became opaque (message data and TLS are spliced).
+    /// The MTA's replies are copied (to watch them) and counted in `down`.
     copied: u64,
+    /// The session went opaque at STARTTLS: the rest was TLS.
+    tls: bool,
+    /// Every HELO/EHLO the proxy saw, when there was more than one.
+    helos: Vec<String>,
+    /// Rules that matched in `log` mode.
+    logged: Vec<&'static str>,
     end: &'static str,
     error: Option<String>,
 }
@@ -279,6 +343,7 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
     let started = Instant::now();
     let live = shared.live();
     let from = crate::addr::canonical(peer.ip());
+    let drain = shared.drain.subscribe();
     let mut local = client.local_addr().unwrap_or(peer);
     let mut peer = peer;
     // A trusted front proxy (load balancer) says who the client is; anyone else's PROXY header
@@ -311,12 +376,19 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
     }
     let Some(_admission) = shared.admit(ip, live.config.max_sessions_per_ip) else {
         let refusal = reply::line(421, "4.7.0", "Error: too many connections");
-        let _ = send(&mut client, &refusal, REFUSAL_WRITE).await;
-        tracing::warn!(client = %ip, "session refused: connection limit");
+        if let Some(count) = shared.refused.tick(Instant::now()) {
+            tracing::warn!(
+                client = %ip,
+                count,
+                "sessions refused at the connection limits (count: since the last such line; \
+                 proxy.max_sessions, proxy.max_sessions_per_ip)"
+            );
+        }
+        close_with(&mut client, &refusal).await;
         return;
     };
     let _ = client.set_nodelay(true);
-    let outcome = run_session(&live, client, peer, local, check_helo).await;
+    let outcome = run_session(&live, client, peer, local, check_helo, drain).await;
     let verdict = outcome.verdict.as_ref();
     let action = verdict.map_or("none", |v| match v.action {
         Action::Pass => "pass",
@@ -326,14 +398,17 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
     tracing::info!(
         client = %ip,
         helo = outcome.helo.as_deref().unwrap_or(""),
+        helos = outcome.helos.join(" "),
         verdict = action,
         rule = verdict.map_or("", |v| v.rule),
         reason = verdict.map_or("", |v| v.reason.as_str()),
+        logged = outcome.logged.join(","),
         ttl = verdict.and_then(|v| v.ttl).map(crate::duration::format).unwrap_or_default(),
         bytes_in = outcome.up,
         bytes_out = outcome.down,
         spliced = outcome.spliced,
         copied = outcome.copied,
+        tls = outcome.tls,
         ms = started.elapsed().as_millis() as u64,
         end = outcome.end,
         error = outcome.error.as_deref().unwrap_or(""),
@@ -390,6 +465,7 @@ async fn run_session(
     peer: SocketAddr,
     local: SocketAddr,
     check_helo: bool,
+    mut drain: watch::Receiver<Drain>,
 ) -> Outcome {
     let config = &live.config;
     let mut outcome = Outcome::default();
@@ -403,7 +479,10 @@ async fn run_session(
             let (mta, greeting) = match open_upstream(config, peer, local).await {
                 Ok(opened) => opened,
                 Err((end, error)) => {
-                    return fail(&mut client, &unavailable, outcome, end, error).await;
+                    outcome.error = Some(error);
+                    outcome.down += close_with(&mut client, &unavailable).await;
+                    outcome.end = end;
+                    return outcome;
                 }
             };
             if send(&mut client, &greeting.bytes, config.idle_timeout).await.is_err() {
@@ -429,7 +508,6 @@ async fn run_session(
         }
     };
 
-    // Client commands up to the verdict, and after a rejection.
     let mut session = Session::new(
         &live.rules,
         crate::addr::canonical(peer.ip()),
@@ -437,134 +515,294 @@ async fn run_session(
         &live.reject_message,
         host,
     );
+    // Client bytes not yet handled, and MTA bytes not yet relayed (a reply in pieces).
     let mut buf: Vec<u8> = Vec::new();
+    let mut replies: Vec<u8> = Vec::new();
+    let mut last_reply: Option<u16> = None;
     let helo_deadline = tokio::time::Instant::now() + config.helo_timeout;
-    loop {
+    // The session's end, and the reply (if any) the client gets before the close.
+    let (end, goodbye): (&'static str, Option<Vec<u8>>) = 'session: loop {
         // A PROXY header from a peer not in proxy.trusted_proxies: refused, never believed.
         if outcome.up == 0 && session.helo().is_none() && refuses_header(&buf) {
+            tracing::warn!(client = %peer.ip(), "PROXY header from an address not in proxy.trusted_proxies: refused");
             let refusal =
                 reply::line(554, "5.7.0", "Error: PROXY header from an untrusted address");
-            let _ = send(&mut client, &refusal, config.idle_timeout).await;
-            outcome.down += refusal.len() as u64;
-            tracing::warn!(client = %peer.ip(), "PROXY header from an address not in proxy.trusted_proxies: refused");
-            return finish(outcome, &session, "untrusted_proxy_header");
+            break 'session ("untrusted_proxy_header", Some(refusal));
         }
-        // Every complete line in the buffer, in order (PIPELINING).
-        loop {
+        // Every complete line in the buffer, in order (PIPELINING), while the session may
+        // take one.
+        while !session.waiting() {
             let (len, content) = match scan_line(&buf, MAX_COMMAND_LINE) {
                 LineScan::Line { len, content } => (len, content),
                 LineScan::NeedMore => break,
                 LineScan::TooLong => {
-                    let _ = send(
-                        &mut client,
-                        &reply::line(500, "5.5.2", "Error: line too long"),
-                        config.idle_timeout,
-                    )
-                    .await;
-                    return finish(outcome, &session, "line_too_long");
+                    let too_long = reply::line(500, "5.5.2", "Error: line too long");
+                    break 'session ("line_too_long", Some(too_long));
                 }
             };
             outcome.up += len as u64;
-            let step = session.on_line(&buf[..content]);
-            match step {
+            match session.on_line(&buf[..content]) {
                 Step::Reply(answer) => {
                     buf.drain(..len);
                     if send(&mut client, &answer, config.idle_timeout).await.is_err() {
-                        return finish(outcome, &session, "client_gone");
+                        break 'session ("client_gone", None);
                     }
                     outcome.down += answer.len() as u64;
                 }
                 Step::Close(answer) => {
-                    if let Some(mut mta) = upstream.take() {
-                        let _ = mta.write_all(b"QUIT\r\n").await;
-                    }
-                    let _ = send(&mut client, &answer, config.idle_timeout).await;
-                    outcome.down += answer.len() as u64;
-                    return finish(outcome, &session, "closed");
+                    buf.drain(..len);
+                    break 'session ("closed", Some(answer));
                 }
                 Step::Reject(answer) => {
                     buf.drain(..len);
-                    if let Some(mut mta) = upstream.take() {
-                        // The MTA's part ends here; its 221 is not awaited.
-                        let _ = mta.write_all(b"QUIT\r\n").await;
-                    }
+                    quit(&mut upstream).await;
                     if send(&mut client, &answer, config.idle_timeout).await.is_err() {
-                        return finish(outcome, &session, "client_gone");
+                        break 'session ("client_gone", None);
                     }
                     outcome.down += answer.len() as u64;
                 }
-                Step::Pass => {
-                    let mut mta = match upstream.take() {
-                        Some(mta) => mta,
-                        None => match open_upstream(config, peer, local).await {
+                Step::Defer => {
+                    buf.drain(..len);
+                }
+                Step::Pass | Step::Forward => {
+                    if upstream.is_none() {
+                        match open_upstream(config, peer, local).await {
                             // The MTA's banner is ours to swallow: the client had ours.
-                            Ok((mta, greeting)) if greeting.code == 220 => mta,
+                            Ok((mta, greeting)) if greeting.code == 220 => upstream = Some(mta),
                             Ok((_, greeting)) => {
                                 let said =
                                     String::from_utf8_lossy(&greeting.bytes).trim().to_owned();
                                 outcome.error = Some(format!("MTA greeted with {said:?}"));
-                                let _ = send(&mut client, &unavailable, config.idle_timeout).await;
-                                return finish(outcome, &session, "upstream_refused");
+                                break 'session ("upstream_refused", Some(unavailable));
                             }
                             Err((end, error)) => {
                                 outcome.error = Some(error);
-                                let _ = send(&mut client, &unavailable, config.idle_timeout).await;
-                                return finish(outcome, &session, end);
+                                break 'session (end, Some(unavailable));
                             }
-                        },
-                    };
-                    // The HELO line and everything pipelined after it: the only bytes of the
-                    // relayed session that pass through user space.
-                    outcome.up += (buf.len() - len) as u64;
-                    outcome.copied = buf.len() as u64;
-                    if let Err(e) = mta.write_all(&buf).await {
-                        let _ = send(&mut client, &unavailable, config.idle_timeout).await;
+                        }
+                    }
+                    let mta = upstream.as_mut().expect("connected above");
+                    // Command lines pass through user space; message data never does.
+                    outcome.copied += len as u64;
+                    if let Err(e) = write_within(mta, &buf[..len], config.idle_timeout).await {
                         outcome.error = Some(e.to_string());
-                        return finish(outcome, &session, "upstream_error");
+                        break 'session ("upstream_error", Some(unavailable));
                     }
-                    buf.clear();
-                    let mut outcome = finish(outcome, &session, "relayed");
-                    let relayed = relay::relay(client, mta, config.idle_timeout).await;
-                    outcome.up += relayed.up;
-                    outcome.down += relayed.down;
-                    outcome.spliced = relayed.spliced;
-                    if relayed.upstream_lost {
-                        // Told 421; never a ban (the verdict was a pass).
-                        outcome.end = "upstream_lost";
-                    }
-                    if let Some(e) = relayed.error {
-                        outcome.end = "relay_error";
-                        outcome.error = Some(e.to_string());
-                    }
-                    return outcome;
+                    buf.drain(..len);
+                }
+                Step::Opaque => {
+                    // BDAT: its line is forwarded with what follows it, in the relay.
+                    outcome.up -= len as u64;
+                    let mta = upstream.take().expect("a relaying session has its MTA");
+                    return relay_rest(
+                        outcome,
+                        &session,
+                        config,
+                        client,
+                        mta,
+                        buf,
+                        replies,
+                        Opacity::Data,
+                        &mut drain,
+                    )
+                    .await;
                 }
             }
         }
-        // Read more: by the HELO deadline before a verdict, within the idle time after one.
+
+        // Wait for the client (unless the session waits for the MTA), the MTA's replies
+        // (while lines go to it), the deadline, or a shutdown.
         let deadline = if session.verdict().is_none() {
             helo_deadline
         } else {
             tokio::time::Instant::now() + config.idle_timeout
         };
+        let relaying = session.relaying();
+        let hears_mta = upstream.is_some() && session.hears_mta();
+        // Mail may be on its way through a relaying session: it gets the drain's grace. A
+        // session before its verdict, or rejected, carries none and is told so at once.
+        let stop_on = if relaying { Drain::Cut } else { Drain::Draining };
+        let reading_client = !session.waiting();
         buf.reserve(READ_CHUNK);
-        match tokio::time::timeout_at(deadline, client.read_buf(&mut buf)).await {
-            Ok(Ok(0)) => return finish(outcome, &session, "client_closed"),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                outcome.error = Some(e.to_string());
-                return finish(outcome, &session, "client_error");
+        replies.reserve(READ_CHUNK);
+        let mta = upstream.as_mut();
+        tokio::select! {
+            read = client.read_buf(&mut buf), if reading_client => match read {
+                Ok(0) if relaying => {
+                    // The client closed with its commands sent: the relay passes the
+                    // half-close on and relays what the MTA still says.
+                    let mta = upstream.take().expect("relaying");
+                    return relay_rest(
+                        outcome, &session, config, client, mta, buf, replies, Opacity::Data,
+                        &mut drain,
+                    )
+                    .await;
+                }
+                Ok(0) => break 'session ("client_closed", None),
+                Ok(_) => {}
+                Err(e) => {
+                    outcome.error = Some(e.to_string());
+                    break 'session ("client_error", None);
+                }
+            },
+            read = async { mta.expect("guarded").read_buf(&mut replies).await }, if hears_mta => match read {
+                Ok(0) | Err(_) => {
+                    upstream = None;
+                    if replies.is_empty() && matches!(last_reply, Some(221 | 421)) {
+                        break 'session ("relayed", None);
+                    }
+                    // The MTA died mid-session: the client is told, never banned.
+                    let lost = if replies.is_empty() {
+                        relay::UPSTREAM_LOST.to_vec()
+                    } else {
+                        [&replies[..], b"\r\n", relay::UPSTREAM_LOST].concat()
+                    };
+                    break 'session ("upstream_lost", Some(lost));
+                }
+                Ok(_) => {
+                    // Relay every complete reply; what it means may end the watching.
+                    loop {
+                        let (len, code) = match scan_reply(&replies, MAX_COMMAND_LINE) {
+                            ReplyScan::Complete { len, code } => (len, code),
+                            ReplyScan::NeedMore => break,
+                            ReplyScan::Malformed if !session.relaying() => {
+                                outcome.error = Some("MTA reply is not SMTP".into());
+                                break 'session ("upstream_error", Some(unavailable));
+                            }
+                            ReplyScan::Malformed => {
+                                // Not SMTP as the proxy knows it: stop reading, relay blind.
+                                let mta = upstream.take().expect("relaying");
+                                return relay_rest(
+                                    outcome, &session, config, client, mta, buf, replies,
+                                    Opacity::Tls, &mut drain,
+                                )
+                                .await;
+                            }
+                        };
+                        if send(&mut client, &replies[..len], config.idle_timeout).await.is_err() {
+                            break 'session ("client_gone", None);
+                        }
+                        outcome.down += len as u64;
+                        replies.drain(..len);
+                        last_reply = Some(code);
+                        match session.on_reply(code) {
+                            AfterReply::Continue => {}
+                            AfterReply::Opaque(opacity) => {
+                                let mta = upstream.take().expect("relaying");
+                                return relay_rest(
+                                    outcome, &session, config, client, mta, buf, replies,
+                                    opacity, &mut drain,
+                                )
+                                .await;
+                            }
+                            AfterReply::Reject(answer) => {
+                                quit(&mut upstream).await;
+                                replies.clear();
+                                if send(&mut client, &answer, config.idle_timeout).await.is_err() {
+                                    break 'session ("client_gone", None);
+                                }
+                                outcome.down += answer.len() as u64;
+                                break;
+                            }
+                        }
+                    }
+                }
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                break 'session ("timeout", Some(reply::line(421, "4.4.2", "Error: timeout exceeded")));
             }
-            Err(_) => {
-                let _ = send(
-                    &mut client,
-                    &reply::line(421, "4.4.2", "Error: timeout exceeded"),
-                    config.idle_timeout,
-                )
-                .await;
-                return finish(outcome, &session, "timeout");
+            () = async { let _ = drain.wait_for(|d| *d >= stop_on).await; } => {
+                let closing = reply::line(421, "4.3.2", "Error: service shutting down, try again later");
+                break 'session ("shutdown", Some(closing));
             }
         }
+    };
+    quit(&mut upstream).await;
+    if let Some(goodbye) = goodbye {
+        outcome.down += close_with(&mut client, &goodbye).await;
     }
+    finish(outcome, &session, end)
+}
+
+/// After the session became opaque: forwards what is buffered each way, then relays the rest
+/// untouched (splice for the client's side).
+#[allow(clippy::too_many_arguments)]
+async fn relay_rest(
+    mut outcome: Outcome,
+    session: &Session<'_>,
+    config: &ProxyConfig,
+    mut client: TcpStream,
+    mut mta: TcpStream,
+    buf: Vec<u8>,
+    replies: Vec<u8>,
+    opacity: Opacity,
+    drain: &mut watch::Receiver<Drain>,
+) -> Outcome {
+    outcome.up += buf.len() as u64;
+    outcome.copied += buf.len() as u64;
+    outcome.tls = opacity == Opacity::Tls;
+    if let Err(e) = write_within(&mut mta, &buf, config.idle_timeout).await {
+        outcome.error = Some(e.to_string());
+        return finish(outcome, session, "upstream_error");
+    }
+    if send(&mut client, &replies, config.idle_timeout).await.is_err() {
+        return finish(outcome, session, "client_gone");
+    }
+    outcome.down += replies.len() as u64;
+    let mut outcome = finish(outcome, session, "relayed");
+    let cut = async {
+        let _ = drain.wait_for(|d| *d == Drain::Cut).await;
+    };
+    let relayed = relay::relay(client, mta, config.idle_timeout, opacity, cut).await;
+    outcome.up += relayed.up;
+    outcome.down += relayed.down;
+    outcome.spliced = relayed.spliced;
+    if relayed.upstream_lost {
+        // Told 421; never a ban (the verdict was a pass).
+        outcome.end = "upstream_lost";
+    }
+    if relayed.cut {
+        outcome.end = "shutdown";
+    } else if let Some(e) = relayed.error {
+        outcome.end = "relay_error";
+        outcome.error = Some(e.to_string());
+    }
+    outcome
+}
+
+/// Tells a connected MTA that its part of the session is over; its 221 is not awaited.
+async fn quit(upstream: &mut Option<TcpStream>) {
+    if let Some(mut mta) = upstream.take() {
+        let _ = tokio::time::timeout(REFUSAL_WRITE, mta.write_all(b"QUIT\r\n")).await;
+    }
+}
+
+/// Ends a session the way an MTA does: the last reply, a half-close, then whatever the client
+/// still sends is read and dropped for a short while. Closing with unread input would make the
+/// kernel answer with a reset, and the reset destroys the reply before the client reads it.
+/// Returns the bytes written.
+async fn close_with(client: &mut TcpStream, answer: &[u8]) -> u64 {
+    if send(client, answer, REFUSAL_WRITE).await.is_err() {
+        return 0;
+    }
+    let _ = client.shutdown().await;
+    let linger = async {
+        let mut sink = [0u8; 4096];
+        while let Ok(n) = client.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_LINGER, linger).await;
+    answer.len() as u64
+}
+
+/// Writes to the MTA within `limit`.
+async fn write_within(mta: &mut TcpStream, bytes: &[u8], limit: Duration) -> io::Result<()> {
+    tokio::time::timeout(limit, mta.write_all(bytes))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "MTA does not read"))?
 }
 
 /// Whether the first bytes of a session are a PROXY header (complete enough to tell).
@@ -650,22 +888,12 @@ async fn send(client: &mut TcpStream, bytes: &[u8], limit: Duration) -> io::Resu
 
 fn finish(mut outcome: Outcome, session: &Session<'_>, end: &'static str) -> Outcome {
     outcome.helo = session.helo().map(str::to_owned);
+    if session.helos().len() > 1 {
+        outcome.helos = session.helos().to_vec();
+    }
+    outcome.logged = session.logged().to_vec();
     outcome.verdict = session.verdict().cloned();
     outcome.end = end;
-    outcome
-}
-
-async fn fail(
-    client: &mut TcpStream,
-    answer: &[u8],
-    mut outcome: Outcome,
-    end: &'static str,
-    error: String,
-) -> Outcome {
-    let _ = send(client, answer, REFUSAL_WRITE).await;
-    outcome.down += answer.len() as u64;
-    outcome.end = end;
-    outcome.error = Some(error);
     outcome
 }
 
@@ -736,4 +964,25 @@ async fn read_reply(upstream: &mut TcpStream, limit: Duration) -> io::Result<Gre
     tokio::time::timeout(limit, read)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no greeting from the MTA in time"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_warnings_is_one_line_a_second_with_its_count() {
+        let throttled = Throttled::default();
+        let start = Instant::now();
+        assert_eq!(throttled.tick(start), Some(1), "the first is written");
+        for i in 1..480 {
+            assert_eq!(throttled.tick(start + Duration::from_micros(i * 200)), None);
+        }
+        assert_eq!(
+            throttled.tick(start + Duration::from_millis(1000)),
+            Some(480),
+            "the next line stands for the 479 folded and itself"
+        );
+        assert_eq!(throttled.tick(start + Duration::from_millis(1001)), None);
+    }
 }

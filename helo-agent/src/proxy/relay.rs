@@ -1,9 +1,11 @@
-//! After a pass verdict: the client's side (commands and message data, the heavy direction) is
-//! relayed zero-copy with splice(2) through a pipe, so message bytes never enter user space.
-//! The MTA's replies (a few hundred bytes a session) are copied, and the relay watches the last
-//! one: when the MTA's connection ends without a goodbye (221, or its own 421) while the client
-//! is still talking, the MTA died mid-session, and the client gets `421 4.4.2` instead of a
-//! silent close — no mail is lost, because nothing the MTA did not acknowledge counts as sent.
+//! Once a passed session is opaque (message data, or TLS after STARTTLS): the client's side
+//! (message data, the heavy direction) is relayed zero-copy with splice(2) through a pipe, so
+//! message bytes never enter user space. The MTA's replies (a few hundred bytes a session) are
+//! copied. In plaintext the relay watches the last one: when the MTA's connection ends without
+//! a goodbye (221, or its own 421) while the client is still talking, the MTA died
+//! mid-session, and the client gets `421 4.4.2` instead of a silent close — no mail is lost,
+//! because nothing the MTA did not acknowledge counts as sent. Inside TLS the relay can read
+//! no reply and writes nothing of its own: the stream belongs to the two TLS ends.
 //! Where a pipe or splice is unavailable the relay falls back to a plain copy and says so.
 //!
 //! No `unsafe`: rustix's `splice` takes borrowed descriptors; tokio's readiness drives it.
@@ -15,6 +17,8 @@ use std::time::{Duration, Instant};
 use rustix::pipe::{PipeFlags, SpliceFlags, pipe_with, splice};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+
+use super::session::Opacity;
 
 /// Bytes a pipe holds by default: one splice moves at most this much.
 const CHUNK: usize = 64 * 1024;
@@ -32,6 +36,8 @@ pub struct Relayed {
     pub error: Option<io::Error>,
     /// The MTA went away mid-session; the client was told 421.
     pub upstream_lost: bool,
+    /// Ended by the shutdown (its grace was over).
+    pub cut: bool,
 }
 
 /// The reply the MTA sends when it drops a session it lost: the client retries later.
@@ -85,8 +91,15 @@ fn peer_gone(error: &io::Error) -> bool {
     )
 }
 
-/// Relays until both sides have closed, or nothing moved for `idle`.
-pub async fn relay(client: TcpStream, upstream: TcpStream, idle: Duration) -> Relayed {
+/// Relays until both sides have closed, nothing moved for `idle`, or `cut` completes.
+/// `opacity` says whether the MTA's replies can be read (message data) or not (TLS).
+pub async fn relay(
+    client: TcpStream,
+    upstream: TcpStream,
+    idle: Duration,
+    opacity: Opacity,
+    cut: impl std::future::Future<Output = ()>,
+) -> Relayed {
     let last = AtomicU64::new(0);
     let start = Instant::now();
     let touch = || last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -101,7 +114,7 @@ pub async fn relay(client: TcpStream, upstream: TcpStream, idle: Duration) -> Re
     };
     let Ok(up_pipe) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC) else {
         tracing::warn!("no pipe for splice: relaying with a user-space copy");
-        return copy(client, upstream, idle).await;
+        return copy(client, upstream, idle, cut).await;
     };
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let client_done = std::sync::atomic::AtomicBool::new(false);
@@ -112,12 +125,18 @@ pub async fn relay(client: TcpStream, upstream: TcpStream, idle: Duration) -> Re
             client_done.store(true, Ordering::Relaxed);
             result
         };
-        let down = replies(&upstream, &client, &down, &touch, &client_done, &lost);
+        let watch = opacity == Opacity::Data;
+        let down = replies(&upstream, &client, &down, &touch, &client_done, watch.then_some(&lost));
         tokio::try_join!(up, down)
     };
+    let mut cut_short = false;
     let error = tokio::select! {
         result = both => result.err(),
         () = watchdog => Some(io::Error::new(io::ErrorKind::TimedOut, format!("no traffic for {}s", idle.as_secs()))),
+        () = cut => {
+            cut_short = true;
+            None
+        }
     };
     Relayed {
         up: up.into_inner(),
@@ -125,18 +144,20 @@ pub async fn relay(client: TcpStream, upstream: TcpStream, idle: Duration) -> Re
         spliced: true,
         error,
         upstream_lost: lost.into_inner(),
+        cut: cut_short,
     }
 }
 
 /// Copies the MTA's replies to the client until the MTA's side ends, then half-closes the
-/// client's. An end without a goodbye while the client still talks gets the client a 421.
+/// client's. With `lost` (plaintext replies), an end without a goodbye while the client still
+/// talks gets the client a 421; without it (TLS), nothing is added to the stream.
 async fn replies(
     from: &TcpStream,
     to: &TcpStream,
     total: &AtomicU64,
     touch: &impl Fn(),
     client_done: &std::sync::atomic::AtomicBool,
-    lost: &std::sync::atomic::AtomicBool,
+    lost: Option<&std::sync::atomic::AtomicBool>,
 ) -> io::Result<()> {
     let mut last = LastReply::default();
     let mut buf = vec![0u8; 4096];
@@ -164,7 +185,10 @@ async fn replies(
         Err(e) if !peer_gone(&e) => return Err(e),
         _ => {}
     }
-    if !last.said_goodbye() && !client_done.load(Ordering::Relaxed) {
+    if let Some(lost) = lost
+        && !last.said_goodbye()
+        && !client_done.load(Ordering::Relaxed)
+    {
         lost.store(true, Ordering::Relaxed);
         let notice = if last.mid_line() {
             [b"\r\n", UPSTREAM_LOST].concat()
@@ -247,12 +271,18 @@ async fn splice_until_end(
     }
 }
 
-async fn copy(mut client: TcpStream, mut upstream: TcpStream, idle: Duration) -> Relayed {
+async fn copy(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    idle: Duration,
+    cut: impl std::future::Future<Output = ()>,
+) -> Relayed {
     // The fallback has no per-byte activity hook: bound the whole relay by the idle time
     // times a generous factor instead.
-    let copied =
-        tokio::time::timeout(idle * 10, tokio::io::copy_bidirectional(&mut client, &mut upstream))
-            .await;
+    let copied = tokio::select! {
+        copied = tokio::time::timeout(idle * 10, tokio::io::copy_bidirectional(&mut client, &mut upstream)) => copied,
+        () = cut => return Relayed { cut: true, ..Default::default() },
+    };
     match copied {
         Ok(Ok((up, down))) => Relayed { up, down, spliced: false, ..Default::default() },
         Ok(Err(e)) => Relayed { error: (!peer_gone(&e)).then_some(e), ..Default::default() },
@@ -282,7 +312,13 @@ mod tests {
         // client_far <-> client_near [relay] upstream_near <-> upstream_far
         let (mut client_far, client_near) = pair().await;
         let (upstream_near, mut upstream_far) = pair().await;
-        let relay = tokio::spawn(relay(client_near, upstream_near, Duration::from_secs(5)));
+        let relay = tokio::spawn(relay(
+            client_near,
+            upstream_near,
+            Duration::from_secs(5),
+            Opacity::Data,
+            std::future::pending(),
+        ));
         let body: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
         let sent = body.clone();
         let writer = tokio::spawn(async move {
@@ -314,7 +350,13 @@ mod tests {
     async fn a_reset_after_the_last_bytes_is_an_ordinary_end() {
         let (client_far, client_near) = pair().await;
         let (upstream_near, mut upstream_far) = pair().await;
-        let relay = tokio::spawn(relay(client_near, upstream_near, Duration::from_secs(5)));
+        let relay = tokio::spawn(relay(
+            client_near,
+            upstream_near,
+            Duration::from_secs(5),
+            Opacity::Data,
+            std::future::pending(),
+        ));
         let mut client_far = client_far.into_std().unwrap();
         client_far.set_nonblocking(false).unwrap();
         std::io::Write::write_all(&mut client_far, b"QUIT\r\n").unwrap();
@@ -354,7 +396,13 @@ mod tests {
     async fn an_mta_that_dies_mid_session_gets_the_client_a_421() {
         let (mut client_far, client_near) = pair().await;
         let (upstream_near, mut upstream_far) = pair().await;
-        let relay = tokio::spawn(relay(client_near, upstream_near, Duration::from_secs(5)));
+        let relay = tokio::spawn(relay(
+            client_near,
+            upstream_near,
+            Duration::from_secs(5),
+            Opacity::Data,
+            std::future::pending(),
+        ));
         client_far.write_all(b"MAIL FROM:<a@b.example>\r\n").await.unwrap();
         let mut mail = [0u8; 25];
         upstream_far.read_exact(&mut mail).await.unwrap();
@@ -380,7 +428,14 @@ mod tests {
         let (_client_far, client_near) = pair().await;
         let (upstream_near, _upstream_far) = pair().await;
         let started = Instant::now();
-        let relayed = relay(client_near, upstream_near, Duration::from_millis(300)).await;
+        let relayed = relay(
+            client_near,
+            upstream_near,
+            Duration::from_millis(300),
+            Opacity::Data,
+            std::future::pending(),
+        )
+        .await;
         assert_eq!(
             relayed.error.expect("an idle relay ends in error").kind(),
             io::ErrorKind::TimedOut

@@ -1,15 +1,21 @@
-//! One client session up to the verdict, and after a rejection: pure, no I/O. The caller feeds
-//! it one command line at a time and carries out the [`Step`] it returns.
+//! One client session, pure, no I/O: every reply decision the proxy makes, and what the MTA's
+//! replies mean for the session. The caller feeds it the client's command lines
+//! ([`Session::on_line`]) and the codes of the MTA's complete replies ([`Session::on_reply`]),
+//! and carries out what comes back.
 //!
-//! Before HELO the proxy answers the client itself (the MTA has only sent its greeting). At
-//! HELO/EHLO the rules decide: a pass hands the HELO line, and whatever the client pipelined
-//! after it, to the MTA and the proxy steps aside; a rejection ends the MTA's part (it gets a
-//! QUIT) and the proxy finishes the transcript alone, qmail style: `553` at every RCPT TO (or at
-//! the HELO itself), DATA refused. A rejected session stays rejected, whatever HELO comes next.
+//! Before HELO the proxy answers the client itself. At HELO/EHLO the rules decide. A pass
+//! connects the MTA and the proxy forwards the client's commands one line at a time, judging
+//! every later HELO/EHLO the same way, until the session becomes opaque: STARTTLS accepted (a
+//! 2xx: the rest is TLS the proxy cannot read), DATA accepted (354) or BDAT (message data
+//! follows). A HELO that fails, first or later, ends the MTA's part (QUIT, after the replies
+//! it still owes the client) and the proxy finishes the transcript alone, qmail style: `553`
+//! at every RCPT TO (or at the HELO itself), DATA refused. A rejected session stays rejected,
+//! whatever HELO comes next.
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
 
-use crate::rules::{Facts, RejectAt, RuleSet, Verdict};
+use crate::rules::{Action, Facts, RejectAt, RuleSet, Verdict};
 use crate::smtp::{Command, reply};
 
 /// Commands a rejected session may send before it is closed.
@@ -17,18 +23,65 @@ pub const MAX_REJECTED_COMMANDS: u32 = 50;
 /// Commands a client may send before its HELO/EHLO (NOOP floods, HTTP probes).
 pub const MAX_COMMANDS_BEFORE_HELO: u32 = 20;
 
+/// What to do with one client line.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
     /// Write this to the client and read on.
     Reply(Vec<u8>),
     /// Write this to the client and close the session.
     Close(Vec<u8>),
-    /// The verdict is pass: send the HELO line and everything buffered after it to the MTA,
-    /// then relay both directions untouched.
+    /// The first HELO passed: connect the MTA (unless it greeted), send it this line, and
+    /// watch its replies.
     Pass,
-    /// The verdict is reject or ban: tell the MTA QUIT and let it go, write this to the client,
-    /// and read on.
+    /// Send this line to the MTA; its reply comes back through [`Session::on_reply`].
+    Forward,
+    /// BDAT: send this line and everything after it to the MTA; the chunk follows at once, so
+    /// the session is opaque from here (message data).
+    Opaque,
+    /// The verdict is reject or ban: tell the MTA QUIT and let it go, write this to the
+    /// client, and read on.
     Reject(Vec<u8>),
+    /// A later HELO failed while the MTA still owes replies to earlier commands: relay those
+    /// first. The rejection comes from [`Session::on_reply`] once they are in.
+    Defer,
+}
+
+/// What a complete MTA reply means, after it was relayed to the client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AfterReply {
+    /// Read on.
+    Continue,
+    /// The session is opaque from here: relay the rest untouched.
+    Opaque(Opacity),
+    /// The owed replies are in: tell the MTA QUIT, write this to the client, read on.
+    Reject(Vec<u8>),
+}
+
+/// Why a session became opaque.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opacity {
+    /// STARTTLS was accepted: both directions are TLS from here. The proxy can read neither
+    /// commands nor replies, and never writes into the stream again.
+    Tls,
+    /// Message data (DATA accepted, or BDAT): the MTA's replies stay plaintext, so the relay
+    /// still sees whether the MTA said goodbye.
+    Data,
+}
+
+/// What a forwarded line's reply will mean.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owed {
+    Reply,
+    StartTls,
+    Data,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    BeforeHelo,
+    /// A HELO passed: lines go to the MTA.
+    Passed,
+    Rejected,
 }
 
 pub struct Session<'a> {
@@ -39,8 +92,16 @@ pub struct Session<'a> {
     /// The name to answer EHLO with in a rejected session: the MTA's, from its greeting.
     host: String,
     helos: Vec<String>,
+    /// Which of `helos` the verdict is about.
+    judged: usize,
     verdict: Option<Verdict>,
-    rejected: bool,
+    /// Rules that matched in `log` mode, over every HELO of the session.
+    logged: Vec<&'static str>,
+    phase: Phase,
+    /// Replies the MTA owes for forwarded lines, oldest first.
+    owed: VecDeque<Owed>,
+    /// A later HELO's rejection, held until the MTA's owed replies are relayed.
+    deferred: Option<Vec<u8>>,
     rejected_commands: u32,
     commands_before_helo: u32,
 }
@@ -60,29 +121,87 @@ impl<'a> Session<'a> {
             reject_message,
             host,
             helos: Vec::new(),
+            judged: 0,
             verdict: None,
-            rejected: false,
+            logged: Vec::new(),
+            phase: Phase::BeforeHelo,
+            owed: VecDeque::new(),
+            deferred: None,
             rejected_commands: 0,
             commands_before_helo: 0,
         }
     }
 
-    /// The verdict, once a HELO/EHLO was judged.
+    /// The verdict on the HELO that decided the session: the first failing one, else the
+    /// latest one that passed.
     pub fn verdict(&self) -> Option<&Verdict> {
         self.verdict.as_ref()
     }
 
-    /// The first HELO/EHLO argument the client sent.
+    /// The HELO/EHLO argument the verdict is about.
     pub fn helo(&self) -> Option<&str> {
-        self.helos.first().map(String::as_str)
+        self.helos.get(self.judged).map(String::as_str)
+    }
+
+    /// Every HELO/EHLO argument the proxy saw, in order.
+    pub fn helos(&self) -> &[String] {
+        &self.helos
+    }
+
+    /// Rules that matched in `log` (dry-run) mode, over every HELO of the session.
+    pub fn logged(&self) -> &[&'static str] {
+        &self.logged
+    }
+
+    /// Whether the session was rejected (by any of its HELOs).
+    pub fn rejected(&self) -> bool {
+        self.phase == Phase::Rejected
+    }
+
+    /// Whether lines go to the MTA: a HELO passed and none failed since.
+    pub fn relaying(&self) -> bool {
+        self.phase == Phase::Passed
+    }
+
+    /// Whether the MTA's replies are read: lines go to it, or a rejection waits for the
+    /// replies it still owes.
+    pub fn hears_mta(&self) -> bool {
+        self.phase == Phase::Passed || self.deferred.is_some()
+    }
+
+    /// Whether the next client line must wait for the MTA: its reply to STARTTLS or DATA
+    /// decides whether what follows is commands at all, and a deferred rejection waits for
+    /// the replies the MTA still owes.
+    pub fn waiting(&self) -> bool {
+        self.deferred.is_some() || matches!(self.owed.back(), Some(Owed::StartTls | Owed::Data))
     }
 
     /// One command line (without its terminator).
     pub fn on_line(&mut self, line: &[u8]) -> Step {
         let command = Command::parse(line);
-        if self.rejected {
-            return self.after_rejection(command);
+        match self.phase {
+            Phase::Rejected => self.after_rejection(command),
+            Phase::Passed => self.forward(command, line),
+            Phase::BeforeHelo => self.before_helo(command, line),
         }
+    }
+
+    /// The MTA sent a complete reply with this code (relayed to the client already).
+    pub fn on_reply(&mut self, code: u16) -> AfterReply {
+        let owed = self.owed.pop_front();
+        if self.owed.is_empty()
+            && let Some(answer) = self.deferred.take()
+        {
+            return AfterReply::Reject(answer);
+        }
+        match owed {
+            Some(Owed::StartTls) if (200..300).contains(&code) => AfterReply::Opaque(Opacity::Tls),
+            Some(Owed::Data) if code == 354 => AfterReply::Opaque(Opacity::Data),
+            _ => AfterReply::Continue,
+        }
+    }
+
+    fn before_helo(&mut self, command: Command, line: &[u8]) -> Step {
         if !matches!(command, Command::Helo(_) | Command::Ehlo(_) | Command::Quit) {
             self.commands_before_helo += 1;
             if self.commands_before_helo > MAX_COMMANDS_BEFORE_HELO {
@@ -104,6 +223,21 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// A line after a pass: judged if it is a HELO, else bound for the MTA.
+    fn forward(&mut self, command: Command, line: &[u8]) -> Step {
+        let owed = match command {
+            Command::Helo(argument) | Command::Ehlo(argument) => {
+                return self.judge(argument, line);
+            }
+            Command::Bdat => return Step::Opaque,
+            Command::StartTls => Owed::StartTls,
+            Command::Data => Owed::Data,
+            _ => Owed::Reply,
+        };
+        self.owed.push_back(owed);
+        Step::Forward
+    }
+
     fn judge(&mut self, argument: String, line: &[u8]) -> Step {
         let verdict = self.rules.classify(&Facts {
             client: Some(self.client),
@@ -112,9 +246,21 @@ impl<'a> Session<'a> {
             exempt_listener: self.exempt_listener,
         });
         self.helos.push(argument);
-        if verdict.action == crate::rules::Action::Pass {
+        self.judged = self.helos.len() - 1;
+        for logged in &verdict.logged {
+            if !self.logged.contains(&logged.rule) {
+                self.logged.push(logged.rule);
+            }
+        }
+        if verdict.action == Action::Pass {
             self.verdict = Some(verdict);
-            return Step::Pass;
+            self.owed.push_back(Owed::Reply);
+            return if self.phase == Phase::Passed {
+                Step::Forward
+            } else {
+                self.phase = Phase::Passed;
+                Step::Pass
+            };
         }
         let ehlo = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"EHLO");
         let answer = match verdict.reject_at {
@@ -123,8 +269,13 @@ impl<'a> Session<'a> {
             RejectAt::Rcpt => format!("250 {}\r\n", self.host).into_bytes(),
         };
         self.verdict = Some(verdict);
-        self.rejected = true;
-        Step::Reject(answer)
+        self.phase = Phase::Rejected;
+        if self.owed.is_empty() {
+            Step::Reject(answer)
+        } else {
+            self.deferred = Some(answer);
+            Step::Defer
+        }
     }
 
     /// The reply that says no: the matching entry's own reply, or 553 with the configured text.
@@ -194,6 +345,9 @@ mod tests {
             Step::Close(b) => format!("close {}", String::from_utf8(b).unwrap()),
             Step::Reject(b) => format!("reject {}", String::from_utf8(b).unwrap()),
             Step::Pass => "pass".into(),
+            Step::Forward => "forward".into(),
+            Step::Opaque => "opaque".into(),
+            Step::Defer => "defer".into(),
         }
     }
 
@@ -296,6 +450,91 @@ mod tests {
             assert!(matches!(s.on_line(b"NOOP"), Step::Reply(_)));
         }
         assert_eq!(text(s.on_line(b"NOOP")), "close 421 4.7.0 Error: too many errors\r\n");
+    }
+
+    /// Regression (issue 11): only the first HELO was judged, so a forged one could follow a
+    /// good one and reach the MTA.
+    #[test]
+    fn a_forged_helo_after_a_good_one_is_judged_and_rejected() {
+        let rules = rules("");
+        let mut s = session(&rules);
+        assert_eq!(s.on_line(b"EHLO good.sender.example"), Step::Pass);
+        assert_eq!(s.on_reply(250), AfterReply::Continue);
+        assert_eq!(
+            text(s.on_line(b"EHLO mx.example.com")),
+            "reject 250-mx.example.com\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+        );
+        assert!(s.rejected() && !s.relaying());
+        assert_eq!(s.helo(), Some("mx.example.com"), "the log names the HELO that failed");
+        assert_eq!(s.helos(), ["good.sender.example", "mx.example.com"]);
+        assert_eq!(s.verdict().unwrap().rule, "forged_identity");
+        assert_eq!(
+            text(s.on_line(b"RCPT TO:<user@example.com>")),
+            "reply 553 5.7.1 sorry, your HELO host name has been denied\r\n"
+        );
+    }
+
+    /// Pipelined in one write: the forged HELO's answer waits for the replies the MTA owes for
+    /// the lines before it, so the client reads every reply in order.
+    #[test]
+    fn a_later_rejection_waits_for_the_replies_the_mta_owes() {
+        let rules = rules("");
+        let mut s = session(&rules);
+        assert_eq!(s.on_line(b"EHLO good.sender.example"), Step::Pass);
+        assert_eq!(s.on_line(b"MAIL FROM:<a@b.example>"), Step::Forward);
+        assert_eq!(s.on_line(b"HELO mx.example.com"), Step::Defer);
+        assert!(s.waiting(), "no line is read while the rejection waits");
+        assert_eq!(s.on_reply(250), AfterReply::Continue, "the EHLO reply");
+        assert_eq!(
+            s.on_reply(250),
+            AfterReply::Reject(b"250 mx.example.com\r\n".to_vec()),
+            "the MAIL reply was the last one owed"
+        );
+        assert!(!s.waiting());
+    }
+
+    #[test]
+    fn a_changed_helo_that_passes_is_forwarded_and_logged() {
+        let rules = rules("");
+        let mut s = session(&rules);
+        assert_eq!(s.on_line(b"EHLO one.sender.example"), Step::Pass);
+        assert_eq!(s.on_line(b"EHLO two.sender.example"), Step::Forward);
+        assert_eq!(s.verdict().unwrap().action, Action::Pass);
+        assert_eq!(s.logged(), ["changed"], "checks.changed fires live (log by default)");
+        assert_eq!(s.helo(), Some("two.sender.example"));
+    }
+
+    #[test]
+    fn starttls_and_data_make_the_session_opaque_only_when_the_mta_accepts() {
+        let rules = rules("");
+        let mut s = session(&rules);
+        assert_eq!(s.on_line(b"EHLO good.sender.example"), Step::Pass);
+        assert_eq!(s.on_reply(250), AfterReply::Continue);
+        assert_eq!(s.on_line(b"STARTTLS"), Step::Forward);
+        assert!(s.waiting(), "what follows STARTTLS may be TLS: wait for the reply");
+        assert_eq!(s.on_reply(454), AfterReply::Continue, "refused: still plaintext");
+        assert!(!s.waiting());
+        assert_eq!(s.on_line(b"DATA"), Step::Forward);
+        assert!(s.waiting());
+        assert_eq!(s.on_reply(554), AfterReply::Continue, "no recipients: still commands");
+        assert_eq!(
+            s.on_line(b"EHLO mx.example.com"),
+            Step::Reject(reply::ehlo("mx.example.com", &["PIPELINING", "8BITMIME"])),
+            "a HELO after a refused DATA is judged"
+        );
+
+        let mut s = session(&rules);
+        assert_eq!(s.on_line(b"EHLO good.sender.example"), Step::Pass);
+        assert_eq!(s.on_line(b"STARTTLS"), Step::Forward);
+        assert_eq!(s.on_reply(250), AfterReply::Continue, "the EHLO reply");
+        assert_eq!(s.on_reply(220), AfterReply::Opaque(Opacity::Tls));
+
+        let mut s = session(&rules);
+        assert_eq!(s.on_line(b"EHLO good.sender.example"), Step::Pass);
+        assert_eq!(s.on_line(b"DATA"), Step::Forward);
+        assert_eq!(s.on_reply(250), AfterReply::Continue);
+        assert_eq!(s.on_reply(354), AfterReply::Opaque(Opacity::Data));
+        assert_eq!(s.on_line(b"BDAT 10 LAST"), Step::Opaque, "a chunk follows at once");
     }
 
     #[test]

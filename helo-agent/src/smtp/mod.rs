@@ -2,9 +2,10 @@
 //! No tokio here: the proxy feeds bytes in and writes what comes out, and tests split input at
 //! every byte.
 //!
-//! The proxy parses only what it must: client commands up to HELO/EHLO, and, in a rejected
-//! session, the commands it answers itself (never message content: DATA and BDAT are refused
-//! there, so no body is ever interpreted). After a pass verdict bytes are relayed untouched.
+//! The proxy parses only what it must: client command lines (to judge every HELO/EHLO, to
+//! answer a rejected session itself, and to see where a passed session becomes opaque), and the
+//! MTA's replies to them. Never message content or TLS: from DATA's 354, BDAT or STARTTLS's 220
+//! on, bytes are relayed untouched.
 
 pub mod reply;
 
