@@ -1,8 +1,8 @@
-//! Arbitrary client bytes through the line scanner and the session state machine, as the proxy
-//! feeds them, with MTA reply codes taken from the data for the lines forwarded after a pass:
-//! no panic, lines never longer than the buffer or the limit, replies well formed, a waiting
-//! session released by the replies it waits for, and a session that closed or went opaque is
-//! never fed again.
+//! Arbitrary client bytes through the session as the agent's I/O loop drives it: bytes into
+//! [`Session::input`] in chunks whose sizes come from the data, every step [`Session::next_step`]
+//! allows, and MTA reply codes taken from the data for the lines forwarded after a pass. No
+//! panic; replies well formed; a waiting session is released by the replies it waits for; a
+//! session that closed or went opaque is never fed again.
 #![no_main]
 
 use std::path::Path;
@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use helo_agent::config::{Config, HostFacts};
 use helo_agent::proxy::session::{AfterReply, Session, Step};
 use helo_agent::rules::RuleSet;
-use helo_agent::smtp::{LineScan, MAX_COMMAND_LINE, scan_line};
+use helo_agent::smtp::MAX_COMMAND_LINE;
 use libfuzzer_sys::fuzz_target;
 
 fn rules() -> &'static RuleSet {
@@ -31,46 +31,34 @@ fn well_formed(answer: &[u8]) {
 fuzz_target!(|data: &[u8]| {
     let mut session =
         Session::new(rules(), "203.0.113.9".parse().unwrap(), false, "denied", "mx".into());
-    let mut buf: Vec<u8> = Vec::new();
-    // Feed in chunks whose sizes come from the data itself, as reads would split it.
     let mut rest = data;
     while !rest.is_empty() {
         let take = (usize::from(rest[0]) % 64 + 1).min(rest.len());
-        buf.extend_from_slice(&rest[..take]);
+        session.input().extend_from_slice(&rest[..take]);
         rest = &rest[take..];
-        loop {
-            match scan_line(&buf, MAX_COMMAND_LINE) {
-                LineScan::Line { len, content } => {
-                    assert!(content < len && len <= buf.len() && len <= MAX_COMMAND_LINE);
-                    match session.on_line(&buf[..content]) {
-                        Step::Close(_) | Step::Opaque => return,
-                        Step::Pass | Step::Forward | Step::Defer => {
-                            // The MTA answers what it owes, with codes taken from the data.
-                            let mut answered = 0;
-                            while session.waiting() {
-                                answered += 1;
-                                assert!(
-                                    answered < 10_000,
-                                    "a waiting session is released by replies"
-                                );
-                                let code = 200 + u16::from(rest.first().copied().unwrap_or(0)) * 2;
-                                match session.on_reply(code) {
-                                    AfterReply::Opaque(_) => return,
-                                    AfterReply::Reject(answer) => well_formed(&answer),
-                                    AfterReply::Continue => {}
-                                }
-                            }
-                        }
-                        Step::Reply(answer) | Step::Reject(answer) => well_formed(&answer),
-                    }
-                    buf.drain(..len);
+        while let Some(step) = session.next_step() {
+            match step {
+                Step::Close(answer, _) => return well_formed(&answer),
+                Step::Opaque => return,
+                Step::Reply(answer) | Step::Reject(answer) => well_formed(&answer),
+                Step::Pass(line) | Step::Forward(line) => {
+                    assert!(line.ends_with(b"\n") && line.len() <= MAX_COMMAND_LINE);
                 }
-                LineScan::NeedMore => {
-                    assert!(buf.len() < MAX_COMMAND_LINE);
-                    break;
+                Step::Defer => {}
+            }
+            // The MTA answers what it owes while the session waits, codes from the data.
+            let mut answered = 0;
+            while session.waiting() {
+                answered += 1;
+                assert!(answered < 10_000, "a waiting session is released by replies");
+                let code = 200 + u16::from(rest.first().copied().unwrap_or(0)) * 2;
+                match session.on_reply(code) {
+                    AfterReply::Opaque(_) => return,
+                    AfterReply::Reject(answer) => well_formed(&answer),
+                    AfterReply::Continue => {}
                 }
-                LineScan::TooLong => return,
             }
         }
+        assert!(session.input().len() < MAX_COMMAND_LINE, "a full buffer is a step, not a wait");
     }
 });

@@ -12,9 +12,12 @@
 //! Shutdown: sessions without mail are told 421 at once, relaying ones get the grace. One log
 //! line per session.
 
+mod handler;
 pub mod header;
+pub mod outcome;
 pub mod relay;
 pub mod session;
+mod upstream;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -23,26 +26,20 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use self::session::{AfterReply, Opacity, Session, Step};
+use self::handler::close_with;
+use self::outcome::Outcome;
 use crate::blocklist::BanCheck;
 use crate::blocklist::worker::{BanRequest, BanSender};
-use crate::config::{GreetingMode, ListenerConfig, ProxyConfig};
+use crate::config::{ListenerConfig, ProxyConfig};
 use crate::rules::{Action, RuleSet};
-use crate::smtp::reply::{ReplyScan, greeting_host, scan_reply};
-use crate::smtp::{LineScan, MAX_COMMAND_LINE, reply, scan_line};
+use crate::smtp::reply;
 
-/// Bytes read at a time before the verdict. Reads go straight into the session's buffer, which
-/// starts small: an idle session (a bot that never sends HELO) holds about 1 KiB of it.
-const READ_CHUNK: usize = 1024;
-/// How long a one-line refusal (limits, MTA unavailable) may take to write.
-const REFUSAL_WRITE: Duration = Duration::from_secs(5);
-/// After a session's last reply and half-close: how long the client's remaining input is read
-/// and dropped, so that closing does not reset the connection before the reply is read.
-const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// The longest PROXY header taken from a trusted front proxy (v2 with TLVs; v1 is at most 107).
+const MAX_HEADER: usize = 1100;
 /// After the grace: how long cut sessions get to log and queue their bans.
 const CUT_WAIT: Duration = Duration::from_secs(1);
 
@@ -317,28 +314,6 @@ async fn drain(shared: &Shared) {
     }
 }
 
-/// How a session ended, for its log line.
-#[derive(Default)]
-struct Outcome {
-    helo: Option<String>,
-    verdict: Option<crate::rules::Verdict>,
-    up: u64,
-    down: u64,
-    spliced: bool,
-    /// Bytes of the relayed session's client side that passed through user space: the command
-    /// lines up to the point the session became opaque (message data and TLS are spliced).
-    /// The MTA's replies are copied (to watch them) and counted in `down`.
-    copied: u64,
-    /// The session went opaque at STARTTLS: the rest was TLS.
-    tls: bool,
-    /// Every HELO/EHLO the proxy saw, when there was more than one.
-    helos: Vec<String>,
-    /// Rules that matched in `log` mode.
-    logged: Vec<&'static str>,
-    end: &'static str,
-    error: Option<String>,
-}
-
 async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, check_helo: bool) {
     let started = Instant::now();
     let live = shared.live();
@@ -346,17 +321,19 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
     let drain = shared.drain.subscribe();
     let mut local = client.local_addr().unwrap_or(peer);
     let mut peer = peer;
+    let mut input = Vec::new();
     // A trusted front proxy (load balancer) says who the client is; anyone else's PROXY header
     // is refused in the session.
     let balancer =
         live.config.trusted_proxies.iter().any(|net| net.contains(&from)).then_some(from);
     if let Some(balancer) = balancer {
         match read_inbound(&mut client, live.config.helo_timeout).await {
-            Ok(header::Inbound::Proxied { client: real, local: dst }) => {
+            Ok((header::Inbound::Proxied { client: real, local: dst }, after)) => {
                 peer = real;
                 local = dst;
+                input = after;
             }
-            Ok(header::Inbound::Local) => {}
+            Ok((header::Inbound::Local, after)) => input = after,
             Err(error) => {
                 tracing::warn!(%balancer, %error, "trusted front proxy sent no valid PROXY header: connection closed");
                 return;
@@ -388,7 +365,7 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
         return;
     };
     let _ = client.set_nodelay(true);
-    let outcome = run_session(&live, client, peer, local, check_helo, drain).await;
+    let outcome = handler::run(&live, client, peer, local, check_helo, input, drain).await;
     let verdict = outcome.verdict.as_ref();
     let action = verdict.map_or("none", |v| match v.action {
         Action::Pass => "pass",
@@ -410,7 +387,8 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
         copied = outcome.copied,
         tls = outcome.tls,
         ms = started.elapsed().as_millis() as u64,
-        end = outcome.end,
+        end = outcome.end.as_str(),
+        side = outcome.end.side().as_str(),
         error = outcome.error.as_deref().unwrap_or(""),
         "session"
     );
@@ -445,7 +423,10 @@ fn observe(shared: &Shared, ip: IpAddr, outcome: &Outcome, action: &'static str)
     let Some(metrics) = &shared.metrics else { return };
     let rule = verdict.map_or("", |v| v.rule);
     metrics.sessions.get_or_create(&crate::metrics::VerdictLabels { verdict: action, rule }).inc();
-    metrics.session_ends.get_or_create(&crate::metrics::EndLabels { end: outcome.end }).inc();
+    metrics
+        .session_ends
+        .get_or_create(&crate::metrics::EndLabels { end: outcome.end.as_str() })
+        .inc();
     if outcome.verdict.as_ref().is_some_and(|v| v.action == Action::Pass) {
         // Spliced: the client's side after the HELO line. Copied: that line and the replies.
         let (spliced, copied) = if outcome.spliced {
@@ -459,511 +440,43 @@ fn observe(shared: &Shared, ip: IpAddr, outcome: &Outcome, action: &'static str)
     }
 }
 
-async fn run_session(
-    live: &Live,
-    mut client: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
-    check_helo: bool,
-    mut drain: watch::Receiver<Drain>,
-) -> Outcome {
-    let config = &live.config;
-    let mut outcome = Outcome::default();
-    let unavailable =
-        reply::line(421, "4.3.0", "Error: service temporarily unavailable, try again later");
-
-    // Who greets: the MTA (connected now, its banner relayed), or the proxy itself (the MTA
-    // is connected only for a client whose HELO passes).
-    let (mut upstream, host) = match config.greeting {
-        GreetingMode::Mta => {
-            let (mta, greeting) = match open_upstream(config, peer, local).await {
-                Ok(opened) => opened,
-                Err((end, error)) => {
-                    outcome.error = Some(error);
-                    outcome.down += close_with(&mut client, &unavailable).await;
-                    outcome.end = end;
-                    return outcome;
-                }
-            };
-            if send(&mut client, &greeting.bytes, config.idle_timeout).await.is_err() {
-                outcome.end = "client_gone";
-                return outcome;
-            }
-            outcome.down += greeting.bytes.len() as u64;
-            if greeting.code != 220 {
-                outcome.end = "upstream_refused";
-                return outcome;
-            }
-            let host = greeting_host(&greeting.bytes).unwrap_or_else(|| "localhost".into());
-            (Some(mta), host)
-        }
-        GreetingMode::Own => {
-            let banner = format!("220 {} ESMTP\r\n", config.hostname);
-            if send(&mut client, banner.as_bytes(), config.idle_timeout).await.is_err() {
-                outcome.end = "client_gone";
-                return outcome;
-            }
-            outcome.down += banner.len() as u64;
-            (None, config.hostname.clone())
-        }
-    };
-
-    let mut session = Session::new(
-        &live.rules,
-        crate::addr::canonical(peer.ip()),
-        !check_helo,
-        &live.reject_message,
-        host,
-    );
-    // Client bytes not yet handled, and MTA bytes not yet relayed (a reply in pieces).
-    let mut buf: Vec<u8> = Vec::new();
-    let mut replies: Vec<u8> = Vec::new();
-    let mut last_reply: Option<u16> = None;
-    let helo_deadline = tokio::time::Instant::now() + config.helo_timeout;
-    // The session's end, and the reply (if any) the client gets before the close.
-    let (end, goodbye): (&'static str, Option<Vec<u8>>) = 'session: loop {
-        // A PROXY header from a peer not in proxy.trusted_proxies: refused, never believed.
-        if outcome.up == 0 && session.helo().is_none() && refuses_header(&buf) {
-            tracing::warn!(client = %peer.ip(), "PROXY header from an address not in proxy.trusted_proxies: refused");
-            let refusal =
-                reply::line(554, "5.7.0", "Error: PROXY header from an untrusted address");
-            break 'session ("untrusted_proxy_header", Some(refusal));
-        }
-        // Every complete line in the buffer, in order (PIPELINING), while the session may
-        // take one.
-        while !session.waiting() {
-            let (len, content) = match scan_line(&buf, MAX_COMMAND_LINE) {
-                LineScan::Line { len, content } => (len, content),
-                LineScan::NeedMore => break,
-                LineScan::TooLong => {
-                    let too_long = reply::line(500, "5.5.2", "Error: line too long");
-                    break 'session ("line_too_long", Some(too_long));
-                }
-            };
-            outcome.up += len as u64;
-            match session.on_line(&buf[..content]) {
-                Step::Reply(answer) => {
-                    buf.drain(..len);
-                    if send(&mut client, &answer, config.idle_timeout).await.is_err() {
-                        break 'session ("client_gone", None);
-                    }
-                    outcome.down += answer.len() as u64;
-                }
-                Step::Close(answer) => {
-                    buf.drain(..len);
-                    break 'session ("closed", Some(answer));
-                }
-                Step::Reject(answer) => {
-                    buf.drain(..len);
-                    quit(&mut upstream).await;
-                    if send(&mut client, &answer, config.idle_timeout).await.is_err() {
-                        break 'session ("client_gone", None);
-                    }
-                    outcome.down += answer.len() as u64;
-                }
-                Step::Defer => {
-                    buf.drain(..len);
-                }
-                Step::Pass | Step::Forward => {
-                    if upstream.is_none() {
-                        match open_upstream(config, peer, local).await {
-                            // The MTA's banner is ours to swallow: the client had ours.
-                            Ok((mta, greeting)) if greeting.code == 220 => upstream = Some(mta),
-                            Ok((_, greeting)) => {
-                                let said =
-                                    String::from_utf8_lossy(&greeting.bytes).trim().to_owned();
-                                outcome.error = Some(format!("MTA greeted with {said:?}"));
-                                break 'session ("upstream_refused", Some(unavailable));
-                            }
-                            Err((end, error)) => {
-                                outcome.error = Some(error);
-                                break 'session (end, Some(unavailable));
-                            }
-                        }
-                    }
-                    let mta = upstream.as_mut().expect("connected above");
-                    // Command lines pass through user space; message data never does.
-                    outcome.copied += len as u64;
-                    if let Err(e) = write_within(mta, &buf[..len], config.idle_timeout).await {
-                        outcome.error = Some(e.to_string());
-                        break 'session ("upstream_error", Some(unavailable));
-                    }
-                    buf.drain(..len);
-                }
-                Step::Opaque => {
-                    // BDAT: its line is forwarded with what follows it, in the relay.
-                    outcome.up -= len as u64;
-                    let mta = upstream.take().expect("a relaying session has its MTA");
-                    return relay_rest(
-                        outcome,
-                        &session,
-                        config,
-                        client,
-                        mta,
-                        buf,
-                        replies,
-                        Opacity::Data,
-                        &mut drain,
-                    )
-                    .await;
-                }
-            }
-        }
-
-        // Wait for the client (unless the session waits for the MTA), the MTA's replies
-        // (while lines go to it), the deadline, or a shutdown.
-        let deadline = if session.verdict().is_none() {
-            helo_deadline
-        } else {
-            tokio::time::Instant::now() + config.idle_timeout
-        };
-        let relaying = session.relaying();
-        let hears_mta = upstream.is_some() && session.hears_mta();
-        // Mail may be on its way through a relaying session: it gets the drain's grace. A
-        // session before its verdict, or rejected, carries none and is told so at once.
-        let stop_on = if relaying { Drain::Cut } else { Drain::Draining };
-        let reading_client = !session.waiting();
-        buf.reserve(READ_CHUNK);
-        replies.reserve(READ_CHUNK);
-        let mta = upstream.as_mut();
-        tokio::select! {
-            read = client.read_buf(&mut buf), if reading_client => match read {
-                Ok(0) if relaying => {
-                    // The client closed with its commands sent: the relay passes the
-                    // half-close on and relays what the MTA still says.
-                    let mta = upstream.take().expect("relaying");
-                    return relay_rest(
-                        outcome, &session, config, client, mta, buf, replies, Opacity::Data,
-                        &mut drain,
-                    )
-                    .await;
-                }
-                Ok(0) => break 'session ("client_closed", None),
-                Ok(_) => {}
-                Err(e) => {
-                    outcome.error = Some(e.to_string());
-                    break 'session ("client_error", None);
-                }
-            },
-            read = async { mta.expect("guarded").read_buf(&mut replies).await }, if hears_mta => match read {
-                Ok(0) | Err(_) => {
-                    upstream = None;
-                    if replies.is_empty() && matches!(last_reply, Some(221 | 421)) {
-                        break 'session ("relayed", None);
-                    }
-                    // The MTA died mid-session: the client is told, never banned.
-                    let lost = if replies.is_empty() {
-                        relay::UPSTREAM_LOST.to_vec()
-                    } else {
-                        [&replies[..], b"\r\n", relay::UPSTREAM_LOST].concat()
-                    };
-                    break 'session ("upstream_lost", Some(lost));
-                }
-                Ok(_) => {
-                    // Relay every complete reply; what it means may end the watching.
-                    loop {
-                        let (len, code) = match scan_reply(&replies, MAX_COMMAND_LINE) {
-                            ReplyScan::Complete { len, code } => (len, code),
-                            ReplyScan::NeedMore => break,
-                            ReplyScan::Malformed if !session.relaying() => {
-                                outcome.error = Some("MTA reply is not SMTP".into());
-                                break 'session ("upstream_error", Some(unavailable));
-                            }
-                            ReplyScan::Malformed => {
-                                // Not SMTP as the proxy knows it: stop reading, relay blind.
-                                let mta = upstream.take().expect("relaying");
-                                return relay_rest(
-                                    outcome, &session, config, client, mta, buf, replies,
-                                    Opacity::Tls, &mut drain,
-                                )
-                                .await;
-                            }
-                        };
-                        if send(&mut client, &replies[..len], config.idle_timeout).await.is_err() {
-                            break 'session ("client_gone", None);
-                        }
-                        outcome.down += len as u64;
-                        replies.drain(..len);
-                        last_reply = Some(code);
-                        match session.on_reply(code) {
-                            AfterReply::Continue => {}
-                            AfterReply::Opaque(opacity) => {
-                                let mta = upstream.take().expect("relaying");
-                                return relay_rest(
-                                    outcome, &session, config, client, mta, buf, replies,
-                                    opacity, &mut drain,
-                                )
-                                .await;
-                            }
-                            AfterReply::Reject(answer) => {
-                                quit(&mut upstream).await;
-                                replies.clear();
-                                if send(&mut client, &answer, config.idle_timeout).await.is_err() {
-                                    break 'session ("client_gone", None);
-                                }
-                                outcome.down += answer.len() as u64;
-                                break;
-                            }
-                        }
-                    }
-                }
-            },
-            () = tokio::time::sleep_until(deadline) => {
-                break 'session ("timeout", Some(reply::line(421, "4.4.2", "Error: timeout exceeded")));
-            }
-            () = async { let _ = drain.wait_for(|d| *d >= stop_on).await; } => {
-                let closing = reply::line(421, "4.3.2", "Error: service shutting down, try again later");
-                break 'session ("shutdown", Some(closing));
-            }
-        }
-    };
-    quit(&mut upstream).await;
-    if let Some(goodbye) = goodbye {
-        outcome.down += close_with(&mut client, &goodbye).await;
-    }
-    finish(outcome, &session, end)
-}
-
-/// After the session became opaque: forwards what is buffered each way, then relays the rest
-/// untouched (splice for the client's side).
-#[allow(clippy::too_many_arguments)]
-async fn relay_rest(
-    mut outcome: Outcome,
-    session: &Session<'_>,
-    config: &ProxyConfig,
-    mut client: TcpStream,
-    mut mta: TcpStream,
-    buf: Vec<u8>,
-    replies: Vec<u8>,
-    opacity: Opacity,
-    drain: &mut watch::Receiver<Drain>,
-) -> Outcome {
-    outcome.up += buf.len() as u64;
-    outcome.copied += buf.len() as u64;
-    outcome.tls = opacity == Opacity::Tls;
-    if let Err(e) = write_within(&mut mta, &buf, config.idle_timeout).await {
-        outcome.error = Some(e.to_string());
-        return finish(outcome, session, "upstream_error");
-    }
-    if send(&mut client, &replies, config.idle_timeout).await.is_err() {
-        return finish(outcome, session, "client_gone");
-    }
-    outcome.down += replies.len() as u64;
-    let mut outcome = finish(outcome, session, "relayed");
-    let cut = async {
-        let _ = drain.wait_for(|d| *d == Drain::Cut).await;
-    };
-    let relayed = relay::relay(client, mta, config.idle_timeout, opacity, cut).await;
-    outcome.up += relayed.up;
-    outcome.down += relayed.down;
-    outcome.spliced = relayed.spliced;
-    if relayed.upstream_lost {
-        // Told 421; never a ban (the verdict was a pass).
-        outcome.end = "upstream_lost";
-    }
-    if relayed.cut {
-        outcome.end = "shutdown";
-    } else if let Some(e) = relayed.error {
-        outcome.end = "relay_error";
-        outcome.error = Some(e.to_string());
-    }
-    outcome
-}
-
-/// Tells a connected MTA that its part of the session is over; its 221 is not awaited.
-async fn quit(upstream: &mut Option<TcpStream>) {
-    if let Some(mut mta) = upstream.take() {
-        let _ = tokio::time::timeout(REFUSAL_WRITE, mta.write_all(b"QUIT\r\n")).await;
-    }
-}
-
-/// Ends a session the way an MTA does: the last reply, a half-close, then whatever the client
-/// still sends is read and dropped for a short while. Closing with unread input would make the
-/// kernel answer with a reset, and the reset destroys the reply before the client reads it.
-/// Returns the bytes written.
-async fn close_with(client: &mut TcpStream, answer: &[u8]) -> u64 {
-    if send(client, answer, REFUSAL_WRITE).await.is_err() {
-        return 0;
-    }
-    let _ = client.shutdown().await;
-    let linger = async {
-        let mut sink = [0u8; 4096];
-        while let Ok(n) = client.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(CLOSE_LINGER, linger).await;
-    answer.len() as u64
-}
-
-/// Writes to the MTA within `limit`.
-async fn write_within(mta: &mut TcpStream, bytes: &[u8], limit: Duration) -> io::Result<()> {
-    tokio::time::timeout(limit, mta.write_all(bytes))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "MTA does not read"))?
-}
-
-/// Whether the first bytes of a session are a PROXY header (complete enough to tell).
-fn refuses_header(buf: &[u8]) -> bool {
-    buf.starts_with(b"PROXY ") || buf.starts_with(&header::V2_SIGNATURE)
-}
-
-/// Reads a trusted front proxy's PROXY header, exactly its bytes (peeked first, so none of the
-/// client's SMTP is consumed), within `limit`.
-async fn read_inbound(client: &mut TcpStream, limit: Duration) -> io::Result<header::Inbound> {
+/// Reads a trusted front proxy's PROXY header within `limit`, into a buffer: returns the header
+/// and the client bytes that came after it in the same reads (the session's first input).
+async fn read_inbound(
+    client: &mut TcpStream,
+    limit: Duration,
+) -> io::Result<(header::Inbound, Vec<u8>)> {
     let read = async {
-        let mut peeked = vec![0u8; 1100];
+        let mut buf: Vec<u8> = Vec::with_capacity(256);
         loop {
-            let n = client.peek(&mut peeked).await?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "closed before a PROXY header",
-                ));
-            }
-            match header::decode(&peeked[..n]) {
-                header::Decoded::NeedMore if n < peeked.len() => {
-                    // Wait for more than what is already there.
-                    client.readable().await?;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                header::Decoded::NeedMore => {
+            match header::decode(&buf) {
+                header::Decoded::NeedMore if buf.len() >= MAX_HEADER => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "PROXY header too long",
                     ));
                 }
+                header::Decoded::NeedMore => {}
                 header::Decoded::Header { len, inbound } => {
-                    let mut skip = vec![0u8; len];
-                    client.read_exact(&mut skip).await?;
-                    return Ok(inbound);
+                    buf.drain(..len);
+                    return Ok((inbound, buf));
                 }
                 header::Decoded::Invalid(why) => {
                     return Err(io::Error::new(io::ErrorKind::InvalidData, why));
                 }
+            }
+            buf.reserve(256);
+            if client.read_buf(&mut buf).await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before a PROXY header",
+                ));
             }
         }
     };
     tokio::time::timeout(limit, read)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no PROXY header in time"))?
-}
-
-/// Connects to the MTA (from the client's address in transparent mode), sends the PROXY header
-/// and reads the MTA's greeting, all within `upstream_timeout`. Errors: the session's `end` and
-/// what went wrong.
-async fn open_upstream(
-    config: &ProxyConfig,
-    peer: SocketAddr,
-    local: SocketAddr,
-) -> Result<(TcpStream, Greeting), (&'static str, String)> {
-    let connect = async {
-        match config.proxy_protocol {
-            header::ProxyProtocol::Transparent => connect_as(peer.ip(), config.upstream).await,
-            _ => TcpStream::connect(config.upstream).await,
-        }
-    };
-    let mut upstream = match tokio::time::timeout(config.upstream_timeout, connect).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return Err(("upstream_unreachable", e.to_string())),
-        Err(_) => return Err(("upstream_unreachable", "connect timed out".into())),
-    };
-    let _ = upstream.set_nodelay(true);
-    let header = header::encode(config.proxy_protocol, peer, local);
-    upstream.write_all(&header).await.map_err(|e| ("upstream_error", e.to_string()))?;
-    let greeting = read_reply(&mut upstream, config.upstream_timeout)
-        .await
-        .map_err(|e| ("upstream_error", e.to_string()))?;
-    Ok((upstream, greeting))
-}
-
-/// Writes to the client within `limit`: a client that stops reading cannot hold a session.
-async fn send(client: &mut TcpStream, bytes: &[u8], limit: Duration) -> io::Result<()> {
-    tokio::time::timeout(limit, client.write_all(bytes))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client does not read"))?
-}
-
-fn finish(mut outcome: Outcome, session: &Session<'_>, end: &'static str) -> Outcome {
-    outcome.helo = session.helo().map(str::to_owned);
-    if session.helos().len() > 1 {
-        outcome.helos = session.helos().to_vec();
-    }
-    outcome.logged = session.logged().to_vec();
-    outcome.verdict = session.verdict().cloned();
-    outcome.end = end;
-    outcome
-}
-
-/// Connects to `upstream` from the client's own address (transparent mode).
-async fn connect_as(client: IpAddr, upstream: SocketAddr) -> io::Result<TcpStream> {
-    let client = crate::addr::canonical(client);
-    if client.is_ipv4() != upstream.is_ipv4() {
-        return Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            format!(
-                "transparent mode cannot reach the MTA at {upstream} from {client}: give the MTA an address of each family"
-            ),
-        ));
-    }
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(upstream),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    if client.is_ipv4() {
-        socket.set_ip_transparent_v4(true)?;
-    } else {
-        socket.set_ip_transparent_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&SocketAddr::new(client, 0).into())?;
-    tokio::net::TcpSocket::from_std_stream(socket.into()).connect(upstream).await
-}
-
-struct Greeting {
-    bytes: Vec<u8>,
-    code: u16,
-}
-
-/// Reads one complete reply (the greeting) within `limit`.
-async fn read_reply(upstream: &mut TcpStream, limit: Duration) -> io::Result<Greeting> {
-    let read = async {
-        let mut buf = Vec::new();
-        loop {
-            match scan_reply(&buf, MAX_COMMAND_LINE) {
-                ReplyScan::Complete { len, code } => {
-                    if len != buf.len() {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "MTA spoke before it was asked",
-                        ));
-                    }
-                    return Ok(Greeting { bytes: buf, code });
-                }
-                ReplyScan::Malformed => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "MTA greeting is not an SMTP reply",
-                    ));
-                }
-                ReplyScan::NeedMore => {}
-            }
-            buf.reserve(READ_CHUNK);
-            let n = upstream.read_buf(&mut buf).await?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "MTA closed before its greeting",
-                ));
-            }
-        }
-    };
-    tokio::time::timeout(limit, read)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no greeting from the MTA in time"))?
 }
 
 #[cfg(test)]

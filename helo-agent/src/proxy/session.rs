@@ -1,7 +1,9 @@
 //! One client session, pure, no I/O: every reply decision the proxy makes, and what the MTA's
-//! replies mean for the session. The caller feeds it the client's command lines
-//! ([`Session::on_line`]) and the codes of the MTA's complete replies ([`Session::on_reply`]),
-//! and carries out what comes back.
+//! replies mean for the session. The session owns the client's input buffer: the I/O loop
+//! reads into [`Session::input`], asks [`Session::next_step`] what to do until it says "read more",
+//! feeds the codes of the MTA's complete replies to [`Session::on_reply`], and carries out what
+//! comes back. Timeouts and shutdown are decided here too ([`Session::on_timeout`],
+//! [`Session::on_shutdown`]), so the fuzz target drives exactly what the agent runs.
 //!
 //! Before HELO the proxy answers the client itself. At HELO/EHLO the rules decide. A pass
 //! connects the MTA and the proxy forwards the client's commands one line at a time, judging
@@ -15,8 +17,10 @@
 use std::collections::VecDeque;
 use std::net::IpAddr;
 
+use super::header;
+use super::outcome::End;
 use crate::rules::{Action, Facts, RejectAt, RuleSet, Verdict};
-use crate::smtp::{Command, reply};
+use crate::smtp::{Command, LineScan, MAX_COMMAND_LINE, reply, scan_line};
 
 /// Commands a rejected session may send before it is closed.
 pub const MAX_REJECTED_COMMANDS: u32 = 50;
@@ -28,15 +32,15 @@ pub const MAX_COMMANDS_BEFORE_HELO: u32 = 20;
 pub enum Step {
     /// Write this to the client and read on.
     Reply(Vec<u8>),
-    /// Write this to the client and close the session.
-    Close(Vec<u8>),
+    /// Write this to the client and close the session, which ended this way.
+    Close(Vec<u8>, End),
     /// The first HELO passed: connect the MTA (unless it greeted), send it this line, and
     /// watch its replies.
-    Pass,
+    Pass(Vec<u8>),
     /// Send this line to the MTA; its reply comes back through [`Session::on_reply`].
-    Forward,
-    /// BDAT: send this line and everything after it to the MTA; the chunk follows at once, so
-    /// the session is opaque from here (message data).
+    Forward(Vec<u8>),
+    /// BDAT: send [`Session::take_input`] (the BDAT line and everything after it) to the MTA;
+    /// the chunk follows at once, so the session is opaque from here (message data).
     Opaque,
     /// The verdict is reject or ban: tell the MTA QUIT and let it go, write this to the
     /// client, and read on.
@@ -104,6 +108,10 @@ pub struct Session<'a> {
     deferred: Option<Vec<u8>>,
     rejected_commands: u32,
     commands_before_helo: u32,
+    /// Client bytes not handled yet.
+    buf: Vec<u8>,
+    /// Client bytes handled so far.
+    consumed: u64,
 }
 
 impl<'a> Session<'a> {
@@ -129,7 +137,68 @@ impl<'a> Session<'a> {
             deferred: None,
             rejected_commands: 0,
             commands_before_helo: 0,
+            buf: Vec::new(),
+            consumed: 0,
         }
+    }
+
+    /// Where the I/O loop reads the client's bytes to (it reserves room first).
+    pub fn input(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    /// The bytes not handled yet, for the relay once the session is opaque.
+    pub fn take_input(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+
+    /// Client bytes handled so far (lines taken by [`Session::next_step`]).
+    pub fn consumed(&self) -> u64 {
+        self.consumed
+    }
+
+    /// What to do with what is buffered; `None`: read more (or, while [`Session::waiting`],
+    /// wait for the MTA). Lines are taken in order (PIPELINING).
+    pub fn next_step(&mut self) -> Option<Step> {
+        if self.waiting() {
+            return None;
+        }
+        // A PROXY header from a peer not in proxy.trusted_proxies: refused, never believed.
+        if self.consumed == 0 && refuses_header(&self.buf) {
+            let refusal =
+                reply::line(554, "5.7.0", "Error: PROXY header from an untrusted address");
+            return Some(Step::Close(refusal, End::UntrustedProxyHeader));
+        }
+        let (len, content) = match scan_line(&self.buf, MAX_COMMAND_LINE) {
+            LineScan::Line { len, content } => (len, content),
+            LineScan::NeedMore => return None,
+            LineScan::TooLong => {
+                let too_long = reply::line(500, "5.5.2", "Error: line too long");
+                return Some(Step::Close(too_long, End::LineTooLong));
+            }
+        };
+        let line: Vec<u8> = self.buf.drain(..len).collect();
+        self.consumed += len as u64;
+        Some(match self.take_line(line, content) {
+            Step::Opaque => {
+                // The BDAT line goes with its chunk: put it back.
+                self.consumed -= len as u64;
+                Step::Opaque
+            }
+            step => step,
+        })
+    }
+
+    /// The client said nothing in time: before a verdict `proxy.helo_timeout`, after one
+    /// `proxy.idle_timeout`.
+    pub fn on_timeout(&self) -> Step {
+        Step::Close(reply::line(421, "4.4.2", "Error: timeout exceeded"), End::Timeout)
+    }
+
+    /// The agent is shutting down (for a session relaying mail: its grace is over).
+    pub fn on_shutdown(&self) -> Step {
+        let closing = reply::line(421, "4.3.2", "Error: service shutting down, try again later");
+        Step::Close(closing, End::Shutdown)
     }
 
     /// The verdict on the HELO that decided the session: the first failing one, else the
@@ -178,7 +247,13 @@ impl<'a> Session<'a> {
 
     /// One command line (without its terminator).
     pub fn on_line(&mut self, line: &[u8]) -> Step {
-        let command = Command::parse(line);
+        self.take_line(line.to_vec(), line.len())
+    }
+
+    /// One line, its terminator after `content` bytes; a line bound for the MTA comes back in
+    /// the step.
+    fn take_line(&mut self, line: Vec<u8>, content: usize) -> Step {
+        let command = Command::parse(&line[..content]);
         match self.phase {
             Phase::Rejected => self.after_rejection(command),
             Phase::Passed => self.forward(command, line),
@@ -201,16 +276,17 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn before_helo(&mut self, command: Command, line: &[u8]) -> Step {
+    fn before_helo(&mut self, command: Command, line: Vec<u8>) -> Step {
         if !matches!(command, Command::Helo(_) | Command::Ehlo(_) | Command::Quit) {
             self.commands_before_helo += 1;
             if self.commands_before_helo > MAX_COMMANDS_BEFORE_HELO {
-                return Step::Close(reply::line(421, "4.7.0", "Error: too many commands"));
+                let limit = reply::line(421, "4.7.0", "Error: too many commands");
+                return Step::Close(limit, End::Closed);
             }
         }
         match command {
             Command::Helo(argument) | Command::Ehlo(argument) => self.judge(argument, line),
-            Command::Quit => Step::Close(reply::line(221, "2.0.0", "Bye")),
+            Command::Quit => Step::Close(reply::line(221, "2.0.0", "Bye"), End::Closed),
             Command::Noop => Step::Reply(reply::line(250, "2.0.0", "Ok")),
             Command::Rset => Step::Reply(reply::line(250, "2.0.0", "Ok")),
             Command::Other(verb) if verb.is_empty() => {
@@ -224,21 +300,24 @@ impl<'a> Session<'a> {
     }
 
     /// A line after a pass: judged if it is a HELO, else bound for the MTA.
-    fn forward(&mut self, command: Command, line: &[u8]) -> Step {
+    fn forward(&mut self, command: Command, line: Vec<u8>) -> Step {
         let owed = match command {
             Command::Helo(argument) | Command::Ehlo(argument) => {
                 return self.judge(argument, line);
             }
-            Command::Bdat => return Step::Opaque,
+            Command::Bdat => {
+                self.buf.splice(0..0, line);
+                return Step::Opaque;
+            }
             Command::StartTls => Owed::StartTls,
             Command::Data => Owed::Data,
             _ => Owed::Reply,
         };
         self.owed.push_back(owed);
-        Step::Forward
+        Step::Forward(line)
     }
 
-    fn judge(&mut self, argument: String, line: &[u8]) -> Step {
+    fn judge(&mut self, argument: String, line: Vec<u8>) -> Step {
         let verdict = self.rules.classify(&Facts {
             client: Some(self.client),
             argument: &argument,
@@ -256,10 +335,10 @@ impl<'a> Session<'a> {
             self.verdict = Some(verdict);
             self.owed.push_back(Owed::Reply);
             return if self.phase == Phase::Passed {
-                Step::Forward
+                Step::Forward(line)
             } else {
                 self.phase = Phase::Passed;
-                Step::Pass
+                Step::Pass(line)
             };
         }
         let ehlo = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"EHLO");
@@ -290,12 +369,13 @@ impl<'a> Session<'a> {
     fn after_rejection(&mut self, command: Command) -> Step {
         self.rejected_commands += 1;
         if self.rejected_commands > MAX_REJECTED_COMMANDS {
-            return Step::Close(reply::line(421, "4.7.0", "Error: too many errors"));
+            let limit = reply::line(421, "4.7.0", "Error: too many errors");
+            return Step::Close(limit, End::Closed);
         }
         let verdict = self.verdict.as_ref().expect("rejected sessions have a verdict");
         let at_helo = verdict.reject_at == RejectAt::Helo;
         Step::Reply(match command {
-            Command::Quit => return Step::Close(reply::line(221, "2.0.0", "Bye")),
+            Command::Quit => return Step::Close(reply::line(221, "2.0.0", "Bye"), End::Closed),
             Command::Helo(_) | Command::Ehlo(_) if at_helo => self.denial(verdict),
             Command::Helo(_) => format!("250 {}\r\n", self.host).into_bytes(),
             Command::Ehlo(_) => reply::ehlo(&self.host, &["PIPELINING", "8BITMIME"]),
@@ -315,6 +395,11 @@ impl<'a> Session<'a> {
             }
         })
     }
+}
+
+/// Whether the first bytes of a session are a PROXY header (complete enough to tell).
+fn refuses_header(buf: &[u8]) -> bool {
+    buf.starts_with(b"PROXY ") || buf.starts_with(&header::V2_SIGNATURE)
 }
 
 #[cfg(test)]
@@ -342,10 +427,10 @@ mod tests {
     fn text(step: Step) -> String {
         match step {
             Step::Reply(b) => format!("reply {}", String::from_utf8(b).unwrap()),
-            Step::Close(b) => format!("close {}", String::from_utf8(b).unwrap()),
+            Step::Close(b, _) => format!("close {}", String::from_utf8(b).unwrap()),
             Step::Reject(b) => format!("reject {}", String::from_utf8(b).unwrap()),
-            Step::Pass => "pass".into(),
-            Step::Forward => "forward".into(),
+            Step::Pass(_) => "pass".into(),
+            Step::Forward(_) => "forward".into(),
             Step::Opaque => "opaque".into(),
             Step::Defer => "defer".into(),
         }
@@ -382,7 +467,7 @@ mod tests {
     fn a_good_helo_passes() {
         let rules = rules("");
         let mut s = session(&rules);
-        assert_eq!(s.on_line(b"EHLO mail.sender.example"), Step::Pass);
+        assert_eq!(text(s.on_line(b"EHLO mail.sender.example")), "pass");
         assert_eq!(s.helo(), Some("mail.sender.example"));
         assert_eq!(s.verdict().unwrap().rule, "pass");
     }
@@ -458,7 +543,7 @@ mod tests {
     fn a_forged_helo_after_a_good_one_is_judged_and_rejected() {
         let rules = rules("");
         let mut s = session(&rules);
-        assert_eq!(s.on_line(b"EHLO good.sender.example"), Step::Pass);
+        assert_eq!(text(s.on_line(b"EHLO good.sender.example")), "pass");
         assert_eq!(s.on_reply(250), AfterReply::Continue);
         assert_eq!(
             text(s.on_line(b"EHLO mx.example.com")),
@@ -480,8 +565,8 @@ mod tests {
     fn a_later_rejection_waits_for_the_replies_the_mta_owes() {
         let rules = rules("");
         let mut s = session(&rules);
-        assert_eq!(s.on_line(b"EHLO good.sender.example"), Step::Pass);
-        assert_eq!(s.on_line(b"MAIL FROM:<a@b.example>"), Step::Forward);
+        assert_eq!(text(s.on_line(b"EHLO good.sender.example")), "pass");
+        assert_eq!(text(s.on_line(b"MAIL FROM:<a@b.example>")), "forward");
         assert_eq!(s.on_line(b"HELO mx.example.com"), Step::Defer);
         assert!(s.waiting(), "no line is read while the rejection waits");
         assert_eq!(s.on_reply(250), AfterReply::Continue, "the EHLO reply");
@@ -497,8 +582,8 @@ mod tests {
     fn a_changed_helo_that_passes_is_forwarded_and_logged() {
         let rules = rules("");
         let mut s = session(&rules);
-        assert_eq!(s.on_line(b"EHLO one.sender.example"), Step::Pass);
-        assert_eq!(s.on_line(b"EHLO two.sender.example"), Step::Forward);
+        assert_eq!(text(s.on_line(b"EHLO one.sender.example")), "pass");
+        assert_eq!(text(s.on_line(b"EHLO two.sender.example")), "forward");
         assert_eq!(s.verdict().unwrap().action, Action::Pass);
         assert_eq!(s.logged(), ["changed"], "checks.changed fires live (log by default)");
         assert_eq!(s.helo(), Some("two.sender.example"));
@@ -508,13 +593,13 @@ mod tests {
     fn starttls_and_data_make_the_session_opaque_only_when_the_mta_accepts() {
         let rules = rules("");
         let mut s = session(&rules);
-        assert_eq!(s.on_line(b"EHLO good.sender.example"), Step::Pass);
+        assert_eq!(text(s.on_line(b"EHLO good.sender.example")), "pass");
         assert_eq!(s.on_reply(250), AfterReply::Continue);
-        assert_eq!(s.on_line(b"STARTTLS"), Step::Forward);
+        assert_eq!(text(s.on_line(b"STARTTLS")), "forward");
         assert!(s.waiting(), "what follows STARTTLS may be TLS: wait for the reply");
         assert_eq!(s.on_reply(454), AfterReply::Continue, "refused: still plaintext");
         assert!(!s.waiting());
-        assert_eq!(s.on_line(b"DATA"), Step::Forward);
+        assert_eq!(text(s.on_line(b"DATA")), "forward");
         assert!(s.waiting());
         assert_eq!(s.on_reply(554), AfterReply::Continue, "no recipients: still commands");
         assert_eq!(
@@ -524,14 +609,14 @@ mod tests {
         );
 
         let mut s = session(&rules);
-        assert_eq!(s.on_line(b"EHLO good.sender.example"), Step::Pass);
-        assert_eq!(s.on_line(b"STARTTLS"), Step::Forward);
+        assert_eq!(text(s.on_line(b"EHLO good.sender.example")), "pass");
+        assert_eq!(text(s.on_line(b"STARTTLS")), "forward");
         assert_eq!(s.on_reply(250), AfterReply::Continue, "the EHLO reply");
         assert_eq!(s.on_reply(220), AfterReply::Opaque(Opacity::Tls));
 
         let mut s = session(&rules);
-        assert_eq!(s.on_line(b"EHLO good.sender.example"), Step::Pass);
-        assert_eq!(s.on_line(b"DATA"), Step::Forward);
+        assert_eq!(text(s.on_line(b"EHLO good.sender.example")), "pass");
+        assert_eq!(text(s.on_line(b"DATA")), "forward");
         assert_eq!(s.on_reply(250), AfterReply::Continue);
         assert_eq!(s.on_reply(354), AfterReply::Opaque(Opacity::Data));
         assert_eq!(s.on_line(b"BDAT 10 LAST"), Step::Opaque, "a chunk follows at once");
@@ -541,7 +626,7 @@ mod tests {
     fn exempt_listener_passes_anything() {
         let rules = rules("");
         let mut s = Session::new(&rules, "203.0.113.9".parse().unwrap(), true, "x", "mx".into());
-        assert_eq!(s.on_line(b"HELO localhost"), Step::Pass);
+        assert_eq!(text(s.on_line(b"HELO localhost")), "pass");
         assert_eq!(s.verdict().unwrap().rule, "exempt_listener");
     }
 }

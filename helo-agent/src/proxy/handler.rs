@@ -1,0 +1,403 @@
+//! One session's I/O loop, in the shape of mini-redis's `Handler`: a small struct that owns the
+//! sockets and the [`Session`], reads, asks the session, writes. Every reply decision is the
+//! session's (sans-IO); this file only moves bytes, waits, and carries out the steps.
+//!
+//! The loop: greet (the proxy's own banner, or the MTA's), then take every step the buffered
+//! input allows, then wait for the first of: client bytes (unless the session waits for the
+//! MTA), MTA replies (while lines go to it), the deadline, a shutdown. It ends in a close with
+//! a last reply, or, once the session is opaque, in [`relay`](super::relay).
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::outcome::{End, Outcome};
+use super::session::{AfterReply, Opacity, Session, Step};
+use super::{Drain, Live, relay, upstream};
+use crate::config::{GreetingMode, ProxyConfig};
+use crate::smtp::MAX_COMMAND_LINE;
+use crate::smtp::reply::{self, ReplyScan, greeting_host, scan_reply};
+
+/// Bytes read at a time. Reads go straight into the session's buffer, which starts small: an
+/// idle session (a bot that never sends HELO) holds about 1 KiB of it.
+const READ_CHUNK: usize = 1024;
+/// How long a last reply before a close may take to write.
+const LAST_WRITE: Duration = Duration::from_secs(5);
+/// After a session's last reply and half-close: how long the client's remaining input is read
+/// and dropped, so that closing does not reset the connection before the reply is read.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// What the loop does next.
+enum Flow {
+    Next,
+    /// End the session with this reply (if any) to the client.
+    Close(End, Option<Vec<u8>>),
+    /// The session is opaque: relay the rest.
+    Opaque(Opacity),
+}
+
+/// Runs one admitted session to its end. `input`: client bytes already read (after a trusted
+/// front proxy's header).
+pub(super) async fn run(
+    live: &Live,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    check_helo: bool,
+    input: Vec<u8>,
+    drain: watch::Receiver<Drain>,
+) -> Outcome {
+    let config = &live.config;
+    let mut outcome = Outcome::default();
+    // Who greets: the MTA (connected now, its banner relayed), or the proxy itself (the MTA
+    // is connected only for a client whose HELO passes).
+    let (upstream, host) = match config.greeting {
+        GreetingMode::Mta => {
+            let (mta, greeting) = match upstream::open(config, peer, local).await {
+                Ok(opened) => opened,
+                Err((end, error)) => {
+                    outcome.error = Some(error);
+                    outcome.down += close_with(&mut client, &unavailable()).await;
+                    outcome.end = end;
+                    return outcome;
+                }
+            };
+            if send(&mut client, &greeting.bytes, config.idle_timeout).await.is_err() {
+                outcome.end = End::ClientGone;
+                return outcome;
+            }
+            outcome.down += greeting.bytes.len() as u64;
+            if greeting.code != 220 {
+                outcome.end = End::UpstreamRefused;
+                return outcome;
+            }
+            let host = greeting_host(&greeting.bytes).unwrap_or_else(|| "localhost".into());
+            (Some(mta), host)
+        }
+        GreetingMode::Own => {
+            let banner = format!("220 {} ESMTP\r\n", config.hostname);
+            if send(&mut client, banner.as_bytes(), config.idle_timeout).await.is_err() {
+                outcome.end = End::ClientGone;
+                return outcome;
+            }
+            outcome.down += banner.len() as u64;
+            (None, config.hostname.clone())
+        }
+    };
+    let mut session = Session::new(
+        &live.rules,
+        crate::addr::canonical(peer.ip()),
+        !check_helo,
+        &live.reject_message,
+        host,
+    );
+    session.input().extend_from_slice(&input);
+    let helo_deadline = tokio::time::Instant::now() + config.helo_timeout;
+    let handler = Handler {
+        config,
+        client,
+        peer,
+        local,
+        upstream,
+        session,
+        replies: Vec::new(),
+        last_reply: None,
+        outcome,
+        drain,
+        helo_deadline,
+    };
+    handler.serve().await
+}
+
+struct Handler<'a> {
+    config: &'a ProxyConfig,
+    client: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    upstream: Option<TcpStream>,
+    session: Session<'a>,
+    /// MTA bytes not relayed yet (a reply in pieces).
+    replies: Vec<u8>,
+    last_reply: Option<u16>,
+    outcome: Outcome,
+    drain: watch::Receiver<Drain>,
+    helo_deadline: tokio::time::Instant,
+}
+
+impl Handler<'_> {
+    async fn serve(mut self) -> Outcome {
+        let flow = loop {
+            match self.steps().await {
+                Flow::Next => {}
+                flow => break flow,
+            }
+            match self.wait().await {
+                Flow::Next => {}
+                flow => break flow,
+            }
+        };
+        match flow {
+            Flow::Opaque(opacity) => self.relay(opacity).await,
+            Flow::Close(end, goodbye) => self.close(end, goodbye).await,
+            Flow::Next => unreachable!("the loop ends on another flow"),
+        }
+    }
+
+    /// Every step the buffered input allows.
+    async fn steps(&mut self) -> Flow {
+        while let Some(step) = self.session.next_step() {
+            let flow = match step {
+                Step::Reply(answer) => self.tell(&answer).await,
+                Step::Close(answer, end) => Flow::Close(end, Some(answer)),
+                Step::Reject(answer) => {
+                    upstream::quit(&mut self.upstream).await;
+                    self.tell(&answer).await
+                }
+                Step::Defer => Flow::Next,
+                Step::Pass(line) | Step::Forward(line) => self.forward(&line).await,
+                Step::Opaque => Flow::Opaque(Opacity::Data),
+            };
+            if !matches!(flow, Flow::Next) {
+                return flow;
+            }
+        }
+        Flow::Next
+    }
+
+    /// Writes to the client.
+    async fn tell(&mut self, bytes: &[u8]) -> Flow {
+        if send(&mut self.client, bytes, self.config.idle_timeout).await.is_err() {
+            return Flow::Close(End::ClientGone, None);
+        }
+        self.outcome.down += bytes.len() as u64;
+        Flow::Next
+    }
+
+    /// A line for the MTA, connecting it first when the proxy greeted itself.
+    async fn forward(&mut self, line: &[u8]) -> Flow {
+        if self.upstream.is_none() {
+            match upstream::open(self.config, self.peer, self.local).await {
+                // The MTA's banner is ours to swallow: the client had ours.
+                Ok((mta, greeting)) if greeting.code == 220 => self.upstream = Some(mta),
+                Ok((_, greeting)) => {
+                    let said = String::from_utf8_lossy(&greeting.bytes).trim().to_owned();
+                    self.outcome.error = Some(format!("MTA greeted with {said:?}"));
+                    return Flow::Close(End::UpstreamRefused, Some(unavailable()));
+                }
+                Err((end, error)) => {
+                    self.outcome.error = Some(error);
+                    return Flow::Close(end, Some(unavailable()));
+                }
+            }
+        }
+        let mta = self.upstream.as_mut().expect("connected above");
+        // Command lines pass through user space; message data never does.
+        self.outcome.copied += line.len() as u64;
+        if let Err(e) = write_within(mta, line, self.config.idle_timeout).await {
+            self.outcome.error = Some(e.to_string());
+            return Flow::Close(End::UpstreamError, Some(unavailable()));
+        }
+        Flow::Next
+    }
+
+    /// Waits for the client (unless the session waits for the MTA), the MTA's replies (while
+    /// they are read), the deadline, or a shutdown.
+    async fn wait(&mut self) -> Flow {
+        let deadline = if self.session.verdict().is_none() {
+            self.helo_deadline
+        } else {
+            tokio::time::Instant::now() + self.config.idle_timeout
+        };
+        let relaying = self.session.relaying();
+        let hears_mta = self.upstream.is_some() && self.session.hears_mta();
+        // Mail may be on its way through a relaying session: it gets the drain's grace. A
+        // session before its verdict, or rejected, carries none and is told so at once.
+        let stop_on = if relaying { Drain::Cut } else { Drain::Draining };
+        let reading_client = !self.session.waiting();
+        let input = self.session.input();
+        input.reserve(READ_CHUNK);
+        self.replies.reserve(READ_CHUNK);
+        let mta = self.upstream.as_mut();
+        let replies = &mut self.replies;
+        let drain = &mut self.drain;
+        tokio::select! {
+            read = self.client.read_buf(input), if reading_client => match read {
+                // The client closed with its commands sent: the relay passes the half-close
+                // on and relays what the MTA still says.
+                Ok(0) if relaying => Flow::Opaque(Opacity::Data),
+                Ok(0) => Flow::Close(End::ClientClosed, None),
+                Ok(_) => Flow::Next,
+                Err(e) => {
+                    self.outcome.error = Some(e.to_string());
+                    Flow::Close(End::ClientError, None)
+                }
+            },
+            read = async { mta.expect("guarded").read_buf(replies).await }, if hears_mta => match read {
+                Ok(0) | Err(_) => self.mta_ended(),
+                Ok(_) => self.on_replies().await,
+            },
+            () = tokio::time::sleep_until(deadline) => self.close_step(self.session.on_timeout()),
+            () = async { let _ = drain.wait_for(|d| *d >= stop_on).await; } => {
+                self.close_step(self.session.on_shutdown())
+            }
+        }
+    }
+
+    fn close_step(&self, step: Step) -> Flow {
+        match step {
+            Step::Close(answer, end) => Flow::Close(end, Some(answer)),
+            other => unreachable!("timeouts and shutdown close the session, not {other:?}"),
+        }
+    }
+
+    /// The MTA's side ended: after its goodbye that is the session's end; otherwise it died
+    /// mid-session, and the client is told (never banned).
+    fn mta_ended(&mut self) -> Flow {
+        self.upstream = None;
+        if self.replies.is_empty() && matches!(self.last_reply, Some(221 | 421)) {
+            return Flow::Close(End::Relayed, None);
+        }
+        let lost = if self.replies.is_empty() {
+            relay::UPSTREAM_LOST.to_vec()
+        } else {
+            [&self.replies[..], b"\r\n", relay::UPSTREAM_LOST].concat()
+        };
+        self.replies.clear();
+        Flow::Close(End::UpstreamLost, Some(lost))
+    }
+
+    /// Relays every complete reply to the client, in order; what one means may end the
+    /// watching (opaque) or release a deferred rejection.
+    async fn on_replies(&mut self) -> Flow {
+        loop {
+            let (len, code) = match scan_reply(&self.replies, MAX_COMMAND_LINE) {
+                ReplyScan::Complete { len, code } => (len, code),
+                ReplyScan::NeedMore => return Flow::Next,
+                ReplyScan::Malformed if !self.session.relaying() => {
+                    self.outcome.error = Some("MTA reply is not SMTP".into());
+                    return Flow::Close(End::UpstreamError, Some(unavailable()));
+                }
+                // Not SMTP as the proxy knows it: stop reading, relay blind.
+                ReplyScan::Malformed => return Flow::Opaque(Opacity::Tls),
+            };
+            let reply: Vec<u8> = self.replies.drain(..len).collect();
+            if let flow @ Flow::Close(..) = self.tell(&reply).await {
+                return flow;
+            }
+            self.last_reply = Some(code);
+            match self.session.on_reply(code) {
+                AfterReply::Continue => {}
+                AfterReply::Opaque(opacity) => return Flow::Opaque(opacity),
+                AfterReply::Reject(answer) => {
+                    upstream::quit(&mut self.upstream).await;
+                    self.replies.clear();
+                    return self.tell(&answer).await;
+                }
+            }
+        }
+    }
+
+    /// The session is opaque: what is buffered goes on each way, then the relay moves the rest
+    /// untouched (splice for the client's side).
+    async fn relay(mut self, opacity: Opacity) -> Outcome {
+        let rest = self.session.take_input();
+        self.outcome.copied += rest.len() as u64;
+        self.outcome.up = self.session.consumed() + rest.len() as u64;
+        self.outcome.tls = opacity == Opacity::Tls;
+        let mut mta = self.upstream.take().expect("an opaque session has its MTA");
+        if let Err(e) = write_within(&mut mta, &rest, self.config.idle_timeout).await {
+            self.outcome.error = Some(e.to_string());
+            return self.finish(End::UpstreamError);
+        }
+        let replies = std::mem::take(&mut self.replies);
+        if send(&mut self.client, &replies, self.config.idle_timeout).await.is_err() {
+            return self.finish(End::ClientGone);
+        }
+        self.outcome.down += replies.len() as u64;
+        let mut outcome = self.finish(End::Relayed);
+        let mut drain = self.drain;
+        let cut = async {
+            let _ = drain.wait_for(|d| *d == Drain::Cut).await;
+        };
+        let relayed = relay::relay(self.client, mta, self.config.idle_timeout, opacity, cut).await;
+        outcome.up += relayed.up;
+        outcome.down += relayed.down;
+        outcome.spliced = relayed.spliced;
+        if relayed.upstream_lost {
+            // Told 421; never a ban (the verdict was a pass).
+            outcome.end = End::UpstreamLost;
+        }
+        if relayed.cut {
+            outcome.end = End::Shutdown;
+        } else if let Some(e) = relayed.error {
+            outcome.end = End::RelayError;
+            outcome.error = Some(e.to_string());
+        }
+        outcome
+    }
+
+    /// Ends the session: a connected MTA gets QUIT, the client its last reply and a clean close.
+    async fn close(mut self, end: End, goodbye: Option<Vec<u8>>) -> Outcome {
+        upstream::quit(&mut self.upstream).await;
+        if let Some(goodbye) = goodbye {
+            self.outcome.down += close_with(&mut self.client, &goodbye).await;
+        }
+        self.outcome.up = self.session.consumed();
+        self.finish(end)
+    }
+
+    fn finish(&mut self, end: End) -> Outcome {
+        let mut outcome = std::mem::take(&mut self.outcome);
+        outcome.helo = self.session.helo().map(str::to_owned);
+        if self.session.helos().len() > 1 {
+            outcome.helos = self.session.helos().to_vec();
+        }
+        outcome.logged = self.session.logged().to_vec();
+        outcome.verdict = self.session.verdict().cloned();
+        outcome.end = end;
+        outcome
+    }
+}
+
+fn unavailable() -> Vec<u8> {
+    reply::line(421, "4.3.0", "Error: service temporarily unavailable, try again later")
+}
+
+/// Writes to the client within `limit`: a client that stops reading cannot hold a session.
+pub(super) async fn send(client: &mut TcpStream, bytes: &[u8], limit: Duration) -> io::Result<()> {
+    tokio::time::timeout(limit, client.write_all(bytes))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client does not read"))?
+}
+
+/// Ends a connection the way an MTA does: the last reply, a half-close, then whatever the
+/// client still sends is read and dropped for a short while. Closing with unread input would
+/// make the kernel answer with a reset, and the reset destroys the reply before the client
+/// reads it. Returns the bytes written.
+pub(super) async fn close_with(client: &mut TcpStream, answer: &[u8]) -> u64 {
+    if send(client, answer, LAST_WRITE).await.is_err() {
+        return 0;
+    }
+    let _ = client.shutdown().await;
+    let linger = async {
+        let mut sink = [0u8; 4096];
+        while let Ok(n) = client.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_LINGER, linger).await;
+    answer.len() as u64
+}
+
+/// Writes to the MTA within `limit`.
+async fn write_within(mta: &mut TcpStream, bytes: &[u8], limit: Duration) -> io::Result<()> {
+    tokio::time::timeout(limit, mta.write_all(bytes))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "MTA does not read"))?
+}
