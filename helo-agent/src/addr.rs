@@ -14,7 +14,8 @@ use ipnet::{IpNet, Ipv6Net};
 /// The prefix length of an IPv6 prefix ban.
 pub const V6_PREFIX_BAN_LEN: u8 = 64;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// Ordered as an admin reads addresses (see [`Ord`] below), so listings sort numerically.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BanTarget {
     /// One IPv4 host; key of the v4 ban map.
     V4([u8; 4]),
@@ -75,6 +76,28 @@ impl BanTarget {
     pub fn overlaps(&self, net: &IpNet) -> bool {
         let banned = self.network();
         net.contains(&banned) || banned.contains(net)
+    }
+}
+
+impl Ord for BanTarget {
+    /// IPv4 before IPv6, then by numeric address; a /64 sorts by its network, just before
+    /// the hosts inside it. Text order would put `10.0.0.10` before `10.0.0.9`.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let key = |t: &BanTarget| {
+            let net = t.network();
+            let (family, addr) = match net.addr() {
+                IpAddr::V4(v4) => (4u8, u128::from(u32::from(v4))),
+                IpAddr::V6(v6) => (6, u128::from(v6)),
+            };
+            (family, addr, net.prefix_len())
+        };
+        key(self).cmp(&key(other))
+    }
+}
+
+impl PartialOrd for BanTarget {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -190,6 +213,42 @@ mod tests {
         assert!(matches!(t("mail.example.com"), Err(AddrError::Syntax { .. })));
         assert!(matches!(t(""), Err(AddrError::Syntax { .. })));
         assert!(matches!(t("999.1.1.1"), Err(AddrError::Syntax { .. })));
+    }
+
+    #[test]
+    fn targets_sort_numerically_v4_first_and_a_64_by_its_network() {
+        let mut targets: Vec<BanTarget> = [
+            "2001:db8::10",
+            "10.0.0.10",
+            "2001:db8:0:1::/64",
+            "2001:db8::9",
+            "9.255.255.255",
+            "2001:db8::/64",
+            "10.0.0.9",
+            "::1",
+            "2001:db8:0:1::1",
+            "192.0.2.1",
+        ]
+        .iter()
+        .map(|s| t(s).unwrap())
+        .collect();
+        targets.sort();
+        let sorted: Vec<String> = targets.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            sorted,
+            [
+                "9.255.255.255",
+                "10.0.0.9",
+                "10.0.0.10",
+                "192.0.2.1",
+                "::1",
+                "2001:db8::/64",
+                "2001:db8::9",
+                "2001:db8::10",
+                "2001:db8:0:1::/64",
+                "2001:db8:0:1::1",
+            ]
+        );
     }
 
     #[test]

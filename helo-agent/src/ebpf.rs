@@ -10,6 +10,10 @@
 //! sources while the agent is stopped, restarting or crashed. The next start swaps its program
 //! into the pinned link atomically (no moment without a filter); `helo-agent detach` removes
 //! the pinned link, which detaches the program.
+//!
+//! A start that fails before it attaches leaves the pin directory as it found it
+//! ([`XdpProgram::discard`]); a counters map pinned by a version with other counters is
+//! replaced, the ban maps never are.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -111,6 +115,53 @@ pub struct XdpProgram {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     allowlist: Option<Allowlist>,
+    pins: PinChanges,
+}
+
+/// The maps pinned under the pin directory (the allowlist and the ports are not).
+const PINNED_MAPS: [&str; 5] =
+    [maps::BANS_V4, maps::BANS_V6, maps::BANS_V6_NET, maps::REASONS, maps::STATS];
+
+/// Where a counters map of another version waits while a start replaces it (bpffs refuses
+/// names with a dot).
+const STATS_ASIDE: &str = "HELO_STATS_OLD";
+
+/// What a load changed in the pin directory, undone when the start fails before it attaches:
+/// the pins (and the directory) it created go, a counters map it set aside comes back.
+#[derive(Debug, Default)]
+struct PinChanges {
+    created_dir: Option<PathBuf>,
+    created: Vec<PathBuf>,
+    /// The counters map of another version, set aside, and its number of counters.
+    stats_aside: Option<(PathBuf, u32)>,
+}
+
+impl PinChanges {
+    fn undo(self) {
+        for path in &self.created {
+            let _ = std::fs::remove_file(path);
+        }
+        if let Some((aside, _)) = &self.stats_aside {
+            let _ = std::fs::rename(aside, aside.with_file_name(maps::STATS));
+        }
+        if let Some(dir) = &self.created_dir {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
+    fn keep(&mut self) {
+        self.created_dir = None;
+        self.created.clear();
+        if let Some((aside, counters)) = self.stats_aside.take() {
+            let _ = std::fs::remove_file(&aside);
+            tracing::warn!(
+                pinned_counters = counters,
+                counters = STAT_COUNT,
+                "replaced the pinned XDP counters map left by another version: the counters \
+                 start from zero (bans are kept)"
+            );
+        }
+    }
 }
 
 /// How [`XdpProgram::attach`] went.
@@ -153,7 +204,7 @@ pub fn detach(dir: &Path, maps: bool) -> Result<Vec<PathBuf>, EbpfError> {
         removed.push(path);
     }
     if maps {
-        for name in [maps::BANS_V4, maps::BANS_V6, maps::BANS_V6_NET, maps::REASONS, maps::STATS] {
+        for name in PINNED_MAPS.into_iter().chain([STATS_ASIDE]) {
             let path = dir.join(name);
             if path.exists() {
                 std::fs::remove_file(&path)
@@ -167,7 +218,9 @@ pub fn detach(dir: &Path, maps: bool) -> Result<Vec<PathBuf>, EbpfError> {
 }
 
 /// Loads the program, reusing the pinned ban maps in `pin_dir` when present, and writes the
-/// guarded ports and the allowlist.
+/// guarded ports and the allowlist. On failure, the pins this load created are removed again.
+/// The caller keeps them with [`XdpProgram::keep_pins`] once the start has succeeded, or
+/// removes them with [`XdpProgram::discard`].
 pub fn load(options: &LoadOptions<'_>) -> Result<XdpProgram, EbpfError> {
     if !rustix::process::geteuid().is_root() {
         return Err(EbpfError::NotRoot);
@@ -176,9 +229,35 @@ pub fn load(options: &LoadOptions<'_>) -> Result<XdpProgram, EbpfError> {
     if !is_bpffs(bpffs) {
         return Err(EbpfError::NoBpffs { path: bpffs.to_owned() });
     }
+    let mut pins = PinChanges::default();
+    if !options.pin_dir.exists() {
+        pins.created_dir = Some(options.pin_dir.to_owned());
+    }
+    match load_pinning(options, &mut pins) {
+        Ok((ebpf, allowlist)) => Ok(XdpProgram {
+            ebpf,
+            pin_dir: options.pin_dir.to_owned(),
+            allowlist: Some(allowlist),
+            pins,
+        }),
+        Err(error) => {
+            pins.undo();
+            Err(error)
+        }
+    }
+}
+
+/// [`load`]'s work, noting in `pins` what it changes in the pin directory.
+fn load_pinning(
+    options: &LoadOptions<'_>,
+    pins: &mut PinChanges,
+) -> Result<(Ebpf, Allowlist), EbpfError> {
     std::fs::create_dir_all(options.pin_dir)
         .map_err(|source| EbpfError::PinDir { dir: options.pin_dir.to_owned(), source })?;
+    set_aside_stale_stats(options.pin_dir, pins)?;
     check_pinned(options.pin_dir)?;
+    pins.created =
+        PINNED_MAPS.iter().map(|name| options.pin_dir.join(name)).filter(|p| !p.exists()).collect();
 
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(options.pin_dir)
@@ -210,7 +289,23 @@ pub fn load(options: &LoadOptions<'_>) -> Result<XdpProgram, EbpfError> {
         }
         other => EbpfError::Program(other),
     })?;
-    Ok(XdpProgram { ebpf, pin_dir: options.pin_dir.to_owned(), allowlist: Some(allowlist) })
+    Ok((ebpf, allowlist))
+}
+
+/// A counters map pinned by a version with another set of counters cannot serve this program
+/// (a counter past its end would go uncounted, and `stats` could not read it), and holds
+/// nothing worth keeping: it is set aside for a new one, removed once the start succeeds, put
+/// back if it fails. Ban maps of another layout are refused instead ([`check_pinned`]).
+fn set_aside_stale_stats(dir: &Path, pins: &mut PinChanges) -> Result<(), EbpfError> {
+    let path = dir.join(maps::STATS);
+    let Ok(info) = MapInfo::from_pin(&path) else { return Ok(()) };
+    if info.max_entries() == STAT_COUNT && info.key_size() == 4 && info.value_size() == 8 {
+        return Ok(());
+    }
+    let aside = dir.join(STATS_ASIDE);
+    std::fs::rename(&path, &aside).map_err(|source| EbpfError::PinDir { dir: path, source })?;
+    pins.stats_aside = Some((aside, info.max_entries()));
+    Ok(())
 }
 
 /// A map taken out of a loaded object, typed.
@@ -281,6 +376,21 @@ impl Allowlist {
 }
 
 impl XdpProgram {
+    /// Keeps the maps this load pinned, for good: the start has succeeded (the program is
+    /// attached, or the agent enforces the bans itself). A replaced counters map goes now.
+    pub fn keep_pins(&mut self) {
+        self.pins.keep();
+    }
+
+    /// Gives up a start that failed before attaching: closes the program and removes the maps
+    /// (and the pin directory) this load created, and puts back a counters map it replaced.
+    /// Maps pinned before are never touched.
+    pub fn discard(self) {
+        let XdpProgram { ebpf, pins, .. } = self;
+        drop(ebpf);
+        pins.undo();
+    }
+
     /// The allowlist tries, to replace the allowlist on a reload (the program keeps using
     /// them). `None` after the first call.
     pub fn take_allowlist(&mut self) -> Option<Allowlist> {
@@ -397,10 +507,11 @@ impl PinnedMaps {
         })
     }
 
-    /// The XDP verdict counters, summed over CPUs, indexed by [`Stat`].
+    /// The XDP verdict counters, summed over CPUs, indexed by [`Stat`]. Counters a map pinned
+    /// by an older version lacks read as 0.
     pub fn stats(&self) -> Result<[u64; STAT_COUNT as usize], EbpfError> {
         let mut totals = [0u64; STAT_COUNT as usize];
-        for stat in Stat::ALL {
+        for stat in Stat::ALL.into_iter().filter(|s| (*s as u32) < self.stats.len()) {
             let per_cpu = self
                 .stats
                 .get(&(stat as u32), 0)

@@ -91,7 +91,8 @@ unsafe impl aya::Pod for BanValue {}
 pub enum Stat {
     /// TCP to a guarded port from a source that is not banned.
     Passed = 0,
-    /// Dropped: the source is banned and the ban has not expired.
+    /// Dropped: a connection-opening packet (TCP SYN without ACK) from a source whose ban has
+    /// not expired. Only these count as the ban's `hits`.
     Dropped = 1,
     /// The source had a ban that has expired: passed, and the entry removed.
     ExpiredPass = 2,
@@ -101,9 +102,15 @@ pub enum Stat {
     NotGuarded = 4,
     /// The frame could not be parsed (truncated, bad header lengths): passed (fail open).
     ParseError = 5,
+    /// Any other TCP packet (ACK, FIN, RST, data, SYN|ACK) from a source whose ban has not
+    /// expired: passed, so a session open when the ban came (the one that earned it) can end
+    /// cleanly. A banned source can open no new connection.
+    BannedNotSyn = 6,
 }
 
-pub const STAT_COUNT: u32 = 6;
+/// Entries of the stats map. A pinned stats map of another size was left by another version;
+/// the agent replaces it (the counters start from zero).
+pub const STAT_COUNT: u32 = 7;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -113,6 +120,7 @@ impl Stat {
         Stat::Allowlisted,
         Stat::NotGuarded,
         Stat::ParseError,
+        Stat::BannedNotSyn,
     ];
 
     /// Stable snake_case name, used in `helo-agent stats` and metrics.
@@ -124,6 +132,7 @@ impl Stat {
             Stat::Allowlisted => "allowlisted",
             Stat::NotGuarded => "not_guarded",
             Stat::ParseError => "parse_error",
+            Stat::BannedNotSyn => "banned_not_syn",
         }
     }
 }

@@ -1,10 +1,12 @@
 //! The helo-filter XDP program.
 //!
 //! For every frame on the gateway's ingress interface: parse Ethernet (one 802.1Q/802.1ad tag),
-//! IPv4 or IPv6 (walking up to four extension headers) and TCP. Packets to a guarded destination
-//! port from a banned, unexpired source are dropped; everything else passes. Allowlisted networks
-//! pass whatever the ban maps say. Each frame is counted under exactly one verdict in a per-CPU
-//! array; nothing is logged per packet.
+//! IPv4 or IPv6 (walking up to four extension headers) and TCP. Connection-opening packets (SYN
+//! without ACK) to a guarded destination port from a banned, unexpired source are dropped;
+//! everything else passes, the rest of a banned source's packets included, so that the session
+//! that earned the ban (and any other one already open) can end cleanly while no new one can
+//! start. Allowlisted networks pass whatever the ban maps say. Each frame is counted under
+//! exactly one verdict in a per-CPU array; nothing is logged per packet.
 #![no_std]
 #![no_main]
 
@@ -54,6 +56,10 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_TCP: u8 = 6;
+/// Offset of the flags byte in the TCP header.
+const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 const IPV6_HDR_LEN: usize = 40;
 const IPV6_EXT_HOP_BY_HOP: u8 = 0;
 const IPV6_EXT_ROUTING: u8 = 43;
@@ -112,7 +118,8 @@ fn ipv4(ctx: &XdpContext, offset: usize) -> Result<Stat, ParseError> {
     if fragment_offset != 0 {
         return Ok(Stat::NotGuarded);
     }
-    if !guarded(tcp_dest_port(ctx, offset + header_len)?) {
+    let tcp = offset + header_len;
+    if !guarded(tcp_dest_port(ctx, tcp)?) {
         return Ok(Stat::NotGuarded);
     }
     let source = [hdr[12], hdr[13], hdr[14], hdr[15]];
@@ -120,8 +127,8 @@ fn ipv4(ctx: &XdpContext, offset: usize) -> Result<Stat, ParseError> {
         return Ok(Stat::Allowlisted);
     }
     Ok(match BANS_V4.get_ptr_mut(source) {
-        Some(ban) => match judge(ban) {
-            Judgement::Drop => Stat::Dropped,
+        Some(ban) => match judge(ctx, tcp, ban)? {
+            Judgement::Banned(stat) => stat,
             Judgement::Expired => {
                 let _ = BANS_V4.remove(source);
                 Stat::ExpiredPass
@@ -174,8 +181,8 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Stat, ParseError> {
         return Ok(Stat::Allowlisted);
     }
     if let Some(ban) = BANS_V6.get_ptr_mut(source) {
-        match judge(ban) {
-            Judgement::Drop => return Ok(Stat::Dropped),
+        match judge(ctx, transport, ban)? {
+            Judgement::Banned(stat) => return Ok(stat),
             Judgement::Expired => {
                 let _ = BANS_V6.remove(source);
                 // A /64 ban may still cover the host: fall through to it.
@@ -184,8 +191,8 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Stat, ParseError> {
     }
     let prefix = v6_prefix64(&source);
     Ok(match BANS_V6_NET.get_ptr_mut(prefix) {
-        Some(ban) => match judge(ban) {
-            Judgement::Drop => Stat::Dropped,
+        Some(ban) => match judge(ctx, transport, ban)? {
+            Judgement::Banned(stat) => stat,
             Judgement::Expired => {
                 let _ = BANS_V6_NET.remove(prefix);
                 Stat::ExpiredPass
@@ -208,27 +215,36 @@ fn guarded(port: u16) -> bool {
 }
 
 enum Judgement {
-    Drop,
+    /// The ban is in force: [`Stat::Dropped`] or [`Stat::BannedNotSyn`].
+    Banned(Stat),
+    /// The ban has expired: the caller removes it and passes the packet.
     Expired,
 }
 
+/// The verdict for a packet from a source with a ban: dropped when the ban is in force and the
+/// packet opens a connection (SYN without ACK), counted as a hit of the ban; any other packet
+/// passes, so that connections already open (the session that earned the ban among them) can
+/// end. The TCP flags are read only here, for banned sources; `tcp` is the TCP header's offset.
 #[inline(always)]
-fn judge(ban: *mut BanValue) -> Judgement {
+fn judge(ctx: &XdpContext, tcp: usize, ban: *mut BanValue) -> Result<Judgement, ParseError> {
     // SAFETY: `ban` comes from a successful map lookup, so it points at a live value of the
     // map for the rest of this program run (RCU); LRU eviction may recycle it, in which case
     // we read another ban's fields, which is harmless for a drop decision.
     let expires_ns = unsafe { (*ban).expires_ns };
     // SAFETY: bpf_ktime_get_boot_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    if expires_ns > now {
-        // SAFETY: as above; `hits` is a u64 inside the value. `core` has no atomic
-        // read-modify-write for the BPF target, so two CPUs dropping for the same source at the
-        // same instant may lose an increment: `hits` is an approximate count, documented so.
-        unsafe { (*ban).hits = (*ban).hits.wrapping_add(1) };
-        Judgement::Drop
-    } else {
-        Judgement::Expired
+    if expires_ns <= now {
+        return Ok(Judgement::Expired);
     }
+    let [flags] = read::<1>(ctx, tcp + TCP_FLAGS_OFFSET).ok_or(ParseError)?;
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return Ok(Judgement::Banned(Stat::BannedNotSyn));
+    }
+    // SAFETY: as above; `hits` is a u64 inside the value. `core` has no atomic
+    // read-modify-write for the BPF target, so two CPUs dropping for the same source at the
+    // same instant may lose an increment: `hits` is an approximate count, documented so.
+    unsafe { (*ban).hits = (*ban).hits.wrapping_add(1) };
+    Ok(Judgement::Banned(Stat::Dropped))
 }
 
 #[inline(always)]

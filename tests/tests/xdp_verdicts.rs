@@ -4,12 +4,13 @@
 
 use std::time::Duration;
 
+use aya::maps::{MapData, MapInfo, PerCpuArray};
 use helo_agent::addr::BanTarget;
 use helo_agent::blocklist::{BanStore, Blocklist, Ttl};
 use helo_agent::clock::boot_ns;
 use helo_agent::ebpf::{self, LoadOptions, MapSizes, PinnedMaps, XdpProgram};
 use helo_common::{BanValue, STAT_COUNT, Stat};
-use tests::frames::{self, ACK, SYN};
+use tests::frames::{self, ACK, FIN, PSH, RST, SYN};
 use tests::{PinDir, require_root};
 
 const XDP_DROP: u32 = 1;
@@ -78,13 +79,66 @@ fn banned_v4_syn_to_port_25_is_dropped_and_the_hit_counted() {
     assert_eq!(xdp.verdict(&frames::syn_v4("203.0.113.10", 25)), (XDP_PASS, Stat::Passed));
 }
 
+/// A ban used to drop every packet of the banned source, so the client's ACK and FIN after our
+/// 221 were lost: the session that earned the ban could not end (our socket sat in FIN-WAIT-1)
+/// and `hits` counted teardown instead of returning bots. Only a connection-opening SYN is
+/// dropped; everything else of a banned source passes, counted as `banned_not_syn`.
 #[test]
-fn banned_source_established_segments_are_dropped_too() {
+fn a_banned_clients_teardown_packets_pass() {
     let mut xdp = load();
     xdp.ban("203.0.113.9");
-    let ack =
-        frames::tcp_v4("203.0.113.9".parse().unwrap(), "198.51.100.1".parse().unwrap(), 25, ACK);
-    assert_eq!(xdp.verdict(&ack), (XDP_DROP, Stat::Dropped));
+    xdp.ban("2001:db8:bad::9");
+    xdp.ban("2001:db8:bad:1::/64");
+    let gw_v4 = "198.51.100.1".parse().unwrap();
+    let gw_v6 = "2001:db8:100::1".parse().unwrap();
+    let v4 = |flags| frames::tcp_v4("203.0.113.9".parse().unwrap(), gw_v4, 25, flags);
+    let v6 = |src: &str, flags, ext: &[u8]| {
+        frames::tcp_v6_ext(src.parse().unwrap(), gw_v6, 587, flags, ext)
+    };
+    let opening = [("SYN", SYN), ("SYN|PSH", SYN | PSH)];
+    let other = [
+        ("ACK", ACK),
+        ("PSH|ACK", PSH | ACK),
+        ("FIN|ACK", FIN | ACK),
+        ("RST", RST),
+        ("RST|ACK", RST | ACK),
+        ("SYN|ACK", SYN | ACK),
+    ];
+    for (name, flags) in other {
+        let cases = [
+            ("v4", v4(flags)),
+            ("v4 with a VLAN tag", frames::vlan_tagged(&v4(flags))),
+            ("v6 host", v6("2001:db8:bad::9", flags, &[])),
+            ("v6 host behind extension headers", v6("2001:db8:bad::9", flags, &[0, 60])),
+            ("v6 in a banned /64", v6("2001:db8:bad:1::7", flags, &[])),
+        ];
+        for (family, frame) in cases {
+            assert_eq!(
+                xdp.verdict(&frame),
+                (XDP_PASS, Stat::BannedNotSyn),
+                "{name} from a banned source ({family}) must pass"
+            );
+        }
+    }
+    for (name, flags) in opening {
+        assert_eq!(xdp.verdict(&v4(flags)), (XDP_DROP, Stat::Dropped), "{name} v4");
+        let frame = v6("2001:db8:bad::9", flags, &[0, 60]);
+        assert_eq!(xdp.verdict(&frame), (XDP_DROP, Stat::Dropped), "{name} v6 host");
+        let frame = v6("2001:db8:bad:1::7", flags, &[]);
+        assert_eq!(xdp.verdict(&frame), (XDP_DROP, Stat::Dropped), "{name} v6 /64");
+    }
+    // Hits count refused connection attempts only: the two opening packets of each ban.
+    let mut hits: Vec<(String, u64)> =
+        xdp.bans.list(boot_ns()).unwrap().into_iter().map(|e| (e.target, e.hits)).collect();
+    hits.sort();
+    assert_eq!(
+        hits,
+        [
+            ("2001:db8:bad:1::/64".to_owned(), 2),
+            ("2001:db8:bad::9".to_owned(), 2),
+            ("203.0.113.9".to_owned(), 2)
+        ]
+    );
 }
 
 #[test]
@@ -225,11 +279,12 @@ fn truncated_and_malformed_frames_pass_and_are_counted() {
     let v4 = frames::syn_v4("203.0.113.9", 25);
     let v6 = frames::syn_v6("2001:db8:bad::9", 25);
     let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
-    // Cut inside the IP header and inside the TCP ports, for both families.
-    for cut in [15, 20, 33, 34, 35] {
+    // Cut inside the IP header, inside the TCP ports, and (the sources are banned, so their
+    // flags are read) before the TCP flags, for both families.
+    for cut in [15, 20, 33, 34, 35, 40, 47] {
         cases.push((format!("v4 cut at {cut}"), v4[..cut].to_vec()));
     }
-    for cut in [20, 53, 54, 56] {
+    for cut in [20, 53, 54, 56, 60, 67] {
         cases.push((format!("v6 cut at {cut}"), v6[..cut].to_vec()));
     }
     let mut bad_version = v4.clone();
@@ -298,4 +353,44 @@ fn bans_survive_a_reload_of_the_program() {
     let second = ebpf::load(&options).unwrap();
     let (action, _) = second.test_run(&frames::syn_v4("203.0.113.9", 25), 1).unwrap();
     assert_eq!(action, XDP_DROP, "a ban pinned by the first load holds in the second");
+}
+
+/// The counters map grew a counter (`banned_not_syn`). An older build's map, pinned with fewer
+/// entries, would be reused as it is: the new counter would go uncounted and `stats` could not
+/// read it. A start replaces it, and puts it back when it fails before attaching.
+#[test]
+fn a_counters_map_pinned_by_an_older_version_is_replaced() {
+    require_root();
+    let dir = PinDir::new();
+    std::fs::create_dir_all(dir.path()).unwrap();
+    let stats_pin = dir.path().join(helo_common::maps::STATS);
+    let older = PerCpuArray::<MapData, u64>::create(STAT_COUNT - 1, 0).expect("a counters map");
+    older.pin(&stats_pin).expect("pinned");
+    let counters = || MapInfo::from_pin(&stats_pin).expect("a pinned counters map").max_entries();
+    let options = LoadOptions {
+        pin_dir: dir.path(),
+        sizes: MapSizes::default(),
+        ports: &helo_common::DEFAULT_PORTS,
+        allow: &[],
+    };
+
+    let failed = ebpf::load(&options).expect("load");
+    assert_eq!(counters(), STAT_COUNT, "a new map while the start runs");
+    failed.discard();
+    assert_eq!(counters(), STAT_COUNT - 1, "a failed start puts the older map back");
+    let left: Vec<_> =
+        std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left, [helo_common::maps::STATS], "and removes the maps it created");
+
+    let mut program = ebpf::load(&options).expect("load");
+    program.keep_pins();
+    assert_eq!(counters(), STAT_COUNT);
+    assert!(!dir.path().join("HELO_STATS_OLD").exists(), "the older map is gone");
+    let mut bans = Blocklist::new(PinnedMaps::open(dir.path()).unwrap());
+    bans.ban(&"203.0.113.9".parse().unwrap(), Ttl::Forever, "", boot_ns()).unwrap();
+    let ack =
+        frames::tcp_v4("203.0.113.9".parse().unwrap(), "198.51.100.1".parse().unwrap(), 25, ACK);
+    assert_eq!(program.test_run(&ack, 1).unwrap().0, XDP_PASS);
+    let stats = bans.store().stats().expect("every counter reads");
+    assert_eq!(stats[Stat::BannedNotSyn as usize], 1);
 }

@@ -56,6 +56,11 @@ impl<S: BanStore + Send + Sync> BanCheck for S {
     }
 }
 
+/// The longest finite ban: 3650 days, about ten years. Bans expire on the kernel's 64-bit
+/// nanosecond boot clock, which ends 584 years after boot; a longer TTL used to saturate there
+/// and become a ban that never ends while `ban` printed its length. `forever` says that openly.
+pub const MAX_TTL: Duration = Duration::from_secs(3650 * 86_400);
+
 /// How long a ban lasts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ttl {
@@ -141,28 +146,25 @@ impl<S: BanStore> Blocklist<S> {
         self.store.remove(target)
     }
 
-    /// Bans in force at `now_ns`, longest remaining first. Expired entries are left out (the
-    /// kernel removes them when their source comes back; [`Self::remove_expired`] sweeps).
+    /// Bans in force at `now_ns`, by address (IPv4 first, numerically; see [`BanTarget`]'s
+    /// order). Expired entries are left out (the kernel removes them when their source comes
+    /// back; [`Self::remove_expired`] sweeps).
     pub fn list(&self, now_ns: u64) -> Result<Vec<BanEntry>, StoreError> {
-        let mut entries = Vec::new();
-        for (target, value) in self.store.entries()? {
-            if !value.active_at(now_ns) {
-                continue;
-            }
-            let remaining_secs = (value.expires_ns != NEVER_EXPIRES)
-                .then(|| (value.expires_ns - now_ns).div_ceil(1_000_000_000));
-            entries.push(BanEntry {
-                target: target.to_string(),
-                remaining_secs,
-                reason: self.reason_of(value.reason)?,
-                hits: value.hits,
-            });
-        }
-        entries.sort_by(|a, b| {
-            let key = |e: &BanEntry| e.remaining_secs.unwrap_or(u64::MAX);
-            key(b).cmp(&key(a)).then_with(|| a.target.cmp(&b.target))
-        });
-        Ok(entries)
+        let mut live: Vec<(BanTarget, BanValue)> =
+            self.store.entries()?.into_iter().filter(|(_, v)| v.active_at(now_ns)).collect();
+        live.sort_by_key(|(target, _)| *target);
+        live.into_iter()
+            .map(|(target, value)| {
+                let remaining_secs = (value.expires_ns != NEVER_EXPIRES)
+                    .then(|| (value.expires_ns - now_ns).div_ceil(1_000_000_000));
+                Ok(BanEntry {
+                    target: target.to_string(),
+                    remaining_secs,
+                    reason: self.reason_of(value.reason)?,
+                    hits: value.hits,
+                })
+            })
+            .collect()
     }
 
     /// Removes those of `entries` (as the store listed them) expired at `now_ns`; returns how
@@ -244,19 +246,77 @@ mod tests {
             entries,
             vec![
                 BanEntry {
-                    target: "2001:db8::/64".into(),
-                    remaining_secs: None,
-                    reason: String::new(),
-                    hits: 0
-                },
-                BanEntry {
                     target: "192.0.2.7".into(),
                     remaining_secs: Some(50),
                     reason: "forged helo".into(),
                     hits: 0
                 },
+                BanEntry {
+                    target: "2001:db8::/64".into(),
+                    remaining_secs: None,
+                    reason: String::new(),
+                    hits: 0
+                },
             ]
         );
+    }
+
+    /// `list` sorted addresses as text: 10.0.0.10 before 10.0.0.9, IPv6 between IPv4s.
+    #[test]
+    fn list_sorts_by_address_numerically_not_as_text() {
+        let mut list = Blocklist::new(UnorderedStore(FakeStore::default()));
+        for addr in
+            ["2001:db8::a", "10.0.0.10", "2001:db8::/64", "3.3.3.3", "10.0.0.9", "2001:db8::9"]
+        {
+            list.ban(&target(addr), Ttl::For(Duration::from_secs(60)), "", 0).unwrap();
+        }
+        let listed: Vec<String> = list.list(0).unwrap().into_iter().map(|e| e.target).collect();
+        assert_eq!(
+            listed,
+            ["3.3.3.3", "10.0.0.9", "10.0.0.10", "2001:db8::/64", "2001:db8::9", "2001:db8::a"]
+        );
+    }
+
+    /// The fake, handing out its entries in reverse text order, as a hash map may.
+    struct UnorderedStore(FakeStore);
+
+    impl BanStore for UnorderedStore {
+        fn get(&self, t: &BanTarget) -> Result<Option<BanValue>, StoreError> {
+            self.0.get(t)
+        }
+        fn put(&mut self, t: &BanTarget, v: &BanValue) -> Result<(), StoreError> {
+            self.0.put(t, v)
+        }
+        fn remove(&mut self, t: &BanTarget) -> Result<bool, StoreError> {
+            self.0.remove(t)
+        }
+        fn entries(&self) -> Result<Vec<(BanTarget, BanValue)>, StoreError> {
+            let mut all = self.0.entries()?;
+            all.sort_by_key(|(t, _)| std::cmp::Reverse(t.to_string()));
+            Ok(all)
+        }
+        fn reason(&self, code: u32) -> Result<Option<[u8; REASON_TEXT_LEN]>, StoreError> {
+            self.0.reason(code)
+        }
+        fn put_reason(
+            &mut self,
+            code: u32,
+            text: &[u8; REASON_TEXT_LEN],
+        ) -> Result<(), StoreError> {
+            self.0.put_reason(code, text)
+        }
+    }
+
+    /// `ban --ttl 99999w` printed 699993d but listed as forever: the expiry saturated. The CLI
+    /// now refuses TTLs over MAX_TTL; one of MAX_TTL lists as what it is, even after a long
+    /// uptime.
+    #[test]
+    fn the_longest_ban_lists_as_its_length_not_as_forever() {
+        let mut list = Blocklist::new(FakeStore::default());
+        let uptime = 100 * 365 * 86_400 * SEC;
+        let value = list.ban(&target("192.0.2.1"), Ttl::For(MAX_TTL), "", uptime).unwrap();
+        assert_ne!(value.expires_ns, NEVER_EXPIRES);
+        assert_eq!(list.list(uptime).unwrap()[0].remaining_secs, Some(MAX_TTL.as_secs()));
     }
 
     #[test]
