@@ -17,8 +17,11 @@ fuzz_target!(|data: &[u8]| {
         let _ = set.first_match(&text);
     }
     for parent in [true, false] {
-        if let Err(error) = import::access_table(&text, "helo_access", parent) {
-            assert!(error.starts_with("helo_access:"), "{error}");
+        if let Err(errors) = import::access_table(&text, "helo_access", parent) {
+            assert!(!errors.is_empty());
+            for error in errors {
+                assert!(error.starts_with("helo_access:"), "{error}");
+            }
         }
     }
 });

@@ -2,7 +2,8 @@
 //! OpenMetrics text). Off by default; `agent.metrics` names the address (keep it on localhost).
 //!
 //! Sessions are counted by verdict and rule and by how they ended; bans as added, swept and in
-//! force; the XDP program's per-CPU verdict counters are read from the pinned map at each scrape.
+//! force; reloads and ban snapshots by result; the XDP program's per-CPU verdict counters are
+//! read from the pinned map at each scrape.
 
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
@@ -53,6 +54,7 @@ pub struct Metrics {
     pub xdp_packets: Family<NameLabels, Counter>,
     pub relay_bytes: Family<PathLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
+    pub snapshots: Family<ResultLabels, Counter>,
     pub sessions_open: Gauge,
     /// The XDP counters as last read, to add only what is new.
     xdp_seen: Mutex<[u64; helo_common::STAT_COUNT as usize]>,
@@ -90,19 +92,19 @@ impl Default for Metrics {
         let bans_active = Gauge::default();
         registry.register(
             "bans_active",
-            "Bans in force at the last sweep or snapshot",
+            "Bans in force: counted at start, each minute and each snapshot, moved by each ban and unban",
             bans_active.clone(),
         );
         let map_entries = Family::<NameLabels, Gauge>::default();
         registry.register(
             "map_entries",
-            "Entries in each ban map at the last sweep or snapshot, expired ones included",
+            "Entries in each ban map, expired ones included: counted at start, each minute and each snapshot, moved by each ban and unban",
             map_entries.clone(),
         );
         let xdp_packets = Family::<NameLabels, Counter>::default();
         registry.register(
             "xdp_packets",
-            "Packets seen by the XDP program, by verdict (passed, dropped, expired_pass, allowlisted, not_guarded, parse_error)",
+            "Packets seen by the XDP program, by verdict (passed, dropped, expired_pass, allowlisted, not_guarded, parse_error, banned_not_syn)",
             xdp_packets.clone(),
         );
         let relay_bytes = Family::<PathLabels, Counter>::default();
@@ -112,7 +114,13 @@ impl Default for Metrics {
             relay_bytes.clone(),
         );
         let reloads = Family::<ResultLabels, Counter>::default();
-        registry.register("reloads", "Config reloads by result", reloads.clone());
+        registry.register("reloads", "Config reloads by result (ok, refused)", reloads.clone());
+        let snapshots = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "snapshots",
+            "Ban snapshots written, by result (ok, error)",
+            snapshots.clone(),
+        );
         let sessions_open = Gauge::default();
         registry.register("sessions_open", "Sessions open now", sessions_open.clone());
         Metrics {
@@ -127,6 +135,7 @@ impl Default for Metrics {
             xdp_packets,
             relay_bytes,
             reloads,
+            snapshots,
             sessions_open,
             xdp_seen: Mutex::new([0; helo_common::STAT_COUNT as usize]),
         }

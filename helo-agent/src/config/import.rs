@@ -52,24 +52,31 @@ pub struct AccessTable {
 /// `smtpd_access_maps` (the default): then `example.com` also covers its subdomains, and
 /// `.example.com` entries are never looked up. Without it, `example.com` is that name only and
 /// `.example.com` covers the subdomains.
+///
+/// Lines that cannot be used are refused, every one of them, each as `file:line: why`.
 pub fn access_table(
     text: &str,
     source: &str,
     parent_matches_subdomains: bool,
-) -> Result<AccessTable, String> {
+) -> Result<AccessTable, Vec<String>> {
     let mut table = AccessTable::default();
+    let mut bad = Vec::new();
     for (line_no, logical) in logical_lines(text) {
         let at = || format!("{source}:{line_no}");
         let (key, value) = match logical.split_once(char::is_whitespace) {
             Some((key, value)) => (key, value.trim()),
-            None => return Err(format!("{}: {logical:?} has a pattern but no action", at())),
+            None => {
+                bad.push(format!("{}: {logical:?} has a pattern but no action", at()));
+                continue;
+            }
         };
         if key.starts_with('/') {
-            return Err(format!(
+            bad.push(format!(
                 "{}: {key:?} is a regexp table pattern; put regexes in rules.regexes or a \
                  badhelo file instead",
                 at()
             ));
+            continue;
         }
         if key.contains('@') {
             table.warnings.push(format!(
@@ -78,7 +85,13 @@ pub fn access_table(
             ));
             continue;
         }
-        let action = parse_action(value).map_err(|why| format!("{}: {why}", at()))?;
+        let action = match parse_action(value) {
+            Ok(action) => action,
+            Err(why) => {
+                bad.push(format!("{}: {why}", at()));
+                continue;
+            }
+        };
         let scope = match (key.starts_with('.'), parent_matches_subdomains) {
             (true, true) => {
                 table.warnings.push(format!(
@@ -94,9 +107,13 @@ pub fn access_table(
             (false, false) => Scope::Exact,
         };
         let name = key.strip_prefix('.').unwrap_or(key);
-        let pattern = DomainPattern::parse(name)
-            .map(|p| DomainPattern { scope, ..p })
-            .map_err(|why| format!("{}: {why}", at()))?;
+        let pattern = match DomainPattern::parse(name) {
+            Ok(pattern) => DomainPattern { scope, ..pattern },
+            Err(why) => {
+                bad.push(format!("{}: {why}", at()));
+                continue;
+            }
+        };
         let entry = Arc::new(EntryRef {
             source: source.to_owned(),
             line: line_no,
@@ -104,7 +121,7 @@ pub fn access_table(
         });
         table.entries.push((pattern, TableEntry { action, entry }));
     }
-    Ok(table)
+    if bad.is_empty() { Ok(table) } else { Err(bad) }
 }
 
 /// Postfix access actions that make sense for a HELO. Case-insensitive, as in Postfix.
@@ -269,8 +286,13 @@ multi.example      REJECT this text
         ];
         for (text, expected) in cases {
             let err = access_table(text, "t", true).unwrap_err();
-            assert!(err.starts_with(expected), "{text:?}: {err}");
+            assert!(err.len() == 1 && err[0].starts_with(expected), "{text:?}: {err:?}");
         }
+        // Every broken line, not only the first.
+        let all: String = cases.iter().map(|(text, _)| *text).collect();
+        let err = access_table(&all, "t", true).unwrap_err();
+        let lines: Vec<&str> = err.iter().map(|e| e.split(": ").next().unwrap()).collect();
+        assert_eq!(lines, ["t:1", "t:3", "t:4", "t:5", "t:6"], "{err:#?}");
     }
 
     #[test]

@@ -54,8 +54,37 @@ pub enum ConfigError {
     Invalid { path: PathBuf, key: String, message: String },
     #[error("cannot read {key} file {path}: {source}")]
     RuleFile { key: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("{key}: {message}")]
-    Rules { key: &'static str, message: String },
+    /// Every rule entry that does not load (domain patterns, access table lines, regexes), each
+    /// as `file:line: what is wrong`, so one `check-config` run lists them all.
+    #[error("{}", bad_entries(.0))]
+    BadEntries(Vec<String>),
+}
+
+fn bad_entries(entries: &[String]) -> String {
+    match entries {
+        [one] => format!("bad rule entry: {one}"),
+        all => format!(
+            "{} bad rule entries, each with its file and line:\n  {}",
+            all.len(),
+            all.join("\n  ")
+        ),
+    }
+}
+
+/// Port 465 is SMTPS (RFC 8314 implicit TLS): the client starts TLS with its first byte.
+pub const SMTPS_PORT: u16 = 465;
+
+/// Refuses a listener the proxy cannot serve. Used for `proxy.listeners` and `run --listen`.
+pub fn check_listener(address: std::net::SocketAddr) -> Result<(), String> {
+    if address.port() == SMTPS_PORT {
+        return Err(format!(
+            "{address}: port {SMTPS_PORT} is SMTPS, where clients speak TLS from the first byte: \
+             the proxy cannot read their HELO there, and its plaintext greeting breaks them; let \
+             the MTA listen on {SMTPS_PORT} itself (the XDP filter still drops banned sources \
+             there while {SMTPS_PORT} is in xdp.ports)"
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Default, PartialEq, Deserialize)]
@@ -547,10 +576,10 @@ impl Config {
             .listeners
             .iter()
             .map(|l| {
-                Ok(ListenerConfig {
-                    address: socket("proxy.listeners.address", &l.address)?,
-                    check_helo: l.check_helo,
-                })
+                let address = socket("proxy.listeners.address", &l.address)?;
+                check_listener(address)
+                    .map_err(|message| invalid("proxy.listeners.address", message))?;
+                Ok(ListenerConfig { address, check_helo: l.check_helo })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         if raw.proxy.max_sessions == 0 || raw.proxy.max_sessions_per_ip == 0 {
@@ -634,8 +663,13 @@ impl Config {
         }
         let identity = identity(&raw.identity, host, &mut warnings)
             .map_err(|(key, message)| invalid(key, message))?;
-        let table = table(&raw.rules, &mut warnings)?;
-        let badhelo = badhelo(&raw.rules)?;
+        // Every bad entry of every rule source at once, not the first one only.
+        let mut bad = Vec::new();
+        let table = table(&raw.rules, &mut warnings, &mut bad)?;
+        let badhelo = badhelo(&raw.rules, &mut bad)?;
+        if !bad.is_empty() {
+            return Err(ConfigError::BadEntries(bad));
+        }
 
         let mut ports = raw.xdp.ports;
         ports.sort_unstable();
@@ -756,15 +790,22 @@ fn read_rule_file(key: &'static str, path: &Path) -> Result<String, ConfigError>
     })
 }
 
-/// The domain table: `rules.domains` first, then the Postfix access file.
+/// The domain table: `rules.domains` first, then the Postfix access file. Entries that do not
+/// parse go to `bad`.
 fn table(
     raw: &RawRules,
     warnings: &mut Vec<String>,
+    bad: &mut Vec<String>,
 ) -> Result<crate::rules::table::DomainTable<crate::rules::TableEntry>, ConfigError> {
     let mut table = crate::rules::table::DomainTable::default();
     for (index, text) in raw.domains.iter().enumerate() {
-        let pattern = DomainPattern::parse(text)
-            .map_err(|message| ConfigError::Rules { key: "rules.domains", message })?;
+        let pattern = match DomainPattern::parse(text) {
+            Ok(pattern) => pattern,
+            Err(why) => {
+                bad.push(format!("{}: {why}", config_entry("rules.domains", index, text)));
+                continue;
+            }
+        };
         let entry = crate::rules::TableEntry {
             action: crate::rules::TableAction::Deny(None),
             entry: config_entry("rules.domains", index, text),
@@ -777,8 +818,13 @@ fn table(
         let text = read_rule_file("rules.access_file", path)?;
         let source = path.display().to_string();
         let imported =
-            import::access_table(&text, &source, raw.access_parent_matches_subdomains)
-                .map_err(|message| ConfigError::Rules { key: "rules.access_file", message })?;
+            match import::access_table(&text, &source, raw.access_parent_matches_subdomains) {
+                Ok(imported) => imported,
+                Err(errors) => {
+                    bad.extend(errors);
+                    return Ok(table);
+                }
+            };
         warnings.extend(imported.warnings);
         for (pattern, entry) in imported.entries {
             let at = entry.entry.clone();
@@ -793,15 +839,36 @@ fn table(
     Ok(table)
 }
 
-/// The regex rules: `rules.regexes` first, then the badhelo file.
-fn badhelo(raw: &RawRules) -> Result<BadheloSet, ConfigError> {
+/// The regex rules: `rules.regexes` first, then the badhelo file. Patterns that do not parse go
+/// to `bad` (and the set returned is empty).
+fn badhelo(raw: &RawRules, bad: &mut Vec<String>) -> Result<BadheloSet, ConfigError> {
     let inline: String = raw.regexes.iter().map(|line| format!("{line}\n")).collect();
     let mut rules = import::badhelo(&inline, "config rules.regexes");
     if let Some(path) = &raw.badhelo_file {
         let text = read_rule_file("rules.badhelo_file", path)?;
         rules.extend(import::badhelo(&text, &path.display().to_string()));
     }
-    BadheloSet::new(rules).map_err(|message| ConfigError::Rules { key: "rules.badhelo", message })
+    Ok(BadheloSet::new(rules).unwrap_or_else(|errors| {
+        bad.extend(errors);
+        BadheloSet::default()
+    }))
+}
+
+/// The control socket and the pin directory named in the config file at `path`, read leniently
+/// (the defaults for what is missing, or when the file does not read or parse): `helo-agent
+/// reload` must reach the agent even when the file does not validate, so that the agent itself
+/// refuses it, says why, and counts the refusal.
+pub fn control_locations(path: Option<&Path>) -> (PathBuf, PathBuf) {
+    let table = path
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .and_then(|text| toml::from_str::<toml::Table>(&text).ok());
+    let get = |section: &str, key: &str| {
+        table.as_ref()?.get(section)?.get(key)?.as_str().map(PathBuf::from)
+    };
+    (
+        get("agent", "control_socket").unwrap_or_else(|| RawAgent::default().control_socket),
+        get("xdp", "pin_dir").unwrap_or_else(|| RawXdp::default().pin_dir),
+    )
 }
 
 /// Parses CIDRs (a bare address means that one host), refusing host bits set below the prefix

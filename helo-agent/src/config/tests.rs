@@ -166,6 +166,62 @@ fn bad_values_name_the_key_and_the_fix() {
     }
 }
 
+/// A listener on 465 was accepted and could never work: SMTPS clients start TLS at once, and
+/// the proxy greets in plaintext and reads HELO in plaintext.
+#[test]
+fn a_listener_on_the_smtps_port_is_refused_with_the_reason_and_the_fix() {
+    for address in ["0.0.0.0:465", "[::]:465"] {
+        let text = format!("[[proxy.listeners]]\naddress = \"{address}\"\ncheck_helo = false\n");
+        let err = parse(&text).unwrap_err().to_string();
+        for expected in [
+            "proxy.listeners.address",
+            "port 465 is SMTPS",
+            "TLS from the first byte",
+            "cannot read their HELO",
+            "let the MTA listen on 465 itself",
+        ] {
+            assert!(err.contains(expected), "{address}: {expected:?} in {err}");
+        }
+    }
+    assert!(parse("[[proxy.listeners]]\naddress = \"0.0.0.0:587\"\n").is_ok());
+    assert!(parse("[xdp]\nports = [25, 465]\n").is_ok(), "XDP guards 465 all the same");
+}
+
+/// `check-config` stopped at the first bad regex; an admin fixing an imported file met its
+/// mistakes one run at a time.
+#[test]
+fn every_bad_rule_entry_is_reported_at_once() {
+    let dir = std::env::temp_dir().join(format!("helo-config-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let badhelo = dir.join("badhelo");
+    let access = dir.join("helo_access");
+    std::fs::write(&badhelo, "# qmail\n^dsl-\n(open\n!x{2,1}\nfine\n").unwrap();
+    std::fs::write(&access, "example.net REJECT\nbad.example HOLD\nnoaction.example\n").unwrap();
+    let text = format!(
+        "[rules]\nbadhelo_file = {:?}\naccess_file = {:?}\nregexes = [\"^ok\", \"[unclosed\"]\n\
+         domains = [\"=good.example\", \"..x\"]\n",
+        badhelo.display().to_string(),
+        access.display().to_string()
+    );
+    let err = parse(&text).unwrap_err().to_string();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let (b, a) = (badhelo.display(), access.display());
+    let expected = [
+        "config rules.domains:2: \"..x\" is not a domain pattern".to_owned(),
+        format!("{a}:2: action \"HOLD\" is not supported"),
+        format!("{a}:3: \"noaction.example\" has a pattern but no action"),
+        "config rules.regexes:2: bad regex \"[unclosed\": unclosed character class".to_owned(),
+        format!("{b}:3: bad regex \"(open\": unclosed group"),
+        format!("{b}:4: bad regex \"x{{2,1}}\""),
+    ];
+    assert!(err.starts_with("6 bad rule entries, each with its file and line:\n"), "{err}");
+    let lines: Vec<&str> = err.lines().skip(1).map(str::trim).collect();
+    assert_eq!(lines.len(), expected.len(), "{err}");
+    for (line, expected) in lines.iter().zip(&expected) {
+        assert!(line.starts_with(expected.as_str()), "{expected:?} in:\n{err}");
+    }
+}
+
 #[test]
 fn missing_file_is_a_clear_error() {
     let err = Config::load(Some(Path::new("/nonexistent/helo.toml"))).unwrap_err();

@@ -58,25 +58,38 @@ fn builder(pattern: &str) -> RegexBuilder {
 }
 
 impl BadheloSet {
-    /// Checks and indexes `rules` (pattern text is POSIX ERE as qmail reads it). A pattern that
-    /// does not parse is refused with its file and line.
-    pub fn new(rules: Vec<RegexRule>) -> Result<Self, String> {
+    /// Checks and indexes `rules` (pattern text is POSIX ERE as qmail reads it). Patterns that
+    /// do not parse are refused, every one of them, each as one line: its file and line, the
+    /// pattern, and what is wrong with it.
+    pub fn new(rules: Vec<RegexRule>) -> Result<Self, Vec<String>> {
         let mut set = BadheloSet::default();
         let mut literals: Vec<Vec<u8>> = Vec::new();
+        let mut bad = Vec::new();
         for (index, rule) in rules.iter().enumerate() {
             let pattern = posix_to_rust(&rule.pattern);
-            let hir = regex_syntax::ParserBuilder::new()
+            let refuse =
+                |why: String| format!("{}: bad regex {:?}: {why}", rule.entry, rule.pattern);
+            let hir = match regex_syntax::ParserBuilder::new()
                 .case_insensitive(false)
                 .unicode(false)
                 .utf8(false)
                 .build()
                 .parse(&pattern)
-                .map_err(|e| format!("{}: bad regex {:?}: {e}", rule.entry, rule.pattern))?;
+            {
+                Ok(hir) => hir,
+                Err(error) => {
+                    bad.push(refuse(syntax_error(&error)));
+                    continue;
+                }
+            };
             if rule.negated {
-                let regex = builder(&pattern)
-                    .build()
-                    .map_err(|e| format!("{}: bad regex {:?}: {e}", rule.entry, rule.pattern))?;
-                set.negated.push((index, regex));
+                match builder(&pattern).build() {
+                    Ok(regex) => set.negated.push((index, regex)),
+                    Err(error) => {
+                        bad.push(refuse(one_line(&error.to_string())));
+                        continue;
+                    }
+                }
             } else {
                 match required_literals(&hir) {
                     Some(found) => {
@@ -89,11 +102,14 @@ impl BadheloSet {
             set.translated.push(pattern);
             set.compiled.push(OnceLock::new());
         }
+        if !bad.is_empty() {
+            return Err(bad);
+        }
         if !literals.is_empty() {
             let automaton = AhoCorasick::builder()
                 .ascii_case_insensitive(true)
                 .build(&literals)
-                .map_err(|e| format!("the regex rules' literals do not index: {e}"))?;
+                .map_err(|e| vec![format!("the regex rules' literals do not index: {e}")])?;
             set.literals = Some(automaton);
         }
         if !set.unfiltered.is_empty() {
@@ -102,7 +118,12 @@ impl BadheloSet {
                 .case_insensitive(true)
                 .unicode(false)
                 .build()
-                .map_err(|e| format!("the regex rules without literals do not compile: {e}"))?;
+                .map_err(|e| {
+                    vec![format!(
+                        "the regex rules without literals do not compile together: {}",
+                        one_line(&e.to_string())
+                    )]
+                })?;
             set.unfiltered_set = Some(compiled);
         }
         set.rules = rules;
@@ -158,6 +179,20 @@ impl BadheloSet {
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }
+}
+
+/// What is wrong with a pattern, in one line (the parser's own message spans three, with the
+/// pattern and a caret).
+fn syntax_error(error: &regex_syntax::Error) -> String {
+    match error {
+        regex_syntax::Error::Parse(e) => e.kind().to_string(),
+        regex_syntax::Error::Translate(e) => e.kind().to_string(),
+        other => one_line(&other.to_string()),
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Literals one of which every match of `hir` contains (its possible prefixes, else suffixes),
@@ -375,7 +410,27 @@ mod tests {
             },
         ];
         let err = BadheloSet::new(rules).unwrap_err();
-        assert!(err.starts_with("/etc/badhelo:2: bad regex \"(unclosed\""), "{err}");
+        assert_eq!(err, ["/etc/badhelo:2: bad regex \"(unclosed\": unclosed group"]);
+    }
+
+    /// `check-config` stopped at the first bad regex: an admin fixing an imported file met its
+    /// mistakes one run at a time.
+    #[test]
+    fn every_bad_pattern_is_reported_one_line_each() {
+        let rules: Vec<RegexRule> = ["(open", "fine", "!x{2,1}", "[unclosed", "also.fine", "*a"]
+            .iter()
+            .enumerate()
+            .map(|(i, line)| RegexRule {
+                negated: line.starts_with('!'),
+                pattern: line.trim_start_matches('!').into(),
+                entry: EntryRef { source: "badhelo".into(), line: i + 1, text: (*line).into() },
+            })
+            .collect();
+        let err = BadheloSet::new(rules).unwrap_err();
+        let lines: Vec<&str> = err.iter().map(|e| e.split(": bad regex").next().unwrap()).collect();
+        assert_eq!(lines, ["badhelo:1", "badhelo:3", "badhelo:4", "badhelo:6"], "{err:#?}");
+        assert!(err.iter().all(|e| !e.contains('\n')), "{err:#?}");
+        assert!(err[0].ends_with("unclosed group"), "{err:#?}");
     }
 
     /// The indexed matcher must agree with the naive in-order loop on every input.
