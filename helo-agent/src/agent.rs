@@ -173,8 +173,13 @@ pub fn prepare(config: Config, options: RunOptions) -> Result<Prepared, AgentErr
             );
             None
         }
-        Err(error) => return Err(error.into()),
+        Err(error) => {
+            // Nothing uses the maps this start pinned: leave no trace of it.
+            program.discard();
+            return Err(error.into());
+        }
     };
+    program.keep_pins();
     if let Some(attached) = attached {
         tracing::info!(
             iface,
@@ -352,7 +357,26 @@ struct Reloader {
 }
 
 impl Reloader {
+    /// Re-reads the config and swaps it in. Logs and counts the result
+    /// (`reloads_total{result}`), here only, whoever asked: SIGHUP or the control socket.
     async fn reload(&self) -> Result<serde_json::Value, String> {
+        let result = self.swap().await;
+        let label = if result.is_ok() { "ok" } else { "refused" };
+        self.metrics.reloads.get_or_create(&crate::metrics::ResultLabels { result: label }).inc();
+        match result {
+            Ok(summary) => {
+                tracing::info!(summary = %summary, "config reloaded");
+                Ok(summary)
+            }
+            Err(error) => {
+                tracing::error!(%error, "reload refused: the config in force keeps running");
+                Err(format!("reload refused, the config in force keeps running: {error}"))
+            }
+        }
+    }
+
+    /// The reload itself; `Err` with the reason when the new config is refused.
+    async fn swap(&self) -> Result<serde_json::Value, String> {
         let _one = self.busy.lock().await;
         let source = self.source.clone();
         let options = self.options.clone();
@@ -365,17 +389,7 @@ impl Reloader {
         })
         .await
         .map_err(|e| format!("reload task failed: {e}"))?;
-        let mut new = match loaded {
-            Ok(config) => config,
-            Err(error) => {
-                self.metrics
-                    .reloads
-                    .get_or_create(&crate::metrics::ResultLabels { result: "refused" })
-                    .inc();
-                tracing::error!(%error, "reload refused: the config in force keeps running");
-                return Err(format!("reload refused, the config in force keeps running: {error}"));
-            }
-        };
+        let mut new = loaded.map_err(|error| error.to_string())?;
         let mut current = self.current.lock().expect("config lock");
         let needs_restart = keep_fixed(&current, &mut new);
         for key in &needs_restart {
@@ -408,8 +422,6 @@ impl Reloader {
             "needs_restart": needs_restart,
             "ms": started.elapsed().as_millis() as u64,
         });
-        tracing::info!(summary = %summary, "config reloaded");
-        self.metrics.reloads.get_or_create(&crate::metrics::ResultLabels { result: "ok" }).inc();
         *current = new;
         Ok(summary)
     }
@@ -674,6 +686,77 @@ mod tests {
         assert!(matches!(err, AgentError::AlreadyRunning { .. }), "{err}");
         drop(listener);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Log lines written during a test.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Every reload is logged and counted in one place, whoever asked (SIGHUP or the control
+    /// socket). `helo-agent reload` of a bad file used to leave neither in the agent: the CLI
+    /// stopped at its own copy of the error (tests/cli.rs covers that side).
+    #[test]
+    fn a_reload_is_logged_and_counted_by_result() {
+        let dir = std::env::temp_dir().join(format!("helo-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("helo.toml");
+        std::fs::write(&path, "[identity]\ndetect = false\n").unwrap();
+        let config = Config::load(Some(&path)).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let (bans, _worker) = worker::spawn(
+            crate::blocklist::fake::FakeStore::default(),
+            config.escalation,
+            crate::clock::boot_ns,
+        );
+        let shared = Shared::new(
+            config.proxy.clone(),
+            config.rules.clone(),
+            config.reject_message.clone(),
+            None,
+            None,
+            crate::proxy::Observe::default(),
+        );
+        let reloader = Reloader {
+            source: Some(path.clone()),
+            options: RunOptions::default(),
+            current: Mutex::new(config),
+            allowlist: Mutex::new(None),
+            shared,
+            bans,
+            metrics: metrics.clone(),
+            busy: tokio::sync::Mutex::new(()),
+        };
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber =
+            tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+        let _logging = tracing::subscriber::set_default(subscriber);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let count =
+            |result| metrics.reloads.get_or_create(&crate::metrics::ResultLabels { result }).get();
+
+        std::fs::write(&path, "[identity]\ndetect = false\n[rules]\nregexes = ['^x']\n").unwrap();
+        let summary = runtime.block_on(reloader.reload()).unwrap();
+        assert_eq!(summary["badhelo_patterns"], 1);
+        std::fs::write(&path, "bogus = 1\n").unwrap();
+        let refused = runtime.block_on(reloader.reload()).unwrap_err();
+        assert!(refused.starts_with("reload refused, the config in force keeps running: "));
+        assert!(refused.contains("unknown field `bogus`"), "{refused}");
+        assert_eq!((count("ok"), count("refused")), (1, 1));
+        let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert!(logs.contains("config reloaded"), "{logs}");
+        assert!(logs.contains("reload refused") && logs.contains("bogus"), "{logs}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,16 +1,18 @@
 //! Command line: `helo-agent run | ban | unban | list | check | check-config | stats | reload |
 //! tophelos | detach`. `ban`, `unban`, `list` and `stats` go through the running agent's control
 //! socket when there is one, else to the pinned maps; `reload` and `tophelos` need the agent. Parses arguments, runs the
-//! command, prints human or `--json` output. Errors bubble up as `anyhow` with their reason.
+//! command, prints human or `--json` output; `check` also answers by its exit status. Errors
+//! bubble up as `anyhow` with their reason.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
+use helo_common::REASON_TEXT_LEN;
 
 use crate::addr::BanTarget;
 use crate::agent::RunOptions;
-use crate::blocklist::{BanEntry, Blocklist, Ttl};
+use crate::blocklist::{BanEntry, Blocklist, MAX_TTL, Ttl};
 use crate::config::Config;
 use crate::control::{ClientError, Envelope, Request};
 use crate::ebpf::{AttachMode, PinnedMaps};
@@ -24,7 +26,7 @@ use crate::rules::{Action, Facts, RejectAt, Verdict};
     about = "Protects a mail gateway from spam bots by their HELO, and bans them in the kernel with XDP",
     long_about = "Protects a mail gateway from spam bots by their SMTP HELO/EHLO name. Bans are kept \
                   in pinned BPF maps and enforced by an XDP program on the ingress interface: a banned \
-                  source's packets to the SMTP ports are dropped until the ban expires.\n\n\
+                  source's new connections to the SMTP ports are dropped until the ban expires.\n\n\
                   With no --config the agent runs on embedded defaults (see helo-filter.example.toml)."
 )]
 pub struct Cli {
@@ -58,7 +60,9 @@ pub enum Command {
         #[arg(long, value_enum)]
         xdp_mode: Option<AttachMode>,
         /// Listen for SMTP here (repeatable); replaces proxy.listeners. Default: 0.0.0.0:25, [::]:25.
-        #[arg(long, value_name = "ADDR:PORT")]
+        /// [::]:25 alone takes no IPv4 (the agent sets IPV6_V6ONLY): list 0.0.0.0:25 too. Not
+        /// 465: SMTPS clients start TLS at once; let the MTA listen there.
+        #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen)]
         listen: Vec<std::net::SocketAddr>,
         /// The MTA to hand sessions to; overrides proxy.upstream. Default: 127.0.0.1:10025.
         #[arg(long, value_name = "ADDR:PORT")]
@@ -67,21 +71,24 @@ pub enum Command {
         #[arg(long, value_enum)]
         proxy_protocol: Option<crate::proxy::header::ProxyProtocol>,
     },
-    /// Ban an address: its packets to the guarded ports are dropped until the ban expires.
+    /// Ban an address: its new connections to the guarded ports are dropped until the ban
+    /// expires.
     Ban {
         /// IPv4 or IPv6 address, or an IPv6 /64 (2001:db8:1:2::/64).
         target: String,
-        /// How long: 30s, 10m, 1h, 2d, 1w, 1h30m, or "forever". Default: bans.default_ttl.
+        /// How long: 30s, 10m, 1h, 2d, 1w, 1h30m, at most 3650d (about ten years); or
+        /// "forever". Default: bans.default_ttl.
         #[arg(long, value_name = "DURATION")]
         ttl: Option<String>,
-        /// Why, shown by `list` (up to 64 bytes kept).
+        /// Why, shown by `list`: at most 64 bytes of UTF-8 (a longer one is refused).
         #[arg(long, value_name = "TEXT", default_value = "manual")]
         reason: String,
         /// Ban the /64 around an IPv6 address instead of the one host.
         #[arg(long)]
         prefix: bool,
     },
-    /// Lift a ban.
+    /// Lift a ban. The running agent also forgets the address's offence history, so its next
+    /// rule ban starts again at the rule's TTL, without escalation.
     Unban {
         /// The address or IPv6 /64 as it was banned.
         target: String,
@@ -89,13 +96,16 @@ pub enum Command {
         #[arg(long)]
         prefix: bool,
     },
-    /// List bans in force: address, remaining TTL, hits, reason.
+    /// List bans in force, by address (IPv4 first, then IPv6, numerically): address, remaining
+    /// TTL, hits (connection attempts refused), reason.
     List {
         /// One JSON array, for scripts.
         #[arg(long)]
         json: bool,
     },
-    /// Explain what the rules decide for a HELO, as the agent would (like `postmap -q`).
+    /// Explain what the rules decide for a HELO, as the agent would (like `postmap -q`); the
+    /// exit status says the verdict.
+    #[command(after_help = CHECK_EXIT_STATUS)]
     Check {
         /// The HELO/EHLO argument, as a client would send it.
         helo: String,
@@ -112,7 +122,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Validate a config (and the rule files it names) without running anything.
+    /// Validate a config (and the rule files it names) without running anything. Every rule
+    /// entry that does not load is listed, with its file and line; then the exit status is 1.
     CheckConfig {
         /// The config to check; default: --config, else the embedded defaults.
         file: Option<PathBuf>,
@@ -146,6 +157,126 @@ pub enum Command {
         #[arg(long)]
         maps: bool,
     },
+}
+
+/// `check`'s exit status for a reject verdict.
+pub const EXIT_REJECT: u8 = 3;
+/// `check`'s exit status for a ban verdict.
+pub const EXIT_BAN: u8 = 4;
+
+const CHECK_EXIT_STATUS: &str = "Exit status, for scripts (with or without --json):
+  0  pass
+  3  reject (at HELO or at RCPT TO, 4xx or 5xx)
+  4  ban (rejected, and the client would be banned)
+  1  error: the config or a rule file does not load
+  2  usage: a missing or malformed argument";
+
+fn parse_listen(text: &str) -> Result<std::net::SocketAddr, String> {
+    let address = text.parse().map_err(|e| format!("{e}: write 0.0.0.0:25 or [::]:25"))?;
+    crate::config::check_listener(address)?;
+    Ok(address)
+}
+
+/// The error and its causes, each once, for `main` to print. The agent's error types put their
+/// cause in their own message (the logs print only that) and also return it as `source()`, so
+/// printing the chain as anyhow's `{:#}` does shows an OS error twice: `cannot listen on
+/// [::]:25: Address already in use (os error 98): Address already in use (os error 98)`. A cause whose text is
+/// already shown is left out here, for every error type at once.
+pub fn describe(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}
+
+/// Runs the command; the exit status on success (`check` answers by it, see
+/// [`CHECK_EXIT_STATUS`]). `main` prints an error with [`describe`] and exits 1.
+pub fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    match &cli.command {
+        Command::Check { helo, client, previous, exempt_listener, json } => {
+            let config = Config::load(cli.config.as_deref())?;
+            check(&config, helo, *client, previous, *exempt_listener, *json)
+        }
+        Command::Reload => reload(&cli).map(|()| std::process::ExitCode::SUCCESS),
+        _ => execute(cli).map(|()| std::process::ExitCode::SUCCESS),
+    }
+}
+
+/// `check`: prints the verdict, and answers by the exit status.
+fn check(
+    config: &Config,
+    helo: &str,
+    client: Option<std::net::IpAddr>,
+    previous: &[String],
+    exempt_listener: bool,
+    json: bool,
+) -> anyhow::Result<std::process::ExitCode> {
+    for warning in &config.warnings {
+        eprintln!("helo-agent: warning: {warning}");
+    }
+    let facts = Facts { client, argument: helo, previous, exempt_listener };
+    let verdict = config.rules.classify(&facts);
+    let mut out = std::io::stdout().lock();
+    if json {
+        let mut value = serde_json::to_value(&verdict)?;
+        value["helo"] = helo.into();
+        serde_json::to_writer_pretty(&mut out, &value)?;
+        writeln!(out)?;
+    } else {
+        write_verdict(&mut out, &verdict)?;
+    }
+    Ok(match verdict.action {
+        Action::Pass => std::process::ExitCode::SUCCESS,
+        Action::Reject => std::process::ExitCode::from(EXIT_REJECT),
+        Action::Ban => std::process::ExitCode::from(EXIT_BAN),
+    })
+}
+
+/// `reload`: the running agent re-reads its own config, and decides, logs and counts the result
+/// (`reloads_total{result}`) as for SIGHUP. The CLI reads the config only to find the agent, so
+/// a file that does not validate reaches the agent too (which refuses it and says why) instead
+/// of stopping here unseen by the agent's log and metrics.
+fn reload(cli: &Cli) -> anyhow::Result<()> {
+    let (socket, pin_dir, own_error) = match Config::load(cli.config.as_deref()) {
+        Ok(config) => (config.agent.control_socket, config.xdp.pin_dir, None),
+        Err(error) => {
+            let (socket, pin_dir) = crate::config::control_locations(cli.config.as_deref());
+            (socket, pin_dir, Some(error))
+        }
+    };
+    let pin_dir = cli.pin_dir.clone().unwrap_or(pin_dir);
+    let envelope = Envelope { pin_dir, request: Request::Reload };
+    let response = match crate::control::request(&socket, &envelope) {
+        Ok(response) => response,
+        Err(error) => match own_error {
+            Some(own) => anyhow::bail!("{own} (and no agent answered to reload: {error})"),
+            None => return Err(error.into()),
+        },
+    };
+    anyhow::ensure!(response.ok, response.error.unwrap_or_default());
+    let summary = response.data;
+    println!(
+        "reloaded {}: {} regex rules, {} table entries, {} allowlisted networks",
+        summary["config"].as_str().unwrap_or("?"),
+        summary["badhelo_patterns"],
+        summary["table_entries"],
+        summary["allowlist"]
+    );
+    for warning in summary["warnings"].as_array().into_iter().flatten() {
+        println!("warning: {}", warning.as_str().unwrap_or_default());
+    }
+    for key in summary["needs_restart"].as_array().into_iter().flatten() {
+        println!("not changed: {} (takes effect at a restart)", key.as_str().unwrap_or_default());
+    }
+    Ok(())
 }
 
 pub fn init_logging(format: LogFormat) {
@@ -208,9 +339,21 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 Some(text) => {
                     let ttl = crate::duration::parse(text)?;
                     anyhow::ensure!(!ttl.is_zero(), "--ttl must be longer than 0s");
+                    anyhow::ensure!(
+                        ttl <= MAX_TTL,
+                        "--ttl {text} is longer than the longest ban, {} (about ten years): use \
+                         --ttl forever for a ban that never ends",
+                        crate::duration::format(MAX_TTL)
+                    );
                     Ttl::For(ttl)
                 }
             };
+            let reason = reason.trim();
+            anyhow::ensure!(
+                reason.len() <= REASON_TEXT_LEN,
+                "--reason is {} bytes long; a ban keeps at most {REASON_TEXT_LEN}: shorten it",
+                reason.len()
+            );
             if let Some(net) = config.rules.allowlist.iter().find(|net| target.overlaps(net)) {
                 anyhow::bail!(
                     "{target} is in the allowlisted network {net} and would never be dropped: \
@@ -222,10 +365,10 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 Ttl::Forever => None,
             };
             let request =
-                Request::Ban { target: target.to_string(), ttl_secs, reason: reason.clone() };
+                Request::Ban { target: target.to_string(), ttl_secs, reason: reason.to_owned() };
             if agent.ask(request)?.is_none() {
                 let mut list = Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?);
-                list.ban(&target, ttl, &reason, crate::clock::boot_ns())?;
+                list.ban(&target, ttl, reason, crate::clock::boot_ns())?;
             }
             let how_long = match ttl {
                 Ttl::For(d) => crate::duration::format(d),
@@ -269,22 +412,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Check { helo, client, previous, exempt_listener, json } => {
-            for warning in &config.warnings {
-                eprintln!("helo-agent: warning: {warning}");
-            }
-            let facts = Facts { client, argument: &helo, previous: &previous, exempt_listener };
-            let verdict = config.rules.classify(&facts);
-            let mut out = std::io::stdout().lock();
-            if json {
-                let mut value = serde_json::to_value(&verdict)?;
-                value["helo"] = helo.clone().into();
-                serde_json::to_writer_pretty(&mut out, &value)?;
-                writeln!(out)?;
-            } else {
-                write_verdict(&mut out, &verdict)?;
-            }
-        }
+        Command::Check { .. } | Command::Reload => unreachable!("handled by `run`"),
         Command::CheckConfig { .. } => unreachable!("handled before the config is loaded"),
         Command::Stats { json } => {
             let object = match agent.ask(Request::Stats)? {
@@ -300,25 +428,6 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 for stat in helo_common::Stat::ALL {
                     writeln!(out, "{:<14} {}", stat.name(), object[stat.name()])?;
                 }
-            }
-        }
-        Command::Reload => {
-            let summary = agent.require(Request::Reload)?;
-            println!(
-                "reloaded {}: {} regex rules, {} table entries, {} allowlisted networks",
-                summary["config"].as_str().unwrap_or("?"),
-                summary["badhelo_patterns"],
-                summary["table_entries"],
-                summary["allowlist"]
-            );
-            for warning in summary["warnings"].as_array().into_iter().flatten() {
-                println!("warning: {}", warning.as_str().unwrap_or_default());
-            }
-            for key in summary["needs_restart"].as_array().into_iter().flatten() {
-                println!(
-                    "not changed: {} (takes effect at a restart)",
-                    key.as_str().unwrap_or_default()
-                );
             }
         }
         Command::Tophelos { since, limit, json } => {
@@ -454,6 +563,25 @@ mod tests {
     fn cli_definition_is_consistent() {
         use clap::CommandFactory as _;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn an_error_prints_each_cause_once() {
+        let os = || std::io::Error::from_raw_os_error(98);
+        let read = crate::config::ConfigError::RuleFile {
+            key: "rules.badhelo_file",
+            path: "/etc/badhelo".into(),
+            source: os(),
+        };
+        let text = describe(&anyhow::Error::new(read));
+        assert_eq!(text.matches("(os error 98)").count(), 1, "{text}");
+        assert!(text.starts_with("cannot read rules.badhelo_file file /etc/badhelo: "), "{text}");
+        // A cause the message does not already show is still printed.
+        let text = describe(&anyhow::Error::new(os()).context("reading the thing"));
+        assert!(
+            text.starts_with("reading the thing: ") && text.ends_with("(os error 98)"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -919,7 +919,8 @@ fn starttls_sessions_are_delivered_and_never_counted_as_a_lost_mta() {
             agent.log()
         );
         assert!(transcript.contains("220 2.0.0 Ready to start TLS"), "{transcript}");
-        assert!(!transcript.contains("421"), "round {round}:\n{transcript}");
+        // (Not a bare "421": swaks prints dates and message ids that may hold those digits.)
+        assert!(!transcript.contains(" 421 4."), "round {round}:\n{transcript}");
     }
     wait_for("every TLS message delivered", Duration::from_secs(30), || {
         bed.postfix.delivered().len() == ROUNDS
