@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use helo_agent::config::{Config, HostFacts};
+use helo_agent::judge::Client;
 use helo_agent::proxy::session::{AfterReply, Session, Step};
 use helo_agent::rules::RuleSet;
 use helo_agent::smtp::MAX_COMMAND_LINE;
@@ -29,8 +30,8 @@ fn well_formed(answer: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut session =
-        Session::new(rules(), "203.0.113.9".parse().unwrap(), false, "denied", "mx".into());
+    let client = Client::new("203.0.113.9".parse().unwrap(), None, false);
+    let mut session = Session::new(rules(), client, "denied", "mx".into());
     let mut rest = data;
     while !rest.is_empty() {
         let take = (usize::from(rest[0]) % 64 + 1).min(rest.len());

@@ -16,6 +16,7 @@ pub mod config;
 pub mod control;
 pub mod duration;
 pub mod ebpf;
+pub mod judge;
 pub mod metrics;
 pub mod privilege;
 pub mod proxy;

@@ -105,7 +105,7 @@ async fn answer(request: Request, control: &Control) -> Response {
         Request::Reload => (control.reload)().await,
         Request::Tophelos { since_secs, limit } => {
             let now = crate::clock::unix_ns() / 1_000_000_000;
-            let rows = control.shared.report.lock().expect("report lock").top(
+            let rows = control.shared.court.report.lock().expect("report lock").top(
                 now,
                 Duration::from_secs(since_secs),
                 limit,

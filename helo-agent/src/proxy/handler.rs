@@ -19,6 +19,7 @@ use super::outcome::{End, Outcome};
 use super::session::{AfterReply, Opacity, Session, Step};
 use super::{Drain, Live, relay, upstream};
 use crate::config::{GreetingMode, ProxyConfig};
+use crate::judge::Client;
 use crate::smtp::MAX_COMMAND_LINE;
 use crate::smtp::reply::{self, ReplyScan, greeting_host, scan_reply};
 
@@ -47,7 +48,7 @@ pub(super) async fn run(
     mut client: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    check_helo: bool,
+    who: &Client,
     input: Vec<u8>,
     drain: watch::Receiver<Drain>,
 ) -> Outcome {
@@ -88,13 +89,7 @@ pub(super) async fn run(
             (None, config.hostname.clone())
         }
     };
-    let mut session = Session::new(
-        &live.rules,
-        crate::addr::canonical(peer.ip()),
-        !check_helo,
-        &live.reject_message,
-        host,
-    );
+    let mut session = Session::new(&live.rules, *who, &live.reject_message, host);
     session.input().extend_from_slice(&input);
     let helo_deadline = tokio::time::Instant::now() + config.helo_timeout;
     let handler = Handler {

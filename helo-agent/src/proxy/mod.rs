@@ -33,8 +33,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use self::handler::close_with;
 use self::outcome::Outcome;
 use crate::blocklist::BanCheck;
-use crate::blocklist::worker::{BanRequest, BanSender};
+use crate::blocklist::worker::BanSender;
 use crate::config::{ListenerConfig, ProxyConfig};
+use crate::judge::{Client, Court, Door, NeverBan, Record, Transport};
 use crate::rules::{Action, RuleSet};
 use crate::smtp::reply;
 
@@ -79,14 +80,12 @@ impl Default for Observe {
 /// What every session shares.
 pub struct Shared {
     live: RwLock<Arc<Live>>,
-    /// Where bans go; `None` runs the proxy without banning (rejections only).
-    pub bans: Option<BanSender>,
+    /// Where verdicts have consequences: log lines, tophelos, metrics, bans.
+    pub court: Court,
     /// When XDP could not be attached: bans are enforced here, at accept.
     pub enforce: Option<Arc<dyn BanCheck>>,
     /// The bans, for clients behind a trusted front proxy (XDP sees only the proxy).
     pub lookup: Option<Arc<dyn BanCheck>>,
-    pub metrics: Option<Arc<crate::metrics::Metrics>>,
-    pub report: Mutex<crate::report::Report>,
     /// Fixed at start: the semaphore is sized by it.
     max_sessions: usize,
     sessions: Arc<Semaphore>,
@@ -109,11 +108,9 @@ impl Shared {
         let sessions = Arc::new(Semaphore::new(max_sessions));
         Arc::new(Shared {
             live: RwLock::new(Arc::new(Live { config, rules, reject_message })),
-            bans,
+            court: Court::new(bans, observe.metrics, observe.report_window),
             enforce,
             lookup: observe.lookup,
-            metrics: observe.metrics,
-            report: Mutex::new(crate::report::Report::new(observe.report_window)),
             max_sessions,
             sessions,
             per_ip: Mutex::new(HashMap::new()),
@@ -340,7 +337,9 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
             }
         }
     }
-    let ip = crate::addr::canonical(peer.ip());
+    // The client, resolved once: every later step uses this value.
+    let who = Client::new(peer.ip(), balancer, !check_helo);
+    let ip = who.ip;
     // Behind a balancer XDP sees only the balancer, so the bans are checked here; without XDP,
     // for everyone.
     let check = if balancer.is_some() { shared.lookup.as_ref() } else { shared.enforce.as_ref() };
@@ -365,70 +364,44 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
         return;
     };
     let _ = client.set_nodelay(true);
-    let outcome = handler::run(&live, client, peer, local, check_helo, input, drain).await;
-    let verdict = outcome.verdict.as_ref();
-    let action = verdict.map_or("none", |v| match v.action {
-        Action::Pass => "pass",
-        Action::Reject => "reject",
-        Action::Ban => "ban",
-    });
-    tracing::info!(
-        client = %ip,
-        helo = outcome.helo.as_deref().unwrap_or(""),
-        helos = outcome.helos.join(" "),
-        verdict = action,
-        rule = verdict.map_or("", |v| v.rule),
-        reason = verdict.map_or("", |v| v.reason.as_str()),
-        logged = outcome.logged.join(","),
-        ttl = verdict.and_then(|v| v.ttl).map(crate::duration::format).unwrap_or_default(),
-        bytes_in = outcome.up,
-        bytes_out = outcome.down,
-        spliced = outcome.spliced,
-        copied = outcome.copied,
-        tls = outcome.tls,
-        ms = started.elapsed().as_millis() as u64,
-        end = outcome.end.as_str(),
-        side = outcome.end.side().as_str(),
-        error = outcome.error.as_deref().unwrap_or(""),
-        "session"
-    );
-    observe(&shared, ip, &outcome, action);
-    if let (Some(verdict), Some(bans)) = (verdict, &shared.bans)
-        && verdict.action == Action::Ban
-    {
-        // Never the MTA's own address (the gateway would cut itself off), nor a front proxy's
-        // (every client behind it would be cut off).
-        if ip == crate::addr::canonical(live.config.upstream.ip())
-            || live.config.trusted_proxies.iter().any(|net| net.contains(&ip))
-        {
-            tracing::warn!(client = %ip, rule = verdict.rule, "not banning the MTA's own address");
-            return;
-        }
-        bans.ban(BanRequest {
-            client: ip,
-            ttl: verdict.ttl.unwrap_or(Duration::from_secs(3600)),
-            reason: format!("{}: {}", verdict.rule, outcome.helo.as_deref().unwrap_or("")),
-        });
-    }
+    let outcome = handler::run(&live, client, peer, local, &who, input, drain).await;
+    let record = Record {
+        door: Door::Proxy,
+        client: &who,
+        helo: outcome.helo.as_deref(),
+        helos: &outcome.helos,
+        verdict: outcome.verdict.as_ref(),
+        logged: &outcome.logged,
+        ms: started.elapsed().as_millis() as u64,
+        transport: Some(Transport {
+            bytes_in: outcome.up,
+            bytes_out: outcome.down,
+            spliced: outcome.spliced,
+            copied: outcome.copied,
+            tls: outcome.tls,
+            end: outcome.end.as_str(),
+            side: outcome.end.side().as_str(),
+            error: outcome.error.as_deref().unwrap_or(""),
+        }),
+    };
+    let never = NeverBan {
+        mta: live.config.upstream.ip(),
+        trusted_proxies: &live.config.trusted_proxies,
+        allowlist: &live.rules.allowlist,
+    };
+    shared.court.conclude(&record, &never);
+    count_relay(&shared, &outcome);
 }
 
-/// Counts a finished session for the metrics and the tophelos report.
-fn observe(shared: &Shared, ip: IpAddr, outcome: &Outcome, action: &'static str) {
-    let verdict = outcome.verdict.as_ref();
-    if let Some(helo) = &outcome.helo {
-        let rejected_by = verdict.filter(|v| v.action != Action::Pass).map(|v| v.rule);
-        let now = crate::clock::unix_ns() / 1_000_000_000;
-        shared.report.lock().expect("report lock").record(now, helo, ip, rejected_by);
-    }
-    let Some(metrics) = &shared.metrics else { return };
-    let rule = verdict.map_or("", |v| v.rule);
-    metrics.sessions.get_or_create(&crate::metrics::VerdictLabels { verdict: action, rule }).inc();
+/// The proxy's own counters: how sessions ended, and the bytes relayed by each path.
+fn count_relay(shared: &Shared, outcome: &Outcome) {
+    let Some(metrics) = &shared.court.metrics else { return };
     metrics
         .session_ends
         .get_or_create(&crate::metrics::EndLabels { end: outcome.end.as_str() })
         .inc();
     if outcome.verdict.as_ref().is_some_and(|v| v.action == Action::Pass) {
-        // Spliced: the client's side after the HELO line. Copied: that line and the replies.
+        // Spliced: the client's side once opaque. Copied: the command lines and the replies.
         let (spliced, copied) = if outcome.spliced {
             (outcome.up.saturating_sub(outcome.copied), outcome.copied + outcome.down)
         } else {

@@ -15,11 +15,11 @@
 //! whatever HELO comes next.
 
 use std::collections::VecDeque;
-use std::net::IpAddr;
 
 use super::header;
 use super::outcome::End;
-use crate::rules::{Action, Facts, RejectAt, RuleSet, Verdict};
+use crate::judge::{self, Client};
+use crate::rules::{Action, RejectAt, RuleSet, Verdict};
 use crate::smtp::{Command, LineScan, MAX_COMMAND_LINE, reply, scan_line};
 
 /// Commands a rejected session may send before it is closed.
@@ -90,8 +90,7 @@ enum Phase {
 
 pub struct Session<'a> {
     rules: &'a RuleSet,
-    client: IpAddr,
-    exempt_listener: bool,
+    client: Client,
     reject_message: &'a str,
     /// The name to answer EHLO with in a rejected session: the MTA's, from its greeting.
     host: String,
@@ -115,17 +114,10 @@ pub struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    pub fn new(
-        rules: &'a RuleSet,
-        client: IpAddr,
-        exempt_listener: bool,
-        reject_message: &'a str,
-        host: String,
-    ) -> Self {
+    pub fn new(rules: &'a RuleSet, client: Client, reject_message: &'a str, host: String) -> Self {
         Session {
             rules,
             client,
-            exempt_listener,
             reject_message,
             host,
             helos: Vec::new(),
@@ -318,12 +310,7 @@ impl<'a> Session<'a> {
     }
 
     fn judge(&mut self, argument: String, line: Vec<u8>) -> Step {
-        let verdict = self.rules.classify(&Facts {
-            client: Some(self.client),
-            argument: &argument,
-            previous: &self.helos,
-            exempt_listener: self.exempt_listener,
-        });
+        let verdict = judge::classify(self.rules, &self.client, &argument, &self.helos);
         self.helos.push(argument);
         self.judged = self.helos.len() - 1;
         for logged in &verdict.logged {
@@ -417,8 +404,7 @@ mod tests {
     fn session(rules: &RuleSet) -> Session<'_> {
         Session::new(
             rules,
-            "203.0.113.9".parse().unwrap(),
-            false,
+            Client::new("203.0.113.9".parse().unwrap(), None, false),
             "sorry, your HELO host name has been denied",
             "mx.example.com".into(),
         )
@@ -625,7 +611,8 @@ mod tests {
     #[test]
     fn exempt_listener_passes_anything() {
         let rules = rules("");
-        let mut s = Session::new(&rules, "203.0.113.9".parse().unwrap(), true, "x", "mx".into());
+        let client = Client::new("203.0.113.9".parse().unwrap(), None, true);
+        let mut s = Session::new(&rules, client, "x", "mx".into());
         assert_eq!(text(s.on_line(b"HELO localhost")), "pass");
         assert_eq!(s.verdict().unwrap().rule, "exempt_listener");
     }
