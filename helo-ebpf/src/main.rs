@@ -49,6 +49,35 @@ static ALLOW_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_ALLOW_ENT
 #[map(name = "HELO_PORTS")]
 static PORTS: Array<u8> = Array::with_max_entries(PORT_MAP_LEN, 0);
 
+// `#[map(name = ...)]` takes only a literal. helo-common owns the names the agent opens the maps
+// by; every literal above is checked against it here, at compile time.
+const _: () = {
+    use helo_common::maps;
+    assert!(same(maps::BANS_V4, "HELO_BANS_V4"));
+    assert!(same(maps::BANS_V6, "HELO_BANS_V6"));
+    assert!(same(maps::BANS_V6_NET, "HELO_BANS_V6N"));
+    assert!(same(maps::STATS, "HELO_STATS"));
+    assert!(same(maps::REASONS, "HELO_REASONS"));
+    assert!(same(maps::ALLOW_V4, "HELO_ALLOW_V4"));
+    assert!(same(maps::ALLOW_V6, "HELO_ALLOW_V6"));
+    assert!(same(maps::PORTS, "HELO_PORTS"));
+};
+
+const fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 const ETH_HDR_LEN: usize = 14;
 const VLAN_HDR_LEN: usize = 4;
 const ETH_P_IPV4: u16 = 0x0800;
@@ -127,7 +156,8 @@ fn ipv4(ctx: &XdpContext, offset: usize) -> Result<Stat, ParseError> {
         return Ok(Stat::Allowlisted);
     }
     Ok(match BANS_V4.get_ptr_mut(source) {
-        Some(ban) => match judge(ctx, tcp, ban)? {
+        // SAFETY: `ban` is what the lookup just returned.
+        Some(ban) => match unsafe { judge(ctx, tcp, ban) }? {
             Judgement::Banned(stat) => stat,
             Judgement::Expired => {
                 let _ = BANS_V4.remove(source);
@@ -181,7 +211,8 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Stat, ParseError> {
         return Ok(Stat::Allowlisted);
     }
     if let Some(ban) = BANS_V6.get_ptr_mut(source) {
-        match judge(ctx, transport, ban)? {
+        // SAFETY: `ban` is what the lookup just returned.
+        match unsafe { judge(ctx, transport, ban) }? {
             Judgement::Banned(stat) => return Ok(stat),
             Judgement::Expired => {
                 let _ = BANS_V6.remove(source);
@@ -191,7 +222,8 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Stat, ParseError> {
     }
     let prefix = v6_prefix64(&source);
     Ok(match BANS_V6_NET.get_ptr_mut(prefix) {
-        Some(ban) => match judge(ctx, transport, ban)? {
+        // SAFETY: `ban` is what the lookup just returned.
+        Some(ban) => match unsafe { judge(ctx, transport, ban) }? {
             Judgement::Banned(stat) => stat,
             Judgement::Expired => {
                 let _ = BANS_V6_NET.remove(prefix);
@@ -225,11 +257,15 @@ enum Judgement {
 /// packet opens a connection (SYN without ACK), counted as a hit of the ban; any other packet
 /// passes, so that connections already open (the session that earned the ban among them) can
 /// end. The TCP flags are read only here, for banned sources; `tcp` is the TCP header's offset.
+///
+/// # Safety
+///
+/// `ban` must come from a successful lookup in one of the ban maps during this program run.
 #[inline(always)]
-fn judge(ctx: &XdpContext, tcp: usize, ban: *mut BanValue) -> Result<Judgement, ParseError> {
-    // SAFETY: `ban` comes from a successful map lookup, so it points at a live value of the
-    // map for the rest of this program run (RCU); LRU eviction may recycle it, in which case
-    // we read another ban's fields, which is harmless for a drop decision.
+unsafe fn judge(ctx: &XdpContext, tcp: usize, ban: *mut BanValue) -> Result<Judgement, ParseError> {
+    // SAFETY: per the contract, `ban` points at a live value of the map for the rest of this
+    // program run (RCU); LRU eviction may recycle it, in which case we read another ban's
+    // fields, which is harmless for a drop decision.
     let expires_ns = unsafe { (*ban).expires_ns };
     // SAFETY: bpf_ktime_get_boot_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_boot_ns() };

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::rules::badhelo::RegexRule;
 use crate::rules::table::{DomainPattern, Scope};
-use crate::rules::{EntryRef, Reply, TableAction, TableEntry};
+use crate::rules::{EntryRef, EntryReply, TableAction, TableEntry};
 
 /// The lines of a qmail badhelo file: blank lines and lines starting with `#` are skipped;
 /// trailing white space (and a CR from a CRLF file) is not part of the pattern.
@@ -131,13 +131,14 @@ fn parse_action(value: &str) -> Result<TableAction, String> {
         None => (value, ""),
     };
     let upper = word.to_ascii_uppercase();
-    let text_reply = |code: u16| (!text.is_empty()).then(|| Reply { code, text: text.to_owned() });
+    let text_reply =
+        |code: u16| (!text.is_empty()).then(|| EntryReply { code, text: text.to_owned() });
     Ok(match upper.as_str() {
         "OK" | "PERMIT" => TableAction::Permit,
         _ if word.bytes().all(|b| b.is_ascii_digit()) && word.len() != 3 => TableAction::Permit,
         "DUNNO" => TableAction::Dunno,
         "REJECT" => TableAction::Deny(text_reply(554)),
-        "DEFER" | "DEFER_IF_PERMIT" | "DEFER_IF_REJECT" => TableAction::Deny(Some(Reply {
+        "DEFER" | "DEFER_IF_PERMIT" | "DEFER_IF_REJECT" => TableAction::Deny(Some(EntryReply {
             code: 450,
             text: if text.is_empty() { "try again later".into() } else { text.to_owned() },
         })),
@@ -147,7 +148,7 @@ fn parse_action(value: &str) -> Result<TableAction, String> {
             if text.is_empty() {
                 return Err(format!("reply code {code} needs a text after it"));
             }
-            TableAction::Deny(Some(Reply { code, text: text.to_owned() }))
+            TableAction::Deny(Some(EntryReply { code, text: text.to_owned() }))
         }
         _ => {
             return Err(format!(
@@ -222,7 +223,10 @@ multi.example      REJECT this text
         assert_eq!(first.0, DomainPattern { name: "example.com".into(), scope: Scope::Both });
         assert_eq!(
             first.1.action,
-            TableAction::Deny(Some(Reply { code: 554, text: "You are not example.com".into() }))
+            TableAction::Deny(Some(EntryReply {
+                code: 554,
+                text: "You are not example.com".into()
+            }))
         );
         assert_eq!(first.1.entry.line, 2);
         assert_eq!(table.warnings.len(), 2, "{:?}", table.warnings);
@@ -238,7 +242,7 @@ multi.example      REJECT this text
             vec![
                 (
                     "example.com".into(),
-                    TableAction::Deny(Some(Reply {
+                    TableAction::Deny(Some(EntryReply {
                         code: 554,
                         text: "You are not example.com".into()
                     }))
@@ -247,17 +251,20 @@ multi.example      REJECT this text
                 ("friend.example".into(), TableAction::Dunno),
                 (
                     "bad.example".into(),
-                    TableAction::Deny(Some(Reply { code: 550, text: "5.7.1 Go away".into() }))
+                    TableAction::Deny(Some(EntryReply { code: 550, text: "5.7.1 Go away".into() }))
                 ),
                 (
                     "slow.example".into(),
-                    TableAction::Deny(Some(Reply { code: 450, text: "4.7.1 Try later".into() }))
+                    TableAction::Deny(Some(EntryReply {
+                        code: 450,
+                        text: "4.7.1 Try later".into()
+                    }))
                 ),
                 ("watch.example".into(), TableAction::Warn),
                 ("spam.example".into(), TableAction::Deny(None)),
                 (
                     "multi.example".into(),
-                    TableAction::Deny(Some(Reply {
+                    TableAction::Deny(Some(EntryReply {
                         code: 554,
                         text: "this text goes on here".into()
                     }))

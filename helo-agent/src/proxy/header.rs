@@ -14,8 +14,9 @@ pub enum ProxyProtocol {
     V1,
     V2,
     /// No header: the connection to the MTA comes from the client's own address
-    /// (IP_TRANSPARENT), for MTAs that cannot take PROXY headers. Needs CAP_NET_ADMIN and a
-    /// route that brings the MTA's replies back to this host (see the README).
+    /// (IP_TRANSPARENT), for MTAs that cannot take PROXY headers. IP_TRANSPARENT needs
+    /// CAP_NET_RAW (or CAP_NET_ADMIN; the agent keeps CAP_NET_RAW after dropping privileges)
+    /// and a route that brings the MTA's replies back to this host (see the README).
     Transparent,
 }
 

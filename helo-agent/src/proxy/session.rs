@@ -20,7 +20,7 @@ use super::header;
 use super::outcome::End;
 use crate::judge::{self, Client};
 use crate::rules::{Action, RejectAt, RuleSet, Verdict};
-use crate::smtp::{Command, LineScan, MAX_COMMAND_LINE, reply, scan_line};
+use crate::smtp::{LineScan, MAX_COMMAND_LINE, SmtpCommand, reply, scan_line};
 
 /// Commands a rejected session may send before it is closed.
 pub const MAX_REJECTED_COMMANDS: u32 = 50;
@@ -245,7 +245,7 @@ impl<'a> Session<'a> {
     /// One line, its terminator after `content` bytes; a line bound for the MTA comes back in
     /// the step.
     fn take_line(&mut self, line: Vec<u8>, content: usize) -> Step {
-        let command = Command::parse(&line[..content]);
+        let command = SmtpCommand::parse(&line[..content]);
         match self.phase {
             Phase::Rejected => self.after_rejection(command),
             Phase::Passed => self.forward(command, line),
@@ -268,8 +268,8 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn before_helo(&mut self, command: Command, line: Vec<u8>) -> Step {
-        if !matches!(command, Command::Helo(_) | Command::Ehlo(_) | Command::Quit) {
+    fn before_helo(&mut self, command: SmtpCommand, line: Vec<u8>) -> Step {
+        if !matches!(command, SmtpCommand::Helo(_) | SmtpCommand::Ehlo(_) | SmtpCommand::Quit) {
             self.commands_before_helo += 1;
             if self.commands_before_helo > MAX_COMMANDS_BEFORE_HELO {
                 let limit = reply::line(421, "4.7.0", "Error: too many commands");
@@ -277,14 +277,14 @@ impl<'a> Session<'a> {
             }
         }
         match command {
-            Command::Helo(argument) | Command::Ehlo(argument) => self.judge(argument, line),
-            Command::Quit => Step::Close(reply::line(221, "2.0.0", "Bye"), End::Closed),
-            Command::Noop => Step::Reply(reply::line(250, "2.0.0", "Ok")),
-            Command::Rset => Step::Reply(reply::line(250, "2.0.0", "Ok")),
-            Command::Other(verb) if verb.is_empty() => {
+            SmtpCommand::Helo(argument) | SmtpCommand::Ehlo(argument) => self.judge(argument, line),
+            SmtpCommand::Quit => Step::Close(reply::line(221, "2.0.0", "Bye"), End::Closed),
+            SmtpCommand::Noop => Step::Reply(reply::line(250, "2.0.0", "Ok")),
+            SmtpCommand::Rset => Step::Reply(reply::line(250, "2.0.0", "Ok")),
+            SmtpCommand::Other(verb) if verb.is_empty() => {
                 Step::Reply(reply::line(500, "5.5.2", "Error: bad syntax"))
             }
-            Command::Other(_) => {
+            SmtpCommand::Other(_) => {
                 Step::Reply(reply::line(502, "5.5.2", "Error: command not recognized"))
             }
             _ => Step::Reply(reply::line(503, "5.5.1", "Error: send HELO/EHLO first")),
@@ -292,17 +292,17 @@ impl<'a> Session<'a> {
     }
 
     /// A line after a pass: judged if it is a HELO, else bound for the MTA.
-    fn forward(&mut self, command: Command, line: Vec<u8>) -> Step {
+    fn forward(&mut self, command: SmtpCommand, line: Vec<u8>) -> Step {
         let owed = match command {
-            Command::Helo(argument) | Command::Ehlo(argument) => {
+            SmtpCommand::Helo(argument) | SmtpCommand::Ehlo(argument) => {
                 return self.judge(argument, line);
             }
-            Command::Bdat => {
+            SmtpCommand::Bdat => {
                 self.buf.splice(0..0, line);
                 return Step::Opaque;
             }
-            Command::StartTls => Owed::StartTls,
-            Command::Data => Owed::Data,
+            SmtpCommand::StartTls => Owed::StartTls,
+            SmtpCommand::Data => Owed::Data,
             _ => Owed::Reply,
         };
         self.owed.push_back(owed);
@@ -353,7 +353,7 @@ impl<'a> Session<'a> {
     }
 
     /// Commands after a rejection, answered here; the MTA is gone.
-    fn after_rejection(&mut self, command: Command) -> Step {
+    fn after_rejection(&mut self, command: SmtpCommand) -> Step {
         self.rejected_commands += 1;
         if self.rejected_commands > MAX_REJECTED_COMMANDS {
             let limit = reply::line(421, "4.7.0", "Error: too many errors");
@@ -362,22 +362,24 @@ impl<'a> Session<'a> {
         let verdict = self.verdict.as_ref().expect("rejected sessions have a verdict");
         let at_helo = verdict.reject_at == RejectAt::Helo;
         Step::Reply(match command {
-            Command::Quit => return Step::Close(reply::line(221, "2.0.0", "Bye"), End::Closed),
-            Command::Helo(_) | Command::Ehlo(_) if at_helo => self.denial(verdict),
-            Command::Helo(_) => format!("250 {}\r\n", self.host).into_bytes(),
-            Command::Ehlo(_) => reply::ehlo(&self.host, &["PIPELINING", "8BITMIME"]),
-            Command::Mail if at_helo => reply::line(503, "5.5.1", "Error: send HELO/EHLO first"),
-            Command::Mail => reply::line(250, "2.1.0", "Ok"),
-            Command::Rcpt if at_helo => reply::line(503, "5.5.1", "Error: need MAIL command"),
-            Command::Rcpt => self.denial(verdict),
-            Command::Data | Command::Bdat => {
+            SmtpCommand::Quit => return Step::Close(reply::line(221, "2.0.0", "Bye"), End::Closed),
+            SmtpCommand::Helo(_) | SmtpCommand::Ehlo(_) if at_helo => self.denial(verdict),
+            SmtpCommand::Helo(_) => format!("250 {}\r\n", self.host).into_bytes(),
+            SmtpCommand::Ehlo(_) => reply::ehlo(&self.host, &["PIPELINING", "8BITMIME"]),
+            SmtpCommand::Mail if at_helo => {
+                reply::line(503, "5.5.1", "Error: send HELO/EHLO first")
+            }
+            SmtpCommand::Mail => reply::line(250, "2.1.0", "Ok"),
+            SmtpCommand::Rcpt if at_helo => reply::line(503, "5.5.1", "Error: need MAIL command"),
+            SmtpCommand::Rcpt => self.denial(verdict),
+            SmtpCommand::Data | SmtpCommand::Bdat => {
                 reply::line(554, "5.5.1", "Error: no valid recipients")
             }
-            Command::Rset | Command::Noop => reply::line(250, "2.0.0", "Ok"),
-            Command::StartTls => reply::line(454, "4.7.0", "TLS not available"),
-            Command::Auth => reply::line(503, "5.5.1", "Error: authentication not enabled"),
-            Command::Vrfy => reply::line(502, "5.5.1", "VRFY command is disabled"),
-            Command::Help | Command::Other(_) => {
+            SmtpCommand::Rset | SmtpCommand::Noop => reply::line(250, "2.0.0", "Ok"),
+            SmtpCommand::StartTls => reply::line(454, "4.7.0", "TLS not available"),
+            SmtpCommand::Auth => reply::line(503, "5.5.1", "Error: authentication not enabled"),
+            SmtpCommand::Vrfy => reply::line(502, "5.5.1", "VRFY command is disabled"),
+            SmtpCommand::Help | SmtpCommand::Other(_) => {
                 reply::line(502, "5.5.2", "Error: command not recognized")
             }
         })

@@ -152,7 +152,7 @@ impl fmt::Display for EntryRef {
 
 /// A reply an access-table entry asks for (`550 text`, `REJECT text`, `450 text`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Reply {
+pub struct EntryReply {
     pub code: u16,
     pub text: String,
 }
@@ -162,7 +162,7 @@ pub struct Reply {
 pub enum TableAction {
     /// Reject (or ban, per `checks.table`), with the entry's own reply if it gives one; a 4xx
     /// reply is a temporary refusal and never bans.
-    Deny(Option<Reply>),
+    Deny(Option<EntryReply>),
     /// `OK`: pass, skipping every later check.
     Permit,
     /// `DUNNO`: as if the entry were not there.
@@ -202,7 +202,7 @@ pub struct Verdict {
     /// The table line or regex line that matched, if any.
     pub entry: Option<Arc<EntryRef>>,
     /// A reply the matching entry asks for, instead of the standard one.
-    pub reply: Option<Reply>,
+    pub reply: Option<EntryReply>,
     pub reject_at: RejectAt,
     /// For `ban`: how long.
     #[serde(serialize_with = "serialize_ttl")]
@@ -367,7 +367,7 @@ impl RuleSet {
         check: Check,
         reason: String,
         entry: Option<Arc<EntryRef>>,
-        reply: Option<Reply>,
+        reply: Option<EntryReply>,
         logged: &mut Vec<Match>,
     ) -> Option<Verdict> {
         let action = match self.action(check) {

@@ -273,7 +273,7 @@ fn access_table_ok_permits_and_temporary_replies_never_ban() {
     assert_eq!(verdict.entry.as_ref().unwrap().line, 1);
     let verdict = classify(&rules, "x.slow.example", BOT);
     assert_eq!((verdict.action, verdict.rule), (Action::Reject, "table"));
-    assert_eq!(verdict.reply, Some(Reply { code: 450, text: "4.7.1 Try later".into() }));
+    assert_eq!(verdict.reply, Some(EntryReply { code: 450, text: "4.7.1 Try later".into() }));
     let verdict = classify(&rules, "hard.example", BOT);
     assert_eq!(verdict.action, Action::Ban);
     assert_eq!(verdict.reply.unwrap().code, 550);

@@ -40,7 +40,7 @@ pub fn scan_line(buf: &[u8], max: usize) -> LineScan {
 
 /// A client command, as far as the proxy cares.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Command {
+pub enum SmtpCommand {
     Helo(String),
     Ehlo(String),
     Mail,
@@ -58,11 +58,11 @@ pub enum Command {
     Other(String),
 }
 
-impl Command {
+impl SmtpCommand {
     /// Parses one command line (without its terminator). Verbs are case-insensitive; the HELO
     /// argument is what follows the verb and its spaces, lossily decoded (invalid UTF-8 becomes
     /// U+FFFD, which the rules then see as a character no host name has).
-    pub fn parse(line: &[u8]) -> Command {
+    pub fn parse(line: &[u8]) -> SmtpCommand {
         let verb_end = line.iter().position(|b| *b == b' ' || *b == b'\t').unwrap_or(line.len());
         let verb = String::from_utf8_lossy(&line[..verb_end]).to_ascii_uppercase();
         let argument = || {
@@ -71,20 +71,20 @@ impl Command {
             String::from_utf8_lossy(&rest[start..]).trim_end().to_owned()
         };
         match verb.as_str() {
-            "HELO" => Command::Helo(argument()),
-            "EHLO" => Command::Ehlo(argument()),
-            "MAIL" => Command::Mail,
-            "RCPT" => Command::Rcpt,
-            "DATA" => Command::Data,
-            "BDAT" => Command::Bdat,
-            "RSET" => Command::Rset,
-            "NOOP" => Command::Noop,
-            "QUIT" => Command::Quit,
-            "STARTTLS" => Command::StartTls,
-            "AUTH" => Command::Auth,
-            "VRFY" | "EXPN" => Command::Vrfy,
-            "HELP" => Command::Help,
-            _ => Command::Other(verb),
+            "HELO" => SmtpCommand::Helo(argument()),
+            "EHLO" => SmtpCommand::Ehlo(argument()),
+            "MAIL" => SmtpCommand::Mail,
+            "RCPT" => SmtpCommand::Rcpt,
+            "DATA" => SmtpCommand::Data,
+            "BDAT" => SmtpCommand::Bdat,
+            "RSET" => SmtpCommand::Rset,
+            "NOOP" => SmtpCommand::Noop,
+            "QUIT" => SmtpCommand::Quit,
+            "STARTTLS" => SmtpCommand::StartTls,
+            "AUTH" => SmtpCommand::Auth,
+            "VRFY" | "EXPN" => SmtpCommand::Vrfy,
+            "HELP" => SmtpCommand::Help,
+            _ => SmtpCommand::Other(verb),
         }
     }
 }
@@ -152,21 +152,27 @@ mod tests {
     #[test]
     fn commands_parse_case_insensitively() {
         assert_eq!(
-            Command::parse(b"EHLO mail.example.com"),
-            Command::Ehlo("mail.example.com".into())
+            SmtpCommand::parse(b"EHLO mail.example.com"),
+            SmtpCommand::Ehlo("mail.example.com".into())
         );
         assert_eq!(
-            Command::parse(b"helo   Mail.Example.com  "),
-            Command::Helo("Mail.Example.com".into())
+            SmtpCommand::parse(b"helo   Mail.Example.com  "),
+            SmtpCommand::Helo("Mail.Example.com".into())
         );
-        assert_eq!(Command::parse(b"HeLo\t[192.0.2.1]"), Command::Helo("[192.0.2.1]".into()));
-        assert_eq!(Command::parse(b"HELO"), Command::Helo(String::new()));
-        assert_eq!(Command::parse(b"mail FROM:<a@b>"), Command::Mail);
-        assert_eq!(Command::parse(b"RCPT TO:<x@y>"), Command::Rcpt);
-        assert_eq!(Command::parse(b"StartTLS"), Command::StartTls);
-        assert_eq!(Command::parse(b"EXPN list"), Command::Vrfy);
-        assert_eq!(Command::parse(b""), Command::Other(String::new()));
-        assert_eq!(Command::parse(b"GET / HTTP/1.1"), Command::Other("GET".into()));
-        assert_eq!(Command::parse(b"HELO bad\xffname"), Command::Helo("bad\u{fffd}name".into()));
+        assert_eq!(
+            SmtpCommand::parse(b"HeLo\t[192.0.2.1]"),
+            SmtpCommand::Helo("[192.0.2.1]".into())
+        );
+        assert_eq!(SmtpCommand::parse(b"HELO"), SmtpCommand::Helo(String::new()));
+        assert_eq!(SmtpCommand::parse(b"mail FROM:<a@b>"), SmtpCommand::Mail);
+        assert_eq!(SmtpCommand::parse(b"RCPT TO:<x@y>"), SmtpCommand::Rcpt);
+        assert_eq!(SmtpCommand::parse(b"StartTLS"), SmtpCommand::StartTls);
+        assert_eq!(SmtpCommand::parse(b"EXPN list"), SmtpCommand::Vrfy);
+        assert_eq!(SmtpCommand::parse(b""), SmtpCommand::Other(String::new()));
+        assert_eq!(SmtpCommand::parse(b"GET / HTTP/1.1"), SmtpCommand::Other("GET".into()));
+        assert_eq!(
+            SmtpCommand::parse(b"HELO bad\xffname"),
+            SmtpCommand::Helo("bad\u{fffd}name".into())
+        );
     }
 }
