@@ -4,7 +4,8 @@
 //! equivalent one.
 #![no_main]
 
-use helo_agent::proxy::header::{Decoded, Inbound, ProxyProtocol, decode, encode};
+use helo_agent::config::ProxyProtocol;
+use helo_agent::proxy::header::{Decoded, Inbound, decode, encode};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

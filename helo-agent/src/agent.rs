@@ -14,16 +14,15 @@ use std::time::Instant;
 use crate::blocklist::Blocklist;
 use crate::blocklist::snapshot::{self, Loaded};
 use crate::blocklist::worker::{self, BanSender};
-use crate::config::Config;
-use crate::ebpf::{
-    self, Allowlist, AttachMode, Attached, EbpfError, LoadOptions, PinnedMaps, XdpProgram,
-};
+use crate::config::{Config, ConfigError, Overrides, ProxyProtocol};
+use crate::control::{ReloadSummary, XdpStats};
+use crate::ebpf::{self, Allowlist, Attached, EbpfError, LoadOptions, PinnedMaps, XdpProgram};
 use crate::metrics::Metrics;
 use crate::proxy::Shared;
-use crate::proxy::header::ProxyProtocol;
 
-/// File descriptors a session may hold: client and MTA sockets, two pipes for splice.
-const FDS_PER_SESSION: u64 = 6;
+/// File descriptors a session may hold: client and MTA sockets, and one pipe (two ends) for
+/// splice.
+const FDS_PER_SESSION: u64 = 4;
 
 /// Raises RLIMIT_NOFILE to what `max_sessions` needs (as root past the hard limit, up to
 /// fs.nr_open); warns with the fix when that is not enough. Returns the limit in force.
@@ -85,42 +84,21 @@ pub enum AgentError {
     Runtime(std::io::Error),
 }
 
-/// Overrides from the command line; a reload applies them again to the re-read config.
-#[derive(Clone, Debug, Default)]
-pub struct RunOptions {
-    pub interface: Option<String>,
-    pub mode: Option<AttachMode>,
-    pub listen: Vec<std::net::SocketAddr>,
-    pub upstream: Option<std::net::SocketAddr>,
-    pub proxy_protocol: Option<ProxyProtocol>,
-    pub pin_dir: Option<PathBuf>,
-}
-
-impl RunOptions {
-    pub fn apply(&self, config: &mut Config) {
-        if let Some(dir) = &self.pin_dir {
-            config.xdp.pin_dir = dir.clone();
-        }
-        if !self.listen.is_empty() {
-            config.proxy.listeners = self
-                .listen
-                .iter()
-                .map(|&address| crate::config::ListenerConfig { address, check_helo: true })
-                .collect();
-        }
-        if let Some(upstream) = self.upstream {
-            config.proxy.upstream = upstream;
-        }
-        if let Some(protocol) = self.proxy_protocol {
-            config.proxy.proxy_protocol = protocol;
-        }
-    }
+/// Why a reload was refused; the config in force keeps running.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new config (or a rule file it names) does not validate.
+    #[error("reload refused, the config in force keeps running: {0}")]
+    Invalid(#[source] ConfigError),
+    #[error("reload refused, the config in force keeps running: the reload task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// What [`prepare`] set up as root, for [`serve`].
 pub struct Prepared {
     config: Config,
-    options: RunOptions,
+    /// The command line's overrides, which a reload writes over the re-read file again.
+    options: Overrides,
     iface: String,
     listeners: Vec<(std::net::TcpListener, bool)>,
     program: XdpProgram,
@@ -134,12 +112,12 @@ pub struct Prepared {
 }
 
 /// The privileged half of start-up; see the module doc. Single-threaded.
-pub fn prepare(config: Config, options: RunOptions) -> Result<Prepared, AgentError> {
-    let iface = match options.interface.clone().or_else(|| config.xdp.interface.clone()) {
+pub fn prepare(config: Config, options: Overrides) -> Result<Prepared, AgentError> {
+    let iface = match config.xdp.interface.clone() {
         Some(iface) => iface,
         None => default_route_interface().ok_or(AgentError::NoDefaultInterface)?,
     };
-    let mode = options.mode.unwrap_or(config.xdp.mode);
+    let mode = config.xdp.mode;
     let fd_limit = raise_fd_limit(config.proxy.max_sessions);
     tracing::debug!(fd_limit, "open-file limit");
     refuse_if_running(&config.agent.control_socket)?;
@@ -334,7 +312,7 @@ pub fn drop_privileges(prepared: &Prepared) -> Result<(), AgentError> {
 /// The whole `run`: prepare, drop privileges, serve until `shutdown`.
 pub fn run(
     config: Config,
-    options: RunOptions,
+    options: Overrides,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let prepared = prepare(config, options)?;
@@ -346,7 +324,7 @@ pub fn run(
 /// Re-reads the config and swaps in what can change live.
 struct Reloader {
     source: Option<PathBuf>,
-    options: RunOptions,
+    options: Overrides,
     current: Mutex<Config>,
     allowlist: Mutex<Option<Allowlist>>,
     shared: Arc<Shared>,
@@ -359,37 +337,36 @@ struct Reloader {
 impl Reloader {
     /// Re-reads the config and swaps it in. Logs and counts the result
     /// (`reloads_total{result}`), here only, whoever asked: SIGHUP or the control socket.
-    async fn reload(&self) -> Result<serde_json::Value, String> {
+    async fn reload(&self) -> Result<ReloadSummary, ReloadError> {
         let result = self.swap().await;
         let label = if result.is_ok() { "ok" } else { "refused" };
         self.metrics.reloads.get_or_create(&crate::metrics::ResultLabels { result: label }).inc();
-        match result {
+        match &result {
             Ok(summary) => {
-                tracing::info!(summary = %summary, "config reloaded");
-                Ok(summary)
+                let summary = serde_json::to_string(summary).unwrap_or_default();
+                tracing::info!(%summary, "config reloaded");
             }
             Err(error) => {
+                // The message says "reload refused" already; the field is why.
+                let error =
+                    std::error::Error::source(error).map_or(error.to_string(), |e| e.to_string());
                 tracing::error!(%error, "reload refused: the config in force keeps running");
-                Err(format!("reload refused, the config in force keeps running: {error}"))
             }
         }
+        result
     }
 
     /// The reload itself; `Err` with the reason when the new config is refused.
-    async fn swap(&self) -> Result<serde_json::Value, String> {
+    async fn swap(&self) -> Result<ReloadSummary, ReloadError> {
         let _one = self.busy.lock().await;
         let source = self.source.clone();
         let options = self.options.clone();
         let started = Instant::now();
-        let loaded = tokio::task::spawn_blocking(move || {
-            Config::load(source.as_deref()).map(|mut config| {
-                options.apply(&mut config);
-                config
-            })
-        })
-        .await
-        .map_err(|e| format!("reload task failed: {e}"))?;
-        let mut new = loaded.map_err(|error| error.to_string())?;
+        let loaded =
+            tokio::task::spawn_blocking(move || Config::load_with(source.as_deref(), &options))
+                .await
+                .map_err(ReloadError::Task)?;
+        let mut new = loaded.map_err(ReloadError::Invalid)?;
         let mut current = self.current.lock().expect("config lock");
         let needs_restart = keep_fixed(&current, &mut new);
         for key in &needs_restart {
@@ -413,15 +390,18 @@ impl Reloader {
         for warning in &new.warnings {
             tracing::warn!("{warning}");
         }
-        let summary = serde_json::json!({
-            "config": new.source.as_deref().map_or("<embedded defaults>".into(), |p| p.display().to_string()),
-            "badhelo_patterns": new.rules.badhelo.len(),
-            "table_entries": new.rules.table.len(),
-            "allowlist": new.rules.allowlist.len(),
-            "warnings": new.warnings,
-            "needs_restart": needs_restart,
-            "ms": started.elapsed().as_millis() as u64,
-        });
+        let summary = ReloadSummary {
+            config: new
+                .source
+                .as_deref()
+                .map_or("<embedded defaults>".into(), |p| p.display().to_string()),
+            badhelo_patterns: new.rules.badhelo.len(),
+            table_entries: new.rules.table.len(),
+            allowlist: new.rules.allowlist.len(),
+            warnings: new.warnings.clone(),
+            needs_restart: needs_restart.iter().map(ToString::to_string).collect(),
+            ms: started.elapsed().as_millis() as u64,
+        };
         *current = new;
         Ok(summary)
     }
@@ -458,7 +438,8 @@ fn keep_fixed(old: &Config, new: &mut Config) -> Vec<&'static str> {
     changed
 }
 
-/// The unprivileged half: runs until `shutdown` completes.
+/// The unprivileged half: starts the ban worker, the control socket, metrics and SIGHUP
+/// reloads, runs the proxy until `shutdown` completes, then shuts down.
 pub async fn serve(
     prepared: Prepared,
     shutdown: impl Future<Output = ()>,
@@ -477,15 +458,7 @@ pub async fn serve(
         control: control_listener,
         metrics: metrics_listener,
     } = prepared;
-    let listeners = listeners
-        .into_iter()
-        .zip(&config.proxy.listeners)
-        .map(|((listener, check_helo), l)| {
-            tokio::net::TcpListener::from_std(listener)
-                .map(|listener| crate::proxy::Bound { listener, check_helo })
-                .map_err(|source| crate::proxy::BindError { address: l.address, source })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let listeners = async_listeners(listeners, &config)?;
     let metrics = Arc::new(Metrics::default());
     let (ban_sender, worker) = worker::start(
         bans,
@@ -497,6 +470,7 @@ pub async fn serve(
             history,
         },
     );
+    // Without XDP the proxy refuses banned clients itself, at accept.
     let enforce: Option<Arc<dyn crate::blocklist::BanCheck>> = match attached {
         Some(_) => None,
         None => Some(maps.clone()),
@@ -513,14 +487,7 @@ pub async fn serve(
             lookup: Some(maps.clone()),
         },
     );
-    for bound in &listeners {
-        if let Ok(address) = bound.listener.local_addr() {
-            tracing::info!(%address, check_helo = bound.check_helo, upstream = %config.proxy.upstream, "SMTP listener ready");
-        }
-    }
-    for warning in &config.warnings {
-        tracing::warn!("{warning}");
-    }
+    log_ready(&listeners, &config);
     let reloader = Arc::new(Reloader {
         source: config.source.clone(),
         options,
@@ -532,65 +499,121 @@ pub async fn serve(
         busy: tokio::sync::Mutex::new(()),
     });
     let mut background = tokio::task::JoinSet::new();
-    {
-        let stats_maps = maps.clone();
-        let reload = reloader.clone();
-        let current = reloader.clone();
-        let control = crate::control::server::Control {
-            pin_dir: config.xdp.pin_dir.clone(),
-            bans: ban_sender.clone(),
-            shared: shared.clone(),
-            stats: Box::new(move || stats_json(&stats_maps)),
-            reload: Box::new(move || {
-                let reload = reload.clone();
-                Box::pin(async move { reload.reload().await })
-            }),
-            allowlisted: Box::new(move |target| {
-                let config = current.current.lock().expect("config lock");
-                config
-                    .rules
-                    .allowlist
-                    .iter()
-                    .find(|net| target.overlaps(net))
-                    .map(ToString::to_string)
-            }),
-        };
-        let listener = tokio::net::UnixListener::from_std(control_listener).map_err(|source| {
-            AgentError::Control { path: config.agent.control_socket.clone(), source }
-        })?;
-        tracing::info!(path = %config.agent.control_socket.display(), "control socket ready");
-        background.spawn(crate::control::server::serve(listener, Arc::new(control)));
-    }
+    background.spawn(control_server(control_listener, &config, &reloader, &maps)?);
     if let Some(listener) = metrics_listener {
-        let address = listener.local_addr().ok();
-        let listener = tokio::net::TcpListener::from_std(listener).map_err(|source| {
-            AgentError::Metrics { address: config.agent.metrics.expect("bound"), source }
-        })?;
-        let scrape_maps = maps.clone();
-        let scrape_shared = shared.clone();
-        let scrape_metrics = metrics.clone();
-        tracing::info!(address = ?address, "metrics at http://{}/metrics", address.map(|a| a.to_string()).unwrap_or_default());
-        background.spawn(crate::metrics::serve(listener, metrics.clone(), move || {
-            if let Ok(totals) = scrape_maps.stats() {
-                scrape_metrics.update_xdp(&totals);
-            }
-            crate::metrics::set_gauge(&scrape_metrics.sessions_open, scrape_shared.open_sessions());
-        }));
+        background.spawn(metrics_server(listener, &config, &metrics, &maps, &shared)?);
     }
-    {
-        let reloader = reloader.clone();
-        background.spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
-            while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading the config");
-                let _ = reloader.reload().await;
-            }
-        });
-    }
+    background.spawn(reload_on_sighup(reloader.clone()));
+    proxy_until(listeners, shared.clone(), shutdown).await;
+    drop((shared, reloader, ban_sender));
+    shut_down(background, worker, program, attached, &iface, &config.xdp.pin_dir).await;
+    Ok(())
+}
 
+/// The SMTP listeners bound by [`prepare`], on the runtime.
+fn async_listeners(
+    listeners: Vec<(std::net::TcpListener, bool)>,
+    config: &Config,
+) -> Result<Vec<crate::proxy::Bound>, AgentError> {
+    let bound = listeners
+        .into_iter()
+        .zip(&config.proxy.listeners)
+        .map(|((listener, check_helo), l)| {
+            tokio::net::TcpListener::from_std(listener)
+                .map(|listener| crate::proxy::Bound { listener, check_helo })
+                .map_err(|source| crate::proxy::BindError { address: l.address, source })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(bound)
+}
+
+fn log_ready(listeners: &[crate::proxy::Bound], config: &Config) {
+    for bound in listeners {
+        if let Ok(address) = bound.listener.local_addr() {
+            tracing::info!(%address, check_helo = bound.check_helo, upstream = %config.proxy.upstream, "SMTP listener ready");
+        }
+    }
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+}
+
+/// The control socket's server over the listener bound by [`prepare`]: the ban worker, the
+/// XDP counters, reloads and the allowlist in force.
+fn control_server(
+    listener: std::os::unix::net::UnixListener,
+    config: &Config,
+    reloader: &Arc<Reloader>,
+    maps: &Arc<PinnedMaps>,
+) -> Result<impl Future<Output = ()> + use<>, AgentError> {
+    let stats_maps = maps.clone();
+    let reload = reloader.clone();
+    let current = reloader.clone();
+    let control = crate::control::server::Control {
+        pin_dir: config.xdp.pin_dir.clone(),
+        bans: reloader.bans.clone(),
+        shared: reloader.shared.clone(),
+        stats: Box::new(move || stats_maps.stats().map(XdpStats)),
+        reload: Box::new(move || {
+            let reload = reload.clone();
+            Box::pin(async move { reload.reload().await })
+        }),
+        allowlisted: Box::new(move |target| {
+            let config = current.current.lock().expect("config lock");
+            config.rules.allowlist.iter().find(|net| target.overlaps(net)).map(ToString::to_string)
+        }),
+    };
+    let path = &config.agent.control_socket;
+    let listener = tokio::net::UnixListener::from_std(listener)
+        .map_err(|source| AgentError::Control { path: path.clone(), source })?;
+    tracing::info!(path = %path.display(), "control socket ready");
+    Ok(crate::control::server::serve(listener, Arc::new(control)))
+}
+
+/// `GET /metrics` over the listener bound by [`prepare`]; each scrape first reads the XDP
+/// counters and the open sessions.
+fn metrics_server(
+    listener: std::net::TcpListener,
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    maps: &Arc<PinnedMaps>,
+    shared: &Arc<Shared>,
+) -> Result<impl Future<Output = ()> + use<>, AgentError> {
+    let address = listener.local_addr().ok();
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(|source| {
+        AgentError::Metrics { address: config.agent.metrics.expect("bound"), source }
+    })?;
+    let scrape_maps = maps.clone();
+    let scrape_shared = shared.clone();
+    let scrape_metrics = metrics.clone();
+    tracing::info!(address = ?address, "metrics at http://{}/metrics", address.map(|a| a.to_string()).unwrap_or_default());
+    Ok(crate::metrics::serve(listener, metrics.clone(), move || {
+        if let Ok(totals) = scrape_maps.stats() {
+            scrape_metrics.update_xdp(&totals);
+        }
+        crate::metrics::set_gauge(&scrape_metrics.sessions_open, scrape_shared.open_sessions());
+    }))
+}
+
+/// Reloads the config at each SIGHUP (the reloader logs and counts the result).
+async fn reload_on_sighup(reloader: Arc<Reloader>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the config");
+        let _ = reloader.reload().await;
+    }
+}
+
+/// Runs the proxy until `shutdown` completes, then until its sessions have ended (or until the
+/// proxy stops by itself).
+async fn proxy_until(
+    listeners: Vec<crate::proxy::Bound>,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()>,
+) {
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let serve = crate::proxy::serve(listeners, shared.clone(), async move {
+    let serve = crate::proxy::serve(listeners, shared, async move {
         let mut stopped = stopped;
         let _ = stopped.changed().await;
     });
@@ -603,8 +626,19 @@ pub async fn serve(
         }
         () = &mut serve => {}
     }
+}
+
+/// After the proxy stopped: ends the background tasks (control socket, metrics, SIGHUP), lets
+/// the ban worker finish its queue and save the snapshot, and says what stays in the kernel.
+async fn shut_down(
+    mut background: tokio::task::JoinSet<()>,
+    worker: worker::Worker<PinnedMaps>,
+    program: XdpProgram,
+    attached: Option<Attached>,
+    iface: &str,
+    pin_dir: &Path,
+) {
     background.shutdown().await;
-    drop((shared, reloader, ban_sender));
     let saving = Instant::now();
     let _ = tokio::task::spawn_blocking(move || worker.stop()).await;
     tracing::debug!(ms = saving.elapsed().as_millis() as u64, "ban worker stopped");
@@ -613,28 +647,13 @@ pub async fn serve(
         Some(a) if a.pinned => tracing::info!(
             iface,
             "stopped; the XDP program stays attached and keeps dropping banned sources (`helo-agent detach` removes it); bans stay pinned in {}",
-            config.xdp.pin_dir.display()
+            pin_dir.display()
         ),
-        Some(_) => tracing::info!(
-            iface,
-            "XDP program detached; bans stay pinned in {}",
-            config.xdp.pin_dir.display()
-        ),
-        None => {
-            tracing::info!(iface, "stopped; bans stay pinned in {}", config.xdp.pin_dir.display())
+        Some(_) => {
+            tracing::info!(iface, "XDP program detached; bans stay pinned in {}", pin_dir.display())
         }
+        None => tracing::info!(iface, "stopped; bans stay pinned in {}", pin_dir.display()),
     }
-    Ok(())
-}
-
-/// The XDP counters by name.
-pub fn stats_json(maps: &PinnedMaps) -> Result<serde_json::Value, String> {
-    let totals = maps.stats().map_err(|e| e.to_string())?;
-    Ok(helo_common::Stat::ALL
-        .iter()
-        .map(|s| (s.name().to_owned(), serde_json::Value::from(totals[*s as usize])))
-        .collect::<serde_json::Map<_, _>>()
-        .into())
 }
 
 /// The interface of the IPv4 default route, else of the IPv6 one.
@@ -728,7 +747,7 @@ mod tests {
         );
         let reloader = Reloader {
             source: Some(path.clone()),
-            options: RunOptions::default(),
+            options: Overrides::default(),
             current: Mutex::new(config),
             allowlist: Mutex::new(None),
             shared,
@@ -747,9 +766,9 @@ mod tests {
 
         std::fs::write(&path, "[identity]\ndetect = false\n[rules]\nregexes = ['^x']\n").unwrap();
         let summary = runtime.block_on(reloader.reload()).unwrap();
-        assert_eq!(summary["badhelo_patterns"], 1);
+        assert_eq!(summary.badhelo_patterns, 1);
         std::fs::write(&path, "bogus = 1\n").unwrap();
-        let refused = runtime.block_on(reloader.reload()).unwrap_err();
+        let refused = runtime.block_on(reloader.reload()).unwrap_err().to_string();
         assert!(refused.starts_with("reload refused, the config in force keeps running: "));
         assert!(refused.contains("unknown field `bogus`"), "{refused}");
         assert_eq!((count("ok"), count("refused")), (1, 1));

@@ -6,16 +6,16 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use helo_common::REASON_TEXT_LEN;
 
 use crate::addr::BanTarget;
-use crate::agent::RunOptions;
 use crate::blocklist::{BanEntry, Blocklist, MAX_TTL, Ttl};
-use crate::config::Config;
-use crate::control::{ClientError, Envelope, Request};
-use crate::ebpf::{AttachMode, PinnedMaps};
+use crate::config::{AttachMode, Config, ConfigError, Overrides, ProxyProtocol};
+use crate::control::{Answer, ClientError, Envelope, Request, XdpStats};
+use crate::ebpf::PinnedMaps;
 use crate::report::HeloRow;
 use crate::rules::{Action, Facts, RejectAt, Verdict};
 
@@ -40,7 +40,7 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
     #[command(subcommand)]
-    pub command: Command,
+    pub command: CliCommand,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -50,7 +50,7 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub enum CliCommand {
     /// Run the SMTP proxy and the XDP ban filter until SIGINT or SIGTERM (needs root).
     Run {
         /// Interface to guard; overrides xdp.interface. Default: the default route's.
@@ -69,7 +69,7 @@ pub enum Command {
         upstream: Option<std::net::SocketAddr>,
         /// How the MTA learns the real client; overrides proxy.proxy_protocol. Default: v2.
         #[arg(long, value_enum)]
-        proxy_protocol: Option<crate::proxy::header::ProxyProtocol>,
+        proxy_protocol: Option<ProxyProtocol>,
     },
     /// Ban an address: its new connections to the guarded ports are dropped until the ban
     /// expires.
@@ -159,6 +159,71 @@ pub enum Command {
     },
 }
 
+impl Cli {
+    /// The flags that replace config keys, for [`Config::load_with`]: `--pin-dir` for every
+    /// command, and `run`'s own. They are validated with the file, and refused by their name.
+    pub fn overrides(&self) -> Overrides {
+        let mut overrides = Overrides { pin_dir: self.pin_dir.clone(), ..Overrides::default() };
+        if let CliCommand::Run { iface, xdp_mode, listen, upstream, proxy_protocol } = &self.command
+        {
+            overrides.interface = iface.clone();
+            overrides.mode = *xdp_mode;
+            overrides.listen = listen.clone();
+            overrides.upstream = *upstream;
+            overrides.proxy_protocol = *proxy_protocol;
+        }
+        overrides
+    }
+}
+
+/// `run --xdp-mode`: the values and their help. The mode itself is a config value (no clap in
+/// `config`).
+impl ValueEnum for AttachMode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[AttachMode::Auto, AttachMode::Native, AttachMode::Skb]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        use clap::builder::PossibleValue;
+        Some(match self {
+            AttachMode::Auto => PossibleValue::new("auto").help(
+                "Native mode, falling back to generic mode (with a warning) where the driver has \
+                 no XDP",
+            ),
+            AttachMode::Native => PossibleValue::new("native")
+                .help("Native (driver) mode only: fails where the driver has no XDP support"),
+            AttachMode::Skb => {
+                PossibleValue::new("skb").help("Generic (skb) mode: works on any interface, slower")
+            }
+        })
+    }
+}
+
+/// `run --proxy-protocol`: the values and their help, as for [`AttachMode`].
+impl ValueEnum for ProxyProtocol {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[ProxyProtocol::None, ProxyProtocol::V1, ProxyProtocol::V2, ProxyProtocol::Transparent]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        use clap::builder::PossibleValue;
+        Some(match self {
+            ProxyProtocol::None => {
+                PossibleValue::new("none").help("No header: the MTA sees the proxy's address")
+            }
+            ProxyProtocol::V1 => PossibleValue::new("v1"),
+            ProxyProtocol::V2 => PossibleValue::new("v2"),
+            ProxyProtocol::Transparent => PossibleValue::new("transparent").help(
+                "No header: the connection to the MTA comes from the client's own address \
+                 (IP_TRANSPARENT), for MTAs that cannot take PROXY headers. IP_TRANSPARENT needs \
+                 CAP_NET_RAW (or CAP_NET_ADMIN; the agent keeps CAP_NET_RAW after dropping \
+                 privileges) and a route that brings the MTA's replies back to this host (see \
+                 the README)",
+            ),
+        })
+    }
+}
+
 /// `check`'s exit status for a reject verdict.
 pub const EXIT_REJECT: u8 = 3;
 /// `check`'s exit status for a ban verdict.
@@ -199,15 +264,38 @@ pub fn describe(error: &anyhow::Error) -> String {
 
 /// Runs the command; the exit status on success (`check` answers by it, see
 /// [`CHECK_EXIT_STATUS`]). `main` prints an error with [`describe`] and exits 1.
-pub fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
-    match &cli.command {
-        Command::Check { helo, client, previous, exempt_listener, json } => {
-            let config = Config::load(cli.config.as_deref())?;
-            check(&config, helo, *client, previous, *exempt_listener, *json)
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let overrides = cli.overrides();
+    let Cli { config: path, command, .. } = cli;
+    let path = path.as_deref();
+    let done = |result: anyhow::Result<()>| result.map(|()| ExitCode::SUCCESS);
+    match command {
+        CliCommand::Run { .. } => done(run_agent(load(path, &overrides)?, overrides)),
+        CliCommand::Ban { target, ttl, reason, prefix } => {
+            let config = load(path, &overrides)?;
+            done(ban(&config, &target, ttl.as_deref(), &reason, prefix))
         }
-        Command::Reload => reload(&cli).map(|()| std::process::ExitCode::SUCCESS),
-        _ => execute(cli).map(|()| std::process::ExitCode::SUCCESS),
+        CliCommand::Unban { target, prefix } => {
+            done(unban(&load(path, &overrides)?, &target, prefix))
+        }
+        CliCommand::List { json } => done(list(&load(path, &overrides)?, json)),
+        CliCommand::Check { helo, client, previous, exempt_listener, json } => {
+            let config = Config::load(path)?;
+            check(&config, &helo, client, &previous, exempt_listener, json)
+        }
+        CliCommand::CheckConfig { file } => done(check_config(file.as_deref().or(path))),
+        CliCommand::Stats { json } => done(stats(&load(path, &overrides)?, json)),
+        CliCommand::Reload => done(reload(path, &overrides)),
+        CliCommand::Tophelos { since, limit, json } => {
+            done(tophelos(&load(path, &overrides)?, &since, limit, json))
+        }
+        CliCommand::Detach { maps } => done(detach(&load(path, &overrides)?, maps)),
     }
+}
+
+/// The config at `path` (or the embedded defaults), with the command line's flags in force.
+fn load(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Config> {
+    Ok(Config::load_with(path, overrides)?)
 }
 
 /// `check`: prints the verdict, and answers by the exit status.
@@ -218,7 +306,7 @@ fn check(
     previous: &[String],
     exempt_listener: bool,
     json: bool,
-) -> anyhow::Result<std::process::ExitCode> {
+) -> anyhow::Result<ExitCode> {
     for warning in &config.warnings {
         eprintln!("helo-agent: warning: {warning}");
     }
@@ -234,9 +322,9 @@ fn check(
         write_verdict(&mut out, &verdict)?;
     }
     Ok(match verdict.action {
-        Action::Pass => std::process::ExitCode::SUCCESS,
-        Action::Reject => std::process::ExitCode::from(EXIT_REJECT),
-        Action::Ban => std::process::ExitCode::from(EXIT_BAN),
+        Action::Pass => ExitCode::SUCCESS,
+        Action::Reject => ExitCode::from(EXIT_REJECT),
+        Action::Ban => ExitCode::from(EXIT_BAN),
     })
 }
 
@@ -244,37 +332,37 @@ fn check(
 /// (`reloads_total{result}`) as for SIGHUP. The CLI reads the config only to find the agent, so
 /// a file that does not validate reaches the agent too (which refuses it and says why) instead
 /// of stopping here unseen by the agent's log and metrics.
-fn reload(cli: &Cli) -> anyhow::Result<()> {
-    let (socket, pin_dir, own_error) = match Config::load(cli.config.as_deref()) {
+fn reload(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<()> {
+    let (socket, pin_dir, own_error) = match Config::load_with(path, overrides) {
         Ok(config) => (config.agent.control_socket, config.xdp.pin_dir, None),
+        // A bad flag is this command's own mistake, not the agent's config.
+        Err(error @ ConfigError::Flag { .. }) => return Err(error.into()),
         Err(error) => {
-            let (socket, pin_dir) = crate::config::control_locations(cli.config.as_deref());
-            (socket, pin_dir, Some(error))
+            let (socket, pin_dir) = crate::config::control_locations(path);
+            (socket, overrides.pin_dir.clone().unwrap_or(pin_dir), Some(error))
         }
     };
-    let pin_dir = cli.pin_dir.clone().unwrap_or(pin_dir);
     let envelope = Envelope { pin_dir, request: Request::Reload };
-    let response = match crate::control::request(&socket, &envelope) {
-        Ok(response) => response,
+    let answer = match crate::control::request(&socket, &envelope) {
+        Ok(answer) => answer,
+        Err(error @ (ClientError::Refused { .. } | ClientError::OtherPinDir { .. })) => {
+            return Err(error.into());
+        }
         Err(error) => match own_error {
             Some(own) => anyhow::bail!("{own} (and no agent answered to reload: {error})"),
             None => return Err(error.into()),
         },
     };
-    anyhow::ensure!(response.ok, response.error.unwrap_or_default());
-    let summary = response.data;
+    let Answer::Reloaded(summary) = answer else { return Err(unexpected(answer)) };
     println!(
         "reloaded {}: {} regex rules, {} table entries, {} allowlisted networks",
-        summary["config"].as_str().unwrap_or("?"),
-        summary["badhelo_patterns"],
-        summary["table_entries"],
-        summary["allowlist"]
+        summary.config, summary.badhelo_patterns, summary.table_entries, summary.allowlist
     );
-    for warning in summary["warnings"].as_array().into_iter().flatten() {
-        println!("warning: {}", warning.as_str().unwrap_or_default());
+    for warning in &summary.warnings {
+        println!("warning: {warning}");
     }
-    for key in summary["needs_restart"].as_array().into_iter().flatten() {
-        println!("not changed: {} (takes effect at a restart)", key.as_str().unwrap_or_default());
+    for key in &summary.needs_restart {
+        println!("not changed: {key} (takes effect at a restart)");
     }
     Ok(())
 }
@@ -294,187 +382,194 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
-pub fn execute(cli: Cli) -> anyhow::Result<()> {
-    if let Command::CheckConfig { file } = &cli.command {
-        let path = file.as_deref().or(cli.config.as_deref());
-        let config = Config::load(path)?;
-        for warning in &config.warnings {
-            println!("warning: {warning}");
-        }
-        let rules = &config.rules;
-        println!(
-            "config ok: {} ({} domain table entries, {} regex rules, {} identity names, {} listeners, upstream {})",
-            path.map_or("<embedded defaults>".into(), |p| p.display().to_string()),
-            rules.table.len(),
-            rules.badhelo.len(),
-            rules.identity.names.len(),
-            config.proxy.listeners.len(),
-            config.proxy.upstream,
+/// `check-config`: loads the config at `path` (every rule file too) and says what it holds.
+fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    for warning in &config.warnings {
+        println!("warning: {warning}");
+    }
+    let rules = &config.rules;
+    println!(
+        "config ok: {} ({} domain table entries, {} regex rules, {} identity names, {} listeners, upstream {})",
+        path.map_or("<embedded defaults>".into(), |p| p.display().to_string()),
+        rules.table.len(),
+        rules.badhelo.len(),
+        rules.identity.names.len(),
+        config.proxy.listeners.len(),
+        config.proxy.upstream,
+    );
+    Ok(())
+}
+
+/// `run`: the agent, until SIGINT or SIGTERM.
+fn run_agent(config: Config, overrides: Overrides) -> anyhow::Result<()> {
+    crate::agent::run(config, overrides, shutdown_signal())?;
+    Ok(())
+}
+
+/// `ban`: through the agent when one runs, else straight into the pinned maps.
+fn ban(
+    config: &Config,
+    target: &str,
+    ttl: Option<&str>,
+    reason: &str,
+    prefix: bool,
+) -> anyhow::Result<()> {
+    let target = parse_target(target, prefix)?;
+    let ttl = match ttl {
+        None => Ttl::For(config.rules.ban_ttl),
+        Some(text) => parse_ttl(text)?,
+    };
+    let reason = reason.trim();
+    anyhow::ensure!(
+        reason.len() <= REASON_TEXT_LEN,
+        "--reason is {} bytes long; a ban keeps at most {REASON_TEXT_LEN}: shorten it",
+        reason.len()
+    );
+    if let Some(net) = config.rules.allowlist.iter().find(|net| target.overlaps(net)) {
+        anyhow::bail!(
+            "{target} is in the allowlisted network {net} and would never be dropped: remove it \
+             from allowlist.networks first"
         );
+    }
+    let ttl_secs = match ttl {
+        Ttl::For(d) => Some(d.as_secs().max(1)),
+        Ttl::Forever => None,
+    };
+    let request = Request::Ban { target: target.to_string(), ttl_secs, reason: reason.to_owned() };
+    if AgentLink::of(config).ask(request)?.is_none() {
+        let mut list = Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?);
+        list.ban(&target, ttl, reason, crate::clock::boot_ns())?;
+    }
+    let how_long = match ttl {
+        Ttl::For(d) => crate::duration::format(d),
+        Ttl::Forever => "forever".into(),
+    };
+    println!("banned {target} for {how_long}");
+    Ok(())
+}
+
+/// `ban --ttl`: a duration up to [`MAX_TTL`], or `forever`.
+fn parse_ttl(text: &str) -> anyhow::Result<Ttl> {
+    if text == "forever" {
+        return Ok(Ttl::Forever);
+    }
+    let ttl = crate::duration::parse(text)?;
+    anyhow::ensure!(!ttl.is_zero(), "--ttl must be longer than 0s");
+    anyhow::ensure!(
+        ttl <= MAX_TTL,
+        "--ttl {text} is longer than the longest ban, {} (about ten years): use --ttl forever \
+         for a ban that never ends",
+        crate::duration::format(MAX_TTL)
+    );
+    Ok(Ttl::For(ttl))
+}
+
+/// `unban`: through the agent (which also forgets the offences) when one runs, else in the
+/// pinned maps.
+fn unban(config: &Config, target: &str, prefix: bool) -> anyhow::Result<()> {
+    let target = parse_target(target, prefix)?;
+    let request = Request::Unban { target: target.to_string() };
+    let was_banned = match AgentLink::of(config).ask(request)? {
+        Some(Answer::Unbanned(answer)) => answer.was_banned,
+        Some(other) => return Err(unexpected(other)),
+        None => Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?).unban(&target)?,
+    };
+    anyhow::ensure!(was_banned, "{target} is not banned (see `helo-agent list`)");
+    println!("unbanned {target}");
+    Ok(())
+}
+
+/// `list`: the bans in force, from the agent or the pinned maps.
+fn list(config: &Config, json: bool) -> anyhow::Result<()> {
+    let entries: Vec<BanEntry> = match AgentLink::of(config).ask(Request::List)? {
+        Some(Answer::Listed(entries)) => entries,
+        Some(other) => return Err(unexpected(other)),
+        None => {
+            Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?).list(crate::clock::boot_ns())?
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &entries)?;
+        writeln!(out)?;
         return Ok(());
     }
-    let mut config = Config::load(cli.config.as_deref())?;
-    if let Some(dir) = &cli.pin_dir {
-        config.xdp.pin_dir = dir.clone();
+    writeln!(out, "{:<42} {:>10} {:>10}  REASON", "ADDRESS", "REMAINING", "HITS")?;
+    for e in &entries {
+        let remaining = e.remaining_secs.map_or("forever".into(), |s| {
+            crate::duration::format(std::time::Duration::from_secs(s))
+        });
+        writeln!(out, "{:<42} {:>10} {:>10}  {}", e.target, remaining, e.hits, e.reason)?;
     }
-    let agent = AgentLink { socket: &config.agent.control_socket, pin_dir: &config.xdp.pin_dir };
-    match cli.command {
-        Command::Run { iface, xdp_mode, listen, upstream, proxy_protocol } => {
-            let options = RunOptions {
-                interface: iface,
-                mode: xdp_mode,
-                listen,
-                upstream,
-                proxy_protocol,
-                pin_dir: cli.pin_dir,
-            };
-            options.apply(&mut config);
-            crate::agent::run(config, options, shutdown_signal())?;
-        }
-        Command::Ban { target, ttl, reason, prefix } => {
-            let target = parse_target(&target, prefix)?;
-            let ttl = match ttl.as_deref() {
-                None => config.default_ban_ttl(),
-                Some("forever") => Ttl::Forever,
-                Some(text) => {
-                    let ttl = crate::duration::parse(text)?;
-                    anyhow::ensure!(!ttl.is_zero(), "--ttl must be longer than 0s");
-                    anyhow::ensure!(
-                        ttl <= MAX_TTL,
-                        "--ttl {text} is longer than the longest ban, {} (about ten years): use \
-                         --ttl forever for a ban that never ends",
-                        crate::duration::format(MAX_TTL)
-                    );
-                    Ttl::For(ttl)
-                }
-            };
-            let reason = reason.trim();
-            anyhow::ensure!(
-                reason.len() <= REASON_TEXT_LEN,
-                "--reason is {} bytes long; a ban keeps at most {REASON_TEXT_LEN}: shorten it",
-                reason.len()
-            );
-            if let Some(net) = config.rules.allowlist.iter().find(|net| target.overlaps(net)) {
-                anyhow::bail!(
-                    "{target} is in the allowlisted network {net} and would never be dropped: \
-                     remove it from allowlist.networks first"
-                );
-            }
-            let ttl_secs = match ttl {
-                Ttl::For(d) => Some(d.as_secs().max(1)),
-                Ttl::Forever => None,
-            };
-            let request =
-                Request::Ban { target: target.to_string(), ttl_secs, reason: reason.to_owned() };
-            if agent.ask(request)?.is_none() {
-                let mut list = Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?);
-                list.ban(&target, ttl, reason, crate::clock::boot_ns())?;
-            }
-            let how_long = match ttl {
-                Ttl::For(d) => crate::duration::format(d),
-                Ttl::Forever => "forever".into(),
-            };
-            println!("banned {target} for {how_long}");
-        }
-        Command::Unban { target, prefix } => {
-            let target = parse_target(&target, prefix)?;
-            let was_banned = match agent.ask(Request::Unban { target: target.to_string() })? {
-                Some(data) => data["was_banned"].as_bool().unwrap_or(false),
-                None => Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?).unban(&target)?,
-            };
-            if was_banned {
-                println!("unbanned {target}");
-            } else {
-                anyhow::bail!("{target} is not banned (see `helo-agent list`)");
-            }
-        }
-        Command::List { json } => {
-            let entries: Vec<BanEntry> = match agent.ask(Request::List)? {
-                Some(data) => serde_json::from_value(data)?,
-                None => Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?)
-                    .list(crate::clock::boot_ns())?,
-            };
-            let mut out = std::io::stdout().lock();
-            if json {
-                serde_json::to_writer_pretty(&mut out, &entries)?;
-                writeln!(out)?;
-            } else {
-                writeln!(out, "{:<42} {:>10} {:>10}  REASON", "ADDRESS", "REMAINING", "HITS")?;
-                for e in &entries {
-                    let remaining = e.remaining_secs.map_or("forever".into(), |s| {
-                        crate::duration::format(std::time::Duration::from_secs(s))
-                    });
-                    writeln!(
-                        out,
-                        "{:<42} {:>10} {:>10}  {}",
-                        e.target, remaining, e.hits, e.reason
-                    )?;
-                }
-            }
-        }
-        Command::Check { .. } | Command::Reload => unreachable!("handled by `run`"),
-        Command::CheckConfig { .. } => unreachable!("handled before the config is loaded"),
-        Command::Stats { json } => {
-            let object = match agent.ask(Request::Stats)? {
-                Some(data) => data,
-                None => crate::agent::stats_json(&PinnedMaps::open(&config.xdp.pin_dir)?)
-                    .map_err(anyhow::Error::msg)?,
-            };
-            let mut out = std::io::stdout().lock();
-            if json {
-                serde_json::to_writer_pretty(&mut out, &object)?;
-                writeln!(out)?;
-            } else {
-                for stat in helo_common::Stat::ALL {
-                    writeln!(out, "{:<14} {}", stat.name(), object[stat.name()])?;
-                }
-            }
-        }
-        Command::Tophelos { since, limit, json } => {
-            let since = crate::duration::parse(&since)?;
-            let rows = agent.require(Request::Tophelos { since_secs: since.as_secs(), limit })?;
-            let rows: Vec<HeloRow> = serde_json::from_value(rows)?;
-            let mut out = std::io::stdout().lock();
-            if json {
-                serde_json::to_writer_pretty(&mut out, &rows)?;
-                writeln!(out)?;
-            } else {
-                writeln!(
-                    out,
-                    "{:>9} {:>8} {:>9}  {:<40} RULES",
-                    "SESSIONS", "CLIENTS", "REJECTED", "HELO"
-                )?;
-                for row in &rows {
-                    let plus = if row.clients_capped { "+" } else { "" };
-                    let rules: Vec<String> =
-                        row.rules.iter().map(|r| format!("{}={}", r.rule, r.sessions)).collect();
-                    writeln!(
-                        out,
-                        "{:>9} {:>8} {:>9}  {:<40} {}",
-                        row.sessions,
-                        format!("{}{plus}", row.clients),
-                        row.rejected,
-                        row.helo,
-                        rules.join(" ")
-                    )?;
-                }
-            }
-        }
-        Command::Detach { maps } => {
-            let removed = crate::ebpf::detach(&config.xdp.pin_dir, maps)?;
-            if removed.is_empty() {
-                println!("nothing pinned in {}", config.xdp.pin_dir.display());
-            }
-            for path in removed {
-                println!("removed {}", path.display());
-            }
-            if agent.ask(Request::Stats).is_ok_and(|answer| answer.is_some()) {
-                println!(
-                    "note: an agent is still running and holds the program until it exits; \
-                     stop it to detach now"
-                );
-            }
-        }
+    Ok(())
+}
+
+/// `stats`: the XDP counters, from the agent or the pinned maps.
+fn stats(config: &Config, json: bool) -> anyhow::Result<()> {
+    let stats = match AgentLink::of(config).ask(Request::Stats)? {
+        Some(Answer::Stats(stats)) => stats,
+        Some(other) => return Err(unexpected(other)),
+        None => XdpStats(PinnedMaps::open(&config.xdp.pin_dir)?.stats()?),
+    };
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &stats)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    for stat in helo_common::Stat::ALL {
+        writeln!(out, "{:<14} {}", stat.name(), stats.get(stat))?;
+    }
+    Ok(())
+}
+
+/// `tophelos`: the running agent's HELO report.
+fn tophelos(config: &Config, since: &str, limit: usize, json: bool) -> anyhow::Result<()> {
+    let since = crate::duration::parse(since)?;
+    let request = Request::Tophelos { since_secs: since.as_secs(), limit };
+    let rows: Vec<HeloRow> = match AgentLink::of(config).require(request)? {
+        Answer::Tophelos(rows) => rows,
+        other => return Err(unexpected(other)),
+    };
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &rows)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(out, "{:>9} {:>8} {:>9}  {:<40} RULES", "SESSIONS", "CLIENTS", "REJECTED", "HELO")?;
+    for row in &rows {
+        let plus = if row.clients_capped { "+" } else { "" };
+        let rules: Vec<String> =
+            row.rules.iter().map(|r| format!("{}={}", r.rule, r.sessions)).collect();
+        writeln!(
+            out,
+            "{:>9} {:>8} {:>9}  {:<40} {}",
+            row.sessions,
+            format!("{}{plus}", row.clients),
+            row.rejected,
+            row.helo,
+            rules.join(" ")
+        )?;
+    }
+    Ok(())
+}
+
+/// `detach`: removes the pinned link (and with `maps` the pinned maps).
+fn detach(config: &Config, maps: bool) -> anyhow::Result<()> {
+    let removed = crate::ebpf::detach(&config.xdp.pin_dir, maps)?;
+    if removed.is_empty() {
+        println!("nothing pinned in {}", config.xdp.pin_dir.display());
+    }
+    for path in removed {
+        println!("removed {}", path.display());
+    }
+    if AgentLink::of(config).ask(Request::Stats).is_ok_and(|answer| answer.is_some()) {
+        println!(
+            "note: an agent is still running and holds the program until it exits; stop it to \
+             detach now"
+        );
     }
     Ok(())
 }
@@ -522,27 +617,35 @@ struct AgentLink<'a> {
     pin_dir: &'a Path,
 }
 
-impl AgentLink<'_> {
+impl<'a> AgentLink<'a> {
+    /// The agent `config` names: its control socket, for its pin directory.
+    fn of(config: &'a Config) -> Self {
+        AgentLink { socket: &config.agent.control_socket, pin_dir: &config.xdp.pin_dir }
+    }
+
     /// The agent's answer; `None` when no agent runs there (or it guards another pin
     /// directory), so the caller works on the pinned maps itself.
-    fn ask(&self, request: Request) -> anyhow::Result<Option<serde_json::Value>> {
-        let envelope = Envelope { pin_dir: self.pin_dir.to_owned(), request };
-        match crate::control::request(self.socket, &envelope) {
-            Ok(response) if response.ok => Ok(Some(response.data)),
-            Ok(response) if response.data.get("pin_dir").is_some() => Ok(None),
-            Ok(response) => anyhow::bail!(response.error.unwrap_or_default()),
-            Err(ClientError::NotRunning { .. }) => Ok(None),
+    fn ask(&self, request: Request) -> anyhow::Result<Option<Answer>> {
+        match self.require(request) {
+            Ok(answer) => Ok(Some(answer)),
+            Err(ClientError::NotRunning { .. } | ClientError::OtherPinDir { .. }) => Ok(None),
             Err(error) => Err(error.into()),
         }
     }
 
     /// The agent's answer; an error when no agent runs.
-    fn require(&self, request: Request) -> anyhow::Result<serde_json::Value> {
+    fn require(&self, request: Request) -> Result<Answer, ClientError> {
         let envelope = Envelope { pin_dir: self.pin_dir.to_owned(), request };
-        let response = crate::control::request(self.socket, &envelope)?;
-        anyhow::ensure!(response.ok, response.error.unwrap_or_default());
-        Ok(response.data)
+        crate::control::request(self.socket, &envelope)
     }
+}
+
+/// An answer of another kind than the request's: [`crate::control::request`] decodes each as
+/// its request's, so this is a bug.
+fn unexpected(answer: Answer) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the agent answered {answer:?} to another request: this is a bug, please report it"
+    )
 }
 
 async fn shutdown_signal() {
@@ -563,6 +666,22 @@ mod tests {
     fn cli_definition_is_consistent() {
         use clap::CommandFactory as _;
         Cli::command().debug_assert();
+    }
+
+    /// `--xdp-mode` and `--proxy-protocol` take the values the config file takes.
+    #[test]
+    fn flag_values_are_spelled_as_in_the_config_file() {
+        fn same<T: ValueEnum + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>() {
+            use serde::de::IntoDeserializer as _;
+            for value in T::value_variants() {
+                let name = value.to_possible_value().expect("not hidden").get_name().to_owned();
+                let deserializer: serde::de::value::StringDeserializer<serde::de::value::Error> =
+                    name.clone().into_deserializer();
+                assert_eq!(&T::deserialize(deserializer).expect(&name), value, "{name}");
+            }
+        }
+        same::<AttachMode>();
+        same::<ProxyProtocol>();
     }
 
     #[test]

@@ -30,11 +30,11 @@ use ipnet::IpNet;
 
 use crate::addr::BanTarget;
 use crate::blocklist::{BanStore, StoreError};
+use crate::config::{AttachMode, MapSizes};
 
 /// The XDP object built from `helo-ebpf` by build.rs.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/helo-ebpf"));
 
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/helo-filter";
 const BPFFS_MAGIC: u64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
@@ -70,36 +70,6 @@ pub enum EbpfError {
     Program(#[from] ProgramError),
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: MapError },
-}
-
-/// How to attach: let the kernel pick, native (driver) only, or generic (skb) only.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum AttachMode {
-    /// Native mode, falling back to generic mode (with a warning) where the driver has no XDP.
-    Auto,
-    /// Native (driver) mode only: fails where the driver has no XDP support.
-    Native,
-    /// Generic (skb) mode: works on any interface, slower.
-    Skb,
-}
-
-/// Capacities of the ban maps (LRU: when full, the least recently used ban goes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MapSizes {
-    pub bans_v4: u32,
-    pub bans_v6: u32,
-    pub bans_v6_net: u32,
-}
-
-impl Default for MapSizes {
-    fn default() -> Self {
-        Self {
-            bans_v4: helo_common::DEFAULT_MAX_BANS_V4,
-            bans_v6: helo_common::DEFAULT_MAX_BANS_V6,
-            bans_v6_net: helo_common::DEFAULT_MAX_BANS_V6_NET,
-        }
-    }
 }
 
 pub struct LoadOptions<'a> {

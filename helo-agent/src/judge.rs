@@ -55,12 +55,15 @@ pub fn classify(rules: &RuleSet, client: &Client, helo: &str, previous: &[String
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Door {
     Proxy,
+    /// Postfix's policy service (`check_policy_service`).
+    Policy,
 }
 
 impl Door {
     pub fn as_str(self) -> &'static str {
         match self {
             Door::Proxy => "proxy",
+            Door::Policy => "policy",
         }
     }
 }
@@ -267,7 +270,7 @@ mod tests {
         )
         .unwrap()
         .rules;
-        let escalation = crate::blocklist::worker::Escalation {
+        let escalation = crate::config::Escalation {
             factor: 2,
             max_ttl: Duration::from_secs(86_400),
             history: 10,

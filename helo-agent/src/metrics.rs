@@ -6,7 +6,6 @@
 //! read from the pinned map at each scrape.
 
 use std::sync::Mutex;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -180,7 +179,6 @@ pub async fn serve(
     refresh: impl Fn() + Send + Sync + 'static,
 ) {
     let refresh = std::sync::Arc::new(refresh);
-    static SCRAPES: AtomicU64 = AtomicU64::new(0);
     loop {
         let Ok((mut stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -207,7 +205,6 @@ pub async fn serve(
             let (status, content_type, body) =
                 if request.starts_with(b"GET /metrics ") || request.starts_with(b"GET /metrics?") {
                     refresh();
-                    SCRAPES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     (
                         "200 OK",
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -244,3 +244,23 @@ fn listening_on_the_smtps_port_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("port 465 is SMTPS"), "{stderr}");
 }
+
+/// A relative `--pin-dir` skipped the absolute-path check that `xdp.pin_dir` gets in a config
+/// file: command-line overrides were applied after validation. They are applied to the file's
+/// values before it now, so the flag is refused like the key, by its name.
+#[test]
+fn a_relative_pin_dir_is_refused_like_one_in_the_config() {
+    for command in ["list", "stats", "reload"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_helo-agent"))
+            .args(["--pin-dir", "relative/pins", command])
+            .env_remove("HELO_FILTER_CONFIG")
+            .output()
+            .expect("helo-agent runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command}: {stderr}");
+        assert!(
+            stderr.contains("--pin-dir: must be an absolute path under a bpffs"),
+            "{command}: {stderr}"
+        );
+    }
+}

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use helo_agent::blocklist::BanStore;
 use helo_agent::blocklist::fake::FakeStore;
-use helo_agent::blocklist::worker::{self, Escalation};
-use helo_agent::config::{Config, HostFacts, ListenerConfig};
+use helo_agent::blocklist::worker;
+use helo_agent::config::{Config, Escalation, HostFacts, ListenerConfig};
 use helo_agent::proxy::{self, Shared};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -256,7 +256,7 @@ async fn a_good_helo_is_relayed_byte_for_byte_with_a_proxy_header() {
 
     let received = mta.received();
     let expected_header =
-        proxy::header::encode(proxy::header::ProxyProtocol::V2, client_addr, agent.addr);
+        proxy::header::encode(helo_agent::config::ProxyProtocol::V2, client_addr, agent.addr);
     assert_eq!(
         &received[..expected_header.len()],
         &expected_header[..],

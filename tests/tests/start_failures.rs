@@ -5,7 +5,8 @@ use std::process::Command;
 
 use helo_agent::blocklist::{Blocklist, Ttl};
 use helo_agent::clock::boot_ns;
-use helo_agent::ebpf::{self, LoadOptions, MapSizes, PinnedMaps};
+use helo_agent::config::MapSizes;
+use helo_agent::ebpf::{self, LoadOptions, PinnedMaps};
 use tests::{PinDir, agent_bin, require_root, unique};
 
 /// `helo-agent run --iface <missing>` with this test's config; the exit code and stderr.

@@ -18,10 +18,11 @@ use std::time::Duration;
 use helo_common::BanValue;
 use lru::LruCache;
 
-use super::snapshot::{self, SavedOffence};
-use super::{BanEntry, BanStore, Blocklist, Ttl};
+use super::snapshot::{self, SavedOffence, SnapshotError};
+use super::{BanEntry, BanStore, Blocklist, StoreError, Ttl};
 use crate::addr::BanTarget;
 use crate::clock::Now;
+use crate::config::Escalation;
 use crate::metrics::Metrics;
 
 /// How often expired bans whose source never came back are swept from the store (the kernel
@@ -36,17 +37,6 @@ pub const SAVE_AFTER_CHANGE: Duration = Duration::from_secs(5);
 /// Requests waiting at most; beyond, new ones are dropped (and counted) rather than block.
 const QUEUE: usize = 4096;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Escalation {
-    pub factor: u32,
-    pub max_ttl: Duration,
-    pub history: usize,
-    /// Bans applied per second at most (a burst up to this many); beyond, requests are
-    /// dropped, so a flood of bad sessions cannot fill the LRU maps with noise and evict
-    /// real bans.
-    pub max_per_second: u32,
-}
-
 #[derive(Debug)]
 pub struct BanRequest {
     pub client: IpAddr,
@@ -55,9 +45,9 @@ pub struct BanRequest {
     pub reason: String,
 }
 
-/// An admin's request (the control socket), answered on `reply`.
+/// An admin's request (the control socket), answered with an [`AdminAnswer`].
 #[derive(Debug)]
-pub enum Command {
+pub enum AdminCommand {
     /// A manual ban: no escalation, not subject to the rate cap.
     Ban {
         target: BanTarget,
@@ -71,16 +61,29 @@ pub enum Command {
     List,
 }
 
+/// The worker's answer to an [`AdminCommand`], variant for variant.
 #[derive(Debug)]
-pub enum Answer {
+pub enum AdminAnswer {
     Banned(BanValue),
+    /// Whether there was a ban to lift.
     Unbanned(bool),
     Listed(Vec<BanEntry>),
 }
 
+/// Why an admin's command was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("the ban worker is busy or gone: try again")]
+    Busy,
+    #[error("the ban worker stopped: the agent is shutting down or failed; see its log")]
+    Stopped,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 enum Message {
     Offence(BanRequest),
-    Command(Command, tokio::sync::oneshot::Sender<Result<Answer, String>>),
+    Admin(AdminCommand, tokio::sync::oneshot::Sender<Result<AdminAnswer, WorkerError>>),
     Reconfigure(Escalation),
     Stop,
 }
@@ -108,12 +111,10 @@ impl BanSender {
     }
 
     /// Runs an admin command on the worker and waits for its answer.
-    pub async fn command(&self, command: Command) -> Result<Answer, String> {
+    pub async fn command(&self, command: AdminCommand) -> Result<AdminAnswer, WorkerError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.tx
-            .try_send(Message::Command(command, reply))
-            .map_err(|_| "the ban worker is busy or gone: try again".to_owned())?;
-        answer.await.map_err(|_| "the ban worker stopped".to_owned())?
+        self.tx.try_send(Message::Admin(command, reply)).map_err(|_| WorkerError::Busy)?;
+        answer.await.map_err(|_| WorkerError::Stopped)?
     }
 
     /// New escalation settings (a reload).
@@ -243,7 +244,7 @@ impl<S: BanStore> State<S> {
             let wait = next_sweep.min(next_save).min(save_due).saturating_sub(now);
             match rx.recv_timeout(Duration::from_nanos(wait)) {
                 Ok(Message::Offence(request)) => self.offence(request),
-                Ok(Message::Command(command, reply)) => {
+                Ok(Message::Admin(command, reply)) => {
                     let _ = reply.send(self.command(command));
                 }
                 Ok(Message::Reconfigure(escalation)) => self.reconfigure(escalation),
@@ -385,32 +386,32 @@ impl<S: BanStore> State<S> {
         }
     }
 
-    fn command(&mut self, command: Command) -> Result<Answer, String> {
+    fn command(&mut self, command: AdminCommand) -> Result<AdminAnswer, WorkerError> {
         let now = (self.options.clock)();
         match command {
-            Command::Ban { target, ttl, reason } => {
+            AdminCommand::Ban { target, ttl, reason } => {
                 let before = self.list.store().get(&target).ok().flatten();
-                let value = self.list.ban(&target, ttl, &reason, now).map_err(|e| e.to_string())?;
+                let value = self.list.ban(&target, ttl, &reason, now)?;
                 self.changed(&target, before, Some(value));
                 if let Some(m) = &self.options.metrics {
                     m.bans_added.inc();
                 }
                 tracing::info!(%target, reason, "banned by an admin");
-                Ok(Answer::Banned(value))
+                Ok(AdminAnswer::Banned(value))
             }
-            Command::Unban { target } => {
+            AdminCommand::Unban { target } => {
                 let forgot = self.history.pop(&target).is_some();
                 let before = self.list.store().get(&target).ok().flatten();
-                let was = self.list.unban(&target).map_err(|e| e.to_string())?;
+                let was = self.list.unban(&target)?;
                 if was {
                     self.changed(&target, before, None);
                 } else if forgot {
                     self.mark_unsaved();
                 }
                 tracing::info!(%target, was_banned = was, "unbanned by an admin");
-                Ok(Answer::Unbanned(was))
+                Ok(AdminAnswer::Unbanned(was))
             }
-            Command::List => self.list.list(now).map(Answer::Listed).map_err(|e| e.to_string()),
+            AdminCommand::List => Ok(AdminAnswer::Listed(self.list.list(now)?)),
         }
     }
 
@@ -425,11 +426,8 @@ impl<S: BanStore> State<S> {
         self.options.escalation = escalation;
     }
 
-    /// Saves the snapshot; the number of bans saved.
-    fn save(&mut self) -> Result<usize, String> {
-        let Some((path, _)) = &self.options.snapshot else {
-            return Err("no snapshot file configured (bans.snapshot)".into());
-        };
+    /// Saves the snapshot to `path`; the number of bans saved.
+    fn save(&mut self, path: &std::path::Path) -> Result<usize, SnapshotError> {
         let now = Now { boot_ns: (self.options.clock)(), unix_ns: crate::clock::unix_ns() };
         let offences = self
             .history
@@ -441,20 +439,17 @@ impl<S: BanStore> State<S> {
             })
             .collect();
         self.unsaved = None;
-        let entries = self.list.store().entries().map_err(|e| e.to_string())?;
-        let captured =
-            snapshot::capture(&self.list, &entries, offences, now).map_err(|e| e.to_string())?;
-        snapshot::save(path, &captured).map_err(|e| e.to_string())?;
+        let entries = self.list.store().entries()?;
+        let captured = snapshot::capture(&self.list, &entries, offences, now)?;
+        snapshot::save(path, &captured)?;
         self.count_entries(&entries, now.boot_ns);
         Ok(captured.bans.len())
     }
 
     fn save_logged(&mut self) {
-        if self.options.snapshot.is_none() {
-            return;
-        }
+        let Some((path, _)) = self.options.snapshot.clone() else { return };
         let started = std::time::Instant::now();
-        let result = self.save();
+        let result = self.save(&path);
         if let Some(m) = &self.options.metrics {
             let result = if result.is_ok() { "ok" } else { "error" };
             m.snapshots.get_or_create(&crate::metrics::ResultLabels { result }).inc();
@@ -651,7 +646,7 @@ mod tests {
     /// Waits until the worker has handled everything sent before (a `list` round trip).
     fn sync(bans: &BanSender) {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        runtime.block_on(bans.command(Command::List)).expect("the worker answers");
+        runtime.block_on(bans.command(AdminCommand::List)).expect("the worker answers");
     }
 
     fn request(ip: &str) -> BanRequest {
@@ -755,11 +750,11 @@ mod tests {
 
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let command = |command| runtime.block_on(bans.command(command)).unwrap();
-        command(Command::Unban { target: "192.0.2.1".parse().unwrap() });
+        command(AdminCommand::Unban { target: "192.0.2.1".parse().unwrap() });
         assert_eq!(gauges(), (2, 0, 1, 1), "after an unban");
-        command(Command::Unban { target: "192.0.2.1".parse().unwrap() });
+        command(AdminCommand::Unban { target: "192.0.2.1".parse().unwrap() });
         assert_eq!(gauges(), (2, 0, 1, 1), "unbanning what is not banned changes nothing");
-        command(Command::Ban {
+        command(AdminCommand::Ban {
             target: "192.0.2.3".parse().unwrap(),
             ttl: hour,
             reason: "".into(),

@@ -1,6 +1,7 @@
 //! Config snippets in, validated values or errors naming the key and the fix out.
 
 use super::*;
+use crate::rules::{Check, CheckAction, RejectAt};
 
 fn host() -> HostFacts {
     HostFacts {
@@ -257,4 +258,71 @@ fn proxy_listeners_and_limits() {
             max_per_second: 100
         }
     );
+}
+
+fn with_flags(text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+    let path = Path::new("test.toml");
+    Config::from_raw(parse_raw(text, path)?, overrides, Some(path), &host())
+}
+
+/// A relative `--pin-dir` skipped the check that refuses a relative xdp.pin_dir: the flags were
+/// written over the config after it had validated. They are written over the raw file now, so
+/// each is checked as the key it replaces, and an error names the flag.
+#[test]
+fn flags_are_validated_like_the_keys_they_replace() {
+    let cases = [
+        (
+            Overrides { pin_dir: Some("relative/pins".into()), ..Overrides::default() },
+            "--pin-dir: must be an absolute path under a bpffs",
+        ),
+        (
+            Overrides { interface: Some("far-too-long-a-name".into()), ..Overrides::default() },
+            "--iface: \"far-too-long-a-name\" is not an interface name",
+        ),
+        (
+            Overrides { listen: vec!["0.0.0.0:465".parse().unwrap()], ..Overrides::default() },
+            "--listen: 0.0.0.0:465: port 465 is SMTPS",
+        ),
+    ];
+    for (overrides, expected) in cases {
+        let err = with_flags("", &overrides).unwrap_err().to_string();
+        assert!(err.starts_with(expected), "{overrides:?}: {expected:?} in {err}");
+    }
+    // The file's own bad value is still named by its file and key.
+    let err = with_flags("[xdp]\npin_dir = \"relative\"", &Overrides::default()).unwrap_err();
+    assert!(err.to_string().starts_with("config file test.toml: xdp.pin_dir: "), "{err}");
+    // A flag replaces the file's value before it is checked.
+    let overrides = Overrides { pin_dir: Some("/sys/fs/bpf/other".into()), ..Overrides::default() };
+    assert!(with_flags("[xdp]\npin_dir = \"relative\"", &overrides).is_ok());
+}
+
+#[test]
+fn flags_replace_the_keys_of_the_file() {
+    let overrides = Overrides {
+        pin_dir: Some("/sys/fs/bpf/other".into()),
+        interface: Some("eth9".into()),
+        mode: Some(AttachMode::Skb),
+        listen: vec!["127.0.0.1:2525".parse().unwrap(), "[::1]:2526".parse().unwrap()],
+        upstream: Some("[::1]:10026".parse().unwrap()),
+        proxy_protocol: Some(ProxyProtocol::Transparent),
+    };
+    let file = "[xdp]\ninterface = \"eth0\"\nmode = \"native\"\n\
+                [proxy]\nupstream = \"127.0.0.1:2525\"\nproxy_protocol = \"v1\"\n\
+                [[proxy.listeners]]\naddress = \"0.0.0.0:587\"\ncheck_helo = false\n";
+    let config = with_flags(file, &overrides).unwrap();
+    assert_eq!(config.xdp.pin_dir, PathBuf::from("/sys/fs/bpf/other"));
+    assert_eq!(config.xdp.interface.as_deref(), Some("eth9"));
+    assert_eq!(config.xdp.mode, AttachMode::Skb);
+    assert_eq!(
+        config.proxy.listeners,
+        vec![
+            ListenerConfig { address: "127.0.0.1:2525".parse().unwrap(), check_helo: true },
+            ListenerConfig { address: "[::1]:2526".parse().unwrap(), check_helo: true },
+        ]
+    );
+    assert_eq!(config.proxy.upstream, "[::1]:10026".parse().unwrap());
+    assert_eq!(config.proxy.proxy_protocol, ProxyProtocol::Transparent);
+    let unchanged = with_flags(file, &Overrides::default()).unwrap();
+    assert_eq!(unchanged.xdp.interface.as_deref(), Some("eth0"));
+    assert_eq!(unchanged.proxy.listeners.len(), 1);
 }

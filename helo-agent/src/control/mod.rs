@@ -1,6 +1,7 @@
 //! The control socket: a unix socket through which the CLI's `ban`, `unban`, `list`, `stats`,
 //! `reload` and `tophelos` reach the running agent. One JSON request line, one JSON answer line,
-//! then the connection closes.
+//! then the connection closes. Both ends speak in the types here ([`Request`], [`Answer`]); the
+//! JSON is written and read in this module only ([`encode`], [`request`]).
 //!
 //! Only root may use it: the socket is created mode 0600 by root before the agent drops its
 //! privileges, and the server also checks the peer's uid (SO_PEERCRED), so a socket file with
@@ -14,6 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::blocklist::BanEntry;
+use crate::report::HeloRow;
 
 /// Requests and answers are one line each, at most this long.
 pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
@@ -49,24 +53,146 @@ pub enum Request {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default)]
-    pub data: serde_json::Value,
+/// The agent's answer to a request it carried out, one variant per [`Request`] variant. On the
+/// wire it is the `data` of `{"ok":true,"data":...}`, without a tag: the client knows what it
+/// asked, and [`Answer::decode`] reads it as that.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    Banned(Banned),
+    Unbanned(Unbanned),
+    Listed(Vec<BanEntry>),
+    Stats(XdpStats),
+    Reloaded(ReloadSummary),
+    Tophelos(Vec<HeloRow>),
 }
 
-impl Response {
-    pub fn ok(data: impl Serialize) -> Self {
-        let data = serde_json::to_value(data).unwrap_or(serde_json::Value::Null);
-        Response { ok: true, error: None, data }
-    }
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Banned {
+    /// When the ban ends (CLOCK_BOOTTIME ns; `u64::MAX`: never).
+    pub expires_ns: u64,
+}
 
-    pub fn error(message: impl Into<String>) -> Self {
-        Response { ok: false, error: Some(message.into()), data: serde_json::Value::Null }
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unbanned {
+    /// Whether there was a ban to lift.
+    pub was_banned: bool,
+}
+
+/// What a reload swapped in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadSummary {
+    /// The config file, or `<embedded defaults>`.
+    pub config: String,
+    pub badhelo_patterns: usize,
+    pub table_entries: usize,
+    pub allowlist: usize,
+    pub warnings: Vec<String>,
+    /// Keys that changed in the file but take effect only at a restart.
+    pub needs_restart: Vec<String>,
+    pub ms: u64,
+}
+
+/// The XDP program's verdict counters, summed over CPUs. On the wire an object by counter name
+/// (`{"dropped":3,...}`, names in alphabetical order); a counter an older agent lacks reads as 0.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdpStats(pub [u64; helo_common::STAT_COUNT as usize]);
+
+impl XdpStats {
+    pub fn get(&self, stat: helo_common::Stat) -> u64 {
+        self.0[stat as usize]
     }
+}
+
+impl Serialize for XdpStats {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let by_name: std::collections::BTreeMap<&str, u64> =
+            helo_common::Stat::ALL.iter().map(|&stat| (stat.name(), self.get(stat))).collect();
+        by_name.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for XdpStats {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let by_name = std::collections::BTreeMap::<String, u64>::deserialize(deserializer)?;
+        let mut totals = [0; helo_common::STAT_COUNT as usize];
+        for (name, value) in by_name {
+            if let Some(stat) = helo_common::Stat::ALL.into_iter().find(|s| s.name() == name) {
+                totals[stat as usize] = value;
+            }
+        }
+        Ok(XdpStats(totals))
+    }
+}
+
+impl Answer {
+    /// Reads `data` as the answer to `request`.
+    fn decode(request: &Request, data: serde_json::Value) -> Result<Answer, serde_json::Error> {
+        use serde_json::from_value;
+        Ok(match request {
+            Request::Ban { .. } => Answer::Banned(from_value(data)?),
+            Request::Unban { .. } => Answer::Unbanned(from_value(data)?),
+            Request::List => Answer::Listed(from_value(data)?),
+            Request::Stats => Answer::Stats(from_value(data)?),
+            Request::Reload => Answer::Reloaded(from_value(data)?),
+            Request::Tophelos { .. } => Answer::Tophelos(from_value(data)?),
+        })
+    }
+}
+
+/// One answer line as it travels: `{"ok":true,"data":ANSWER}`, or `{"ok":false,"error":TEXT,
+/// "data":null}`; a refusal for another pin directory has `"data":{"pin_dir":GUARDED}`.
+#[derive(Serialize)]
+struct WireAnswer<'a> {
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    data: WireData<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum WireData<'a> {
+    Answer(&'a Answer),
+    OtherPinDir { pin_dir: &'a Path },
+    None,
+}
+
+/// [`WireAnswer`] as the client reads it: `data` is decoded once it is known which it is.
+#[derive(Deserialize)]
+struct ReadAnswer {
+    ok: bool,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    data: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+struct OtherPinDir {
+    pin_dir: PathBuf,
+}
+
+/// Why the agent did not carry out a request: its message, and for a refusal because it guards
+/// another pin directory, that directory.
+pub struct Refusal<'a> {
+    pub message: String,
+    pub guards: Option<&'a Path>,
+}
+
+/// The answer line (with its newline) for what the agent did.
+pub fn encode(answer: Result<&Answer, Refusal<'_>>) -> Vec<u8> {
+    let wire = match answer {
+        Ok(answer) => WireAnswer { ok: true, error: None, data: WireData::Answer(answer) },
+        Err(Refusal { message, guards }) => WireAnswer {
+            ok: false,
+            error: Some(message),
+            data: guards.map_or(WireData::None, |pin_dir| WireData::OtherPinDir { pin_dir }),
+        },
+    };
+    let mut line = serde_json::to_vec(&wire).expect("answers serialize");
+    line.push(b'\n');
+    line
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,13 +204,19 @@ pub enum ClientError {
     Denied { path: PathBuf },
     #[error("control socket {path}: {error}")]
     Io { path: PathBuf, error: std::io::Error },
-    #[error("the agent at {path} sent an answer that does not parse: {message}")]
-    Garbled { path: PathBuf, message: String },
+    #[error("the agent at {path} sent an answer that does not parse: {source}")]
+    Garbled { path: PathBuf, source: serde_json::Error },
+    /// The agent guards another pin directory; the message says which.
+    #[error("{message}")]
+    OtherPinDir { guards: PathBuf, message: String },
+    /// The agent refused or failed the request, and says why.
+    #[error("{message}")]
+    Refused { message: String },
 }
 
-/// Sends one request to the agent at `path` and returns its answer (which may be an error the
-/// agent reports).
-pub fn request(path: &Path, envelope: &Envelope) -> Result<Response, ClientError> {
+/// Sends one request to the agent at `path` and returns its answer; an error the agent reports
+/// is [`ClientError::Refused`] (or [`ClientError::OtherPinDir`]).
+pub fn request(path: &Path, envelope: &Envelope) -> Result<Answer, ClientError> {
     let io = |error: std::io::Error| ClientError::Io { path: path.to_owned(), error };
     let mut stream = match std::os::unix::net::UnixStream::connect(path) {
         Ok(stream) => stream,
@@ -115,8 +247,16 @@ pub fn request(path: &Path, envelope: &Envelope) -> Result<Response, ClientError
         written.map_err(io)?;
         read.map_err(io)?;
     }
-    serde_json::from_slice(&answer)
-        .map_err(|e| ClientError::Garbled { path: path.to_owned(), message: e.to_string() })
+    let garbled = |source| ClientError::Garbled { path: path.to_owned(), source };
+    let answer: ReadAnswer = serde_json::from_slice(&answer).map_err(garbled)?;
+    if answer.ok {
+        return Answer::decode(&envelope.request, answer.data).map_err(garbled);
+    }
+    let message = answer.error.unwrap_or_default();
+    Err(match serde_json::from_value::<OtherPinDir>(answer.data) {
+        Ok(OtherPinDir { pin_dir }) => ClientError::OtherPinDir { guards: pin_dir, message },
+        Err(_) => ClientError::Refused { message },
+    })
 }
 
 #[cfg(test)]
@@ -144,6 +284,27 @@ mod tests {
         assert!(
             serde_json::from_str::<Envelope>(r#"{"pin_dir":"/p","command":"rm -rf"}"#).is_err()
         );
+    }
+
+    #[test]
+    fn answers_have_a_stable_wire_form() {
+        let answer = Answer::Unbanned(Unbanned { was_banned: true });
+        let line = encode(Ok(&answer));
+        assert_eq!(line, b"{\"ok\":true,\"data\":{\"was_banned\":true}}\n");
+        let message = "no".to_owned();
+        let line = encode(Err(Refusal { message, guards: Some(Path::new("/p")) }));
+        assert_eq!(line, b"{\"ok\":false,\"error\":\"no\",\"data\":{\"pin_dir\":\"/p\"}}\n");
+        let line = encode(Err(Refusal { message: "no".into(), guards: None }));
+        assert_eq!(line, b"{\"ok\":false,\"error\":\"no\",\"data\":null}\n");
+        let mut totals = [0; helo_common::STAT_COUNT as usize];
+        totals[helo_common::Stat::Dropped as usize] = 3;
+        let stats = serde_json::to_string(&XdpStats(totals)).unwrap();
+        assert!(
+            stats.starts_with(r#"{"allowlisted":0,"banned_not_syn":0,"dropped":3,"#),
+            "{stats}"
+        );
+        let read: XdpStats = serde_json::from_str(r#"{"dropped":3,"future":1}"#).unwrap();
+        assert_eq!(read, XdpStats(totals));
     }
 
     #[test]

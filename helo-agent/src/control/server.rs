@@ -10,29 +10,72 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 use tokio::net::UnixStream;
 
-use super::{Envelope, MAX_MESSAGE, Request, Response};
+use super::{
+    Answer, Banned, Envelope, MAX_MESSAGE, Refusal, ReloadSummary, Request, Unbanned, XdpStats,
+};
+use crate::addr::{AddrError, BanTarget};
+use crate::agent::ReloadError;
 use crate::blocklist::Ttl;
-use crate::blocklist::worker::{Answer, BanSender, Command};
+use crate::blocklist::worker::{AdminAnswer, AdminCommand, BanSender, WorkerError};
+use crate::ebpf::EbpfError;
 use crate::proxy::Shared;
 
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub type Reply = Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send>>;
+/// A reload in progress, as [`Control::reload`] starts it.
+pub type Reloading = Pin<Box<dyn Future<Output = Result<ReloadSummary, ReloadError>> + Send>>;
 /// The allowlisted network a ban target falls in, if any.
-pub type AllowlistCheck = Box<dyn Fn(&crate::addr::BanTarget) -> Option<String> + Send + Sync>;
+pub type AllowlistCheck = Box<dyn Fn(&BanTarget) -> Option<String> + Send + Sync>;
 
 /// What the control socket can reach in the running agent.
 pub struct Control {
     pub pin_dir: PathBuf,
     pub bans: BanSender,
     pub shared: Arc<Shared>,
-    /// The XDP counters by name.
-    pub stats: Box<dyn Fn() -> Result<serde_json::Value, String> + Send + Sync>,
+    /// The XDP counters.
+    pub stats: Box<dyn Fn() -> Result<XdpStats, EbpfError> + Send + Sync>,
     /// Re-reads and swaps in the config; answers what changed.
-    pub reload: Box<dyn Fn() -> Reply + Send + Sync>,
+    pub reload: Box<dyn Fn() -> Reloading + Send + Sync>,
     /// Allowlisted networks: a manual ban inside one is refused.
     pub allowlisted: AllowlistCheck,
+}
+
+/// Why a request was refused or failed; the client receives the message.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("permission denied: the control socket is root-only")]
+    NotRoot { uid: Option<u32> },
+    #[error(
+        "this agent guards the pin directory {}, not {}: pass the same --config or --pin-dir as \
+         the agent",
+        guards.display(),
+        asked.display()
+    )]
+    OtherPinDir { guards: PathBuf, asked: PathBuf },
+    #[error("reading the request: {0}")]
+    Read(std::io::Error),
+    #[error("no request within 10 s")]
+    Timeout,
+    #[error("not a control request: {0}")]
+    Malformed(serde_json::Error),
+    #[error(transparent)]
+    Target(#[from] AddrError),
+    #[error(
+        "{target} is in the allowlisted network {network} and would never be dropped: remove it \
+         from allowlist.networks first"
+    )]
+    Allowlisted { target: BanTarget, network: String },
+    #[error("the ttl must be longer than 0s")]
+    ZeroTtl,
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error("the ban worker answered {0:?} to another command: this is a bug, please report it")]
+    Mismatched(AdminAnswer),
+    #[error(transparent)]
+    Stats(#[from] EbpfError),
+    #[error(transparent)]
+    Reload(#[from] ReloadError),
 }
 
 /// Serves `listener` until the task is dropped.
@@ -48,61 +91,67 @@ pub async fn serve(listener: tokio::net::UnixListener, control: Arc<Control>) {
 }
 
 async fn connection(mut stream: UnixStream, control: &Control) {
-    let uid = stream.peer_cred().map(|c| c.uid()).ok();
-    let response = if uid != Some(0) {
-        tracing::warn!(uid, "control socket: refused a connection from a non-root user");
-        Response::error("permission denied: the control socket is root-only")
-    } else {
-        match read_request(&mut stream).await {
-            Ok(envelope) if envelope.pin_dir != control.pin_dir => Response {
-                ok: false,
-                error: Some(format!(
-                    "this agent guards the pin directory {}, not {}: pass the same --config or \
-                     --pin-dir as the agent",
-                    control.pin_dir.display(),
-                    envelope.pin_dir.display()
-                )),
-                data: serde_json::json!({ "pin_dir": control.pin_dir }),
-            },
-            Ok(envelope) => answer(envelope.request, control).await,
-            Err(message) => Response::error(message),
+    let result = handle(&mut stream, control).await;
+    let line = match &result {
+        Ok(answer) => super::encode(Ok(answer)),
+        Err(error) => {
+            let guards = match error {
+                ControlError::OtherPinDir { guards, .. } => Some(guards.as_path()),
+                _ => None,
+            };
+            super::encode(Err(Refusal { message: error.to_string(), guards }))
         }
     };
-    let mut line = serde_json::to_vec(&response).expect("responses serialize");
-    line.push(b'\n');
     let _ = tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(&line)).await;
 }
 
-async fn read_request(stream: &mut UnixStream) -> Result<Envelope, String> {
+/// Checks the peer, reads its request and carries it out.
+async fn handle(stream: &mut UnixStream, control: &Control) -> Result<Answer, ControlError> {
+    let uid = stream.peer_cred().map(|c| c.uid()).ok();
+    if uid != Some(0) {
+        tracing::warn!(uid, "control socket: refused a connection from a non-root user");
+        return Err(ControlError::NotRoot { uid });
+    }
+    let envelope = read_request(stream).await?;
+    if envelope.pin_dir != control.pin_dir {
+        return Err(ControlError::OtherPinDir {
+            guards: control.pin_dir.clone(),
+            asked: envelope.pin_dir,
+        });
+    }
+    answer(envelope.request, control).await
+}
+
+async fn read_request(stream: &mut UnixStream) -> Result<Envelope, ControlError> {
     let mut reader =
         tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(&mut *stream, MAX_MESSAGE as u64));
     let mut line = Vec::new();
     match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(format!("reading the request: {e}")),
-        Err(_) => return Err("no request within 10 s".into()),
+        Ok(Err(e)) => return Err(ControlError::Read(e)),
+        Err(_) => return Err(ControlError::Timeout),
     }
-    serde_json::from_slice(&line).map_err(|e| format!("not a control request: {e}"))
+    serde_json::from_slice(&line).map_err(ControlError::Malformed)
 }
 
-async fn answer(request: Request, control: &Control) -> Response {
-    let result = match request {
-        Request::Ban { target, ttl_secs, reason } => ban(control, &target, ttl_secs, reason).await,
-        Request::Unban { target } => match target.parse() {
-            Ok(target) => match control.bans.command(Command::Unban { target }).await {
-                Ok(Answer::Unbanned(was)) => Ok(serde_json::json!({ "was_banned": was })),
-                Ok(other) => Err(format!("unexpected answer {other:?}")),
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(format!("{e}")),
+async fn answer(request: Request, control: &Control) -> Result<Answer, ControlError> {
+    Ok(match request {
+        Request::Ban { target, ttl_secs, reason } => {
+            Answer::Banned(ban(control, &target, ttl_secs, reason).await?)
+        }
+        Request::Unban { target } => {
+            let target = target.parse()?;
+            match control.bans.command(AdminCommand::Unban { target }).await? {
+                AdminAnswer::Unbanned(was_banned) => Answer::Unbanned(Unbanned { was_banned }),
+                other => return Err(ControlError::Mismatched(other)),
+            }
+        }
+        Request::List => match control.bans.command(AdminCommand::List).await? {
+            AdminAnswer::Listed(entries) => Answer::Listed(entries),
+            other => return Err(ControlError::Mismatched(other)),
         },
-        Request::List => match control.bans.command(Command::List).await {
-            Ok(Answer::Listed(entries)) => serde_json::to_value(entries).map_err(|e| e.to_string()),
-            Ok(other) => Err(format!("unexpected answer {other:?}")),
-            Err(e) => Err(e),
-        },
-        Request::Stats => (control.stats)(),
-        Request::Reload => (control.reload)().await,
+        Request::Stats => Answer::Stats((control.stats)()?),
+        Request::Reload => Answer::Reloaded((control.reload)().await?),
         Request::Tophelos { since_secs, limit } => {
             let now = crate::clock::unix_ns() / 1_000_000_000;
             let rows = control.shared.court.report.lock().expect("report lock").top(
@@ -110,13 +159,9 @@ async fn answer(request: Request, control: &Control) -> Response {
                 Duration::from_secs(since_secs),
                 limit,
             );
-            serde_json::to_value(rows).map_err(|e| e.to_string())
+            Answer::Tophelos(rows)
         }
-    };
-    match result {
-        Ok(data) => Response { ok: true, error: None, data },
-        Err(message) => Response::error(message),
-    }
+    })
 }
 
 async fn ban(
@@ -124,21 +169,18 @@ async fn ban(
     target: &str,
     ttl_secs: Option<u64>,
     reason: String,
-) -> Result<serde_json::Value, String> {
-    let target: crate::addr::BanTarget = target.parse().map_err(|e| format!("{e}"))?;
-    if let Some(net) = (control.allowlisted)(&target) {
-        return Err(format!(
-            "{target} is in the allowlisted network {net} and would never be dropped: remove it \
-             from allowlist.networks first"
-        ));
+) -> Result<Banned, ControlError> {
+    let target: BanTarget = target.parse()?;
+    if let Some(network) = (control.allowlisted)(&target) {
+        return Err(ControlError::Allowlisted { target, network });
     }
     let ttl = match ttl_secs {
         None => Ttl::Forever,
-        Some(0) => return Err("the ttl must be longer than 0s".into()),
+        Some(0) => return Err(ControlError::ZeroTtl),
         Some(secs) => Ttl::For(Duration::from_secs(secs)),
     };
-    match control.bans.command(Command::Ban { target, ttl, reason }).await? {
-        Answer::Banned(value) => Ok(serde_json::json!({ "expires_ns": value.expires_ns })),
-        other => Err(format!("unexpected answer {other:?}")),
+    match control.bans.command(AdminCommand::Ban { target, ttl, reason }).await? {
+        AdminAnswer::Banned(value) => Ok(Banned { expires_ns: value.expires_ns }),
+        other => Err(ControlError::Mismatched(other)),
     }
 }

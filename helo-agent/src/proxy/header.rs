@@ -4,21 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use serde::Deserialize;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum ProxyProtocol {
-    /// No header: the MTA sees the proxy's address.
-    None,
-    V1,
-    V2,
-    /// No header: the connection to the MTA comes from the client's own address
-    /// (IP_TRANSPARENT), for MTAs that cannot take PROXY headers. IP_TRANSPARENT needs
-    /// CAP_NET_RAW (or CAP_NET_ADMIN; the agent keeps CAP_NET_RAW after dropping privileges)
-    /// and a route that brings the MTA's replies back to this host (see the README).
-    Transparent,
-}
+use crate::config::ProxyProtocol;
 
 /// The v2 signature: `\r\n\r\n\0\r\nQUIT\n`.
 pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";

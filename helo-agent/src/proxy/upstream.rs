@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 
 use super::header;
 use super::outcome::End;
-use crate::config::ProxyConfig;
+use crate::config::{ProxyConfig, ProxyProtocol};
 use crate::smtp::MAX_COMMAND_LINE;
 use crate::smtp::reply::{ReplyScan, scan_reply};
 
@@ -31,7 +31,7 @@ pub async fn open(
 ) -> Result<(TcpStream, Greeting), (End, String)> {
     let connect = async {
         match config.proxy_protocol {
-            header::ProxyProtocol::Transparent => connect_as(peer.ip(), config.upstream).await,
+            ProxyProtocol::Transparent => connect_as(peer.ip(), config.upstream).await,
             _ => TcpStream::connect(config.upstream).await,
         }
     };

@@ -1,0 +1,324 @@
+//! The config as written: TOML read by serde into [`RawConfig`], every key at its default when
+//! missing, unknown keys refused. The command line's [`Overrides`] replace keys here, before
+//! validation, so a flag is checked exactly as the key it replaces.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{AttachMode, DEFAULT_PIN_DIR, GreetingMode, MapSizes, ProxyProtocol};
+use crate::rules::{CHECK_COUNT, Check, CheckAction, RejectAt};
+
+#[derive(Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub agent: RawAgent,
+    pub xdp: RawXdp,
+    pub bans: RawBans,
+    pub allowlist: RawAllowlist,
+    pub identity: RawIdentity,
+    pub rules: RawRules,
+    pub checks: RawChecks,
+    pub reject: RawReject,
+    pub proxy: RawProxy,
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAgent {
+    pub user: String,
+    pub control_socket: PathBuf,
+    pub metrics: String,
+    pub report_window: String,
+}
+
+impl Default for RawAgent {
+    fn default() -> Self {
+        Self {
+            user: "helo-filter".into(),
+            control_socket: PathBuf::from("/run/helo-filter/control.sock"),
+            metrics: String::new(),
+            report_window: "24h".into(),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawProxy {
+    pub listeners: Vec<RawListener>,
+    pub upstream: String,
+    pub proxy_protocol: ProxyProtocol,
+    pub greeting: GreetingMode,
+    pub hostname: String,
+    pub trusted_proxies: Vec<String>,
+    pub helo_timeout: String,
+    pub idle_timeout: String,
+    pub upstream_timeout: String,
+    pub max_sessions: usize,
+    pub max_sessions_per_ip: usize,
+    pub shutdown_grace: String,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        Self {
+            listeners: vec![
+                RawListener { address: "0.0.0.0:25".into(), check_helo: true },
+                RawListener { address: "[::]:25".into(), check_helo: true },
+            ],
+            upstream: "127.0.0.1:10025".into(),
+            proxy_protocol: ProxyProtocol::V2,
+            greeting: GreetingMode::Own,
+            hostname: String::new(),
+            trusted_proxies: Vec::new(),
+            helo_timeout: "60s".into(),
+            idle_timeout: "5m".into(),
+            upstream_timeout: "30s".into(),
+            max_sessions: 10_000,
+            max_sessions_per_ip: 20,
+            shutdown_grace: "30s".into(),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub address: String,
+    #[serde(default = "yes")]
+    pub check_helo: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawXdp {
+    pub interface: Option<String>,
+    pub mode: AttachMode,
+    pub ports: Vec<u16>,
+    pub pin_dir: PathBuf,
+    pub max_bans_v4: u32,
+    pub max_bans_v6: u32,
+    pub max_bans_v6_net: u32,
+}
+
+impl Default for RawXdp {
+    fn default() -> Self {
+        let sizes = MapSizes::default();
+        Self {
+            interface: None,
+            mode: AttachMode::Auto,
+            ports: helo_common::DEFAULT_PORTS.to_vec(),
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            max_bans_v4: sizes.bans_v4,
+            max_bans_v6: sizes.bans_v6,
+            max_bans_v6_net: sizes.bans_v6_net,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBans {
+    pub default_ttl: String,
+    pub escalation_factor: u32,
+    pub max_ttl: String,
+    pub history_size: usize,
+    pub max_per_second: u32,
+    pub snapshot: PathBuf,
+    pub snapshot_interval: String,
+}
+
+impl Default for RawBans {
+    fn default() -> Self {
+        Self {
+            default_ttl: "1h".into(),
+            escalation_factor: 2,
+            max_ttl: "1w".into(),
+            history_size: 100_000,
+            max_per_second: 100,
+            snapshot: PathBuf::from("/var/lib/helo-filter/bans.json"),
+            snapshot_interval: "5m".into(),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAllowlist {
+    pub networks: Vec<String>,
+}
+
+impl Default for RawAllowlist {
+    fn default() -> Self {
+        Self { networks: vec!["127.0.0.0/8".into(), "::1/128".into()] }
+    }
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawIdentity {
+    pub domains: Vec<String>,
+    pub addresses: Vec<String>,
+    pub detect: bool,
+}
+
+impl Default for RawIdentity {
+    fn default() -> Self {
+        Self { domains: Vec::new(), addresses: Vec::new(), detect: true }
+    }
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRules {
+    pub domains: Vec<String>,
+    pub regexes: Vec<String>,
+    pub badhelo_file: Option<PathBuf>,
+    pub access_file: Option<PathBuf>,
+    pub access_parent_matches_subdomains: bool,
+}
+
+impl Default for RawRules {
+    fn default() -> Self {
+        Self {
+            domains: Vec::new(),
+            regexes: Vec::new(),
+            badhelo_file: None,
+            access_file: None,
+            access_parent_matches_subdomains: true,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawChecks {
+    pub table: CheckAction,
+    pub forged_identity: CheckAction,
+    pub badhelo: CheckAction,
+    pub invalid: CheckAction,
+    pub localhost: CheckAction,
+    pub bare_ip: CheckAction,
+    pub literal_mismatch: CheckAction,
+    pub no_dot: CheckAction,
+    pub private_suffix: CheckAction,
+    pub dynamic: CheckAction,
+    pub changed: CheckAction,
+}
+
+impl Default for RawChecks {
+    /// Safe for a real gateway: ban only the unmistakable bot marks (our own identity, a bare IP,
+    /// localhost), reject the rest of the RFC violations, and only log the heuristics.
+    fn default() -> Self {
+        use CheckAction::{Ban, Log, Reject};
+        Self {
+            table: Reject,
+            forged_identity: Ban,
+            badhelo: Reject,
+            invalid: Reject,
+            localhost: Ban,
+            bare_ip: Ban,
+            literal_mismatch: Reject,
+            no_dot: Reject,
+            private_suffix: Reject,
+            dynamic: Log,
+            changed: Log,
+        }
+    }
+}
+
+impl RawChecks {
+    pub(super) fn actions(&self) -> [CheckAction; CHECK_COUNT] {
+        let mut actions = [CheckAction::Off; CHECK_COUNT];
+        for check in Check::ALL {
+            actions[check as usize] = match check {
+                Check::Table => self.table,
+                Check::ForgedIdentity => self.forged_identity,
+                Check::Badhelo => self.badhelo,
+                Check::Invalid => self.invalid,
+                Check::Localhost => self.localhost,
+                Check::BareIp => self.bare_ip,
+                Check::LiteralMismatch => self.literal_mismatch,
+                Check::NoDot => self.no_dot,
+                Check::PrivateSuffix => self.private_suffix,
+                Check::Dynamic => self.dynamic,
+                Check::Changed => self.changed,
+            };
+        }
+        actions
+    }
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawReject {
+    pub at: RejectAt,
+    pub message: String,
+}
+
+impl Default for RawReject {
+    fn default() -> Self {
+        Self { at: RejectAt::Rcpt, message: "sorry, your HELO host name has been denied".into() }
+    }
+}
+
+/// Values given on the command line, each replacing a key of the file (or of the embedded
+/// defaults) before validation. A reload applies them again to the re-read file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--pin-dir`: xdp.pin_dir.
+    pub pin_dir: Option<PathBuf>,
+    /// `run --iface`: xdp.interface.
+    pub interface: Option<String>,
+    /// `run --xdp-mode`: xdp.mode.
+    pub mode: Option<AttachMode>,
+    /// `run --listen`: replaces proxy.listeners, each one checking HELO.
+    pub listen: Vec<SocketAddr>,
+    /// `run --upstream`: proxy.upstream.
+    pub upstream: Option<SocketAddr>,
+    /// `run --proxy-protocol`: proxy.proxy_protocol.
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+impl Overrides {
+    /// Writes the overrides into `raw`. Returns each key replaced with the flag that replaced
+    /// it, so that an error names the flag the admin typed.
+    pub fn apply(&self, raw: &mut RawConfig) -> Vec<(&'static str, &'static str)> {
+        let mut replaced = Vec::new();
+        if let Some(dir) = &self.pin_dir {
+            raw.xdp.pin_dir = dir.clone();
+            replaced.push(("xdp.pin_dir", "--pin-dir"));
+        }
+        if let Some(interface) = &self.interface {
+            raw.xdp.interface = Some(interface.clone());
+            replaced.push(("xdp.interface", "--iface"));
+        }
+        if let Some(mode) = self.mode {
+            raw.xdp.mode = mode;
+            replaced.push(("xdp.mode", "--xdp-mode"));
+        }
+        if !self.listen.is_empty() {
+            raw.proxy.listeners = self
+                .listen
+                .iter()
+                .map(|address| RawListener { address: address.to_string(), check_helo: true })
+                .collect();
+            replaced.push(("proxy.listeners", "--listen"));
+        }
+        if let Some(upstream) = self.upstream {
+            raw.proxy.upstream = upstream.to_string();
+            replaced.push(("proxy.upstream", "--upstream"));
+        }
+        if let Some(protocol) = self.proxy_protocol {
+            raw.proxy.proxy_protocol = protocol;
+            replaced.push(("proxy.proxy_protocol", "--proxy-protocol"));
+        }
+        replaced
+    }
+}
