@@ -67,6 +67,8 @@ pub enum AgentError {
     NoDefaultInterface,
     #[error(transparent)]
     Bind(#[from] crate::proxy::BindError),
+    #[error(transparent)]
+    PolicyBind(#[from] crate::policy::BindError),
     #[error("cannot listen on the control socket {path}: {source}")]
     Control { path: PathBuf, source: std::io::Error },
     #[error(
@@ -101,6 +103,7 @@ pub struct Prepared {
     options: Overrides,
     iface: String,
     listeners: Vec<(std::net::TcpListener, bool)>,
+    policy: Vec<crate::policy::StdListener>,
     program: XdpProgram,
     attached: Option<Attached>,
     allowlist: Option<Allowlist>,
@@ -122,6 +125,7 @@ pub fn prepare(config: Config, options: Overrides) -> Result<Prepared, AgentErro
     tracing::debug!(fd_limit, "open-file limit");
     refuse_if_running(&config.agent.control_socket)?;
     let listeners = crate::proxy::bind_std(&config.proxy.listeners)?;
+    let policy = crate::policy::bind_std(&config.policy)?;
     let metrics = config
         .agent
         .metrics
@@ -182,6 +186,7 @@ pub fn prepare(config: Config, options: Overrides) -> Result<Prepared, AgentErro
         options,
         iface,
         listeners,
+        policy,
         program,
         attached,
         allowlist,
@@ -414,6 +419,10 @@ fn keep_fixed(old: &Config, new: &mut Config) -> Vec<&'static str> {
         changed.push("proxy.listeners");
         new.proxy.listeners = old.proxy.listeners.clone();
     }
+    if new.policy != old.policy {
+        changed.push("policy");
+        new.policy = old.policy.clone();
+    }
     if new.proxy.max_sessions != old.proxy.max_sessions {
         changed.push("proxy.max_sessions");
         new.proxy.max_sessions = old.proxy.max_sessions;
@@ -449,6 +458,7 @@ pub async fn serve(
         options,
         iface,
         listeners,
+        policy,
         program,
         attached,
         allowlist,
@@ -504,6 +514,9 @@ pub async fn serve(
         background.spawn(metrics_server(listener, &config, &metrics, &maps, &shared)?);
     }
     background.spawn(reload_on_sighup(reloader.clone()));
+    if !policy.is_empty() {
+        background.spawn(policy_server(policy, &shared)?);
+    }
     proxy_until(listeners, shared.clone(), shutdown).await;
     drop((shared, reloader, ban_sender));
     shut_down(background, worker, program, attached, &iface, &config.xdp.pin_dir).await;
@@ -593,6 +606,32 @@ fn metrics_server(
         }
         crate::metrics::set_gauge(&scrape_metrics.sessions_open, scrape_shared.open_sessions());
     }))
+}
+
+/// The Postfix policy service over the listeners bound by [`prepare`]; it stops with the other
+/// background tasks.
+fn policy_server(
+    listeners: Vec<crate::policy::StdListener>,
+    shared: &Arc<Shared>,
+) -> Result<impl Future<Output = ()> + use<>, AgentError> {
+    let listeners = listeners
+        .into_iter()
+        .map(|l| {
+            let listen = match &l {
+                crate::policy::StdListener::Inet(l) => crate::config::PolicyListen::Inet(
+                    l.local_addr().unwrap_or_else(|_| ([127, 0, 0, 1], 0).into()),
+                ),
+                crate::policy::StdListener::Unix(_, path) => {
+                    crate::config::PolicyListen::Unix(path.clone())
+                }
+            };
+            l.into_async().map_err(|source| crate::policy::BindError::Listen { listen, source })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    for listener in &listeners {
+        tracing::info!(listener = listener.describe(), "policy service ready");
+    }
+    Ok(crate::policy::serve(listeners, shared.clone(), std::future::pending()))
 }
 
 /// Reloads the config at each SIGHUP (the reloader logs and counts the result).

@@ -1,10 +1,14 @@
 //! helo-agent: the user-space half of helo-filter.
 //!
 //! Where things are: `cli` parses the command line; `config` reads and validates the TOML and
-//! imports qmail and Postfix rule files; `rules` decides a HELO (pure, no I/O); `addr` turns
-//! addresses into ban keys; `blocklist` decides what a ban is (pure, behind a
-//! store trait); `ebpf` is the only module that talks to the kernel through aya; `agent` is the
-//! `run` loop; `clock` and `duration` are the time helpers everything shares.
+//! imports qmail and Postfix rule files; `rules` decides a HELO (pure, no I/O); `judge` is the
+//! judging core both doors call (the verdict, the log line, tophelos and metrics, the never-ban
+//! guards, the ban request); `proxy` (the SMTP proxy) and `policy` (Postfix's policy service)
+//! are the doors; `smtp` is sans-IO SMTP; `addr` turns addresses into ban keys; `blocklist`
+//! decides what a ban is (pure, behind a store trait) and runs the ban worker; `ebpf` is the
+//! only module that talks to the kernel through aya; `agent` is the `run` loop; `control` the
+//! control socket; `metrics` and `report` what is observed; `privilege` the switch to
+//! `agent.user`; `clock` and `duration` are the time helpers everything shares.
 #![deny(unsafe_code)]
 
 pub mod addr;
@@ -18,6 +22,7 @@ pub mod duration;
 pub mod ebpf;
 pub mod judge;
 pub mod metrics;
+pub mod policy;
 pub mod privilege;
 pub mod proxy;
 pub mod report;

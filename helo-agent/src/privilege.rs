@@ -55,6 +55,14 @@ pub fn lookup(name: &str) -> Result<User, PrivilegeError> {
     find_user(&text, name).ok_or_else(|| PrivilegeError::NoSuchUser { user: name.to_owned() })
 }
 
+/// The id of group `name` in group-format `text` (/etc/group).
+pub fn find_group(text: &str, name: &str) -> Option<u32> {
+    text.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.len() >= 3 && fields[0] == name).then(|| fields[2].parse().ok())?
+    })
+}
+
 /// Threads of this process, from /proc/self/status.
 fn threads() -> usize {
     std::fs::read_to_string("/proc/self/status")

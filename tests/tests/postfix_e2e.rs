@@ -30,8 +30,9 @@ struct Postfix {
 }
 
 impl Postfix {
-    /// `extra`: lines added to the instance's main.cf (TLS settings, say).
-    fn start(ns: &Netns, name: &str, extra: &str) -> Postfix {
+    /// `extra`: lines added to the instance's main.cf (TLS settings, say); `services`: lines
+    /// added to its master.cf (more smtpd listeners).
+    fn start(ns: &Netns, name: &str, extra: &str, services: &str) -> Postfix {
         assert!(INSTANCES.contains(&name), "add {name} to INSTANCES");
         let parent = PathBuf::from("/var/tmp/helo-filter-e2e");
         std::fs::create_dir_all(&parent).unwrap();
@@ -81,6 +82,7 @@ impl Postfix {
              capture unix - n n - - pipe\n  user=nobody argv={} ${{queue_id}}\n",
             capture.display()
         ));
+        master.push_str(services);
         std::fs::write(dir.join("master.cf"), master).unwrap();
         run(Command::new("postconf").arg("-c").arg(&dir).args(["-F", "*/*/chroot = n"]));
         let ns_path = format!("--net=/var/run/netns/{}", ns.name);
@@ -141,7 +143,7 @@ impl Drop for Postfix {
 }
 
 /// The instances this file starts, one directory each under /var/tmp/helo-filter-e2e.
-const INSTANCES: [&str; 5] = ["main", "helo", "ops", "bytes", "tls"];
+const INSTANCES: [&str; 6] = ["main", "helo", "ops", "bytes", "tls", "policy"];
 
 /// `postfix -c DIR` refuses directories the system main.cf does not list. The tests run in
 /// parallel, so the list is updated once for all of them (a read-modify-write each would race).
@@ -193,6 +195,11 @@ fn bed(name: &str, clients: &[&str]) -> Bed {
 
 /// A bed whose Postfix has `extra` in its main.cf.
 fn bed_with(name: &str, clients: &[&str], extra: &str) -> Bed {
+    bed_full(name, clients, extra, "")
+}
+
+/// A bed whose Postfix has `extra` in its main.cf and `services` in its master.cf.
+fn bed_full(name: &str, clients: &[&str], extra: &str, services: &str) -> Bed {
     require_root();
     let gateway = Netns::new("hfpg");
     let client = Netns::new("hfpc");
@@ -201,7 +208,7 @@ fn bed_with(name: &str, clients: &[&str], extra: &str) -> Bed {
     for addr in clients {
         client.ip(&["addr", "add", &format!("{addr}/24"), "dev", &cl_if]);
     }
-    let postfix = Postfix::start(&gateway, name, extra);
+    let postfix = Postfix::start(&gateway, name, extra, services);
     let work = std::env::temp_dir().join(tests::unique("helo-pf-"));
     std::fs::create_dir_all(&work).unwrap();
     Bed { postfix, gateway, client, gw_if, pin_dir: PinDir::new(), work }
@@ -973,4 +980,132 @@ fn starttls_sessions_are_delivered_and_never_counted_as_a_lost_mta() {
     );
     assert_eq!(bed.postfix.delivered().len(), ROUNDS, "nothing from the bot");
     drop(agent);
+}
+
+/// The policy service: Postfix on port 25 itself (no proxy), asking the agent over
+/// `check_policy_service`: at RCPT through an inet listener (port 25) and a unix one (port
+/// 2525), at HELO with `smtpd_delay_reject = no` (port 2526). Good clients delivered; forged
+/// HELOs refused with the proxy's 553 text and banned at verdict time; the banned address's next
+/// SYN dropped while a neighbour delivers; the ban expires; tophelos counts policy sessions;
+/// and with the agent stopped, Postfix fails open as the README recommends.
+#[test]
+fn the_policy_service_judges_postfix_sessions_and_bans_in_the_kernel() {
+    require_root();
+    let work = std::env::temp_dir().join(tests::unique("helo-policy-"));
+    std::fs::create_dir_all(&work).unwrap();
+    let socket = work.join("policy.sock");
+    let restrictions = format!(
+        "policy_inet = check_policy_service inet:127.0.0.1:10040, reject_unauth_destination\n\
+         policy_unix = check_policy_service unix:{}, reject_unauth_destination\n\
+         policy_helo = check_policy_service inet:127.0.0.1:10040\n\
+         smtpd_policy_service_default_action = DUNNO\n\
+         smtpd_policy_service_try_limit = 1\n",
+        socket.display()
+    );
+    let services = format!(
+        "{GW}:25 inet n - n - - smtpd\n  -o smtpd_recipient_restrictions=$policy_inet\n\
+         {GW}:2525 inet n - n - - smtpd\n  -o smtpd_recipient_restrictions=$policy_unix\n\
+         {GW}:2526 inet n - n - - smtpd\n  -o smtpd_delay_reject=no\n  \
+         -o smtpd_helo_restrictions=$policy_helo\n"
+    );
+    let bed = bed_full(
+        "policy",
+        &["198.51.100.2", "198.51.100.3", "198.51.100.4", "198.51.100.5"],
+        &restrictions,
+        &services,
+    );
+    let config = format!(
+        "{CONFIG}[proxy]\nlisteners = []\n[policy]\nlisteners = [\"127.0.0.1:10040\", \"unix:{}\"]\n\
+         socket_group = \"postfix\"\nsocket_mode = \"0660\"\n",
+        socket.display()
+    );
+    let mut agent = bed.policy_agent(&config);
+
+    let (ok, transcript) = bed.swaks("198.51.100.2", "mail.sender.example", 25, None);
+    assert!(ok, "a good client is delivered:\n{transcript}\n{}", agent.log());
+
+    // A forged HELO at RCPT (inet listener): the proxy's text, banned at once.
+    let (ok, transcript) = bed.swaks("198.51.100.3", GW_NAME, 25, None);
+    assert!(!ok, "{transcript}");
+    // Postfix puts its own context before the text: "<rcpt>: Recipient address rejected: ".
+    let refusal = transcript.lines().find(|l| l.starts_with("<** 553 5.7.1")).unwrap_or_default();
+    assert!(
+        refusal.contains("Recipient address rejected: sorry, your HELO host name has been denied"),
+        "553 at RCPT TO with the rule's text:\n{transcript}\n{}",
+        agent.log()
+    );
+    wait_for("198.51.100.3 banned", Duration::from_secs(5), || {
+        bed.banned().contains("198.51.100.3")
+    });
+    let banned_at = Instant::now();
+    assert_eq!(
+        bed.connect("198.51.100.3"),
+        Err(std::io::ErrorKind::TimedOut),
+        "the bot's next connection gets no SYN-ACK"
+    );
+    let (ok, transcript) = bed.swaks("198.51.100.2", "mail.sender.example", 25, None);
+    assert!(ok, "a neighbour delivers meanwhile:\n{transcript}");
+
+    // Through the unix listener (port 2525): the same judge.
+    let (ok, transcript) = bed.swaks("198.51.100.4", "[198.51.100.1]", 2525, None);
+    assert!(!ok && transcript.contains("<** 553 5.7.1"), "{transcript}\n{}", agent.log());
+    wait_for("198.51.100.4 banned", Duration::from_secs(5), || {
+        bed.banned().contains("198.51.100.4")
+    });
+
+    // At HELO (port 2526, smtpd_delay_reject = no): Postfix refuses the HELO itself.
+    let (ok, transcript) = bed.swaks("198.51.100.5", "localhost", 2526, None);
+    assert!(!ok, "{transcript}");
+    let helo_reply = transcript.lines().find(|l| l.starts_with("<** 553")).unwrap_or_default();
+    assert!(
+        transcript.contains("-> EHLO localhost") && helo_reply.contains("Helo command rejected"),
+        "refused at HELO:\n{transcript}\n{}",
+        agent.log()
+    );
+
+    let log = agent.log();
+    assert!(log.contains("door=\"policy\""), "{log}");
+    let config_path = bed.pin_dir.config(&config);
+    let tophelos = run(Command::new(tests::agent_bin())
+        .arg("--config")
+        .arg(&config_path)
+        .args(["tophelos", "--json"]));
+    assert!(tophelos.contains(GW_NAME), "tophelos counts policy sessions: {tophelos}");
+    assert_eq!(bed.postfix.delivered().len(), 2, "nothing from the bots was delivered");
+
+    // The ban (4 s) expires.
+    std::thread::sleep(
+        (banned_at + Duration::from_millis(4500)).saturating_duration_since(Instant::now()),
+    );
+    assert_eq!(bed.connect("198.51.100.3"), Ok(()), "the ban expired");
+
+    // The agent stopped: with smtpd_policy_service_default_action = DUNNO Postfix goes on.
+    assert!(agent.stop(), "the agent stops cleanly:\n{}", agent.log());
+    let (ok, transcript) = bed.swaks("198.51.100.2", "mail.sender.example", 25, None);
+    assert!(ok, "fail-open while the agent is down:\n{transcript}\n{}", bed.postfix.log());
+    wait_for("3 deliveries", Duration::from_secs(20), || bed.postfix.delivered().len() == 3);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+impl Bed {
+    /// The agent with its policy service only; ready when the policy port answers.
+    fn policy_agent(&self, config: &str) -> AgentProcess {
+        let path = self.pin_dir.config(config);
+        let args = [
+            "--config",
+            path.to_str().unwrap(),
+            "--pin-dir",
+            self.pin_dir.path().to_str().unwrap(),
+            "run",
+            "--iface",
+            &self.gw_if,
+            "--xdp-mode",
+            "native",
+        ];
+        let prefix = self.gateway.exec_prefix();
+        let gateway = self.gateway.name.clone();
+        AgentProcess::start(&prefix.each_ref().map(String::as_str), &args, move || {
+            in_netns(&gateway, || std::net::TcpStream::connect("127.0.0.1:10040").is_ok())
+        })
+    }
 }

@@ -87,7 +87,7 @@ enum Task {
 }
 
 const FUZZ_TARGETS: &[&str] =
-    &["smtp_session", "helo_rules", "config", "importers", "proxy_header"];
+    &["smtp_session", "helo_rules", "config", "importers", "proxy_header", "policy_request"];
 /// Seconds each fuzz target runs inside `cargo xtask test`.
 const FUZZ_SECONDS_IN_TEST: u32 = 10;
 

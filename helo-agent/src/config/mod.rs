@@ -189,8 +189,35 @@ pub struct Config {
     pub warnings: Vec<String>,
     pub escalation: Escalation,
     pub proxy: ProxyConfig,
+    pub policy: PolicyConfig,
     pub agent: AgentConfig,
     pub snapshot: SnapshotConfig,
+}
+
+/// The Postfix policy service (`check_policy_service`): off when it has no listeners.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyConfig {
+    pub listeners: Vec<PolicyListen>,
+    /// The group a unix socket is given (Postfix's smtpd runs as `postfix`); `None`: root's.
+    pub socket_group: Option<String>,
+    /// The permission bits of a unix socket.
+    pub socket_mode: u32,
+}
+
+/// Where the policy service listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicyListen {
+    Inet(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for PolicyListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicyListen::Inet(address) => write!(f, "{address}"),
+            PolicyListen::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
 }
 
 /// Process-level settings: who the agent runs as, where it is controlled and observed.

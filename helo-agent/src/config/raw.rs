@@ -22,6 +22,7 @@ pub struct RawConfig {
     pub checks: RawChecks,
     pub reject: RawReject,
     pub proxy: RawProxy,
+    pub policy: RawPolicy,
 }
 
 #[derive(Debug, PartialEq, Deserialize)]
@@ -79,6 +80,26 @@ impl Default for RawProxy {
             max_sessions: 10_000,
             max_sessions_per_ip: 20,
             shutdown_grace: "30s".into(),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPolicy {
+    pub listeners: Vec<String>,
+    pub socket_group: String,
+    pub socket_mode: String,
+    pub allow_remote: bool,
+}
+
+impl Default for RawPolicy {
+    fn default() -> Self {
+        Self {
+            listeners: Vec::new(),
+            socket_group: "postfix".into(),
+            socket_mode: "0660".into(),
+            allow_remote: false,
         }
     }
 }

@@ -326,3 +326,40 @@ fn flags_replace_the_keys_of_the_file() {
     assert_eq!(unchanged.xdp.interface.as_deref(), Some("eth0"));
     assert_eq!(unchanged.proxy.listeners.len(), 1);
 }
+
+#[test]
+fn the_policy_service_listens_where_it_is_told_and_alone_if_asked() {
+    let config = parse(
+        "[proxy]\nlisteners = []\n[policy]\nlisteners = [\"127.0.0.1:10040\", \
+         \"inet:[::1]:10041\", \"unix:/run/helo-filter/policy.sock\"]\nsocket_mode = \"0666\"\n",
+    )
+    .unwrap();
+    assert!(config.proxy.listeners.is_empty(), "the proxy off, the policy service alone");
+    assert_eq!(
+        config.policy.listeners,
+        [
+            PolicyListen::Inet("127.0.0.1:10040".parse().unwrap()),
+            PolicyListen::Inet("[::1]:10041".parse().unwrap()),
+            PolicyListen::Unix("/run/helo-filter/policy.sock".into()),
+        ]
+    );
+    assert_eq!(
+        (config.policy.socket_mode, config.policy.socket_group.as_deref()),
+        (0o666, Some("postfix"))
+    );
+    assert!(parse("").unwrap().policy.listeners.is_empty(), "off by default");
+}
+
+#[test]
+fn a_policy_listener_off_loopback_needs_allow_remote_and_nothing_listening_is_refused() {
+    let error = parse("[policy]\nlisteners = [\"0.0.0.0:10040\"]\n").unwrap_err().to_string();
+    assert!(error.contains("policy.listeners") && error.contains("allow_remote"), "{error}");
+    let allowed = parse("[policy]\nlisteners = [\"0.0.0.0:10040\"]\nallow_remote = true\n");
+    assert!(allowed.is_ok());
+    let error = parse("[policy]\nlisteners = [\"unix:relative.sock\"]\n").unwrap_err().to_string();
+    assert!(error.contains("absolute"), "{error}");
+    let error = parse("[policy]\nsocket_mode = \"rw\"\n").unwrap_err().to_string();
+    assert!(error.contains("policy.socket_mode"), "{error}");
+    let error = parse("[proxy]\nlisteners = []\n").unwrap_err().to_string();
+    assert!(error.contains("no listeners at all"), "{error}");
+}

@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::raw::{
-    RawAgent, RawBans, RawConfig, RawIdentity, RawProxy, RawReject, RawRules, RawXdp,
+    RawAgent, RawBans, RawConfig, RawIdentity, RawPolicy, RawProxy, RawReject, RawRules, RawXdp,
 };
 use super::{
-    AgentConfig, Config, ConfigError, Escalation, HostFacts, ListenerConfig, MapSizes, ProxyConfig,
-    SnapshotConfig, XdpConfig, check_listener, import, parse_networks,
+    AgentConfig, Config, ConfigError, Escalation, HostFacts, ListenerConfig, MapSizes,
+    PolicyConfig, PolicyListen, ProxyConfig, SnapshotConfig, XdpConfig, check_listener, import,
+    parse_networks,
 };
 use crate::rules::badhelo::BadheloSet;
 use crate::rules::table::{DomainPattern, DomainTable};
@@ -103,6 +104,14 @@ pub(super) fn config(
     let reject_message = reject_message(&raw.reject, origin)?;
     let escalation = escalation(&raw.bans, origin)?;
     let proxy = proxy(&raw.proxy, host, origin)?;
+    let policy = policy(&raw.policy, origin)?;
+    if proxy.listeners.is_empty() && policy.listeners.is_empty() {
+        return Err(origin.invalid(
+            "proxy.listeners",
+            "no listeners at all: give proxy.listeners (the SMTP proxy), policy.listeners (the \
+             Postfix policy service), or both",
+        ));
+    }
     let agent = agent(&raw.agent, origin)?;
     let snapshot = snapshot(&raw.bans, origin)?;
     let mut warnings = agent_warnings(&agent);
@@ -125,8 +134,48 @@ pub(super) fn config(
         warnings,
         escalation,
         proxy,
+        policy,
         agent,
         snapshot,
+    })
+}
+
+/// `policy.listeners`: `host:port` or `unix:/absolute/path`. An inet listener answers whoever
+/// reaches it, so one off loopback needs `policy.allow_remote`.
+fn policy(raw: &RawPolicy, origin: &Origin) -> Result<PolicyConfig, ConfigError> {
+    let key = "policy.listeners";
+    let listeners = raw
+        .listeners
+        .iter()
+        .map(|text| {
+            if let Some(path) = text.strip_prefix("unix:") {
+                return Ok(PolicyListen::Unix(origin.absolute(key, Path::new(path))?));
+            }
+            let address = origin.socket(key, text.strip_prefix("inet:").unwrap_or(text))?;
+            if !address.ip().is_loopback() && !raw.allow_remote {
+                return Err(origin.invalid(
+                    key,
+                    format!(
+                        "{address} is not a loopback address, and the policy service answers \
+                         anyone who reaches it: listen on 127.0.0.1 (or a unix socket), or set \
+                         policy.allow_remote = true and firewall the port"
+                    ),
+                ));
+            }
+            Ok(PolicyListen::Inet(address))
+        })
+        .collect::<Result<Vec<_>, ConfigError>>()?;
+    let socket_mode = u32::from_str_radix(raw.socket_mode.trim(), 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777)
+        .ok_or_else(|| {
+            origin.invalid("policy.socket_mode", "not an octal mode: write \"0660\" or \"0666\"")
+        })?;
+    let group = raw.socket_group.trim();
+    Ok(PolicyConfig {
+        listeners,
+        socket_group: (!group.is_empty()).then(|| group.to_owned()),
+        socket_mode,
     })
 }
 
@@ -201,9 +250,6 @@ fn escalation(raw: &RawBans, origin: &Origin) -> Result<Escalation, ConfigError>
 }
 
 fn proxy(raw: &RawProxy, host: &HostFacts, origin: &Origin) -> Result<ProxyConfig, ConfigError> {
-    if raw.listeners.is_empty() {
-        return Err(origin.invalid("proxy.listeners", "no listeners: give at least one address"));
-    }
     let listeners = raw
         .listeners
         .iter()

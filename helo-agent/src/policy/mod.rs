@@ -1,0 +1,444 @@
+//! The second front door: Postfix's policy service (`check_policy_service`). Postfix asks,
+//! over a long-lived connection, one request at a time, what to do with a client; the agent
+//! answers with the same judge, the same log line (`door=policy`), tophelos, metrics and bans
+//! as the proxy, and nothing in the mail path changes.
+//!
+//! One SMTP session is one `instance`: its HELO is judged once (again only if it changes),
+//! it gets one log line per verdict, and one ban. A ban is applied at verdict time: the kernel
+//! drops only a banned source's new connections, so the session that earned it goes on to
+//! hear Postfix's 5xx and say QUIT. [`protocol`] is the wire format, sans-IO; [`PolicySession`]
+//! the decisions, pure; this file the listeners and the per-connection loop.
+
+pub mod protocol;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Semaphore;
+
+use self::protocol::{Answer, Parser, Request};
+use crate::config::{PolicyConfig, PolicyListen};
+use crate::judge::{self, Client, Door, NeverBan, Record};
+use crate::proxy::{Live, Shared};
+use crate::rules::{Action, Verdict};
+
+/// Policy connections served at once (Postfix opens one per smtpd process, 100 by default).
+const MAX_CONNECTIONS: usize = 1024;
+/// A connection with no request for this long is closed (Postfix's own idle limit for policy
+/// connections, `smtpd_policy_service_max_idle`, is 300 s; it reconnects as needed).
+const IDLE: Duration = Duration::from_secs(330);
+/// How long one answer may take to write.
+const WRITE: Duration = Duration::from_secs(10);
+
+/// A bound policy listener.
+pub enum Listener {
+    Inet(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, PathBuf),
+}
+
+impl Listener {
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Inet(l) => {
+                l.local_addr().map_or_else(|_| "inet:?".into(), |a: SocketAddr| format!("inet:{a}"))
+            }
+            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
+}
+
+/// A policy listener bound before the runtime exists (as root, before privileges drop).
+pub enum StdListener {
+    Inet(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+}
+
+impl StdListener {
+    /// On the runtime.
+    pub fn into_async(self) -> std::io::Result<Listener> {
+        Ok(match self {
+            StdListener::Inet(l) => Listener::Inet(tokio::net::TcpListener::from_std(l)?),
+            StdListener::Unix(l, path) => {
+                Listener::Unix(tokio::net::UnixListener::from_std(l)?, path)
+            }
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot listen for policy requests on {listen}: {source}")]
+    Listen { listen: PolicyListen, source: std::io::Error },
+    #[error(
+        "policy.socket_group {group:?} is not a group on this host: create it, or set \
+         policy.socket_group to the group Postfix's smtpd runs as"
+    )]
+    NoSuchGroup { group: String },
+    #[error(
+        "a file that is not a socket is in the way at {path}: give policy.listeners a path of \
+         its own"
+    )]
+    InTheWay { path: PathBuf },
+}
+
+/// Binds every policy listener. A unix socket gets `socket_group` and `socket_mode`; a socket
+/// file nobody answers on (left by a crash) is replaced, anything else at its path refused.
+pub fn bind_std(config: &PolicyConfig) -> Result<Vec<StdListener>, BindError> {
+    let gid = match &config.socket_group {
+        Some(group) => {
+            let text = std::fs::read_to_string("/etc/group").unwrap_or_default();
+            let gid = crate::privilege::find_group(&text, group)
+                .ok_or_else(|| BindError::NoSuchGroup { group: group.clone() })?;
+            Some(gid)
+        }
+        None => None,
+    };
+    config
+        .listeners
+        .iter()
+        .map(|listen| {
+            let err = |source| BindError::Listen { listen: listen.clone(), source };
+            match listen {
+                PolicyListen::Inet(address) => {
+                    let listener = std::net::TcpListener::bind(address).map_err(err)?;
+                    listener.set_nonblocking(true).map_err(err)?;
+                    Ok(StdListener::Inet(listener))
+                }
+                PolicyListen::Unix(path) => bind_unix(path, gid, config.socket_mode)
+                    .map(|l| StdListener::Unix(l, path.clone())),
+            }
+        })
+        .collect()
+}
+
+fn bind_unix(
+    path: &std::path::Path,
+    gid: Option<u32>,
+    mode: u32,
+) -> Result<std::os::unix::net::UnixListener, BindError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let listen = PolicyListen::Unix(path.to_owned());
+    let err = |source| BindError::Listen { listen: listen.clone(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another process answers on this socket: stop it, or choose another path",
+                )));
+            }
+            std::fs::remove_file(path).map_err(err)?;
+        }
+        Ok(_) => return Err(BindError::InTheWay { path: path.to_owned() }),
+        Err(_) => {}
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
+    if let Some(gid) = gid {
+        rustix::fs::chown(path, None, Some(rustix::process::Gid::from_raw(gid)))
+            .map_err(|e| err(e.into()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    Ok(listener)
+}
+
+/// Serves every listener until `shutdown` completes.
+pub async fn serve(
+    listeners: Vec<Listener>,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut tasks = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let (shared, limit) = (shared.clone(), limit.clone());
+        tasks.spawn(async move {
+            loop {
+                let Ok(permit) = limit.clone().acquire_owned().await else { return };
+                let accepted = match &listener {
+                    Listener::Inet(l) => l.accept().await.map(|(s, peer)| {
+                        let (read, write) = s.into_split();
+                        (
+                            Box::new(read) as Box<dyn AsyncRead + Send + Unpin>,
+                            Box::new(write) as Box<dyn AsyncWrite + Send + Unpin>,
+                            peer.to_string(),
+                        )
+                    }),
+                    Listener::Unix(l, path) => l.accept().await.map(|(s, _)| {
+                        let (read, write) = s.into_split();
+                        (
+                            Box::new(read) as Box<dyn AsyncRead + Send + Unpin>,
+                            Box::new(write) as Box<dyn AsyncWrite + Send + Unpin>,
+                            format!("unix:{}", path.display()),
+                        )
+                    }),
+                };
+                match accepted {
+                    Ok((read, write, from)) => {
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            connection(read, write, &from, &shared).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "policy accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+    }
+    shutdown.await;
+    tasks.shutdown().await;
+}
+
+/// One policy connection: requests in, answers out, until Postfix closes it, it idles, or it
+/// sends something that is not the protocol (closed with a log line; the agent goes on).
+async fn connection(
+    mut read: Box<dyn AsyncRead + Send + Unpin>,
+    mut write: Box<dyn AsyncWrite + Send + Unpin>,
+    from: &str,
+    shared: &Shared,
+) {
+    let mut parser = Parser::default();
+    let mut session = PolicySession::default();
+    loop {
+        match parser.next_request() {
+            Ok(Some(request)) => {
+                let live = shared.live();
+                let answer = session.on_request(&request, &live, &shared.court);
+                let sent = tokio::time::timeout(WRITE, write.write_all(&answer.encode())).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    tracing::debug!(from, "policy client stopped reading: connection closed");
+                    return;
+                }
+                continue;
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(from, %error, "policy connection closed: not the policy protocol");
+                return;
+            }
+        }
+        parser.input().reserve(1024);
+        match tokio::time::timeout(IDLE, read.read_buf(parser.input())).await {
+            Ok(Ok(0)) => return,
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(from, %error, "policy connection ended");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(from, "policy connection idle: closed");
+                return;
+            }
+        }
+    }
+}
+
+/// What one policy connection knows of the SMTP session its requests belong to. Postfix's
+/// smtpd keeps one policy connection per process and serves sessions one after another, so a
+/// new `instance` is a new session.
+#[derive(Default)]
+pub struct PolicySession {
+    instance: Option<String>,
+    client: Option<Client>,
+    helos: Vec<String>,
+    verdict: Option<Verdict>,
+    logged: Vec<&'static str>,
+    started: Option<Instant>,
+}
+
+impl PolicySession {
+    /// Answers one request; a new verdict is concluded (logged, observed, banned) on the spot.
+    pub fn on_request(&mut self, request: &Request, live: &Live, court: &judge::Court) -> Answer {
+        if request.request.as_deref().is_some_and(|r| r != "smtpd_access_policy") {
+            return Answer::Dunno;
+        }
+        if request.instance != self.instance || self.instance.is_none() {
+            *self = PolicySession { instance: request.instance.clone(), ..Default::default() };
+        }
+        let (Some(helo), Some(address)) =
+            (request.helo_name.as_deref().filter(|h| !h.is_empty()), request.client_address)
+        else {
+            tracing::debug!(
+                client = ?request.client_address,
+                state = request.protocol_state.as_deref().unwrap_or(""),
+                "policy request without a HELO yet (or without a client address): DUNNO"
+            );
+            return Answer::Dunno;
+        };
+        let client = *self.client.get_or_insert_with(|| Client::new(address, None, false));
+        let rejected = self.verdict.as_ref().is_some_and(|v| v.action != Action::Pass);
+        let judged = self.helos.last().is_some_and(|last| last == helo);
+        if !rejected && !judged {
+            let verdict = judge::classify(&live.rules, &client, helo, &self.helos);
+            self.helos.push(helo.to_owned());
+            for m in &verdict.logged {
+                if !self.logged.contains(&m.rule) {
+                    self.logged.push(m.rule);
+                }
+            }
+            self.verdict = Some(verdict);
+            let started = *self.started.get_or_insert_with(Instant::now);
+            self.conclude(court, live, started);
+        }
+        let verdict = self.verdict.as_ref().expect("judged above");
+        match verdict.action {
+            Action::Pass => Answer::Dunno,
+            Action::Reject | Action::Ban => match &verdict.reply {
+                Some(custom) => Answer::Refuse { code: custom.code, text: custom.text.clone() },
+                None => {
+                    Answer::Refuse { code: 553, text: format!("5.7.1 {}", live.reject_message) }
+                }
+            },
+        }
+    }
+
+    fn conclude(&self, court: &judge::Court, live: &Live, started: Instant) {
+        let (Some(client), Some(verdict)) = (&self.client, &self.verdict) else { return };
+        let helos: &[String] = if self.helos.len() > 1 { &self.helos } else { &[] };
+        let record = Record {
+            door: Door::Policy,
+            client,
+            helo: self.helos.last().map(String::as_str),
+            helos,
+            verdict: Some(verdict),
+            logged: &self.logged,
+            ms: started.elapsed().as_millis() as u64,
+            transport: None,
+        };
+        let never = NeverBan {
+            mta: live.config.upstream.ip(),
+            trusted_proxies: &live.config.trusted_proxies,
+            allowlist: &live.rules.allowlist,
+        };
+        court.conclude(&record, &never);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{Config, HostFacts};
+
+    fn live(extra: &str) -> Live {
+        let text = format!("[identity]\ndetect = false\ndomains = [\"example.com\"]\n{extra}");
+        let config = Config::parse(&text, Path::new("t"), &HostFacts::default()).unwrap();
+        Live {
+            config: config.proxy.clone(),
+            rules: config.rules.clone(),
+            reject_message: config.reject_message.clone(),
+        }
+    }
+
+    fn request(instance: &str, helo: Option<&str>, client: &str) -> Request {
+        Request {
+            request: Some("smtpd_access_policy".into()),
+            protocol_state: Some("RCPT".into()),
+            helo_name: helo.map(str::to_owned),
+            client_address: Some(client.parse().unwrap()),
+            instance: Some(instance.into()),
+            ..Default::default()
+        }
+    }
+
+    fn sessions(court: &judge::Court) -> u64 {
+        let now = crate::clock::unix_ns() / 1_000_000_000;
+        let rows = court.report.lock().unwrap().top(now, Duration::from_secs(60), 100);
+        rows.iter().map(|r| r.sessions).sum()
+    }
+
+    #[test]
+    fn a_forged_helo_is_refused_with_the_proxys_text_and_judged_once_per_session() {
+        let live = live("");
+        let court = judge::Court::new(None, None, Duration::from_secs(3600));
+        let mut session = PolicySession::default();
+        let forged = request("a.1", Some("mx.example.com"), "203.0.113.9");
+        let refuse = Answer::Refuse {
+            code: 553,
+            text: "5.7.1 sorry, your HELO host name has been denied".into(),
+        };
+        assert_eq!(session.on_request(&forged, &live, &court), refuse);
+        assert_eq!(session.on_request(&forged, &live, &court), refuse, "every RCPT of it");
+        let good = request("a.1", Some("mail.sender.example"), "203.0.113.9");
+        assert_eq!(session.on_request(&good, &live, &court), refuse, "rejected stays rejected");
+        assert_eq!(sessions(&court), 1, "one session, one observation");
+        let next = request("b.2", Some("mail.sender.example"), "203.0.113.9");
+        assert_eq!(session.on_request(&next, &live, &court), Answer::Dunno, "a new instance");
+        assert_eq!(sessions(&court), 2);
+    }
+
+    #[test]
+    fn no_helo_yet_is_dunno_and_a_changed_helo_is_judged_with_the_one_before() {
+        let live = live("[checks]\nchanged = \"reject\"");
+        let court = judge::Court::new(None, None, Duration::from_secs(3600));
+        let mut session = PolicySession::default();
+        assert_eq!(
+            session.on_request(&request("c.1", None, "203.0.113.9"), &live, &court),
+            Answer::Dunno
+        );
+        let one = request("c.1", Some("one.sender.example"), "203.0.113.9");
+        assert_eq!(session.on_request(&one, &live, &court), Answer::Dunno);
+        let two = request("c.1", Some("two.sender.example"), "203.0.113.9");
+        assert!(matches!(
+            session.on_request(&two, &live, &court),
+            Answer::Refuse { code: 553, .. }
+        ));
+        assert_eq!(session.verdict.as_ref().unwrap().rule, "changed");
+    }
+
+    /// An access-table entry's own reply is carried over; a 4xx entry is a temporary refusal
+    /// and never a ban; a `log` check answers DUNNO.
+    #[test]
+    fn entry_replies_4xx_entries_and_log_checks() {
+        let dir = std::env::temp_dir().join(format!("helo-policy-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let access = dir.join("helo_access");
+        std::fs::write(
+            &access,
+            "go.away.example 550 5.7.1 Go away\nslow.down.example 450 4.7.1 Try later\n",
+        )
+        .unwrap();
+        let live = live(&format!(
+            "[rules]\naccess_file = {:?}\n[checks]\ntable = \"ban\"\nno_dot = \"log\"\n",
+            access.display()
+        ));
+        let court = judge::Court::new(None, None, Duration::from_secs(3600));
+        let answer = |instance: &str, helo: &str| {
+            let mut session = PolicySession::default();
+            let answer =
+                session.on_request(&request(instance, Some(helo), "203.0.113.9"), &live, &court);
+            (answer, session.verdict.map(|v| v.action))
+        };
+        assert_eq!(
+            answer("e.1", "go.away.example"),
+            (Answer::Refuse { code: 550, text: "5.7.1 Go away".into() }, Some(Action::Ban))
+        );
+        assert_eq!(
+            answer("e.2", "slow.down.example"),
+            (Answer::Refuse { code: 450, text: "4.7.1 Try later".into() }, Some(Action::Reject)),
+            "a 4xx entry never bans"
+        );
+        assert_eq!(answer("e.3", "nodot"), (Answer::Dunno, Some(Action::Pass)), "log: DUNNO");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn other_request_types_are_dunno() {
+        let live = live("");
+        let court = judge::Court::new(None, None, Duration::from_secs(3600));
+        let mut other = request("d.1", Some("mx.example.com"), "203.0.113.9");
+        other.request = Some("junk".into());
+        assert_eq!(PolicySession::default().on_request(&other, &live, &court), Answer::Dunno);
+    }
+}
