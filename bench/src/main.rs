@@ -6,6 +6,7 @@
 mod flood;
 mod machine;
 mod plot;
+mod policy;
 mod procfs;
 mod proxy;
 mod report;
@@ -29,7 +30,7 @@ fn main() -> anyhow::Result<()> {
             "--out" => out = PathBuf::from(args.next().expect("--out DIR")),
             "--help" | "-h" => {
                 println!(
-                    "bench [--out DIR] [SECTION...]\nsections: xdp flood proxy rules (default: all)"
+                    "bench [--out DIR] [SECTION...]\nsections: xdp flood proxy rules policy (default: all)"
                 );
                 return Ok(());
             }
@@ -41,8 +42,13 @@ fn main() -> anyhow::Result<()> {
     let run = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let started = Instant::now();
     let mut report = Report::new(machine::describe());
-    let sections: [(&str, Section); 4] =
-        [("xdp", xdp::run), ("flood", flood::run), ("proxy", proxy::run), ("rules", rules::run)];
+    let sections: [(&str, Section); 5] = [
+        ("xdp", xdp::run),
+        ("flood", flood::run),
+        ("proxy", proxy::run),
+        ("rules", rules::run),
+        ("policy", policy::run),
+    ];
     for (name, section) in sections {
         if !run(name) {
             continue;

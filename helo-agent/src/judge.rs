@@ -194,44 +194,31 @@ fn log_line(record: &Record<'_>) {
     let logged = record.logged.join(",");
     let ttl = verdict.and_then(|v| v.ttl).map(crate::duration::format).unwrap_or_default();
     let door = record.door.as_str();
-    match &record.transport {
-        Some(t) => tracing::info!(
-            door,
-            client = %record.client.ip,
-            via,
-            helo,
-            helos,
-            verdict = action(verdict),
-            rule,
-            reason,
-            logged,
-            ttl,
-            bytes_in = t.bytes_in,
-            bytes_out = t.bytes_out,
-            spliced = t.spliced,
-            copied = t.copied,
-            tls = t.tls,
-            ms = record.ms,
-            end = t.end,
-            side = t.side,
-            error = t.error,
-            "session"
-        ),
-        None => tracing::info!(
-            door,
-            client = %record.client.ip,
-            via,
-            helo,
-            helos,
-            verdict = action(verdict),
-            rule,
-            reason,
-            logged,
-            ttl,
-            ms = record.ms,
-            "session"
-        ),
-    }
+    // A door without a connection of its own (the policy service) has no transport fields:
+    // `None` values are left out of the line.
+    let t = record.transport.as_ref();
+    tracing::info!(
+        door,
+        client = %record.client.ip,
+        via,
+        helo,
+        helos,
+        verdict = action(verdict),
+        rule,
+        reason,
+        logged,
+        ttl,
+        bytes_in = t.map(|t| t.bytes_in),
+        bytes_out = t.map(|t| t.bytes_out),
+        spliced = t.map(|t| t.spliced),
+        copied = t.map(|t| t.copied),
+        tls = t.map(|t| t.tls),
+        ms = record.ms,
+        end = t.map(|t| t.end),
+        side = t.map(|t| t.side),
+        error = t.map(|t| t.error),
+        "session"
+    );
 }
 
 #[cfg(test)]

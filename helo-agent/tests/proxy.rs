@@ -960,6 +960,21 @@ async fn after_starttls_nothing_is_added_when_the_mta_closes() {
     agent.stop().await;
 }
 
+/// After the greeting, writes `bytes` at once, waits for the proxy to answer and close (a reset
+/// would arrive first and destroy the reply), then reads to the end: the text, or the error a
+/// reset gives.
+async fn write_then_read_all(addr: std::net::SocketAddr, bytes: &[u8]) -> std::io::Result<String> {
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    read_reply(&mut client).await;
+    client.write_all(bytes).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut all))
+        .await
+        .expect("closed in time")?;
+    Ok(String::from_utf8_lossy(&all).into_owned())
+}
+
 /// Regression (issue 11): a command line of 1030 bytes or more got a connection reset instead
 /// of `500 5.5.2`: the proxy closed with unread input, so the kernel answered with RST and the
 /// reply was lost. Now it half-closes and drains the input first.
@@ -968,24 +983,10 @@ async fn a_line_over_the_limit_gets_500_not_a_reset() {
     let mta = Mta::start().await;
     let agent = Agent::start(mta.addr, "").await;
     for size in [1030, 1500, 8000, 65_000] {
-        let mut client = TcpStream::connect(agent.addr).await.unwrap();
-        read_reply(&mut client).await;
-        let mut line = format!("EHLO {}", "a".repeat(size)).into_bytes();
-        line.extend_from_slice(b"\r\n");
-        client.write_all(&line).await.unwrap();
-        // Read only after the proxy has had time to answer and close: a reset would be here
-        // first and destroy the reply.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut all = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut all))
-            .await
-            .expect("closed in time");
+        let line = format!("EHLO {}\r\n", "a".repeat(size));
+        let read = write_then_read_all(agent.addr, line.as_bytes()).await;
         assert!(read.is_ok(), "a {size}-byte line: no reset, got {read:?}");
-        assert_eq!(
-            String::from_utf8_lossy(&all),
-            "500 5.5.2 Error: line too long\r\n",
-            "a {size}-byte line"
-        );
+        assert_eq!(read.unwrap(), "500 5.5.2 Error: line too long\r\n", "a {size}-byte line");
     }
     agent.stop().await;
 }
@@ -996,27 +997,10 @@ async fn a_line_over_the_limit_gets_500_not_a_reset() {
 async fn replies_before_a_close_survive_unread_input() {
     let mta = Mta::start().await;
     let agent = Agent::start(mta.addr, "").await;
-    let mut client = TcpStream::connect(agent.addr).await.unwrap();
-    read_reply(&mut client).await;
-    client.write_all(b"QUIT\r\nNOOP\r\nNOOP\r\nNOOP\r\n").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut all = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut all))
-        .await
-        .expect("closed in time");
-    assert!(read.is_ok(), "{read:?}");
-    assert_eq!(String::from_utf8_lossy(&all), "221 2.0.0 Bye\r\n");
-
-    let mut client = TcpStream::connect(agent.addr).await.unwrap();
-    read_reply(&mut client).await;
-    client.write_all("NOOP\r\n".repeat(40).as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut all = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut all))
-        .await
-        .expect("closed in time");
-    assert!(read.is_ok(), "{read:?}");
-    assert!(String::from_utf8_lossy(&all).ends_with("421 4.7.0 Error: too many commands\r\n"));
+    let read = write_then_read_all(agent.addr, b"QUIT\r\nNOOP\r\nNOOP\r\nNOOP\r\n").await;
+    assert_eq!(read.expect("no reset"), "221 2.0.0 Bye\r\n");
+    let read = write_then_read_all(agent.addr, "NOOP\r\n".repeat(40).as_bytes()).await;
+    assert!(read.expect("no reset").ends_with("421 4.7.0 Error: too many commands\r\n"));
     agent.stop().await;
 }
 

@@ -4,6 +4,7 @@
 
 pub mod frames;
 pub mod netns;
+pub mod postfix;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -14,164 +14,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tests::netns::{Netns, in_netns, veth};
+use tests::postfix::{DOMAIN, MTA_NAME as GW_NAME, Postfix, UPSTREAM, wait_for};
 use tests::{AgentProcess, PinDir, agent_cli, greeting, require_root, run};
 
 const GW: &str = "198.51.100.1";
-const GW_NAME: &str = "mx.gw.test";
-const UPSTREAM: &str = "127.0.0.1:10025";
-const DOMAIN: &str = "e2e.test";
-
-/// A private Postfix instance, stopped and removed when dropped.
-struct Postfix {
-    dir: PathBuf,
-    // Held while the instance lives: another test run on this machine waits for it instead of
-    // clobbering the same directory. Declared last, so it is released after the cleanup.
-    _lock: std::fs::File,
-}
-
-impl Postfix {
-    /// `extra`: lines added to the instance's main.cf (TLS settings, say); `services`: lines
-    /// added to its master.cf (more smtpd listeners).
-    fn start(ns: &Netns, name: &str, extra: &str, services: &str) -> Postfix {
-        assert!(INSTANCES.contains(&name), "add {name} to INSTANCES");
-        let parent = PathBuf::from("/var/tmp/helo-filter-e2e");
-        std::fs::create_dir_all(&parent).unwrap();
-        let lock = std::fs::File::create(parent.join(format!("{name}.lock"))).unwrap();
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
-        let dir = parent.join(name);
-        let _ = std::fs::remove_dir_all(&dir);
-        for sub in ["queue", "data", "out"] {
-            std::fs::create_dir_all(dir.join(sub)).unwrap();
-        }
-        run(Command::new("chown").args(["postfix:postfix"]).arg(dir.join("data")));
-        run(Command::new("chmod").args(["1777"]).arg(dir.join("out")));
-        allow_config_directories();
-        let capture = dir.join("capture.sh");
-        std::fs::write(
-            &capture,
-            // Named by arrival (fixed-width nanoseconds), so sorting names sorts deliveries.
-            format!(
-                "#!/bin/sh\nout={}/$(date +%s%N)-$1\ncat > \"$out.tmp\" && mv \"$out.tmp\" \"$out\"\n",
-                dir.join("out").display()
-            ),
-        )
-        .unwrap();
-        run(Command::new("chmod").arg("755").arg(&capture));
-        let d = dir.display();
-        std::fs::write(
-            dir.join("main.cf"),
-            format!(
-                "compatibility_level = 3.6\nqueue_directory = {d}/queue\ndata_directory = {d}/data\n\
-                 maillog_file = {d}/postfix.log\nmyhostname = {GW_NAME}\nmydomain = gw.test\n\
-                 mydestination =\nrelay_domains = {DOMAIN}\ntransport_maps = inline:{{{DOMAIN}=capture:}}\n\
-                 inet_interfaces = all\ninet_protocols = ipv4\nmynetworks = 127.0.0.0/8\n\
-                 smtpd_peername_lookup = no\nsmtp_dns_support_level = disabled\nalias_maps =\n\
-                 alias_database =\nmessage_size_limit = 52428800\nbiff = no\n\
-                 smtpd_banner = $myhostname ESMTP Postfix\n{extra}"
-            ),
-        )
-        .unwrap();
-        let system_master = std::fs::read_to_string("/etc/postfix/master.cf").unwrap();
-        let mut master: String = system_master
-            .lines()
-            .filter(|l| !l.starts_with("smtp      inet") && !l.starts_with("smtp inet"))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        master.push_str(&format!(
-            "{UPSTREAM} inet n - n - - smtpd\n  -o smtpd_upstream_proxy_protocol=haproxy\n\
-             capture unix - n n - - pipe\n  user=nobody argv={} ${{queue_id}}\n",
-            capture.display()
-        ));
-        master.push_str(services);
-        std::fs::write(dir.join("master.cf"), master).unwrap();
-        run(Command::new("postconf").arg("-c").arg(&dir).args(["-F", "*/*/chroot = n"]));
-        let ns_path = format!("--net=/var/run/netns/{}", ns.name);
-        run(Command::new("nsenter").arg(&ns_path).args(["postfix", "-c"]).arg(&dir).arg("start"));
-        let postfix = Postfix { dir, _lock: lock };
-        wait_for("Postfix smtpd on 127.0.0.1:10025", Duration::from_secs(20), || {
-            ns.enter(|| std::net::TcpStream::connect(UPSTREAM).is_ok())
-        });
-        postfix
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("postfix.log")).unwrap_or_default()
-    }
-
-    /// Messages delivered so far, by file name.
-    fn delivered(&self) -> Vec<Vec<u8>> {
-        let mut names: Vec<PathBuf> = std::fs::read_dir(self.dir.join("out"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_none_or(|e| e != "tmp"))
-            .collect();
-        names.sort();
-        names.iter().map(|p| std::fs::read(p).unwrap()).collect()
-    }
-
-    /// Waits for the `n`-th delivery and returns its body (after the first blank line).
-    fn body_of_delivery(&self, n: usize) -> Vec<u8> {
-        wait_for(&format!("delivery #{n}\n{}", self.log()), Duration::from_secs(30), || {
-            self.delivered().len() >= n
-        });
-        let message = self.delivered().remove(n - 1);
-        let start =
-            message.windows(2).position(|w| w == b"\n\n").expect("a header/body separator") + 2;
-        message[start..].to_vec()
-    }
-}
-
-impl Drop for Postfix {
-    /// Stops the instance by its pid file: no namespace is needed for that, so this works even
-    /// when the gateway namespace is already gone. A master that survives is killed.
-    fn drop(&mut self) {
-        let pid_file = self.dir.join("queue/pid/master.pid");
-        let pid =
-            std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok());
-        let _ = Command::new("postfix").arg("-c").arg(&self.dir).arg("abort").output();
-        if let Some(pid) = pid.and_then(rustix::process::Pid::from_raw) {
-            for _ in 0..50 {
-                if rustix::process::test_kill_process(pid).is_err() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The instances this file starts, one directory each under /var/tmp/helo-filter-e2e.
-const INSTANCES: [&str; 6] = ["main", "helo", "ops", "bytes", "tls", "policy"];
-
-/// `postfix -c DIR` refuses directories the system main.cf does not list. The tests run in
-/// parallel, so the list is updated once for all of them (a read-modify-write each would race).
-fn allow_config_directories() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let current = run(Command::new("postconf").args(["-h", "alternate_config_directories"]));
-        let mut dirs: Vec<String> =
-            current.split([',', ' ', '\n']).filter(|d| !d.is_empty()).map(str::to_owned).collect();
-        for name in INSTANCES {
-            let dir = format!("/var/tmp/helo-filter-e2e/{name}");
-            if !dirs.contains(&dir) {
-                dirs.push(dir);
-            }
-        }
-        run(Command::new("postconf")
-            .arg("-e")
-            .arg(format!("alternate_config_directories = {}", dirs.join(", "))));
-    });
-}
-
-fn wait_for(what: &str, limit: Duration, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Fields drop in order: Postfix stops before the namespaces go.
 struct Bed {
@@ -219,9 +65,32 @@ impl Bed {
         self.agent_at(&self.pin_dir.config(config), extra)
     }
 
-    /// The agent on the config file at `config_path` (a test that reloads rewrites it).
+    /// The agent on the config file at `config_path` (a test that reloads rewrites it), ready
+    /// when port 25 answers with a greeting.
     fn agent_at(&self, config_path: &Path, extra: &[&str]) -> AgentProcess {
-        let mut args: Vec<String> = [
+        let mut run_args = vec!["--upstream", UPSTREAM];
+        run_args.extend(extra);
+        self.start_agent(config_path, &run_args, |gateway| {
+            in_netns(gateway, || greeting(&format!("{GW}:25")).is_some())
+        })
+    }
+
+    /// The agent with its policy service only; ready when the policy port answers.
+    fn policy_agent(&self, config: &str) -> AgentProcess {
+        self.start_agent(&self.pin_dir.config(config), &[], |gateway| {
+            in_netns(gateway, || std::net::TcpStream::connect("127.0.0.1:10040").is_ok())
+        })
+    }
+
+    /// `helo-agent --config PATH --pin-dir ... run --iface <gateway veth> --xdp-mode native
+    /// RUN_ARGS...` in the gateway namespace, ready when `ready(gateway namespace)` holds.
+    fn start_agent(
+        &self,
+        config_path: &Path,
+        run_args: &[&str],
+        ready: impl Fn(&str) -> bool + 'static,
+    ) -> AgentProcess {
+        let mut args = vec![
             "--config",
             config_path.to_str().unwrap(),
             "--pin-dir",
@@ -231,20 +100,11 @@ impl Bed {
             &self.gw_if,
             "--xdp-mode",
             "native",
-            "--upstream",
-            UPSTREAM,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ];
+        args.extend(run_args);
         let prefix = self.gateway.exec_prefix();
         let gateway = self.gateway.name.clone();
-        AgentProcess::start(&prefix.each_ref().map(String::as_str), &args, move || {
-            // Ready when port 25 answers with the MTA's greeting.
-            in_netns(&gateway, || greeting(&format!("{GW}:25")).is_some())
-        })
+        AgentProcess::start(&prefix.each_ref().map(String::as_str), &args, move || ready(&gateway))
     }
 
     /// swaks from `src` with `helo`; returns (exit success, transcript).
@@ -1085,27 +945,4 @@ fn the_policy_service_judges_postfix_sessions_and_bans_in_the_kernel() {
     assert!(ok, "fail-open while the agent is down:\n{transcript}\n{}", bed.postfix.log());
     wait_for("3 deliveries", Duration::from_secs(20), || bed.postfix.delivered().len() == 3);
     let _ = std::fs::remove_dir_all(&work);
-}
-
-impl Bed {
-    /// The agent with its policy service only; ready when the policy port answers.
-    fn policy_agent(&self, config: &str) -> AgentProcess {
-        let path = self.pin_dir.config(config);
-        let args = [
-            "--config",
-            path.to_str().unwrap(),
-            "--pin-dir",
-            self.pin_dir.path().to_str().unwrap(),
-            "run",
-            "--iface",
-            &self.gw_if,
-            "--xdp-mode",
-            "native",
-        ];
-        let prefix = self.gateway.exec_prefix();
-        let gateway = self.gateway.name.clone();
-        AgentProcess::start(&prefix.each_ref().map(String::as_str), &args, move || {
-            in_netns(&gateway, || std::net::TcpStream::connect("127.0.0.1:10040").is_ok())
-        })
-    }
 }

@@ -307,18 +307,18 @@ mod tests {
         (a.unwrap(), b.unwrap().0)
     }
 
+    /// A plaintext relay with a 5 s idle limit and no shutdown, in its own task.
+    fn spawn_relay(client: TcpStream, upstream: TcpStream) -> tokio::task::JoinHandle<Relayed> {
+        let idle = Duration::from_secs(5);
+        tokio::spawn(relay(client, upstream, idle, Opacity::Data, std::future::pending()))
+    }
+
     #[tokio::test]
     async fn splice_relays_both_ways_byte_for_byte_and_passes_half_closes() {
         // client_far <-> client_near [relay] upstream_near <-> upstream_far
         let (mut client_far, client_near) = pair().await;
         let (upstream_near, mut upstream_far) = pair().await;
-        let relay = tokio::spawn(relay(
-            client_near,
-            upstream_near,
-            Duration::from_secs(5),
-            Opacity::Data,
-            std::future::pending(),
-        ));
+        let relay = spawn_relay(client_near, upstream_near);
         let body: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
         let sent = body.clone();
         let writer = tokio::spawn(async move {
@@ -350,13 +350,7 @@ mod tests {
     async fn a_reset_after_the_last_bytes_is_an_ordinary_end() {
         let (client_far, client_near) = pair().await;
         let (upstream_near, mut upstream_far) = pair().await;
-        let relay = tokio::spawn(relay(
-            client_near,
-            upstream_near,
-            Duration::from_secs(5),
-            Opacity::Data,
-            std::future::pending(),
-        ));
+        let relay = spawn_relay(client_near, upstream_near);
         let mut client_far = client_far.into_std().unwrap();
         client_far.set_nonblocking(false).unwrap();
         std::io::Write::write_all(&mut client_far, b"QUIT\r\n").unwrap();
@@ -396,13 +390,7 @@ mod tests {
     async fn an_mta_that_dies_mid_session_gets_the_client_a_421() {
         let (mut client_far, client_near) = pair().await;
         let (upstream_near, mut upstream_far) = pair().await;
-        let relay = tokio::spawn(relay(
-            client_near,
-            upstream_near,
-            Duration::from_secs(5),
-            Opacity::Data,
-            std::future::pending(),
-        ));
+        let relay = spawn_relay(client_near, upstream_near);
         client_far.write_all(b"MAIL FROM:<a@b.example>\r\n").await.unwrap();
         let mut mail = [0u8; 25];
         upstream_far.read_exact(&mut mail).await.unwrap();
