@@ -51,7 +51,8 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum CliCommand {
-    /// Run the SMTP proxy and the XDP ban filter until SIGINT or SIGTERM (needs root).
+    /// Run the SMTP proxy (proxy.listeners), the Postfix policy service (policy.listeners) and
+    /// the XDP ban filter until SIGINT or SIGTERM (needs root).
     Run {
         /// Interface to guard; overrides xdp.interface. Default: the default route's.
         #[arg(long, value_name = "IF")]
@@ -87,8 +88,8 @@ pub enum CliCommand {
         #[arg(long)]
         prefix: bool,
     },
-    /// Lift a ban. The running agent also forgets the address's offence history, so its next
-    /// rule ban starts again at the rule's TTL, without escalation.
+    /// Lift a ban. It also forgets the address's offence history (its next rule ban starts again at
+    /// the rule's TTL). With no agent running, the ban is also removed from the snapshot.
     Unban {
         /// The address or IPv6 /64 as it was banned.
         target: String,
@@ -473,7 +474,15 @@ fn unban(config: &Config, target: &str, prefix: bool) -> anyhow::Result<()> {
     let was_banned = match AgentLink::of(config).ask(request)? {
         Some(Answer::Unbanned(answer)) => answer.was_banned,
         Some(other) => return Err(unexpected(other)),
-        None => Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?).unban(&target)?,
+        None => {
+            // No agent: the pinned maps, and the snapshot the next start would restore from.
+            let in_maps = Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?).unban(&target)?;
+            let in_snapshot = match &config.snapshot.path {
+                Some(path) => crate::blocklist::snapshot::forget(path, &target.to_string())?,
+                None => false,
+            };
+            in_maps || in_snapshot
+        }
     };
     anyhow::ensure!(was_banned, "{target} is not banned (see `helo-agent list`)");
     println!("unbanned {target}");

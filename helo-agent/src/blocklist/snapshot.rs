@@ -115,6 +115,29 @@ pub fn save(path: &Path, snapshot: &Snapshot) -> Result<(), SnapshotError> {
     Ok(())
 }
 
+/// Removes `target`'s ban and offence history from the snapshot at `path`, for an unban made
+/// while no agent runs (the next start would otherwise restore the ban). Returns whether the
+/// snapshot held either. An absent or unreadable snapshot holds nothing to forget.
+pub fn forget(path: &Path, target: &str) -> Result<bool, SnapshotError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(source) => return Err(SnapshotError::Read { path: path.to_owned(), source }),
+    };
+    let Ok(mut snapshot) = serde_json::from_slice::<Snapshot>(&bytes) else { return Ok(false) };
+    if snapshot.version != VERSION {
+        return Ok(false);
+    }
+    let before = (snapshot.bans.len(), snapshot.offences.len());
+    snapshot.bans.retain(|b| b.target != target);
+    snapshot.offences.retain(|o| o.target != target);
+    if (snapshot.bans.len(), snapshot.offences.len()) == before {
+        return Ok(false);
+    }
+    save(path, &snapshot)?;
+    Ok(true)
+}
+
 /// The bans in force among `entries` (as `list`'s store listed them) and the offence history,
 /// as a snapshot taken at `now`.
 pub fn capture<S: BanStore>(
@@ -338,6 +361,36 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(load(&path, at).unwrap(), Loaded::Corrupt { .. }), "unknown version");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Regression (issue 11 follow-up): `unban` with no agent running removed the pinned ban
+    /// but left it in the snapshot, so the next start restored it.
+    #[test]
+    fn an_unban_while_stopped_is_forgotten_by_the_snapshot_too() {
+        let dir = std::env::temp_dir().join(format!("helo-snap-forget-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bans.json");
+        assert!(!forget(&path, "203.0.113.9").unwrap(), "no snapshot: nothing to forget");
+        let ban = |target: &str| SavedBan {
+            target: target.into(),
+            expires_unix: None,
+            reason: "r".into(),
+            hits: 0,
+        };
+        let offence = |target: &str| SavedOffence { target: target.into(), count: 2, last_unix: 1 };
+        let snapshot = Snapshot {
+            version: VERSION,
+            saved_unix: 1,
+            bans: vec![ban("203.0.113.9"), ban("203.0.113.10")],
+            offences: vec![offence("203.0.113.9"), offence("203.0.113.10")],
+        };
+        save(&path, &snapshot).unwrap();
+        assert!(forget(&path, "203.0.113.9").unwrap());
+        let Loaded::Good(left) = load(&path, now(1, 2)).unwrap() else { panic!("readable") };
+        assert_eq!(left.bans, [ban("203.0.113.10")]);
+        assert_eq!(left.offences, [offence("203.0.113.10")]);
+        assert!(!forget(&path, "203.0.113.9").unwrap(), "nothing left of it");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
