@@ -58,7 +58,7 @@ pub(super) async fn run(
     // is connected only for a client whose HELO passes).
     let (upstream, host) = match config.greeting {
         GreetingMode::Mta => {
-            let (mta, greeting) = match upstream::open(config, peer, local).await {
+            let (mta, greeting) = match Box::pin(upstream::open(config, peer, local)).await {
                 Ok(opened) => opened,
                 Err((end, error)) => {
                     outcome.error = Some(error);
@@ -135,9 +135,12 @@ impl Handler<'_> {
                 flow => break flow,
             }
         };
+        // The relay's, the close's and the MTA connection's futures are boxed: inline, they would
+        // make every session's future as large as the largest of them for its whole life, the
+        // idle ones (most of them, under a bot flood) included.
         match flow {
-            Flow::Opaque(opacity) => self.relay(opacity).await,
-            Flow::Close(end, goodbye) => self.close(end, goodbye).await,
+            Flow::Opaque(opacity) => Box::pin(self.relay(opacity)).await,
+            Flow::Close(end, goodbye) => Box::pin(self.close(end, goodbye)).await,
             Flow::Next => unreachable!("the loop ends on another flow"),
         }
     }
@@ -175,7 +178,7 @@ impl Handler<'_> {
     /// A line for the MTA, connecting it first when the proxy greeted itself.
     async fn forward(&mut self, line: &[u8]) -> Flow {
         if self.upstream.is_none() {
-            match upstream::open(self.config, self.peer, self.local).await {
+            match Box::pin(upstream::open(self.config, self.peer, self.local)).await {
                 // The MTA's banner is ours to swallow: the client had ours.
                 Ok((mta, greeting)) if greeting.code == 220 => self.upstream = Some(mta),
                 Ok((_, greeting)) => {
@@ -215,7 +218,9 @@ impl Handler<'_> {
         let reading_client = !self.session.waiting();
         let input = self.session.input();
         input.reserve(READ_CHUNK);
-        self.replies.reserve(READ_CHUNK);
+        if hears_mta {
+            self.replies.reserve(READ_CHUNK);
+        }
         let mta = self.upstream.as_mut();
         let replies = &mut self.replies;
         let drain = &mut self.drain;
@@ -379,7 +384,9 @@ pub(super) async fn close_with(client: &mut TcpStream, answer: &[u8]) -> u64 {
     }
     let _ = client.shutdown().await;
     let linger = async {
-        let mut sink = [0u8; 4096];
+        // On the heap: a buffer on the stack would be part of every session's future, idle
+        // ones included, for its whole life.
+        let mut sink = vec![0u8; 1024];
         while let Ok(n) = client.read(&mut sink).await {
             if n == 0 {
                 break;
