@@ -22,8 +22,8 @@ const WITH_POLICY: &str = "127.0.0.1:2525";
 const WITH_ACCESS: &str = "127.0.0.1:2526";
 const CONNECTIONS: usize = 50;
 const REQUESTS_PER_CONNECTION: usize = 400;
-const MESSAGES: usize = 1000;
-const ROUNDS: usize = 3;
+const MESSAGES: usize = 1500;
+const ROUNDS: usize = 5;
 
 pub fn run(report: &mut Report, _out: &std::path::Path) -> anyhow::Result<()> {
     let ns = Netns::new("hfbp");
