@@ -23,6 +23,11 @@ struct Service {
 
 impl Service {
     async fn start() -> Service {
+        Service::start_with(false).await
+    }
+
+    /// `enforce`: as when XDP could not be attached, bans are enforced by the service itself.
+    async fn start_with(enforce: bool) -> Service {
         let text =
             "[identity]\ndetect = false\ndomains = [\"example.com\"]\n[allowlist]\nnetworks = []\n";
         let config = Config::parse(text, Path::new("t.toml"), &HostFacts::default()).unwrap();
@@ -39,7 +44,7 @@ impl Service {
             config.rules.clone(),
             config.reject_message.clone(),
             Some(bans),
-            None,
+            enforce.then(|| Arc::new(store.clone()) as Arc<dyn helo_agent::blocklist::BanCheck>),
             Observe::default(),
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -161,4 +166,33 @@ async fn a_slow_writer_is_served_byte_by_byte() {
         postfix.write_all(&[byte]).await.unwrap();
     }
     assert_eq!(answer(&mut postfix).await, "action=DUNNO\n\n");
+}
+
+/// Without XDP, a banned client's later sessions are refused by the policy service itself
+/// (the kernel would have dropped its connection).
+#[tokio::test]
+async fn without_xdp_a_banned_clients_next_session_is_refused() {
+    let service = Service::start_with(true).await;
+    let mut postfix = TcpStream::connect(service.addr).await.unwrap();
+    postfix.write_all(request("x.1", "203.0.113.9", "mx.example.com").as_bytes()).await.unwrap();
+    assert!(answer(&mut postfix).await.starts_with("action=553"));
+    for _ in 0..100 {
+        if !service.banned().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    postfix
+        .write_all(request("x.2", "203.0.113.9", "good.sender.example").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(
+        answer(&mut postfix).await,
+        "action=554 5.7.1 Error: this address is banned for a while\n\n"
+    );
+    postfix
+        .write_all(request("x.3", "203.0.113.10", "good.sender.example").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(answer(&mut postfix).await, "action=DUNNO\n\n", "a neighbour is served");
 }

@@ -30,6 +30,8 @@ const MAX_CONNECTIONS: usize = 1024;
 /// A connection with no request for this long is closed (Postfix's own idle limit for policy
 /// connections, `smtpd_policy_service_max_idle`, is 300 s; it reconnects as needed).
 const IDLE: Duration = Duration::from_secs(330);
+/// The answer for a banned client when XDP is not attached (it would not have connected).
+const BANNED: &str = "5.7.1 Error: this address is banned for a while";
 /// How long one answer may take to write.
 const WRITE: Duration = Duration::from_secs(10);
 
@@ -213,7 +215,16 @@ async fn connection(
         match parser.next_request() {
             Ok(Some(request)) => {
                 let live = shared.live();
-                let answer = session.on_request(&request, &live, &shared.court);
+                let answer = match (request.client_address, &shared.enforce) {
+                    // Without XDP nothing else keeps a banned client out: refuse it here.
+                    (Some(ip), Some(bans))
+                        if bans.banned(crate::addr::canonical(ip), crate::clock::boot_ns()) =>
+                    {
+                        tracing::debug!(client = %ip, "policy request from a banned client");
+                        Answer::Refuse { code: 554, text: BANNED.into() }
+                    }
+                    _ => session.on_request(&request, &live, &shared.court),
+                };
                 let sent = tokio::time::timeout(WRITE, write.write_all(&answer.encode())).await;
                 if !matches!(sent, Ok(Ok(()))) {
                     tracing::debug!(from, "policy client stopped reading: connection closed");
