@@ -53,7 +53,7 @@ fuzz_target!(|data: &[u8]| {
                 answered += 1;
                 assert!(answered < 10_000, "a waiting session is released by replies");
                 let code = 200 + u16::from(rest.first().copied().unwrap_or(0)) * 2;
-                match session.on_reply(code) {
+                match session.on_reply(code, b"250 mta\r\n") {
                     AfterReply::Opaque(_) => return,
                     AfterReply::Reject(answer) => well_formed(&answer),
                     AfterReply::Continue => {}

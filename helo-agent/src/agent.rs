@@ -121,7 +121,9 @@ pub fn prepare(config: Config, options: Overrides) -> Result<Prepared, AgentErro
         None => default_route_interface().ok_or(AgentError::NoDefaultInterface)?,
     };
     let mode = config.xdp.mode;
-    let fd_limit = raise_fd_limit(config.proxy.max_sessions);
+    // With the proxy off (policy service alone) no session holds sockets of its own.
+    let sessions = if config.proxy.listeners.is_empty() { 0 } else { config.proxy.max_sessions };
+    let fd_limit = raise_fd_limit(sessions);
     tracing::debug!(fd_limit, "open-file limit");
     refuse_if_running(&config.agent.control_socket)?;
     let listeners = crate::proxy::bind_std(&config.proxy.listeners)?;

@@ -913,7 +913,11 @@ fn the_policy_service_judges_postfix_sessions_and_bans_in_the_kernel() {
         bed.banned().contains("198.51.100.4")
     });
 
-    // At HELO (port 2526, smtpd_delay_reject = no): Postfix refuses the HELO itself.
+    // At HELO (port 2526, smtpd_delay_reject = no): Postfix refuses the HELO itself. A good
+    // client first: the same smtpd (and policy connection) then serves the bot, and the bot's
+    // verdict must not land on the client before it (instance= is empty at HELO).
+    let (ok, transcript) = bed.swaks("198.51.100.2", "mail.sender.example", 2526, None);
+    assert!(ok, "a good client at the HELO-stage service:\n{transcript}\n{}", agent.log());
     let (ok, transcript) = bed.swaks("198.51.100.5", "localhost", 2526, None);
     assert!(!ok, "{transcript}");
     let helo_reply = transcript.lines().find(|l| l.starts_with("<** 553")).unwrap_or_default();
@@ -923,6 +927,14 @@ fn the_policy_service_judges_postfix_sessions_and_bans_in_the_kernel() {
         agent.log()
     );
 
+    wait_for("198.51.100.5 banned", Duration::from_secs(5), || {
+        bed.banned().contains("198.51.100.5")
+    });
+    assert!(
+        !bed.banned().contains("198.51.100.2"),
+        "never the client before the bot:\n{}",
+        bed.banned()
+    );
     let log = agent.log();
     assert!(log.contains("door=\"policy\""), "{log}");
     let config_path = bed.pin_dir.config(&config);
@@ -931,7 +943,8 @@ fn the_policy_service_judges_postfix_sessions_and_bans_in_the_kernel() {
         .arg(&config_path)
         .args(["tophelos", "--json"]));
     assert!(tophelos.contains(GW_NAME), "tophelos counts policy sessions: {tophelos}");
-    assert_eq!(bed.postfix.delivered().len(), 2, "nothing from the bots was delivered");
+    wait_for("3 deliveries", Duration::from_secs(20), || bed.postfix.delivered().len() == 3);
+    assert_eq!(bed.postfix.delivered().len(), 3, "nothing from the bots was delivered");
 
     // The ban (4 s) expires.
     std::thread::sleep(
@@ -943,6 +956,6 @@ fn the_policy_service_judges_postfix_sessions_and_bans_in_the_kernel() {
     assert!(agent.stop(), "the agent stops cleanly:\n{}", agent.log());
     let (ok, transcript) = bed.swaks("198.51.100.2", "mail.sender.example", 25, None);
     assert!(ok, "fail-open while the agent is down:\n{transcript}\n{}", bed.postfix.log());
-    wait_for("3 deliveries", Duration::from_secs(20), || bed.postfix.delivered().len() == 3);
+    wait_for("4 deliveries", Duration::from_secs(20), || bed.postfix.delivered().len() == 4);
     let _ = std::fs::remove_dir_all(&work);
 }

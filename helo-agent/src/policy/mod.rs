@@ -255,16 +255,27 @@ async fn connection(
 }
 
 /// What one policy connection knows of the SMTP session its requests belong to. Postfix's
-/// smtpd keeps one policy connection per process and serves sessions one after another, so a
-/// new `instance` is a new session.
+/// smtpd keeps one policy connection per process and serves sessions one after another on it.
+/// A session is its client's address and port (`client_port`, Postfix 3.0 and later): the
+/// `instance` attribute is per mail transaction, empty before MAIL FROM and new at each one,
+/// so it cannot tell sessions apart (without `client_port` it is the best there is).
 #[derive(Default)]
 pub struct PolicySession {
-    instance: Option<String>,
+    key: Option<SessionKey>,
     client: Option<Client>,
     helos: Vec<String>,
     verdict: Option<Verdict>,
     logged: Vec<&'static str>,
     started: Option<Instant>,
+}
+
+/// One SMTP session, as the policy requests tell it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SessionKey {
+    address: std::net::IpAddr,
+    port: Option<u16>,
+    /// Only without a port.
+    instance: Option<String>,
 }
 
 impl PolicySession {
@@ -273,20 +284,31 @@ impl PolicySession {
         if request.request.as_deref().is_some_and(|r| r != "smtpd_access_policy") {
             return Answer::Dunno;
         }
-        if request.instance != self.instance || self.instance.is_none() {
-            *self = PolicySession { instance: request.instance.clone(), ..Default::default() };
+        let Some(address) = request.client_address else {
+            tracing::debug!("policy request without a client address: DUNNO");
+            return Answer::Dunno;
+        };
+        let key = SessionKey {
+            address,
+            port: request.client_port,
+            instance: if request.client_port.is_some() { None } else { request.instance.clone() },
+        };
+        if self.key.as_ref() != Some(&key) {
+            *self = PolicySession {
+                key: Some(key),
+                client: Some(Client::new(address, None, false)),
+                ..Default::default()
+            };
         }
-        let (Some(helo), Some(address)) =
-            (request.helo_name.as_deref().filter(|h| !h.is_empty()), request.client_address)
-        else {
+        let Some(helo) = request.helo_name.as_deref().filter(|h| !h.is_empty()) else {
             tracing::debug!(
-                client = ?request.client_address,
+                client = %address,
                 state = request.protocol_state.as_deref().unwrap_or(""),
-                "policy request without a HELO yet (or without a client address): DUNNO"
+                "policy request without a HELO yet: DUNNO"
             );
             return Answer::Dunno;
         };
-        let client = *self.client.get_or_insert_with(|| Client::new(address, None, false));
+        let client = self.client.expect("set with the key");
         let rejected = self.verdict.as_ref().is_some_and(|v| v.action != Action::Pass);
         let judged = self.helos.last().is_some_and(|last| last == helo);
         if !rejected && !judged {
@@ -442,6 +464,93 @@ mod tests {
         );
         assert_eq!(answer("e.3", "nodot"), (Answer::Dunno, Some(Action::Pass)), "log: DUNNO");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A request as Postfix 3.x sends it at `state`: with `client_port`; `instance` empty
+    /// before MAIL FROM.
+    fn postfix(state: &str, client: &str, port: u16, instance: &str, helo: &str) -> Request {
+        Request {
+            protocol_state: Some(state.into()),
+            client_port: Some(port),
+            ..request(instance, Some(helo), client)
+        }
+    }
+
+    /// A court whose bans reach a ban worker over a fake store; returns what was banned.
+    fn court_with_bans() -> (
+        judge::Court,
+        std::thread::JoinHandle<crate::blocklist::Blocklist<crate::blocklist::fake::FakeStore>>,
+    ) {
+        let escalation = crate::config::Escalation {
+            factor: 2,
+            max_ttl: Duration::from_secs(86_400),
+            history: 10,
+            max_per_second: 100,
+        };
+        let (bans, worker) = crate::blocklist::worker::spawn(
+            crate::blocklist::fake::FakeStore::default(),
+            escalation,
+            crate::clock::boot_ns,
+        );
+        (judge::Court::new(Some(bans), None, Duration::from_secs(3600)), worker)
+    }
+
+    fn banned(
+        court: judge::Court,
+        worker: std::thread::JoinHandle<
+            crate::blocklist::Blocklist<crate::blocklist::fake::FakeStore>,
+        >,
+    ) -> Vec<(String, String)> {
+        use crate::blocklist::BanStore as _;
+        drop(court);
+        let list = worker.join().unwrap();
+        let entries = list.store().entries().unwrap();
+        entries
+            .iter()
+            .map(|(t, v)| (t.to_string(), list.reason_of(v.reason).unwrap_or_default()))
+            .collect()
+    }
+
+    /// Regression (found trying the README's HELO-stage placement against a real Postfix):
+    /// Postfix sends `instance=` empty before MAIL FROM, and the service took every request on
+    /// a connection for one session, so a bot's forged HELO banned the innocent client the
+    /// same smtpd had served before, and the next good client was refused.
+    #[test]
+    fn sessions_on_one_connection_are_told_apart_by_client_address_and_port() {
+        let live = live("");
+        let (court, worker) = court_with_bans();
+        let mut connection = PolicySession::default();
+        let good = postfix("EHLO", "203.0.113.3", 40001, "", "good.example.org");
+        assert_eq!(connection.on_request(&good, &live, &court), Answer::Dunno);
+        let bot = postfix("EHLO", "203.0.113.8", 40002, "", "mx.example.com");
+        assert!(matches!(
+            connection.on_request(&bot, &live, &court),
+            Answer::Refuse { code: 553, .. }
+        ));
+        let next = postfix("EHLO", "203.0.113.4", 40003, "", "good6.example.org");
+        assert_eq!(
+            connection.on_request(&next, &live, &court),
+            Answer::Dunno,
+            "not the bot's verdict"
+        );
+        let banned = banned(court, worker);
+        assert_eq!(banned.len(), 1, "{banned:?}");
+        assert_eq!(banned[0].0, "203.0.113.8", "the bot, never the client before it");
+    }
+
+    /// Regression: `instance` changes with each transaction, and a session with two was judged
+    /// (and banned, escalated) twice.
+    #[test]
+    fn one_session_with_several_transactions_is_judged_and_banned_once() {
+        let live = live("");
+        let (court, worker) = court_with_bans();
+        let mut connection = PolicySession::default();
+        for instance in ["a.1", "a.2", "a.3"] {
+            let rcpt = postfix("RCPT", "203.0.113.9", 40100, instance, "mx.example.com");
+            assert!(matches!(connection.on_request(&rcpt, &live, &court), Answer::Refuse { .. }));
+        }
+        assert_eq!(sessions(&court), 1, "one observation");
+        assert_eq!(banned(court, worker).len(), 1, "one ban");
     }
 
     #[test]

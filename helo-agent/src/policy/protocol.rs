@@ -29,7 +29,10 @@ pub struct Request {
     /// The HELO/EHLO argument; absent (or empty) before the client sent one.
     pub helo_name: Option<String>,
     pub client_address: Option<IpAddr>,
-    /// Ties the requests of one SMTP session together.
+    /// The client's TCP port (Postfix 3.0 and later): with the address, one SMTP session.
+    pub client_port: Option<u16>,
+    /// Ties the requests of one mail transaction together (Postfix sets it at MAIL FROM, so
+    /// it is empty at HELO and changes with each transaction of a session).
     pub instance: Option<String>,
     /// Kept for the DNS checks.
     pub client_name: Option<String>,
@@ -123,6 +126,12 @@ fn set(request: &mut Request, name: &str, value: &str) -> Result<(), ProtocolErr
         "reverse_client_name" => &mut request.reverse_client_name,
         // Postfix sends an empty value for an unknown address (a local submission).
         "client_address" if value.is_empty() => return Ok(()),
+        // A port that is not a number is as good as none: the session is then told apart by
+        // address and instance.
+        "client_port" => {
+            request.client_port = value.parse().ok();
+            return Ok(());
+        }
         "client_address" => {
             let address = value
                 .parse::<IpAddr>()
@@ -163,7 +172,7 @@ mod tests {
     use super::*;
 
     const REQUEST: &[u8] = b"request=smtpd_access_policy\nprotocol_state=RCPT\n\
-        protocol_name=ESMTP\nclient_address=198.51.100.3\nclient_name=unknown\n\
+        protocol_name=ESMTP\nclient_address=198.51.100.3\nclient_port=40123\nclient_name=unknown\n\
         reverse_client_name=unknown\nhelo_name=mx.example.com\nsender=a@b.example\n\
         recipient=user@example.com\ninstance=1a2b.5f3c4d.0\nsize=0\n\n";
 
@@ -174,6 +183,7 @@ mod tests {
             protocol_name: Some("ESMTP".into()),
             helo_name: Some("mx.example.com".into()),
             client_address: Some("198.51.100.3".parse().unwrap()),
+            client_port: Some(40123),
             instance: Some("1a2b.5f3c4d.0".into()),
             client_name: Some("unknown".into()),
             reverse_client_name: Some("unknown".into()),

@@ -289,7 +289,7 @@ impl Handler<'_> {
                 return flow;
             }
             self.last_reply = Some(code);
-            match self.session.on_reply(code) {
+            match self.session.on_reply(code, &reply) {
                 AfterReply::Continue => {}
                 AfterReply::Opaque(opacity) => return Flow::Opaque(opacity),
                 AfterReply::Reject(answer) => {

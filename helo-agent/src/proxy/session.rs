@@ -76,6 +76,9 @@ pub enum Opacity {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Owed {
     Reply,
+    /// A HELO (`false`) or EHLO (`true`) that passed: its reply is what the proxy answers a
+    /// later one with, once the session is rejected.
+    Helo(bool),
     StartTls,
     Data,
 }
@@ -103,8 +106,13 @@ pub struct Session<'a> {
     phase: Phase,
     /// Replies the MTA owes for forwarded lines, oldest first.
     owed: VecDeque<Owed>,
-    /// A later HELO's rejection, held until the MTA's owed replies are relayed.
-    deferred: Option<Vec<u8>>,
+    /// A later HELO's rejection (`true`: an EHLO), held until the MTA's owed replies are
+    /// relayed; the answer is made then, from what the MTA said by then.
+    deferred: Option<bool>,
+    /// The MTA's own replies to HELO and EHLO, replayed to a rejected client's HELO/EHLO, so it
+    /// hears what it heard from the MTA before.
+    mta_helo_reply: Option<Vec<u8>>,
+    mta_ehlo_reply: Option<Vec<u8>>,
     rejected_commands: u32,
     commands_before_helo: u32,
     /// Client bytes not handled yet.
@@ -127,6 +135,8 @@ impl<'a> Session<'a> {
             phase: Phase::BeforeHelo,
             owed: VecDeque::new(),
             deferred: None,
+            mta_helo_reply: None,
+            mta_ehlo_reply: None,
             rejected_commands: 0,
             commands_before_helo: 0,
             buf: Vec::new(),
@@ -253,13 +263,20 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// The MTA sent a complete reply with this code (relayed to the client already).
-    pub fn on_reply(&mut self, code: u16) -> AfterReply {
+    /// The MTA sent this complete reply, with this code (relayed to the client already).
+    pub fn on_reply(&mut self, code: u16, reply: &[u8]) -> AfterReply {
         let owed = self.owed.pop_front();
-        if self.owed.is_empty()
-            && let Some(answer) = self.deferred.take()
+        if let Some(Owed::Helo(ehlo)) = owed
+            && code == 250
         {
-            return AfterReply::Reject(answer);
+            let kept = if ehlo { &mut self.mta_ehlo_reply } else { &mut self.mta_helo_reply };
+            *kept = Some(reply.to_vec());
+        }
+        if self.owed.is_empty()
+            && let Some(ehlo) = self.deferred.take()
+        {
+            let verdict = self.verdict.as_ref().expect("a deferred rejection has its verdict");
+            return AfterReply::Reject(self.helo_answer(ehlo, verdict));
         }
         match owed {
             Some(Owed::StartTls) if (200..300).contains(&code) => AfterReply::Opaque(Opacity::Tls),
@@ -318,9 +335,10 @@ impl<'a> Session<'a> {
                 self.logged.push(logged.rule);
             }
         }
+        let ehlo = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"EHLO");
         if verdict.action == Action::Pass {
             self.verdict = Some(verdict);
-            self.owed.push_back(Owed::Reply);
+            self.owed.push_back(Owed::Helo(ehlo));
             return if self.phase == Phase::Passed {
                 Step::Forward(line)
             } else {
@@ -328,19 +346,31 @@ impl<'a> Session<'a> {
                 Step::Pass(line)
             };
         }
-        let ehlo = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"EHLO");
-        let answer = match verdict.reject_at {
-            RejectAt::Helo => self.denial(&verdict),
-            RejectAt::Rcpt if ehlo => reply::ehlo(&self.host, &["PIPELINING", "8BITMIME"]),
-            RejectAt::Rcpt => format!("250 {}\r\n", self.host).into_bytes(),
-        };
-        self.verdict = Some(verdict);
         self.phase = Phase::Rejected;
         if self.owed.is_empty() {
+            let answer = self.helo_answer(ehlo, &verdict);
+            self.verdict = Some(verdict);
             Step::Reject(answer)
         } else {
-            self.deferred = Some(answer);
+            self.verdict = Some(verdict);
+            self.deferred = Some(ehlo);
             Step::Defer
+        }
+    }
+
+    /// The answer to a rejected session's HELO/EHLO: the denial (reject at HELO), else what the
+    /// MTA answered the client's earlier one with, else the proxy's own in the MTA's name.
+    fn helo_answer(&self, ehlo: bool, verdict: &Verdict) -> Vec<u8> {
+        match verdict.reject_at {
+            RejectAt::Helo => self.denial(verdict),
+            RejectAt::Rcpt if ehlo => self
+                .mta_ehlo_reply
+                .clone()
+                .unwrap_or_else(|| reply::ehlo(&self.host, &["PIPELINING", "8BITMIME"])),
+            RejectAt::Rcpt => self
+                .mta_helo_reply
+                .clone()
+                .unwrap_or_else(|| format!("250 {}\r\n", self.host).into_bytes()),
         }
     }
 
@@ -363,9 +393,8 @@ impl<'a> Session<'a> {
         let at_helo = verdict.reject_at == RejectAt::Helo;
         Step::Reply(match command {
             SmtpCommand::Quit => return Step::Close(reply::line(221, "2.0.0", "Bye"), End::Closed),
-            SmtpCommand::Helo(_) | SmtpCommand::Ehlo(_) if at_helo => self.denial(verdict),
-            SmtpCommand::Helo(_) => format!("250 {}\r\n", self.host).into_bytes(),
-            SmtpCommand::Ehlo(_) => reply::ehlo(&self.host, &["PIPELINING", "8BITMIME"]),
+            SmtpCommand::Helo(_) => self.helo_answer(false, verdict),
+            SmtpCommand::Ehlo(_) => self.helo_answer(true, verdict),
             SmtpCommand::Mail if at_helo => {
                 reply::line(503, "5.5.1", "Error: send HELO/EHLO first")
             }
@@ -532,10 +561,12 @@ mod tests {
         let rules = rules("");
         let mut s = session(&rules);
         assert_eq!(text(s.on_line(b"EHLO good.sender.example")), "pass");
-        assert_eq!(s.on_reply(250), AfterReply::Continue);
+        let mta_said = b"250-mta.test\r\n250-SIZE 10240000\r\n250 STARTTLS\r\n";
+        assert_eq!(s.on_reply(250, mta_said), AfterReply::Continue);
         assert_eq!(
             text(s.on_line(b"EHLO mx.example.com")),
-            "reject 250-mx.example.com\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+            "reject 250-mta.test\r\n250-SIZE 10240000\r\n250 STARTTLS\r\n",
+            "the MTA's own answer again: the client cannot tell"
         );
         assert!(s.rejected() && !s.relaying());
         assert_eq!(s.helo(), Some("mx.example.com"), "the log names the HELO that failed");
@@ -557,11 +588,11 @@ mod tests {
         assert_eq!(text(s.on_line(b"MAIL FROM:<a@b.example>")), "forward");
         assert_eq!(s.on_line(b"HELO mx.example.com"), Step::Defer);
         assert!(s.waiting(), "no line is read while the rejection waits");
-        assert_eq!(s.on_reply(250), AfterReply::Continue, "the EHLO reply");
+        assert_eq!(s.on_reply(250, b"250-mta.test\r\n250 8BITMIME\r\n"), AfterReply::Continue);
         assert_eq!(
-            s.on_reply(250),
+            s.on_reply(250, b"250 2.1.0 Ok\r\n"),
             AfterReply::Reject(b"250 mx.example.com\r\n".to_vec()),
-            "the MAIL reply was the last one owed"
+            "the MAIL reply was the last one owed; a HELO the MTA never answered: ours"
         );
         assert!(!s.waiting());
     }
@@ -582,31 +613,32 @@ mod tests {
         let rules = rules("");
         let mut s = session(&rules);
         assert_eq!(text(s.on_line(b"EHLO good.sender.example")), "pass");
-        assert_eq!(s.on_reply(250), AfterReply::Continue);
+        let ehlo_reply = reply::ehlo("mta.test", &["PIPELINING", "STARTTLS"]);
+        assert_eq!(s.on_reply(250, &ehlo_reply), AfterReply::Continue);
         assert_eq!(text(s.on_line(b"STARTTLS")), "forward");
         assert!(s.waiting(), "what follows STARTTLS may be TLS: wait for the reply");
-        assert_eq!(s.on_reply(454), AfterReply::Continue, "refused: still plaintext");
+        assert_eq!(s.on_reply(454, b""), AfterReply::Continue, "refused: still plaintext");
         assert!(!s.waiting());
         assert_eq!(text(s.on_line(b"DATA")), "forward");
         assert!(s.waiting());
-        assert_eq!(s.on_reply(554), AfterReply::Continue, "no recipients: still commands");
+        assert_eq!(s.on_reply(554, b""), AfterReply::Continue, "no recipients: still commands");
         assert_eq!(
             s.on_line(b"EHLO mx.example.com"),
-            Step::Reject(reply::ehlo("mx.example.com", &["PIPELINING", "8BITMIME"])),
+            Step::Reject(ehlo_reply),
             "a HELO after a refused DATA is judged"
         );
 
         let mut s = session(&rules);
         assert_eq!(text(s.on_line(b"EHLO good.sender.example")), "pass");
         assert_eq!(text(s.on_line(b"STARTTLS")), "forward");
-        assert_eq!(s.on_reply(250), AfterReply::Continue, "the EHLO reply");
-        assert_eq!(s.on_reply(220), AfterReply::Opaque(Opacity::Tls));
+        assert_eq!(s.on_reply(250, b""), AfterReply::Continue, "the EHLO reply");
+        assert_eq!(s.on_reply(220, b""), AfterReply::Opaque(Opacity::Tls));
 
         let mut s = session(&rules);
         assert_eq!(text(s.on_line(b"EHLO good.sender.example")), "pass");
         assert_eq!(text(s.on_line(b"DATA")), "forward");
-        assert_eq!(s.on_reply(250), AfterReply::Continue);
-        assert_eq!(s.on_reply(354), AfterReply::Opaque(Opacity::Data));
+        assert_eq!(s.on_reply(250, b""), AfterReply::Continue);
+        assert_eq!(s.on_reply(354, b""), AfterReply::Opaque(Opacity::Data));
         assert_eq!(s.on_line(b"BDAT 10 LAST"), Step::Opaque, "a chunk follows at once");
     }
 
