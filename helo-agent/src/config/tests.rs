@@ -363,3 +363,18 @@ fn a_policy_listener_off_loopback_needs_allow_remote_and_nothing_listening_is_re
     let error = parse("[proxy]\nlisteners = []\n").unwrap_err().to_string();
     assert!(error.contains("no listeners at all"), "{error}");
 }
+
+/// Found trying the proxy as a new user: a bot that echoes the proxy's own banner name back as
+/// its HELO passed.
+#[test]
+fn the_name_the_proxy_greets_with_is_part_of_the_identity() {
+    let config =
+        parse("[identity]\ndetect = true\n[proxy]\nhostname = \"gw.trial.test\"\n").unwrap();
+    assert!(config.rules.identity.names.lookup("gw.trial.test").is_some());
+    let config =
+        parse("[identity]\ndetect = false\n[proxy]\nhostname = \"gw.trial.test\"\n").unwrap();
+    assert!(
+        config.rules.identity.names.lookup("gw.trial.test").is_none(),
+        "detect = false: as written"
+    );
+}

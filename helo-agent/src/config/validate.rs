@@ -115,7 +115,7 @@ pub(super) fn config(
     let agent = agent(&raw.agent, origin)?;
     let snapshot = snapshot(&raw.bans, origin)?;
     let mut warnings = agent_warnings(&agent);
-    let identity = identity(&raw.identity, host, &mut warnings, origin)?;
+    let identity = identity(&raw.identity, host, &raw.proxy.hostname, &mut warnings, origin)?;
     let (table, badhelo) = rule_entries(&raw.rules, &mut warnings)?;
     let rules = RuleSet {
         actions: raw.checks.actions(),
@@ -379,6 +379,7 @@ fn config_entry(key: &str, index: usize, text: &str) -> Arc<EntryRef> {
 fn identity(
     raw: &RawIdentity,
     host: &HostFacts,
+    proxy_hostname: &str,
     warnings: &mut Vec<String>,
     origin: &Origin,
 ) -> Result<Identity, ConfigError> {
@@ -413,6 +414,10 @@ fn identity(
         }
         if let Some(mailname) = &host.mailname {
             detected.push((mailname.clone(), "/etc/mailname"));
+        }
+        // The name the proxy greets with is ours too: a bot that echoes it back forges it.
+        if !proxy_hostname.trim().is_empty() {
+            detected.push((proxy_hostname.trim().to_owned(), "proxy.hostname"));
         }
         for (name, origin) in detected {
             // A host name that is not a valid DNS name (containers) cannot be forged in a HELO.
