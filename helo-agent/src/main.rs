@@ -6,6 +6,16 @@ fn main() -> std::process::ExitCode {
     helo_agent::cli::init_logging(cli.log_format);
     match helo_agent::cli::run(cli) {
         Ok(status) => status,
+        // A reader that went away (`helo-agent list | head -1`) is not an error to report.
+        Err(error)
+            if error.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            std::process::ExitCode::SUCCESS
+        }
         Err(error) => {
             eprintln!("helo-agent: error: {}", helo_agent::cli::describe(&error));
             std::process::ExitCode::FAILURE
