@@ -297,6 +297,7 @@ impl PolicySession {
             *self = PolicySession {
                 key: Some(key),
                 client: Some(Client::new(address, None, false)),
+                started: Some(Instant::now()),
                 ..Default::default()
             };
         }
