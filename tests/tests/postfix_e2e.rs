@@ -870,19 +870,64 @@ fn the_policy_service_judges_postfix_sessions_and_bans_in_the_kernel() {
     );
     let bed = bed_full(
         "policy",
-        &["198.51.100.2", "198.51.100.3", "198.51.100.4", "198.51.100.5"],
+        &[
+            "198.51.100.2",
+            "198.51.100.3",
+            "198.51.100.4",
+            "198.51.100.5",
+            "198.51.100.6",
+            "198.51.100.7",
+        ],
         &restrictions,
         &services,
     );
+    // An access table whose entries carry their own replies, one of them temporary (4xx).
+    let access = work.join("helo_access");
+    std::fs::write(
+        &access,
+        "go.away.example 550 5.7.1 Go away\nslow.down.example 450 4.7.1 Try later\n",
+    )
+    .unwrap();
     let config = format!(
-        "{CONFIG}[proxy]\nlisteners = []\n[policy]\nlisteners = [\"127.0.0.1:10040\", \"unix:{}\"]\n\
+        "{CONFIG}[rules]\naccess_file = {:?}\n[checks]\nno_dot = \"log\"\ntable = \"ban\"\n\
+         [proxy]\nlisteners = []\n[policy]\nlisteners = [\"127.0.0.1:10040\", \"unix:{}\"]\n\
          socket_group = \"postfix\"\nsocket_mode = \"0660\"\n",
+        access.display(),
         socket.display()
     );
     let mut agent = bed.policy_agent(&config);
 
     let (ok, transcript) = bed.swaks("198.51.100.2", "mail.sender.example", 25, None);
     assert!(ok, "a good client is delivered:\n{transcript}\n{}", agent.log());
+
+    // An entry's own reply is carried over (and with checks.table = "ban", banned); a 4xx
+    // entry is temporary and never bans; a `log` check (no_dot) passes and is logged.
+    for (src, helo, reply) in [
+        (
+            "198.51.100.7",
+            "go.away.example",
+            "550 5.7.1 <user@e2e.test>: Recipient address rejected: Go away",
+        ),
+        (
+            "198.51.100.6",
+            "slow.down.example",
+            "450 4.7.1 <user@e2e.test>: Recipient address rejected: Try later",
+        ),
+    ] {
+        let (ok, transcript) = bed.swaks(src, helo, 25, None);
+        assert!(
+            !ok && transcript.contains(reply),
+            "{helo}: {reply}\n{transcript}\n{}",
+            agent.log()
+        );
+    }
+    let (ok, transcript) = bed.swaks("198.51.100.6", "nodot", 25, None);
+    assert!(ok, "a log-only check passes:\n{transcript}\n{}", agent.log());
+    assert!(agent.log().contains("logged=\"no_dot\""), "{}", agent.log());
+    wait_for("198.51.100.7 banned", Duration::from_secs(5), || {
+        bed.banned().contains("198.51.100.7")
+    });
+    assert!(!bed.banned().contains("198.51.100.6"), "no ban for a 4xx entry or a log check");
 
     // A forged HELO at RCPT (inet listener): the proxy's text, banned at once.
     let (ok, transcript) = bed.swaks("198.51.100.3", GW_NAME, 25, None);
@@ -943,8 +988,8 @@ fn the_policy_service_judges_postfix_sessions_and_bans_in_the_kernel() {
         .arg(&config_path)
         .args(["tophelos", "--json"]));
     assert!(tophelos.contains(GW_NAME), "tophelos counts policy sessions: {tophelos}");
-    wait_for("3 deliveries", Duration::from_secs(20), || bed.postfix.delivered().len() == 3);
-    assert_eq!(bed.postfix.delivered().len(), 3, "nothing from the bots was delivered");
+    wait_for("4 deliveries", Duration::from_secs(20), || bed.postfix.delivered().len() == 4);
+    assert_eq!(bed.postfix.delivered().len(), 4, "nothing from the bots was delivered");
 
     // The ban (4 s) expires.
     std::thread::sleep(
@@ -956,6 +1001,6 @@ fn the_policy_service_judges_postfix_sessions_and_bans_in_the_kernel() {
     assert!(agent.stop(), "the agent stops cleanly:\n{}", agent.log());
     let (ok, transcript) = bed.swaks("198.51.100.2", "mail.sender.example", 25, None);
     assert!(ok, "fail-open while the agent is down:\n{transcript}\n{}", bed.postfix.log());
-    wait_for("4 deliveries", Duration::from_secs(20), || bed.postfix.delivered().len() == 4);
+    wait_for("5 deliveries", Duration::from_secs(20), || bed.postfix.delivered().len() == 5);
     let _ = std::fs::remove_dir_all(&work);
 }
