@@ -327,6 +327,7 @@ impl Handler<'_> {
         outcome.up += relayed.up;
         outcome.down += relayed.down;
         outcome.spliced = relayed.spliced;
+        outcome.copied += relayed.copied;
         if relayed.upstream_lost {
             // Told 421; never a ban (the verdict was a pass).
             outcome.end = End::UpstreamLost;

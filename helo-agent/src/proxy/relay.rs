@@ -22,6 +22,10 @@ use super::session::Opacity;
 
 /// Bytes a pipe holds by default: one splice moves at most this much.
 const CHUNK: usize = 64 * 1024;
+/// The client's bytes are copied through user space until one read fills this much: then a
+/// large transfer is under way and the relay switches to splice (HAProxy's splice-auto idea).
+/// A small message never pays for a pipe, its two descriptors and two splices per read.
+const COPY_FIRST: usize = 8 * 1024;
 
 #[derive(Debug, Default)]
 pub struct Relayed {
@@ -29,8 +33,10 @@ pub struct Relayed {
     pub up: u64,
     /// MTA to client.
     pub down: u64,
-    /// Whether the bytes went through splice (false: copied in user space).
+    /// Whether the client's side switched to splice (a read filled [`COPY_FIRST`]).
     pub spliced: bool,
+    /// Client bytes copied through user space before that (all of them when not spliced).
+    pub copied: u64,
     /// Why the relay ended early (idle timeout, a socket error); `None` when both sides closed.
     /// The byte counts hold either way.
     pub error: Option<io::Error>,
@@ -112,16 +118,14 @@ pub async fn relay(
             }
         }
     };
-    let Ok(up_pipe) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC) else {
-        tracing::warn!("no pipe for splice: relaying with a user-space copy");
-        return copy(client, upstream, idle, cut).await;
-    };
-    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (up, down, copied) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let spliced = std::sync::atomic::AtomicBool::new(false);
     let client_done = std::sync::atomic::AtomicBool::new(false);
     let lost = std::sync::atomic::AtomicBool::new(false);
     let both = async {
         let up = async {
-            let result = splice_one_way(&client, &upstream, &up_pipe, &up, &touch).await;
+            let counts = UpCounts { total: &up, copied: &copied, spliced: &spliced };
+            let result = client_to_mta(&client, &upstream, &counts, &touch).await;
             client_done.store(true, Ordering::Relaxed);
             result
         };
@@ -141,7 +145,8 @@ pub async fn relay(
     Relayed {
         up: up.into_inner(),
         down: down.into_inner(),
-        spliced: true,
+        spliced: spliced.into_inner(),
+        copied: copied.into_inner(),
         error,
         upstream_lost: lost.into_inner(),
         cut: cut_short,
@@ -213,21 +218,61 @@ async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Moves `from` to `to` through `pipe` until `from` ends, then half-closes `to`.
-async fn splice_one_way(
+/// What the client's direction counts.
+struct UpCounts<'a> {
+    total: &'a AtomicU64,
+    copied: &'a AtomicU64,
+    spliced: &'a std::sync::atomic::AtomicBool,
+}
+
+/// Moves the client's bytes to the MTA until the client's side ends, then half-closes the
+/// MTA's: copied first, spliced once a read fills [`COPY_FIRST`].
+async fn client_to_mta(
     from: &TcpStream,
     to: &TcpStream,
-    pipe: &(rustix::fd::OwnedFd, rustix::fd::OwnedFd),
-    total: &AtomicU64,
+    counts: &UpCounts<'_>,
     touch: &impl Fn(),
 ) -> io::Result<()> {
-    match splice_until_end(from, to, pipe, total, touch).await {
+    match copy_then_splice(from, to, counts, touch).await {
         Err(e) if !peer_gone(&e) => return Err(e),
         _ => {}
     }
     // The peer's end of stream: pass the half-close on.
     let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
     Ok(())
+}
+
+async fn copy_then_splice(
+    from: &TcpStream,
+    to: &TcpStream,
+    counts: &UpCounts<'_>,
+    touch: &impl Fn(),
+) -> io::Result<()> {
+    let mut buf = vec![0u8; COPY_FIRST];
+    let pipe = loop {
+        from.readable().await?;
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        touch();
+        write_all(to, &buf[..n]).await?;
+        counts.total.fetch_add(n as u64, Ordering::Relaxed);
+        counts.copied.fetch_add(n as u64, Ordering::Relaxed);
+        if n == buf.len() {
+            match pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC) {
+                Ok(pipe) => break pipe,
+                Err(error) => {
+                    tracing::warn!(%error, "no pipe for splice: relaying with a user-space copy");
+                }
+            }
+        }
+    };
+    drop(buf);
+    counts.spliced.store(true, Ordering::Relaxed);
+    splice_until_end(from, to, &pipe, counts.total, touch).await
 }
 
 async fn splice_until_end(
@@ -268,28 +313,6 @@ async fn splice_until_end(
             }
         }
         total.fetch_add(moved as u64, Ordering::Relaxed);
-    }
-}
-
-async fn copy(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
-    idle: Duration,
-    cut: impl std::future::Future<Output = ()>,
-) -> Relayed {
-    // The fallback has no per-byte activity hook: bound the whole relay by the idle time
-    // times a generous factor instead.
-    let copied = tokio::select! {
-        copied = tokio::time::timeout(idle * 10, tokio::io::copy_bidirectional(&mut client, &mut upstream)) => copied,
-        () = cut => return Relayed { cut: true, ..Default::default() },
-    };
-    match copied {
-        Ok(Ok((up, down))) => Relayed { up, down, spliced: false, ..Default::default() },
-        Ok(Err(e)) => Relayed { error: (!peer_gone(&e)).then_some(e), ..Default::default() },
-        Err(_) => Relayed {
-            error: Some(io::Error::new(io::ErrorKind::TimedOut, "relay took too long")),
-            ..Default::default()
-        },
     }
 }
 
@@ -342,6 +365,7 @@ mod tests {
         let relayed = relay.await.unwrap();
         assert!(relayed.error.is_none(), "{:?}", relayed.error);
         assert_eq!((relayed.up, relayed.down, relayed.spliced), (body.len() as u64, 22, true));
+        assert!(relayed.copied < body.len() as u64 / 10, "most of it spliced: {}", relayed.copied);
         assert!(!relayed.upstream_lost, "the client had finished: no 421");
     }
 
@@ -364,7 +388,7 @@ mod tests {
         drop(upstream_far);
         let relayed = relay.await.unwrap();
         assert!(relayed.error.is_none(), "a reset after the end is no error: {:?}", relayed.error);
-        assert_eq!((relayed.up, relayed.down, relayed.spliced), (6, 15, true));
+        assert_eq!((relayed.up, relayed.down, relayed.spliced), (6, 15, false), "6 bytes: copied");
         assert!(!relayed.upstream_lost, "221 then close is the ordinary end");
     }
 
