@@ -257,17 +257,7 @@ mod tests {
         )
         .unwrap()
         .rules;
-        let escalation = crate::config::Escalation {
-            factor: 2,
-            max_ttl: Duration::from_secs(86_400),
-            history: 10,
-            max_per_second: 100,
-        };
-        let (sender, worker) = crate::blocklist::worker::spawn(
-            crate::blocklist::fake::FakeStore::default(),
-            escalation,
-            crate::clock::boot_ns,
-        );
+        let (sender, worker) = crate::blocklist::fake::spawn_worker();
         let court = Court::new(Some(sender), None, Duration::from_secs(3600));
         let never =
             NeverBan { mta: "192.0.2.25".parse().unwrap(), trusted_proxies: &[], allowlist: &[] };

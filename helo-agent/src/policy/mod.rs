@@ -482,17 +482,7 @@ mod tests {
         judge::Court,
         std::thread::JoinHandle<crate::blocklist::Blocklist<crate::blocklist::fake::FakeStore>>,
     ) {
-        let escalation = crate::config::Escalation {
-            factor: 2,
-            max_ttl: Duration::from_secs(86_400),
-            history: 10,
-            max_per_second: 100,
-        };
-        let (bans, worker) = crate::blocklist::worker::spawn(
-            crate::blocklist::fake::FakeStore::default(),
-            escalation,
-            crate::clock::boot_ns,
-        );
+        let (bans, worker) = crate::blocklist::fake::spawn_worker();
         (judge::Court::new(Some(bans), None, Duration::from_secs(3600)), worker)
     }
 
