@@ -257,7 +257,8 @@ mod tests {
         )
         .unwrap()
         .rules;
-        let (sender, worker) = crate::blocklist::fake::spawn_worker();
+        let (sender, worker) =
+            crate::blocklist::fake::spawn_worker(crate::blocklist::fake::FakeStore::default());
         let court = Court::new(Some(sender), None, Duration::from_secs(3600));
         let never =
             NeverBan { mta: "192.0.2.25".parse().unwrap(), trusted_proxies: &[], allowlist: &[] };

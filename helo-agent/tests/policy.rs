@@ -7,9 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use helo_agent::blocklist::BanStore;
-use helo_agent::blocklist::fake::FakeStore;
-use helo_agent::blocklist::worker;
-use helo_agent::config::{Config, Escalation, HostFacts};
+use helo_agent::blocklist::fake::{self, FakeStore};
+use helo_agent::config::{Config, HostFacts};
 use helo_agent::policy::{self, Listener};
 use helo_agent::proxy::{Observe, Shared};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -32,13 +31,7 @@ impl Service {
             "[identity]\ndetect = false\ndomains = [\"example.com\"]\n[allowlist]\nnetworks = []\n";
         let config = Config::parse(text, Path::new("t.toml"), &HostFacts::default()).unwrap();
         let store = Arc::new(Mutex::new(FakeStore::default()));
-        let escalation = Escalation {
-            factor: 2,
-            max_ttl: Duration::from_secs(86_400),
-            history: 100,
-            max_per_second: 1000,
-        };
-        let (bans, _worker) = worker::spawn(store.clone(), escalation, helo_agent::clock::boot_ns);
+        let (bans, _worker) = fake::spawn_worker(store.clone());
         let shared = Shared::new(
             config.proxy.clone(),
             config.rules.clone(),

@@ -7,9 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use helo_agent::blocklist::BanStore;
-use helo_agent::blocklist::fake::FakeStore;
-use helo_agent::blocklist::worker;
-use helo_agent::config::{Config, Escalation, HostFacts, ListenerConfig};
+use helo_agent::blocklist::fake::{self, FakeStore};
+use helo_agent::config::{Config, HostFacts, ListenerConfig};
 use helo_agent::proxy::{self, Shared};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -139,13 +138,7 @@ impl Agent {
             ListenerConfig { address: "127.0.0.1:0".parse().unwrap(), check_helo: false },
         ];
         let store = Arc::new(Mutex::new(FakeStore::default()));
-        let escalation = Escalation {
-            factor: 2,
-            max_ttl: Duration::from_secs(86_400),
-            history: 100,
-            max_per_second: 1000,
-        };
-        let (bans, _worker) = worker::spawn(store.clone(), escalation, helo_agent::clock::boot_ns);
+        let (bans, _worker) = fake::spawn_worker(store.clone());
         let bound = proxy::bind(&config.proxy.listeners).unwrap();
         let addr = bound[0].listener.local_addr().unwrap();
         let submission = bound[1].listener.local_addr().unwrap();

@@ -7,17 +7,19 @@ use helo_common::{BanValue, REASON_TEXT_LEN};
 use super::{BanStore, StoreError};
 use crate::addr::BanTarget;
 
-/// A ban worker over a fresh fake store, with escalation by 2 up to a day, for tests of what
-/// sends bans; join the handle (after dropping every sender) to see what was banned.
-pub fn spawn_worker()
--> (super::worker::BanSender, std::thread::JoinHandle<super::Blocklist<FakeStore>>) {
+/// A ban worker over `store` (a fake one, or one shared with the test), with escalation by 2
+/// up to a day, for tests of what sends bans; join the handle (after dropping every sender) to
+/// see what was banned.
+pub fn spawn_worker<S: BanStore + Send + 'static>(
+    store: S,
+) -> (super::worker::BanSender, std::thread::JoinHandle<super::Blocklist<S>>) {
     let escalation = crate::config::Escalation {
         factor: 2,
         max_ttl: std::time::Duration::from_secs(86_400),
         history: 100,
         max_per_second: 1000,
     };
-    super::worker::spawn(FakeStore::default(), escalation, crate::clock::boot_ns)
+    super::worker::spawn(store, escalation, crate::clock::boot_ns)
 }
 
 #[derive(Debug)]

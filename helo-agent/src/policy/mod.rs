@@ -482,7 +482,8 @@ mod tests {
         judge::Court,
         std::thread::JoinHandle<crate::blocklist::Blocklist<crate::blocklist::fake::FakeStore>>,
     ) {
-        let (bans, worker) = crate::blocklist::fake::spawn_worker();
+        let (bans, worker) =
+            crate::blocklist::fake::spawn_worker(crate::blocklist::fake::FakeStore::default());
         (judge::Court::new(Some(bans), None, Duration::from_secs(3600)), worker)
     }
 
