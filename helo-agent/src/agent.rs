@@ -618,17 +618,7 @@ fn policy_server(
 ) -> Result<impl Future<Output = ()> + use<>, AgentError> {
     let listeners = listeners
         .into_iter()
-        .map(|l| {
-            let listen = match &l {
-                crate::policy::StdListener::Inet(l) => crate::config::PolicyListen::Inet(
-                    l.local_addr().unwrap_or_else(|_| ([127, 0, 0, 1], 0).into()),
-                ),
-                crate::policy::StdListener::Unix(_, path) => {
-                    crate::config::PolicyListen::Unix(path.clone())
-                }
-            };
-            l.into_async().map_err(|source| crate::policy::BindError::Listen { listen, source })
-        })
+        .map(crate::policy::StdListener::into_async)
         .collect::<Result<Vec<_>, _>>()?;
     for listener in &listeners {
         tracing::info!(listener = listener.describe(), "policy service ready");

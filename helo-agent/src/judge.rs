@@ -176,11 +176,7 @@ impl Court {
 }
 
 fn action(verdict: Option<&Verdict>) -> &'static str {
-    verdict.map_or("none", |v| match v.action {
-        Action::Pass => "pass",
-        Action::Reject => "reject",
-        Action::Ban => "ban",
-    })
+    verdict.map_or("none", |v| v.action.as_str())
 }
 
 /// One line per session: the client, the HELO, the verdict and why, and how it went.

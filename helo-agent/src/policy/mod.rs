@@ -60,13 +60,21 @@ pub enum StdListener {
 
 impl StdListener {
     /// On the runtime.
-    pub fn into_async(self) -> std::io::Result<Listener> {
-        Ok(match self {
-            StdListener::Inet(l) => Listener::Inet(tokio::net::TcpListener::from_std(l)?),
-            StdListener::Unix(l, path) => {
-                Listener::Unix(tokio::net::UnixListener::from_std(l)?, path)
+    pub fn into_async(self) -> Result<Listener, BindError> {
+        match self {
+            StdListener::Inet(l) => {
+                let listen = l.local_addr().map(PolicyListen::Inet);
+                tokio::net::TcpListener::from_std(l).map(Listener::Inet).map_err(|source| {
+                    let listen =
+                        listen.unwrap_or_else(|_| PolicyListen::Inet(([0, 0, 0, 0], 0).into()));
+                    BindError::Listen { listen, source }
+                })
             }
-        })
+            StdListener::Unix(l, path) => match tokio::net::UnixListener::from_std(l) {
+                Ok(l) => Ok(Listener::Unix(l, path)),
+                Err(source) => Err(BindError::Listen { listen: PolicyListen::Unix(path), source }),
+            },
+        }
     }
 }
 

@@ -240,17 +240,14 @@ impl Handler<'_> {
                 Ok(0) | Err(_) => self.mta_ended(),
                 Ok(_) => self.on_replies().await,
             },
-            () = tokio::time::sleep_until(deadline) => self.close_step(self.session.on_timeout()),
-            () = async { let _ = drain.wait_for(|d| *d >= stop_on).await; } => {
-                self.close_step(self.session.on_shutdown())
+            () = tokio::time::sleep_until(deadline) => {
+                let (answer, end) = self.session.on_timeout();
+                Flow::Close(end, Some(answer))
             }
-        }
-    }
-
-    fn close_step(&self, step: Step) -> Flow {
-        match step {
-            Step::Close(answer, end) => Flow::Close(end, Some(answer)),
-            other => unreachable!("timeouts and shutdown close the session, not {other:?}"),
+            () = async { let _ = drain.wait_for(|d| *d >= stop_on).await; } => {
+                let (answer, end) = self.session.on_shutdown();
+                Flow::Close(end, Some(answer))
+            }
         }
     }
 

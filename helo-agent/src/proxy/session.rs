@@ -193,14 +193,16 @@ impl<'a> Session<'a> {
 
     /// The client said nothing in time: before a verdict `proxy.helo_timeout`, after one
     /// `proxy.idle_timeout`.
-    pub fn on_timeout(&self) -> Step {
-        Step::Close(reply::line(421, "4.4.2", "Error: timeout exceeded"), End::Timeout)
+    /// The last reply, and the session's end.
+    pub fn on_timeout(&self) -> (Vec<u8>, End) {
+        (reply::line(421, "4.4.2", "Error: timeout exceeded"), End::Timeout)
     }
 
     /// The agent is shutting down (for a session relaying mail: its grace is over).
-    pub fn on_shutdown(&self) -> Step {
+    /// The last reply, and the session's end.
+    pub fn on_shutdown(&self) -> (Vec<u8>, End) {
         let closing = reply::line(421, "4.3.2", "Error: service shutting down, try again later");
-        Step::Close(closing, End::Shutdown)
+        (closing, End::Shutdown)
     }
 
     /// The verdict on the HELO that decided the session: the first failing one, else the

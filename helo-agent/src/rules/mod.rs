@@ -111,13 +111,19 @@ pub enum Action {
     Ban,
 }
 
-impl fmt::Display for Action {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
             Action::Pass => "pass",
             Action::Reject => "reject",
             Action::Ban => "ban",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
