@@ -167,11 +167,9 @@ async fn replies(
     let mut last = LastReply::default();
     let mut buf = vec![0u8; 4096];
     let ended = loop {
-        from.readable().await?;
-        let n = match from.try_read(&mut buf) {
+        let n = match read_some(from, &mut buf).await {
             Ok(0) => break Ok(()),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => break Err(e),
         };
         touch();
@@ -204,6 +202,18 @@ async fn replies(
     }
     let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
     Ok(())
+}
+
+/// What is there to read (0: end of stream), once `from` is readable: [`write_all`]'s twin for
+/// a stream both directions share.
+async fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        from.readable().await?;
+        match from.try_read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            result => return result,
+        }
+    }
 }
 
 async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
@@ -250,13 +260,10 @@ async fn copy_then_splice(
 ) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_FIRST];
     let pipe = loop {
-        from.readable().await?;
-        let n = match from.try_read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
+        let n = read_some(from, &mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
         touch();
         write_all(to, &buf[..n]).await?;
         counts.total.fetch_add(n as u64, Ordering::Relaxed);
