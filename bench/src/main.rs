@@ -3,7 +3,10 @@
 //! beside it. Needs root (XDP, namespaces). Each section says what it measures and how; a
 //! target that is missed is said so, with what limits it.
 
+mod bots;
+mod fleet;
 mod flood;
+mod livegen;
 mod machine;
 mod plot;
 mod policy;
@@ -21,6 +24,17 @@ use report::Report;
 /// A benchmark section: adds its tables and targets to the report, its plots to the directory.
 type Section = fn(&mut Report, &std::path::Path) -> anyhow::Result<()>;
 
+/// Every section, in the order they run and appear in RESULTS.md. A new one is a line here.
+const SECTIONS: &[(&str, Section)] = &[
+    ("xdp", xdp::run),
+    ("flood", flood::run),
+    ("proxy", proxy::run),
+    ("rules", rules::run),
+    ("policy", policy::run),
+    ("bots", bots::run),
+    ("fleet", fleet::run),
+];
+
 fn main() -> anyhow::Result<()> {
     let mut out = PathBuf::from("bench");
     let mut only: Vec<String> = Vec::new();
@@ -29,12 +43,19 @@ fn main() -> anyhow::Result<()> {
         match arg.as_str() {
             "--out" => out = PathBuf::from(args.next().expect("--out DIR")),
             "--help" | "-h" => {
+                let names: Vec<&str> = SECTIONS.iter().map(|(n, _)| *n).collect();
                 println!(
-                    "bench [--out DIR] [SECTION...]\nsections: xdp flood proxy rules policy (default: all)"
+                    "bench [--out DIR] [SECTION...]\nsections: {} (default: all)\n\
+                     A subset replaces only its own sections in DIR/RESULTS.md.",
+                    names.join(" ")
                 );
                 return Ok(());
             }
-            section => only.push(section.to_owned()),
+            section if SECTIONS.iter().any(|(n, _)| *n == section) => only.push(section.to_owned()),
+            other => {
+                let names: Vec<&str> = SECTIONS.iter().map(|(n, _)| *n).collect();
+                anyhow::bail!("no bench section {other:?}: the sections are {}", names.join(" "));
+            }
         }
     }
     tests::require_root();
@@ -42,19 +63,13 @@ fn main() -> anyhow::Result<()> {
     let run = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let started = Instant::now();
     let mut report = Report::new(machine::describe());
-    let sections: [(&str, Section); 5] = [
-        ("xdp", xdp::run),
-        ("flood", flood::run),
-        ("proxy", proxy::run),
-        ("rules", rules::run),
-        ("policy", policy::run),
-    ];
-    for (name, section) in sections {
+    for &(name, section) in SECTIONS {
         if !run(name) {
             continue;
         }
         let t = Instant::now();
         progress(&format!("section {name}"));
+        report.begin(name);
         if let Err(error) = section(&mut report, &out) {
             report.failed(name, &format!("{error:#}"));
             progress(&format!("section {name} FAILED: {error:#}"));
@@ -63,7 +78,14 @@ fn main() -> anyhow::Result<()> {
     }
     report.finish(started.elapsed());
     let path = out.join("RESULTS.md");
-    std::fs::write(&path, report.markdown())?;
+    let order: Vec<&str> = SECTIONS.iter().map(|(n, _)| *n).collect();
+    // A subset keeps the other sections of the file there is; a full run writes it anew.
+    let existing = if only.is_empty() {
+        String::new()
+    } else {
+        std::fs::read_to_string(&path).unwrap_or_default()
+    };
+    std::fs::write(&path, report.merge(&existing, &order))?;
     progress(&format!(
         "wrote {} ({:.0} s in all)",
         path.display(),

@@ -149,9 +149,11 @@ fn bans_and_restore(report: &mut Report) -> anyhow::Result<()> {
                 expires_unix: Some(at.unix_ns / 1_000_000_000 + 3600),
                 reason: format!("badhelo: bot{i}.example"),
                 hits: 0,
+                origin: None,
             })
             .collect(),
         offences: Vec::new(),
+        passes: Vec::new(),
     };
     let file = std::env::temp_dir().join(tests::unique("helo-bench-snapshot-"));
     snapshot::save(&file, &snap)?;

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use helo_agent::config::{Config, HostFacts};
-use helo_agent::rules::{Action, Facts, RuleSet};
+use helo_agent::rules::{Action, ClientDns, Facts, HeloDns, RuleSet};
 use libfuzzer_sys::fuzz_target;
 
 fn rules() -> &'static RuleSet {
@@ -36,11 +36,28 @@ fuzz_target!(|data: &[u8]| {
     };
     let helo = String::from_utf8_lossy(helo);
     let previous = [String::from("mail.sender.example")];
+    // DNS answers from the data too: every shape the DNS checks read.
+    let dns = helo_agent::rules::DnsFacts {
+        helo: match head[0] >> 5 {
+            0 => HeloDns::NotLooked,
+            1 => HeloDns::Missing,
+            2 => HeloDns::TempFail("timeout".into()),
+            3 => HeloDns::Found { addresses: vec![], mx: true },
+            _ => HeloDns::Found { addresses: vec![client], mx: false },
+        },
+        client: match head[0] & 0x18 {
+            0 => ClientDns::NotLooked,
+            0x08 => ClientDns::Confirmed(helo.to_ascii_lowercase()),
+            _ => ClientDns::Unconfirmed(vec![]),
+        },
+    };
     let facts = Facts {
         client: Some(client),
         argument: &helo,
         previous: if head[0] & 2 == 0 { &[] } else { &previous },
         exempt_listener: false,
+        dns: (head[0] & 4 != 0).then_some(&dns),
+        pregreeted: head[0] & 1 != 0,
     };
     let verdict = rules().classify(&facts);
     assert!(!verdict.rule.is_empty() && !verdict.reason.is_empty());

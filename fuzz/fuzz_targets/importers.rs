@@ -1,10 +1,12 @@
 //! Arbitrary qmail badhelo and Postfix access-table text through the importers, and what the
-//! badhelo importer yields through the regex index and a match: no panic; errors name the file
-//! and line.
+//! badhelo importer yields through the regex index and a match: no panic; errors and warnings
+//! name the file and line; every access entry is found again by the HELO its key spells.
 #![no_main]
 
 use helo_agent::config::import;
 use helo_agent::rules::badhelo::BadheloSet;
+use helo_agent::rules::helo;
+use helo_agent::rules::table::Scope;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -17,10 +19,27 @@ fuzz_target!(|data: &[u8]| {
         let _ = set.first_match(&text);
     }
     for parent in [true, false] {
-        if let Err(errors) = import::access_table(&text, "helo_access", parent) {
-            assert!(!errors.is_empty());
-            for error in errors {
-                assert!(error.starts_with("helo_access:"), "{error}");
+        match import::access_table(&text, "helo_access", parent) {
+            Err(errors) => {
+                assert!(!errors.is_empty());
+                for error in errors {
+                    assert!(error.starts_with("helo_access:"), "{error}");
+                }
+            }
+            Ok(table) => {
+                for warning in &table.warnings {
+                    assert!(warning.starts_with("helo_access:"), "{warning}");
+                }
+                for (pattern, entry) in &table.entries {
+                    if pattern.scope == Scope::Subdomains {
+                        continue;
+                    }
+                    // The key, sent as a HELO, is looked up by the pattern's own text.
+                    let key = entry.entry.text.split(' ').next().unwrap();
+                    let parsed = helo::parse(key);
+                    let looked_up = helo::table_key(&parsed, key);
+                    assert_eq!(looked_up.as_deref(), Some(pattern.name.as_str()), "{key:?}");
+                }
             }
         }
     }

@@ -3,6 +3,11 @@
 //! allows, and MTA reply codes taken from the data for the lines forwarded after a pass. No
 //! panic; replies well formed; a waiting session is released by the replies it waits for; a
 //! session that closed or went opaque is never fed again.
+//!
+//! The first byte picks the pregreet check's action (off, log, reject, ban) and whether the
+//! greeting waits (the pregreet test's `220-` line); while it waits, a chunk's high bit ends
+//! the wait before the chunk arrives (a patient client), else the chunk is a pregreet. Bytes
+//! that arrive while the greeting waits always end the wait.
 #![no_main]
 
 use std::path::Path;
@@ -11,16 +16,22 @@ use std::sync::OnceLock;
 use helo_agent::config::{Config, HostFacts};
 use helo_agent::judge::Client;
 use helo_agent::proxy::session::{AfterReply, Session, Step};
-use helo_agent::rules::RuleSet;
+use helo_agent::rules::{ClientDns, DnsFacts, HeloDns, RuleSet};
 use helo_agent::smtp::MAX_COMMAND_LINE;
 use libfuzzer_sys::fuzz_target;
 
-fn rules() -> &'static RuleSet {
-    static RULES: OnceLock<RuleSet> = OnceLock::new();
+/// One rule set per action of `checks.pregreet`.
+fn rules() -> &'static [RuleSet; 4] {
+    static RULES: OnceLock<[RuleSet; 4]> = OnceLock::new();
     RULES.get_or_init(|| {
-        let text = "[identity]\ndetect = false\ndomains = [\"example.com\"]\naddresses = [\"192.0.2.25\"]\n\
-                    [rules]\nregexes = ['^(a?dsl|dhcp|dyn(amic)?|ppp)([.-][0-9]{1,3}){4}', '!\\.']\n";
-        (*Config::parse(text, Path::new("fuzz"), &HostFacts::default()).unwrap().rules).clone()
+        ["off", "log", "reject", "ban"].map(|pregreet| {
+            let text = format!(
+                "[identity]\ndetect = false\ndomains = [\"example.com\"]\naddresses = [\"192.0.2.25\"]\n\
+                 [rules]\nregexes = ['^(a?dsl|dhcp|dyn(amic)?|ppp)([.-][0-9]{{1,3}}){{4}}', '!\\.']\n\
+                 [checks]\npregreet = \"{pregreet}\"\n"
+            );
+            (*Config::parse(&text, Path::new("fuzz"), &HostFacts::default()).unwrap().rules).clone()
+        })
     })
 }
 
@@ -30,15 +41,43 @@ fn well_formed(answer: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
+    let Some((&first, mut rest)) = data.split_first() else { return };
     let client = Client::new("203.0.113.9".parse().unwrap(), None, false);
-    let mut session = Session::new(rules(), client, "denied", "mx".into());
-    let mut rest = data;
+    let rules = &rules()[usize::from(first & 3)];
+    let mut session = Session::new(rules, client, "denied", "mx".into());
+    if first & 8 != 0 {
+        session.enable_dns();
+    }
+    // What "DNS" answers a lookup, from the data.
+    let answer = || match first >> 5 {
+        0 => None,
+        1 => Some(HeloDns::Missing),
+        2 => Some(HeloDns::TempFail("timeout".into())),
+        _ => Some(HeloDns::Found { addresses: vec![client.ip], mx: first & 16 != 0 }),
+    };
+    if first & 4 != 0 {
+        let teaser = session.greet(true);
+        assert!(teaser.starts_with(b"220-") && session.greeting_pending());
+        well_formed(&teaser);
+    }
     while !rest.is_empty() {
+        if session.greeting_pending() && rest[0] & 0x80 != 0 {
+            let greeting = session.on_greet_wait();
+            assert!(greeting.starts_with(b"220 ") && !session.greeting_pending());
+            well_formed(&greeting);
+        }
         let take = (usize::from(rest[0]) % 64 + 1).min(rest.len());
         session.input().extend_from_slice(&rest[..take]);
         rest = &rest[take..];
-        while let Some(step) = session.next_step() {
+        let mut next = session.next_step();
+        while let Some(step) = next.take() {
             match step {
+                Step::Lookup { name, .. } => {
+                    assert!(first & 8 != 0 && name.contains('.'), "DNS only where asked for");
+                    let facts = answer().map(|helo| DnsFacts { helo, client: ClientDns::NotLooked });
+                    next = Some(session.on_dns(facts));
+                    continue;
+                }
                 Step::Close(answer, _) => return well_formed(&answer),
                 Step::Opaque => return,
                 Step::Reply(answer) | Step::Reject(answer) => well_formed(&answer),
@@ -59,7 +98,13 @@ fuzz_target!(|data: &[u8]| {
                     AfterReply::Continue => {}
                 }
             }
+            next = session.next_step();
         }
         assert!(session.input().len() < MAX_COMMAND_LINE, "a full buffer is a step, not a wait");
+        assert!(!session.greeting_pending(), "bytes during the wait end it (a pregreet)");
+        assert!(first & 4 != 0 || session.pregreet().is_none(), "no teaser, no pregreet");
+        if session.pregreet().is_none() {
+            assert!(session.verdict().is_none_or(|v| v.rule != "pregreet"), "judged on facts");
+        }
     }
 });

@@ -76,8 +76,14 @@ fn toml_list(items: &[String]) -> String {
 /// One classification per input, as a session would ask.
 fn classify_all(rules: &RuleSet, inputs: &[(String, IpAddr)]) {
     for (helo, client) in inputs {
-        let facts =
-            Facts { client: Some(*client), argument: helo, previous: &[], exempt_listener: false };
+        let facts = Facts {
+            client: Some(*client),
+            argument: helo,
+            previous: &[],
+            exempt_listener: false,
+            dns: None,
+            pregreeted: false,
+        };
         black_box(rules.classify(&facts));
     }
 }

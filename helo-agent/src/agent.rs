@@ -19,6 +19,7 @@ use crate::control::{ReloadSummary, XdpStats};
 use crate::ebpf::{self, Allowlist, Attached, EbpfError, LoadOptions, PinnedMaps, XdpProgram};
 use crate::metrics::Metrics;
 use crate::proxy::Shared;
+use crate::proxy::passes::PassCache;
 
 /// File descriptors a session may hold: client and MTA sockets, and one pipe (two ends) for
 /// splice.
@@ -60,6 +61,10 @@ fn raise_fd_limit(max_sessions: usize) -> u64 {
 pub enum AgentError {
     #[error(transparent)]
     Ebpf(#[from] EbpfError),
+    #[error(
+        "{0}; a DNS check enforces (checks.unknown_helo or checks.helo_not_client), so the agent does not start without a resolver"
+    )]
+    Dns(#[from] crate::dns::DnsError),
     #[error(
         "no default route to take the interface from: pass --iface or set xdp.interface in the \
          config"
@@ -110,6 +115,10 @@ pub struct Prepared {
     bans: Blocklist<PinnedMaps>,
     maps: Arc<PinnedMaps>,
     history: Vec<(crate::addr::BanTarget, u32, u64)>,
+    /// The restored bans that other gateways of the fleet made, with their node.
+    origins: Vec<(crate::addr::BanTarget, String)>,
+    /// The pregreet test's passes, restored from the snapshot.
+    passes: Arc<PassCache>,
     control: std::os::unix::net::UnixListener,
     metrics: Option<std::net::TcpListener>,
 }
@@ -179,7 +188,8 @@ pub fn prepare(config: Config, options: Overrides) -> Result<Prepared, AgentErro
     }
     let allowlist = program.take_allowlist();
     let mut bans = Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?);
-    let history = restore_snapshot(&config, &mut bans)?;
+    let passes = Arc::new(PassCache::new(config.proxy.pregreet.pass_cache_size));
+    let (history, origins) = restore_snapshot(&config, &mut bans, &passes)?;
     let maps = Arc::new(PinnedMaps::open(&config.xdp.pin_dir)?);
     // Last: a control socket that answers means the agent is attached and restored.
     let control = bind_control(&config.agent.control_socket)?;
@@ -195,18 +205,25 @@ pub fn prepare(config: Config, options: Overrides) -> Result<Prepared, AgentErro
         bans,
         maps,
         history,
+        origins,
+        passes,
         control,
         metrics,
     })
 }
 
-/// Loads the snapshot into the maps; returns the offence history still in force. A corrupt
-/// snapshot is reported and set aside; the agent runs on.
+/// What a snapshot gives back besides the bans: the offence history still in force, and the
+/// nodes of the bans other gateways made.
+type Remembered = (Vec<(crate::addr::BanTarget, u32, u64)>, Vec<(crate::addr::BanTarget, String)>);
+
+/// Loads the snapshot into the maps; returns the offence history still in force and the
+/// restored bans' origins. A corrupt snapshot is reported and set aside; the agent runs on.
 fn restore_snapshot(
     config: &Config,
     bans: &mut Blocklist<PinnedMaps>,
-) -> Result<Vec<(crate::addr::BanTarget, u32, u64)>, AgentError> {
-    let Some(path) = &config.snapshot.path else { return Ok(Vec::new()) };
+    passes: &PassCache,
+) -> Result<Remembered, AgentError> {
+    let Some(path) = &config.snapshot.path else { return Ok(Default::default()) };
     let dir = path.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir)
         .map_err(|source| AgentError::SnapshotDir { path: dir.to_owned(), source })?;
@@ -232,32 +249,38 @@ fn restore_snapshot(
         Ok(Loaded::Good(snapshot)) => snapshot,
         Ok(Loaded::Absent) => {
             tracing::info!(snapshot = %path.display(), "no ban snapshot yet: starting with the pinned bans only");
-            return Ok(Vec::new());
+            return Ok(Default::default());
         }
         Ok(Loaded::Corrupt { reason, aside }) => {
             let aside = aside.map_or("(could not be renamed)".into(), |p| p.display().to_string());
             tracing::error!(snapshot = %path.display(), reason, set_aside_as = aside, "ban snapshot is corrupt: not restored (the pinned bans still hold); look at the file set aside");
-            return Ok(Vec::new());
+            return Ok(Default::default());
         }
         Err(error) => {
             tracing::error!(%error, "ban snapshot not restored");
-            return Ok(Vec::new());
+            return Ok(Default::default());
         }
     };
+    let mut origins = Vec::new();
+    let pregreet_passes = passes.restore(&snapshot.passes, now.unix_ns / 1_000_000_000);
     match snapshot::restore(bans, &snapshot, now) {
-        Ok(done) => tracing::info!(
-            snapshot = %path.display(),
-            restored = done.restored,
-            expired = done.expired,
-            kept_longer_pinned = done.kept,
-            invalid = done.invalid,
-            ms = started.elapsed().as_millis() as u64,
-            "ban snapshot restored"
-        ),
+        Ok(done) => {
+            tracing::info!(
+                snapshot = %path.display(),
+                restored = done.restored,
+                expired = done.expired,
+                kept_longer_pinned = done.kept,
+                invalid = done.invalid,
+                pregreet_passes,
+                ms = started.elapsed().as_millis() as u64,
+                "ban snapshot restored"
+            );
+            origins = done.origins;
+        }
         Err(error) => tracing::error!(%error, "ban snapshot only partly restored"),
     }
     let forget_ns = u64::try_from(config.escalation.max_ttl.as_nanos()).unwrap_or(u64::MAX);
-    Ok(snapshot::offences_in_force(&snapshot, forget_ns, now))
+    Ok((snapshot::offences_in_force(&snapshot, forget_ns, now), origins))
 }
 
 /// A control socket that answers belongs to a running agent: two agents on the same maps and
@@ -393,7 +416,7 @@ impl Reloader {
             rules: new.rules.clone(),
             reject_message: new.reject_message.clone(),
         });
-        self.bans.reconfigure(new.escalation);
+        self.bans.reconfigure(new.escalation, new.rules.allowlist.clone());
         for warning in &new.warnings {
             tracing::warn!("{warning}");
         }
@@ -442,6 +465,10 @@ fn keep_fixed(old: &Config, new: &mut Config) -> Vec<&'static str> {
         changed.push("agent");
         new.agent = old.agent.clone();
     }
+    if new.fleet != old.fleet {
+        changed.push("fleet");
+        new.fleet = old.fleet.clone();
+    }
     if new.snapshot != old.snapshot {
         changed.push("bans.snapshot");
         new.snapshot = old.snapshot.clone();
@@ -467,11 +494,15 @@ pub async fn serve(
         bans,
         maps,
         history,
+        origins,
+        passes,
         control: control_listener,
         metrics: metrics_listener,
     } = prepared;
     let listeners = async_listeners(listeners, &config)?;
     let metrics = Arc::new(Metrics::default());
+    let (fleet_events, fleet_queue) = crate::fleet::queue();
+    let fleet_on = config.fleet.redis.is_some();
     let (ban_sender, worker) = worker::start(
         bans,
         worker::Options {
@@ -480,8 +511,21 @@ pub async fn serve(
             snapshot: config.snapshot.path.clone().map(|p| (p, config.snapshot.interval)),
             metrics: Some(metrics.clone()),
             history,
+            origins,
+            fleet: fleet_on.then(|| worker::FleetLink {
+                node: config.fleet.node.clone(),
+                events: fleet_events,
+            }),
+            allowlist: config.rules.allowlist.clone(),
+            passes: Some(passes.clone()),
         },
     );
+    // Not among the background tasks: it outlives the worker to share the last bans.
+    let fleet = fleet_on.then(|| {
+        let fleet =
+            crate::fleet::Fleet::new(config.fleet.clone(), ban_sender.clone(), metrics.clone());
+        tokio::spawn(fleet.run(fleet_queue))
+    });
     // Without XDP the proxy refuses banned clients itself, at accept.
     let enforce: Option<Arc<dyn crate::blocklist::BanCheck>> = match attached {
         Some(_) => None,
@@ -497,6 +541,8 @@ pub async fn serve(
             metrics: Some(metrics.clone()),
             report_window: config.agent.report_window,
             lookup: Some(maps.clone()),
+            passes: Some(passes),
+            dns: resolver(&config)?,
         },
     );
     log_ready(&listeners, &config);
@@ -522,7 +568,35 @@ pub async fn serve(
     proxy_until(listeners, shared.clone(), shutdown).await;
     drop((shared, reloader, ban_sender));
     shut_down(background, worker, program, attached, &iface, &config.xdp.pin_dir).await;
+    if let Some(fleet) = fleet {
+        // The worker has stopped, so the queue is closed: the task sends what is left, or
+        // gives up with Redis unreachable.
+        let timeout = config.fleet.timeout.saturating_mul(2);
+        if tokio::time::timeout(timeout, fleet).await.is_err() {
+            tracing::warn!("fleet: the last bans were not all shared before stopping");
+        }
+    }
     Ok(())
+}
+
+/// The resolver of the DNS checks: `None` when they are all off. Without a usable resolver
+/// configuration the agent does not start if a DNS check enforces, and runs without the DNS
+/// checks (saying so) if they only log.
+fn resolver(config: &Config) -> Result<Option<Arc<crate::dns::Dns>>, AgentError> {
+    use crate::rules::{Check, CheckAction};
+    let actions =
+        [config.rules.action(Check::UnknownHelo), config.rules.action(Check::HeloNotClient)];
+    if actions.iter().all(|a| *a == CheckAction::Off) {
+        return Ok(None);
+    }
+    match crate::dns::Dns::new(&config.dns) {
+        Ok(dns) => Ok(Some(Arc::new(dns))),
+        Err(error) if actions.iter().all(|a| matches!(a, CheckAction::Off | CheckAction::Log)) => {
+            tracing::warn!(%error, "the DNS checks (log only) are off: no resolver");
+            Ok(None)
+        }
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// The SMTP listeners bound by [`prepare`], on the runtime.
@@ -577,6 +651,8 @@ fn control_server(
             let config = current.current.lock().expect("config lock");
             config.rules.allowlist.iter().find(|net| target.overlaps(net)).map(ToString::to_string)
         }),
+        policy_listeners: config.policy.listeners.iter().map(ToString::to_string).collect(),
+        fleet: config.fleet.redis.is_some(),
     };
     let path = &config.agent.control_socket;
     let listener = tokio::net::UnixListener::from_std(listener)

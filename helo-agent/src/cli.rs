@@ -1,6 +1,6 @@
 //! Command line: `helo-agent run | ban | unban | list | check | check-config | stats | reload |
-//! tophelos | detach`. `ban`, `unban`, `list` and `stats` go through the running agent's control
-//! socket when there is one, else to the pinned maps; `reload` and `tophelos` need the agent. Parses arguments, runs the
+//! tophelos | top | detach` (and the hidden `generate`, for the package). `ban`, `unban`, `list` and `stats` go through the running agent's control
+//! socket when there is one, else to the pinned maps; `reload`, `tophelos` and `top` need the agent. Parses arguments, runs the
 //! command, prints human or `--json` output; `check` also answers by its exit status. Errors
 //! bubble up as `anyhow` with their reason.
 
@@ -13,7 +13,7 @@ use helo_common::REASON_TEXT_LEN;
 
 use crate::addr::BanTarget;
 use crate::blocklist::{BanEntry, Blocklist, MAX_TTL, Ttl};
-use crate::config::{AttachMode, Config, ConfigError, Overrides, ProxyProtocol};
+use crate::config::{AttachMode, Config, ConfigError, GreetingMode, Overrides, ProxyProtocol};
 use crate::control::{Answer, ClientError, Envelope, Request, XdpStats};
 use crate::ebpf::PinnedMaps;
 use crate::report::HeloRow;
@@ -89,7 +89,8 @@ pub enum CliCommand {
         prefix: bool,
     },
     /// Lift a ban. It also forgets the address's offence history (its next rule ban starts again at
-    /// the rule's TTL). With no agent running, the ban is also removed from the snapshot.
+    /// the rule's TTL). With a fleet, the running agent lifts it on every gateway. With no agent
+    /// running, the ban is also removed from the snapshot (on this gateway only).
     Unban {
         /// The address or IPv6 /64 as it was banned.
         target: String,
@@ -98,7 +99,8 @@ pub enum CliCommand {
         prefix: bool,
     },
     /// List bans in force, by address (IPv4 first, then IPv6, numerically): address, remaining
-    /// TTL, hits (connection attempts refused), reason.
+    /// TTL, hits (connection attempts refused), reason; with a fleet, also the gateway that
+    /// made each ban (`here` or its node name).
     List {
         /// One JSON array, for scripts.
         #[arg(long)]
@@ -119,7 +121,15 @@ pub enum CliCommand {
         /// As on a listener with check_helo = false (submission).
         #[arg(long)]
         exempt_listener: bool,
-        /// One JSON object: verdict, rule, reason, entry, ttl, logged.
+        /// The client spoke before the greeting was complete (failed the pregreet test, which
+        /// only the proxy runs, and only with proxy.greeting = "own").
+        #[arg(long)]
+        pregreeted: bool,
+        /// Skip the DNS lookups the agent makes for the DNS checks (the HELO name's A, AAAA
+        /// and MX records; the client's forward-confirmed reverse name, with --client).
+        #[arg(long)]
+        no_dns: bool,
+        /// One JSON object: verdict, rule, reason, entry, ttl, logged, dns.
         #[arg(long)]
         json: bool,
     },
@@ -150,6 +160,19 @@ pub enum CliCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Live view of the running agent in the terminal, refreshed every second (q quits).
+    ///
+    /// Sessions per second and in total by verdict (pass, reject, ban, no HELO), bans added,
+    /// expired and capped per second and in force, the kernel's XDP drops per second, the top
+    /// HELOs and rules of the last --since, the open sessions, the policy service and the
+    /// fleet. q, Esc or Ctrl-C quits. Made for 80x24; over ssh, use `ssh -t`. Needs the
+    /// running agent's control socket (root); without an agent it says which socket it tried
+    /// and exits 1.
+    Top {
+        /// How far back the top HELOs and rules look: 1m, 5m, 1h (at most agent.report_window).
+        #[arg(long, value_name = "DURATION", default_value = "5m")]
+        since: String,
+    },
     /// Remove the XDP program from the interface: it stays attached after the agent exits
     /// (so bans hold through restarts) until this removes its pinned link.
     Detach {
@@ -157,6 +180,15 @@ pub enum CliCommand {
         /// stays and is restored at the next start).
         #[arg(long)]
         maps: bool,
+    },
+    /// Write the man pages or the shell completions into a directory (`cargo xtask package`
+    /// calls this).
+    #[command(hide = true)]
+    Generate {
+        what: crate::generate::Generated,
+        /// The directory to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
 }
 
@@ -280,9 +312,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             done(unban(&load(path, &overrides)?, &target, prefix))
         }
         CliCommand::List { json } => done(list(&load(path, &overrides)?, json)),
-        CliCommand::Check { helo, client, previous, exempt_listener, json } => {
+        CliCommand::Check { helo, client, previous, exempt_listener, pregreeted, no_dns, json } => {
             let config = Config::load(path)?;
-            check(&config, &helo, client, &previous, exempt_listener, json)
+            let session = Session { client, previous: &previous, exempt_listener, pregreeted };
+            check(&config, &helo, &session, !no_dns, json)
         }
         CliCommand::CheckConfig { file } => done(check_config(file.as_deref().or(path))),
         CliCommand::Stats { json } => done(stats(&load(path, &overrides)?, json)),
@@ -290,7 +323,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         CliCommand::Tophelos { since, limit, json } => {
             done(tophelos(&load(path, &overrides)?, &since, limit, json))
         }
+        CliCommand::Top { since } => done(top(&load(path, &overrides)?, &since)),
         CliCommand::Detach { maps } => done(detach(&load(path, &overrides)?, maps)),
+        CliCommand::Generate { what, out } => {
+            for file in crate::generate::write(what, &out)
+                .map_err(|e| anyhow::anyhow!("cannot write into {}: {e}", out.display()))?
+            {
+                println!("{}", file.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -300,33 +342,108 @@ fn load(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Config> {
 }
 
 /// `check`: prints the verdict, and answers by the exit status.
+/// What `check` knows of the session besides the HELO.
+struct Session<'a> {
+    client: Option<std::net::IpAddr>,
+    previous: &'a [String],
+    exempt_listener: bool,
+    pregreeted: bool,
+}
+
 fn check(
     config: &Config,
     helo: &str,
-    client: Option<std::net::IpAddr>,
-    previous: &[String],
-    exempt_listener: bool,
+    session: &Session,
+    dns: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    let Session { client, previous, exempt_listener, pregreeted } = *session;
     for warning in &config.warnings {
         eprintln!("helo-agent: warning: {warning}");
     }
-    let facts = Facts { client, argument: helo, previous, exempt_listener };
-    let verdict = config.rules.classify(&facts);
+    // As the agent would: where it does not greet itself, nobody is ever judged a pregreeter.
+    let greets = config.proxy.greeting == GreetingMode::Own && !config.proxy.listeners.is_empty();
+    if pregreeted && !greets {
+        eprintln!(
+            "helo-agent: note: --pregreeted ignored: the pregreet test runs only where the proxy \
+             greets itself (proxy.greeting = \"own\", proxy.listeners not empty)"
+        );
+    }
+    let pregreeted = pregreeted && greets;
+    let facts = Facts { client, argument: helo, previous, exempt_listener, dns: None, pregreeted };
+    let mut verdict = config.rules.classify(&facts);
+    // The lookups the agent would make, where DNS can still change the verdict.
+    let looked = match crate::judge::dns_need(&config.rules, &verdict, helo) {
+        Some((name, _)) if dns => Some(lookups(config, &name, client)?),
+        _ => None,
+    };
+    if let Some(dns) = &looked {
+        verdict = config.rules.classify(&Facts { dns: Some(dns), ..facts });
+    }
     let mut out = std::io::stdout().lock();
     if json {
         let mut value = serde_json::to_value(&verdict)?;
         value["helo"] = helo.into();
+        value["dns"] = serde_json::to_value(&looked)?;
         serde_json::to_writer_pretty(&mut out, &value)?;
         writeln!(out)?;
     } else {
         write_verdict(&mut out, &verdict)?;
+        if let Some(dns) = &looked {
+            writeln!(out, "dns: {}", describe_dns(dns))?;
+        }
     }
     Ok(match verdict.action {
         Action::Pass => ExitCode::SUCCESS,
         Action::Reject => ExitCode::from(EXIT_REJECT),
         Action::Ban => ExitCode::from(EXIT_BAN),
     })
+}
+
+/// The DNS facts for `helo` (and `client`'s reverse name), from the config's resolvers.
+fn lookups(
+    config: &Config,
+    helo: &str,
+    client: Option<std::net::IpAddr>,
+) -> anyhow::Result<crate::rules::DnsFacts> {
+    use crate::dns::{Dns, Need};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let dns = Dns::new(&config.dns)?;
+        let helo = dns.helo(helo, Need::Required).await.unwrap_or_default();
+        let client = match client {
+            Some(ip) => dns.client(ip, Need::Required).await.unwrap_or_default(),
+            None => crate::rules::ClientDns::NotLooked,
+        };
+        Ok(crate::rules::DnsFacts { helo, client })
+    })
+}
+
+/// One line on what DNS said.
+fn describe_dns(dns: &crate::rules::DnsFacts) -> String {
+    use crate::rules::{ClientDns, HeloDns};
+    let helo = match &dns.helo {
+        HeloDns::NotLooked => "HELO not looked up".to_owned(),
+        HeloDns::Found { addresses, mx } => {
+            let mut records: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+            if *mx {
+                records.push("MX".into());
+            }
+            format!("HELO name found ({})", records.join(" "))
+        }
+        HeloDns::Missing => "HELO name has no A, AAAA or MX record".to_owned(),
+        HeloDns::TempFail(why) => format!("HELO lookup failed temporarily ({why})"),
+    };
+    let client = match &dns.client {
+        ClientDns::NotLooked => "client not looked up (give --client)".to_owned(),
+        ClientDns::Confirmed(name) => format!("client's reverse name {name} (forward-confirmed)"),
+        ClientDns::Unconfirmed(names) if names.is_empty() => "client has no reverse name".into(),
+        ClientDns::Unconfirmed(names) => {
+            format!("client's reverse names {} do not point back at it", names.join(" "))
+        }
+        ClientDns::TempFail(why) => format!("client's reverse lookup failed temporarily ({why})"),
+    };
+    format!("{helo}; {client}")
 }
 
 /// `reload`: the running agent re-reads its own config, and decides, logs and counts the result
@@ -400,6 +517,14 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
         config.proxy.upstream,
         config.policy.listeners.len(),
     );
+    if let Some(redis) = &config.fleet.redis {
+        // Only the configuration: whether Redis answers shows at `run` (its log and
+        // helo_filter_fleet_connected).
+        println!(
+            "fleet: node {} through {redis}, keys {}*",
+            config.fleet.node, config.fleet.prefix
+        );
+    }
     Ok(())
 }
 
@@ -439,15 +564,25 @@ fn ban(
         Ttl::Forever => None,
     };
     let request = Request::Ban { target: target.to_string(), ttl_secs, reason: reason.to_owned() };
-    if AgentLink::of(config).ask(request)?.is_none() {
+    let through_agent = AgentLink::of(config).ask(request)?.is_some();
+    if !through_agent {
         let mut list = Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?);
         list.ban(&target, ttl, reason, crate::clock::boot_ns())?;
     }
     let how_long = match ttl {
-        Ttl::For(d) => crate::duration::format(d),
+        Ttl::For(d) => format!("for {}", crate::duration::format(d)),
         Ttl::Forever => "forever".into(),
     };
-    println!("banned {target} for {how_long}");
+    match (config.fleet.redis.is_some(), through_agent) {
+        (true, true) => println!(
+            "banned {target} {how_long}, here and, through the fleet, on the other gateways"
+        ),
+        (true, false) => println!(
+            "banned {target} {how_long} on this gateway only: the agent is not running, so the \
+             fleet is not told"
+        ),
+        (false, _) => println!("banned {target} {how_long}"),
+    }
     Ok(())
 }
 
@@ -472,8 +607,16 @@ fn parse_ttl(text: &str) -> anyhow::Result<Ttl> {
 fn unban(config: &Config, target: &str, prefix: bool) -> anyhow::Result<()> {
     let target = parse_target(target, prefix)?;
     let request = Request::Unban { target: target.to_string() };
-    let was_banned = match AgentLink::of(config).ask(request)? {
-        Some(Answer::Unbanned(answer)) => answer.was_banned,
+    let fleet = config.fleet.redis.is_some();
+    let (was_banned, through_agent) = match AgentLink::of(config).ask(request)? {
+        Some(Answer::Unbanned(answer)) if fleet && !answer.was_banned => {
+            println!(
+                "{target} was not banned here; the other gateways are told to lift it (through \
+                 Redis: at once, or when it is reachable again)"
+            );
+            return Ok(());
+        }
+        Some(Answer::Unbanned(answer)) => (answer.was_banned, true),
         Some(other) => return Err(unexpected(other)),
         None => {
             // No agent: the pinned maps, and the snapshot the next start would restore from.
@@ -482,11 +625,22 @@ fn unban(config: &Config, target: &str, prefix: bool) -> anyhow::Result<()> {
                 Some(path) => crate::blocklist::snapshot::forget(path, &target.to_string())?,
                 None => false,
             };
-            in_maps || in_snapshot
+            (in_maps || in_snapshot, false)
         }
     };
     anyhow::ensure!(was_banned, "{target} is not banned (see `helo-agent list`)");
-    println!("unbanned {target}");
+    match (fleet, through_agent) {
+        (true, true) => println!(
+            "unbanned {target} here; the other gateways are told to lift it (through Redis: at \
+             once, or when it is reachable again)"
+        ),
+        (true, false) => println!(
+            "unbanned {target} on this gateway only: the agent is not running, so the fleet still \
+             holds the ban, and this gateway takes it back at its next start; unban through a \
+             running agent to lift it everywhere"
+        ),
+        (false, _) => println!("unbanned {target}"),
+    }
     Ok(())
 }
 
@@ -505,12 +659,23 @@ fn list(config: &Config, json: bool) -> anyhow::Result<()> {
         writeln!(out)?;
         return Ok(());
     }
-    writeln!(out, "{:<42} {:>10} {:>10}  REASON", "ADDRESS", "REMAINING", "HITS")?;
+    // With a fleet, where each ban was made: `here`, or the other gateway's node name.
+    let from = config.fleet.redis.is_some() || entries.iter().any(|e| e.origin.is_some());
+    let header = if from { "FROM          REASON" } else { "REASON" };
+    writeln!(out, "{:<42} {:>10} {:>10}  {header}", "ADDRESS", "REMAINING", "HITS")?;
     for e in &entries {
         let remaining = e.remaining_secs.map_or("forever".into(), |s| {
             crate::duration::format(std::time::Duration::from_secs(s))
         });
-        writeln!(out, "{:<42} {:>10} {:>10}  {}", e.target, remaining, e.hits, e.reason)?;
+        let origin = match (from, &e.origin) {
+            (false, _) => String::new(),
+            (true, origin) => format!("{:<13} ", origin.as_deref().unwrap_or("here")),
+        };
+        // A reason may come from another gateway, or anyone who can write to its Redis: no
+        // control characters reach the terminal.
+        let reason: String =
+            e.reason.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
+        writeln!(out, "{:<42} {:>10} {:>10}  {origin}{reason}", e.target, remaining, e.hits)?;
     }
     Ok(())
 }
@@ -563,6 +728,17 @@ fn tophelos(config: &Config, since: &str, limit: usize, json: bool) -> anyhow::R
             rules.join(" ")
         )?;
     }
+    Ok(())
+}
+
+/// `top`: the live view of the running agent.
+fn top(config: &Config, since: &str) -> anyhow::Result<()> {
+    let since = crate::duration::parse(since).map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+    crate::top::run(crate::top::Target {
+        socket: config.agent.control_socket.clone(),
+        pin_dir: config.xdp.pin_dir.clone(),
+        since,
+    })?;
     Ok(())
 }
 

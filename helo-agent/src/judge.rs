@@ -9,19 +9,26 @@
 //!   log line, the tophelos and metrics observation, the never-ban guards (allowlist, the MTA's
 //!   own address, trusted front proxies; each refusal logged with its reason) and the ban
 //!   request, whose TTL the ban worker escalates for repeat offenders.
+//! - [`Court::ban_pending`]: whether a ban for a client was decided so recently that the ban
+//!   worker may not have written it into the kernel yet. Doors ask it when a client connects
+//!   (or, for the policy service, when a new SMTP session asks), so a bot that comes straight
+//!   back after its ban was decided is refused rather than let through by the race.
 //!
 //! What happens when a verdict is `ban` is read here, and nowhere else.
 
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnet::IpNet;
 
 use crate::blocklist::worker::{BanRequest, BanSender};
+use crate::dns::Need;
 use crate::metrics::{Metrics, VerdictLabels};
 use crate::report::Report;
-use crate::rules::{Action, Facts, RuleSet, Verdict};
+use crate::rules::{Action, DnsFacts, Facts, RuleSet, Verdict};
 
 /// The client as the agent knows it, resolved once when the connection is accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,14 +48,48 @@ impl Client {
     }
 }
 
-/// The verdict on `helo`, said by `client` after `previous` HELOs in the same session.
-pub fn classify(rules: &RuleSet, client: &Client, helo: &str, previous: &[String]) -> Verdict {
+/// The verdict on `helo`, said by `client` after `previous` HELOs in the same session, with
+/// what DNS said when the door looked (see `crate::dns`), and whether the client spoke before
+/// the greeting was complete (`pregreeted`: only the proxy greeting itself can tell).
+pub fn classify(
+    rules: &RuleSet,
+    client: &Client,
+    helo: &str,
+    previous: &[String],
+    dns: Option<&DnsFacts>,
+    pregreeted: bool,
+) -> Verdict {
     rules.classify(&Facts {
         client: Some(client.ip),
         argument: helo,
         previous,
         exempt_listener: client.exempt,
+        dns,
+        pregreeted,
     })
+}
+
+/// Whether DNS can still change `verdict`, the verdict on `helo` without DNS, and so whether
+/// the door should look: `None` when the DNS checks are off, the HELO is not a domain name, or
+/// a rule already decided (DNS checks come last). [`Need::Required`] when a DNS check enforces
+/// (the session waits for the answers), [`Need::Optional`] when they only log (the lookups are
+/// skipped when every lookup slot is taken).
+pub fn dns_need(rules: &RuleSet, verdict: &Verdict, helo: &str) -> Option<(String, Need)> {
+    use crate::rules::{Check, CheckAction};
+    let actions = [rules.action(Check::UnknownHelo), rules.action(Check::HeloNotClient)];
+    let need = if actions.iter().any(|a| matches!(a, CheckAction::Reject | CheckAction::Ban)) {
+        Need::Required
+    } else if actions.contains(&CheckAction::Log) {
+        Need::Optional
+    } else {
+        return None;
+    };
+    match crate::rules::helo::parse(helo) {
+        crate::rules::helo::Helo::Name(name) if name.contains('.') && verdict.rule == "pass" => {
+            Some((name, need))
+        }
+        _ => None,
+    }
 }
 
 /// Which door heard the session (the `door` of its log line).
@@ -96,6 +137,8 @@ pub struct Transport<'a> {
     pub end: &'static str,
     pub side: &'static str,
     pub error: &'a str,
+    /// What the client sent before the greeting was complete, and when (the pregreet test).
+    pub pregreet: Option<&'a str>,
 }
 
 /// Addresses never banned, as the configuration in force says.
@@ -129,11 +172,18 @@ pub struct Court {
     pub bans: Option<BanSender>,
     pub metrics: Option<Arc<Metrics>>,
     pub report: Mutex<Report>,
+    /// Bans decided in the last [`PENDING_HOLD`], maybe not in the kernel yet.
+    pending: Pending,
 }
 
 impl Court {
     pub fn new(bans: Option<BanSender>, metrics: Option<Arc<Metrics>>, window: Duration) -> Self {
-        Court { bans, metrics, report: Mutex::new(Report::new(window)) }
+        Court {
+            bans,
+            metrics,
+            report: Mutex::new(Report::new(window)),
+            pending: Pending::default(),
+        }
     }
 
     /// A session is over: its log line, its observation, and its ban if the verdict says so.
@@ -147,11 +197,43 @@ impl Court {
             return;
         }
         let (Some(bans), Some(ttl)) = (&self.bans, verdict.ttl) else { return };
-        bans.ban(BanRequest {
+        let queued = bans.ban(BanRequest {
             client: ip,
             ttl,
             reason: format!("{}: {}", verdict.rule, record.helo.unwrap_or("")),
         });
+        if queued {
+            // The hold starts again now: the worker has yet to take the request.
+            self.pending.insert(ip, crate::clock::boot_ns(), ttl);
+        }
+    }
+
+    /// A session's verdict is a ban, decided now, though the ban is requested only when the
+    /// session ends (the proxy: earlier, XDP would drop the client's ACKs of our own 553s).
+    /// From now the client's new connections are refused at accept, as the kernel will refuse
+    /// them once the ban is in. Nothing happens for a client that is never banned.
+    pub fn condemn(&self, client: &Client, verdict: &Verdict, never: &NeverBan<'_>) {
+        if verdict.action != Action::Ban || self.bans.is_none() || never.reason(client.ip).is_some()
+        {
+            return;
+        }
+        if let Some(ttl) = verdict.ttl {
+            self.pending.insert(client.ip, crate::clock::boot_ns(), ttl);
+        }
+    }
+
+    /// An admin lifted `target`: the doors stop holding a ban just decided for the addresses
+    /// it covers (else an unban right after a ban would not reach the doors for up to
+    /// [`PENDING_HOLD`]).
+    pub fn forgive(&self, target: &crate::addr::BanTarget) {
+        self.pending.forget(|ip| target.overlaps(&ipnet::IpNet::from(ip)));
+    }
+
+    /// Whether a ban of `ip` was decided within the last [`PENDING_HOLD`]: the ban worker may
+    /// not have written it into the kernel map yet, so a door refuses the client itself. Takes
+    /// no lock unless a ban was decided within the hold.
+    pub fn ban_pending(&self, ip: IpAddr) -> bool {
+        self.pending.contains(crate::addr::canonical(ip), crate::clock::boot_ns())
     }
 
     /// Counts a finished session for tophelos and the metrics.
@@ -172,6 +254,69 @@ impl Court {
                 VerdictLabels { verdict: action(verdict), rule: verdict.map_or("", |v| v.rule) };
             metrics.sessions.get_or_create(&labels).inc();
         }
+    }
+}
+
+/// How long a decided ban is enforced by the doors themselves: far longer than the ban worker
+/// takes to write a ban (microseconds; a snapshot save can hold it for a fraction of a
+/// second), short enough that an admin's `unban` right after a ban is not undone for long.
+pub const PENDING_HOLD: Duration = Duration::from_secs(5);
+/// Decided bans remembered at most; beyond, the oldest are forgotten (they are long written).
+const PENDING_CAPACITY: usize = 4096;
+
+/// Bans decided recently: bounded, time-limited, cheap to ask when empty.
+#[derive(Default)]
+struct Pending {
+    /// Boot ns of the latest decision (0: none): when it is older than the hold, nothing is
+    /// pending and [`Pending::contains`] answers without the lock.
+    latest: AtomicU64,
+    recent: Mutex<RecentBans>,
+}
+
+#[derive(Default)]
+struct RecentBans {
+    /// Until when each client is held (boot ns).
+    until: HashMap<IpAddr, u64>,
+    /// The decisions in the order made, for expiry and the bound.
+    order: VecDeque<(IpAddr, u64)>,
+}
+
+impl Pending {
+    fn insert(&self, ip: IpAddr, now: u64, ttl: Duration) {
+        let hold = u64::try_from(ttl.min(PENDING_HOLD).as_nanos()).unwrap_or(u64::MAX);
+        let until = now.saturating_add(hold);
+        let mut recent = self.recent.lock().expect("pending bans lock");
+        let held = recent.until.entry(ip).or_insert(0);
+        *held = (*held).max(until);
+        recent.order.push_back((ip, until));
+        while let Some(&(old, old_until)) = recent.order.front() {
+            if old_until > now && recent.order.len() <= PENDING_CAPACITY {
+                break;
+            }
+            recent.order.pop_front();
+            // Only the client's latest decision removes it.
+            if recent.until.get(&old) == Some(&old_until) {
+                recent.until.remove(&old);
+            }
+        }
+        self.latest.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Forgets the clients `covered` says.
+    fn forget(&self, covered: impl Fn(IpAddr) -> bool) {
+        let mut recent = self.recent.lock().expect("pending bans lock");
+        recent.until.retain(|ip, _| !covered(*ip));
+        recent.order.retain(|(ip, _)| !covered(*ip));
+    }
+
+    fn contains(&self, ip: IpAddr, now: u64) -> bool {
+        let hold = u64::try_from(PENDING_HOLD.as_nanos()).unwrap_or(u64::MAX);
+        let latest = self.latest.load(Ordering::Relaxed);
+        if latest == 0 || now >= latest.saturating_add(hold) {
+            return false;
+        }
+        let recent = self.recent.lock().expect("pending bans lock");
+        recent.until.get(&ip).is_some_and(|&until| now < until)
     }
 }
 
@@ -213,6 +358,7 @@ fn log_line(record: &Record<'_>) {
         end = t.map(|t| t.end),
         side = t.map(|t| t.side),
         error = t.map(|t| t.error),
+        pregreet = t.and_then(|t| t.pregreet),
         "session"
     );
 }
@@ -238,6 +384,32 @@ mod tests {
     }
 
     #[test]
+    fn pending_bans_are_held_for_the_hold_and_bounded() {
+        let pending = Pending::default();
+        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0xcb00_7100 + i));
+        let sec = 1_000_000_000u64;
+        assert!(!pending.contains(ip(1), 10 * sec), "nothing decided");
+        pending.insert(ip(1), 10 * sec, Duration::from_secs(3600));
+        assert!(pending.contains(ip(1), 10 * sec));
+        assert!(!pending.contains(ip(2), 10 * sec));
+        assert!(pending.contains(ip(1), 14 * sec));
+        assert!(!pending.contains(ip(1), 15 * sec), "past the hold");
+        pending.insert(ip(3), 20 * sec, Duration::from_secs(1));
+        assert!(!pending.contains(ip(3), 21 * sec), "never longer than the ban itself");
+        for i in 0..(PENDING_CAPACITY as u32 + 100) {
+            pending.insert(ip(100 + i), 30 * sec, Duration::from_secs(60));
+        }
+        let recent = pending.recent.lock().unwrap();
+        assert!(recent.order.len() <= PENDING_CAPACITY && recent.until.len() <= PENDING_CAPACITY);
+        drop(recent);
+        assert!(!pending.contains(ip(100), 30 * sec), "the oldest forgotten first");
+        pending.forget(|client| client == ip(200));
+        assert!(!pending.contains(ip(200), 30 * sec), "an admin's unban ends the hold");
+        assert!(pending.contains(ip(201), 30 * sec));
+        assert!(pending.contains(ip(100 + PENDING_CAPACITY as u32 + 99), 30 * sec));
+    }
+
+    #[test]
     fn a_client_is_canonical_once() {
         let client = Client::new("::ffff:203.0.113.9".parse().unwrap(), None, false);
         assert_eq!(client.ip, "203.0.113.9".parse::<IpAddr>().unwrap());
@@ -260,7 +432,7 @@ mod tests {
             NeverBan { mta: "192.0.2.25".parse().unwrap(), trusted_proxies: &[], allowlist: &[] };
         for ip in ["203.0.113.9", "192.0.2.25"] {
             let client = Client::new(ip.parse().unwrap(), None, false);
-            let verdict = classify(&rules, &client, "mx.example.com", &[]);
+            let verdict = classify(&rules, &client, "mx.example.com", &[], None, false);
             assert_eq!(verdict.action, Action::Ban);
             let record = Record {
                 door: Door::Proxy,

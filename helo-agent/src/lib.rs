@@ -1,14 +1,16 @@
 //! helo-agent: the user-space half of helo-filter.
 //!
 //! Where things are: `cli` parses the command line; `config` reads and validates the TOML and
-//! imports qmail and Postfix rule files; `rules` decides a HELO (pure, no I/O); `judge` is the
+//! imports qmail and Postfix rule files; `rules` decides a HELO (pure, no I/O; `dns` gathers
+//! the DNS facts it may read); `judge` is the
 //! judging core both doors call (the verdict, the log line, tophelos and metrics, the never-ban
 //! guards, the ban request); `proxy` (the SMTP proxy) and `policy` (Postfix's policy service)
 //! are the doors; `smtp` is sans-IO SMTP; `addr` turns addresses into ban keys; `blocklist`
-//! decides what a ban is (pure, behind a store trait) and runs the ban worker; `ebpf` is the
+//! decides what a ban is (pure, behind a store trait) and runs the ban worker; `fleet` shares
+//! bans with the other gateways through Redis; `ebpf` is the
 //! only module that talks to the kernel through aya; `agent` is the `run` loop; `control` the
-//! control socket; `metrics` and `report` what is observed; `privilege` the switch to
-//! `agent.user`; `clock` and `duration` are the time helpers everything shares.
+//! control socket (and `top` the live terminal view over it); `metrics` and `report` what is
+//! observed; `privilege` the switch to `agent.user`; `clock` and `duration` are the time helpers everything shares.
 #![deny(unsafe_code)]
 
 pub mod addr;
@@ -18,8 +20,11 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod duration;
 pub mod ebpf;
+pub mod fleet;
+pub mod generate;
 pub mod judge;
 pub mod metrics;
 pub mod policy;
@@ -28,3 +33,4 @@ pub mod proxy;
 pub mod report;
 pub mod rules;
 pub mod smtp;
+pub mod top;

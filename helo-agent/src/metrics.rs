@@ -12,6 +12,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -55,6 +56,8 @@ pub struct Metrics {
     pub reloads: Family<ResultLabels, Counter>,
     pub snapshots: Family<ResultLabels, Counter>,
     pub sessions_open: Gauge,
+    /// Bans shared with other gateways (`[fleet]`).
+    pub fleet: FleetMetrics,
     /// The XDP counters as last read, to add only what is new.
     xdp_seen: Mutex<[u64; helo_common::STAT_COUNT as usize]>,
 }
@@ -122,6 +125,7 @@ impl Default for Metrics {
         );
         let sessions_open = Gauge::default();
         registry.register("sessions_open", "Sessions open now", sessions_open.clone());
+        let fleet = FleetMetrics::register(&mut registry);
         Metrics {
             registry,
             sessions,
@@ -136,8 +140,79 @@ impl Default for Metrics {
             reloads,
             snapshots,
             sessions_open,
+            fleet,
             xdp_seen: Mutex::new([0; helo_common::STAT_COUNT as usize]),
         }
+    }
+}
+
+/// The fleet's counters (all zero with the fleet off).
+pub struct FleetMetrics {
+    /// 1 while connected to Redis (subscribed and caught up), else 0.
+    pub connected: Gauge,
+    pub published: Counter,
+    pub applied: Counter,
+    pub refused: Counter,
+    pub ignored: Counter,
+    pub dropped: Counter,
+    pub outbox: Gauge,
+    pub lag: Histogram,
+}
+
+impl FleetMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = FleetMetrics {
+            connected: Gauge::default(),
+            published: Counter::default(),
+            applied: Counter::default(),
+            refused: Counter::default(),
+            ignored: Counter::default(),
+            dropped: Counter::default(),
+            outbox: Gauge::default(),
+            lag: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
+        };
+        let fleet = registry.sub_registry_with_prefix("fleet");
+        fleet.register(
+            "connected",
+            "1 while connected to the fleet's Redis, else 0",
+            m.connected.clone(),
+        );
+        fleet.register(
+            "published",
+            "Bans and unbans made here and written to Redis",
+            m.published.clone(),
+        );
+        fleet.register(
+            "applied",
+            "Bans and unbans made by other gateways and applied here",
+            m.applied.clone(),
+        );
+        fleet.register(
+            "refused",
+            "Bans from other gateways refused because the address is in this gateway's allowlist",
+            m.refused.clone(),
+        );
+        fleet.register(
+            "ignored",
+            "Messages on the fleet channel that were malformed or foreign, ignored",
+            m.ignored.clone(),
+        );
+        fleet.register(
+            "dropped",
+            "Bans and unbans not shared: the fleet queue or the outbox was full",
+            m.dropped.clone(),
+        );
+        fleet.register(
+            "outbox",
+            "Bans and unbans made here waiting for Redis to come back",
+            m.outbox.clone(),
+        );
+        fleet.register(
+            "lag_seconds",
+            "From a ban on another gateway to its arrival here (wall clocks of both)",
+            m.lag.clone(),
+        );
+        m
     }
 }
 

@@ -95,6 +95,27 @@ impl Report {
         }
     }
 
+    /// The `limit` rules that rejected most sessions in the last `since`, over every HELO,
+    /// ties by name (for `helo-agent top`).
+    pub fn top_rules(&self, now_unix: u64, since: Duration, limit: usize) -> Vec<RuleCount> {
+        let first = (now_unix.saturating_sub(since.as_secs())) / 60;
+        let mut merged: HashMap<&'static str, u64> = HashMap::new();
+        for bucket in self.buckets.iter().filter(|b| b.minute >= first) {
+            for counts in bucket.helos.values() {
+                for (rule, n) in &counts.rejected {
+                    *merged.entry(rule).or_default() += n;
+                }
+            }
+        }
+        let mut rules: Vec<RuleCount> = merged
+            .into_iter()
+            .map(|(rule, sessions)| RuleCount { rule: rule.to_owned(), sessions })
+            .collect();
+        rules.sort_by(|a, b| b.sessions.cmp(&a.sessions).then_with(|| a.rule.cmp(&b.rule)));
+        rules.truncate(limit);
+        rules
+    }
+
     /// The `limit` HELOs with most sessions in the last `since`, ties by name.
     pub fn top(&self, now_unix: u64, since: Duration, limit: usize) -> Vec<HeloRow> {
         let first = (now_unix.saturating_sub(since.as_secs())) / 60;
@@ -169,6 +190,24 @@ mod tests {
         assert_eq!(rows[1].helo, "mail.example.com");
         assert_eq!(rows[1].rejected, 0);
         assert_eq!(report.top(t + 70, Duration::from_secs(3600), 1).len(), 1, "limit");
+    }
+
+    #[test]
+    fn top_rules_sum_every_helo_in_the_window() {
+        let mut report = Report::new(Duration::from_secs(3600));
+        let t = 1_700_000_000 / 60 * 60;
+        report.record(t, "old", ip("192.0.2.1"), Some("localhost"));
+        report.record(t + 600, "friend", ip("192.0.2.1"), Some("no_dot"));
+        report.record(t + 601, "buddy", ip("192.0.2.2"), Some("no_dot"));
+        report.record(t + 602, "[1.2.3.4]", ip("192.0.2.3"), Some("literal_mismatch"));
+        report.record(t + 603, "mail.example.com", ip("192.0.2.4"), None);
+        let rule = |rule: &str, sessions| RuleCount { rule: rule.into(), sessions };
+        assert_eq!(
+            report.top_rules(t + 610, Duration::from_secs(300), 10),
+            [rule("no_dot", 2), rule("literal_mismatch", 1)]
+        );
+        assert_eq!(report.top_rules(t + 610, Duration::from_secs(3600), 10).len(), 3);
+        assert_eq!(report.top_rules(t + 610, Duration::from_secs(3600), 1), [rule("no_dot", 2)]);
     }
 
     #[test]

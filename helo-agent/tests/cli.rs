@@ -63,6 +63,22 @@ fn check_config_validates_without_running() {
     fails_with(&["check-config", bad.to_str().unwrap()], "config rules.regexes:1: bad regex");
     let defaults = agent(&["check-config"]);
     assert!(String::from_utf8_lossy(&defaults.stdout).contains("config ok: <embedded defaults>"));
+    // The fleet is shown, never its password.
+    let fleet = dir.join("fleet.toml");
+    std::fs::write(
+        &fleet,
+        "[fleet]\nredis = \"redis://:s3cret@10.0.0.5:6379/0\"\nnode = \"mx1\"\n",
+    )
+    .unwrap();
+    let out = agent(&["check-config", fleet.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("fleet: node mx1 through redis://:***@10.0.0.5:6379/0"), "{stdout}");
+    assert!(!stdout.contains("s3cret"), "{stdout}");
+    std::fs::write(&fleet, "[fleet]\nredis = \"redis://:s3cret@10.0.0.5:port/0\"\n").unwrap();
+    let out = agent(&["check-config", fleet.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("fleet.redis"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "never the password: {stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -263,4 +279,40 @@ fn a_relative_pin_dir_is_refused_like_one_in_the_config() {
             "{command}: {stderr}"
         );
     }
+}
+
+/// `--pregreeted` judges a client that spoke before the greeting was complete, as the proxy
+/// greeting itself would; where the agent never runs that test (the MTA greets), `check` says
+/// so and judges without it.
+#[test]
+fn check_judges_a_pregreeter_only_where_the_proxy_greets_itself() {
+    let dir = scratch("pregreet");
+    let config = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let json = |out: &Output| serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+
+    let out = agent(&["check", "mail.example.org", "--pregreeted", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "log by default");
+    assert_eq!(json(&out)["logged"][0]["rule"], "pregreet");
+
+    let reject = config("reject.toml", "[checks]\npregreet = \"reject\"\n");
+    let out = agent(&["--config", &reject, "check", "mail.example.org", "--pregreeted", "--json"]);
+    assert_eq!(out.status.code(), Some(3));
+    let verdict = json(&out);
+    assert_eq!(verdict["rule"], "pregreet");
+    assert_eq!(verdict["reply"], serde_json::json!({"code": 550, "text": "5.5.1 Protocol error"}));
+    let out = agent(&["--config", &reject, "check", "mail.example.org"]);
+    assert_eq!(out.status.code(), Some(0), "a patient client");
+
+    let mta = config("mta.toml", "[checks]\npregreet = \"reject\"\n[proxy]\ngreeting = \"mta\"\n");
+    let out = agent(&["--config", &mta, "check", "mail.example.org", "--pregreeted"]);
+    assert_eq!(out.status.code(), Some(0), "the MTA greets: no pregreet test, no pregreeter");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--pregreeted ignored") && stderr.contains("\"own\""), "{stderr}");
+    let help = String::from_utf8(agent(&["check", "--help"]).stdout).unwrap();
+    assert!(help.contains("--pregreeted"), "{help}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -189,3 +189,35 @@ async fn without_xdp_a_banned_clients_next_session_is_refused() {
         .unwrap();
     assert_eq!(answer(&mut postfix).await, "action=DUNNO\n\n", "a neighbour is served");
 }
+
+/// Regression (issue 17): a bot banned at its session's verdict that came back at once, before
+/// the ban worker had written the kernel map, got DUNNO for its next session's fresh HELO and
+/// its message was delivered. XDP attached (no enforcement from the maps here): the service
+/// itself refuses a new session of a client whose ban was just decided, while the bot's own
+/// session keeps hearing its 553.
+#[tokio::test]
+async fn a_bot_returning_before_its_ban_reaches_the_kernel_is_refused() {
+    let service = Service::start().await;
+    let mut postfix = TcpStream::connect(service.addr).await.unwrap();
+    let session = |port: u16, helo: &str| {
+        request("", "203.0.113.9", helo)
+            .replace("instance=\n", &format!("instance=\nclient_port={port}\n"))
+    };
+    postfix.write_all(session(40001, "mx.example.com").as_bytes()).await.unwrap();
+    assert!(answer(&mut postfix).await.starts_with("action=553"));
+    postfix.write_all(session(40001, "mx.example.com").as_bytes()).await.unwrap();
+    assert!(answer(&mut postfix).await.starts_with("action=553"), "its own session: still 553");
+    // Back at once, on a new connection (another smtpd), a fresh valid HELO.
+    let mut other = TcpStream::connect(service.addr).await.unwrap();
+    other.write_all(session(40002, "mail.sender.example").as_bytes()).await.unwrap();
+    assert_eq!(
+        answer(&mut other).await,
+        "action=554 5.7.1 Error: this address is banned for a while\n\n",
+        "a returning bot is refused even before its ban is in the kernel"
+    );
+    other
+        .write_all(request("n.1", "203.0.113.10", "mail.sender.example").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(answer(&mut other).await, "action=DUNNO\n\n", "a neighbour is served");
+}

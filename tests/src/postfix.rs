@@ -92,7 +92,12 @@ impl Postfix {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("postfix.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Its `maillog_file` (what a log watcher such as fail2ban reads).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("postfix.log")
     }
 
     /// Messages delivered so far, by file name.
@@ -140,7 +145,8 @@ impl Drop for Postfix {
 }
 
 /// The instances this file starts, one directory each under /var/tmp/helo-filter-e2e.
-const INSTANCES: [&str; 7] = ["main", "helo", "ops", "bytes", "tls", "policy", "bench-policy"];
+const INSTANCES: [&str; 8] =
+    ["main", "helo", "ops", "bytes", "tls", "policy", "bench-policy", "bench-bots"];
 
 /// `postfix -c DIR` refuses directories the system main.cf does not list. The tests run in
 /// parallel, so the list is updated once for all of them (a read-modify-write each would race).

@@ -1,5 +1,5 @@
 //! Developer tasks for helo-filter: `cargo xtask setup | build-ebpf | run | test | clippy | fuzz |
-//! bench`.
+//! bench | package`.
 //!
 //! Build logic lives in helo-agent's build.rs (the eBPF object is built and embedded there);
 //! this crate installs what a fresh Debian machine lacks and runs the suites.
@@ -9,6 +9,8 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+
+mod package;
 
 const APT_PACKAGES: &[&str] = &[
     // bpf-linker, built against LLVM 22.
@@ -27,12 +29,24 @@ const APT_PACKAGES: &[&str] = &[
     "libio-socket-ssl-perl",
     "libnet-ssleay-perl",
     "openssl",
+    // `helo-agent top` under a terminal: the root suite reads its screen.
+    "tmux",
+    // The DNS checks against a real resolver serving a test zone.
+    "dnsmasq-base",
+    // Fleet bans shared through a real Redis (the fleet suite and bench).
+    "redis-server",
     // cargo xtask bench: the peers and the load tools, and a font for the plots.
     "haproxy",
     "hping3",
     "ipset",
     "iptables",
     "fonts-dejavu-core",
+    // bench bots: Postfix + fail2ban as admins run it; bench flood: xdp-trafficgen (live frames).
+    "fail2ban",
+    "xdp-tools",
+    // cargo xtask package: dpkg-shlibdeps (and strip, through binutils); man for its root test.
+    "dpkg-dev",
+    "man-db",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -59,7 +73,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Every test: unit tests, then the root suites in tests/ (XDP verdicts, network namespaces).
+    /// Every test: unit tests, then the Debian package, then the root suites in tests/ (XDP
+    /// verdicts, network namespaces, the package installed with dpkg), then the fuzz targets.
     Test {
         /// Passed to the test binaries (for example a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -84,10 +99,20 @@ enum Task {
         /// One target only (smtp_session, helo_rules, config, importers, proxy_header).
         target: Option<String>,
     },
+    /// Build the Debian package (target/package/helo-filter_<version>_<arch>.deb): the agent
+    /// (release), its config as a conffile, the systemd unit, man pages, shell completions.
+    Package,
 }
 
-const FUZZ_TARGETS: &[&str] =
-    &["smtp_session", "helo_rules", "config", "importers", "proxy_header", "policy_request"];
+const FUZZ_TARGETS: &[&str] = &[
+    "smtp_session",
+    "helo_rules",
+    "config",
+    "importers",
+    "proxy_header",
+    "policy_request",
+    "fleet_message",
+];
 /// Seconds each fuzz target runs inside `cargo xtask test`.
 const FUZZ_SECONDS_IN_TEST: u32 = 10;
 
@@ -133,6 +158,10 @@ fn main() -> anyhow::Result<()> {
                 bail!("the benchmarks failed ({status})");
             }
             Ok(())
+        }
+        Task::Package => {
+            ensure_setup()?;
+            package::package().map(drop)
         }
         Task::Clippy => {
             ensure_setup()?;
@@ -397,13 +426,16 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     }
     step("building the agent for the root suites");
     cargo(&["build", "--package", "helo-agent"])?;
+    step("building the Debian package for the root suite that installs it");
+    let deb = package::package()?;
     step("root suites: XDP verdicts (BPF_PROG_TEST_RUN) and end to end in network namespaces");
     let bin = workspace().join("target/debug/helo-agent");
     let mut root = vec!["test", "--package", "tests", "--no-fail-fast", "--"];
     root.extend(&args);
     run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(&root)
-        .env("HELO_AGENT_BIN", bin))?;
+        .env("HELO_AGENT_BIN", bin)
+        .env("HELO_DEB", deb))?;
     step(&format!("fuzzing, {FUZZ_SECONDS_IN_TEST} s a target (longer: cargo xtask fuzz)"));
     fuzz(FUZZ_TARGETS, FUZZ_SECONDS_IN_TEST)
 }

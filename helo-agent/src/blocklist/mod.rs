@@ -77,6 +77,10 @@ pub struct BanEntry {
     pub reason: String,
     /// Packets the kernel dropped because of this ban (approximate under contention).
     pub hits: u64,
+    /// The gateway that made the ban, when another gateway of the fleet did; `None`: this one
+    /// (or the fleet is off, or the listing came from the maps with no agent running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 pub struct Blocklist<S> {
@@ -119,8 +123,8 @@ impl<S: BanStore> Blocklist<S> {
         Ok(value)
     }
 
-    /// Writes a ban with a given expiry, reason and hit count (a restore). `known` remembers
-    /// reason codes already stored, sparing a lookup per ban.
+    /// Writes a ban with a given expiry, reason and hit count (a restore, a fleet's ban); the
+    /// value written. `known` remembers reason codes already stored, sparing a lookup per ban.
     pub fn put_ban(
         &mut self,
         target: &BanTarget,
@@ -128,7 +132,7 @@ impl<S: BanStore> Blocklist<S> {
         reason: &str,
         hits: u64,
         known: &mut std::collections::HashSet<u32>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<BanValue, StoreError> {
         let text = reason_text(reason);
         let code = helo_common::reason_code(trim_nul(&text));
         if code != 0
@@ -138,7 +142,9 @@ impl<S: BanStore> Blocklist<S> {
         {
             tracing::warn!(%error, reason, "ban reason text not stored; list shows its code");
         }
-        self.store.put(target, &BanValue { hits, ..BanValue::new(expires_ns, code) })
+        let value = BanValue { hits, ..BanValue::new(expires_ns, code) };
+        self.store.put(target, &value)?;
+        Ok(value)
     }
 
     /// Lifts a ban. `Ok(false)` when `target` was not banned.
@@ -162,6 +168,7 @@ impl<S: BanStore> Blocklist<S> {
                     remaining_secs,
                     reason: self.reason_of(value.reason)?,
                     hits: value.hits,
+                    origin: None,
                 })
             })
             .collect()
@@ -249,13 +256,15 @@ mod tests {
                     target: "192.0.2.7".into(),
                     remaining_secs: Some(50),
                     reason: "forged helo".into(),
-                    hits: 0
+                    hits: 0,
+                    origin: None,
                 },
                 BanEntry {
                     target: "2001:db8::/64".into(),
                     remaining_secs: None,
                     reason: String::new(),
-                    hits: 0
+                    hits: 0,
+                    origin: None,
                 },
             ]
         );

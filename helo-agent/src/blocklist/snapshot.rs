@@ -30,6 +30,10 @@ pub struct Snapshot {
     pub saved_unix: u64,
     pub bans: Vec<SavedBan>,
     pub offences: Vec<SavedOffence>,
+    /// Clients that passed the proxy's pregreet test, and until when (see
+    /// `crate::proxy::passes`). Missing from snapshots written before the test existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passes: Vec<SavedPass>,
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -40,6 +44,9 @@ pub struct SavedBan {
     pub expires_unix: Option<u64>,
     pub reason: String,
     pub hits: u64,
+    /// The gateway that made it, when another did (a fleet's ban); `None`: made here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -48,6 +55,15 @@ pub struct SavedOffence {
     pub target: String,
     pub count: u32,
     pub last_unix: u64,
+}
+
+/// A client that stayed silent through the pregreet wait: greeted at once until `until_unix`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedPass {
+    pub client: String,
+    /// Unix seconds.
+    pub until_unix: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +160,7 @@ pub fn capture<S: BanStore>(
     list: &Blocklist<S>,
     entries: &[(BanTarget, helo_common::BanValue)],
     offences: Vec<SavedOffence>,
+    origin: &dyn Fn(&BanTarget) -> Option<String>,
     now: Now,
 ) -> Result<Snapshot, StoreError> {
     let mut bans = Vec::new();
@@ -158,9 +175,16 @@ pub fn capture<S: BanStore>(
             expires_unix,
             reason: list.reason_of(value.reason)?,
             hits: value.hits,
+            origin: origin(&target),
         });
     }
-    Ok(Snapshot { version: VERSION, saved_unix: now.unix_ns / 1_000_000_000, bans, offences })
+    Ok(Snapshot {
+        version: VERSION,
+        saved_unix: now.unix_ns / 1_000_000_000,
+        bans,
+        offences,
+        passes: Vec::new(),
+    })
 }
 
 /// What [`restore`] did.
@@ -172,6 +196,8 @@ pub struct Restored {
     pub kept: usize,
     /// Entries that did not parse (reported, skipped).
     pub invalid: usize,
+    /// The gateways that made the restored bans made elsewhere.
+    pub origins: Vec<(BanTarget, String)>,
 }
 
 /// Puts the snapshot's bans still in force at `now` into `list`.
@@ -196,9 +222,13 @@ pub fn restore<S: BanStore>(
                     done.expired += 1;
                     continue;
                 }
-                now.boot_ns.saturating_add(unix_ns - now.unix_ns).min(NEVER_EXPIRES - 1)
+                unix_to_boot(unix_ns, now)
             }
         };
+        // Where it came from, whether the pinned ban or the saved one is kept.
+        if let Some(node) = &ban.origin {
+            done.origins.push((target, node.clone()));
+        }
         if let Some(old) = list.store().get(&target)?
             && (old.expires_ns >= expires_ns && old.active_at(now.boot_ns))
         {
@@ -228,6 +258,12 @@ pub fn offences_in_force(
             (age < forget_ns).then(|| (target, o.count, now.boot_ns.saturating_sub(age)))
         })
         .collect()
+}
+
+/// A future Unix instant (ns) on the boot clock, short of [`NEVER_EXPIRES`]; a past one is
+/// `now`.
+pub fn unix_to_boot(unix_ns: u64, now: Now) -> u64 {
+    now.boot_ns.saturating_add(unix_ns.saturating_sub(now.unix_ns)).min(NEVER_EXPIRES - 1)
 }
 
 /// A boot-clock instant as Unix nanoseconds.
@@ -271,7 +307,9 @@ mod tests {
         let offences =
             vec![SavedOffence { target: "192.0.2.1".into(), count: 3, last_unix: 1_700_000_000 }];
         let entries = old.store().entries().unwrap();
-        let snapshot = capture(&old, &entries, offences, before).unwrap();
+        // The /64 ban came from another gateway of the fleet.
+        let origin = |t: &BanTarget| (t.to_string() == "2001:db8::/64").then(|| "mx2".to_owned());
+        let snapshot = capture(&old, &entries, offences, &origin, before).unwrap();
         let text = serde_json::to_string(&snapshot).unwrap();
         let snapshot: Snapshot = serde_json::from_str(&text).unwrap();
 
@@ -279,7 +317,8 @@ mod tests {
         let after = now(30, 1_700_000_120);
         let mut new = Blocklist::new(FakeStore::default());
         let done = restore(&mut new, &snapshot, after).unwrap();
-        assert_eq!(done, Restored { restored: 2, expired: 1, kept: 0, invalid: 0 });
+        let origins = vec![("2001:db8::/64".parse().unwrap(), "mx2".to_owned())];
+        assert_eq!(done, Restored { restored: 2, expired: 1, kept: 0, invalid: 0, origins });
         // 600 s ban, 120 s gone: 480 s left from boot 30 s.
         assert!(banned(&new, "192.0.2.1", (30 + 479) * SEC));
         assert!(!banned(&new, "192.0.2.1", (30 + 481) * SEC));
@@ -307,11 +346,17 @@ mod tests {
                 expires_unix: Some(1_700_000_060),
                 reason: "older".into(),
                 hits: 0,
+                origin: Some("mx2".into()),
             }],
             offences: vec![],
+            passes: vec![],
         };
-        assert_eq!(restore(&mut list, &snapshot, at).unwrap().kept, 1);
+        let done = restore(&mut list, &snapshot, at).unwrap();
+        assert_eq!(done.kept, 1);
         assert_eq!(list.list(at.boot_ns).unwrap()[0].reason, "newer");
+        // A fleet's ban kept from the pinned maps at a restart lost its origin: `list` said
+        // `here`, and a Redis that lost its data got it back under this gateway's name.
+        assert_eq!(done.origins, [(target, "mx2".to_owned())]);
     }
 
     #[test]
@@ -324,8 +369,10 @@ mod tests {
                 expires_unix: None,
                 reason: String::new(),
                 hits: 0,
+                origin: None,
             }],
             offences: vec![],
+            passes: vec![],
         };
         let mut list = Blocklist::new(FakeStore::default());
         assert_eq!(restore(&mut list, &snapshot, now(1, 1)).unwrap().invalid, 1);
@@ -364,6 +411,32 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Snapshots from before the pregreet test have no `passes`: they load, with none.
+    #[test]
+    fn a_snapshot_without_passes_loads_and_one_with_passes_round_trips() {
+        let dir = std::env::temp_dir().join(format!("helo-snap-passes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bans.json");
+        let at = now(5, 1_700_000_000);
+        std::fs::write(
+            &path,
+            b"{\"version\": 1, \"saved_unix\": 0, \"bans\": [], \"offences\": []}",
+        )
+        .unwrap();
+        let Loaded::Good(old) = load(&path, at).unwrap() else { panic!("an older snapshot loads") };
+        assert!(old.passes.is_empty());
+        save(&path, &old).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("passes"), "none: not written, for older agents: {text}");
+
+        let passes = vec![SavedPass { client: "192.0.2.1".into(), until_unix: 1_700_086_400 }];
+        let snapshot = Snapshot { version: VERSION, passes, ..Snapshot::default() };
+        save(&path, &snapshot).unwrap();
+        let Loaded::Good(read) = load(&path, at).unwrap() else { panic!("readable") };
+        assert_eq!(read, snapshot);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Regression (issue 11 follow-up): `unban` with no agent running removed the pinned ban
     /// but left it in the snapshot, so the next start restored it.
     #[test]
@@ -377,6 +450,7 @@ mod tests {
             expires_unix: None,
             reason: "r".into(),
             hits: 0,
+            origin: None,
         };
         let offence = |target: &str| SavedOffence { target: target.into(), count: 2, last_unix: 1 };
         let snapshot = Snapshot {
@@ -384,6 +458,7 @@ mod tests {
             saved_unix: 1,
             bans: vec![ban("203.0.113.9"), ban("203.0.113.10")],
             offences: vec![offence("203.0.113.9"), offence("203.0.113.10")],
+            passes: vec![],
         };
         save(&path, &snapshot).unwrap();
         assert!(forget(&path, "203.0.113.9").unwrap());

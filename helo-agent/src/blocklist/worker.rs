@@ -7,7 +7,14 @@
 //! change, every `snapshot_interval` and when it stops, and answers the control socket's
 //! ban/unban/list, so one thread writes the maps. The ban gauges are set from a full walk at
 //! start, at each sweep and each snapshot, and moved by each ban and unban in between.
+//!
+//! With a fleet (see `crate::fleet`), every ban and unban made here is handed to the fleet task
+//! as an [`Event`] (never waiting: a full queue drops it, counted), and the bans other gateways
+//! made arrive as [`Message::Remote`]: applied with their expiry, never handed back, refused for
+//! an allowlisted address. The offence count they carry joins the history, so escalation counts
+//! offences made anywhere in the fleet.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -15,7 +22,8 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::time::Duration;
 
-use helo_common::BanValue;
+use helo_common::{BanValue, NEVER_EXPIRES};
+use ipnet::IpNet;
 use lru::LruCache;
 
 use super::snapshot::{self, SavedOffence, SnapshotError};
@@ -23,6 +31,7 @@ use super::{BanEntry, BanStore, Blocklist, StoreError, Ttl};
 use crate::addr::BanTarget;
 use crate::clock::Now;
 use crate::config::Escalation;
+use crate::fleet::message::{BanRecord, Event};
 use crate::metrics::Metrics;
 
 /// How often expired bans whose source never came back are swept from the store (the kernel
@@ -84,8 +93,26 @@ pub enum WorkerError {
 enum Message {
     Offence(BanRequest),
     Admin(AdminCommand, tokio::sync::oneshot::Sender<Result<AdminAnswer, WorkerError>>),
-    Reconfigure(Escalation),
+    Reconfigure(Escalation, Vec<IpNet>),
+    /// Bans and unbans other gateways made.
+    Remote(Vec<Event>, Arrival),
+    /// Every ban held, as the fleet records it (to put back into a Redis that lost them).
+    Export(tokio::sync::oneshot::Sender<Vec<BanRecord>>),
     Stop,
+}
+
+/// How remote events reached this gateway: as they happened (logged one by one), or in a
+/// catch-up on what Redis holds (logged as a summary).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrival {
+    Live,
+    CatchUp,
+}
+
+/// The worker's side of the fleet: this gateway's name and where its own bans and unbans go.
+pub struct FleetLink {
+    pub node: String,
+    pub events: tokio::sync::mpsc::Sender<Event>,
 }
 
 /// The sending side; cheap to clone.
@@ -117,9 +144,27 @@ impl BanSender {
         answer.await.map_err(|_| WorkerError::Stopped)?
     }
 
-    /// New escalation settings (a reload).
-    pub fn reconfigure(&self, escalation: Escalation) {
-        let _ = self.tx.try_send(Message::Reconfigure(escalation));
+    /// New escalation settings and allowlist (a reload).
+    pub fn reconfigure(&self, escalation: Escalation, allowlist: Vec<IpNet>) {
+        let _ = self.tx.try_send(Message::Reconfigure(escalation, allowlist));
+    }
+
+    /// Hands remote events to the worker without blocking: `Err` gives them back when the
+    /// queue is full (the caller, the fleet task, waits and retries; it is off the session
+    /// path).
+    pub fn remote(&self, events: Vec<Event>, arrival: Arrival) -> Result<(), Vec<Event>> {
+        match self.tx.try_send(Message::Remote(events, arrival)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(Message::Remote(events, _))) => Err(events),
+            Err(_) => Ok(()), // the worker is gone: the agent is stopping
+        }
+    }
+
+    /// Every ban held, as fleet records.
+    pub async fn export(&self) -> Result<Vec<BanRecord>, WorkerError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.tx.try_send(Message::Export(reply)).map_err(|_| WorkerError::Busy)?;
+        answer.await.map_err(|_| WorkerError::Stopped)
     }
 }
 
@@ -159,11 +204,29 @@ pub struct Options {
     pub metrics: Option<Arc<Metrics>>,
     /// Offences restored from a snapshot: target, count, last offence (boot ns).
     pub history: Vec<(BanTarget, u32, u64)>,
+    /// The gateways that made the restored bans made elsewhere.
+    pub origins: Vec<(BanTarget, String)>,
+    /// `None`: no fleet.
+    pub fleet: Option<FleetLink>,
+    /// Remote bans of these networks are refused.
+    pub allowlist: Vec<IpNet>,
+    /// The proxy's pregreet passes, saved with each snapshot; `None`: none saved.
+    pub passes: Option<Arc<crate::proxy::passes::PassCache>>,
 }
 
 impl Options {
     pub fn new(escalation: Escalation, clock: fn() -> u64) -> Self {
-        Options { escalation, clock, snapshot: None, metrics: None, history: Vec::new() }
+        Options {
+            escalation,
+            clock,
+            snapshot: None,
+            metrics: None,
+            history: Vec::new(),
+            origins: Vec::new(),
+            fleet: None,
+            allowlist: Vec::new(),
+            passes: None,
+        }
     }
 }
 
@@ -204,6 +267,10 @@ struct State<S> {
     capped: u64,
     /// When the bans first changed since the last save (boot ns); `None`: nothing unsaved.
     unsaved: Option<u64>,
+    /// The gateway each ban from elsewhere came from; bans made here are not listed.
+    origins: HashMap<BanTarget, Arc<str>>,
+    /// Events the fleet queue had no room for, since the last warning.
+    unpublished: u64,
 }
 
 impl<S: BanStore> State<S> {
@@ -217,7 +284,11 @@ impl<S: BanStore> State<S> {
             history.put(target, Offence { count, last_ns });
         }
         let bucket = TokenBucket::new(escalation.max_per_second, (options.clock)());
-        State { list, options, history, bucket, capped: 0, unsaved: None }
+        let origins = std::mem::take(&mut options.origins)
+            .into_iter()
+            .map(|(target, node)| (target, Arc::from(node)))
+            .collect();
+        State { list, options, history, bucket, capped: 0, unsaved: None, origins, unpublished: 0 }
     }
 
     fn run(mut self, rx: Receiver<Message>) -> Blocklist<S> {
@@ -247,7 +318,14 @@ impl<S: BanStore> State<S> {
                 Ok(Message::Admin(command, reply)) => {
                     let _ = reply.send(self.command(command));
                 }
-                Ok(Message::Reconfigure(escalation)) => self.reconfigure(escalation),
+                Ok(Message::Reconfigure(escalation, allowlist)) => {
+                    self.reconfigure(escalation);
+                    self.options.allowlist = allowlist;
+                }
+                Ok(Message::Remote(events, arrival)) => self.remote(events, arrival),
+                Ok(Message::Export(reply)) => {
+                    let _ = reply.send(self.export());
+                }
                 Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {}
             }
@@ -276,6 +354,10 @@ impl<S: BanStore> State<S> {
             Err(error) => tracing::warn!(%error, "sweeping expired bans failed"),
         }
         let left: Vec<_> = entries.into_iter().filter(|(_, v)| v.active_at(now)).collect();
+        if !self.origins.is_empty() {
+            let held: std::collections::HashSet<_> = left.iter().map(|(t, _)| *t).collect();
+            self.origins.retain(|target, _| held.contains(target));
+        }
         self.count_entries(&left, now);
     }
 
@@ -371,6 +453,7 @@ impl<S: BanStore> State<S> {
         match self.list.ban(&target, Ttl::For(ttl), &request.reason, now) {
             Ok(value) => {
                 self.changed(&target, before, Some(value));
+                self.origins.remove(&target);
                 if let Some(m) = &self.options.metrics {
                     m.bans_added.inc();
                 }
@@ -381,6 +464,7 @@ impl<S: BanStore> State<S> {
                     reason = request.reason,
                     "banned"
                 );
+                self.publish_ban(target, value, &request.reason, count);
             }
             Err(error) => tracing::error!(client = %request.client, %error, "ban failed"),
         }
@@ -393,26 +477,52 @@ impl<S: BanStore> State<S> {
                 let before = self.list.store().get(&target).ok().flatten();
                 let value = self.list.ban(&target, ttl, &reason, now)?;
                 self.changed(&target, before, Some(value));
+                self.origins.remove(&target);
                 if let Some(m) = &self.options.metrics {
                     m.bans_added.inc();
                 }
                 tracing::info!(%target, reason, "banned by an admin");
+                self.publish_ban(target, value, &reason, 0);
                 Ok(AdminAnswer::Banned(value))
             }
             AdminCommand::Unban { target } => {
-                let forgot = self.history.pop(&target).is_some();
-                let before = self.list.store().get(&target).ok().flatten();
-                let was = self.list.unban(&target)?;
-                if was {
-                    self.changed(&target, before, None);
-                } else if forgot {
-                    self.mark_unsaved();
-                }
+                let was = self.lift(&target)?;
                 tracing::info!(%target, was_banned = was, "unbanned by an admin");
+                // Published even when not banned here: another gateway may hold it.
+                if let Some(fleet) = &self.options.fleet {
+                    let at_ms = crate::clock::unix_ns() / NS_PER_MS;
+                    let node = fleet.node.clone();
+                    self.publish(Event::Unban { target, node, at_ms });
+                }
                 Ok(AdminAnswer::Unbanned(was))
             }
-            AdminCommand::List => Ok(AdminAnswer::Listed(self.list.list(now)?)),
+            AdminCommand::List => {
+                let mut entries = self.list.list(now)?;
+                if self.options.fleet.is_some() {
+                    for entry in &mut entries {
+                        let target = entry.target.parse().ok();
+                        let origin = target.and_then(|t| self.origins.get(&t));
+                        entry.origin = origin.map(|node| node.to_string());
+                    }
+                }
+                Ok(AdminAnswer::Listed(entries))
+            }
         }
+    }
+
+    /// Lifts a ban and forgets the offences (an unban, here or from the fleet); whether there
+    /// was a ban.
+    fn lift(&mut self, target: &BanTarget) -> Result<bool, StoreError> {
+        let forgot = self.history.pop(target).is_some();
+        self.origins.remove(target);
+        let before = self.list.store().get(target).ok().flatten();
+        let was = self.list.unban(target)?;
+        if was {
+            self.changed(target, before, None);
+        } else if forgot {
+            self.mark_unsaved();
+        }
+        Ok(was)
     }
 
     fn reconfigure(&mut self, escalation: Escalation) {
@@ -440,7 +550,11 @@ impl<S: BanStore> State<S> {
             .collect();
         self.unsaved = None;
         let entries = self.list.store().entries()?;
-        let captured = snapshot::capture(&self.list, &entries, offences, now)?;
+        let origin = |target: &BanTarget| self.origins.get(target).map(|node| node.to_string());
+        let mut captured = snapshot::capture(&self.list, &entries, offences, &origin, now)?;
+        if let Some(passes) = &self.options.passes {
+            captured.passes = passes.saved(now.unix_ns / 1_000_000_000);
+        }
         snapshot::save(path, &captured)?;
         self.count_entries(&entries, now.boot_ns);
         Ok(captured.bans.len())
@@ -463,6 +577,208 @@ impl<S: BanStore> State<S> {
             Err(error) => tracing::error!(%error, "ban snapshot not saved"),
         }
     }
+}
+
+const NS_PER_MS: u64 = 1_000_000;
+/// Remote expiries this close to a ban's here are the same ban.
+const SAME_EXPIRY_NS: u64 = 1_000_000_000;
+
+/// The fleet's half of the worker: what it publishes and what it applies.
+impl<S: BanStore> State<S> {
+    /// Hands a ban made here to the fleet (nothing without one).
+    fn publish_ban(&mut self, target: BanTarget, value: BanValue, reason: &str, offences: u32) {
+        let Some(fleet) = &self.options.fleet else { return };
+        let now = Now { boot_ns: (self.options.clock)(), unix_ns: crate::clock::unix_ns() };
+        let record = self.record(target, value, reason, offences, fleet.node.clone(), now);
+        self.publish(Event::Ban(record));
+    }
+
+    /// A ban as the fleet records it, made at `now`.
+    fn record(
+        &self,
+        target: BanTarget,
+        value: BanValue,
+        reason: &str,
+        offences: u32,
+        node: String,
+        now: Now,
+    ) -> BanRecord {
+        let at_ms = now.unix_ns / NS_PER_MS;
+        let expires_ms = (value.expires_ns != NEVER_EXPIRES)
+            .then(|| snapshot::boot_to_unix(value.expires_ns, now) / NS_PER_MS);
+        let remember_ms =
+            u64::try_from(self.options.escalation.max_ttl.as_millis()).unwrap_or(u64::MAX);
+        let keep_until_ms = expires_ms.map(|end| match offences {
+            0 => end,
+            _ => end.max(at_ms.saturating_add(remember_ms)),
+        });
+        BanRecord {
+            target,
+            expires_ms,
+            reason: reason.to_owned(),
+            node,
+            offences,
+            at_ms,
+            keep_until_ms,
+        }
+    }
+
+    fn publish(&mut self, event: Event) {
+        let Some(fleet) = &self.options.fleet else { return };
+        if fleet.events.try_send(event).is_err() {
+            self.unpublished += 1;
+            if let Some(m) = &self.options.metrics {
+                m.fleet.dropped.inc();
+            }
+            if self.unpublished == 1 || self.unpublished.is_power_of_two() {
+                tracing::warn!(
+                    dropped = self.unpublished,
+                    "fleet queue full: a ban or unban was not shared (the fleet task is stuck)"
+                );
+            }
+        }
+    }
+
+    /// Applies what other gateways did.
+    fn remote(&mut self, events: Vec<Event>, arrival: Arrival) {
+        let now = Now { boot_ns: (self.options.clock)(), unix_ns: crate::clock::unix_ns() };
+        let (mut applied, mut refused) = (0usize, 0usize);
+        let mut reasons = std::collections::HashSet::new();
+        for event in events {
+            let outcome = match event {
+                Event::Ban(record) => self.remote_ban(record, now, arrival, &mut reasons),
+                Event::Unban { target, node, .. } => match self.lift(&target) {
+                    Ok(was) => {
+                        tracing::info!(%target, node, was_banned = was, "unbanned by another gateway");
+                        Remote::Applied
+                    }
+                    Err(error) => {
+                        tracing::error!(%target, node, %error, "unban from the fleet failed");
+                        Remote::Failed
+                    }
+                },
+            };
+            match outcome {
+                Remote::Applied => applied += 1,
+                Remote::Refused => refused += 1,
+                Remote::Kept | Remote::Failed => {}
+            }
+        }
+        if let Some(m) = &self.options.metrics {
+            m.fleet.applied.inc_by(applied as u64);
+            m.fleet.refused.inc_by(refused as u64);
+        }
+        if arrival == Arrival::CatchUp && (applied > 0 || refused > 0) {
+            tracing::debug!(applied, refused, "a batch of the fleet's bans applied");
+        }
+    }
+
+    /// One remote ban; `reasons` are the reason codes known to be stored (see
+    /// [`Blocklist::put_ban`]).
+    fn remote_ban(
+        &mut self,
+        record: BanRecord,
+        now: Now,
+        arrival: Arrival,
+        reasons: &mut std::collections::HashSet<u32>,
+    ) -> Remote {
+        let BanRecord { target, ref node, ref reason, .. } = record;
+        if let Some(net) = self.options.allowlist.iter().find(|net| target.overlaps(net)) {
+            tracing::warn!(%target, node, reason, allowlisted = %net, "ban from another gateway refused: the address is in this gateway's allowlist");
+            return Remote::Refused;
+        }
+        let forget_ns =
+            u64::try_from(self.options.escalation.max_ttl.as_nanos()).unwrap_or(u64::MAX);
+        let age_ns = now.unix_ns.saturating_sub(record.at_ms.saturating_mul(NS_PER_MS));
+        if record.offences > 0 && age_ns < forget_ns {
+            let last_ns = now.boot_ns.saturating_sub(age_ns);
+            match self.history.get_mut(&target) {
+                Some(offence) => {
+                    offence.count = offence.count.max(record.offences);
+                    offence.last_ns = offence.last_ns.max(last_ns);
+                }
+                None => {
+                    self.history.put(target, Offence { count: record.offences, last_ns });
+                }
+            }
+            self.mark_unsaved();
+        }
+        if !record.active_at(now.unix_ns / NS_PER_MS) {
+            return Remote::Kept; // only its offences still count
+        }
+        // Never longer than a ban made here can be (a record from anyone who can write to
+        // Redis is not trusted with "for 500 years").
+        let longest = crate::clock::after(now.boot_ns, super::MAX_TTL);
+        let expires_ns = match record.expires_ms {
+            None => NEVER_EXPIRES,
+            Some(ms) => snapshot::unix_to_boot(ms.saturating_mul(NS_PER_MS), now).min(longest),
+        };
+        let before = self.list.store().get(&target).ok().flatten();
+        // A rule's ban never shortens one held here: as long here already, or longer (within a
+        // second: the same record read twice, from the catch-up and the channel, converts to
+        // instants a few microseconds apart). An admin's ban (no offence) is taken as made,
+        // shorter too: a re-ban with a shorter TTL means it.
+        if let Some(old) = before
+            && old.active_at(now.boot_ns)
+            && (old.expires_ns.saturating_add(SAME_EXPIRY_NS) >= expires_ns)
+            && (record.offences > 0 || old.expires_ns.abs_diff(expires_ns) < SAME_EXPIRY_NS)
+        {
+            return Remote::Kept;
+        }
+        let hits = before.map_or(0, |old| old.hits);
+        let value = match self.list.put_ban(&target, expires_ns, reason, hits, reasons) {
+            Ok(value) => value,
+            Err(error) => {
+                tracing::error!(%target, node, %error, "ban from another gateway not applied");
+                return Remote::Failed;
+            }
+        };
+        self.changed(&target, before, Some(value));
+        // This gateway's own record (read back from Redis after losing its maps) is its own.
+        let own = self.options.fleet.as_ref().is_some_and(|fleet| fleet.node == *node);
+        if own {
+            self.origins.remove(&target);
+        } else {
+            self.origins.insert(target, Arc::from(node.as_str()));
+        }
+        if arrival == Arrival::Live {
+            tracing::info!(%target, node, reason, offence = record.offences, "banned by another gateway");
+        }
+        Remote::Applied
+    }
+
+    /// Every ban held, as fleet records: those made here under this node's name.
+    fn export(&self) -> Vec<BanRecord> {
+        let Some(fleet) = &self.options.fleet else { return Vec::new() };
+        let now = Now { boot_ns: (self.options.clock)(), unix_ns: crate::clock::unix_ns() };
+        let Ok(entries) = self.list.store().entries() else { return Vec::new() };
+        entries
+            .into_iter()
+            .filter(|(_, value)| value.active_at(now.boot_ns))
+            .map(|(target, value)| {
+                let reason = self.list.reason_of(value.reason).unwrap_or_default();
+                let node = self.origins.get(&target).map_or(fleet.node.clone(), |n| n.to_string());
+                let offence = self.history.peek(&target);
+                let offences = offence.map_or(0, |o| o.count);
+                let mut record = self.record(target, value, &reason, offences, node, now);
+                if let Some(offence) = offence {
+                    // The offence's own time, so the history is forgotten when it should be.
+                    record.at_ms = snapshot::boot_to_unix(offence.last_ns, now) / NS_PER_MS;
+                }
+                record
+            })
+            .collect()
+    }
+}
+
+/// What became of one remote event.
+enum Remote {
+    Applied,
+    /// The address is allowlisted here.
+    Refused,
+    /// Nothing to write: a ban as long is in force here, or the record only carries offences.
+    Kept,
+    Failed,
 }
 
 /// At most `rate` tokens a second, holding up to `rate`.
@@ -657,6 +973,35 @@ mod tests {
         }
     }
 
+    /// The proxy's pregreet passes ride along in the ban snapshot, which the worker writes.
+    #[test]
+    fn the_snapshot_carries_the_pregreet_passes() {
+        let dir = std::env::temp_dir().join(format!("helo-worker-passes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bans.json");
+        let passes = Arc::new(crate::proxy::passes::PassCache::new(10));
+        let unix = crate::clock::unix_ns() / 1_000_000_000;
+        passes.pass("203.0.113.9".parse().unwrap(), unix, Duration::from_secs(86_400), 10);
+        let options = Options {
+            snapshot: Some((path.clone(), Duration::from_secs(3600))),
+            passes: Some(passes),
+            ..Options::new(ESCALATION, now)
+        };
+        let (bans, worker) = start(Blocklist::new(FakeStore::default()), options);
+        drop(bans);
+        worker.stop();
+        let snapshot::Loaded::Good(saved) =
+            snapshot::load(&path, Now { boot_ns: 0, unix_ns: 0 }).unwrap()
+        else {
+            panic!("a good snapshot")
+        };
+        assert_eq!(
+            saved.passes,
+            [snapshot::SavedPass { client: "203.0.113.9".into(), until_unix: unix + 86_400 }]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// After `kill -9` the snapshot held 0 of 260 bans in force: it was written only every
     /// `snapshot_interval` (5 minutes) and at a clean stop.
     #[test]
@@ -760,6 +1105,154 @@ mod tests {
             reason: "".into(),
         });
         assert_eq!(gauges(), (3, 1, 1, 1), "after an admin's ban");
+        drop(bans);
+        worker.stop();
+    }
+
+    fn fleet_options(
+        clock: fn() -> u64,
+        allowlist: &[&str],
+    ) -> (Options, tokio::sync::mpsc::Receiver<Event>) {
+        let (events, queue) = tokio::sync::mpsc::channel(16);
+        let options = Options {
+            fleet: Some(FleetLink { node: "mx1".into(), events }),
+            allowlist: allowlist.iter().map(|n| n.parse().unwrap()).collect(),
+            metrics: Some(Arc::new(Metrics::default())),
+            ..Options::new(ESCALATION, clock)
+        };
+        (options, queue)
+    }
+
+    fn remote_ban(target: &str, node: &str, offences: u32, secs: u64) -> Event {
+        let at_ms = crate::clock::unix_ns() / NS_PER_MS;
+        Event::Ban(BanRecord {
+            target: target.parse().unwrap(),
+            expires_ms: Some(at_ms + secs * 1000),
+            reason: "forged_own_name".into(),
+            node: node.into(),
+            offences,
+            at_ms,
+            keep_until_ms: Some(at_ms + 8 * 3600 * 1000),
+        })
+    }
+
+    #[test]
+    fn bans_made_here_are_handed_to_the_fleet_with_their_offence_count() {
+        let (options, mut queue) = fleet_options(now, &[]);
+        let (bans, worker) = start(Blocklist::new(FakeStore::default()), options);
+        bans.ban(request("203.0.113.5"));
+        bans.ban(request("203.0.113.5"));
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let command = |command| runtime.block_on(bans.command(command)).unwrap();
+        command(AdminCommand::Unban { target: "198.51.100.9".parse().unwrap() });
+        drop(bans);
+        worker.stop();
+        let mut events = Vec::new();
+        while let Ok(event) = queue.try_recv() {
+            events.push(event);
+        }
+        let [Event::Ban(first), Event::Ban(second), Event::Unban { target, node, .. }] =
+            &events[..]
+        else {
+            panic!("{events:?}");
+        };
+        assert_eq!((first.offences, second.offences), (1, 2));
+        assert_eq!(first.node, "mx1");
+        let hour_ms = 3600 * 1000;
+        let ttl = |r: &BanRecord| r.expires_ms.unwrap() - r.at_ms;
+        assert!(ttl(first).abs_diff(hour_ms) < 5000, "{first:?}");
+        assert!(ttl(second).abs_diff(2 * hour_ms) < 5000, "escalated: {second:?}");
+        assert_eq!(second.keep_until_ms, Some(second.at_ms + 8 * hour_ms), "offences outlive it");
+        assert_eq!(
+            target.to_string(),
+            "198.51.100.9",
+            "an unban goes out even when not banned here"
+        );
+        assert_eq!(node, "mx1");
+    }
+
+    #[test]
+    fn remote_bans_apply_with_their_expiry_count_their_offences_and_are_not_sent_back() {
+        let (options, mut queue) = fleet_options(now, &["192.0.2.0/24"]);
+        let metrics = options.metrics.clone().unwrap();
+        let store = Arc::new(Mutex::new(FakeStore::default()));
+        let (bans, worker) = start(Blocklist::new(store.clone()), options);
+        bans.remote(
+            vec![
+                remote_ban("203.0.113.7", "mx2", 2, 600),
+                remote_ban("192.0.2.10", "mx3", 1, 600),
+                remote_ban("2001:db8:1:2::/64", "mx3", 0, 60),
+            ],
+            Arrival::Live,
+        )
+        .unwrap();
+        sync(&bans);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let AdminAnswer::Listed(listed) =
+            runtime.block_on(bans.command(AdminCommand::List)).unwrap()
+        else {
+            panic!()
+        };
+        let shown: Vec<(&str, Option<&str>)> =
+            listed.iter().map(|e| (e.target.as_str(), e.origin.as_deref())).collect();
+        assert_eq!(
+            shown,
+            [("203.0.113.7", Some("mx2")), ("2001:db8:1:2::/64", Some("mx3"))],
+            "the allowlisted address was refused"
+        );
+        assert!(listed[0].remaining_secs.unwrap().abs_diff(600) <= 2, "{listed:?}");
+        assert_eq!((metrics.fleet.applied.get(), metrics.fleet.refused.get()), (2, 1));
+        // The third offence here is the third in the fleet: 4 h, not 1 h.
+        bans.ban(request("203.0.113.7"));
+        sync(&bans);
+        let Ok(Event::Ban(mine)) = queue.try_recv() else { panic!("the local ban is published") };
+        assert_eq!(mine.offences, 3);
+        assert!((mine.expires_ms.unwrap() - mine.at_ms).abs_diff(4 * 3600 * 1000) < 5000);
+        assert!(queue.try_recv().is_err(), "remote bans are never published again");
+        // An unban from the fleet lifts the ban and forgets the offences.
+        bans.remote(
+            vec![Event::Unban {
+                target: "203.0.113.7".parse().unwrap(),
+                node: "mx2".into(),
+                at_ms: 0,
+            }],
+            Arrival::Live,
+        )
+        .unwrap();
+        sync(&bans);
+        assert!(store.get(&"203.0.113.7".parse().unwrap()).unwrap().is_none());
+        bans.ban(request("203.0.113.7"));
+        sync(&bans);
+        let Ok(Event::Ban(again)) = queue.try_recv() else { panic!() };
+        assert_eq!(again.offences, 1, "forgotten with the unban");
+        drop(bans);
+        worker.stop();
+    }
+
+    #[test]
+    fn a_shorter_remote_ban_keeps_the_longer_one_here_and_export_gives_every_ban_held() {
+        let (options, _queue) = fleet_options(now, &[]);
+        let (bans, worker) = start(Blocklist::new(FakeStore::default()), options);
+        bans.ban(request("203.0.113.8")); // 1 h here
+        bans.remote(
+            vec![remote_ban("203.0.113.8", "mx2", 1, 60), remote_ban("203.0.113.9", "mx2", 0, 60)],
+            Arrival::CatchUp,
+        )
+        .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut held = runtime.block_on(bans.export()).unwrap();
+        held.sort_by_key(|r| r.target);
+        let shown: Vec<(String, &str, u64)> = held
+            .iter()
+            .map(|r| {
+                (r.target.to_string(), r.node.as_str(), (r.expires_ms.unwrap() - r.at_ms) / 60_000)
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [("203.0.113.8".into(), "mx1", 60), ("203.0.113.9".into(), "mx2", 1)],
+            "the hour-long ban made here stays, under this node's name"
+        );
         drop(bans);
         worker.stop();
     }

@@ -1,20 +1,27 @@
 //! Importers for the rule files admins already have, read as they are:
 //! - a qmail `badhelo` control file (one POSIX extended regex per line, `!` negates);
-//! - a Postfix HELO access table source (`pattern  ACTION [text]`), with Postfix's parent-domain
-//!   semantics stated by a flag, so migrating changes nothing unless asked.
+//! - a Postfix access table source (`key  ACTION [text]`), read as `check_helo_access` reads
+//!   it, with Postfix's parent-domain semantics stated by a flag, so migrating changes nothing
+//!   unless asked. Such tables are often shared with the client, sender and recipient checks:
+//!   entries no HELO lookup can find, and actions that do not act on a HELO, are skipped with a
+//!   warning each (file and line); only a line that is not `key value` at all, or a regexp
+//!   table, refuses the file.
 //!
 //! Pure: text in, entries (and warnings) out; the caller reads the files.
 
 use std::sync::Arc;
 
 use crate::rules::badhelo::RegexRule;
+use crate::rules::helo::{self, Helo};
 use crate::rules::table::{DomainPattern, Scope};
 use crate::rules::{EntryRef, EntryReply, TableAction, TableEntry};
 
 /// The lines of a qmail badhelo file: blank lines and lines starting with `#` are skipped;
-/// trailing white space (and a CR from a CRLF file) is not part of the pattern.
+/// trailing white space (and a CR from a CRLF file) is not part of the pattern, nor is a
+/// byte-order mark a Windows editor put at the start.
 pub fn badhelo(text: &str, source: &str) -> Vec<RegexRule> {
-    text.lines()
+    without_bom(text)
+        .lines()
         .enumerate()
         .filter_map(|(index, raw)| {
             let line = raw.trim_end();
@@ -38,22 +45,55 @@ pub fn badhelo(text: &str, source: &str) -> Vec<RegexRule> {
         .collect()
 }
 
-/// A parsed access table: entries to add to the domain table, and warnings for entries that
-/// Postfix itself would never match in a HELO lookup.
+/// A rule file's bytes as text. Files written long ago carry Latin-1 in comments: such a file
+/// still loads, its bytes that are not UTF-8 read as U+FFFD (an entry holding one matches no
+/// HELO, which is ASCII), with a warning naming the first such line.
+pub fn decode(bytes: Vec<u8>, source: &str) -> (String, Option<String>) {
+    match String::from_utf8(bytes) {
+        Ok(text) => (text, None),
+        Err(error) => {
+            let valid = error.utf8_error().valid_up_to();
+            let bytes = error.into_bytes();
+            let line = bytes[..valid].iter().filter(|b| **b == b'\n').count() + 1;
+            let warning = format!(
+                "{source}:{line}: the file is not UTF-8 (Latin-1?); bytes that are not UTF-8 \
+                 are read as U+FFFD, and entries holding them match nothing"
+            );
+            (String::from_utf8_lossy(&bytes).into_owned(), Some(warning))
+        }
+    }
+}
+
+fn without_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
+/// A parsed access table: entries to add to the domain table, and a warning (`file:line: why`)
+/// for each entry skipped because no HELO lookup can use it.
 #[derive(Debug, Default)]
 pub struct AccessTable {
     pub entries: Vec<(DomainPattern, TableEntry)>,
     pub warnings: Vec<String>,
 }
 
-/// Parses a Postfix access table source (the text `postmap` reads).
+/// Parses a Postfix access table source (the text `postmap` reads) as `check_helo_access`
+/// looks a HELO up in it.
+///
+/// Keys: a host name (a `_` allowed, as Postfix allows it), a bare address (`192.0.2.1`,
+/// `2001:db8::1`) or an address literal (`[192.0.2.1]`, `[IPv6:2001:db8::1]`), each matching a
+/// HELO of the same text (addresses never cover anything else: Postfix applies no parent-domain
+/// matching to them). Skipped with a warning: e-mail address keys (`user@domain`, `user@`,
+/// `@domain`), the null sender `<>`, partial addresses (`192.0.2`: networks, which a HELO
+/// lookup never tries), CIDR keys, keys that are no host name, and actions that are not for a
+/// HELO (`HOLD`, `FILTER`, restriction lists...).
 ///
 /// `parent_matches_subdomains` is Postfix's `parent_domain_matches_subdomains` containing
 /// `smtpd_access_maps` (the default): then `example.com` also covers its subdomains, and
 /// `.example.com` entries are never looked up. Without it, `example.com` is that name only and
 /// `.example.com` covers the subdomains.
 ///
-/// Lines that cannot be used are refused, every one of them, each as `file:line: why`.
+/// Lines that cannot be read at all (a key without a value, a regexp table pattern) refuse the
+/// file, every one of them, each as `file:line: why`.
 pub fn access_table(
     text: &str,
     source: &str,
@@ -61,7 +101,14 @@ pub fn access_table(
 ) -> Result<AccessTable, Vec<String>> {
     let mut table = AccessTable::default();
     let mut bad = Vec::new();
-    for (line_no, logical) in logical_lines(text) {
+    let (lines, orphans) = logical_lines(without_bom(text));
+    for line_no in orphans {
+        table.warnings.push(format!(
+            "{source}:{line_no}: an indented line continues an entry, but no entry comes before \
+             it (postmap skips it too): skipped"
+        ));
+    }
+    for (line_no, logical) in lines {
         let at = || format!("{source}:{line_no}");
         let (key, value) = match logical.split_once(char::is_whitespace) {
             Some((key, value)) => (key, value.trim()),
@@ -70,47 +117,21 @@ pub fn access_table(
                 continue;
             }
         };
-        if key.starts_with('/') {
-            bad.push(format!(
-                "{}: {key:?} is a regexp table pattern; put regexes in rules.regexes or a \
-                 badhelo file instead",
-                at()
-            ));
-            continue;
-        }
-        if key.contains('@') {
-            table.warnings.push(format!(
-                "{}: {key:?} is an e-mail address pattern, never a HELO: skipped",
-                at()
-            ));
-            continue;
-        }
+        let pattern = match access_key(key, parent_matches_subdomains) {
+            Key::Use(pattern) => pattern,
+            Key::Skip(why) => {
+                table.warnings.push(format!("{}: {key:?} {why}: skipped", at()));
+                continue;
+            }
+            Key::Refuse(why) => {
+                bad.push(format!("{}: {key:?} {why}", at()));
+                continue;
+            }
+        };
         let action = match parse_action(value) {
             Ok(action) => action,
             Err(why) => {
-                bad.push(format!("{}: {why}", at()));
-                continue;
-            }
-        };
-        let scope = match (key.starts_with('.'), parent_matches_subdomains) {
-            (true, true) => {
-                table.warnings.push(format!(
-                    "{}: {key:?} never matches with parent-domain matching on (Postfix ignores \
-                     it too): skipped; set rules.access_parent_matches_subdomains = false to \
-                     use .domain entries",
-                    at()
-                ));
-                continue;
-            }
-            (true, false) => Scope::Subdomains,
-            (false, true) => Scope::Both,
-            (false, false) => Scope::Exact,
-        };
-        let name = key.strip_prefix('.').unwrap_or(key);
-        let pattern = match DomainPattern::parse(name) {
-            Ok(pattern) => DomainPattern { scope, ..pattern },
-            Err(why) => {
-                bad.push(format!("{}: {why}", at()));
+                table.warnings.push(format!("{}: {key:?}: {why}: skipped", at()));
                 continue;
             }
         };
@@ -124,18 +145,123 @@ pub fn access_table(
     if bad.is_empty() { Ok(table) } else { Err(bad) }
 }
 
-/// Postfix access actions that make sense for a HELO. Case-insensitive, as in Postfix.
+/// What an access-table key is to a HELO lookup.
+enum Key {
+    /// A HELO lookup can find it: the pattern to put in the domain table.
+    Use(DomainPattern),
+    /// A key of another check, or one no HELO matches: why.
+    Skip(String),
+    /// Not an access table of this kind at all: why.
+    Refuse(String),
+}
+
+fn access_key(key: &str, parent_matches_subdomains: bool) -> Key {
+    if key == "<>" {
+        return Key::Skip(
+            "is the null sender key of check_sender_access (smtpd_null_access_lookup_key), \
+             never a HELO"
+                .into(),
+        );
+    }
+    if key.contains('@') {
+        return Key::Skip(
+            "is an e-mail address key (user@domain, user@, @domain) of the sender and \
+             recipient checks, never a HELO"
+                .into(),
+        );
+    }
+    if key.starts_with('/') {
+        return Key::Refuse(
+            "is a regexp table pattern; put regexes in rules.regexes or a badhelo file instead"
+                .into(),
+        );
+    }
+    if key.contains('/') {
+        return Key::Skip(
+            "is a CIDR network, which only a cidr: table matches (in this table it matches \
+             nothing)"
+                .into(),
+        );
+    }
+    if let Some(name) = key.strip_prefix('.') {
+        if parent_matches_subdomains {
+            return Key::Skip(
+                "never matches with parent-domain matching on (Postfix ignores it too); set \
+                 rules.access_parent_matches_subdomains = false to use .domain entries"
+                    .into(),
+            );
+        }
+        return match helo::table_name(name) {
+            Ok(name) => Key::Use(DomainPattern { name, scope: Scope::Subdomains }),
+            Err(why) => Key::Skip(format!("is not a domain ({})", why.describe())),
+        };
+    }
+    // The key is looked up as the HELO text it equals: parse it as one.
+    let parsed = helo::parse(key);
+    let scope = match parsed {
+        // Postfix tries no parent domains for an address, and a literal has none.
+        Helo::BareIp(_) | Helo::Literal(_) => Scope::Exact,
+        Helo::Name(_) | Helo::Invalid(_) if parent_matches_subdomains => Scope::Both,
+        Helo::Name(_) | Helo::Invalid(_) => Scope::Exact,
+    };
+    match (helo::table_key(&parsed, key), &parsed) {
+        (Some(name), _) => Key::Use(DomainPattern { name: name.into_owned(), scope }),
+        (None, _) if is_partial_address(key) => Key::Skip(
+            "is a network (a partial address) for check_client_access; a HELO lookup tries an \
+             address whole, never its networks"
+                .into(),
+        ),
+        (None, Helo::Invalid(why)) => Key::Skip(format!(
+            "is neither a host name nor an address ({}), so no HELO is looked up by it",
+            why.describe()
+        )),
+        (None, _) => Key::Skip("is no HELO lookup key".into()),
+    }
+}
+
+/// `192.0.2`, `192.0`, `192` or an IPv6 prefix such as `2001:db8`: the network forms of
+/// access(5), which Postfix tries for client addresses only.
+fn is_partial_address(key: &str) -> bool {
+    let v4 = {
+        let octets: Vec<&str> = key.split('.').collect();
+        octets.len() <= 3
+            && octets
+                .iter()
+                .all(|o| !o.is_empty() && o.len() <= 3 && o.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let v6 = key.contains(':') && key.bytes().all(|b| b.is_ascii_hexdigit() || b == b':');
+    v4 || v6
+}
+
+/// Postfix access actions that make sense for a HELO, case-insensitive as in Postfix. `Err`
+/// says why an action is skipped: Postfix takes it, but it does nothing helo-filter can do at
+/// HELO.
 fn parse_action(value: &str) -> Result<TableAction, String> {
     let (word, text) = match value.split_once(char::is_whitespace) {
         Some((word, text)) => (word, text.trim()),
         None => (value, ""),
     };
+    let is_code = |w: &str| {
+        w.len() == 3
+            && w.bytes().all(|b| b.is_ascii_digit())
+            && matches!(w.as_bytes()[0], b'4' | b'5')
+    };
+    if value.bytes().all(|b| b.is_ascii_digit()) {
+        // Postfix: an all-numeric value means OK (a time stamp from POP-before-SMTP), so a bare
+        // reply code permits. Surely not what its writer meant: skipped, not followed.
+        if is_code(value) {
+            return Err(format!(
+                "reply code {value} has no text, and Postfix reads an all-numeric value as OK; \
+                 write {value} and a text to reject"
+            ));
+        }
+        return Ok(TableAction::Permit);
+    }
     let upper = word.to_ascii_uppercase();
     let text_reply =
         |code: u16| (!text.is_empty()).then(|| EntryReply { code, text: text.to_owned() });
     Ok(match upper.as_str() {
-        "OK" | "PERMIT" => TableAction::Permit,
-        _ if word.bytes().all(|b| b.is_ascii_digit()) && word.len() != 3 => TableAction::Permit,
+        "OK" | "RELAY" | "PERMIT" => TableAction::Permit,
         "DUNNO" => TableAction::Dunno,
         "REJECT" => TableAction::Deny(text_reply(554)),
         "DEFER" | "DEFER_IF_PERMIT" | "DEFER_IF_REJECT" => TableAction::Deny(Some(EntryReply {
@@ -143,41 +269,60 @@ fn parse_action(value: &str) -> Result<TableAction, String> {
             text: if text.is_empty() { "try again later".into() } else { text.to_owned() },
         })),
         "WARN" | "INFO" => TableAction::Warn,
-        code if code.len() == 3 && (code.starts_with('4') || code.starts_with('5')) => {
-            let code: u16 = code.parse().map_err(|_| format!("{word:?} is not a reply code"))?;
-            if text.is_empty() {
-                return Err(format!("reply code {code} needs a text after it"));
-            }
+        code if is_code(code) => {
+            let code = code.parse().expect("three digits");
             TableAction::Deny(Some(EntryReply { code, text: text.to_owned() }))
+        }
+        "HOLD" | "DISCARD" | "FILTER" | "REDIRECT" | "BCC" | "PREPEND" | "DELAY" => {
+            return Err(format!(
+                "action {word} acts on the message, which the HELO judge never holds"
+            ));
+        }
+        "HANGUP" => return Err("action HANGUP is not supported; use REJECT or a 5xx reply".into()),
+        _ if value.contains(':') => {
+            return Err(format!(
+                "{value:?} names a lookup table, which an access table may not (Postfix answers \
+                 451 for it)"
+            ));
         }
         _ => {
             return Err(format!(
-                "action {word:?} is not supported for HELO checks; use OK, DUNNO, REJECT [text], \
-                 DEFER [text], WARN [text], or a 4xx/5xx reply with text"
+                "{word:?} is not an access action helo-filter applies (OK, DUNNO, REJECT [text], \
+                 DEFER [text], WARN [text], or a 4xx/5xx reply with text); restriction lists and \
+                 classes are not evaluated"
             ));
         }
     })
 }
 
 /// Joins continuation lines (starting with white space) to the line before, skips blank and
-/// comment lines, and yields each logical line with the number of its first line.
-fn logical_lines(text: &str) -> Vec<(usize, String)> {
+/// comment lines (also between an entry and its continuation), and yields each logical line
+/// with the number of its first line, as postmap reads them (Postfix's readllines). Indented
+/// text before the first entry continues nothing: postmap skips it with a warning, and so do
+/// we (the second list: the line numbers where such text starts).
+fn logical_lines(text: &str) -> (Vec<(usize, String)>, Vec<usize>) {
     let mut lines: Vec<(usize, String)> = Vec::new();
+    let mut orphans = Vec::new();
     for (index, raw) in text.lines().enumerate() {
         let trimmed = raw.trim();
         if trimmed.is_empty() || trimmed.starts_with('#') {
             continue;
         }
-        if raw.starts_with(char::is_whitespace)
-            && let Some((_, last)) = lines.last_mut()
-        {
-            last.push(' ');
-            last.push_str(trimmed);
+        if raw.starts_with(char::is_whitespace) {
+            match lines.last_mut() {
+                Some((_, last)) => {
+                    last.push(' ');
+                    last.push_str(trimmed);
+                }
+                // Further indented lines continue the same orphan.
+                None if orphans.is_empty() => orphans.push(index + 1),
+                None => {}
+            }
             continue;
         }
         lines.push((index + 1, trimmed.to_owned()));
     }
-    lines
+    (lines, orphans)
 }
 
 #[cfg(test)]
@@ -283,23 +428,193 @@ multi.example      REJECT this text
     }
 
     #[test]
-    fn unsupported_or_broken_lines_name_file_and_line() {
+    fn only_lines_that_cannot_be_read_refuse_the_file() {
         let cases = [
-            ("example.com HOLD\n", "t:1: action \"HOLD\" is not supported"),
             ("ok.example OK\nexample.com\n", "t:2: \"example.com\" has a pattern but no action"),
             ("/^mail/ REJECT\n", "t:1: \"/^mail/\" is a regexp table pattern"),
-            ("bad_name.example REJECT\n", "t:1:"),
-            ("x.example 550\n", "t:1: reply code 550 needs a text"),
         ];
         for (text, expected) in cases {
             let err = access_table(text, "t", true).unwrap_err();
             assert!(err.len() == 1 && err[0].starts_with(expected), "{text:?}: {err:?}");
         }
-        // Every broken line, not only the first.
-        let all: String = cases.iter().map(|(text, _)| *text).collect();
-        let err = access_table(&all, "t", true).unwrap_err();
+        // Every broken line, not only the first; usable and skipped lines in between do not
+        // count.
+        let all = "a.example OK\nb.example\nc.example HOLD\n/x/ REJECT\nd.example\n";
+        let err = access_table(all, "t", true).unwrap_err();
         let lines: Vec<&str> = err.iter().map(|e| e.split(": ").next().unwrap()).collect();
-        assert_eq!(lines, ["t:1", "t:3", "t:4", "t:5", "t:6"], "{err:#?}");
+        assert_eq!(lines, ["t:2", "t:4", "t:5"], "{err:#?}");
+    }
+
+    /// The shape of a real /etc/postfix/access shared by check_client_access,
+    /// check_sender_access, check_recipient_access and check_helo_access, written by several
+    /// admins over the years, with CRLF endings from a Windows editor in part of it.
+    const SHARED: &str = "\
+# /etc/postfix/access -- shared by smtpd_{client,sender,recipient,helo}_restrictions
+# client addresses
+192.0.2.1                 OK
+192.0.2                   REJECT bad network
+198.51.100.0/24           REJECT cidr in a hash table
+2001:db8::25              OK
+2001:db8:bad              REJECT v6 network
+# HELO literals
+[203.0.113.5]             REJECT literal
+[IPv6:2001:DB8::BAD]      554 5.7.1 forged v6 literal
+[foo]                     REJECT nonsense literal
+# names
+spammer.example           reject\r
+my_host.partner.example   ok\r
+xn--bcher-kva.example     REJECT idn\r
+mail.müller.example       DUNNO
+Legacy.Example.COM.       defer_if_permit please retry
+\tlater
+# sender and recipient keys
+<>                        550 5.1.0 null sender
+postmaster@               OK
+user@example.org          REJECT
+@spam.example             REJECT
+# actions for other stages
+hold.example              HOLD
+filter.example            FILTER smtp:[127.0.0.1]:10025
+restricted.example        permit_mynetworks, reject
+typo.example              REJCT
+class.example             my_restriction_class
+bare.example              550
+numeric.example           1700000000
+bad!name.example          REJECT
+host.123                  REJECT
+";
+
+    #[test]
+    fn a_shared_table_loads_with_one_warning_per_skipped_entry() {
+        let table = access_table(SHARED, "/etc/postfix/access", true)
+            .unwrap_or_else(|e| panic!("a real table must load: {e:#?}"));
+        let used: Vec<(String, usize, TableAction)> = table
+            .entries
+            .iter()
+            .map(|(p, e)| (p.to_string(), e.entry.line, e.action.clone()))
+            .collect();
+        let deny =
+            |code, text: &str| TableAction::Deny(Some(EntryReply { code, text: text.into() }));
+        assert_eq!(
+            used,
+            vec![
+                ("=192.0.2.1".into(), 3, TableAction::Permit),
+                ("=2001:db8::25".into(), 6, TableAction::Permit),
+                ("=[203.0.113.5]".into(), 9, deny(554, "literal")),
+                ("=[ipv6:2001:db8::bad]".into(), 10, deny(554, "5.7.1 forged v6 literal")),
+                ("spammer.example".into(), 13, TableAction::Deny(None)),
+                ("my_host.partner.example".into(), 14, TableAction::Permit),
+                ("xn--bcher-kva.example".into(), 15, deny(554, "idn")),
+                ("mail.xn--mller-kva.example".into(), 16, TableAction::Dunno),
+                ("legacy.example.com".into(), 17, deny(450, "please retry later")),
+                ("numeric.example".into(), 31, TableAction::Permit),
+            ]
+        );
+        let skipped: Vec<(&str, &str)> = table
+            .warnings
+            .iter()
+            .map(|w| {
+                let (at, rest) = w.split_once(": ").unwrap();
+                assert!(w.ends_with(": skipped"), "{w}");
+                (at, rest)
+            })
+            .map(|(at, rest)| (at.rsplit(':').next().unwrap(), rest))
+            .collect();
+        let lines: Vec<&str> = skipped.iter().map(|(line, _)| *line).collect();
+        assert_eq!(
+            lines,
+            [
+                "4", "5", "7", "11", "20", "21", "22", "23", "25", "26", "27", "28", "29", "30",
+                "32", "33"
+            ],
+            "{:#?}",
+            table.warnings
+        );
+        let why = |line: &str| skipped.iter().find(|(l, _)| *l == line).unwrap().1;
+        for (line, says) in [
+            ("4", "is a network"),
+            ("5", "CIDR"),
+            ("7", "is a network"),
+            ("11", "does not hold an IP address"),
+            ("20", "null sender"),
+            ("21", "e-mail address"),
+            ("22", "e-mail address"),
+            ("23", "e-mail address"),
+            ("25", "action HOLD acts on the message"),
+            ("26", "action FILTER acts on the message"),
+            ("27", "\"permit_mynetworks,\" is not an access action"),
+            ("28", "\"REJCT\" is not an access action"),
+            ("29", "\"my_restriction_class\" is not an access action"),
+            ("30", "reply code 550 has no text"),
+            ("32", "contains '!'"),
+            ("33", "all-numeric label"),
+        ] {
+            assert!(why(line).contains(says), "line {line}: {}", why(line));
+        }
+        assert!(table.warnings[0].starts_with("/etc/postfix/access:4: \"192.0.2\" "));
+    }
+
+    /// Regression: an indented line before the first entry (a pasted table, an indented
+    /// comment block's tail) became an entry of its own and refused the whole file; postmap
+    /// skips it with a warning.
+    #[test]
+    fn access_table_indented_text_before_the_first_entry_is_skipped() {
+        let text = "# header\n   stray text\n\n   more stray\nexample.com REJECT\n  go away\n";
+        let table = access_table(text, "t", true).unwrap();
+        assert_eq!(table.entries.len(), 1);
+        assert_eq!(table.entries[0].1.entry.line, 5);
+        assert_eq!(table.entries[0].1.entry.text, "example.com REJECT go away");
+        assert_eq!(table.warnings.len(), 1, "{:?}", table.warnings);
+        assert!(table.warnings[0].starts_with("t:2: an indented line"), "{:?}", table.warnings);
+    }
+
+    #[test]
+    fn continuation_lines_join_across_comments_and_blank_lines() {
+        let text = "example.com\n  # the action:\n\n    REJECT\n    go away\nnext.example OK\n";
+        let table = access_table(text, "t", true).unwrap();
+        let texts: Vec<(usize, &str)> =
+            table.entries.iter().map(|(_, e)| (e.entry.line, e.entry.text.as_str())).collect();
+        assert_eq!(texts, [(1, "example.com REJECT go away"), (6, "next.example OK")]);
+    }
+
+    #[test]
+    fn crlf_and_a_byte_order_mark_load() {
+        let postfix = "\u{feff}example.com REJECT\r\n\r\n# c\r\nb.example 550 5.7.1 no\r\n";
+        let table = access_table(postfix, "t", true).unwrap();
+        assert!(table.warnings.is_empty(), "{:?}", table.warnings);
+        assert_eq!(table.entries[0].0.to_string(), "example.com");
+        assert_eq!(
+            table.entries[1].1.action,
+            TableAction::Deny(Some(EntryReply { code: 550, text: "5.7.1 no".into() }))
+        );
+        let qmail = "\u{feff}^dsl-\r\n# comment\r\n\r\n!\\.\r\nlocalhost\r";
+        let rules = badhelo(qmail, "badhelo");
+        let summary: Vec<(bool, &str, usize)> =
+            rules.iter().map(|r| (r.negated, r.pattern.as_str(), r.entry.line)).collect();
+        assert_eq!(summary, [(false, "^dsl-", 1), (true, "\\.", 4), (false, "localhost", 5)]);
+    }
+
+    /// Regression: a rule file with one Latin-1 byte (a comment naming an admin) did not load
+    /// at all ("stream did not contain valid UTF-8").
+    #[test]
+    fn rule_file_with_latin1_comment_loads() {
+        let bytes = b"# M\xfcller, 2009\nexample.com REJECT\nb\xe4d.example REJECT\n".to_vec();
+        let (text, warning) = decode(bytes, "t");
+        assert!(warning.unwrap().starts_with("t:1: the file is not UTF-8"));
+        let table = access_table(&text, "t", true).unwrap();
+        assert_eq!(table.entries.len(), 1);
+        assert!(table.warnings[0].starts_with("t:3: "), "{:?}", table.warnings);
+        assert_eq!(decode(b"ok.example OK\n".to_vec(), "t"), ("ok.example OK\n".into(), None));
+    }
+
+    #[test]
+    fn without_parent_matching_addresses_stay_exact_and_dot_names_are_subdomains() {
+        let text = "192.0.2.1 OK\n[192.0.2.2] REJECT\n.my_sub.example REJECT\n.192.0 REJECT\n";
+        let table = access_table(text, "t", false).unwrap();
+        let patterns: Vec<String> = table.entries.iter().map(|(p, _)| p.to_string()).collect();
+        assert_eq!(patterns, ["=192.0.2.1", "=[192.0.2.2]", ".my_sub.example"]);
+        assert_eq!(table.warnings.len(), 1);
+        assert!(table.warnings[0].starts_with("t:4: \".192.0\" is not a domain"));
     }
 
     #[test]

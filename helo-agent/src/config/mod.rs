@@ -192,6 +192,68 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub agent: AgentConfig,
     pub snapshot: SnapshotConfig,
+    pub fleet: FleetConfig,
+    pub dns: DnsConfig,
+}
+
+/// The resolver the DNS checks ask.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Nameservers; empty: the system's (`/etc/resolv.conf`).
+    pub servers: Vec<std::net::SocketAddr>,
+    /// One lookup's longest wait; past it the answer is a temporary failure.
+    pub timeout: Duration,
+    /// Answers cached at most (positive and negative), each for its TTL.
+    pub cache_size: usize,
+    /// Lookups in flight at most; beyond, a session whose verdict does not depend on DNS
+    /// skips its lookups, and one whose verdict does waits its turn.
+    pub max_lookups: usize,
+}
+
+/// Bans shared with the other gateways through Redis: off when `redis` is `None`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetConfig {
+    pub redis: Option<RedisUrl>,
+    /// This gateway's name in the fleet (default: the host name).
+    pub node: String,
+    /// Prepended to every key and to the channel.
+    pub prefix: String,
+    /// How long one Redis command may take before the connection counts as lost.
+    pub timeout: Duration,
+}
+
+/// A Redis URL; shown with its password masked.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(pub String);
+
+impl RedisUrl {
+    /// The URL to connect with (password included).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    /// `scheme://user:***@host:port/db`: safe for logs. Whatever comes before the last `@`
+    /// (after the scheme) is credentials and is masked, but for a user name.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = &self.0;
+        let Some(at) = url.rfind('@') else { return f.write_str(url) };
+        let start = url.find("://").map_or(0, |scheme| scheme + 3).min(at);
+        let credentials = &url[start..at];
+        match credentials.split_once(':') {
+            Some((user, _)) if !user.contains('/') => {
+                write!(f, "{}{user}:***{}", &url[..start], &url[at..])
+            }
+            _ => write!(f, "{}***{}", &url[..start], &url[at..]),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
 }
 
 /// The Postfix policy service (`check_policy_service`): off when it has no listeners.
@@ -267,6 +329,19 @@ pub struct ProxyConfig {
     pub max_sessions_per_ip: usize,
     /// On SIGTERM/SIGINT: how long sessions in flight may take to end.
     pub shutdown_grace: Duration,
+    /// The pregreet test (`[pregreet]`), run where the proxy greets itself.
+    pub pregreet: PregreetConfig,
+}
+
+/// The pregreet test: the proxy greets with `220-` and sends the final `220 ` line after
+/// `wait`; a client that speaks before it is a pregreeter (`checks.pregreet`). A client that
+/// stayed silent is remembered for `pass_ttl` and greeted at once meanwhile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PregreetConfig {
+    pub wait: Duration,
+    pub pass_ttl: Duration,
+    /// Clients remembered at most (least recently seen forgotten first).
+    pub pass_cache_size: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]

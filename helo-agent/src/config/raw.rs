@@ -23,6 +23,9 @@ pub struct RawConfig {
     pub reject: RawReject,
     pub proxy: RawProxy,
     pub policy: RawPolicy,
+    pub fleet: RawFleet,
+    pub dns: RawDns,
+    pub pregreet: RawPregreet,
 }
 
 #[derive(Debug, PartialEq, Deserialize)]
@@ -100,6 +103,58 @@ impl Default for RawPolicy {
             socket_group: "postfix".into(),
             socket_mode: "0660".into(),
             allow_remote: false,
+        }
+    }
+}
+
+/// `[pregreet]`: the proxy's pregreet test (`checks.pregreet` says what a pregreet does).
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPregreet {
+    pub wait: String,
+    pub pass_ttl: String,
+    pub pass_cache_size: usize,
+}
+
+impl Default for RawPregreet {
+    /// postscreen's defaults: `postscreen_greet_wait` 6s (not under stress), and
+    /// `postscreen_greet_ttl` 1d; its cache has no bound, ours has.
+    fn default() -> Self {
+        Self { wait: "6s".into(), pass_ttl: "1d".into(), pass_cache_size: 100_000 }
+    }
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDns {
+    pub servers: Vec<String>,
+    pub timeout: String,
+    pub cache_size: usize,
+    pub max_lookups: usize,
+}
+
+impl Default for RawDns {
+    fn default() -> Self {
+        Self { servers: Vec::new(), timeout: "2s".into(), cache_size: 10_000, max_lookups: 256 }
+    }
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawFleet {
+    pub redis: String,
+    pub node: String,
+    pub prefix: String,
+    pub timeout: String,
+}
+
+impl Default for RawFleet {
+    fn default() -> Self {
+        Self {
+            redis: String::new(),
+            node: String::new(),
+            prefix: "helo-filter:".into(),
+            timeout: "2s".into(),
         }
     }
 }
@@ -220,6 +275,7 @@ impl Default for RawRules {
 #[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawChecks {
+    pub pregreet: CheckAction,
     pub table: CheckAction,
     pub forged_identity: CheckAction,
     pub badhelo: CheckAction,
@@ -231,6 +287,8 @@ pub struct RawChecks {
     pub private_suffix: CheckAction,
     pub dynamic: CheckAction,
     pub changed: CheckAction,
+    pub unknown_helo: CheckAction,
+    pub helo_not_client: CheckAction,
 }
 
 impl Default for RawChecks {
@@ -239,6 +297,7 @@ impl Default for RawChecks {
     fn default() -> Self {
         use CheckAction::{Ban, Log, Reject};
         Self {
+            pregreet: Log,
             table: Reject,
             forged_identity: Ban,
             badhelo: Reject,
@@ -250,6 +309,8 @@ impl Default for RawChecks {
             private_suffix: Reject,
             dynamic: Log,
             changed: Log,
+            unknown_helo: Log,
+            helo_not_client: Log,
         }
     }
 }
@@ -259,6 +320,7 @@ impl RawChecks {
         let mut actions = [CheckAction::Off; CHECK_COUNT];
         for check in Check::ALL {
             actions[check as usize] = match check {
+                Check::Pregreet => self.pregreet,
                 Check::Table => self.table,
                 Check::ForgedIdentity => self.forged_identity,
                 Check::Badhelo => self.badhelo,
@@ -270,6 +332,8 @@ impl RawChecks {
                 Check::PrivateSuffix => self.private_suffix,
                 Check::Dynamic => self.dynamic,
                 Check::Changed => self.changed,
+                Check::UnknownHelo => self.unknown_helo,
+                Check::HeloNotClient => self.helo_not_client,
             };
         }
         actions

@@ -152,6 +152,12 @@ fn bad_values_name_the_key_and_the_fix() {
         ("[agent]\nmetrics = \"9125\"", "agent.metrics"),
         ("[proxy]\ntrusted_proxies = [\"lb.example\"]", "proxy.trusted_proxies"),
         ("[proxy]\nhostname = \"two words\"", "proxy.hostname"),
+        ("[fleet]\nredis = \"localhost:6379\"", "is not a Redis URL"),
+        ("[fleet]\nredis = \"redis//:s3cret@h:1/0\"", "is not a Redis URL"),
+        ("[fleet]\nredis = \"redis://:s3cret@[::1\"", "redis://:***@[::1"),
+        ("[fleet]\nredis = \"redis://r\"\nnode = \"two words\"", "fleet.node"),
+        ("[fleet]\nredis = \"redis://r\"\ntimeout = \"0s\"", "fleet.timeout"),
+        ("[fleet]\nprefix = \"a b\"", "fleet.prefix"),
     ];
     for (text, expected) in cases {
         let err = parse(text).unwrap_err().to_string();
@@ -197,7 +203,7 @@ fn every_bad_rule_entry_is_reported_at_once() {
     let badhelo = dir.join("badhelo");
     let access = dir.join("helo_access");
     std::fs::write(&badhelo, "# qmail\n^dsl-\n(open\n!x{2,1}\nfine\n").unwrap();
-    std::fs::write(&access, "example.net REJECT\nbad.example HOLD\nnoaction.example\n").unwrap();
+    std::fs::write(&access, "example.net REJECT\n/^bad/ REJECT\nnoaction.example\n").unwrap();
     let text = format!(
         "[rules]\nbadhelo_file = {:?}\naccess_file = {:?}\nregexes = [\"^ok\", \"[unclosed\"]\n\
          domains = [\"=good.example\", \"..x\"]\n",
@@ -209,7 +215,7 @@ fn every_bad_rule_entry_is_reported_at_once() {
     let (b, a) = (badhelo.display(), access.display());
     let expected = [
         "config rules.domains:2: \"..x\" is not a domain pattern".to_owned(),
-        format!("{a}:2: action \"HOLD\" is not supported"),
+        format!("{a}:2: \"/^bad/\" is a regexp table pattern"),
         format!("{a}:3: \"noaction.example\" has a pattern but no action"),
         "config rules.regexes:2: bad regex \"[unclosed\": unclosed character class".to_owned(),
         format!("{b}:3: bad regex \"(open\": unclosed group"),
@@ -377,4 +383,81 @@ fn the_name_the_proxy_greets_with_is_part_of_the_identity() {
         config.rules.identity.names.lookup("gw.trial.test").is_none(),
         "detect = false: as written"
     );
+}
+
+#[test]
+fn the_fleet_is_off_by_default_and_names_itself_after_the_host() {
+    let config = parse("").unwrap();
+    assert_eq!(config.fleet.redis, None);
+    let config = parse("[fleet]\nredis = \"redis://helo:s3cret@10.0.0.5:6380/2\"").unwrap();
+    let redis = config.fleet.redis.unwrap();
+    assert_eq!(redis.expose(), "redis://helo:s3cret@10.0.0.5:6380/2");
+    assert_eq!(redis.to_string(), "redis://helo:***@10.0.0.5:6380/2", "never the password");
+    assert_eq!(format!("{redis:?}"), "redis://helo:***@10.0.0.5:6380/2");
+    assert_eq!(config.fleet.node, "mx1.example.com");
+    assert_eq!(config.fleet.prefix, "helo-filter:");
+    assert_eq!(config.fleet.timeout, Duration::from_secs(2));
+    let config = parse("[fleet]\nredis = \"rediss://r:6379\"\nnode = \"mx2\"").unwrap();
+    assert_eq!(config.fleet.node, "mx2");
+}
+
+/// A URL with a typo in its scheme was repeated in the error, password and all, and that
+/// error reaches the journal (the unit runs check-config before each start).
+#[test]
+fn a_redis_password_is_never_shown_even_in_a_malformed_url() {
+    for url in ["redis//:s3cret@h:1/0", "redis:/:s3cret@h:1/0", "s3cret", "redis://u:s3cret@h:x/0"]
+    {
+        let err = parse(&format!("[fleet]\nredis = \"{url}\"")).unwrap_err().to_string();
+        assert!(err.contains("fleet.redis") && !err.contains("s3cret"), "{url}: {err}");
+    }
+    for (url, shown) in [
+        ("redis://u:s3cret@h:1/0", "redis://u:***@h:1/0"),
+        ("redis://:s3cret@h:1/0", "redis://:***@h:1/0"),
+        ("redis:/:s3cret@h", "redis:***@h"),
+        ("rediss://s3cret@h", "rediss://***@h"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+    ] {
+        assert_eq!(RedisUrl(url.into()).to_string(), shown, "{url}");
+    }
+}
+
+#[test]
+fn the_pregreet_test_defaults_to_postscreen_and_refuses_bad_values() {
+    let config = parse("").unwrap();
+    assert_eq!(config.rules.action(Check::Pregreet), CheckAction::Log);
+    let pregreet = config.proxy.pregreet;
+    assert_eq!(pregreet.wait, Duration::from_secs(6), "postscreen_greet_wait");
+    assert_eq!(pregreet.pass_ttl, Duration::from_secs(86_400), "postscreen_greet_ttl");
+    assert_eq!(pregreet.pass_cache_size, 100_000);
+    // The example file shows every key (the equality test above sees values only).
+    let example: toml::Table = toml::from_str(EXAMPLE).unwrap();
+    assert_eq!(example["checks"]["pregreet"].as_str(), Some("log"));
+    let section = example["pregreet"].as_table().expect("a [pregreet] section");
+    let keys: Vec<&str> = section.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["pass_cache_size", "pass_ttl", "wait"]);
+
+    let config = parse(
+        "[checks]\npregreet = \"ban\"\n[pregreet]\nwait = \"2s\"\npass_ttl = \"1h\"\npass_cache_size = 10",
+    )
+    .unwrap();
+    assert_eq!(config.rules.action(Check::Pregreet), CheckAction::Ban);
+    let pregreet = config.proxy.pregreet;
+    assert_eq!(
+        (pregreet.wait, pregreet.pass_ttl),
+        (Duration::from_secs(2), Duration::from_secs(3600))
+    );
+    assert_eq!(pregreet.pass_cache_size, 10);
+
+    for (text, expected) in [
+        ("[pregreet]\nwait = \"0s\"", "pregreet.wait: must be longer than 0s"),
+        ("[pregreet]\nwait = \"2m\"", "pregreet.wait: at most 60s"),
+        ("[pregreet]\nwait = \"6\"", "6s"),
+        ("[pregreet]\npass_ttl = \"0s\"", "pregreet.pass_ttl"),
+        ("[pregreet]\npass_cache_size = 0", "pregreet.pass_cache_size: must be at least 1"),
+        ("[pregreet]\ngreet_wait = \"6s\"", "unknown field `greet_wait`"),
+        ("[checks]\npregreet = \"drop\"", "unknown variant `drop`"),
+    ] {
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains(expected), "{text:?}: {err}");
+    }
 }

@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::raw::{
-    RawAgent, RawBans, RawConfig, RawIdentity, RawPolicy, RawProxy, RawReject, RawRules, RawXdp,
+    RawAgent, RawBans, RawConfig, RawDns, RawFleet, RawIdentity, RawPolicy, RawPregreet, RawProxy,
+    RawReject, RawRules, RawXdp,
 };
 use super::{
-    AgentConfig, Config, ConfigError, Escalation, HostFacts, ListenerConfig, MapSizes,
-    PolicyConfig, PolicyListen, ProxyConfig, SnapshotConfig, XdpConfig, check_listener, import,
-    parse_networks,
+    AgentConfig, Config, ConfigError, DnsConfig, Escalation, FleetConfig, HostFacts,
+    ListenerConfig, MapSizes, PolicyConfig, PolicyListen, PregreetConfig, ProxyConfig, RedisUrl,
+    SnapshotConfig, XdpConfig, check_listener, import, parse_networks,
 };
 use crate::rules::badhelo::BadheloSet;
 use crate::rules::table::{DomainPattern, DomainTable};
@@ -103,7 +104,7 @@ pub(super) fn config(
         .map_err(|message| origin.invalid("allowlist.networks", message))?;
     let reject_message = reject_message(&raw.reject, origin)?;
     let escalation = escalation(&raw.bans, origin)?;
-    let proxy = proxy(&raw.proxy, host, origin)?;
+    let proxy = proxy(&raw.proxy, &raw.pregreet, host, origin)?;
     let policy = policy(&raw.policy, origin)?;
     if proxy.listeners.is_empty() && policy.listeners.is_empty() {
         return Err(origin.invalid(
@@ -114,6 +115,8 @@ pub(super) fn config(
     }
     let agent = agent(&raw.agent, origin)?;
     let snapshot = snapshot(&raw.bans, origin)?;
+    let fleet = fleet(&raw.fleet, host, origin)?;
+    let dns = dns(&raw.dns, origin)?;
     let mut warnings = agent_warnings(&agent);
     let identity = identity(&raw.identity, host, &raw.proxy.hostname, &mut warnings, origin)?;
     let (table, badhelo) = rule_entries(&raw.rules, &mut warnings)?;
@@ -137,6 +140,83 @@ pub(super) fn config(
         policy,
         agent,
         snapshot,
+        fleet,
+        dns,
+    })
+}
+
+/// `[dns]`: nameservers as `address` or `address:port` (port 53 by default).
+fn dns(raw: &RawDns, origin: &Origin) -> Result<DnsConfig, ConfigError> {
+    let servers = raw
+        .servers
+        .iter()
+        .map(|text| {
+            let text = text.trim();
+            text.parse::<SocketAddr>()
+                .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                .map_err(|_| {
+                    origin.invalid(
+                        "dns.servers",
+                        format!("{text:?} is not an address or address:port (write 192.0.2.53, [2001:db8::53]:53)"),
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if raw.max_lookups == 0 {
+        return Err(origin.invalid("dns.max_lookups", "must be at least 1"));
+    }
+    Ok(DnsConfig {
+        servers,
+        timeout: origin.duration("dns.timeout", &raw.timeout)?,
+        cache_size: raw.cache_size,
+        max_lookups: raw.max_lookups,
+    })
+}
+
+/// `[fleet]`: a Redis URL (empty: off), this gateway's name, the key prefix, a timeout.
+fn fleet(raw: &RawFleet, host: &HostFacts, origin: &Origin) -> Result<FleetConfig, ConfigError> {
+    let url = raw.redis.trim();
+    let redis = match url {
+        "" => None,
+        url => {
+            let shown = RedisUrl(url.to_owned()).to_string();
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                // Not shown: it may hold a password, and this message reaches logs.
+                return Err(origin.invalid(
+                    "fleet.redis",
+                    "is not a Redis URL (the value is not repeated here: it may hold a password): \
+                     write redis://[user:password@]host:port/db, or rediss:// for TLS",
+                ));
+            }
+            if let Err(error) = redis::Client::open(url) {
+                return Err(origin.invalid("fleet.redis", format!("{shown}: {error}")));
+            }
+            Some(RedisUrl(url.to_owned()))
+        }
+    };
+    let node = match raw.node.trim() {
+        "" => host.hostname.clone().unwrap_or_default(),
+        node => node.to_owned(),
+    };
+    // Checked only where it is used: a host without a name may run without a fleet.
+    if redis.is_some()
+        && (node.is_empty()
+            || node.len() > crate::fleet::message::MAX_NODE
+            || node.contains(|c: char| c.is_whitespace() || c.is_control()))
+    {
+        return Err(origin.invalid(
+            "fleet.node",
+            format!("{node:?} is not a usable node name: give a short name without spaces"),
+        ));
+    }
+    if raw.prefix.contains(|c: char| c.is_whitespace() || c.is_control()) {
+        return Err(origin.invalid("fleet.prefix", "must not hold spaces or control characters"));
+    }
+    Ok(FleetConfig {
+        redis,
+        node,
+        prefix: raw.prefix.clone(),
+        timeout: origin.duration("fleet.timeout", &raw.timeout)?,
     })
 }
 
@@ -249,7 +329,12 @@ fn escalation(raw: &RawBans, origin: &Origin) -> Result<Escalation, ConfigError>
     })
 }
 
-fn proxy(raw: &RawProxy, host: &HostFacts, origin: &Origin) -> Result<ProxyConfig, ConfigError> {
+fn proxy(
+    raw: &RawProxy,
+    pregreet: &RawPregreet,
+    host: &HostFacts,
+    origin: &Origin,
+) -> Result<ProxyConfig, ConfigError> {
     let listeners = raw
         .listeners
         .iter()
@@ -277,6 +362,34 @@ fn proxy(raw: &RawProxy, host: &HostFacts, origin: &Origin) -> Result<ProxyConfi
         max_sessions: raw.max_sessions,
         max_sessions_per_ip: raw.max_sessions_per_ip,
         shutdown_grace: origin.duration("proxy.shutdown_grace", &raw.shutdown_grace)?,
+        pregreet: pregreet_test(pregreet, origin)?,
+    })
+}
+
+/// The longest `pregreet.wait`: clients give up on a greeting (RFC 5321 §4.5.3.2.1 asks them
+/// to wait 5 minutes; some wait far less), and every new client pays the wait.
+const MAX_PREGREET_WAIT: Duration = Duration::from_secs(60);
+
+/// `[pregreet]`: the wait before the final greeting line, and the pass cache.
+fn pregreet_test(raw: &RawPregreet, origin: &Origin) -> Result<PregreetConfig, ConfigError> {
+    let wait = origin.duration("pregreet.wait", &raw.wait)?;
+    if wait > MAX_PREGREET_WAIT {
+        return Err(origin.invalid(
+            "pregreet.wait",
+            "at most 60s: every new client waits this long for the greeting, and clients give up \
+             (postscreen waits 6s)",
+        ));
+    }
+    if raw.pass_cache_size == 0 {
+        return Err(origin.invalid(
+            "pregreet.pass_cache_size",
+            "must be at least 1 (to test every connection, set pregreet.pass_ttl = \"1s\")",
+        ));
+    }
+    Ok(PregreetConfig {
+        wait,
+        pass_ttl: origin.duration("pregreet.pass_ttl", &raw.pass_ttl)?,
+        pass_cache_size: raw.pass_cache_size,
     })
 }
 
@@ -363,7 +476,7 @@ fn rule_entries(
 ) -> Result<(DomainTable<TableEntry>, BadheloSet), ConfigError> {
     let mut bad = Vec::new();
     let table = table(raw, warnings, &mut bad)?;
-    let badhelo = badhelo(raw, &mut bad)?;
+    let badhelo = badhelo(raw, warnings, &mut bad)?;
     if !bad.is_empty() {
         return Err(ConfigError::BadEntries(bad));
     }
@@ -441,12 +554,20 @@ fn identity(
     Ok(identity)
 }
 
-fn read_rule_file(key: &'static str, path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::RuleFile {
+/// A rule file's text. One that is not UTF-8 (a Latin-1 comment) still loads, with a warning.
+fn read_rule_file(
+    key: &'static str,
+    path: &Path,
+    warnings: &mut Vec<String>,
+) -> Result<String, ConfigError> {
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::RuleFile {
         key,
         path: path.to_owned(),
         source,
-    })
+    })?;
+    let (text, warning) = import::decode(bytes, &path.display().to_string());
+    warnings.extend(warning);
+    Ok(text)
 }
 
 /// The domain table: `rules.domains` first, then the Postfix access file. Entries that do not
@@ -474,7 +595,7 @@ fn table(
         }
     }
     if let Some(path) = &raw.access_file {
-        let text = read_rule_file("rules.access_file", path)?;
+        let text = read_rule_file("rules.access_file", path, warnings)?;
         let source = path.display().to_string();
         let imported =
             match import::access_table(&text, &source, raw.access_parent_matches_subdomains) {
@@ -500,11 +621,15 @@ fn table(
 
 /// The regex rules: `rules.regexes` first, then the badhelo file. Patterns that do not parse go
 /// to `bad` (and the set returned is empty).
-fn badhelo(raw: &RawRules, bad: &mut Vec<String>) -> Result<BadheloSet, ConfigError> {
+fn badhelo(
+    raw: &RawRules,
+    warnings: &mut Vec<String>,
+    bad: &mut Vec<String>,
+) -> Result<BadheloSet, ConfigError> {
     let inline: String = raw.regexes.iter().map(|line| format!("{line}\n")).collect();
     let mut rules = import::badhelo(&inline, "config rules.regexes");
     if let Some(path) = &raw.badhelo_file {
-        let text = read_rule_file("rules.badhelo_file", path)?;
+        let text = read_rule_file("rules.badhelo_file", path, warnings)?;
         rules.extend(import::badhelo(&text, &path.display().to_string()));
     }
     Ok(BadheloSet::new(rules).unwrap_or_else(|errors| {

@@ -1,7 +1,7 @@
 //! The control socket: a unix socket through which the CLI's `ban`, `unban`, `list`, `stats`,
-//! `reload` and `tophelos` reach the running agent. One JSON request line, one JSON answer line,
-//! then the connection closes. Both ends speak in the types here ([`Request`], [`Answer`]); the
-//! JSON is written and read in this module only ([`encode`], [`request`]).
+//! `reload`, `tophelos` and `top` reach the running agent. One JSON request line, one JSON
+//! answer line, then the connection closes. Both ends speak in the types here ([`Request`],
+//! [`Answer`]); the JSON is written and read in this module only ([`encode`], [`request`]).
 //!
 //! Only root may use it: the socket is created mode 0600 by root before the agent drops its
 //! privileges, and the server also checks the peer's uid (SO_PEERCRED), so a socket file with
@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::blocklist::BanEntry;
-use crate::report::HeloRow;
+use crate::report::{HeloRow, RuleCount};
 
 /// Requests and answers are one line each, at most this long.
 pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
@@ -51,6 +51,12 @@ pub enum Request {
         since_secs: u64,
         limit: usize,
     },
+    /// The counters `helo-agent top` shows, with the `limit` top HELOs and rules of the last
+    /// `since_secs`.
+    Overview {
+        since_secs: u64,
+        limit: usize,
+    },
 }
 
 /// The agent's answer to a request it carried out, one variant per [`Request`] variant. On the
@@ -65,6 +71,7 @@ pub enum Answer {
     Stats(XdpStats),
     Reloaded(ReloadSummary),
     Tophelos(Vec<HeloRow>),
+    Overview(Box<Overview>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +98,71 @@ pub struct ReloadSummary {
     /// Keys that changed in the file but take effect only at a restart.
     pub needs_restart: Vec<String>,
     pub ms: u64,
+}
+
+/// The agent's counters at one moment, for `helo-agent top`: totals since the agent started
+/// (the viewer turns two of them into rates), gauges, and the report's top HELOs and rules.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Overview {
+    /// When it was taken, CLOCK_BOOTTIME in ms: rates are measured on the agent's clock, not
+    /// on when the answers arrived.
+    pub at_ms: u64,
+    /// Finished sessions by verdict, both doors.
+    pub sessions: Verdicts,
+    pub sessions_open: u64,
+    pub bans: BanCounts,
+    /// The XDP verdict counters; `None` when the map could not be read.
+    pub xdp: Option<XdpStats>,
+    /// How far back `top_helos` and `top_rules` look.
+    pub since_secs: u64,
+    pub top_helos: Vec<HeloRow>,
+    /// Rules by the sessions they rejected or banned.
+    pub top_rules: Vec<RuleCount>,
+    pub policy: PolicyState,
+    /// The fleet channel; `None` when this agent has none.
+    pub fleet: Option<FleetState>,
+}
+
+/// Sessions by verdict; `none`: the client gave no HELO.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdicts {
+    pub pass: u64,
+    pub reject: u64,
+    pub ban: u64,
+    pub none: u64,
+}
+
+/// The ban counters: totals since the agent started, and the bans in force.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BanCounts {
+    pub added: u64,
+    /// Expired bans swept from the maps.
+    pub expired: u64,
+    /// Bans dropped by the `bans.max_per_second` cap.
+    pub capped: u64,
+    pub active: u64,
+}
+
+/// The Postfix policy service as the agent runs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyState {
+    /// Where it listens; empty: off.
+    pub listeners: Vec<String>,
+}
+
+/// The fleet's counters (bans shared with other gateways through Redis).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetState {
+    /// Connected to Redis (subscribed and caught up).
+    pub connected: bool,
+    /// Bans and unbans made here and written to Redis.
+    pub published: u64,
+    /// Bans and unbans made by other gateways and applied here.
+    pub applied: u64,
+    /// Bans from other gateways refused (the address is allowlisted here).
+    pub refused: u64,
+    /// Bans and unbans made here waiting for Redis to come back.
+    pub outbox: u64,
 }
 
 /// The XDP program's verdict counters, summed over CPUs. On the wire an object by counter name
@@ -136,6 +208,7 @@ impl Answer {
             Request::Stats => Answer::Stats(from_value(data)?),
             Request::Reload => Answer::Reloaded(from_value(data)?),
             Request::Tophelos { .. } => Answer::Tophelos(from_value(data)?),
+            Request::Overview { .. } => Answer::Overview(from_value(data)?),
         })
     }
 }
@@ -305,6 +378,31 @@ mod tests {
         );
         let read: XdpStats = serde_json::from_str(r#"{"dropped":3,"future":1}"#).unwrap();
         assert_eq!(read, XdpStats(totals));
+    }
+
+    #[test]
+    fn an_overview_goes_and_comes_back_whole() {
+        let request: Envelope = serde_json::from_str(
+            r#"{"pin_dir":"/p","command":"overview","since_secs":300,"limit":9}"#,
+        )
+        .unwrap();
+        assert_eq!(request.request, Request::Overview { since_secs: 300, limit: 9 });
+        let overview = Overview {
+            at_ms: 12_345,
+            sessions: Verdicts { pass: 3, reject: 2, ban: 1, none: 0 },
+            sessions_open: 1,
+            bans: BanCounts { added: 1, expired: 0, capped: 0, active: 1 },
+            xdp: Some(XdpStats([7; helo_common::STAT_COUNT as usize])),
+            since_secs: 300,
+            top_helos: Vec::new(),
+            top_rules: vec![RuleCount { rule: "no_dot".into(), sessions: 2 }],
+            policy: PolicyState { listeners: vec!["127.0.0.1:10040".into()] },
+            fleet: Some(FleetState { connected: true, ..FleetState::default() }),
+        };
+        let line = encode(Ok(&Answer::Overview(Box::new(overview.clone()))));
+        let read: ReadAnswer = serde_json::from_slice(&line).unwrap();
+        let answer = Answer::decode(&request.request, read.data).unwrap();
+        assert_eq!(answer, Answer::Overview(Box::new(overview)));
     }
 
     #[test]

@@ -11,7 +11,8 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 use tokio::net::UnixStream;
 
 use super::{
-    Answer, Banned, Envelope, MAX_MESSAGE, Refusal, ReloadSummary, Request, Unbanned, XdpStats,
+    Answer, BanCounts, Banned, Envelope, FleetState, MAX_MESSAGE, Overview, PolicyState, Refusal,
+    ReloadSummary, Request, Unbanned, Verdicts, XdpStats,
 };
 use crate::addr::{AddrError, BanTarget};
 use crate::agent::ReloadError;
@@ -39,6 +40,10 @@ pub struct Control {
     pub reload: Box<dyn Fn() -> Reloading + Send + Sync>,
     /// Allowlisted networks: a manual ban inside one is refused.
     pub allowlisted: AllowlistCheck,
+    /// Where the policy service listens (fixed at start), for `top`.
+    pub policy_listeners: Vec<String>,
+    /// Whether the fleet is on (`fleet.redis`, fixed at start), for `top`.
+    pub fleet: bool,
 }
 
 /// Why a request was refused or failed; the client receives the message.
@@ -140,7 +145,9 @@ async fn answer(request: Request, control: &Control) -> Result<Answer, ControlEr
             Answer::Banned(ban(control, &target, ttl_secs, reason).await?)
         }
         Request::Unban { target } => {
-            let target = target.parse()?;
+            let target: BanTarget = target.parse()?;
+            // An admin's unban also ends the doors' own hold on a ban just decided.
+            control.shared.court.forgive(&target);
             match control.bans.command(AdminCommand::Unban { target }).await? {
                 AdminAnswer::Unbanned(was_banned) => Answer::Unbanned(Unbanned { was_banned }),
                 other => return Err(ControlError::Mismatched(other)),
@@ -161,7 +168,72 @@ async fn answer(request: Request, control: &Control) -> Result<Answer, ControlEr
             );
             Answer::Tophelos(rows)
         }
+        Request::Overview { since_secs, limit } => {
+            Answer::Overview(Box::new(overview(control, Duration::from_secs(since_secs), limit)))
+        }
     })
+}
+
+/// The rule ids a pass verdict carries besides the checks' own (`table` for an `OK` entry):
+/// the sessions counter is read by label, so every rule must be named here or in
+/// [`crate::rules::Check::ALL`].
+const PASS_RULES: [&str; 3] = ["pass", "allowlist", "exempt_listener"];
+
+/// The counters `top` shows, read from the metrics, the report, the XDP map and the sessions
+/// open now.
+fn overview(control: &Control, since: Duration, limit: usize) -> Overview {
+    let now = crate::clock::unix_ns() / 1_000_000_000;
+    let (top_helos, top_rules) = {
+        let report = control.shared.court.report.lock().expect("report lock");
+        (report.top(now, since, limit), report.top_rules(now, since, limit))
+    };
+    let metrics = control.shared.court.metrics.as_deref();
+    let gauge = |gauge: &prometheus_client::metrics::gauge::Gauge| gauge.get().max(0) as u64;
+    Overview {
+        at_ms: crate::clock::boot_ns() / 1_000_000,
+        sessions: metrics.map(session_totals).unwrap_or_default(),
+        sessions_open: control.shared.open_sessions() as u64,
+        bans: metrics
+            .map(|m| BanCounts {
+                added: m.bans_added.get(),
+                expired: m.bans_swept.get(),
+                capped: m.bans_capped.get(),
+                active: gauge(&m.bans_active),
+            })
+            .unwrap_or_default(),
+        xdp: (control.stats)().ok(),
+        since_secs: since.as_secs(),
+        top_helos,
+        top_rules,
+        policy: PolicyState { listeners: control.policy_listeners.clone() },
+        fleet: metrics.filter(|_| control.fleet).map(|m| FleetState {
+            connected: m.fleet.connected.get() > 0,
+            published: m.fleet.published.get(),
+            applied: m.fleet.applied.get(),
+            refused: m.fleet.refused.get(),
+            outbox: gauge(&m.fleet.outbox),
+        }),
+    }
+}
+
+/// The sessions counter summed by verdict over its rules.
+fn session_totals(metrics: &crate::metrics::Metrics) -> Verdicts {
+    use crate::metrics::VerdictLabels;
+    let rules = crate::rules::Check::ALL.map(|check| check.name());
+    let mut totals = Verdicts::default();
+    for (verdict, slot) in [
+        ("pass", &mut totals.pass),
+        ("reject", &mut totals.reject),
+        ("ban", &mut totals.ban),
+        ("none", &mut totals.none),
+    ] {
+        for rule in rules.iter().chain(&PASS_RULES).chain(&[""]) {
+            if let Some(counter) = metrics.sessions.get(&VerdictLabels { verdict, rule }) {
+                *slot += counter.get();
+            }
+        }
+    }
+    totals
 }
 
 async fn ban(
@@ -182,5 +254,69 @@ async fn ban(
     match control.bans.command(AdminCommand::Ban { target, ttl, reason }).await? {
         AdminAnswer::Banned(value) => Ok(Banned { expires_ns: value.expires_ns }),
         other => Err(ControlError::Mismatched(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{Metrics, VerdictLabels};
+
+    /// The sessions counter is read by label: a rule id missing from the labels `top` reads
+    /// would leave its sessions out of the totals unseen.
+    #[test]
+    fn every_rule_a_verdict_carries_is_read_from_the_sessions_counter() {
+        let config = crate::config::Config::parse(
+            "[allowlist]\nnetworks = [\"192.0.2.0/24\"]\n[identity]\ndetect = false\n\
+             domains = [\"example.org\"]\n",
+            std::path::Path::new("t"),
+            &crate::config::HostFacts::default(),
+        )
+        .unwrap();
+        let known: Vec<&str> =
+            crate::rules::Check::ALL.map(|c| c.name()).into_iter().chain(PASS_RULES).collect();
+        let cases = [
+            ("mail.example.com", "198.51.100.1", false),
+            ("anything", "192.0.2.7", false),
+            ("anything", "198.51.100.1", true),
+            ("friend", "198.51.100.1", false),
+            ("localhost", "198.51.100.1", false),
+            ("example.org", "198.51.100.1", false),
+        ];
+        let mut rules = Vec::new();
+        for (helo, client, exempt_listener) in cases {
+            let facts = crate::rules::Facts {
+                client: Some(client.parse().unwrap()),
+                argument: helo,
+                previous: &[],
+                exempt_listener,
+                dns: None,
+                pregreeted: false,
+            };
+            rules.push(config.rules.classify(&facts).rule);
+        }
+        assert_eq!(
+            rules,
+            ["pass", "allowlist", "exempt_listener", "no_dot", "localhost", "forged_identity"]
+        );
+        for rule in rules {
+            assert!(known.contains(&rule), "{rule} is not read by session_totals");
+        }
+    }
+
+    #[test]
+    fn session_totals_sum_each_verdict_over_its_rules() {
+        let metrics = Metrics::default();
+        let count = |verdict, rule, n| {
+            metrics.sessions.get_or_create(&VerdictLabels { verdict, rule }).inc_by(n);
+        };
+        count("pass", "pass", 5);
+        count("pass", "allowlist", 2);
+        count("pass", "table", 1);
+        count("reject", "no_dot", 3);
+        count("reject", "badhelo", 1);
+        count("ban", "localhost", 2);
+        count("none", "", 4);
+        assert_eq!(session_totals(&metrics), Verdicts { pass: 8, reject: 4, ban: 2, none: 4 });
     }
 }

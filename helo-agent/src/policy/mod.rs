@@ -21,9 +21,10 @@ use tokio::sync::Semaphore;
 
 use self::protocol::{Answer, Parser, Request};
 use crate::config::{PolicyConfig, PolicyListen};
+use crate::dns::Dns;
 use crate::judge::{self, Client, Door, NeverBan, Record};
 use crate::proxy::{Live, Shared};
-use crate::rules::{Action, Verdict};
+use crate::rules::{Action, DnsFacts, Verdict};
 
 /// Policy connections served at once (Postfix opens one per smtpd process, 100 by default).
 const MAX_CONNECTIONS: usize = 1024;
@@ -231,7 +232,20 @@ async fn connection(
                         tracing::debug!(client = %ip, "policy request from a banned client");
                         Answer::Refuse { code: 554, text: BANNED.into() }
                     }
-                    _ => session.on_request(&request, &live, &shared.court),
+                    // A new SMTP session from a client whose ban was decided a moment ago: the
+                    // kernel may not have the ban yet, so it is refused here (its own session
+                    // goes on hearing its 553).
+                    (Some(ip), _) if session.is_new(&request) && shared.court.ban_pending(ip) => {
+                        tracing::debug!(client = %ip, "policy request from a client with a ban just decided");
+                        Answer::Refuse { code: 554, text: BANNED.into() }
+                    }
+                    _ => {
+                        let dns = match &shared.dns {
+                            Some(dns) => session.lookups(&request, &live, dns).await,
+                            None => None,
+                        };
+                        session.on_request(&request, &live, &shared.court, dns.as_ref())
+                    }
                 };
                 let sent = tokio::time::timeout(WRITE, write.write_all(&answer.encode())).await;
                 if !matches!(sent, Ok(Ok(()))) {
@@ -286,9 +300,57 @@ struct SessionKey {
     instance: Option<String>,
 }
 
+impl SessionKey {
+    fn of(request: &Request, address: std::net::IpAddr) -> Self {
+        SessionKey {
+            address,
+            port: request.client_port,
+            instance: if request.client_port.is_some() { None } else { request.instance.clone() },
+        }
+    }
+}
+
 impl PolicySession {
+    /// Whether `request` belongs to another SMTP session than the one before it.
+    pub fn is_new(&self, request: &Request) -> bool {
+        request
+            .client_address
+            .is_some_and(|address| self.key.as_ref() != Some(&SessionKey::of(request, address)))
+    }
+
+    /// What DNS says for the HELO this request will have judged, when DNS can change its
+    /// verdict: the HELO name's records from the resolver, the client's names from Postfix
+    /// (`client_name` is its forward-confirmed name, as Postfix checked it).
+    pub async fn lookups(&self, request: &Request, live: &Live, dns: &Dns) -> Option<DnsFacts> {
+        let (address, helo) = (request.client_address?, request.helo_name.as_deref()?);
+        let key = SessionKey::of(request, address);
+        let same = self.key.as_ref() == Some(&key);
+        let rejected = same && self.verdict.as_ref().is_some_and(|v| v.action != Action::Pass);
+        let judged = same && self.helos.last().is_some_and(|last| last == helo);
+        if helo.is_empty() || rejected || judged {
+            return None;
+        }
+        let client = Client::new(address, None, false);
+        let previous: &[String] = if same { &self.helos } else { &[] };
+        let verdict = judge::classify(&live.rules, &client, helo, previous, None, false);
+        let (name, need) = judge::dns_need(&live.rules, &verdict, helo)?;
+        let helo = dns.helo(&name, need).await?;
+        let client = crate::dns::from_postfix(
+            request.client_name.as_deref(),
+            request.reverse_client_name.as_deref(),
+        );
+        Some(DnsFacts { helo, client })
+    }
+
     /// Answers one request; a new verdict is concluded (logged, observed, banned) on the spot.
-    pub fn on_request(&mut self, request: &Request, live: &Live, court: &judge::Court) -> Answer {
+    /// `dns`: what [`Self::lookups`] found for it.
+    pub fn on_request(
+        &mut self,
+        request: &Request,
+        live: &Live,
+        court: &judge::Court,
+        dns: Option<&DnsFacts>,
+    ) -> Answer {
         if request.request.as_deref().is_some_and(|r| r != "smtpd_access_policy") {
             return Answer::Dunno;
         }
@@ -296,11 +358,7 @@ impl PolicySession {
             tracing::debug!("policy request without a client address: DUNNO");
             return Answer::Dunno;
         };
-        let key = SessionKey {
-            address,
-            port: request.client_port,
-            instance: if request.client_port.is_some() { None } else { request.instance.clone() },
-        };
+        let key = SessionKey::of(request, address);
         if self.key.as_ref() != Some(&key) {
             *self = PolicySession {
                 key: Some(key),
@@ -321,7 +379,7 @@ impl PolicySession {
         let rejected = self.verdict.as_ref().is_some_and(|v| v.action != Action::Pass);
         let judged = self.helos.last().is_some_and(|last| last == helo);
         if !rejected && !judged {
-            let verdict = judge::classify(&live.rules, &client, helo, &self.helos);
+            let verdict = judge::classify(&live.rules, &client, helo, &self.helos, dns, false);
             self.helos.push(helo.to_owned());
             for m in &verdict.logged {
                 if !self.logged.contains(&m.rule) {
@@ -410,13 +468,17 @@ mod tests {
             code: 553,
             text: "5.7.1 sorry, your HELO host name has been denied".into(),
         };
-        assert_eq!(session.on_request(&forged, &live, &court), refuse);
-        assert_eq!(session.on_request(&forged, &live, &court), refuse, "every RCPT of it");
+        assert_eq!(session.on_request(&forged, &live, &court, None), refuse);
+        assert_eq!(session.on_request(&forged, &live, &court, None), refuse, "every RCPT of it");
         let good = request("a.1", Some("mail.sender.example"), "203.0.113.9");
-        assert_eq!(session.on_request(&good, &live, &court), refuse, "rejected stays rejected");
+        assert_eq!(
+            session.on_request(&good, &live, &court, None),
+            refuse,
+            "rejected stays rejected"
+        );
         assert_eq!(sessions(&court), 1, "one session, one observation");
         let next = request("b.2", Some("mail.sender.example"), "203.0.113.9");
-        assert_eq!(session.on_request(&next, &live, &court), Answer::Dunno, "a new instance");
+        assert_eq!(session.on_request(&next, &live, &court, None), Answer::Dunno, "a new instance");
         assert_eq!(sessions(&court), 2);
     }
 
@@ -426,14 +488,14 @@ mod tests {
         let court = judge::Court::new(None, None, Duration::from_secs(3600));
         let mut session = PolicySession::default();
         assert_eq!(
-            session.on_request(&request("c.1", None, "203.0.113.9"), &live, &court),
+            session.on_request(&request("c.1", None, "203.0.113.9"), &live, &court, None),
             Answer::Dunno
         );
         let one = request("c.1", Some("one.sender.example"), "203.0.113.9");
-        assert_eq!(session.on_request(&one, &live, &court), Answer::Dunno);
+        assert_eq!(session.on_request(&one, &live, &court, None), Answer::Dunno);
         let two = request("c.1", Some("two.sender.example"), "203.0.113.9");
         assert!(matches!(
-            session.on_request(&two, &live, &court),
+            session.on_request(&two, &live, &court, None),
             Answer::Refuse { code: 553, .. }
         ));
         assert_eq!(session.verdict.as_ref().unwrap().rule, "changed");
@@ -458,8 +520,12 @@ mod tests {
         let court = judge::Court::new(None, None, Duration::from_secs(3600));
         let answer = |instance: &str, helo: &str| {
             let mut session = PolicySession::default();
-            let answer =
-                session.on_request(&request(instance, Some(helo), "203.0.113.9"), &live, &court);
+            let answer = session.on_request(
+                &request(instance, Some(helo), "203.0.113.9"),
+                &live,
+                &court,
+                None,
+            );
             (answer, session.verdict.map(|v| v.action))
         };
         assert_eq!(
@@ -521,15 +587,15 @@ mod tests {
         let (court, worker) = court_with_bans();
         let mut connection = PolicySession::default();
         let good = postfix("EHLO", "203.0.113.3", 40001, "", "good.example.org");
-        assert_eq!(connection.on_request(&good, &live, &court), Answer::Dunno);
+        assert_eq!(connection.on_request(&good, &live, &court, None), Answer::Dunno);
         let bot = postfix("EHLO", "203.0.113.8", 40002, "", "mx.example.com");
         assert!(matches!(
-            connection.on_request(&bot, &live, &court),
+            connection.on_request(&bot, &live, &court, None),
             Answer::Refuse { code: 553, .. }
         ));
         let next = postfix("EHLO", "203.0.113.4", 40003, "", "good6.example.org");
         assert_eq!(
-            connection.on_request(&next, &live, &court),
+            connection.on_request(&next, &live, &court, None),
             Answer::Dunno,
             "not the bot's verdict"
         );
@@ -547,7 +613,10 @@ mod tests {
         let mut connection = PolicySession::default();
         for instance in ["a.1", "a.2", "a.3"] {
             let rcpt = postfix("RCPT", "203.0.113.9", 40100, instance, "mx.example.com");
-            assert!(matches!(connection.on_request(&rcpt, &live, &court), Answer::Refuse { .. }));
+            assert!(matches!(
+                connection.on_request(&rcpt, &live, &court, None),
+                Answer::Refuse { .. }
+            ));
         }
         assert_eq!(sessions(&court), 1, "one observation");
         assert_eq!(banned(court, worker).len(), 1, "one ban");
@@ -559,6 +628,6 @@ mod tests {
         let court = judge::Court::new(None, None, Duration::from_secs(3600));
         let mut other = request("d.1", Some("mx.example.com"), "203.0.113.9");
         other.request = Some("junk".into());
-        assert_eq!(PolicySession::default().on_request(&other, &live, &court), Answer::Dunno);
+        assert_eq!(PolicySession::default().on_request(&other, &live, &court, None), Answer::Dunno);
     }
 }

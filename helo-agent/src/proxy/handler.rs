@@ -4,11 +4,14 @@
 //!
 //! The loop: greet (the proxy's own banner, or the MTA's), then take every step the buffered
 //! input allows, then wait for the first of: client bytes (unless the session waits for the
-//! MTA), MTA replies (while lines go to it), the deadline, a shutdown. It ends in a close with
-//! a last reply, or, once the session is opaque, in [`relay`](super::relay).
+//! MTA), MTA replies (while lines go to it), the deadline, a shutdown. The deadline is the
+//! pregreet wait's end while the greeting waits (the client then passed: the final line, and
+//! the pass cache remembers it), then the HELO timeout, then the idle timeout. It ends in a
+//! close with a last reply, or, once the session is opaque, in [`relay`](super::relay).
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,10 +19,13 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::outcome::{End, Outcome};
+use super::passes::PassCache;
 use super::session::{AfterReply, Opacity, Session, Step};
 use super::{Drain, Live, relay, upstream};
 use crate::config::{GreetingMode, ProxyConfig};
+use crate::dns::{Dns, Need};
 use crate::judge::Client;
+use crate::rules::{Action, ClientDns, DnsFacts, Verdict};
 use crate::smtp::MAX_COMMAND_LINE;
 use crate::smtp::reply::{self, ReplyScan, greeting_host, scan_reply};
 
@@ -42,7 +48,9 @@ enum Flow {
 }
 
 /// Runs one admitted session to its end. `input`: client bytes already read (after a trusted
-/// front proxy's header).
+/// front proxy's header). `condemn` hears a ban verdict the moment the session reaches it.
+/// `passes`: the clients that passed the pregreet test lately, greeted at once.
+#[allow(clippy::too_many_arguments)] // the session's facts, each used once to build the handler
 pub(super) async fn run(
     live: &Live,
     mut client: TcpStream,
@@ -51,6 +59,9 @@ pub(super) async fn run(
     who: &Client,
     input: Vec<u8>,
     drain: watch::Receiver<Drain>,
+    condemn: &(dyn Fn(&Verdict) + Sync),
+    passes: &PassCache,
+    dns: Option<&Arc<Dns>>,
 ) -> Outcome {
     let config = &live.config;
     let mut outcome = Outcome::default();
@@ -79,19 +90,35 @@ pub(super) async fn run(
             let host = greeting_host(&greeting.bytes).unwrap_or_else(|| "localhost".into());
             (Some(mta), host)
         }
-        GreetingMode::Own => {
-            let banner = format!("220 {} ESMTP\r\n", config.hostname);
-            if send(&mut client, banner.as_bytes(), config.idle_timeout).await.is_err() {
-                outcome.end = End::ClientGone;
-                return outcome;
-            }
-            outcome.down += banner.len() as u64;
-            (None, config.hostname.clone())
-        }
+        GreetingMode::Own => (None, config.hostname.clone()),
     };
     let mut session = Session::new(&live.rules, *who, &live.reject_message, host);
+    // The DNS checks: the client's reverse name is looked up from now, in the background, and
+    // the HELO name when the HELO comes, if DNS can still decide it.
+    let reverse = match dns {
+        Some(dns) if judged_at_all(live, who) => {
+            session.enable_dns();
+            let (dns, ip) = (dns.clone(), who.ip);
+            Some(Reverse(tokio::spawn(async move { dns.client(ip, Need::Optional).await })))
+        }
+        _ => None,
+    };
+    if config.greeting == GreetingMode::Own {
+        // The pregreet test, unless the client passed it lately: `220-` now, the rest later.
+        let teaser = session.takes_pregreet_test() && !passes.passed(who.ip, unix_secs());
+        let banner = session.greet(teaser);
+        if send(&mut client, &banner, config.idle_timeout).await.is_err() {
+            outcome.end = End::ClientGone;
+            return outcome;
+        }
+        outcome.down += banner.len() as u64;
+    }
     session.input().extend_from_slice(&input);
-    let helo_deadline = tokio::time::Instant::now() + config.helo_timeout;
+    let now = tokio::time::Instant::now();
+    let greet_deadline = now + config.pregreet.wait;
+    // The HELO timeout counts from the final greeting line.
+    let wait = if session.greeting_pending() { config.pregreet.wait } else { Duration::ZERO };
+    let helo_deadline = now + wait + config.helo_timeout;
     let handler = Handler {
         config,
         client,
@@ -104,8 +131,29 @@ pub(super) async fn run(
         outcome,
         drain,
         helo_deadline,
+        greet_deadline,
+        condemn,
+        condemned: false,
+        passes,
+        pregreet_ms: None,
+        dns: dns.map(|dns| (&**dns, reverse, who.ip)),
     };
     handler.serve().await
+}
+
+/// Whether any HELO of this client is judged at all (not allowlisted, not on a listener that
+/// judges none): only then is DNS worth asking.
+fn judged_at_all(live: &Live, who: &Client) -> bool {
+    !who.exempt && !live.rules.allowlist.iter().any(|net| net.contains(&who.ip))
+}
+
+/// The client's reverse-name lookup, started at accept; aborted if the session ends first.
+struct Reverse(tokio::task::JoinHandle<Option<ClientDns>>);
+
+impl Drop for Reverse {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 struct Handler<'a> {
@@ -121,18 +169,32 @@ struct Handler<'a> {
     outcome: Outcome,
     drain: watch::Receiver<Drain>,
     helo_deadline: tokio::time::Instant,
+    /// The end of the pregreet wait, while the greeting waits.
+    greet_deadline: tokio::time::Instant,
+    /// Told of a ban verdict as soon as the session reaches it (once).
+    condemn: &'a (dyn Fn(&Verdict) + Sync),
+    condemned: bool,
+    passes: &'a PassCache,
+    /// When the client pregreeted, after the greeting began.
+    pregreet_ms: Option<u64>,
+    /// The resolver of the DNS checks, the client's reverse name on its way, and the client's
+    /// address (the real client's, behind a trusted front proxy).
+    dns: Option<(&'a Dns, Option<Reverse>, std::net::IpAddr)>,
 }
 
 impl Handler<'_> {
     async fn serve(mut self) -> Outcome {
         let flow = loop {
-            match self.steps().await {
-                Flow::Next => {}
-                flow => break flow,
+            let flow = self.steps().await;
+            self.note_pregreet();
+            self.condemn_once();
+            if !matches!(flow, Flow::Next) {
+                break flow;
             }
-            match self.wait().await {
-                Flow::Next => {}
-                flow => break flow,
+            let flow = self.wait().await;
+            self.condemn_once();
+            if !matches!(flow, Flow::Next) {
+                break flow;
             }
         };
         // The relay's, the close's and the MTA connection's futures are boxed: inline, they would
@@ -145,10 +207,35 @@ impl Handler<'_> {
         }
     }
 
+    /// A ban verdict takes effect at accept from now on (see `Court::condemn`).
+    fn condemn_once(&mut self) {
+        if self.condemned {
+            return;
+        }
+        if let Some(verdict) = self.session.verdict().filter(|v| v.action == Action::Ban) {
+            (self.condemn)(verdict);
+            self.condemned = true;
+        }
+    }
+
+    /// A pregreet is seen in the first steps after the read that brought it: when, for the log.
+    fn note_pregreet(&mut self) {
+        if self.pregreet_ms.is_none() && self.session.pregreet().is_some() {
+            let began = self.greet_deadline - self.config.pregreet.wait;
+            self.pregreet_ms = Some(began.elapsed().as_millis() as u64);
+        }
+    }
+
     /// Every step the buffered input allows.
     async fn steps(&mut self) -> Flow {
-        while let Some(step) = self.session.next_step() {
+        let mut next = self.session.next_step();
+        while let Some(step) = next.take() {
             let flow = match step {
+                Step::Lookup { name, need } => {
+                    let facts = self.lookups(&name, need).await;
+                    next = Some(self.session.on_dns(facts));
+                    continue;
+                }
                 Step::Reply(answer) => self.tell(&answer).await,
                 Step::Close(answer, end) => Flow::Close(end, Some(answer)),
                 Step::Reject(answer) => {
@@ -162,8 +249,26 @@ impl Handler<'_> {
             if !matches!(flow, Flow::Next) {
                 return flow;
             }
+            next = self.session.next_step();
         }
         Flow::Next
+    }
+
+    /// The HELO name's records and the client's reverse name (started at accept), each
+    /// bounded by `dns.timeout`; `None` when no lookup slot was free for a session that can go
+    /// without.
+    async fn lookups(&mut self, name: &str, need: Need) -> Option<DnsFacts> {
+        let (dns, reverse, ip) = self.dns.as_mut()?;
+        let (dns, ip): (&Dns, _) = (dns, *ip);
+        let reverse = reverse.take();
+        let client = async move {
+            match reverse {
+                Some(mut reverse) => (&mut reverse.0).await.ok().flatten(),
+                None => dns.client(ip, need).await,
+            }
+        };
+        let (helo, client) = tokio::join!(dns.helo(name, need), client);
+        Some(DnsFacts { helo: helo?, client: client.unwrap_or_default() })
     }
 
     /// Writes to the client.
@@ -205,7 +310,9 @@ impl Handler<'_> {
     /// Waits for the client (unless the session waits for the MTA), the MTA's replies (while
     /// they are read), the deadline, or a shutdown.
     async fn wait(&mut self) -> Flow {
-        let deadline = if self.session.verdict().is_none() {
+        let deadline = if self.session.greeting_pending() {
+            self.greet_deadline
+        } else if self.session.verdict().is_none() {
             self.helo_deadline
         } else {
             tokio::time::Instant::now() + self.config.idle_timeout
@@ -241,6 +348,14 @@ impl Handler<'_> {
                 Ok(_) => self.on_replies().await,
             },
             () = tokio::time::sleep_until(deadline) => {
+                if self.session.greeting_pending() {
+                    // The client stayed silent through the wait: it passed.
+                    let greeting = self.session.on_greet_wait();
+                    let pregreet = &self.config.pregreet;
+                    let (ttl, size) = (pregreet.pass_ttl, pregreet.pass_cache_size);
+                    self.passes.pass(self.peer.ip(), unix_secs(), ttl, size);
+                    return self.tell(&greeting).await;
+                }
                 let (answer, end) = self.session.on_timeout();
                 Flow::Close(end, Some(answer))
             }
@@ -355,10 +470,18 @@ impl Handler<'_> {
             outcome.helos = self.session.helos().to_vec();
         }
         outcome.logged = self.session.logged().to_vec();
+        outcome.pregreet = self.session.pregreet().map(|p| {
+            let ms = self.pregreet_ms.unwrap_or_default();
+            format!("{} bytes after {ms} ms: {}", p.bytes, p.text)
+        });
         outcome.verdict = self.session.verdict().cloned();
         outcome.end = end;
         outcome
     }
+}
+
+fn unix_secs() -> u64 {
+    crate::clock::unix_ns() / 1_000_000_000
 }
 
 fn unavailable() -> Vec<u8> {

@@ -15,6 +15,7 @@
 mod handler;
 pub mod header;
 pub mod outcome;
+pub mod passes;
 pub mod relay;
 pub mod session;
 mod upstream;
@@ -32,11 +33,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use self::handler::close_with;
 use self::outcome::Outcome;
+use self::passes::PassCache;
 use crate::blocklist::BanCheck;
 use crate::blocklist::worker::BanSender;
 use crate::config::{ListenerConfig, ProxyConfig};
 use crate::judge::{Client, Court, Door, NeverBan, Record, Transport};
-use crate::rules::{Action, RuleSet};
+use crate::rules::{Action, RuleSet, Verdict};
 use crate::smtp::reply;
 
 /// The longest PROXY header taken from a trusted front proxy (v2 with TLVs; v1 is at most 107).
@@ -69,11 +71,22 @@ pub struct Observe {
     pub report_window: Duration,
     /// The ban maps, read for clients behind a trusted front proxy.
     pub lookup: Option<Arc<dyn BanCheck>>,
+    /// The pregreet test's passes, shared with the ban worker (which saves them with the
+    /// snapshot); `None`: a fresh cache of `pregreet.pass_cache_size`.
+    pub passes: Option<Arc<PassCache>>,
+    /// The resolver of the DNS checks; `None`: no lookups (the DNS checks do not fire).
+    pub dns: Option<Arc<crate::dns::Dns>>,
 }
 
 impl Default for Observe {
     fn default() -> Self {
-        Observe { metrics: None, report_window: Duration::from_secs(24 * 3600), lookup: None }
+        Observe {
+            metrics: None,
+            report_window: Duration::from_secs(24 * 3600),
+            lookup: None,
+            passes: None,
+            dns: None,
+        }
     }
 }
 
@@ -86,6 +99,10 @@ pub struct Shared {
     pub enforce: Option<Arc<dyn BanCheck>>,
     /// The bans, for clients behind a trusted front proxy (XDP sees only the proxy).
     pub lookup: Option<Arc<dyn BanCheck>>,
+    /// Clients that passed the pregreet test lately: greeted at once.
+    pub passes: Arc<PassCache>,
+    /// The resolver of the DNS checks, for both doors; `None`: no lookups.
+    pub dns: Option<Arc<crate::dns::Dns>>,
     /// Fixed at start: the semaphore is sized by it.
     max_sessions: usize,
     sessions: Arc<Semaphore>,
@@ -106,11 +123,16 @@ impl Shared {
     ) -> Arc<Self> {
         let max_sessions = config.max_sessions;
         let sessions = Arc::new(Semaphore::new(max_sessions));
+        let passes = observe
+            .passes
+            .unwrap_or_else(|| Arc::new(PassCache::new(config.pregreet.pass_cache_size)));
         Arc::new(Shared {
             live: RwLock::new(Arc::new(Live { config, rules, reject_message })),
             court: Court::new(bans, observe.metrics, observe.report_window),
             enforce,
             lookup: observe.lookup,
+            passes,
+            dns: observe.dns,
             max_sessions,
             sessions,
             per_ip: Mutex::new(HashMap::new()),
@@ -350,6 +372,12 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
         tracing::debug!(client = %ip, via = ?balancer, "banned client closed at accept");
         return;
     }
+    // A ban decided a moment ago may not be in the kernel yet: a bot that reconnects at once
+    // would otherwise pass with a fresh HELO. Closed the same way.
+    if shared.court.ban_pending(ip) {
+        tracing::debug!(client = %ip, via = ?balancer, "client with a ban just decided closed at accept");
+        return;
+    }
     let Some(_admission) = shared.admit(ip, live.config.max_sessions_per_ip) else {
         let refusal = reply::line(421, "4.7.0", "Error: too many connections");
         if let Some(count) = shared.refused.tick(Instant::now()) {
@@ -364,7 +392,27 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
         return;
     };
     let _ = client.set_nodelay(true);
-    let outcome = handler::run(&live, client, peer, local, &who, input, drain).await;
+    let never = NeverBan {
+        mta: live.config.upstream.ip(),
+        trusted_proxies: &live.config.trusted_proxies,
+        allowlist: &live.rules.allowlist,
+    };
+    // A ban verdict takes effect at accept from the moment it is reached, not when the session
+    // ends and its ban is queued.
+    let condemn = |verdict: &Verdict| shared.court.condemn(&who, verdict, &never);
+    let outcome = handler::run(
+        &live,
+        client,
+        peer,
+        local,
+        &who,
+        input,
+        drain,
+        &condemn,
+        &shared.passes,
+        shared.dns.as_ref(),
+    )
+    .await;
     let record = Record {
         door: Door::Proxy,
         client: &who,
@@ -382,12 +430,8 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
             end: outcome.end.as_str(),
             side: outcome.end.side().as_str(),
             error: outcome.error.as_deref().unwrap_or(""),
+            pregreet: outcome.pregreet.as_deref(),
         }),
-    };
-    let never = NeverBan {
-        mta: live.config.upstream.ip(),
-        trusted_proxies: &live.config.trusted_proxies,
-        allowlist: &live.rules.allowlist,
     };
     shared.court.conclude(&record, &never);
     count_relay(&shared, &outcome);

@@ -95,6 +95,8 @@ pub struct Outcome {
     pub verdict: Option<Verdict>,
     /// Rules that matched in `log` mode.
     pub logged: Vec<&'static str>,
+    /// What the client sent before the greeting was complete (the pregreet test), and when.
+    pub pregreet: Option<String>,
     /// Client to MTA (or to the proxy), bytes.
     pub up: u64,
     /// To the client, bytes.

@@ -13,13 +13,23 @@
 //! it still owes the client) and the proxy finishes the transcript alone, qmail style: `553`
 //! at every RCPT TO (or at the HELO itself), DATA refused. A rejected session stays rejected,
 //! whatever HELO comes next.
+//!
+//! Greeting itself, the proxy may run the pregreet test (postscreen's, see
+//! [`Session::greet`]): a `220-` line first, the final `220 ` line once the wait is over
+//! ([`Session::on_greet_wait`]). A client that sends anything before it is a pregreeter: its
+//! bytes stay buffered and are handled in order as commands, and the judge hears of it at the
+//! HELO (`checks.pregreet`). Where the check only logs, the final line goes out at once, so
+//! an impatient client reads a whole greeting before the replies to what it sent; where it
+//! rejects, the final line is never sent (postscreen sends no banner to a pregreeter it
+//! enforces on), so a bot reading replies in lock step gets each answer in turn.
 
 use std::collections::VecDeque;
 
 use super::header;
 use super::outcome::End;
+use crate::dns::Need;
 use crate::judge::{self, Client};
-use crate::rules::{Action, RejectAt, RuleSet, Verdict};
+use crate::rules::{Action, Check, CheckAction, DnsFacts, RejectAt, RuleSet, Verdict};
 use crate::smtp::{LineScan, MAX_COMMAND_LINE, SmtpCommand, reply, scan_line};
 
 /// Commands a rejected session may send before it is closed.
@@ -48,6 +58,9 @@ pub enum Step {
     /// A later HELO failed while the MTA still owes replies to earlier commands: relay those
     /// first. The rejection comes from [`Session::on_reply`] once they are in.
     Defer,
+    /// The HELO's verdict depends on DNS: look `name` up (and the client's reverse name) and
+    /// give the answer to [`Session::on_dns`], which decides.
+    Lookup { name: String, need: Need },
 }
 
 /// What a complete MTA reply means, after it was relayed to the client.
@@ -82,6 +95,28 @@ enum Owed {
     StartTls,
     Data,
 }
+
+/// Where the greeting stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Greeting {
+    /// Complete: the proxy's one line, its final line, or the MTA's banner.
+    Done,
+    /// The pregreet test: the `220-` line is out, the final line waits for the wait's end.
+    Teaser,
+}
+
+/// What a pregreeter sent before its turn, for the session's log line (postscreen logs
+/// `PREGREET <count> after <time> from [address]:port: <text>`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pregreet {
+    /// The bytes buffered when the pregreet was seen.
+    pub bytes: usize,
+    /// The first 100 of them, non-printable ones escaped (`\r\n`).
+    pub text: String,
+}
+
+/// Bytes of a pregreet kept for the log, as postscreen keeps.
+const PREGREET_SHOWN: usize = 100;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -119,6 +154,15 @@ pub struct Session<'a> {
     buf: Vec<u8>,
     /// Client bytes handled so far.
     consumed: u64,
+    greeting: Greeting,
+    /// The client spoke before the greeting was complete.
+    pregreet: Option<Pregreet>,
+    /// The DNS checks can be asked for (the door has a resolver).
+    dns: bool,
+    /// A HELO whose verdict waits for DNS: its argument and line ([`Step::Lookup`]).
+    lookup: Option<Box<(String, Vec<u8>)>>,
+    /// What DNS said for a HELO (its argument): read when it is judged.
+    looked: Option<Box<(String, Option<DnsFacts>)>>,
 }
 
 impl<'a> Session<'a> {
@@ -141,6 +185,85 @@ impl<'a> Session<'a> {
             commands_before_helo: 0,
             buf: Vec::new(),
             consumed: 0,
+            greeting: Greeting::Done,
+            pregreet: None,
+            dns: false,
+            lookup: None,
+            looked: None,
+        }
+    }
+
+    /// The door has a resolver: a HELO that DNS can still decide is judged after
+    /// [`Step::Lookup`] and [`Session::on_dns`].
+    pub fn enable_dns(&mut self) {
+        self.dns = true;
+    }
+
+    /// What DNS said (`None`: nothing, no slot free) for the HELO of the last
+    /// [`Step::Lookup`]: its verdict now.
+    pub fn on_dns(&mut self, facts: Option<DnsFacts>) -> Step {
+        let (argument, line) = *self.lookup.take().expect("on_dns answers a Step::Lookup");
+        self.looked = Some(Box::new((argument.clone(), facts)));
+        self.judge(argument, line)
+    }
+
+    /// Whether this client takes the pregreet test where the proxy greets itself: the check is
+    /// on, and the client is not exempt (allowlisted, or on a listener that judges no HELO:
+    /// submission clients never wait). A client with a pass in force skips it too; the pass
+    /// cache is the caller's.
+    pub fn takes_pregreet_test(&self) -> bool {
+        self.rules.action(Check::Pregreet) != CheckAction::Off
+            && !self.client.exempt
+            && !self.rules.allowlist.iter().any(|net| net.contains(&self.client.ip))
+    }
+
+    /// The proxy's own greeting: with `teaser`, the first line of a two-line greeting
+    /// (`220-`), the final one following from [`Session::on_greet_wait`] or a pregreet;
+    /// without, the whole greeting in one line.
+    pub fn greet(&mut self, teaser: bool) -> Vec<u8> {
+        if teaser {
+            self.greeting = Greeting::Teaser;
+            format!("220-{} ESMTP\r\n", self.host).into_bytes()
+        } else {
+            self.greeting = Greeting::Done;
+            self.final_greeting()
+        }
+    }
+
+    fn final_greeting(&self) -> Vec<u8> {
+        format!("220 {} ESMTP\r\n", self.host).into_bytes()
+    }
+
+    /// Whether the greeting waits for the pregreet wait's end (the deadline to wait for).
+    pub fn greeting_pending(&self) -> bool {
+        self.greeting == Greeting::Teaser
+    }
+
+    /// The pregreet wait is over and the client said nothing: it passed. The final greeting
+    /// line, to write; the session then reads commands.
+    pub fn on_greet_wait(&mut self) -> Vec<u8> {
+        debug_assert!(self.greeting == Greeting::Teaser, "only a waiting greeting ends");
+        self.greeting = Greeting::Done;
+        self.final_greeting()
+    }
+
+    /// What the client sent before the greeting was complete, if it did.
+    pub fn pregreet(&self) -> Option<&Pregreet> {
+        self.pregreet.as_ref()
+    }
+
+    /// Bytes arrived while the greeting waited: a pregreet. Noted for the judge and the log;
+    /// the bytes stay buffered, to be handled as commands. The final greeting line to write
+    /// now where the check does not enforce (an impatient client reads a whole greeting
+    /// first); none where it does, as postscreen sends none.
+    fn pregreeted(&mut self) -> Option<Vec<u8>> {
+        self.greeting = Greeting::Done;
+        let shown = &self.buf[..self.buf.len().min(PREGREET_SHOWN)];
+        let text = shown.iter().flat_map(|b| std::ascii::escape_default(*b)).map(char::from);
+        self.pregreet = Some(Pregreet { bytes: self.buf.len(), text: text.collect() });
+        match self.rules.action(Check::Pregreet) {
+            CheckAction::Reject | CheckAction::Ban => None,
+            CheckAction::Off | CheckAction::Log => Some(self.final_greeting()),
         }
     }
 
@@ -164,6 +287,14 @@ impl<'a> Session<'a> {
     pub fn next_step(&mut self) -> Option<Step> {
         if self.waiting() {
             return None;
+        }
+        if self.greeting == Greeting::Teaser {
+            if self.buf.is_empty() {
+                return None;
+            }
+            if let Some(greeting) = self.pregreeted() {
+                return Some(Step::Reply(greeting));
+            }
         }
         // A PROXY header from a peer not in proxy.trusted_proxies: refused, never believed.
         if self.consumed == 0 && refuses_header(&self.buf) {
@@ -329,7 +460,23 @@ impl<'a> Session<'a> {
     }
 
     fn judge(&mut self, argument: String, line: Vec<u8>) -> Step {
-        let verdict = judge::classify(self.rules, &self.client, &argument, &self.helos);
+        let looked = self.looked.take().filter(|looked| looked.0 == argument);
+        let verdict = judge::classify(
+            self.rules,
+            &self.client,
+            &argument,
+            &self.helos,
+            looked.as_ref().and_then(|looked| looked.1.as_ref()),
+            self.pregreet.is_some(),
+        );
+        // DNS comes last: asked for only when no other rule decided.
+        if self.dns
+            && looked.is_none()
+            && let Some((name, need)) = judge::dns_need(self.rules, &verdict, &argument)
+        {
+            self.lookup = Some(Box::new((argument, line)));
+            return Step::Lookup { name, need };
+        }
         self.helos.push(argument);
         self.judged = self.helos.len() - 1;
         for logged in &verdict.logged {
@@ -452,7 +599,40 @@ mod tests {
             Step::Forward(_) => "forward".into(),
             Step::Opaque => "opaque".into(),
             Step::Defer => "defer".into(),
+            Step::Lookup { name, need } => format!("lookup {name} {need:?}"),
         }
+    }
+
+    /// With a resolver, a HELO that DNS can still decide waits for it, and its verdict comes
+    /// with the answer; one another rule decided never asks.
+    #[test]
+    fn a_helo_dns_can_decide_waits_for_it() {
+        use crate::rules::{ClientDns, DnsFacts, HeloDns};
+        let rules = rules("[checks]\nunknown_helo = \"reject\"\n");
+        let mut s = session(&rules);
+        s.enable_dns();
+        assert_eq!(
+            text(s.on_line(b"EHLO Mail.Sender.Example")),
+            "lookup mail.sender.example Required"
+        );
+        assert!(s.verdict().is_none(), "no verdict before the answer");
+        let missing = DnsFacts { helo: HeloDns::Missing, client: ClientDns::NotLooked };
+        assert!(text(s.on_dns(Some(missing))).starts_with("reject 250-mx.example.com"));
+        assert_eq!(s.verdict().map(|v| v.rule), Some("unknown_helo"));
+
+        let mut s = session(&rules);
+        s.enable_dns();
+        assert!(text(s.on_line(b"EHLO localhost")).starts_with("reject"), "decided: no lookup");
+        let mut s = session(&rules);
+        s.enable_dns();
+        assert_eq!(
+            text(s.on_line(b"EHLO mail.sender.example")),
+            "lookup mail.sender.example Required"
+        );
+        assert_eq!(text(s.on_dns(None)), "pass", "no answer (no slot): judged without DNS");
+        // Without a resolver nothing waits.
+        let mut s = session(&rules);
+        assert_eq!(text(s.on_line(b"EHLO mail.sender.example")), "pass");
     }
 
     #[test]
@@ -642,6 +822,134 @@ mod tests {
         assert_eq!(s.on_reply(250, b""), AfterReply::Continue);
         assert_eq!(s.on_reply(354, b""), AfterReply::Opaque(Opacity::Data));
         assert_eq!(s.on_line(b"BDAT 10 LAST"), Step::Opaque, "a chunk follows at once");
+    }
+
+    /// Feeds `bytes` as one read and takes every step it allows.
+    fn feed(s: &mut Session<'_>, bytes: &[u8]) -> Vec<String> {
+        s.input().extend_from_slice(bytes);
+        std::iter::from_fn(|| s.next_step()).map(text).collect()
+    }
+
+    #[test]
+    fn the_pregreet_test_greets_in_two_lines_and_a_patient_client_passes() {
+        let rules = rules("");
+        let mut s = session(&rules);
+        assert!(s.takes_pregreet_test(), "on by default (log)");
+        assert_eq!(s.greet(true), b"220-mx.example.com ESMTP\r\n");
+        assert!(s.greeting_pending());
+        assert_eq!(s.next_step(), None, "nothing sent: wait on");
+        assert_eq!(s.on_greet_wait(), b"220 mx.example.com ESMTP\r\n");
+        assert!(!s.greeting_pending());
+        assert_eq!(feed(&mut s, b"EHLO mail.sender.example\r\n"), ["pass"]);
+        assert_eq!(s.pregreet(), None);
+        assert!(s.logged().is_empty(), "{:?}", s.logged());
+
+        let mut s = session(&rules);
+        assert_eq!(s.greet(false), b"220 mx.example.com ESMTP\r\n", "a pass in force: one line");
+        assert!(!s.greeting_pending());
+    }
+
+    /// An impatient client pipelines its whole transaction right after connecting, as bots do.
+    #[test]
+    fn a_pregreeter_is_caught_by_the_action_of_checks_pregreet() {
+        let impatient: &[u8] = b"EHLO mail.sender.example\r\nMAIL FROM:<a@b.example>\r\n\
+              RCPT TO:<c@example.com>\r\nQUIT\r\n";
+        let ehlo = "250-mx.example.com\r\n250-PIPELINING\r\n250 8BITMIME\r\n";
+        let protocol_error = "550 5.5.1 Protocol error\r\n";
+        let cases: [(&str, &[&str], Option<Action>); 4] = [
+            // log: the final line at once, then every command in order, to the MTA.
+            (
+                "",
+                &["reply 220 mx.example.com ESMTP\r\n", "pass", "forward", "forward", "forward"],
+                None,
+            ),
+            // reject: no final line (postscreen's way); 550 at RCPT TO, qmail style.
+            (
+                "[checks]\npregreet = \"reject\"",
+                &[
+                    &format!("reject {ehlo}"),
+                    "reply 250 2.1.0 Ok\r\n",
+                    &format!("reply {protocol_error}"),
+                    "close 221 2.0.0 Bye\r\n",
+                ],
+                Some(Action::Reject),
+            ),
+            (
+                "[checks]\npregreet = \"ban\"",
+                &[
+                    &format!("reject {ehlo}"),
+                    "reply 250 2.1.0 Ok\r\n",
+                    &format!("reply {protocol_error}"),
+                    "close 221 2.0.0 Bye\r\n",
+                ],
+                Some(Action::Ban),
+            ),
+            (
+                "[checks]\npregreet = \"reject\"\n[reject]\nat = \"helo\"",
+                &[
+                    &format!("reject {protocol_error}"),
+                    "reply 503 5.5.1 Error: send HELO/EHLO first\r\n",
+                    "reply 503 5.5.1 Error: need MAIL command\r\n",
+                    "close 221 2.0.0 Bye\r\n",
+                ],
+                Some(Action::Reject),
+            ),
+        ];
+        for (config, transcript, enforced) in cases {
+            let rules = rules(config);
+            let mut s = session(&rules);
+            s.greet(true);
+            assert_eq!(feed(&mut s, impatient), transcript, "{config:?}");
+            let pregreet = s.pregreet().expect("seen");
+            assert_eq!(pregreet.bytes, impatient.len());
+            assert!(pregreet.text.starts_with("EHLO mail.sender.example\\r\\nMAIL FROM:"));
+            assert!(pregreet.text.ends_with("QUIT\\r\\n"), "{}", pregreet.text);
+            let verdict = s.verdict().unwrap();
+            match enforced {
+                None => {
+                    assert_eq!(verdict.action, Action::Pass);
+                    assert_eq!(s.logged(), ["pregreet"], "logged with the session");
+                }
+                Some(action) => {
+                    assert_eq!((verdict.action, verdict.rule), (action, "pregreet"), "{config}");
+                    assert_eq!(verdict.ttl.is_some(), action == Action::Ban);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_partial_line_or_a_non_command_before_the_greeting_is_a_pregreet_too() {
+        let rules = rules("");
+        let mut s = session(&rules);
+        s.greet(true);
+        assert_eq!(feed(&mut s, b"EH"), ["reply 220 mx.example.com ESMTP\r\n"]);
+        assert!(!s.greeting_pending());
+        assert_eq!(feed(&mut s, b"LO mail.sender.example\r\n"), ["pass"], "the bytes were kept");
+        assert_eq!(s.pregreet().unwrap().text, "EH");
+        assert_eq!(s.logged(), ["pregreet"]);
+
+        let rules = super::tests::rules("[checks]\npregreet = \"ban\"");
+        let mut s = session(&rules);
+        s.greet(true);
+        let probe = [&b"\x16\x03\x01"[..], &[b'x'; 200], b"\r\n"].concat();
+        assert_eq!(feed(&mut s, &probe), ["reply 502 5.5.2 Error: command not recognized\r\n"]);
+        let shown = &s.pregreet().unwrap().text;
+        assert_eq!(*shown, format!("\\x16\\x03\\x01{}", "x".repeat(97)), "100 bytes, escaped");
+        assert_eq!(s.pregreet().unwrap().bytes, probe.len());
+        assert!(s.verdict().is_none(), "no HELO, no verdict: the judge hears it at the HELO");
+    }
+
+    #[test]
+    fn who_takes_the_pregreet_test() {
+        let off = rules("[checks]\npregreet = \"off\"");
+        assert!(!session(&off).takes_pregreet_test(), "the check is off");
+        let on = rules("[allowlist]\nnetworks = [\"203.0.113.0/24\"]");
+        assert!(!session(&on).takes_pregreet_test(), "allowlisted");
+        let on = rules("");
+        let submission = Client::new("203.0.113.9".parse().unwrap(), None, true);
+        let s = Session::new(&on, submission, "x", "mx".into());
+        assert!(!s.takes_pregreet_test(), "a listener that judges no HELO (submission)");
     }
 
     #[test]

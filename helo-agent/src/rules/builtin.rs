@@ -172,4 +172,20 @@ mod tests {
         assert!(invalid(&h("bad_name.example")).is_some());
         assert!(invalid(&h("good.example")).is_none());
     }
+
+    #[test]
+    fn all_numeric_last_labels_and_u_labels_are_invalid_but_addresses_are_bare_ips() {
+        for name in
+            ["192.0.2", "10.0.0.0.1", "300.1.2.3", "mail.example.123", "mail.bücher.example"]
+        {
+            assert!(invalid(&h(name)).is_some(), "{name}");
+            assert!(bare_ip(&h(name)).is_none(), "{name}");
+        }
+        for address in ["192.0.2.1", "192.0.2.1.", "2001:db8::1"] {
+            assert!(invalid(&h(address)).is_none(), "{address}");
+            assert!(bare_ip(&h(address)).is_some(), "{address}");
+        }
+        assert!(invalid(&h("mail.xn--bcher-kva.example")).is_none());
+        assert!(invalid(&h("mail.123.example")).is_none(), "only the last label counts");
+    }
 }

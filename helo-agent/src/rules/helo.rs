@@ -1,7 +1,18 @@
 //! What a HELO/EHLO argument is: a host name, a bare IP address, an address literal, or not
-//! valid at all. Names are normalized once (ASCII lowercase, one trailing dot removed, U-labels
-//! to A-labels) so every check compares like with like.
+//! valid at all. Names are normalized once (ASCII lowercase, one trailing dot removed) so every
+//! check compares like with like; names in rules may be written as U-labels and are kept as
+//! A-labels.
+//!
+//! A host name here is what RFC 5321 section 4.1.2 (`Domain`) and RFC 3696 section 2 allow:
+//! ASCII letters, digits and hyphens in labels of at most 63 characters, and a last label that
+//! is not all digits (so `192.0.2` or `host.123` is no name). A non-ASCII HELO (U-labels) is not
+//! a host name either: Postfix's `reject_invalid_helo_hostname` refuses it with and without
+//! `smtputf8_enable` (`valid_hostname`, ASCII only: "EAI not allowed here", smtpd_check.c), and
+//! with `smtputf8_enable = no` smtpd turns every non-ASCII byte of the HELO into `?` before any
+//! check sees it. Access tables still find such a HELO ([`table_key`]), as Postfix's
+//! `check_helo_access` does, so an `OK` entry can let one through.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 /// RFC 1035: at most 255 octets in a name (253 in text), 63 in a label.
@@ -32,6 +43,11 @@ pub enum Invalid {
     BadLiteral,
     /// Non-ASCII that is not a valid internationalized name.
     BadIdn,
+    /// Non-ASCII (U-labels): not a host name in a HELO (see the module documentation).
+    NonAscii,
+    /// The last label is all digits (`192.0.2`, `host.123`): no host name ends so (RFC 3696
+    /// section 2), and it is no IPv4 address either.
+    NumericTld,
 }
 
 impl Invalid {
@@ -44,6 +60,14 @@ impl Invalid {
             Invalid::BadCharacter(c) => format!("HELO name contains {c:?}, which no host name has"),
             Invalid::BadLiteral => "HELO address literal does not hold an IP address".into(),
             Invalid::BadIdn => "HELO name is not a valid internationalized domain name".into(),
+            Invalid::NonAscii => {
+                "HELO name is not ASCII: a HELO names the host in A-labels (xn--...)".into()
+            }
+            Invalid::NumericTld => {
+                "HELO name ends in an all-numeric label, which no host name has (RFC 3696 section \
+                 2) and which is no IPv4 address"
+                    .into()
+            }
         }
     }
 }
@@ -61,12 +85,38 @@ pub fn parse(argument: &str) -> Helo {
         };
     }
     let name = text.strip_suffix('.').unwrap_or(text);
+    // Addresses first: `192.0.2.1` is a bare address, not a name with an all-numeric label.
     if let Ok(ip) = name.parse::<IpAddr>() {
         return Helo::BareIp(ip);
+    }
+    if !name.is_ascii() {
+        return Helo::Invalid(match name.chars().find(|c| c.is_control() || c.is_whitespace()) {
+            Some(c) => Invalid::BadCharacter(c),
+            None => Invalid::NonAscii,
+        });
     }
     match normalize_name(name) {
         Ok(name) => Helo::Name(name),
         Err(invalid) => Helo::Invalid(invalid),
+    }
+}
+
+/// The text a HELO is looked up by in an access table, as Postfix's `check_helo_access` looks
+/// up the HELO as sent: a name (normalized), a bare address (`192.0.2.1`, `2001:db8::1`) or an
+/// address literal (`[192.0.2.1]`, `[ipv6:2001:db8::1]`), each matching a table key of the same
+/// text. Names that are not host names only for a `_` (Postfix's `valid_hostname` takes it) or
+/// for U-labels are looked up too, so a table entry decides about them before the `invalid`
+/// check does. Any other invalid HELO has no key. Table keys go through the same function
+/// (`key` parsed as if it were a HELO), so both sides always compare alike.
+pub fn table_key<'a>(helo: &'a Helo, argument: &str) -> Option<Cow<'a, str>> {
+    match helo {
+        Helo::Name(name) => Some(Cow::Borrowed(name)),
+        Helo::BareIp(ip) => Some(Cow::Owned(ip.to_string())),
+        Helo::Literal(IpAddr::V4(ip)) => Some(Cow::Owned(format!("[{ip}]"))),
+        Helo::Literal(IpAddr::V6(ip)) => Some(Cow::Owned(format!("[ipv6:{ip}]"))),
+        Helo::Invalid(_) => {
+            table_name(argument.trim_matches(|c| c == ' ' || c == '\t')).ok().map(Cow::Owned)
+        }
     }
 }
 
@@ -82,6 +132,16 @@ fn parse_literal(inner: &str) -> Option<IpAddr> {
 /// Lowercase A-label form of a host name, checked for syntax. Used for HELOs and for every name
 /// in rules, so both sides compare equal.
 pub fn normalize_name(name: &str) -> Result<String, Invalid> {
+    normalize(name, false)
+}
+
+/// As [`normalize_name`], but a `_` in a label is taken, as Postfix's `valid_hostname` takes it:
+/// for access-table keys and the HELOs looked up by them.
+pub fn table_name(name: &str) -> Result<String, Invalid> {
+    normalize(name, true)
+}
+
+fn normalize(name: &str, underscore: bool) -> Result<String, Invalid> {
     let name = name.strip_suffix('.').unwrap_or(name);
     if name.is_empty() {
         return Err(Invalid::Empty);
@@ -104,9 +164,16 @@ pub fn normalize_name(name: &str) -> Result<String, Invalid> {
         if label.len() > MAX_LABEL_LEN {
             return Err(Invalid::LabelTooLong);
         }
-        if let Some(c) = label.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-')) {
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || (underscore && *c == '_')))
+        {
             return Err(Invalid::BadCharacter(c));
         }
+    }
+    // RFC 3696 section 2: a top-level label is never all digits (`split` yields at least one).
+    if ascii.rsplit('.').next().is_some_and(|last| last.bytes().all(|b| b.is_ascii_digit())) {
+        return Err(Invalid::NumericTld);
     }
     Ok(ascii)
 }
@@ -129,10 +196,54 @@ mod tests {
     }
 
     #[test]
-    fn idn_names_become_a_labels() {
-        assert_eq!(parse("mail.bücher.example"), name("mail.xn--bcher-kva.example"));
+    fn a_labels_are_names_and_u_labels_are_not() {
         assert_eq!(parse("MAIL.XN--BCHER-KVA.EXAMPLE"), name("mail.xn--bcher-kva.example"));
+        assert_eq!(parse("mail.bücher.example"), Helo::Invalid(Invalid::NonAscii));
+        assert_eq!(parse("mail.bücher.example."), Helo::Invalid(Invalid::NonAscii));
         assert_eq!(parse("mail.bü cher.example"), Helo::Invalid(Invalid::BadCharacter(' ')));
+        assert_eq!(parse("mail.bü\u{7}.example"), Helo::Invalid(Invalid::BadCharacter('\u{7}')));
+        // Names in rules may still be written as U-labels.
+        assert_eq!(normalize_name("mail.bücher.example").unwrap(), "mail.xn--bcher-kva.example");
+    }
+
+    #[test]
+    fn an_all_numeric_last_label_is_no_host_name() {
+        for bad in
+            ["192.0.2", "192.0.2.1.5", "999.0.2.1", "host.123", "HOST.123.", "1", "01.02.03.04"]
+        {
+            assert_eq!(parse(bad), Helo::Invalid(Invalid::NumericTld), "{bad}");
+        }
+        // Bare addresses are checked first and stay bare addresses.
+        assert_eq!(parse("192.0.2.1"), Helo::BareIp("192.0.2.1".parse().unwrap()));
+        assert_eq!(parse("192.0.2.1."), Helo::BareIp("192.0.2.1".parse().unwrap()));
+        for good in ["host.123a", "3com.example", "123.example", "a.b-1", "x0"] {
+            assert!(matches!(parse(good), Helo::Name(_)), "{good}");
+        }
+        assert_eq!(normalize_name("example.123"), Err(Invalid::NumericTld));
+    }
+
+    #[test]
+    fn table_keys_are_the_helo_text_postfix_looks_up() {
+        let key = |s: &str| table_key(&parse(s), s).map(|k| k.into_owned());
+        let cases = [
+            ("Mail.Example.COM.", Some("mail.example.com")),
+            ("192.0.2.1", Some("192.0.2.1")),
+            ("2001:DB8:0::1", Some("2001:db8::1")),
+            ("[192.0.2.1]", Some("[192.0.2.1]")),
+            ("[IPv6:2001:DB8::1]", Some("[ipv6:2001:db8::1]")),
+            // Invalid as host names, but Postfix's tables find them.
+            ("My_Host.example", Some("my_host.example")),
+            ("mail.bücher.example", Some("mail.xn--bcher-kva.example")),
+            // Nothing to look up.
+            ("", None),
+            ("[foo]", None),
+            ("192.0.2", None),
+            ("bad!name.example", None),
+            ("under_score.123", None),
+        ];
+        for (helo, expected) in cases {
+            assert_eq!(key(helo).as_deref(), expected, "{helo:?}");
+        }
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! returns a [`Verdict`]: pass, reject or ban, the rule that decided, a reason a person can
 //! read, and for a table or regex match the exact entry (file and line).
 //!
-//! Order: exemptions (allowlisted client, submission listener), the domain table (whose `OK`
-//! entries permit outright, as in Postfix), forged identity, the badhelo regexes, then the
+//! Order: exemptions (allowlisted client, submission listener), the pregreet test (the client
+//! spoke before the proxy's greeting was complete: a fact about the connection, judged before
+//! any HELO check as postscreen judges it before smtpd sees a HELO), the domain table (whose
+//! `OK` entries permit outright, as in Postfix), forged identity, the badhelo regexes, then the
 //! built-in checks. Each check has its own action: `off`, `log` (dry run: noted, never
 //! enforced), `reject` or `ban`. The first enforcing match decides.
 
@@ -31,6 +33,9 @@ use crate::addr::canonical;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Check {
+    /// The client sent something before the proxy's greeting was complete (postscreen's
+    /// pregreet test; only the proxy, greeting itself, can tell).
+    Pregreet,
     /// Domain table entries (`rules.domains`, `rules.access_file`).
     Table,
     /// The HELO claims one of our names or addresses.
@@ -53,12 +58,17 @@ pub enum Check {
     Dynamic,
     /// A second HELO/EHLO in the session with another name.
     Changed,
+    /// The HELO name has no A, AAAA or MX record (Postfix's `reject_unknown_helo_hostname`).
+    UnknownHelo,
+    /// The HELO name's addresses do not include the client's.
+    HeloNotClient,
 }
 
-pub const CHECK_COUNT: usize = 11;
+pub const CHECK_COUNT: usize = 14;
 
 impl Check {
     pub const ALL: [Check; CHECK_COUNT] = [
+        Check::Pregreet,
         Check::Table,
         Check::ForgedIdentity,
         Check::Badhelo,
@@ -70,11 +80,14 @@ impl Check {
         Check::PrivateSuffix,
         Check::Dynamic,
         Check::Changed,
+        Check::UnknownHelo,
+        Check::HeloNotClient,
     ];
 
     /// The rule id: stable snake_case, used in logs, metrics and `check --json`.
     pub const fn name(self) -> &'static str {
         match self {
+            Check::Pregreet => "pregreet",
             Check::Table => "table",
             Check::ForgedIdentity => "forged_identity",
             Check::Badhelo => "badhelo",
@@ -86,6 +99,8 @@ impl Check {
             Check::PrivateSuffix => "private_suffix",
             Check::Dynamic => "dynamic",
             Check::Changed => "changed",
+            Check::UnknownHelo => "unknown_helo",
+            Check::HeloNotClient => "helo_not_client",
         }
     }
 }
@@ -163,6 +178,13 @@ pub struct EntryReply {
     pub text: String,
 }
 
+/// What a rejected pregreeter hears (at RCPT TO, or at HELO with `reject.at = "helo"`):
+/// postscreen's reply for a pregreet with `postscreen_greet_action = enforce`
+/// (postscreen_early.c).
+pub fn pregreet_reply() -> EntryReply {
+    EntryReply { code: 550, text: "5.5.1 Protocol error".into() }
+}
+
 /// What a domain-table entry says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TableAction {
@@ -235,6 +257,56 @@ pub struct Facts<'a> {
     pub previous: &'a [String],
     /// The listener is exempt from HELO checks (a submission port: the `NOBADHELO` idea).
     pub exempt_listener: bool,
+    /// What DNS said of the HELO name and the client; `None`: no lookups were made (the DNS
+    /// checks are off, or the door could not make them), and the DNS checks do not fire.
+    pub dns: Option<&'a DnsFacts>,
+    /// The client spoke before the proxy's greeting was complete (the pregreet test; only the
+    /// proxy greeting itself runs it, so other doors say `false`).
+    pub pregreeted: bool,
+}
+
+/// What DNS said about a session: the HELO name's records and the client's reverse name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DnsFacts {
+    pub helo: HeloDns,
+    pub client: ClientDns,
+}
+
+/// The HELO name in DNS.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeloDns {
+    /// Not looked up: not a domain name, or not needed.
+    #[default]
+    NotLooked,
+    /// Its A and AAAA addresses, and whether it has an MX record.
+    Found { addresses: Vec<IpAddr>, mx: bool },
+    /// NXDOMAIN, or no A, AAAA or MX record.
+    Missing,
+    /// No answer to trust: a timeout or SERVFAIL (why).
+    TempFail(String),
+}
+
+/// The client's address in reverse DNS, forward-confirmed: its PTR names, and whether one of
+/// them resolves back to the address.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientDns {
+    #[default]
+    NotLooked,
+    /// A PTR name whose A or AAAA records include the client (lower case, no final dot).
+    Confirmed(String),
+    /// PTR names (maybe none) of which none points back at the client.
+    Unconfirmed(Vec<String>),
+    TempFail(String),
+}
+
+impl DnsFacts {
+    /// Whether `name` is the client's forward-confirmed reverse name: a client telling the
+    /// truth, never judged dynamic (nor counted as HELO reuse).
+    pub fn confirms(&self, name: &str) -> bool {
+        matches!(&self.client, ClientDns::Confirmed(confirmed) if confirmed.eq_ignore_ascii_case(name.trim_end_matches('.')))
+    }
 }
 
 /// The compiled rules: built once from the config, shared by every session.
@@ -267,19 +339,24 @@ impl RuleSet {
         let helo = helo::parse(facts.argument);
         let mut logged = Vec::new();
 
-        // The table's lookup key: the normalized name, or a bare address as text.
-        let bare;
-        let key = match &helo {
-            Helo::Name(name) => Some(name.as_str()),
-            Helo::BareIp(ip) => {
-                bare = ip.to_string();
-                Some(bare.as_str())
-            }
-            _ => None,
-        };
-        if let Some(key) = key
-            && self.action(Check::Table) != CheckAction::Off
-            && let Some(found) = self.table.lookup(key)
+        if facts.pregreeted
+            && let Some(v) = self.hit(
+                Check::Pregreet,
+                "the client spoke before the greeting was complete".into(),
+                None,
+                Some(pregreet_reply()),
+                &mut logged,
+            )
+        {
+            return v;
+        }
+
+        // The table's lookup key: the HELO as Postfix's check_helo_access looks it up (a name,
+        // a bare address, an [address literal]; see helo::table_key).
+        if self.action(Check::Table) != CheckAction::Off
+            && !self.table.is_empty()
+            && let Some(key) = helo::table_key(&helo, facts.argument)
+            && let Some(found) = self.table.lookup(&key)
         {
             let reason = || format!("HELO {key} is listed: {}", found.entry.text);
             let entry = Some(found.entry.clone());
@@ -331,7 +408,10 @@ impl RuleSet {
             (Check::LiteralMismatch, &|| builtin::literal_mismatch(&helo, client)),
             (Check::NoDot, &|| builtin::no_dot(&helo)),
             (Check::PrivateSuffix, &|| builtin::private_suffix(&helo)),
-            (Check::Dynamic, &|| builtin::dynamic(&helo, client)),
+            (Check::Dynamic, &|| {
+                let confirmed = matches!((&helo, facts.dns), (Helo::Name(name), Some(dns)) if dns.confirms(name));
+                if confirmed { None } else { builtin::dynamic(&helo, client) }
+            }),
             (Check::Changed, &|| builtin::changed(&helo, facts.previous)),
         ];
         for (check, test) in builtins {
@@ -344,7 +424,57 @@ impl RuleSet {
                 return v;
             }
         }
+        if let (Helo::Name(name), Some(dns)) = (&helo, facts.dns)
+            && let Some(v) = self.dns_checks(name, client, dns, &mut logged)
+        {
+            return v;
+        }
         Verdict { logged, ..self.pass("pass", "no rule matched".into()) }
+    }
+
+    /// `unknown_helo` and `helo_not_client` over what DNS said. A lookup that got no answer
+    /// to trust is a temporary failure: where a check enforces, a 450 (never a 5xx, never a
+    /// ban); the sender retries.
+    fn dns_checks(
+        &self,
+        name: &str,
+        client: Option<IpAddr>,
+        dns: &DnsFacts,
+        logged: &mut Vec<Match>,
+    ) -> Option<Verdict> {
+        let checks = [Check::UnknownHelo, Check::HeloNotClient];
+        for check in checks {
+            if self.action(check) == CheckAction::Off {
+                continue;
+            }
+            let (reason, reply) = match (&dns.helo, check) {
+                (HeloDns::NotLooked, _) => continue,
+                (HeloDns::TempFail(why), _) => (
+                    format!("HELO {name}: DNS lookup failed temporarily ({why})"),
+                    Some(EntryReply {
+                        code: 450,
+                        text: format!(
+                            "<{name}>: Helo command rejected: Host not found, try again later"
+                        ),
+                    }),
+                ),
+                (HeloDns::Missing, Check::UnknownHelo) => {
+                    (format!("HELO {name} has no A, AAAA or MX record"), None)
+                }
+                (HeloDns::Found { addresses, .. }, Check::HeloNotClient) => {
+                    let Some(client) = client.map(canonical) else { continue };
+                    if addresses.iter().any(|a| canonical(*a) == client) || dns.confirms(name) {
+                        continue;
+                    }
+                    (format!("HELO {name} does not resolve to the client {client}"), None)
+                }
+                _ => continue,
+            };
+            if let Some(v) = self.hit(check, reason, None, reply, logged) {
+                return Some(v);
+            }
+        }
+        None
     }
 
     /// A HELO naming one of our names or addresses. A literal or bare address equal to the

@@ -37,7 +37,14 @@ fn rules_own(extra: &str) -> Arc<RuleSet> {
 
 fn classify(rules: &RuleSet, helo: &str, client: &str) -> Verdict {
     let client: Option<IpAddr> = (!client.is_empty()).then(|| client.parse().unwrap());
-    rules.classify(&Facts { client, argument: helo, previous: &[], exempt_listener: false })
+    rules.classify(&Facts {
+        client,
+        argument: helo,
+        previous: &[],
+        exempt_listener: false,
+        dns: None,
+        pregreeted: false,
+    })
 }
 
 /// Runs a table of (helo, client, action, rule) against `rules`.
@@ -102,7 +109,6 @@ fn big_senders_pass_with_the_default_rules() {
         ("[IPv6:2001:DB8:BEEF:0:0:0:0:1]", "2001:db8:beef::1"),
         ("[198.51.100.7]", "::ffff:198.51.100.7"),
         ("mx.xn--mller-kva.example", "198.51.100.7"),
-        ("mail.müller.example", "198.51.100.7"),
     ];
     for (helo, client) in senders {
         let verdict = classify(&rules, helo, client);
@@ -160,8 +166,14 @@ fn heuristics_log_by_default_and_enforce_when_asked() {
     assert_eq!(verdict.logged[0].rule, "dynamic");
 
     let previous = vec!["mail.sender.example".to_owned()];
-    let facts =
-        |helo| Facts { client: None, argument: helo, previous: &previous, exempt_listener: false };
+    let facts = |helo| Facts {
+        client: None,
+        argument: helo,
+        previous: &previous,
+        exempt_listener: false,
+        dns: None,
+        pregreeted: false,
+    };
     let same = rules_default.classify(&facts("MAIL.sender.example."));
     assert!(same.logged.is_empty(), "the same name again is not a change");
     let changed = rules_default.classify(&facts("other.sender.example"));
@@ -208,6 +220,8 @@ fn exemptions_come_first() {
         argument: "localhost",
         previous: &[],
         exempt_listener: true,
+        dns: None,
+        pregreeted: false,
     });
     assert_eq!((verdict.action, verdict.rule), (Action::Pass, "exempt_listener"));
 }
@@ -311,4 +325,212 @@ regexes = ['''[~!@#$%^&*()_+`={}|\;'"<>?,/]''']"#,
     let verdict = classify(&without_colon, "[IPv6:2001:db8:beef::1]", "2001:db8:beef::1");
     assert_eq!(verdict.action, Action::Pass);
     assert_eq!(classify(&without_colon, "bad_host.example", BOT).rule, "badhelo");
+}
+
+#[test]
+fn host_name_syntax() {
+    use Action::*;
+    let idn = "198.51.100.7";
+    assert_table(
+        &rules(""),
+        &[
+            // An all-numeric last label is no host name (RFC 3696 section 2)...
+            ("192.0.2", BOT, Reject, "invalid"),
+            ("1.2.3.4.5", BOT, Reject, "invalid"),
+            ("300.1.2.3", BOT, Reject, "invalid"),
+            ("mail.example.123", BOT, Reject, "invalid"),
+            // ...but a bare IPv4 address is recognised first.
+            ("203.0.113.9", BOT, Ban, "bare_ip"),
+            ("203.0.113.9.", BOT, Ban, "bare_ip"),
+            ("mail.123.example", BOT, Pass, "pass"),
+            ("123.example", BOT, Pass, "pass"),
+            // U-labels are not a HELO; A-labels are.
+            ("mail.müller.example", idn, Reject, "invalid"),
+            ("mx.xn--mller-kva.example", idn, Pass, "pass"),
+        ],
+    );
+}
+
+/// A real /etc/postfix/access shared by every check, part of it with CRLF endings: it loads,
+/// the entries for other checks are reported by file and line, and the HELO entries judge.
+#[test]
+fn a_shared_postfix_access_table_judges_the_helos_it_names() {
+    use Action::*;
+    let dir = std::env::temp_dir().join(format!("helo-rules-shared-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let access = dir.join("access");
+    std::fs::write(
+        &access,
+        "# shared by smtpd_{client,sender,recipient,helo}_restrictions\r\n\
+         192.0.2.1            OK\r\n\
+         192.0.2              REJECT\r\n\
+         2001:db8::25         ok\r\n\
+         [203.0.113.5]        REJECT literal of a known bot\r\n\
+         [IPv6:2001:db8::bad] 550 5.7.1 no\r\n\
+         spammer.example      reject\n\
+         my_host.partner.example OK\n\
+         xn--bcher-kva.example REJECT\n\
+         \x20   idn bot\n\
+         <>                   550 no bounces\n\
+         user@example.org     REJECT\n\
+         hold.example         HOLD\n",
+    )
+    .unwrap();
+    let config = Config::parse(
+        &format!("{IDENTITY}\n[rules]\naccess_file = {:?}\n", access.display().to_string()),
+        Path::new("test.toml"),
+        &HostFacts::default(),
+    )
+    .unwrap_or_else(|e| panic!("a shared table must load: {e}"));
+    std::fs::remove_dir_all(&dir).unwrap();
+    let file = access.display().to_string();
+    let warned: Vec<&str> = config
+        .warnings
+        .iter()
+        .map(|w| w.strip_prefix(&format!("{file}:")).unwrap_or(w))
+        .map(|w| w.split(':').next().unwrap())
+        .collect();
+    assert_eq!(warned, ["3", "11", "12", "13"], "{:#?}", config.warnings);
+    let rules = &config.rules;
+    assert_table(
+        rules,
+        &[
+            // Bare address keys match the bare HELO only, literals the literal only.
+            ("192.0.2.1", BOT, Pass, "table"),
+            ("[192.0.2.1]", BOT, Reject, "literal_mismatch"),
+            ("2001:DB8:0::25", BOT, Pass, "table"),
+            ("[203.0.113.5]", "203.0.113.5", Reject, "table"),
+            ("203.0.113.5", BOT, Ban, "bare_ip"),
+            ("[IPv6:2001:DB8::BAD]", "2001:db8::bad", Reject, "table"),
+            // Network keys are for client checks: the HELO goes on to the built-in checks.
+            ("192.0.2", BOT, Reject, "invalid"),
+            ("192.0.2.7", BOT, Ban, "bare_ip"),
+            // Names: parent-domain matching, any case, `_` and U-labels found by the table.
+            ("mx.SPAMMER.example.", BOT, Reject, "table"),
+            ("my_host.partner.example", BOT, Pass, "table"),
+            ("other_host.partner.example", BOT, Reject, "invalid"),
+            ("mail.bücher.example", BOT, Reject, "table"),
+            ("hold.example", BOT, Pass, "pass"),
+        ],
+    );
+    let verdict = classify(rules, "[203.0.113.5]", BOT);
+    let entry = verdict.entry.expect("a table match names its entry");
+    assert_eq!((entry.source.as_str(), entry.line), (file.as_str(), 5));
+    assert_eq!(entry.text, "[203.0.113.5] REJECT literal of a known bot");
+    assert_eq!(
+        verdict.reply,
+        Some(EntryReply { code: 554, text: "literal of a known bot".into() })
+    );
+    let verdict = classify(rules, "mail.bücher.example", BOT);
+    assert_eq!(verdict.reply.map(|r| r.text).as_deref(), Some("idn bot"));
+    assert!(verdict.reason.contains("xn--bcher-kva.example REJECT idn bot"), "{}", verdict.reason);
+}
+
+fn with_dns(rules: &RuleSet, helo: &str, client: &str, dns: &DnsFacts) -> Verdict {
+    let client = Some(client.parse().unwrap());
+    let facts = Facts {
+        client,
+        argument: helo,
+        previous: &[],
+        exempt_listener: false,
+        dns: Some(dns),
+        pregreeted: false,
+    };
+    rules.classify(&facts)
+}
+
+#[test]
+fn the_dns_checks_read_what_dns_said() {
+    let rules = rules("[checks]\nunknown_helo = \"ban\"\nhelo_not_client = \"reject\"\n");
+    let client = "203.0.113.9";
+    let at = |addresses: &[&str]| HeloDns::Found {
+        addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+        mx: false,
+    };
+    let facts = |helo: HeloDns| DnsFacts { helo, client: ClientDns::NotLooked };
+    let cases: [(&str, DnsFacts, Action, &str); 6] = [
+        ("mail.sender.example", facts(at(&[client])), Action::Pass, "pass"),
+        ("mail.sender.example", facts(at(&["::ffff:203.0.113.9"])), Action::Pass, "pass"),
+        ("mail.sender.example", facts(HeloDns::Missing), Action::Ban, "unknown_helo"),
+        ("mail.sender.example", facts(at(&["198.51.100.1"])), Action::Reject, "helo_not_client"),
+        (
+            "mail.sender.example",
+            DnsFacts {
+                helo: at(&["198.51.100.1"]),
+                client: ClientDns::Confirmed("mail.sender.example".into()),
+            },
+            Action::Pass,
+            "pass",
+        ),
+        ("mail.sender.example", facts(HeloDns::NotLooked), Action::Pass, "pass"),
+    ];
+    for (helo, dns, action, rule) in cases {
+        let verdict = with_dns(&rules, helo, client, &dns);
+        assert_eq!((verdict.action, verdict.rule), (action, rule), "{dns:?}");
+    }
+    // Without lookups (`dns: None`) the DNS checks never fire.
+    assert_eq!(classify(&rules, "mail.sender.example", client).rule, "pass");
+}
+
+/// A DNS timeout or SERVFAIL is a temporary failure: 450 where a check enforces, never a
+/// 5xx and never a ban; logged where it only logs.
+#[test]
+fn a_dns_failure_is_temporary_never_a_5xx_nor_a_ban() {
+    let failed =
+        DnsFacts { helo: HeloDns::TempFail("timeout".into()), client: ClientDns::NotLooked };
+    let rules = rules("[checks]\nunknown_helo = \"ban\"\n");
+    let verdict = with_dns(&rules, "mail.sender.example", "203.0.113.9", &failed);
+    assert_eq!((verdict.action, verdict.rule, verdict.ttl), (Action::Reject, "unknown_helo", None));
+    assert_eq!(verdict.reply.as_ref().map(|r| r.code), Some(450));
+    let rules = rules_own("[checks]\nunknown_helo = \"log\"\nhelo_not_client = \"log\"\n");
+    let verdict = with_dns(&rules, "mail.sender.example", "203.0.113.9", &failed);
+    assert_eq!(verdict.action, Action::Pass);
+    let logged: Vec<&str> = verdict.logged.iter().map(|m| m.rule).collect();
+    assert_eq!(logged, ["unknown_helo", "helo_not_client"]);
+}
+
+/// A name whose reverse DNS confirms the client is a client telling the truth: never
+/// judged dynamic, however many digits it has.
+#[test]
+fn a_forward_confirmed_name_is_never_dynamic() {
+    let rules = rules("[checks]\ndynamic = \"reject\"\n");
+    let helo = "host-203-0-113-9.isp.example";
+    let client = "203.0.113.9";
+    assert_eq!(classify(&rules, helo, client).rule, "dynamic");
+    let confirmed = DnsFacts {
+        helo: HeloDns::NotLooked,
+        client: ClientDns::Confirmed("HOST-203-0-113-9.isp.example".into()),
+    };
+    assert_eq!(with_dns(&rules, helo, client, &confirmed).rule, "pass");
+    let other =
+        DnsFacts { helo: HeloDns::NotLooked, client: ClientDns::Unconfirmed(vec![helo.into()]) };
+    assert_eq!(with_dns(&rules, helo, client, &other).rule, "dynamic", "unconfirmed");
+}
+
+/// The pregreet fact is judged after the exemptions and before every HELO check (as
+/// postscreen tests before smtpd's HELO checks).
+#[test]
+fn a_pregreeter_is_judged_before_any_helo_check_and_never_when_exempt() {
+    let rules = rules_own("[checks]\npregreet = \"ban\"");
+    let facts = |helo, client: &str, pregreeted| Facts {
+        client: Some(client.parse().unwrap()),
+        argument: helo,
+        previous: &[],
+        exempt_listener: false,
+        dns: None,
+        pregreeted,
+    };
+    let bot = rules.classify(&facts("localhost", "198.51.100.7", true));
+    assert_eq!((bot.action, bot.rule), (Action::Ban, "pregreet"), "before localhost");
+    assert_eq!(bot.reply, Some(EntryReply { code: 550, text: "5.5.1 Protocol error".into() }));
+    assert_eq!(bot.ttl, Some(Duration::from_secs(3600)));
+    let patient = rules.classify(&facts("mail.sender.example", "198.51.100.7", false));
+    assert_eq!(patient.rule, "pass");
+    let allowlisted = rules.classify(&facts("mail.sender.example", "10.1.2.3", true));
+    assert_eq!(allowlisted.rule, "allowlist");
+    let exempt =
+        rules.classify(&Facts { exempt_listener: true, ..facts("x", "198.51.100.7", true) });
+    assert_eq!(exempt.rule, "exempt_listener");
+    let logged = rules_own("").classify(&facts("mail.sender.example", "198.51.100.7", true));
+    assert_eq!((logged.action, logged.logged[0].rule), (Action::Pass, "pregreet"), "log: noted");
 }

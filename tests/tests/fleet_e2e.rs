@@ -1,0 +1,473 @@
+//! Fleet bans end to end: three gateways, each in its own namespace with the agent and XDP on
+//! its own veth link, share bans through a real `redis-server` (password required). One
+//! namespace, "the network", holds the clients (one address reaches every gateway) and Redis.
+//! A ban anywhere must drop the client's SYNs everywhere; Redis going away must never stop
+//! local bans, and what happened meanwhile must reach the others when it is back.
+
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tests::netns::{Netns, veth};
+use tests::redis::Redis;
+use tests::{AgentProcess, PinDir, agent_cli, require_root, unique};
+
+const REDIS: &str = "10.88.0.1";
+const REDIS_PORT: u16 = 6390;
+const PASSWORD: &str = "fleet-s3cret";
+/// A client banned by an admin, then lifted.
+const CLIENT: &str = "10.88.0.2";
+/// Allowlisted on gateway 3 only.
+const ALLOWLISTED: &str = "10.88.0.3";
+/// A bot that forges the gateways' name, once on each gateway.
+const BOT: &str = "10.88.0.4";
+/// Banned on gateway 1 while Redis is down.
+const DURING_OUTAGE: &str = "10.88.0.5";
+/// Banned before the outage.
+const BEFORE_OUTAGE: &str = "10.88.0.6";
+/// Never banned: each gateway must still greet it.
+const BYSTANDER: &str = "10.88.0.9";
+
+/// One gateway: its namespace, veth end, pin directory and config.
+struct Gateway {
+    n: u8,
+    ns: Netns,
+    iface: String,
+    pin_dir: PinDir,
+    config: PathBuf,
+}
+
+impl Gateway {
+    fn address(&self) -> String {
+        format!("10.77.{}.1", self.n)
+    }
+
+    /// The agent with XDP in native mode on the gateway's link, ready once attached and
+    /// answering on its control socket.
+    fn start(&self) -> AgentProcess {
+        let prefix = self.ns.exec_prefix();
+        self.start_with_prefix(&prefix.each_ref().map(String::as_str))
+    }
+
+    /// [`Self::start`] through `prefix` (which enters the gateway's namespace).
+    fn start_with_prefix(&self, prefix: &[&str]) -> AgentProcess {
+        let (ns, iface) = (self.ns.name.clone(), self.iface.clone());
+        let attached = move || {
+            let out =
+                Command::new("ip").args(["-n", &ns, "link", "show", &iface]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+        };
+        let control = self.pin_dir.control_socket();
+        let config = self.config.to_str().unwrap().to_owned();
+        AgentProcess::start(
+            prefix,
+            &["--config", &config, "run", "--iface", &self.iface, "--xdp-mode", "native"],
+            move || attached() && tests::control_answers(&control),
+        )
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        agent_cli(
+            self.pin_dir.path(),
+            &[&["--config", self.config.to_str().unwrap()], args].concat(),
+        )
+    }
+
+    /// The bans listed by this gateway's agent: (address, origin, remaining seconds).
+    fn bans(&self) -> Vec<(String, Option<String>, Option<u64>)> {
+        let json: serde_json::Value =
+            serde_json::from_str(&self.cli(&["list", "--json"])).expect("list --json");
+        json.as_array()
+            .expect("an array")
+            .iter()
+            .map(|e| {
+                (
+                    e["target"].as_str().unwrap().to_owned(),
+                    e["origin"].as_str().map(str::to_owned),
+                    e["remaining_secs"].as_u64(),
+                )
+            })
+            .collect()
+    }
+
+    fn holds(&self, target: &str) -> bool {
+        self.bans().iter().any(|(t, _, _)| t == target)
+    }
+}
+
+struct Fleet {
+    network: Netns,
+    redis: Redis,
+    gateways: Vec<Gateway>,
+    prefix: String,
+}
+
+/// The network namespace with Redis and the client addresses, and three gateways joined to it,
+/// each with its own agent config (fleet on, node `gwN`); agents not started.
+fn fleet() -> Fleet {
+    require_root();
+    let network = Netns::new("hfnet");
+    for address in [REDIS, CLIENT, ALLOWLISTED, BOT, DURING_OUTAGE, BEFORE_OUTAGE, BYSTANDER] {
+        network.ip(&["addr", "add", &format!("{address}/32"), "dev", "lo"]);
+    }
+    let redis = Redis::start(&network, REDIS, REDIS_PORT, PASSWORD);
+    let prefix = format!("{}:", unique("hf-fleet-"));
+    let gateways = (1..=3u8)
+        .map(|n| {
+            let ns = Netns::new(&format!("hfg{n}"));
+            let (iface, outside) = veth(&ns, &network);
+            ns.ip(&["addr", "add", &format!("10.77.{n}.1/24"), "dev", &iface]);
+            network.ip(&["addr", "add", &format!("10.77.{n}.2/24"), "dev", &outside]);
+            ns.ip(&["route", "add", "10.88.0.0/24", "via", &format!("10.77.{n}.2")]);
+            let pin_dir = PinDir::new();
+            let allowlist = match n {
+                3 => format!("[\"127.0.0.0/8\", \"{ALLOWLISTED}/32\"]"),
+                _ => "[\"127.0.0.0/8\"]".to_owned(),
+            };
+            let url = redis.url();
+            let config = pin_dir.config(&format!(
+                r#"
+[fleet]
+redis = "{url}"
+node = "gw{n}"
+prefix = "{prefix}"
+timeout = "1s"
+[allowlist]
+networks = {allowlist}
+[identity]
+domains = ["example.net"]
+detect = false
+[bans]
+default_ttl = "3s"
+escalation_factor = 2
+[proxy]
+upstream = "127.0.0.1:10025"
+[[proxy.listeners]]
+address = "0.0.0.0:25"
+"#
+            ));
+            Gateway { n, ns, iface, pin_dir, config }
+        })
+        .collect();
+    Fleet { network, redis, gateways, prefix }
+}
+
+/// Connects from `src` to the gateway's port 25: `Ok` with the greeting, or the error kind
+/// (`TimedOut`: the SYN was dropped).
+fn connect(fleet: &Fleet, src: &str, gateway: &Gateway) -> Result<String, std::io::ErrorKind> {
+    let src: IpAddr = src.parse().unwrap();
+    let dst = SocketAddr::new(gateway.address().parse().unwrap(), 25);
+    fleet.network.enter(move || {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.bind(&SocketAddr::new(src, 0).into()).unwrap();
+        socket.connect_timeout(&dst.into(), Duration::from_secs(1)).map_err(|e| e.kind())?;
+        let mut stream: std::net::TcpStream = socket.into();
+        stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut greeting = [0u8; 128];
+        let n = stream.read(&mut greeting).map_err(|e| e.kind())?;
+        Ok(String::from_utf8_lossy(&greeting[..n]).into_owned())
+    })
+}
+
+/// A session from `src` that says `EHLO helo`; the reply to EHLO.
+fn ehlo(fleet: &Fleet, src: &str, gateway: &Gateway, helo: &str) -> String {
+    let src: IpAddr = src.parse().unwrap();
+    let dst = SocketAddr::new(gateway.address().parse().unwrap(), 25);
+    let line = format!("EHLO {helo}\r\n");
+    fleet.network.enter(move || {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.bind(&SocketAddr::new(src, 0).into()).unwrap();
+        socket.connect_timeout(&dst.into(), Duration::from_secs(1)).expect("connect for EHLO");
+        let mut stream: std::net::TcpStream = socket.into();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 512];
+        // The whole greeting, which may come in several lines (`220-`, then `220 `), before
+        // saying anything, as a patient client does.
+        let mut greeting = Vec::new();
+        while !greeting.starts_with(b"220 ") && !greeting.windows(5).any(|w| w == b"\n220 ") {
+            let n = stream.read(&mut buf).expect("greeting");
+            assert!(n > 0, "closed during the greeting");
+            greeting.extend_from_slice(&buf[..n]);
+        }
+        stream.write_all(line.as_bytes()).unwrap();
+        let n = stream.read(&mut buf).unwrap_or(0);
+        let _ = stream.write_all(b"QUIT\r\n");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    })
+}
+
+fn greeted(result: Result<String, std::io::ErrorKind>, who: &str) {
+    match result {
+        Ok(greeting) => assert!(greeting.starts_with("220"), "{who}: greeting {greeting:?}"),
+        Err(kind) => panic!("{who}: could not connect ({kind:?})"),
+    }
+}
+
+fn dropped(result: Result<String, std::io::ErrorKind>, who: &str) {
+    assert_eq!(result, Err(std::io::ErrorKind::TimedOut), "{who}: the SYN must get no answer");
+}
+
+/// Waits up to `limit` for `check`, with what it waited for in the panic.
+fn wait_for(what: &str, limit: Duration, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "waited {limit:?} for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_ban_anywhere_drops_everywhere_and_an_unban_anywhere_lifts_everywhere() {
+    let fleet = fleet();
+    let [g1, g2, g3] = &fleet.gateways[..] else { unreachable!() };
+    let mut agents = vec![g1.start(), g2.start()];
+    for g in [g1, g2] {
+        greeted(connect(&fleet, CLIENT, g), &format!("the client at gw{} before any ban", g.n));
+    }
+
+    // Gateway 1 bans; gateway 2 drops the client within a second and says where it came from.
+    g1.cli(&["ban", CLIENT, "--ttl", "10m", "--reason", "manual-e2e"]);
+    let banned = Instant::now();
+    wait_for("gw2 to hold gw1's ban", Duration::from_secs(5), || g2.holds(CLIENT));
+    let lag = banned.elapsed();
+    dropped(connect(&fleet, CLIENT, g2), "the client at gw2");
+    dropped(connect(&fleet, CLIENT, g1), "the client at gw1");
+    greeted(connect(&fleet, BYSTANDER, g2), "a bystander at gw2");
+    let listed = g2.bans();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].1.as_deref(), Some("gw1"), "gw2 lists the ban's origin: {listed:?}");
+    assert!(listed[0].2.unwrap().abs_diff(600) <= 3, "the same expiry: {listed:?}");
+    let table = g2.cli(&["list"]);
+    assert!(
+        table.contains("FROM") && table.contains("gw1") && table.contains("manual-e2e"),
+        "{table}"
+    );
+    assert_eq!(g1.bans()[0].1, None, "gw1 made it itself");
+    assert!(lag < Duration::from_secs(2), "propagation took {lag:?}");
+
+    // A gateway started later catches up: it drops the client from its first moment.
+    let redis_key = format!("{}ban:{CLIENT}", fleet.prefix);
+    assert!(
+        fleet.redis.cli(&["GET", &redis_key]).contains("manual-e2e"),
+        "the ban is kept in Redis"
+    );
+    agents.push(g3.start());
+    wait_for("gw3 to catch up", Duration::from_secs(5), || g3.holds(CLIENT));
+    dropped(connect(&fleet, CLIENT, g3), "the client at gw3, started after the ban");
+
+    // A ban of an address gateway 3 allowlists is refused there, with a log line, and applied
+    // at gateway 2.
+    g1.cli(&["ban", ALLOWLISTED, "--ttl", "10m"]);
+    wait_for("gw2 to hold the second ban", Duration::from_secs(5), || g2.holds(ALLOWLISTED));
+    wait_for("gw3 to log the refusal", Duration::from_secs(5), || {
+        agents[2].log().contains("ban from another gateway refused")
+    });
+    assert!(!g3.holds(ALLOWLISTED), "gw3 never applies a ban of its allowlist");
+    greeted(connect(&fleet, ALLOWLISTED, g3), "the allowlisted address at gw3");
+
+    // Garbage on the channel is ignored with a log line, and the fleet goes on.
+    let channel = format!("{}events", fleet.prefix);
+    let receivers = fleet.redis.cli(&["PUBLISH", &channel, "this is not a ban"]);
+    assert_eq!(receivers.trim(), "3", "three gateways subscribed");
+    fleet.redis.cli(&[
+        "PUBLISH",
+        &channel,
+        r#"{"v":1,"kind":"ban","target":"10.0.0.0/8","node":"x","at_ms":1}"#,
+    ]);
+    wait_for("the garbage to be logged", Duration::from_secs(5), || {
+        agents.iter().all(|a| a.log().contains("is not ours or is malformed"))
+    });
+
+    // An unban on gateway 2 (not where the ban was made) lifts it everywhere.
+    g2.cli(&["unban", CLIENT]);
+    for (g, agent) in [g1, g3].iter().zip([&agents[0], &agents[2]]) {
+        wait_for(&format!("gw{} to lift the ban", g.n), Duration::from_secs(5), || {
+            !g.holds(CLIENT)
+        });
+        greeted(connect(&fleet, CLIENT, g), &format!("the client at gw{} after the unban", g.n));
+        assert!(agent.log().contains("unbanned by another gateway"), "{}", agent.log());
+    }
+    assert_eq!(fleet.redis.cli(&["EXISTS", &redis_key]).trim(), "0", "the key is gone");
+    for agent in &agents {
+        assert!(!agent.log().contains("panicked"), "{}", agent.log());
+    }
+}
+
+#[test]
+fn redis_down_local_bans_go_on_and_are_shared_when_it_comes_back_empty() {
+    let mut fleet = fleet();
+    let [g1, g2, _] = &fleet.gateways[..] else { unreachable!() };
+    let agents = [g1.start(), g2.start()];
+    g1.cli(&["ban", BEFORE_OUTAGE, "--ttl", "10m"]);
+    wait_for("gw2 to hold the ban made before the outage", Duration::from_secs(5), || {
+        g2.holds(BEFORE_OUTAGE)
+    });
+
+    fleet.redis.kill();
+    // Gateway 1 bans on its own: its kernel drops the address at once; gateway 2 cannot know.
+    g1.cli(&["ban", DURING_OUTAGE, "--ttl", "10m"]);
+    dropped(connect(&fleet, DURING_OUTAGE, g1), "banned at gw1 during the outage");
+    greeted(connect(&fleet, DURING_OUTAGE, g2), "at gw2, which Redis could not tell");
+    wait_for("gw1 to report Redis lost", Duration::from_secs(10), || {
+        let log = agents[0].log();
+        log.contains("lost Redis") || log.contains("cannot reach Redis")
+    });
+
+    // Redis back, empty: the outage's ban reaches gateway 2, and the bans from before are put
+    // back into Redis by the gateways that hold them.
+    fleet.redis = Redis::start(&fleet.network, REDIS, REDIS_PORT, PASSWORD);
+    wait_for("gw2 to receive the outage's ban", Duration::from_secs(20), || {
+        g2.holds(DURING_OUTAGE)
+    });
+    dropped(connect(&fleet, DURING_OUTAGE, g2), "the outage's ban at gw2");
+    let key = format!("{}ban:{BEFORE_OUTAGE}", fleet.prefix);
+    wait_for("the earlier ban to be back in Redis", Duration::from_secs(10), || {
+        fleet.redis.cli(&["EXISTS", &key]).trim() == "1"
+    });
+    assert!(agents[0].log().contains("Redis lost its data"), "{}", agents[0].log());
+    if std::env::var_os("FLEET_SHOW_LOG").is_some() {
+        eprintln!("gw1:\n{}\ngw2:\n{}", agents[0].log(), agents[1].log());
+    }
+}
+
+#[test]
+fn a_wrong_password_is_reported_and_the_gateway_bans_locally() {
+    let fleet = fleet();
+    let g3 = &fleet.gateways[2];
+    let text = std::fs::read_to_string(&g3.config).unwrap();
+    std::fs::write(&g3.config, text.replace(PASSWORD, "wrong-password")).unwrap();
+    let agent = g3.start();
+    wait_for("the failure to be logged", Duration::from_secs(10), || {
+        agent.log().contains("cannot reach Redis")
+    });
+    let log = agent.log();
+    assert!(
+        log.contains("Password authentication failed") && log.contains("check fleet.redis"),
+        "{log}"
+    );
+    assert!(!log.contains("wrong-password"), "the password is never logged:\n{log}");
+    g3.cli(&["ban", CLIENT, "--ttl", "1m"]);
+    dropped(connect(&fleet, CLIENT, g3), "a local ban without Redis");
+}
+
+#[test]
+fn offences_on_different_gateways_escalate_as_one_history() {
+    let fleet = fleet();
+    let [g1, g2, g3] = &fleet.gateways[..] else { unreachable!() };
+    let _agents = [g1.start(), g2.start(), g3.start()];
+    // The bot forges the fleet's name once on each gateway, each time after its last ban ended.
+    // Rule TTL 3 s, factor 2: the third offence anywhere is a 12 s ban.
+    let mut expected = 3;
+    for g in [g1, g2, g3] {
+        wait_for(&format!("the bot to be free at gw{}", g.n), Duration::from_secs(15), || {
+            connect(&fleet, BOT, g).is_ok()
+        });
+        let reply = ehlo(&fleet, BOT, g, "mx.example.net");
+        assert!(reply.starts_with("250"), "rejection comes at RCPT (qmail style): {reply:?}");
+        wait_for(&format!("gw{} to ban the bot", g.n), Duration::from_secs(5), || g.holds(BOT));
+        let remaining = g.bans().into_iter().find(|(t, _, _)| t == BOT).unwrap().2.unwrap();
+        assert!(
+            2 * remaining > expected && remaining <= expected,
+            "offence at gw{}: a ban of {expected} s expected, {remaining} s left",
+            g.n
+        );
+        expected *= 2;
+    }
+}
+
+/// `rediss://`: the agent verifies Redis's certificate with the system's CA store, which
+/// `SSL_CERT_FILE` points at the test's CA here, and shares bans over TLS.
+#[test]
+fn the_fleet_speaks_tls_to_redis() {
+    let mut fleet = fleet();
+    fleet.redis.kill();
+    let dir = std::env::temp_dir().join(unique("helo-fleet-tls-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tls = tests::redis::TlsFiles::make(&dir, REDIS);
+    // The agent reads the CA after dropping root.
+    for file in [&dir, &tls.ca] {
+        let mode = if file.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+    fleet.redis = Redis::start_tls(&fleet.network, REDIS, REDIS_PORT, PASSWORD, &tls);
+    let g1 = &fleet.gateways[0];
+    let text = std::fs::read_to_string(&g1.config).unwrap();
+    std::fs::write(&g1.config, text.replace("redis://", "rediss://")).unwrap();
+    let [nsenter, net] = g1.ns.exec_prefix();
+    let env = format!("SSL_CERT_FILE={}", tls.ca.display());
+    let agent = g1.start_with_prefix(&[&nsenter, &net, "env", &env]);
+    g1.cli(&["ban", CLIENT, "--ttl", "1m", "--reason", "over-tls"]);
+    let key = format!("{}ban:{CLIENT}", fleet.prefix);
+    wait_for("the ban in Redis, over TLS", Duration::from_secs(5), || {
+        fleet.redis.cli(&["GET", &key]).contains("over-tls")
+    });
+    assert!(agent.log().contains("rediss://:***@"), "{}", agent.log());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An admin lifted a ban on a gateway cut off from Redis; at reconnection the catch-up read
+/// the ban back from Redis before the outbox sent the unban, so the ban came back on exactly
+/// the gateway where it was lifted (and nowhere else).
+#[test]
+fn an_unban_made_while_cut_off_from_redis_does_not_come_back_there() {
+    let fleet = fleet();
+    let [g1, g2, _] = &fleet.gateways[..] else { unreachable!() };
+    let agents = [g1.start(), g2.start()];
+    g2.cli(&["ban", CLIENT, "--ttl", "1h", "--reason", "partition-test"]);
+    wait_for("gw1 to hold gw2's ban", Duration::from_secs(5), || g1.holds(CLIENT));
+
+    // Cut gw1 off from Redis only (its clients still reach it).
+    g1.ns.ip(&["route", "add", "blackhole", &format!("{REDIS}/32")]);
+    wait_for("gw1 to notice", Duration::from_secs(15), || agents[0].log().contains("lost Redis"));
+    let out = g1.cli(&["unban", CLIENT]);
+    assert!(out.contains("when it is reachable again"), "{out}");
+    assert!(!g1.holds(CLIENT));
+    g1.ns.ip(&["route", "del", "blackhole", &format!("{REDIS}/32")]);
+    wait_for("gw2 to lift the ban", Duration::from_secs(20), || !g2.holds(CLIENT));
+    assert!(!g1.holds(CLIENT), "the ban came back where it was lifted:\n{}", agents[0].log());
+    let key = format!("{}ban:{CLIENT}", fleet.prefix);
+    assert_eq!(fleet.redis.cli(&["EXISTS", &key]).trim(), "0");
+}
+
+/// Redis flushed (or its keys evicted) while every gateway stayed connected went unnoticed:
+/// a gateway started afterwards caught up on nothing.
+#[test]
+fn redis_flushed_under_live_connections_gets_the_bans_back() {
+    let fleet = fleet();
+    let [g1, g2, g3] = &fleet.gateways[..] else { unreachable!() };
+    let _agents = [g1.start(), g2.start()];
+    g1.cli(&["ban", BEFORE_OUTAGE, "--ttl", "1h"]);
+    let key = format!("{}ban:{BEFORE_OUTAGE}", fleet.prefix);
+    wait_for("the ban in Redis", Duration::from_secs(5), || {
+        fleet.redis.cli(&["EXISTS", &key]).trim() == "1"
+    });
+    fleet.redis.cli(&["FLUSHALL"]);
+    wait_for("the ban back in Redis", Duration::from_secs(15), || {
+        fleet.redis.cli(&["EXISTS", &key]).trim() == "1"
+    });
+    let _late = g3.start();
+    wait_for("a gateway started after the flush to catch up", Duration::from_secs(5), || {
+        g3.holds(BEFORE_OUTAGE)
+    });
+}
+
+/// Two gateways with one node name (cloned hosts) ignored each other's bans without a word:
+/// each took the other's messages for its own echo.
+#[test]
+fn gateways_sharing_a_node_name_still_share_bans_and_are_warned() {
+    let fleet = fleet();
+    let [g1, g2, _] = &fleet.gateways[..] else { unreachable!() };
+    let text = std::fs::read_to_string(&g2.config).unwrap();
+    std::fs::write(&g2.config, text.replace("node = \"gw2\"", "node = \"gw1\"")).unwrap();
+    let agents = [g1.start(), g2.start()];
+    g1.cli(&["ban", CLIENT, "--ttl", "10m"]);
+    wait_for("the twin to hold the ban", Duration::from_secs(5), || g2.holds(CLIENT));
+    dropped(connect(&fleet, CLIENT, g2), "the client at the twin");
+    wait_for("the warning", Duration::from_secs(5), || {
+        agents[1].log().contains("another gateway uses this node name")
+    });
+}
