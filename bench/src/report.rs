@@ -88,9 +88,14 @@ impl Report {
     pub fn merge(&self, existing: &str, order: &[&str]) -> String {
         let old = parse(existing);
         let ran: Vec<&str> = {
-            let mut ran: Vec<&str> = self.blocks.iter().map(|(n, _)| n.as_str()).collect();
-            ran.extend(self.targets.iter().map(|(n, ..)| n.as_str()));
-            ran.dedup();
+            // Each section once, in the order it ran (its blocks and targets interleave).
+            let mut ran: Vec<&str> = Vec::new();
+            let names = self.blocks.iter().map(|(n, _)| n.as_str());
+            for name in names.chain(self.targets.iter().map(|(n, ..)| n.as_str())) {
+                if !ran.contains(&name) {
+                    ran.push(name);
+                }
+            }
             ran
         };
         let ours = |name: &str| ran.contains(&name);

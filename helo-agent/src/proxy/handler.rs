@@ -232,7 +232,9 @@ impl Handler<'_> {
         while let Some(step) = next.take() {
             let flow = match step {
                 Step::Lookup { name, need } => {
-                    let facts = self.lookups(&name, need).await;
+                    // Boxed, like the relay's: the resolver's futures are large, and inline
+                    // they would make every session's future (the idle bots' too) as large.
+                    let facts = Box::pin(self.lookups(&name, need)).await;
                     next = Some(self.session.on_dns(facts));
                     continue;
                 }
