@@ -502,8 +502,6 @@ fn run_setup(
 ) -> anyhow::Result<Outcome> {
     progress(&format!("bots: {}", setup.name()));
     let ns_id = ns_id_of(gateway);
-    let prefix = gateway.exec_prefix();
-    let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
     let pins = PinDir::new();
     let mut fail2ban = None;
     let mut agent = None;
@@ -514,23 +512,11 @@ fn run_setup(
             let config = agent_config(&pins, "");
             let control = pins.control_socket();
             let server = setup.server().to_string();
-            agent = Some(AgentProcess::start(
-                &prefix,
-                &[
-                    "--config",
-                    config.to_str().unwrap(),
-                    "run",
-                    "--iface",
-                    gw_if,
-                    "--xdp-mode",
-                    "native",
-                    "--listen",
-                    &server,
-                    "--upstream",
-                    UPSTREAM,
-                ],
-                move || tests::control_answers(&control),
-            ));
+            let extra = ["--listen", &server, "--upstream", UPSTREAM];
+            agent =
+                Some(AgentProcess::run_in(gateway, &config, gw_if, "native", &extra, move || {
+                    tests::control_answers(&control)
+                }));
         }
         Setup::Policy => {
             let config = agent_config(
@@ -538,19 +524,9 @@ fn run_setup(
                 &format!("[proxy]\nlisteners = []\n[policy]\nlisteners = [\"{POLICY}\"]\n"),
             );
             let name = gateway.name.clone();
-            agent = Some(AgentProcess::start(
-                &prefix,
-                &[
-                    "--config",
-                    config.to_str().unwrap(),
-                    "run",
-                    "--iface",
-                    gw_if,
-                    "--xdp-mode",
-                    "native",
-                ],
-                move || in_netns(&name, || TcpStream::connect(POLICY).is_ok()),
-            ));
+            agent = Some(AgentProcess::run_in(gateway, &config, gw_if, "native", &[], move || {
+                in_netns(&name, || TcpStream::connect(POLICY).is_ok())
+            }));
         }
     }
     let delivered_before = postfix.delivered().len();

@@ -58,23 +58,11 @@ impl Gateway {
             "{fleet}[bans]\nmax_per_second = 1000000\nsnapshot = \"\"\n[identity]\ndetect = false\n"
         ));
         let control = pins.control_socket();
-        let prefix = ns.exec_prefix();
         let listen = format!("127.0.0.1:{port}");
-        let agent = AgentProcess::start(
-            &prefix.each_ref().map(String::as_str),
-            &[
-                "--config",
-                config.to_str().unwrap(),
-                "run",
-                "--iface",
-                iface,
-                "--xdp-mode",
-                "native",
-                "--listen",
-                &listen,
-            ],
-            move || tests::control_answers(&control),
-        );
+        let agent =
+            AgentProcess::run_in(ns, &config, iface, "native", &["--listen", &listen], move || {
+                tests::control_answers(&control)
+            });
         Gateway { pins, agent }
     }
 

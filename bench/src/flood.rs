@@ -58,6 +58,33 @@ fn in_ns(ns: &Netns, args: &[&str]) -> String {
     tests::run(Command::new("ip").args(["netns", "exec", &ns.name]).args(args))
 }
 
+/// helo-filter's XDP drop: the agent attached natively to `gw_if` (its proxy out of the way),
+/// the attacker banned.
+fn xdp_peer(gateway: &Netns, gw_if: &str) -> (PinDir, AgentProcess) {
+    let pins = PinDir::new();
+    let config = pins.config("[allowlist]\nnetworks = []\n[identity]\ndetect = false\n");
+    let control = pins.control_socket();
+    let agent = AgentProcess::run_in(
+        gateway,
+        &config,
+        gw_if,
+        "native",
+        &["--listen", "127.0.0.1:10026"],
+        move || tests::control_answers(&control),
+    );
+    agent_cli(pins.path(), &["ban", ATTACKER, "--ttl", "1h"]);
+    (pins, agent)
+}
+
+/// Packets helo-filter's XDP program dropped.
+fn xdp_dropped(pins: &PinDir) -> u64 {
+    let json = agent_cli(pins.path(), &["stats", "--json"]);
+    serde_json::from_str::<serde_json::Value>(&json)
+        .ok()
+        .and_then(|v| v["dropped"].as_u64())
+        .unwrap_or(0)
+}
+
 /// The nftables peer: a netdev ingress chain on `gw_if` dropping the guarded ports from a set
 /// holding the attacker (with a timeout, as bans have).
 fn nft_set_drop(gateway: &Netns, gw_if: &str) -> anyhow::Result<()> {
@@ -127,33 +154,8 @@ pub fn run(report: &mut Report, out: &Path) -> anyhow::Result<()> {
 
     // helo-filter: the agent attaches XDP in native mode; the ban is made with the CLI.
     {
-        let pins = PinDir::new();
-        let config = pins.config("[allowlist]\nnetworks = []\n[identity]\ndetect = false\n");
-        let control = pins.control_socket();
-        let prefix = gateway.exec_prefix();
-        let _agent = AgentProcess::start(
-            &prefix.each_ref().map(String::as_str),
-            &[
-                "--config",
-                config.to_str().unwrap(),
-                "run",
-                "--iface",
-                &gw_if,
-                "--xdp-mode",
-                "native",
-                "--listen",
-                "127.0.0.1:10026",
-            ],
-            move || tests::control_answers(&control),
-        );
-        agent_cli(pins.path(), &["ban", ATTACKER, "--ttl", "1h"]);
-        let counter = || {
-            let json = agent_cli(pins.path(), &["stats", "--json"]);
-            serde_json::from_str::<serde_json::Value>(&json)
-                .ok()
-                .and_then(|v| v["dropped"].as_u64())
-                .unwrap_or(0)
-        };
+        let (pins, _agent) = xdp_peer(&gateway, &gw_if);
+        let counter = || xdp_dropped(&pins);
         let mut runs = Vec::new();
         for round in 0..ROUNDS {
             progress(&format!("flood: helo-filter XDP, round {}", round + 1));
@@ -479,33 +481,8 @@ fn live_frames(
     }
     {
         progress("flood: live frames, helo-filter XDP");
-        let pins = PinDir::new();
-        let config = pins.config("[allowlist]\nnetworks = []\n[identity]\ndetect = false\n");
-        let control = pins.control_socket();
-        let prefix = gateway.exec_prefix();
-        let _agent = AgentProcess::start(
-            &prefix.each_ref().map(String::as_str),
-            &[
-                "--config",
-                config.to_str().unwrap(),
-                "run",
-                "--iface",
-                gw_if,
-                "--xdp-mode",
-                "native",
-                "--listen",
-                "127.0.0.1:10026",
-            ],
-            move || tests::control_answers(&control),
-        );
-        agent_cli(pins.path(), &["ban", ATTACKER, "--ttl", "1h"]);
-        let counter = || {
-            let json = agent_cli(pins.path(), &["stats", "--json"]);
-            serde_json::from_str::<serde_json::Value>(&json)
-                .ok()
-                .and_then(|v| v["dropped"].as_u64())
-                .unwrap_or(0)
-        };
+        let (pins, _agent) = xdp_peer(gateway, gw_if);
+        let counter = || xdp_dropped(&pins);
         results.push(("helo-filter XDP (native)", live_steps(attacker, at_if, &frame, &counter)?));
         agent_cli(pins.path(), &["detach", "--maps"]);
     }

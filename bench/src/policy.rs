@@ -49,13 +49,10 @@ pub fn run(report: &mut Report, _out: &std::path::Path) -> anyhow::Result<()> {
         "[allowlist]\nnetworks = []\n[identity]\ndetect = false\ndomains = [\"=mx.gw.test\", \"=gw.test\"]\n\
          [proxy]\nlisteners = []\n[policy]\nlisteners = [\"{POLICY}\"]\n"
     ));
-    let prefix = ns.exec_prefix();
     let name = ns.name.clone();
-    let agent = AgentProcess::start(
-        &prefix.each_ref().map(String::as_str),
-        &["--config", config.to_str().unwrap(), "run", "--iface", "lo", "--xdp-mode", "skb"],
-        move || in_netns(&name, || std::net::TcpStream::connect(POLICY).is_ok()),
-    );
+    let agent = AgentProcess::run_in(&ns, &config, "lo", "skb", &[], move || {
+        in_netns(&name, || std::net::TcpStream::connect(POLICY).is_ok())
+    });
 
     progress("policy: requests per second, 50 connections");
     let (rate, p50, p99) = requests(&ns)?;

@@ -410,12 +410,15 @@ fn lookups(
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let dns = Dns::new(&config.dns)?;
-        let helo = dns.helo(helo, Need::Required).await.unwrap_or_default();
-        let client = match client {
-            Some(ip) => dns.client(ip, Need::Required).await.unwrap_or_default(),
-            None => crate::rules::ClientDns::NotLooked,
+        // Waiting for a slot (Need::Required), the lookups always answer.
+        let facts = match client {
+            Some(ip) => dns.facts(helo, ip, Need::Required).await,
+            None => dns
+                .helo(helo, Need::Required)
+                .await
+                .map(|helo| crate::rules::DnsFacts { helo, client: Default::default() }),
         };
-        Ok(crate::rules::DnsFacts { helo, client })
+        Ok(facts.unwrap_or_default())
     })
 }
 

@@ -194,6 +194,23 @@ impl AgentProcess {
         agent
     }
 
+    /// `helo-agent --config CONFIG run --iface IFACE --xdp-mode MODE EXTRA...` inside `ns`
+    /// (through [`netns::Netns::exec_prefix`]), ready once `ready` holds.
+    pub fn run_in(
+        ns: &netns::Netns,
+        config: &Path,
+        iface: &str,
+        mode: &str,
+        extra: &[&str],
+        ready: impl Fn() -> bool,
+    ) -> Self {
+        let prefix = ns.exec_prefix();
+        let config = config.to_str().expect("a UTF-8 config path");
+        let mut args = vec!["--config", config, "run", "--iface", iface, "--xdp-mode", mode];
+        args.extend(extra);
+        Self::start(&prefix.each_ref().map(String::as_str), &args, ready)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

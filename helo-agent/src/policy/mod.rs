@@ -323,11 +323,9 @@ impl PolicySession {
     /// (`client_name` is its forward-confirmed name, as Postfix checked it).
     pub async fn lookups(&self, request: &Request, live: &Live, dns: &Dns) -> Option<DnsFacts> {
         let (address, helo) = (request.client_address?, request.helo_name.as_deref()?);
-        let key = SessionKey::of(request, address);
-        let same = self.key.as_ref() == Some(&key);
-        let rejected = same && self.verdict.as_ref().is_some_and(|v| v.action != Action::Pass);
-        let judged = same && self.helos.last().is_some_and(|last| last == helo);
-        if helo.is_empty() || rejected || judged {
+        // A new session's first HELO is always judged (on_request starts the session afresh).
+        let same = self.key.as_ref() == Some(&SessionKey::of(request, address));
+        if helo.is_empty() || (same && !self.judges(helo)) {
             return None;
         }
         let client = Client::new(address, None, false);
@@ -340,6 +338,14 @@ impl PolicySession {
             request.reverse_client_name.as_deref(),
         );
         Some(DnsFacts { helo, client })
+    }
+
+    /// Whether this session judges `helo` now: unless it is rejected already, or `helo` is the
+    /// HELO it judged last (Postfix repeats it in every request of the session).
+    fn judges(&self, helo: &str) -> bool {
+        let rejected = self.verdict.as_ref().is_some_and(|v| v.action != Action::Pass);
+        let judged = self.helos.last().is_some_and(|last| last == helo);
+        !rejected && !judged
     }
 
     /// Answers one request; a new verdict is concluded (logged, observed, banned) on the spot.
@@ -376,9 +382,7 @@ impl PolicySession {
             return Answer::Dunno;
         };
         let client = self.client.expect("set with the key");
-        let rejected = self.verdict.as_ref().is_some_and(|v| v.action != Action::Pass);
-        let judged = self.helos.last().is_some_and(|last| last == helo);
-        if !rejected && !judged {
+        if self.judges(helo) {
             let verdict = judge::classify(&live.rules, &client, helo, &self.helos, dns, false);
             self.helos.push(helo.to_owned());
             for m in &verdict.logged {
