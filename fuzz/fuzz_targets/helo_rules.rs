@@ -17,7 +17,8 @@ fn rules() -> &'static RuleSet {
                     addresses = [\"192.0.2.25\", \"2001:db8::25\"]\n\
                     [rules]\ndomains = [\".dyn.example\", \"=bad.example\"]\n\
                     regexes = ['^(a?dsl|dhcp|dyn(amic)?|ppp)([.-][0-9]{1,3}){4}', '!\\.', 'localhost', \
-                    '[~!@#$%^&*()_+`={}|\\;\"<>?,/]']\n[checks]\ndynamic = \"ban\"\nchanged = \"reject\"\n";
+                    '[~!@#$%^&*()_+`={}|\\;\"<>?,/]']\n[checks]\ndynamic = \"ban\"\nchanged = \"reject\"\n\
+                    helo_reuse = \"ban\"\n[reuse]\nclients = 3\n";
         (*Config::parse(text, Path::new("fuzz"), &HostFacts::default()).unwrap().rules).clone()
     })
 }
@@ -48,6 +49,7 @@ fuzz_target!(|data: &[u8]| {
         client: match head[0] & 0x18 {
             0 => ClientDns::NotLooked,
             0x08 => ClientDns::Confirmed(helo.to_ascii_lowercase()),
+            0x10 => ClientDns::TempFail("timeout".into()),
             _ => ClientDns::Unconfirmed(vec![]),
         },
     };
@@ -58,8 +60,15 @@ fuzz_target!(|data: &[u8]| {
         exempt_listener: false,
         dns: (head[0] & 4 != 0).then_some(&dns),
         pregreeted: head[0] & 1 != 0,
+        // A reuse count from the last byte (an IPv6 client's last octet too: no matter).
+        reuse: (head[16] & 0x80 != 0).then_some(usize::from(head[16] & 0x7f)),
     };
     let verdict = rules().classify(&facts);
     assert!(!verdict.rule.is_empty() && !verdict.reason.is_empty());
     assert_eq!(verdict.ttl.is_some(), verdict.action == Action::Ban);
+    if verdict.rule == "helo_reuse" {
+        assert!(facts.reuse.is_some_and(|n| n >= 3), "reuse judged only from its count");
+        let unchecked = matches!(facts.dns.map(|d| &d.client), Some(ClientDns::TempFail(_)));
+        assert_eq!(verdict.reply.is_some(), unchecked, "450 only where the guard could not look");
+    }
 });

@@ -83,6 +83,7 @@ fn classify_all(rules: &RuleSet, inputs: &[(String, IpAddr)]) {
             exempt_listener: false,
             dns: None,
             pregreeted: false,
+            reuse: None,
         };
         black_box(rules.classify(&facts));
     }

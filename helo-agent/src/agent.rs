@@ -62,7 +62,7 @@ pub enum AgentError {
     #[error(transparent)]
     Ebpf(#[from] EbpfError),
     #[error(
-        "{0}; a DNS check enforces (checks.unknown_helo or checks.helo_not_client), so the agent does not start without a resolver"
+        "{0}; a DNS check enforces (checks.unknown_helo or checks.helo_not_client), or checks.helo_reuse does (its guard reads the client's reverse name), so the agent does not start without a resolver"
     )]
     Dns(#[from] crate::dns::DnsError),
     #[error(
@@ -399,6 +399,9 @@ impl Reloader {
         let mut new = loaded.map_err(ReloadError::Invalid)?;
         let mut current = self.current.lock().expect("config lock");
         let needs_restart = keep_fixed(&current, &mut new);
+        // The reuse memory is the judge's, not the file's: the new rules count on in it, with
+        // the new [reuse] limits, so a reload forgets no name.
+        Arc::make_mut(&mut new.rules).memory = current.rules.memory.clone();
         for key in &needs_restart {
             tracing::warn!(
                 key,
@@ -579,13 +582,18 @@ pub async fn serve(
     Ok(())
 }
 
-/// The resolver of the DNS checks: `None` when they are all off. Without a usable resolver
-/// configuration the agent does not start if a DNS check enforces, and runs without the DNS
-/// checks (saying so) if they only log.
+/// The resolver of the DNS checks: `None` when they are all off and `helo_reuse` does not
+/// enforce (in `log` it reads what the DNS checks looked up, and asks for nothing itself).
+/// Without a usable resolver configuration the agent does not start if a DNS check or
+/// `helo_reuse` enforces, and runs without the DNS checks (saying so) if they only log.
 fn resolver(config: &Config) -> Result<Option<Arc<crate::dns::Dns>>, AgentError> {
     use crate::rules::{Check, CheckAction};
+    let reuse = match config.rules.action(Check::HeloReuse) {
+        CheckAction::Reject | CheckAction::Ban => CheckAction::Reject,
+        _ => CheckAction::Off,
+    };
     let actions =
-        [config.rules.action(Check::UnknownHelo), config.rules.action(Check::HeloNotClient)];
+        [config.rules.action(Check::UnknownHelo), config.rules.action(Check::HeloNotClient), reuse];
     if actions.iter().all(|a| *a == CheckAction::Off) {
         return Ok(None);
     }
@@ -871,9 +879,22 @@ mod tests {
         let count =
             |result| metrics.reloads.get_or_create(&crate::metrics::ResultLabels { result }).get();
 
-        std::fs::write(&path, "[identity]\ndetect = false\n[rules]\nregexes = ['^x']\n").unwrap();
+        // The reuse memory outlives a reload; the new [reuse] limits apply at once.
+        let client = "198.51.100.7".parse().unwrap();
+        let rules = reloader.shared.live().rules.clone();
+        rules.memory.observe("bulk.example", client, 100, rules.reuse.window);
+        std::fs::write(
+            &path,
+            "[identity]\ndetect = false\n[rules]\nregexes = ['^x']\n[reuse]\nclients = 5\n",
+        )
+        .unwrap();
         let summary = runtime.block_on(reloader.reload()).unwrap();
         assert_eq!(summary.badhelo_patterns, 1);
+        let reloaded = reloader.shared.live().rules.clone();
+        assert_eq!(reloaded.reuse.clients, 5, "[reuse] changes on reload");
+        assert!(Arc::ptr_eq(&reloaded.memory, &rules.memory), "one memory across the reload");
+        assert_eq!(reloaded.memory.count("bulk.example", 100, reloaded.reuse.window).networks, 1);
+        assert!(summary.needs_restart.is_empty(), "{:?}", summary.needs_restart);
         std::fs::write(&path, "bogus = 1\n").unwrap();
         let refused = runtime.block_on(reloader.reload()).unwrap_err().to_string();
         assert!(refused.starts_with("reload refused, the config in force keeps running: "));

@@ -129,7 +129,13 @@ pub enum CliCommand {
         /// and MX records; the client's forward-confirmed reverse name, with --client).
         #[arg(long)]
         no_dns: bool,
-        /// One JSON object: verdict, rule, reason, entry, ttl, logged, dns.
+        /// Judge HELO reuse as if N distinct client networks (/24, /64; this client's
+        /// included) had used the name within reuse.window. `check` keeps no count of its
+        /// own; without this flag helo_reuse is not judged (the running agent's counts are in
+        /// `helo-agent tophelos`).
+        #[arg(long, value_name = "N")]
+        networks: Option<usize>,
+        /// One JSON object: verdict, rule, reason, entry, ttl, logged, dns, networks.
         #[arg(long)]
         json: bool,
     },
@@ -148,7 +154,13 @@ pub enum CliCommand {
     /// Make the running agent re-read its config and rule files (as SIGHUP does). A config
     /// that does not validate is refused with the reason; the one in force keeps running.
     Reload,
-    /// HELO names the running agent has seen: sessions, distinct clients, rejections by rule.
+    /// HELO names the running agent has seen: sessions, distinct clients, rejections by rule,
+    /// and the client networks that used each lately (HELO reuse; `*` marks a reused name).
+    ///
+    /// NETWORKS is the reuse count: distinct client networks (/24, /64) that used the name
+    /// within reuse.window up to now, whatever --since says, without the clients whose
+    /// reverse DNS confirms the name or the sessions another rule decided. A name with
+    /// reuse.clients networks or more is reused (checks.helo_reuse).
     Tophelos {
         /// How far back: 10m, 1h, 1d (at most agent.report_window).
         #[arg(long, value_name = "DURATION", default_value = "1h")]
@@ -157,8 +169,14 @@ pub enum CliCommand {
         #[arg(long, default_value_t = 30)]
         limit: usize,
         /// One JSON array, for scripts.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "suggest")]
         json: bool,
+        /// Instead of the table: qmail badhelo lines (anchored, escaped regexes) for every name
+        /// reused now, under a comment header, for an admin to review and copy into
+        /// rules.badhelo_file. Nothing is applied. --since and --limit do not apply: the
+        /// names are those reused within reuse.window.
+        #[arg(long)]
+        suggest: bool,
     },
     /// Live view of the running agent in the terminal, refreshed every second (q quits).
     ///
@@ -312,17 +330,28 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             done(unban(&load(path, &overrides)?, &target, prefix))
         }
         CliCommand::List { json } => done(list(&load(path, &overrides)?, json)),
-        CliCommand::Check { helo, client, previous, exempt_listener, pregreeted, no_dns, json } => {
+        CliCommand::Check {
+            helo,
+            client,
+            previous,
+            exempt_listener,
+            pregreeted,
+            no_dns,
+            networks,
+            json,
+        } => {
             let config = Config::load(path)?;
-            let session = Session { client, previous: &previous, exempt_listener, pregreeted };
+            let session =
+                Session { client, previous: &previous, exempt_listener, pregreeted, networks };
             check(&config, &helo, &session, !no_dns, json)
         }
         CliCommand::CheckConfig { file } => done(check_config(file.as_deref().or(path))),
         CliCommand::Stats { json } => done(stats(&load(path, &overrides)?, json)),
         CliCommand::Reload => done(reload(path, &overrides)),
-        CliCommand::Tophelos { since, limit, json } => {
+        CliCommand::Tophelos { since, limit, json, suggest: false } => {
             done(tophelos(&load(path, &overrides)?, &since, limit, json))
         }
+        CliCommand::Tophelos { suggest: true, .. } => done(suggest(&load(path, &overrides)?)),
         CliCommand::Top { since } => done(top(&load(path, &overrides)?, &since)),
         CliCommand::Detach { maps } => done(detach(&load(path, &overrides)?, maps)),
         CliCommand::Generate { what, out } => {
@@ -348,6 +377,8 @@ struct Session<'a> {
     previous: &'a [String],
     exempt_listener: bool,
     pregreeted: bool,
+    /// `--networks`: the reuse count to judge with.
+    networks: Option<usize>,
 }
 
 fn check(
@@ -357,7 +388,7 @@ fn check(
     dns: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let Session { client, previous, exempt_listener, pregreeted } = *session;
+    let Session { client, previous, exempt_listener, pregreeted, networks } = *session;
     for warning in &config.warnings {
         eprintln!("helo-agent: warning: {warning}");
     }
@@ -370,7 +401,15 @@ fn check(
         );
     }
     let pregreeted = pregreeted && greets;
-    let facts = Facts { client, argument: helo, previous, exempt_listener, dns: None, pregreeted };
+    let facts = Facts {
+        client,
+        argument: helo,
+        previous,
+        exempt_listener,
+        dns: None,
+        pregreeted,
+        reuse: None,
+    };
     let mut verdict = config.rules.classify(&facts);
     // The lookups the agent would make, where DNS can still change the verdict.
     let looked = match crate::judge::dns_need(&config.rules, &verdict, helo) {
@@ -380,17 +419,26 @@ fn check(
     if let Some(dns) = &looked {
         verdict = config.rules.classify(&Facts { dns: Some(dns), ..facts });
     }
+    // HELO reuse last, as the judge does: with the count given, since `check` keeps none.
+    let reuse = describe_reuse(&config.rules, &verdict, helo, looked.as_ref(), networks);
+    if let Some(networks) = networks {
+        verdict = config.rules.with_reuse(verdict, helo, looked.as_ref(), networks);
+    }
     let mut out = std::io::stdout().lock();
     if json {
         let mut value = serde_json::to_value(&verdict)?;
         value["helo"] = helo.into();
         value["dns"] = serde_json::to_value(&looked)?;
+        value["networks"] = serde_json::to_value(networks)?;
         serde_json::to_writer_pretty(&mut out, &value)?;
         writeln!(out)?;
     } else {
         write_verdict(&mut out, &verdict)?;
         if let Some(dns) = &looked {
             writeln!(out, "dns: {}", describe_dns(dns))?;
+        }
+        if let Some(reuse) = reuse {
+            writeln!(out, "reuse: {reuse}")?;
         }
     }
     Ok(match verdict.action {
@@ -419,6 +467,41 @@ fn lookups(
                 .map(|helo| crate::rules::DnsFacts { helo, client: Default::default() }),
         };
         Ok(facts.unwrap_or_default())
+    })
+}
+
+/// One line on how `check` judged HELO reuse, where the check is on and would look at this
+/// HELO; `verdict` is the verdict of every check before it.
+fn describe_reuse(
+    rules: &crate::rules::RuleSet,
+    verdict: &Verdict,
+    helo: &str,
+    dns: Option<&crate::rules::DnsFacts>,
+    networks: Option<usize>,
+) -> Option<String> {
+    use crate::rules::helo::{self, Helo};
+    use crate::rules::{Check, CheckAction};
+    if rules.action(Check::HeloReuse) == CheckAction::Off || verdict.rule != "pass" {
+        return None;
+    }
+    let limits = rules.reuse;
+    let window = crate::duration::format(limits.window);
+    let counted = rules.reuse_name(verdict, helo, dns).is_some();
+    Some(match (networks, counted) {
+        (_, false) if matches!(helo::parse(helo), Helo::Name(_)) => {
+            "never counted: the client's forward-confirmed reverse name is this HELO".to_owned()
+        }
+        (_, false) => "never counted: not a domain name (a literal or an address)".to_owned(),
+        (None, true) => format!(
+            "not judged: check keeps no count of client networks; --networks N judges as if N \
+             networks (this one's included) had used the name in the last {window} (reused from \
+             reuse.clients = {}); `helo-agent tophelos` shows the running agent's counts",
+            limits.clients
+        ),
+        (Some(n), true) => format!(
+            "{n} client networks in the last {window} (reused from reuse.clients = {})",
+            limits.clients
+        ),
     })
 }
 
@@ -716,21 +799,55 @@ fn tophelos(config: &Config, since: &str, limit: usize, json: bool) -> anyhow::R
         writeln!(out)?;
         return Ok(());
     }
-    writeln!(out, "{:>9} {:>8} {:>9}  {:<40} RULES", "SESSIONS", "CLIENTS", "REJECTED", "HELO")?;
-    for row in &rows {
+    write_tophelos(&mut out, &rows)?;
+    Ok(())
+}
+
+/// The `tophelos` table: a reused name (`helo_reuse`) is marked `*` after its NETWORKS.
+fn write_tophelos(out: &mut impl std::io::Write, rows: &[HeloRow]) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:>9} {:>8} {:>9} {:>9}  {:<40} RULES",
+        "SESSIONS", "CLIENTS", "NETWORKS", "REJECTED", "HELO"
+    )?;
+    for row in rows {
         let plus = if row.clients_capped { "+" } else { "" };
+        let networks = format!(
+            "{}{}{}",
+            row.networks,
+            if row.networks_capped { "+" } else { "" },
+            if row.reused { "*" } else { " " }
+        );
         let rules: Vec<String> =
             row.rules.iter().map(|r| format!("{}={}", r.rule, r.sessions)).collect();
         writeln!(
             out,
-            "{:>9} {:>8} {:>9}  {:<40} {}",
+            "{:>9} {:>8} {:>9} {:>9}  {:<40} {}",
             row.sessions,
             format!("{}{plus}", row.clients),
+            networks,
             row.rejected,
             row.helo,
             rules.join(" ")
         )?;
     }
+    if rows.iter().any(|row| row.reused) {
+        writeln!(
+            out,
+            "* reused: used by reuse.clients client networks or more within reuse.window \
+             (`helo-agent tophelos --suggest` for badhelo lines to review)"
+        )?;
+    }
+    Ok(())
+}
+
+/// `tophelos --suggest`: badhelo lines for the names the running agent holds as reused.
+fn suggest(config: &Config) -> anyhow::Result<()> {
+    let report = match AgentLink::of(config).require(Request::ReusedHelos)? {
+        Answer::ReusedHelos(report) => report,
+        other => return Err(unexpected(other)),
+    };
+    print!("{}", crate::reuse::suggest_badhelo(&report));
     Ok(())
 }
 
@@ -890,6 +1007,47 @@ mod tests {
             text.starts_with("reading the thing: ") && text.ends_with("(os error 98)"),
             "{text}"
         );
+    }
+
+    /// tophelos marks a reused name after its networks, and says what the mark means.
+    #[test]
+    fn tophelos_marks_reused_names() {
+        let row = |helo: &str, networks, networks_capped, reused| HeloRow {
+            helo: helo.into(),
+            sessions: 40,
+            clients: 30,
+            clients_capped: false,
+            rejected: 0,
+            rules: Vec::new(),
+            networks,
+            networks_capped,
+            reused,
+        };
+        let mut out = Vec::new();
+        let rows =
+            [row("bot.example", 23, false, true), row("mail.sender.example", 1, false, false)];
+        write_tophelos(&mut out, &rows).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>()[..5],
+            ["SESSIONS", "CLIENTS", "NETWORKS", "REJECTED", "HELO"]
+        );
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            ["40", "30", "23*", "0", "bot.example"]
+        );
+        assert_eq!(
+            lines[2].split_whitespace().collect::<Vec<_>>(),
+            ["40", "30", "1", "0", "mail.sender.example"]
+        );
+        assert!(lines[3].starts_with("* reused:") && lines[3].contains("--suggest"), "{text}");
+        let mut out = Vec::new();
+        write_tophelos(&mut out, &[row("busy.example", 1000, true, true)]).unwrap();
+        assert!(String::from_utf8(out).unwrap().contains(" 1000+* "), "capped and reused");
+        let mut out = Vec::new();
+        write_tophelos(&mut out, &rows[1..]).unwrap();
+        assert!(!String::from_utf8(out).unwrap().contains("reused"), "no legend without a mark");
     }
 
     #[test]

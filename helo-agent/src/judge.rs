@@ -4,7 +4,10 @@
 //!
 //! - [`Client`]: who the client is, resolved once at accept (the real address after a trusted
 //!   front proxy, canonical; the listener's facts).
-//! - [`classify`]: the verdict on one HELO, given the ones before it in the session.
+//! - [`classify`]: the verdict on one HELO, given the ones before it in the session, by every
+//!   check but HELO reuse; [`reuse`]: the last check, which counts the client in the memory
+//!   both doors share and judges the count. A door calls [`classify`] (again once DNS has
+//!   answered, see [`dns_need`]), then [`reuse`] once with the verdict it ended with.
 //! - [`Court::conclude`]: what a finished session's verdict causes, in one place: the session's
 //!   log line, the tophelos and metrics observation, the never-ban guards (allowlist, the MTA's
 //!   own address, trusted front proxies; each refusal logged with its reason) and the ban
@@ -27,7 +30,8 @@ use ipnet::IpNet;
 use crate::blocklist::worker::{BanRequest, BanSender};
 use crate::dns::Need;
 use crate::metrics::{Metrics, VerdictLabels};
-use crate::report::Report;
+use crate::report::{HeloRow, Report};
+use crate::reuse::ReuseReport;
 use crate::rules::{Action, DnsFacts, Facts, RuleSet, Verdict};
 
 /// The client as the agent knows it, resolved once when the connection is accepted.
@@ -66,18 +70,67 @@ pub fn classify(
         exempt_listener: client.exempt,
         dns,
         pregreeted,
+        reuse: None,
     })
+}
+
+/// The last check, HELO reuse (`checks.helo_reuse`, `[reuse]`): given `verdict`, the verdict
+/// of [`classify`] on the same HELO with the DNS facts the door ended with, the client's
+/// network is counted for the name in the memory both doors share ([`RuleSet::memory`]), and
+/// the count judged. Nothing is counted where [`RuleSet::reuse_name`] says so: a rule decided,
+/// the HELO is no domain name, or the client's forward-confirmed reverse name is the HELO (so
+/// a door calls this after its lookups, never before). Once per judged HELO.
+pub fn reuse(
+    rules: &RuleSet,
+    client: &Client,
+    helo: &str,
+    dns: Option<&DnsFacts>,
+    verdict: Verdict,
+) -> Verdict {
+    let Some(name) = rules.reuse_name(&verdict, helo, dns) else { return verdict };
+    // The boot clock: a count must not jump with the wall clock.
+    let now = crate::clock::boot_ns() / 1_000_000_000;
+    let count = rules.memory.observe(&name, client.ip, now, rules.reuse.window);
+    rules.with_reuse(verdict, helo, dns, count.networks)
+}
+
+/// `tophelos` rows with the reuse memory's count of each name (over `reuse.window` up to now,
+/// whatever `--since` the rows cover) and whether that makes it reused.
+pub fn mark_reuse(mut rows: Vec<HeloRow>, rules: &RuleSet) -> Vec<HeloRow> {
+    let now = crate::clock::boot_ns() / 1_000_000_000;
+    for row in &mut rows {
+        let count = rules.memory.count(&row.helo, now, rules.reuse.window);
+        row.networks = count.networks as u64;
+        row.networks_capped = count.capped;
+        row.reused = count.networks >= rules.reuse.clients;
+    }
+    rows
+}
+
+/// Every name reused now, with the limits in force (`tophelos --suggest`).
+pub fn reused(rules: &RuleSet) -> ReuseReport {
+    let now = crate::clock::boot_ns() / 1_000_000_000;
+    let limits = rules.reuse;
+    ReuseReport {
+        clients: limits.clients,
+        window_secs: limits.window.as_secs(),
+        helos: rules.memory.reused(now, limits.window, limits.clients),
+    }
 }
 
 /// Whether DNS can still change `verdict`, the verdict on `helo` without DNS, and so whether
 /// the door should look: `None` when the DNS checks are off, the HELO is not a domain name, or
 /// a rule already decided (DNS checks come last). [`Need::Required`] when a DNS check enforces
-/// (the session waits for the answers), [`Need::Optional`] when they only log (the lookups are
-/// skipped when every lookup slot is taken).
+/// (the session waits for the answers), or `helo_reuse` does (its guard, the client's
+/// forward-confirmed reverse name, must be known before a name is judged reused);
+/// [`Need::Optional`] when they only log (the lookups are skipped when every lookup slot is
+/// taken). `helo_reuse` in `log` asks for no lookup of its own: it reads what the DNS checks'
+/// lookups found.
 pub fn dns_need(rules: &RuleSet, verdict: &Verdict, helo: &str) -> Option<(String, Need)> {
     use crate::rules::{Check, CheckAction};
+    let enforces = |a: &CheckAction| matches!(a, CheckAction::Reject | CheckAction::Ban);
     let actions = [rules.action(Check::UnknownHelo), rules.action(Check::HeloNotClient)];
-    let need = if actions.iter().any(|a| matches!(a, CheckAction::Reject | CheckAction::Ban)) {
+    let need = if actions.iter().any(enforces) || enforces(&rules.action(Check::HeloReuse)) {
         Need::Required
     } else if actions.contains(&CheckAction::Log) {
         Need::Optional
@@ -407,6 +460,57 @@ mod tests {
         assert!(!pending.contains(ip(200), 30 * sec), "an admin's unban ends the hold");
         assert!(pending.contains(ip(201), 30 * sec));
         assert!(pending.contains(ip(100 + PENDING_CAPACITY as u32 + 99), 30 * sec));
+    }
+
+    fn rules(extra: &str) -> Arc<RuleSet> {
+        let text = format!("[identity]\ndetect = false\n{extra}");
+        crate::config::Config::parse(&text, std::path::Path::new("t"), &Default::default())
+            .unwrap()
+            .rules
+    }
+
+    /// HELO reuse asks for DNS only where it enforces (its guard must be known first); in
+    /// `log` it reads what the DNS checks looked up, and asks nothing with them off.
+    #[test]
+    fn helo_reuse_asks_for_dns_only_where_it_enforces() {
+        let off = "[checks]\nunknown_helo = \"off\"\nhelo_not_client = \"off\"\n";
+        let need = |extra: &str, helo: &str| {
+            let rules = rules(&format!("{off}{extra}"));
+            let client = Client::new("198.51.100.7".parse().unwrap(), None, false);
+            let verdict = classify(&rules, &client, helo, &[], None, false);
+            dns_need(&rules, &verdict, helo).map(|(_, need)| need)
+        };
+        assert_eq!(need("helo_reuse = \"log\"", "bulk.example"), None);
+        assert_eq!(need("helo_reuse = \"reject\"", "bulk.example"), Some(Need::Required));
+        assert_eq!(need("helo_reuse = \"ban\"", "localhost"), None, "a rule decided");
+    }
+
+    /// tophelos rows carry the memory's count and the mark; `--suggest` lists what is reused.
+    #[test]
+    fn tophelos_rows_are_marked_from_the_reuse_memory() {
+        let rules = rules("[reuse]\nclients = 2\n");
+        let now = crate::clock::boot_ns() / 1_000_000_000;
+        for client in ["198.51.1.7", "198.51.2.7", "198.51.2.8"] {
+            rules.memory.observe("bulk.example", client.parse().unwrap(), now, rules.reuse.window);
+        }
+        rules.memory.observe(
+            "mail.example",
+            "198.51.3.7".parse().unwrap(),
+            now,
+            rules.reuse.window,
+        );
+        let mut report = Report::new(Duration::from_secs(3600));
+        let unix = crate::clock::unix_ns() / 1_000_000_000;
+        report.record(unix, "Bulk.Example", "198.51.1.7".parse().unwrap(), None);
+        report.record(unix, "mail.example", "198.51.3.7".parse().unwrap(), None);
+        let rows = mark_reuse(report.top(unix, Duration::from_secs(60), 10), &rules);
+        let marks: Vec<(&str, u64, bool)> =
+            rows.iter().map(|r| (r.helo.as_str(), r.networks, r.reused)).collect();
+        assert_eq!(marks, [("bulk.example", 2, true), ("mail.example", 1, false)]);
+        let report = reused(&rules);
+        assert_eq!((report.clients, report.window_secs), (2, 3600));
+        let names: Vec<&str> = report.helos.iter().map(|r| r.helo.as_str()).collect();
+        assert_eq!(names, ["bulk.example"]);
     }
 
     #[test]

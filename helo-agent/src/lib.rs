@@ -4,7 +4,8 @@
 //! imports qmail and Postfix rule files; `rules` decides a HELO (pure, no I/O; `dns` gathers
 //! the DNS facts it may read); `judge` is the
 //! judging core both doors call (the verdict, the log line, tophelos and metrics, the never-ban
-//! guards, the ban request); `proxy` (the SMTP proxy) and `policy` (Postfix's policy service)
+//! guards, the ban request), with `reuse` its memory of which client networks used each HELO
+//! name lately; `proxy` (the SMTP proxy) and `policy` (Postfix's policy service)
 //! are the doors; `smtp` is sans-IO SMTP; `addr` turns addresses into ban keys; `blocklist`
 //! decides what a ban is (pure, behind a store trait) and runs the ban worker; `fleet` shares
 //! bans with the other gateways through Redis; `ebpf` is the
@@ -31,6 +32,7 @@ pub mod policy;
 pub mod privilege;
 pub mod proxy;
 pub mod report;
+pub mod reuse;
 pub mod rules;
 pub mod smtp;
 pub mod top;

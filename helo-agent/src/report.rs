@@ -6,6 +6,10 @@
 //! most [`MAX_HELOS_PER_MINUTE`] names per bucket (the rest are counted under `(other)`) and
 //! [`MAX_CLIENTS_PER_HELO`] distinct addresses per name per bucket (beyond, the count is a lower
 //! bound, marked in the answer). Pure: time is passed in.
+//!
+//! The rows also say how many client networks used each name lately and whether that makes it
+//! reused (`networks`, `reused`): the judge fills them in from its reuse memory
+//! (`judge::mark_reuse`), which counts over `reuse.window`, not over the rows' `--since`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
@@ -49,6 +53,17 @@ pub struct HeloRow {
     pub rejected: u64,
     /// Rules that rejected it, most sessions first.
     pub rules: Vec<RuleCount>,
+    /// Distinct client networks (/24, /64) that used it within `reuse.window` up to now, as the
+    /// reuse memory counts them (clients whose reverse DNS confirms the name are not counted,
+    /// nor sessions another rule decided).
+    #[serde(default)]
+    pub networks: u64,
+    /// `networks` is a lower bound (the memory's per-name cap was reached).
+    #[serde(default)]
+    pub networks_capped: bool,
+    /// `networks` is `reuse.clients` or more: the name is reused (`helo_reuse`).
+    #[serde(default)]
+    pub reused: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +162,9 @@ impl Report {
                     clients_capped: counts.clients_capped,
                     rejected: counts.rejected.values().sum(),
                     rules,
+                    networks: 0,
+                    networks_capped: false,
+                    reused: false,
                 }
             })
             .collect();
@@ -185,6 +203,9 @@ mod tests {
                     RuleCount { rule: "badhelo".into(), sessions: 2 },
                     RuleCount { rule: "no_dot".into(), sessions: 1 }
                 ],
+                networks: 0,
+                networks_capped: false,
+                reused: false,
             }
         );
         assert_eq!(rows[1].helo, "mail.example.com");

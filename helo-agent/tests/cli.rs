@@ -316,3 +316,68 @@ fn check_judges_a_pregreeter_only_where_the_proxy_greets_itself() {
     assert!(help.contains("--pregreeted"), "{help}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `check` keeps no HELO reuse count: it says so, and `--networks N` judges as if N client
+/// networks had used the name. `tophelos --suggest` needs the running agent and is no JSON.
+#[test]
+fn check_judges_helo_reuse_from_the_count_it_is_given() {
+    let dir = scratch("reuse");
+    let path = dir.join("reuse.toml");
+    let socket = dir.join("control.sock");
+    std::fs::write(
+        &path,
+        format!(
+            "[checks]\nhelo_reuse = \"reject\"\n[agent]\ncontrol_socket = {:?}\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let config = path.to_str().unwrap();
+    let check = |extra: &[&str]| {
+        let args = [&["--config", config, "check", "bulk.sender.example", "--no-dns"], extra];
+        agent(&args.concat())
+    };
+    let stdout = |out: &Output| String::from_utf8_lossy(&out.stdout).into_owned();
+
+    let out = check(&["--client", "198.51.100.7"]);
+    assert_eq!(out.status.code(), Some(0), "no count, no reuse verdict");
+    assert!(stdout(&out).contains("reuse: not judged: check keeps no count"), "{}", stdout(&out));
+    let out = check(&["--client", "198.51.100.7", "--networks", "19"]);
+    assert_eq!(out.status.code(), Some(0), "below reuse.clients");
+    assert!(stdout(&out).contains("reuse: 19 client networks in the last 1h"), "{}", stdout(&out));
+    let out = check(&["--client", "198.51.100.7", "--networks", "23"]);
+    assert_eq!(out.status.code(), Some(3), "reused: rejected");
+    let text = stdout(&out);
+    assert!(text.contains("rule:    helo_reuse"), "{text}");
+    assert!(
+        text.contains(
+            "reason:  HELO bulk.sender.example used by 23 client networks in the last 1h"
+        ),
+        "{text}"
+    );
+    let out = check(&["--networks", "23", "--json"]);
+    let verdict: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (verdict["rule"].as_str(), verdict["networks"].as_u64()),
+        (Some("helo_reuse"), Some(23))
+    );
+    let literal = agent(&[
+        "--config",
+        config,
+        "check",
+        "[198.51.100.7]",
+        "--client",
+        "198.51.100.7",
+        "--networks",
+        "99",
+    ]);
+    assert_eq!(literal.status.code(), Some(0), "an address literal is never reuse");
+    assert!(stdout(&literal).contains("never counted: not a domain name"), "{}", stdout(&literal));
+
+    fails_with(&["--config", config, "tophelos", "--suggest"], "no agent is running at");
+    let both = agent(&["--config", config, "tophelos", "--suggest", "--json"]);
+    assert_eq!(both.status.code(), Some(2), "--suggest prints badhelo lines, not JSON");
+    let help = String::from_utf8(agent(&["tophelos", "--help"]).stdout).unwrap();
+    assert!(help.contains("--suggest") && help.contains("Nothing is applied"), "{help}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -108,6 +108,8 @@ struct Agent {
     addr: SocketAddr,
     submission: SocketAddr,
     store: Arc<Mutex<FakeStore>>,
+    /// What the sessions share: another door (the policy service) may serve it too.
+    shared: Arc<Shared>,
     stop: Option<oneshot::Sender<()>>,
     done: tokio::task::JoinHandle<()>,
 }
@@ -179,10 +181,10 @@ impl Agent {
             },
         );
         let (stop, stopped) = oneshot::channel();
-        let done = tokio::spawn(proxy::serve(bound, shared, async {
+        let done = tokio::spawn(proxy::serve(bound, shared.clone(), async {
             let _ = stopped.await;
         }));
-        Agent { addr, submission, store, stop: Some(stop), done }
+        Agent { addr, submission, store, shared, stop: Some(stop), done }
     }
 
     fn banned(&self) -> Vec<String> {
@@ -1334,5 +1336,135 @@ async fn sessions_are_judged_with_dns_when_it_can_still_decide() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(agent.banned(), ["127.0.0.6", "127.0.0.8"], "no ban for a 450 or a reject");
+    agent.stop().await;
+}
+
+/// One session behind the trusted front proxy (127.0.0.1), whose PROXY v2 header names
+/// `client` as the real client: EHLO `helo`, MAIL, RCPT, QUIT. The transcript.
+async fn proxied(agent: &Agent, client: &str, helo: &str) -> Vec<String> {
+    let client: SocketAddr = client.parse().unwrap();
+    let mut stream = TcpStream::connect(agent.addr).await.unwrap();
+    let header = proxy::header::encode(helo_agent::config::ProxyProtocol::V2, client, agent.addr);
+    stream.write_all(&header).await.unwrap();
+    let mut transcript = vec![read_reply(&mut stream).await];
+    let ehlo = format!("EHLO {helo}");
+    for line in [ehlo.as_str(), "MAIL FROM:<a@b.test>", "RCPT TO:<c@d.test>", "QUIT"] {
+        stream.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
+        transcript.push(read_reply(&mut stream).await);
+    }
+    transcript
+}
+
+/// HELO reuse through the real proxy, clients behind a trusted front proxy (PROXY v2), DNS
+/// from a real resolver (dnsmasq): one HELO from 19 networks (IPv4 /24s and IPv6 /64s, two
+/// hosts of one network counted once) passes; the 20th and 21st networks are rejected; a
+/// client whose forward-confirmed reverse name is the HELO passes before and after, never
+/// counted; nobody is banned (`reject`).
+#[tokio::test]
+async fn a_helo_reused_by_many_networks_is_rejected_from_the_threshold_but_never_a_confirmed_client()
+ {
+    let resolver = dnsmasq::Dnsmasq::start(&[
+        // A and PTR: 203.0.113.77 is relay.reuse.test, forward-confirmed.
+        "--host-record=relay.reuse.test,203.0.113.77".into(),
+        // Every other reverse name is a definite "none" (NXDOMAIN), not a failure.
+        "--local=/in-addr.arpa/".into(),
+        "--local=/ip6.arpa/".into(),
+    ]);
+    let mta = Mta::start().await;
+    let extra = format!(
+        "[checks]\nhelo_reuse = \"reject\"\nunknown_helo = \"off\"\nhelo_not_client = \"off\"\n\
+         [proxy]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\
+         [dns]\nservers = [\"{}\"]\ntimeout = \"1s\"\n",
+        resolver.address
+    );
+    let config = Config::parse(&extra, Path::new("reuse.toml"), &HostFacts::default()).unwrap();
+    let dns = Arc::new(helo_agent::dns::Dns::new(&config.dns).unwrap());
+    let agent = Agent::start_full(mta.addr, &extra, false, None, Some(dns)).await;
+    const HELO: &str = "relay.reuse.test";
+    let rcpt = |t: &[String]| t[3].clone();
+    let denied = "553 5.7.1 sorry, your HELO host name has been denied\r\n";
+
+    let confirmed = rcpt(&proxied(&agent, "203.0.113.77:40000", HELO).await);
+    assert!(confirmed.starts_with("250"), "confirmed by its reverse name: {confirmed:?}");
+    for n in 1..=19 {
+        // 15 IPv4 /24s, then 4 IPv6 /64s.
+        let client = if n <= 15 {
+            format!("198.51.{n}.9:40000")
+        } else {
+            format!("[2001:db8:0:{n}::9]:40000")
+        };
+        let t = proxied(&agent, &client, HELO).await;
+        assert!(rcpt(&t).starts_with("250"), "network {n} of 19 passes: {t:?}");
+    }
+    for other_host in ["198.51.1.200:40000", "[2001:db8:0:16:ffff::1]:40000"] {
+        let t = proxied(&agent, other_host, HELO).await;
+        assert!(rcpt(&t).starts_with("250"), "a network already counted: still 19: {t:?}");
+    }
+    for n in [20, 21] {
+        let t = proxied(&agent, &format!("198.51.{n}.9:40000"), HELO).await;
+        assert_eq!(rcpt(&t), denied, "network {n}: reused");
+        assert!(t[1].starts_with("250-mta.test"), "qmail style: rejected at RCPT: {t:?}");
+    }
+    let confirmed = rcpt(&proxied(&agent, "203.0.113.77:40001", HELO).await);
+    assert!(confirmed.starts_with("250"), "never judged reused: {confirmed:?}");
+    let other_name = rcpt(&proxied(&agent, "198.51.22.9:40000", "mail.other.test").await);
+    assert!(other_name.starts_with("250"), "counted per name: {other_name:?}");
+    assert!(
+        resolver.queries("PTR", "77.113.0.203.in-addr.arpa") >= 1,
+        "the guard came from reverse DNS:\n{}",
+        resolver.log()
+    );
+    let now = helo_agent::clock::boot_ns() / 1_000_000_000;
+    let rules = agent.shared.live().rules.clone();
+    let count = rules.memory.count(HELO, now, rules.reuse.window);
+    assert_eq!(count.networks, 21, "19 + 2 networks; the confirmed client not among them");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(agent.banned().is_empty(), "reject: no ban: {:?}", agent.banned());
+    agent.stop().await;
+}
+
+/// The policy service and the proxy count HELO reuse in one memory: two networks through the
+/// proxy, the third through the policy service (DUNNO), the fourth (reuse.clients) refused by
+/// the policy service, the fifth refused by the proxy.
+#[tokio::test]
+async fn both_doors_count_helo_reuse_in_one_memory() {
+    let mta = Mta::start().await;
+    let extra = "[checks]\nhelo_reuse = \"reject\"\n[reuse]\nclients = 4\n\
+                 [proxy]\ntrusted_proxies = [\"127.0.0.1/32\"]\n";
+    let agent = Agent::start(mta.addr, extra).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let policy_addr = listener.local_addr().unwrap();
+    let (stop_policy, stopped) = oneshot::channel::<()>();
+    let listeners = vec![helo_agent::policy::Listener::Inet(listener)];
+    tokio::spawn(helo_agent::policy::serve(listeners, agent.shared.clone(), async {
+        let _ = stopped.await;
+    }));
+    let mut postfix = TcpStream::connect(policy_addr).await.unwrap();
+    let mut ask = async |port: u16, client: &str| {
+        let request = format!(
+            "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\n\
+             client_port={port}\nclient_name=unknown\nreverse_client_name=unknown\n\
+             helo_name=bulk.reuse.test\n\n"
+        );
+        postfix.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let mut byte = [0u8; 1];
+        while !out.ends_with(b"\n\n") {
+            let read = tokio::time::timeout(Duration::from_secs(5), postfix.read(&mut byte));
+            assert_eq!(read.await.unwrap().unwrap(), 1, "the service answers");
+            out.push(byte[0]);
+        }
+        String::from_utf8(out).unwrap()
+    };
+    for n in 1..=2 {
+        let t = proxied(&agent, &format!("198.51.{n}.9:40000"), "bulk.reuse.test").await;
+        assert!(t[3].starts_with("250"), "proxy, network {n}: {t:?}");
+    }
+    assert_eq!(ask(1, "198.51.3.9").await, "action=DUNNO\n\n", "policy, network 3");
+    let fourth = ask(2, "198.51.4.9").await;
+    assert!(fourth.starts_with("action=553 5.7.1 "), "policy, network 4: {fourth:?}");
+    let t = proxied(&agent, "198.51.5.9:40000", "bulk.reuse.test").await;
+    assert!(t[3].starts_with("553"), "proxy, network 5: {t:?}");
+    let _ = stop_policy.send(());
     agent.stop().await;
 }

@@ -26,6 +26,7 @@ pub struct RawConfig {
     pub fleet: RawFleet,
     pub dns: RawDns,
     pub pregreet: RawPregreet,
+    pub reuse: RawReuse,
 }
 
 #[derive(Debug, PartialEq, Deserialize)]
@@ -121,6 +122,20 @@ impl Default for RawPregreet {
     /// `postscreen_greet_ttl` 1d; its cache has no bound, ours has.
     fn default() -> Self {
         Self { wait: "6s".into(), pass_ttl: "1d".into(), pass_cache_size: 100_000 }
+    }
+}
+
+/// `[reuse]`: when a HELO name counts as reused (`checks.helo_reuse` says what that does).
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawReuse {
+    pub clients: usize,
+    pub window: String,
+}
+
+impl Default for RawReuse {
+    fn default() -> Self {
+        Self { clients: 20, window: "1h".into() }
     }
 }
 
@@ -289,6 +304,7 @@ pub struct RawChecks {
     pub changed: CheckAction,
     pub unknown_helo: CheckAction,
     pub helo_not_client: CheckAction,
+    pub helo_reuse: CheckAction,
 }
 
 impl Default for RawChecks {
@@ -311,6 +327,7 @@ impl Default for RawChecks {
             changed: Log,
             unknown_helo: Log,
             helo_not_client: Log,
+            helo_reuse: Log,
         }
     }
 }
@@ -334,6 +351,7 @@ impl RawChecks {
                 Check::Changed => self.changed,
                 Check::UnknownHelo => self.unknown_helo,
                 Check::HeloNotClient => self.helo_not_client,
+                Check::HeloReuse => self.helo_reuse,
             };
         }
         actions

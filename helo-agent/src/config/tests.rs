@@ -461,3 +461,40 @@ fn the_pregreet_test_defaults_to_postscreen_and_refuses_bad_values() {
         assert!(err.contains(expected), "{text:?}: {err}");
     }
 }
+
+#[test]
+fn helo_reuse_defaults_to_log_20_networks_an_hour_and_refuses_bad_values() {
+    let config = parse("").unwrap();
+    assert_eq!(config.rules.action(Check::HeloReuse), CheckAction::Log);
+    assert_eq!(
+        config.rules.reuse,
+        crate::rules::ReuseLimits { clients: 20, window: Duration::from_secs(3600) }
+    );
+    // The example file shows every key (the equality test above sees values only).
+    let example: toml::Table = toml::from_str(EXAMPLE).unwrap();
+    assert_eq!(example["checks"]["helo_reuse"].as_str(), Some("log"));
+    let section = example["reuse"].as_table().expect("a [reuse] section");
+    let keys: Vec<&str> = section.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["clients", "window"]);
+
+    let config =
+        parse("[checks]\nhelo_reuse = \"ban\"\n[reuse]\nclients = 1000\nwindow = \"1d\"").unwrap();
+    assert_eq!(config.rules.action(Check::HeloReuse), CheckAction::Ban);
+    assert_eq!(
+        config.rules.reuse,
+        crate::rules::ReuseLimits { clients: 1000, window: Duration::from_secs(86_400) }
+    );
+
+    for (text, expected) in [
+        ("[reuse]\nclients = 1", "reuse.clients: 1 would make every HELO name reused"),
+        ("[reuse]\nclients = 0", "give 2 or more"),
+        ("[reuse]\nclients = 1001", "reuse.clients: 1001 is more than the 1000 networks"),
+        ("[reuse]\nwindow = \"0s\"", "reuse.window: must be longer than 0s"),
+        ("[reuse]\nwindow = \"soon\"", "reuse.window"),
+        ("[reuse]\nnetworks = 20", "unknown field `networks`"),
+        ("[checks]\nhelo_reuse = \"drop\"", "unknown variant `drop`"),
+    ] {
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains(expected), "{text:?}: {err}");
+    }
+}

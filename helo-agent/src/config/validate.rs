@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::raw::{
     RawAgent, RawBans, RawConfig, RawDns, RawFleet, RawIdentity, RawPolicy, RawPregreet, RawProxy,
-    RawReject, RawRules, RawXdp,
+    RawReject, RawReuse, RawRules, RawXdp,
 };
 use super::{
     AgentConfig, Config, ConfigError, DnsConfig, Escalation, FleetConfig, HostFacts,
@@ -18,7 +18,7 @@ use super::{
 };
 use crate::rules::badhelo::BadheloSet;
 use crate::rules::table::{DomainPattern, DomainTable};
-use crate::rules::{EntryRef, Identity, RuleSet, TableAction, TableEntry};
+use crate::rules::{EntryRef, Identity, ReuseLimits, RuleSet, TableAction, TableEntry};
 
 /// Directories the snapshot may not live in directly (the agent chowns the snapshot's
 /// directory to agent.user).
@@ -117,6 +117,7 @@ pub(super) fn config(
     let snapshot = snapshot(&raw.bans, origin)?;
     let fleet = fleet(&raw.fleet, host, origin)?;
     let dns = dns(&raw.dns, origin)?;
+    let reuse = reuse(&raw.reuse, origin)?;
     let mut warnings = agent_warnings(&agent);
     let identity = identity(&raw.identity, host, &raw.proxy.hostname, &mut warnings, origin)?;
     let (table, badhelo) = rule_entries(&raw.rules, &mut warnings)?;
@@ -128,6 +129,8 @@ pub(super) fn config(
         badhelo,
         reject_at: raw.reject.at,
         ban_ttl,
+        reuse,
+        memory: Arc::default(),
     };
     Ok(Config {
         source: origin.path.map(Path::to_owned),
@@ -143,6 +146,31 @@ pub(super) fn config(
         fleet,
         dns,
     })
+}
+
+/// `[reuse]`: how many client networks make a HELO name reused, within what window.
+fn reuse(raw: &RawReuse, origin: &Origin) -> Result<ReuseLimits, ConfigError> {
+    let most = crate::reuse::MAX_NETWORKS_PER_NAME;
+    if raw.clients < 2 {
+        return Err(origin.invalid(
+            "reuse.clients",
+            format!(
+                "{} would make every HELO name reused at its first use: give 2 or more (default \
+                 20), or set checks.helo_reuse = \"off\"",
+                raw.clients
+            ),
+        ));
+    }
+    if raw.clients > most {
+        return Err(origin.invalid(
+            "reuse.clients",
+            format!(
+                "{} is more than the {most} networks a name's count holds: give at most {most}",
+                raw.clients
+            ),
+        ));
+    }
+    Ok(ReuseLimits { clients: raw.clients, window: origin.duration("reuse.window", &raw.window)? })
 }
 
 /// `[dns]`: nameservers as `address` or `address:port` (port 53 by default).

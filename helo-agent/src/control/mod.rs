@@ -1,5 +1,5 @@
 //! The control socket: a unix socket through which the CLI's `ban`, `unban`, `list`, `stats`,
-//! `reload`, `tophelos` and `top` reach the running agent. One JSON request line, one JSON
+//! `reload`, `tophelos` (and `tophelos --suggest`) and `top` reach the running agent. One JSON request line, one JSON
 //! answer line, then the connection closes. Both ends speak in the types here ([`Request`],
 //! [`Answer`]); the JSON is written and read in this module only ([`encode`], [`request`]).
 //!
@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::blocklist::BanEntry;
 use crate::report::{HeloRow, RuleCount};
+use crate::reuse::ReuseReport;
 
 /// Requests and answers are one line each, at most this long.
 pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
@@ -51,6 +52,8 @@ pub enum Request {
         since_secs: u64,
         limit: usize,
     },
+    /// Every HELO name the reuse memory holds as reused now (`tophelos --suggest`).
+    ReusedHelos,
     /// The counters `helo-agent top` shows, with the `limit` top HELOs and rules of the last
     /// `since_secs`.
     Overview {
@@ -71,6 +74,7 @@ pub enum Answer {
     Stats(XdpStats),
     Reloaded(ReloadSummary),
     Tophelos(Vec<HeloRow>),
+    ReusedHelos(ReuseReport),
     Overview(Box<Overview>),
 }
 
@@ -208,6 +212,7 @@ impl Answer {
             Request::Stats => Answer::Stats(from_value(data)?),
             Request::Reload => Answer::Reloaded(from_value(data)?),
             Request::Tophelos { .. } => Answer::Tophelos(from_value(data)?),
+            Request::ReusedHelos => Answer::ReusedHelos(from_value(data)?),
             Request::Overview { .. } => Answer::Overview(from_value(data)?),
         })
     }

@@ -166,7 +166,10 @@ async fn answer(request: Request, control: &Control) -> Result<Answer, ControlEr
                 Duration::from_secs(since_secs),
                 limit,
             );
-            Answer::Tophelos(rows)
+            Answer::Tophelos(crate::judge::mark_reuse(rows, &control.shared.live().rules))
+        }
+        Request::ReusedHelos => {
+            Answer::ReusedHelos(crate::judge::reused(&control.shared.live().rules))
         }
         Request::Overview { since_secs, limit } => {
             Answer::Overview(Box::new(overview(control, Duration::from_secs(since_secs), limit)))
@@ -187,6 +190,7 @@ fn overview(control: &Control, since: Duration, limit: usize) -> Overview {
         let report = control.shared.court.report.lock().expect("report lock");
         (report.top(now, since, limit), report.top_rules(now, since, limit))
     };
+    let top_helos = crate::judge::mark_reuse(top_helos, &control.shared.live().rules);
     let metrics = control.shared.court.metrics.as_deref();
     let gauge = |gauge: &prometheus_client::metrics::gauge::Gauge| gauge.get().max(0) as u64;
     Overview {
@@ -292,6 +296,7 @@ mod tests {
                 exempt_listener,
                 dns: None,
                 pregreeted: false,
+                reuse: None,
             };
             rules.push(config.rules.classify(&facts).rule);
         }

@@ -24,7 +24,7 @@ use crate::config::{PolicyConfig, PolicyListen};
 use crate::dns::Dns;
 use crate::judge::{self, Client, Door, NeverBan, Record};
 use crate::proxy::{Live, Shared};
-use crate::rules::{Action, DnsFacts, Verdict};
+use crate::rules::{Action, ClientDns, DnsFacts, HeloDns, Verdict};
 
 /// Policy connections served at once (Postfix opens one per smtpd process, 100 by default).
 const MAX_CONNECTIONS: usize = 1024;
@@ -240,10 +240,7 @@ async fn connection(
                         Answer::Refuse { code: 554, text: BANNED.into() }
                     }
                     _ => {
-                        let dns = match &shared.dns {
-                            Some(dns) => session.lookups(&request, &live, dns).await,
-                            None => None,
-                        };
+                        let dns = session.lookups(&request, &live, shared.dns.as_deref()).await;
                         session.on_request(&request, &live, &shared.court, dns.as_ref())
                     }
                 };
@@ -318,26 +315,43 @@ impl PolicySession {
             .is_some_and(|address| self.key.as_ref() != Some(&SessionKey::of(request, address)))
     }
 
-    /// What DNS says for the HELO this request will have judged, when DNS can change its
-    /// verdict: the HELO name's records from the resolver, the client's names from Postfix
-    /// (`client_name` is its forward-confirmed name, as Postfix checked it).
-    pub async fn lookups(&self, request: &Request, live: &Live, dns: &Dns) -> Option<DnsFacts> {
+    /// What DNS says for the HELO this request will have judged: the client's names from
+    /// Postfix whenever it sends them (`client_name` is its forward-confirmed name, as Postfix
+    /// checked it: what `dynamic`, `helo_not_client` and `helo_reuse` spare a client telling
+    /// the truth for), and the HELO name's records from the resolver (`dns`) when they can
+    /// change the verdict. `None`: nothing known.
+    pub async fn lookups(
+        &self,
+        request: &Request,
+        live: &Live,
+        dns: Option<&Dns>,
+    ) -> Option<DnsFacts> {
         let (address, helo) = (request.client_address?, request.helo_name.as_deref()?);
         // A new session's first HELO is always judged (on_request starts the session afresh).
         let same = self.key.as_ref() == Some(&SessionKey::of(request, address));
         if helo.is_empty() || (same && !self.judges(helo)) {
             return None;
         }
-        let client = Client::new(address, None, false);
-        let previous: &[String] = if same { &self.helos } else { &[] };
-        let verdict = judge::classify(&live.rules, &client, helo, previous, None, false);
-        let (name, need) = judge::dns_need(&live.rules, &verdict, helo)?;
-        let helo = dns.helo(&name, need).await?;
-        let client = crate::dns::from_postfix(
-            request.client_name.as_deref(),
-            request.reverse_client_name.as_deref(),
-        );
-        Some(DnsFacts { helo, client })
+        let client = match (&request.client_name, &request.reverse_client_name) {
+            (None, None) => ClientDns::NotLooked,
+            (verified, reverse) => {
+                crate::dns::from_postfix(verified.as_deref(), reverse.as_deref())
+            }
+        };
+        let mut records = HeloDns::NotLooked;
+        if let Some(dns) = dns {
+            let who = Client::new(address, None, false);
+            let previous: &[String] = if same { &self.helos } else { &[] };
+            let verdict = judge::classify(&live.rules, &who, helo, previous, None, false);
+            if let Some((name, need)) = judge::dns_need(&live.rules, &verdict, helo) {
+                // No lookup slot free for a session that can go without: judged without.
+                records = dns.helo(&name, need).await.unwrap_or_default();
+            }
+        }
+        match (records, client) {
+            (HeloDns::NotLooked, ClientDns::NotLooked) => None,
+            (helo, client) => Some(DnsFacts { helo, client }),
+        }
     }
 
     /// Whether this session judges `helo` now: unless it is rejected already, or `helo` is the
@@ -384,6 +398,7 @@ impl PolicySession {
         let client = self.client.expect("set with the key");
         if self.judges(helo) {
             let verdict = judge::classify(&live.rules, &client, helo, &self.helos, dns, false);
+            let verdict = judge::reuse(&live.rules, &client, helo, dns, verdict);
             self.helos.push(helo.to_owned());
             for m in &verdict.logged {
                 if !self.logged.contains(&m.rule) {
@@ -624,6 +639,46 @@ mod tests {
         }
         assert_eq!(sessions(&court), 1, "one observation");
         assert_eq!(banned(court, worker).len(), 1, "one ban");
+    }
+
+    /// HELO reuse at the policy door: the sessions of the memory the rules carry count, the
+    /// one that reaches reuse.clients is refused, and a client Postfix forward-confirmed under
+    /// the HELO name is neither counted nor refused, with or without a resolver.
+    #[tokio::test]
+    async fn the_policy_door_counts_reuse_in_the_rules_memory_and_spares_a_confirmed_client() {
+        let live = live("[checks]\nhelo_reuse = \"reject\"\n[reuse]\nclients = 5\n");
+        let court = judge::Court::new(None, None, Duration::from_secs(3600));
+        let ask = |n: u8, client_name: &str| {
+            let mut request = postfix("RCPT", &format!("198.51.{n}.9"), 40000, "i.1", "bulk.test");
+            request.client_name = Some(client_name.into());
+            request.reverse_client_name = Some(client_name.into());
+            request
+        };
+        let mut answers = Vec::new();
+        for n in 1..=6 {
+            let mut session = PolicySession::default();
+            let request = ask(n, "unknown");
+            let dns = session.lookups(&request, &live, None).await;
+            answers.push(session.on_request(&request, &live, &court, dns.as_ref()));
+            let mut confirmed = PolicySession::default();
+            let request = ask(100 + n, "bulk.test");
+            let dns = confirmed.lookups(&request, &live, None).await;
+            assert_eq!(
+                dns.as_ref().map(|d| &d.client),
+                Some(&ClientDns::Confirmed("bulk.test".into()))
+            );
+            assert_eq!(
+                confirmed.on_request(&request, &live, &court, dns.as_ref()),
+                Answer::Dunno,
+                "Postfix confirmed its name: never reuse"
+            );
+        }
+        assert_eq!(answers[..4], [Answer::Dunno, Answer::Dunno, Answer::Dunno, Answer::Dunno]);
+        assert!(matches!(answers[4], Answer::Refuse { code: 553, .. }), "{:?}", answers[4]);
+        assert!(matches!(answers[5], Answer::Refuse { code: 553, .. }), "{:?}", answers[5]);
+        let now = crate::clock::boot_ns() / 1_000_000_000;
+        let count = live.rules.memory.count("bulk.test", now, live.rules.reuse.window);
+        assert_eq!(count.networks, 6, "the confirmed clients were not counted");
     }
 
     #[test]

@@ -461,12 +461,13 @@ impl<'a> Session<'a> {
 
     fn judge(&mut self, argument: String, line: Vec<u8>) -> Step {
         let looked = self.looked.take().filter(|looked| looked.0 == argument);
+        let dns = looked.as_ref().and_then(|looked| looked.1.as_ref());
         let verdict = judge::classify(
             self.rules,
             &self.client,
             &argument,
             &self.helos,
-            looked.as_ref().and_then(|looked| looked.1.as_ref()),
+            dns,
             self.pregreet.is_some(),
         );
         // DNS comes last: asked for only when no other rule decided.
@@ -477,6 +478,8 @@ impl<'a> Session<'a> {
             self.lookup = Some(Box::new((argument, line)));
             return Step::Lookup { name, need };
         }
+        // Reuse after DNS: a client its reverse name confirms is never counted.
+        let verdict = judge::reuse(self.rules, &self.client, &argument, dns, verdict);
         self.helos.push(argument);
         self.judged = self.helos.len() - 1;
         for logged in &verdict.logged {

@@ -7,8 +7,10 @@
 //! spoke before the proxy's greeting was complete: a fact about the connection, judged before
 //! any HELO check as postscreen judges it before smtpd sees a HELO), the domain table (whose
 //! `OK` entries permit outright, as in Postfix), forged identity, the badhelo regexes, then the
-//! built-in checks. Each check has its own action: `off`, `log` (dry run: noted, never
-//! enforced), `reject` or `ban`. The first enforcing match decides.
+//! built-in checks, the DNS checks, and last HELO reuse (`helo_reuse`: the name was used by many
+//! client networks lately, a count the judge keeps and hands in as a fact, [`Facts::reuse`]).
+//! Each check has its own action: `off`, `log` (dry run: noted, never enforced), `reject` or
+//! `ban`. The first enforcing match decides.
 
 pub mod badhelo;
 pub mod builtin;
@@ -62,9 +64,12 @@ pub enum Check {
     UnknownHelo,
     /// The HELO name's addresses do not include the client's.
     HeloNotClient,
+    /// The HELO name was used by `reuse.clients` or more client networks within
+    /// `reuse.window`, and this client's reverse DNS does not confirm it.
+    HeloReuse,
 }
 
-pub const CHECK_COUNT: usize = 14;
+pub const CHECK_COUNT: usize = 15;
 
 impl Check {
     pub const ALL: [Check; CHECK_COUNT] = [
@@ -82,6 +87,7 @@ impl Check {
         Check::Changed,
         Check::UnknownHelo,
         Check::HeloNotClient,
+        Check::HeloReuse,
     ];
 
     /// The rule id: stable snake_case, used in logs, metrics and `check --json`.
@@ -101,6 +107,7 @@ impl Check {
             Check::Changed => "changed",
             Check::UnknownHelo => "unknown_helo",
             Check::HeloNotClient => "helo_not_client",
+            Check::HeloReuse => "helo_reuse",
         }
     }
 }
@@ -263,6 +270,10 @@ pub struct Facts<'a> {
     /// The client spoke before the proxy's greeting was complete (the pregreet test; only the
     /// proxy greeting itself runs it, so other doors say `false`).
     pub pregreeted: bool,
+    /// How many distinct client networks (/24, /64) used this HELO name within
+    /// `reuse.window`, this client's included, as the judge's memory counts them (see
+    /// `judge::reuse`); `None`: not counted, and `helo_reuse` does not fire.
+    pub reuse: Option<usize>,
 }
 
 /// What DNS said about a session: the HELO name's records and the client's reverse name.
@@ -309,6 +320,15 @@ impl DnsFacts {
     }
 }
 
+/// `[reuse]`: when a HELO name counts as reused (`checks.helo_reuse`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReuseLimits {
+    /// Distinct client networks (/24, /64) that make a name reused.
+    pub clients: usize,
+    /// How far back they are counted.
+    pub window: Duration,
+}
+
 /// The compiled rules: built once from the config, shared by every session.
 #[derive(Clone, Debug)]
 pub struct RuleSet {
@@ -319,6 +339,14 @@ pub struct RuleSet {
     pub badhelo: BadheloSet,
     pub reject_at: RejectAt,
     pub ban_ttl: Duration,
+    pub reuse: ReuseLimits,
+    /// Which client networks used each HELO name lately: the judge's memory for `helo_reuse`,
+    /// not a rule. [`RuleSet::classify`] never reads it (the count comes in as
+    /// [`Facts::reuse`]); `judge::reuse` counts in it. It rides with the rules because they
+    /// are what every door is handed (a proxy session gets nothing else of the agent's), so
+    /// both doors count in the one memory; a reload hands it on to the new rules (`agent.rs`),
+    /// so no count is lost.
+    pub memory: Arc<crate::reuse::Memory>,
 }
 
 impl RuleSet {
@@ -429,7 +457,74 @@ impl RuleSet {
         {
             return v;
         }
-        Verdict { logged, ..self.pass("pass", "no rule matched".into()) }
+        let verdict = Verdict { logged, ..self.pass("pass", "no rule matched".into()) };
+        match facts.reuse {
+            Some(networks) => self.with_reuse(verdict, facts.argument, facts.dns, networks),
+            None => verdict,
+        }
+    }
+
+    /// The name `helo_reuse` counts and judges, given `verdict`, the verdict of every check
+    /// before it: the HELO as a domain name (lower case), when the check is on and no rule
+    /// decided. `None`, and the client is neither counted nor judged, for an address literal
+    /// or a bare IP (they name an address, not a host others could share; `literal_mismatch`
+    /// and `bare_ip` judge them), an invalid HELO, a HELO a rule decided (allowlisted and
+    /// exempt clients, `OK` table entries included), and a client whose forward-confirmed
+    /// reverse name is this HELO: a client telling the truth.
+    pub fn reuse_name(
+        &self,
+        verdict: &Verdict,
+        argument: &str,
+        dns: Option<&DnsFacts>,
+    ) -> Option<String> {
+        if self.action(Check::HeloReuse) == CheckAction::Off || verdict.rule != "pass" {
+            return None;
+        }
+        match helo::parse(argument) {
+            Helo::Name(name) if !dns.is_some_and(|dns| dns.confirms(&name)) => Some(name),
+            _ => None,
+        }
+    }
+
+    /// `helo_reuse` over `verdict`, the verdict of every check before it on the same HELO:
+    /// `networks` client networks used the name within `reuse.window` (this client's
+    /// included). Where [`RuleSet::reuse_name`] says the HELO is not judged, `verdict` as it
+    /// is. A client whose reverse lookup failed temporarily could not be cleared by the guard:
+    /// where the check enforces it hears 450 (never a 5xx, never a ban) and tries again.
+    pub fn with_reuse(
+        &self,
+        verdict: Verdict,
+        argument: &str,
+        dns: Option<&DnsFacts>,
+        networks: usize,
+    ) -> Verdict {
+        let ReuseLimits { clients, window } = self.reuse;
+        let Some(name) = self.reuse_name(&verdict, argument, dns) else { return verdict };
+        if networks < clients {
+            return verdict;
+        }
+        let used = format!(
+            "HELO {name} used by {networks} client networks in the last {}",
+            crate::duration::format(window)
+        );
+        let (reason, reply) = match dns.map(|dns| &dns.client) {
+            Some(ClientDns::TempFail(why)) => (
+                format!("{used}; the client's reverse name could not be checked ({why})"),
+                Some(EntryReply {
+                    code: 450,
+                    text: format!(
+                        "4.7.1 <{name}>: Helo command rejected: cannot check your reverse \
+                         name, try again later"
+                    ),
+                }),
+            ),
+            _ => (used, None),
+        };
+        let mut logged = verdict.logged;
+        match self.hit(Check::HeloReuse, reason, None, reply, &mut logged) {
+            Some(decided) => decided,
+            None => Verdict { logged, ..verdict },
+        }
     }
 
     /// `unknown_helo` and `helo_not_client` over what DNS said. A lookup that got no answer

@@ -44,6 +44,7 @@ fn classify(rules: &RuleSet, helo: &str, client: &str) -> Verdict {
         exempt_listener: false,
         dns: None,
         pregreeted: false,
+        reuse: None,
     })
 }
 
@@ -173,6 +174,7 @@ fn heuristics_log_by_default_and_enforce_when_asked() {
         exempt_listener: false,
         dns: None,
         pregreeted: false,
+        reuse: None,
     };
     let same = rules_default.classify(&facts("MAIL.sender.example."));
     assert!(same.logged.is_empty(), "the same name again is not a change");
@@ -222,6 +224,7 @@ fn exemptions_come_first() {
         exempt_listener: true,
         dns: None,
         pregreeted: false,
+        reuse: None,
     });
     assert_eq!((verdict.action, verdict.rule), (Action::Pass, "exempt_listener"));
 }
@@ -435,6 +438,7 @@ fn with_dns(rules: &RuleSet, helo: &str, client: &str, dns: &DnsFacts) -> Verdic
         exempt_listener: false,
         dns: Some(dns),
         pregreeted: false,
+        reuse: None,
     };
     rules.classify(&facts)
 }
@@ -519,6 +523,7 @@ fn a_pregreeter_is_judged_before_any_helo_check_and_never_when_exempt() {
         exempt_listener: false,
         dns: None,
         pregreeted,
+        reuse: None,
     };
     let bot = rules.classify(&facts("localhost", "198.51.100.7", true));
     assert_eq!((bot.action, bot.rule), (Action::Ban, "pregreet"), "before localhost");
@@ -533,4 +538,129 @@ fn a_pregreeter_is_judged_before_any_helo_check_and_never_when_exempt() {
     assert_eq!(exempt.rule, "exempt_listener");
     let logged = rules_own("").classify(&facts("mail.sender.example", "198.51.100.7", true));
     assert_eq!((logged.action, logged.logged[0].rule), (Action::Pass, "pregreet"), "log: noted");
+}
+
+/// Facts for HELO reuse: `networks` counted for `helo` from `client`, what DNS said.
+fn reuse_facts<'a>(
+    helo: &'a str,
+    client: &str,
+    dns: Option<&'a DnsFacts>,
+    networks: usize,
+) -> Facts<'a> {
+    Facts {
+        client: Some(client.parse().unwrap()),
+        argument: helo,
+        previous: &[],
+        exempt_listener: false,
+        dns,
+        pregreeted: false,
+        reuse: Some(networks),
+    }
+}
+
+/// HELO reuse through the judge and its one memory: 25 clients from 25 networks with one HELO,
+/// inside the window, are flagged from the 20th (reuse.clients) on; a client whose
+/// forward-confirmed reverse name is the HELO is neither flagged nor counted.
+#[test]
+fn a_helo_used_by_many_networks_is_reused_from_the_threshold_on_and_never_for_a_confirmed_client() {
+    use crate::judge::{self, Client};
+    let rules = rules_own("[checks]\nhelo_reuse = \"reject\"\n");
+    assert_eq!(rules.reuse, ReuseLimits { clients: 20, window: Duration::from_secs(3600) });
+    let helo = "Relay.Bulk.Example";
+    let confirmed = DnsFacts {
+        helo: HeloDns::NotLooked,
+        client: ClientDns::Confirmed("relay.bulk.example".into()),
+    };
+    let unconfirmed = DnsFacts { helo: HeloDns::NotLooked, client: ClientDns::Unconfirmed(vec![]) };
+    let judge = |ip: String, dns: &DnsFacts| {
+        let client = Client::new(ip.parse().unwrap(), None, false);
+        let verdict = judge::classify(&rules, &client, helo, &[], Some(dns), false);
+        judge::reuse(&rules, &client, helo, Some(dns), verdict)
+    };
+    let mut rules_seen = Vec::new();
+    for n in 1..=25 {
+        // Two hosts of one /24 are one network; the second comes first, uncounted twice.
+        let verdict = judge(format!("198.51.{n}.7"), &unconfirmed);
+        if n == 3 {
+            assert_eq!(judge("198.51.3.200".into(), &unconfirmed).rule, "pass", "same /24");
+        }
+        rules_seen.push(verdict.rule);
+        if n == 25 {
+            assert_eq!(verdict.action, Action::Reject);
+            assert_eq!(
+                verdict.reason,
+                "HELO relay.bulk.example used by 25 client networks in the last 1h"
+            );
+        }
+        // The confirmed client, between the others: never counted, never judged.
+        let verdict = judge(format!("203.0.{n}.9"), &confirmed);
+        assert_eq!((verdict.action, verdict.rule), (Action::Pass, "pass"), "confirmed, n={n}");
+    }
+    assert_eq!(rules_seen[..19], ["pass"; 19], "networks 1 to 19 pass");
+    assert_eq!(rules_seen[19..], ["helo_reuse"; 6], "from the 20th on: reused");
+    let now = crate::clock::boot_ns() / 1_000_000_000;
+    let count = rules.memory.count("relay.bulk.example", now, rules.reuse.window);
+    assert_eq!(count.networks, 25, "the confirmed clients' 25 networks were never counted");
+}
+
+/// The rule itself over the count it is handed (`Facts::reuse`): reused at `reuse.clients`,
+/// never for a confirmed client, never when another rule decided, never for literals or bare
+/// addresses, and a 450 (never a ban) where the guard could not look.
+#[test]
+fn the_reuse_rule_reads_the_count_and_the_guard() {
+    let rules = rules_own("[checks]\nhelo_reuse = \"ban\"\n[reuse]\nclients = 5\nwindow = \"10m\"");
+    let bot = "198.51.100.7";
+    let judge = |helo, dns, networks| rules.classify(&reuse_facts(helo, bot, dns, networks));
+    assert_eq!(judge("bot.example", None, 4).rule, "pass", "below reuse.clients");
+    let reused = judge("bot.example", None, 5);
+    assert_eq!((reused.action, reused.rule), (Action::Ban, "helo_reuse"));
+    assert_eq!(reused.reason, "HELO bot.example used by 5 client networks in the last 10m");
+    assert_eq!(reused.ttl, Some(Duration::from_secs(3600)));
+    let confirmed =
+        DnsFacts { helo: HeloDns::NotLooked, client: ClientDns::Confirmed("bot.example".into()) };
+    assert_eq!(judge("BOT.example.", Some(&confirmed), 500).rule, "pass", "the guard");
+    let failed =
+        DnsFacts { helo: HeloDns::NotLooked, client: ClientDns::TempFail("timeout".into()) };
+    let unsure = judge("bot.example", Some(&failed), 5);
+    assert_eq!((unsure.action, unsure.rule, unsure.ttl), (Action::Reject, "helo_reuse", None));
+    assert_eq!(unsure.reply.as_ref().map(|r| r.code), Some(450), "{:?}", unsure.reply);
+    assert_eq!(judge("mx.example.com", None, 500).rule, "forged_identity", "decided before");
+    assert_eq!(judge("localhost", None, 500).rule, "localhost");
+    let own = format!("[{bot}]");
+    assert_eq!(judge(&own, None, 500).rule, "pass", "a literal of the client's own address");
+    let rules_off = rules_own("[checks]\nbare_ip = \"off\"\nhelo_reuse = \"ban\"");
+    let bare = rules_off.classify(&reuse_facts("192.0.2.7", bot, None, 500));
+    assert_eq!(bare.rule, "pass", "a bare address is no name others share");
+    // Allowlisted: never judged, whatever the count.
+    assert_eq!(
+        rules.classify(&reuse_facts("bot.example", "10.1.2.3", None, 500)).rule,
+        "allowlist"
+    );
+    // The default is log: noted, never enforced; without a count, nothing.
+    let default = rules_own("");
+    let logged = default.classify(&reuse_facts("bot.example", bot, None, 20));
+    assert_eq!((logged.action, logged.logged[0].rule), (Action::Pass, "helo_reuse"));
+    assert!(
+        default
+            .classify(&Facts { reuse: None, ..reuse_facts("bot.example", bot, None, 20) })
+            .logged
+            .is_empty()
+    );
+}
+
+/// Which HELOs the judge counts at all: the name, lower case, once no rule decided.
+#[test]
+fn only_domain_names_no_rule_decided_are_counted() {
+    let rules = rules_own("[checks]\nhelo_reuse = \"reject\"\nbare_ip = \"log\"");
+    let pass = rules.pass("pass", "no rule matched".into());
+    let name = |helo: &str, verdict: &Verdict| rules.reuse_name(verdict, helo, None);
+    assert_eq!(name("Bot.Example.", &pass).as_deref(), Some("bot.example"));
+    assert_eq!(name("friend", &pass).as_deref(), Some("friend"), "a name without a dot too");
+    assert_eq!(name("[192.0.2.7]", &pass), None, "an address literal");
+    assert_eq!(name("192.0.2.7", &pass), None, "a bare address");
+    assert_eq!(name("bad_name.example", &pass), None, "invalid");
+    let decided = rules.pass("table", "listed OK".into());
+    assert_eq!(name("bot.example", &decided), None, "an OK entry decided");
+    let off = rules_own("[checks]\nhelo_reuse = \"off\"");
+    assert_eq!(off.reuse_name(&pass, "bot.example", None), None, "the check is off");
 }

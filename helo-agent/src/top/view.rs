@@ -330,6 +330,9 @@ mod tests {
             clients_capped: false,
             rejected: if rules.is_empty() { 0 } else { sessions },
             rules,
+            networks: 1,
+            networks_capped: false,
+            reused: false,
         }
     }
 
