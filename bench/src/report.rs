@@ -162,14 +162,17 @@ impl Report {
     }
 }
 
+/// A markdown table (none when `header` is empty: notes only) and its notes.
 fn table(header: &[&str], rows: &[Vec<String>], notes: &[String]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "| {} |", header.join(" | "));
-    let _ = writeln!(s, "|{}|", header.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
-    for row in rows {
-        let _ = writeln!(s, "| {} |", row.join(" | "));
+    if !header.is_empty() {
+        let _ = writeln!(s, "| {} |", header.join(" | "));
+        let _ = writeln!(s, "|{}|", header.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
+        for row in rows {
+            let _ = writeln!(s, "| {} |", row.join(" | "));
+        }
+        s.push('\n');
     }
-    s.push('\n');
     for note in notes {
         let _ = writeln!(s, "{note}\n");
     }

@@ -148,7 +148,7 @@ async fn the_policy_service_judges_with_dns() {
     };
     assert_eq!(ask(1, "127.0.0.1", "unknown", "mail.good.test").await, "action=DUNNO\n\n");
     let slow = ask(2, "127.0.0.1", "unknown", "z.slow.test").await;
-    assert!(slow.starts_with("action=450 ") && slow.contains("try again later"), "{slow}");
+    assert!(slow.starts_with("action=450 4.7.1 <") && slow.contains("try again later"), "{slow}");
     let missing = ask(3, "203.0.113.7", "unknown", "nope.test").await;
     assert!(missing.starts_with("action=553 "), "{missing}");
     let elsewhere = ask(4, "203.0.113.8", "unknown", "other.test").await;

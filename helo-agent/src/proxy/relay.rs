@@ -106,16 +106,23 @@ pub async fn relay(
     opacity: Opacity,
     cut: impl std::future::Future<Output = ()>,
 ) -> Relayed {
+    // The idle deadline: one timer, armed for `idle` after the last traffic known when it was
+    // armed. Traffic only moves a timestamp; when the timer fires early (there was traffic
+    // since), it is armed again for the rest. A session shorter than `idle` arms it once.
     let last = AtomicU64::new(0);
     let start = Instant::now();
     let touch = || last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     let watchdog = async {
+        let idle_ms = idle.as_millis() as u64;
+        let mut wake = tokio::time::Instant::from_std(start) + idle;
         loop {
-            tokio::time::sleep(Duration::from_secs(1).min(idle)).await;
-            let quiet = start.elapsed().as_millis() as u64 - last.load(Ordering::Relaxed);
-            if quiet >= idle.as_millis() as u64 {
+            tokio::time::sleep_until(wake).await;
+            let quiet =
+                (start.elapsed().as_millis() as u64).saturating_sub(last.load(Ordering::Relaxed));
+            if quiet >= idle_ms {
                 return;
             }
+            wake = tokio::time::Instant::now() + Duration::from_millis(idle_ms - quiet);
         }
     };
     let (up, down, copied) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
@@ -440,6 +447,38 @@ mod tests {
         );
         let relayed = relay.await.unwrap();
         assert!(relayed.upstream_lost);
+    }
+
+    /// Traffic keeps a relay alive past its idle limit; the limit counts from the last of it.
+    #[tokio::test]
+    async fn the_idle_limit_counts_from_the_last_traffic() {
+        let (mut client_far, client_near) = pair().await;
+        let (upstream_near, mut upstream_far) = pair().await;
+        let idle = Duration::from_millis(400);
+        let started = Instant::now();
+        let relay = tokio::spawn(relay(
+            client_near,
+            upstream_near,
+            idle,
+            Opacity::Data,
+            std::future::pending(),
+        ));
+        let mut got = [0u8; 6];
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            client_far.write_all(b"NOOP\r\n").await.unwrap();
+            upstream_far.read_exact(&mut got).await.unwrap();
+        }
+        let last_traffic = started.elapsed();
+        assert!(last_traffic >= Duration::from_millis(1200), "3 idle limits of traffic");
+        let relayed = relay.await.unwrap();
+        let ended = started.elapsed();
+        assert_eq!(relayed.error.expect("ended idle").kind(), io::ErrorKind::TimedOut);
+        assert_eq!(relayed.up, 48, "every NOOP relayed before the end");
+        assert!(
+            ended >= last_traffic + idle && ended < last_traffic + idle * 3,
+            "ended {ended:?}, {last_traffic:?} after the start, with the last traffic"
+        );
     }
 
     #[tokio::test]

@@ -549,7 +549,7 @@ impl RuleSet {
                     Some(EntryReply {
                         code: 450,
                         text: format!(
-                            "<{name}>: Helo command rejected: Host not found, try again later"
+                            "4.7.1 <{name}>: Helo command rejected: Host not found, try again later"
                         ),
                     }),
                 ),
