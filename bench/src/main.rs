@@ -4,6 +4,7 @@
 //! target that is missed is said so, with what limits it.
 
 mod bots;
+mod dns;
 mod fleet;
 mod flood;
 mod livegen;
@@ -33,6 +34,7 @@ const SECTIONS: &[(&str, Section)] = &[
     ("policy", policy::run),
     ("bots", bots::run),
     ("fleet", fleet::run),
+    ("dns", dns::run),
 ];
 
 fn main() -> anyhow::Result<()> {

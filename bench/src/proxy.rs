@@ -351,9 +351,7 @@ fn session_rounds(
                     round + 1
                 ));
                 let rate = match load {
-                    Load::Bench => {
-                        drive(addr, SESSIONS, CONCURRENCY, &small, *pid, placement)?
-                    }
+                    Load::Bench => drive(addr, SESSIONS, CONCURRENCY, &small, *pid, placement)?,
                     Load::SmtpSource => drive_smtp_source(addr, SESSIONS, *pid, placement)?,
                 };
                 rates[l][i].push(rate);

@@ -74,6 +74,32 @@ pub fn classify(
     })
 }
 
+/// [`classify`]'s verdict on the same HELO once DNS has answered with `dns`, from `verdict`,
+/// the verdict without DNS that [`dns_need`] asked the lookups for: only what DNS can change is
+/// judged again (`RuleSet::with_dns`), not every rule a second time.
+pub fn with_dns(
+    rules: &RuleSet,
+    client: &Client,
+    helo: &str,
+    previous: &[String],
+    dns: &DnsFacts,
+    pregreeted: bool,
+    verdict: Verdict,
+) -> Verdict {
+    rules.with_dns(
+        verdict,
+        &Facts {
+            client: Some(client.ip),
+            argument: helo,
+            previous,
+            exempt_listener: client.exempt,
+            dns: Some(dns),
+            pregreeted,
+            reuse: None,
+        },
+    )
+}
+
 /// The last check, HELO reuse (`checks.helo_reuse`, `[reuse]`): given `verdict`, the verdict
 /// of [`classify`] on the same HELO with the DNS facts the door ended with, the client's
 /// network is counted for the name in the memory both doors share ([`RuleSet::memory`]), and

@@ -23,7 +23,7 @@ use super::passes::PassCache;
 use super::session::{AfterReply, Opacity, Session, Step};
 use super::{Drain, Live, relay, upstream};
 use crate::config::{GreetingMode, ProxyConfig};
-use crate::dns::{Dns, Need};
+use crate::dns::{Dns, Need, ReverseNames};
 use crate::judge::Client;
 use crate::rules::{Action, ClientDns, DnsFacts, Verdict};
 use crate::smtp::MAX_COMMAND_LINE;
@@ -95,11 +95,19 @@ pub(super) async fn run(
     let mut session = Session::new(&live.rules, *who, &live.reject_message, host);
     // The DNS checks: the client's reverse name is looked up from now, in the background, and
     // the HELO name when the HELO comes, if DNS can still decide it.
+    // A client seen lately is known already: no task.
     let reverse = match dns {
         Some(dns) if judged_at_all(live, who) => {
             session.enable_dns();
-            let (dns, ip) = (dns.clone(), who.ip);
-            Some(Reverse(tokio::spawn(async move { dns.client(ip, Need::Optional).await })))
+            Some(match dns.cached_reverse(who.ip) {
+                Some(known) => Reverse::Known(known),
+                None => {
+                    let (dns, ip) = (dns.clone(), who.ip);
+                    Reverse::Asked(tokio::spawn(
+                        async move { dns.reverse(ip, Need::Optional).await },
+                    ))
+                }
+            })
         }
         _ => None,
     };
@@ -147,12 +155,18 @@ fn judged_at_all(live: &Live, who: &Client) -> bool {
     !who.exempt && !live.rules.allowlist.iter().any(|net| net.contains(&who.ip))
 }
 
-/// The client's reverse-name lookup, started at accept; aborted if the session ends first.
-struct Reverse(tokio::task::JoinHandle<Option<ClientDns>>);
+/// The client's reverse names: known at accept (cached), or looked up from then on, the
+/// lookup aborted if the session ends first.
+enum Reverse {
+    Known(ReverseNames),
+    Asked(tokio::task::JoinHandle<Option<ReverseNames>>),
+}
 
 impl Drop for Reverse {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Reverse::Asked(lookup) = self {
+            lookup.abort();
+        }
     }
 }
 
@@ -256,21 +270,31 @@ impl Handler<'_> {
         Flow::Next
     }
 
-    /// The HELO name's records and the client's reverse name (started at accept), each
-    /// bounded by `dns.timeout`; `None` when no lookup slot was free for a session that can go
+    /// The HELO name's records and the client's reverse names (looked up from accept), each
+    /// bounded by `dns.timeout`, the client confirmed against the HELO (`dns::confirm`): one
+    /// resolver round trip. `None` when no lookup slot was free for a session that can go
     /// without.
     async fn lookups(&mut self, name: &str, need: Need) -> Option<DnsFacts> {
         let (dns, reverse, ip) = self.dns.as_mut()?;
         let (dns, ip): (&Dns, _) = (dns, *ip);
         let reverse = reverse.take();
-        let client = async move {
+        let names = async move {
             match reverse {
-                Some(mut reverse) => (&mut reverse.0).await.ok().flatten(),
-                None => dns.client(ip, need).await,
+                Some(mut reverse) => match &mut reverse {
+                    Reverse::Known(known) => Some(known.clone()),
+                    Reverse::Asked(lookup) => lookup.await.ok().flatten(),
+                },
+                None => dns.reverse(ip, need).await,
             }
         };
-        let (helo, client) = tokio::join!(dns.helo(name, need), client);
-        Some(DnsFacts { helo: helo?, client: client.unwrap_or_default() })
+        let (records, names) = tokio::join!(dns.helo(name, need), names);
+        let records = records?;
+        let client = match names {
+            Some(names) => crate::dns::confirm(ip, &names, name, &records),
+            // No slot was free for the reverse side: not looked.
+            None => ClientDns::NotLooked,
+        };
+        Some(DnsFacts { client, helo: records })
     }
 
     /// Writes to the client.

@@ -159,10 +159,9 @@ pub struct Session<'a> {
     pregreet: Option<Pregreet>,
     /// The DNS checks can be asked for (the door has a resolver).
     dns: bool,
-    /// A HELO whose verdict waits for DNS: its argument and line ([`Step::Lookup`]).
-    lookup: Option<Box<(String, Vec<u8>)>>,
-    /// What DNS said for a HELO (its argument): read when it is judged.
-    looked: Option<Box<(String, Option<DnsFacts>)>>,
+    /// A HELO whose verdict waits for DNS ([`Step::Lookup`]): its argument, its line, and its
+    /// verdict without DNS, which [`Session::on_dns`] completes.
+    lookup: Option<Box<(String, Vec<u8>, Verdict)>>,
 }
 
 impl<'a> Session<'a> {
@@ -189,7 +188,6 @@ impl<'a> Session<'a> {
             pregreet: None,
             dns: false,
             lookup: None,
-            looked: None,
         }
     }
 
@@ -202,9 +200,21 @@ impl<'a> Session<'a> {
     /// What DNS said (`None`: nothing, no slot free) for the HELO of the last
     /// [`Step::Lookup`]: its verdict now.
     pub fn on_dns(&mut self, facts: Option<DnsFacts>) -> Step {
-        let (argument, line) = *self.lookup.take().expect("on_dns answers a Step::Lookup");
-        self.looked = Some(Box::new((argument.clone(), facts)));
-        self.judge(argument, line)
+        let (argument, line, verdict) = *self.lookup.take().expect("on_dns answers a Step::Lookup");
+        // Only what DNS can change is judged again (the rest was, before the lookup).
+        let verdict = match &facts {
+            Some(dns) => judge::with_dns(
+                self.rules,
+                &self.client,
+                &argument,
+                &self.helos,
+                dns,
+                self.pregreet.is_some(),
+                verdict,
+            ),
+            None => verdict,
+        };
+        self.decided(argument, line, verdict, facts.as_ref())
     }
 
     /// Whether this client takes the pregreet test where the proxy greets itself: the check is
@@ -460,24 +470,33 @@ impl<'a> Session<'a> {
     }
 
     fn judge(&mut self, argument: String, line: Vec<u8>) -> Step {
-        let looked = self.looked.take().filter(|looked| looked.0 == argument);
-        let dns = looked.as_ref().and_then(|looked| looked.1.as_ref());
         let verdict = judge::classify(
             self.rules,
             &self.client,
             &argument,
             &self.helos,
-            dns,
+            None,
             self.pregreet.is_some(),
         );
         // DNS comes last: asked for only when no other rule decided.
         if self.dns
-            && looked.is_none()
             && let Some((name, need)) = judge::dns_need(self.rules, &verdict, &argument)
         {
-            self.lookup = Some(Box::new((argument, line)));
+            self.lookup = Some(Box::new((argument, line, verdict)));
             return Step::Lookup { name, need };
         }
+        self.decided(argument, line, verdict, None)
+    }
+
+    /// A HELO's verdict (with what DNS said, if it was asked) is in: reuse is judged, and the
+    /// session goes on or is rejected.
+    fn decided(
+        &mut self,
+        argument: String,
+        line: Vec<u8>,
+        verdict: Verdict,
+        dns: Option<&DnsFacts>,
+    ) -> Step {
         // Reuse after DNS: a client its reverse name confirms is never counted.
         let verdict = judge::reuse(self.rules, &self.client, &argument, dns, verdict);
         self.helos.push(argument);

@@ -299,7 +299,9 @@ pub enum HeloDns {
 }
 
 /// The client's address in reverse DNS, forward-confirmed: its PTR names, and whether one of
-/// them resolves back to the address.
+/// them resolves back to the address. The rules ask only whether the HELO name is such a name
+/// ([`DnsFacts::confirms`]), so the proxy confirms only the HELO name (`dns::confirm`, from the
+/// HELO lookup's own records); Postfix's `client_name` (the policy service) may be another.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientDns {
@@ -307,7 +309,7 @@ pub enum ClientDns {
     NotLooked,
     /// A PTR name whose A or AAAA records include the client (lower case, no final dot).
     Confirmed(String),
-    /// PTR names (maybe none) of which none points back at the client.
+    /// PTR names (maybe none), none of them known to point back at the client.
     Unconfirmed(Vec<String>),
     TempFail(String),
 }
@@ -461,6 +463,28 @@ impl RuleSet {
         match facts.reuse {
             Some(networks) => self.with_reuse(verdict, facts.argument, facts.dns, networks),
             None => verdict,
+        }
+    }
+
+    /// What [`RuleSet::classify`] says of `facts` (with `facts.dns`), given `verdict`, its
+    /// verdict on the same facts without DNS, which no rule decided (the only verdict the
+    /// doors look DNS up for, see `judge::dns_need`): only what DNS can change is judged
+    /// again, the DNS checks over the logged matches so far. `dynamic` is the one earlier
+    /// check DNS can undo (a forward-confirmed name is never dynamic): when it logged and DNS
+    /// confirms the name, everything is judged again. Reuse is judged after, as ever.
+    pub fn with_dns(&self, verdict: Verdict, facts: &Facts<'_>) -> Verdict {
+        let (Helo::Name(name), Some(dns)) = (helo::parse(facts.argument), facts.dns) else {
+            return verdict;
+        };
+        let dynamic_undone =
+            dns.confirms(&name) && verdict.logged.iter().any(|m| m.rule == Check::Dynamic.name());
+        if verdict.rule != "pass" || dynamic_undone {
+            return self.classify(&Facts { reuse: None, ..*facts });
+        }
+        let mut logged = verdict.logged;
+        match self.dns_checks(&name, facts.client, dns, &mut logged) {
+            Some(decided) => decided,
+            None => Verdict { logged, ..verdict },
         }
     }
 

@@ -493,6 +493,80 @@ fn a_dns_failure_is_temporary_never_a_5xx_nor_a_ban() {
     assert_eq!(logged, ["unknown_helo", "helo_not_client"]);
 }
 
+/// The doors judge once without DNS, and once DNS has answered only what DNS can change
+/// (`RuleSet::with_dns`): that must be exactly what judging everything again with the answers
+/// says, for every check configuration, HELO, client and answer.
+#[test]
+fn judging_only_what_dns_changes_is_judging_everything_again() {
+    let configs = [
+        "[checks]\nunknown_helo = \"ban\"\nhelo_not_client = \"reject\"\n",
+        "[checks]\nunknown_helo = \"log\"\nhelo_not_client = \"log\"\ndynamic = \"log\"\n",
+        "[checks]\ndynamic = \"reject\"\nunknown_helo = \"reject\"\nno_dot = \"log\"\n",
+        "[checks]\nunknown_helo = \"off\"\nhelo_not_client = \"ban\"\npregreet = \"log\"\n",
+    ];
+    let helos = [
+        "mail.sender.example",
+        "host-203-0-113-9.isp.example",
+        "MAIL.Sender.Example.",
+        "friend",
+        "localhost",
+        "[203.0.113.9]",
+        "203.0.113.9",
+        "x.dyn.example",
+    ];
+    let clients = ["203.0.113.9", "198.51.100.1", "::ffff:203.0.113.9"];
+    let found = |a: &str| HeloDns::Found { addresses: vec![a.parse().unwrap()], mx: false };
+    let answers = [
+        HeloDns::NotLooked,
+        HeloDns::Missing,
+        HeloDns::TempFail("timeout".into()),
+        found("203.0.113.9"),
+        found("198.51.100.1"),
+        HeloDns::Found { addresses: vec![], mx: true },
+    ];
+    let reverse = [
+        ClientDns::NotLooked,
+        ClientDns::Confirmed("host-203-0-113-9.isp.example".into()),
+        ClientDns::Confirmed("mail.sender.example".into()),
+        ClientDns::Unconfirmed(vec!["other.example".into()]),
+        ClientDns::TempFail("timeout".into()),
+    ];
+    let mut compared = 0;
+    for config in configs {
+        let rules = rules(config);
+        for helo in helos {
+            for client in clients {
+                for pregreeted in [false, true] {
+                    let facts = Facts {
+                        client: Some(client.parse().unwrap()),
+                        argument: helo,
+                        previous: &[],
+                        exempt_listener: false,
+                        dns: None,
+                        pregreeted,
+                        reuse: None,
+                    };
+                    let without = rules.classify(&facts);
+                    for helo_dns in &answers {
+                        for client_dns in &reverse {
+                            let dns =
+                                DnsFacts { helo: helo_dns.clone(), client: client_dns.clone() };
+                            let facts = Facts { dns: Some(&dns), ..facts };
+                            assert_eq!(
+                                rules.with_dns(without.clone(), &facts),
+                                rules.classify(&facts),
+                                "{config} {helo} {client} {dns:?}"
+                            );
+                            compared += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(compared, 4 * 8 * 3 * 2 * 6 * 5);
+}
+
 /// A name whose reverse DNS confirms the client is a client telling the truth: never
 /// judged dynamic, however many digits it has.
 #[test]
