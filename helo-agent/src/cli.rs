@@ -129,11 +129,11 @@ pub enum CliCommand {
         /// and MX records; the client's forward-confirmed reverse name, with --client).
         #[arg(long)]
         no_dns: bool,
-        /// Judge HELO reuse as if N distinct client networks (/24, /64; this client's
-        /// included) had used the name within reuse.window. `check` keeps no count of its
+        /// Judge HELO reuse as if N (1 or more) distinct client networks (/24, /64; this
+        /// client's included) had used the name within reuse.window. `check` keeps no count of its
         /// own; without this flag helo_reuse is not judged (the running agent's counts are in
         /// `helo-agent tophelos`).
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", value_parser = at_least_one())]
         networks: Option<usize>,
         /// One JSON object: verdict, rule, reason, entry, ttl, logged, dns, networks.
         #[arg(long)]
@@ -470,6 +470,11 @@ fn lookups(
     })
 }
 
+/// `check --networks`: the count includes this client's own network, so it is 1 or more.
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
+}
+
 /// One line on how `check` judged HELO reuse, where the check is on and would look at this
 /// HELO; `verdict` is the verdict of every check before it.
 fn describe_reuse(
@@ -481,8 +486,15 @@ fn describe_reuse(
 ) -> Option<String> {
     use crate::rules::helo::{self, Helo};
     use crate::rules::{Check, CheckAction};
-    if rules.action(Check::HeloReuse) == CheckAction::Off || verdict.rule != "pass" {
-        return None;
+    // Where the check cannot judge, a `--networks` the admin gave is answered, not ignored.
+    if rules.action(Check::HeloReuse) == CheckAction::Off {
+        return networks
+            .map(|_| "not judged: checks.helo_reuse is \"off\" (--networks ignored)".into());
+    }
+    if verdict.rule != "pass" {
+        return networks.map(|_| {
+            format!("never counted: rule {} decided first (--networks ignored)", verdict.rule)
+        });
     }
     let limits = rules.reuse;
     let window = crate::duration::format(limits.window);
@@ -820,6 +832,9 @@ fn write_tophelos(out: &mut impl std::io::Write, rows: &[HeloRow]) -> std::io::R
         );
         let rules: Vec<String> =
             row.rules.iter().map(|r| format!("{}={}", r.rule, r.sessions)).collect();
+        // The HELO is the client's text, invalid ones included: no escape sequence a bot sent
+        // reaches the admin's terminal (as in `top`).
+        let helo: String = row.helo.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
         writeln!(
             out,
             "{:>9} {:>8} {:>9} {:>9}  {:<40} {}",
@@ -827,7 +842,7 @@ fn write_tophelos(out: &mut impl std::io::Write, rows: &[HeloRow]) -> std::io::R
             format!("{}{plus}", row.clients),
             networks,
             row.rejected,
-            row.helo,
+            helo,
             rules.join(" ")
         )?;
     }
@@ -1048,6 +1063,28 @@ mod tests {
         let mut out = Vec::new();
         write_tophelos(&mut out, &rows[1..]).unwrap();
         assert!(!String::from_utf8(out).unwrap().contains("reused"), "no legend without a mark");
+    }
+
+    /// A bot chooses its HELO: an invalid one with escape sequences (colours, a window title
+    /// set by OSC) is counted as sent, and `tophelos` must not play it on the admin's terminal.
+    #[test]
+    fn tophelos_prints_no_control_characters() {
+        let row = HeloRow {
+            helo: "\u{1b}[31mred\u{1b}]0;pwned\u{7}.test\r".into(),
+            sessions: 1,
+            clients: 1,
+            clients_capped: false,
+            rejected: 1,
+            rules: vec![crate::report::RuleCount { rule: "invalid".into(), sessions: 1 }],
+            networks: 0,
+            networks_capped: false,
+            reused: false,
+        };
+        let mut out = Vec::new();
+        write_tophelos(&mut out, &[row]).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
+        assert!(text.contains("?[31mred?]0;pwned?.test? "), "{text:?}");
     }
 
     #[test]

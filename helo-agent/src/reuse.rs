@@ -8,7 +8,8 @@
 //! CLOCK_BOOTTIME), nothing is read or written outside it. [`Memory`] shares one tracker between
 //! every session of both doors. What is counted is the judge's decision (`judge::reuse`, with
 //! `RuleSet::reuse_name`): only domain names no other rule decided, and never a client whose
-//! forward-confirmed reverse DNS gives the name. Names are counted lower case.
+//! forward-confirmed reverse DNS gives the name. Names are counted lower case, without a
+//! trailing dot.
 //!
 //! Memory is bounded (about 15 MB at most): [`MAX_NAMES`] names, [`MAX_NETWORKS_PER_NAME`]
 //! networks per name, [`MAX_NETWORKS`] networks in all. Beyond a name's cap, further networks are
@@ -231,7 +232,11 @@ impl Tracker {
     }
 }
 
+/// The name as the memory keys it: lower case, without a trailing dot, as `rules::helo::parse`
+/// gives it to the judge. `tophelos` asks for its rows' names as the client sent them
+/// (`bot.example.` included), and must find the count the judge kept under `bot.example`.
 fn lower(name: &str) -> Cow<'_, str> {
+    let name = name.strip_suffix('.').unwrap_or(name);
     if name.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(name.to_ascii_lowercase())
     } else {
@@ -282,8 +287,10 @@ pub fn suggest_badhelo(report: &ReuseReport) -> String {
          in the last {window}\n\
          # (reuse.clients, reuse.window), by clients whose reverse DNS did not confirm the name.\n\
          # SUGGESTIONS TO REVIEW, never applied by the agent: a provider's outbound pool may share\n\
-         # one name honestly. Keep the lines you agree with in rules.badhelo_file (or\n\
-         # rules.regexes), then `helo-agent reload`.\n",
+         # one name honestly. A badhelo line rejects every client that sends the name, also the\n\
+         # ones whose reverse DNS confirms it (helo_reuse spares them; badhelo runs first).\n\
+         # Keep the lines you agree with in rules.badhelo_file (or rules.regexes), then\n\
+         # `helo-agent reload`.\n",
         report.clients
     );
     if report.helos.is_empty() {
@@ -292,7 +299,9 @@ pub fn suggest_badhelo(report: &ReuseReport) -> String {
     for reused in &report.helos {
         let plus = if reused.capped { "+" } else { "" };
         out.push_str(&format!("# {}{plus} networks\n", reused.networks));
-        out.push_str(&format!("^{}$\n", escape_ere(&reused.helo)));
+        // `\.?`: the memory holds the name without a trailing dot, but a bot may send it with
+        // one (`EHLO bot.example.`), and a badhelo line sees the HELO as sent.
+        out.push_str(&format!("^{}\\.?$\n", escape_ere(&reused.helo)));
     }
     out
 }
@@ -351,6 +360,20 @@ mod tests {
         assert_eq!(t.observe("other.example", v4(3, 1), 100, HOUR).networks, 1);
         assert_eq!(t.count("BOT.EXAMPLE", 100, HOUR).networks, 2);
         assert_eq!(t.count("never.example", 100, HOUR), Count::default());
+    }
+
+    /// The judge counts the name `rules::helo::parse` gives (`bot.example` for `EHLO
+    /// Bot.Example.`), while `tophelos` asks for its rows as the client sent them: a row of
+    /// `bot.example.` must show the name's count and mark, not 0.
+    #[test]
+    fn a_trailing_dot_is_the_same_name() {
+        let mut t = Tracker::default();
+        t.observe("bot.example", v4(1, 1), 100, HOUR);
+        t.observe("bot.example", v4(2, 1), 100, HOUR);
+        assert_eq!(t.count("bot.example.", 100, HOUR).networks, 2, "as tophelos asks");
+        assert_eq!(t.count("BOT.example.", 100, HOUR).networks, 2);
+        assert_eq!(t.observe("Bot.Example.", v4(3, 1), 100, HOUR).networks, 3, "one name");
+        assert_eq!(t.len(), 1);
     }
 
     #[test]
@@ -464,15 +487,22 @@ mod tests {
         };
         let text = suggest_badhelo(&report);
         let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
-        assert_eq!(lines, [r"^bot\.example\.com$", "^friend$"]);
+        assert_eq!(lines, [r"^bot\.example\.com\.?$", r"^friend\.?$"]);
         assert!(text.contains("used by 20 or more client networks (/24, /64) in the last 1h"));
         assert!(text.contains("SUGGESTIONS TO REVIEW, never applied"), "{text}");
+        // The guard that spares a forward-confirmed client does not protect it from a line.
+        assert!(text.contains("also the\n# ones whose reverse DNS confirms it"), "{text}");
         assert!(text.contains("# 1000+ networks\n^bot"), "{text}");
         // The lines load as a qmail badhelo file and match the name, and only the name.
         let rules = crate::config::import::badhelo(&text, "suggested");
         assert_eq!(rules.len(), 2, "the header is comments");
         let set = crate::rules::badhelo::BadheloSet::new(rules).expect("the lines compile");
         assert!(set.first_match("BOT.example.com").is_some(), "case-insensitive, as qmail");
+        // The memory counts `EHLO bot.example.com.` as bot.example.com: the line the admin is
+        // offered must catch the bots that send it with the trailing dot too.
+        assert!(set.first_match("bot.example.com.").is_some(), "with a trailing dot");
+        assert!(set.first_match("friend.").is_some(), "with a trailing dot");
+        assert!(set.first_match("bot.example.com..").is_none(), "one dot at most");
         assert!(set.first_match("botxexample.com").is_none(), "the dots are literal");
         assert!(set.first_match("a.bot.example.com").is_none(), "anchored");
         assert!(set.first_match("friendly").is_none(), "anchored");

@@ -381,3 +381,56 @@ fn check_judges_helo_reuse_from_the_count_it_is_given() {
     assert!(help.contains("--suggest") && help.contains("Nothing is applied"), "{help}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--networks` counts this client's network: 0 is no count `check` could be given (a usage
+/// error, exit 2). Where the check cannot judge the HELO (it is off, or another rule decided
+/// first) a `--networks` given is answered with why, never silently ignored.
+#[test]
+fn check_networks_is_at_least_1_and_never_silently_ignored() {
+    let dir = scratch("reuse-networks");
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let on = write("on.toml", "[checks]\nhelo_reuse = \"reject\"\n");
+    let off = write("off.toml", "[checks]\nhelo_reuse = \"off\"\n");
+    let check = |config: &str, helo: &str, networks: &str| {
+        agent(&[
+            "--config",
+            config,
+            "check",
+            helo,
+            "--no-dns",
+            "--client",
+            "198.51.100.7",
+            "--networks",
+            networks,
+        ])
+    };
+    let stdout = |out: &Output| String::from_utf8_lossy(&out.stdout).into_owned();
+
+    let zero = check(&on, "bulk.sender.example", "0");
+    assert_eq!(zero.status.code(), Some(2), "0 networks: a usage error");
+    let stderr = String::from_utf8_lossy(&zero.stderr);
+    assert!(stderr.contains("--networks"), "{stderr}");
+    assert_eq!(check(&on, "bulk.sender.example", "1").status.code(), Some(0));
+
+    let out = check(&off, "bulk.sender.example", "50");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stdout(&out)
+            .contains("reuse: not judged: checks.helo_reuse is \"off\" (--networks ignored)"),
+        "{}",
+        stdout(&out)
+    );
+    let out = check(&on, "friend", "50");
+    assert_eq!(out.status.code(), Some(3), "no_dot rejects it first");
+    assert!(
+        stdout(&out)
+            .contains("reuse: never counted: rule no_dot decided first (--networks ignored)"),
+        "{}",
+        stdout(&out)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -156,7 +156,7 @@ fn reuse(raw: &RawReuse, origin: &Origin) -> Result<ReuseLimits, ConfigError> {
             "reuse.clients",
             format!(
                 "{} would make every HELO name reused at its first use: give 2 or more (default \
-                 20), or set checks.helo_reuse = \"off\"",
+                 20; checks.helo_reuse = \"off\" turns the check off, whatever this says)",
                 raw.clients
             ),
         ));

@@ -95,7 +95,8 @@ pub fn parse(argument: &str) -> Helo {
             None => Invalid::NonAscii,
         });
     }
-    match normalize_name(name) {
+    // The text as sent: normalizing takes one final dot off, so a second one is an empty label.
+    match normalize_name(text) {
         Ok(name) => Helo::Name(name),
         Err(invalid) => Helo::Invalid(invalid),
     }
@@ -193,6 +194,10 @@ mod tests {
         assert_eq!(parse("  mx1.example.net "), name("mx1.example.net"));
         assert_eq!(parse("localhost"), name("localhost"));
         assert_eq!(parse("a-b.c-d"), name("a-b.c-d"));
+        // One final dot is the root; two leave an empty label (found by a new-admin trial:
+        // `bot.example..` passed as `bot.example`).
+        assert_eq!(parse("mail.example.com.."), Helo::Invalid(Invalid::EmptyLabel));
+        assert_eq!(parse("."), Helo::Invalid(Invalid::Empty));
     }
 
     #[test]
