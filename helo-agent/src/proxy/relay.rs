@@ -212,13 +212,27 @@ async fn replies(
 }
 
 /// What is there to read (0: end of stream), once `from` is readable: [`write_all`]'s twin for
-/// a stream both directions share.
+/// a stream both directions share. A read shorter than `buf` drained the socket, so its
+/// readiness is cleared with it, tokio's own rule for `poll_read` (which `try_read` lacks; the
+/// next edge comes with new bytes, and an end of stream stays ready): the next call waits
+/// instead of asking the kernel once more for nothing, one EAGAIN less per command and reply.
 async fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         from.readable().await?;
-        match from.try_read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            result => return result,
+        let mut drained = None;
+        let read = from.try_io(Interest::READABLE, || {
+            let (n, _) = rustix::net::recv(from, &mut *buf, rustix::net::RecvFlags::empty())?;
+            if 0 < n && n < buf.len() {
+                // Counted here; the WouldBlock is what makes tokio clear the readiness.
+                drained = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match (read, drained) {
+            (_, Some(n)) => return Ok(n),
+            (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            (result, None) => return result,
         }
     }
 }
