@@ -482,8 +482,8 @@ fn run_in(report: &mut Report, out: &Path, work: &Path) -> anyhow::Result<()> {
              between targets and load clients; medians with min–max. Each session: greeting, \
              EHLO (smtp-source: HELO) `{HELO}`, MAIL, RCPT, DATA with a small body, QUIT; smtp-sink \
              is the MTA. The agent judges every HELO (no allowlist exemption for the load client; \
-             the default checks, DNS checks and pregreet off). Proxy CPU is the proxy process's \
-             user + system time over the round. Plot: `session_rate.png` (pinned, bench client).\n\n\
+             the default checks, HELO reuse in `log`; the DNS checks and pregreet off). Proxy \
+             CPU is the proxy process's user + system time over the round. Plot: `session_rate.png` (pinned, bench client).\n\n\
              **Pinned** (the targets read these): the proxy alone on CPU {PROXY_CPU} (`taskset -c \
              {PROXY_CPU}`; the agent's runtime and HAProxy then start one thread each); the load \
              client's threads and smtp-sink on CPU {LOAD_CPU}. Direct runs leave CPU {PROXY_CPU} idle."
@@ -638,10 +638,13 @@ fn session_notes() -> Vec<String> {
         "**Where the agent's CPU goes** (perf record, pinned, 2026-12-02): about 77% in the kernel \
          (sendto with the peer's inline receive about a third, connect, shutdown and close, \
          recvfrom, epoll), 16% in its own code, 5% in libc. Per session it makes the same data \
-         writes as HAProxy (13 for these sessions: 7 to the client, 6 to the MTA) and about 49 \
-         system calls against HAProxy's 45; the difference is user space spread thin (tokio's \
-         polling and timers, allocation, the session's log line at about 2%), with no single \
-         hot spot. A current-thread runtime on one CPU saved 1–2%, within the noise."
+         writes as HAProxy (13 for these sessions: 7 to the client, 6 to the MTA), the same \
+         TCP segments (41 a session, 20 direct), and about 46 system calls against HAProxy's \
+         45; the difference is user space spread thin (tokio's polling and timers, \
+         allocation, the session's log line at about 2%), with no single hot spot. Unpinned, \
+         tokio's work-stealing scheduler moves sessions across the cores: a current-thread \
+         runtime took 10% less CPU per session there (and 1–2% pinned), which a runtime per \
+         core would keep while using both cores."
             .into(),
     ]
 }

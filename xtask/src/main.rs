@@ -84,7 +84,7 @@ enum Task {
     Clippy,
     /// Every benchmark against its peers (HAProxy, nftables, iptables+ipset, a naive regex
     /// loop, direct connections) in one run, as root; writes bench/RESULTS.md and PNG plots.
-    /// Section names (xdp, flood, proxy, rules) run only those.
+    /// Section names (xdp, flood, proxy, rules, policy, bots, fleet, dns) run only those.
     Bench {
         /// Where RESULTS.md and the plots go.
         #[arg(long, default_value = "bench")]
