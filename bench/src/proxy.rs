@@ -451,29 +451,48 @@ fn session_table(
     medians
 }
 
+/// The MTA and both proxies, started for one placement; stopped when dropped (the agent before
+/// its pin directory).
+struct Peers {
+    _sink: Guard,
+    haproxy: Guard,
+    agent: AgentProcess,
+    _pins: PinDir,
+}
+
+impl Peers {
+    fn start(work: &Path, placement: Placement) -> anyhow::Result<Self> {
+        // A process left listening on one of the ports (an smtp-sink from a manual run) would
+        // answer in place of the one started here, pinned or not as it was started.
+        for addr in [SINK, AGENT, HAPROXY] {
+            anyhow::ensure!(
+                TcpStream::connect(addr).is_err(),
+                "something already listens on {addr}: stop it (a leftover smtp-sink or proxy \
+                 from an earlier run?); the bench measures the processes it starts"
+            );
+        }
+        let sink = smtp_sink(placement)?;
+        let haproxy = haproxy(work, placement)?;
+        let pins = PinDir::new();
+        let agent = agent(&pins, placement);
+        Ok(Peers { _sink: sink, haproxy, agent, _pins: pins })
+    }
+
+    fn targets(&self) -> Targets<'static> {
+        [
+            ("direct to smtp-sink", SINK, None),
+            ("helo-agent", AGENT, Some(self.agent.pid())),
+            ("HAProxy 2.6 (TCP mode)", HAPROXY, Some(self.haproxy.0.id())),
+        ]
+    }
+}
+
 fn run_in(report: &mut Report, out: &Path, work: &Path) -> anyhow::Result<()> {
     // 3. Sessions, pinned first (the figures the targets read), then unpinned.
-    let pinned = {
-        let _sink = smtp_sink(Placement::Pinned)?;
-        let haproxy = haproxy(work, Placement::Pinned)?;
-        let pins = PinDir::new();
-        let agent = agent(&pins, Placement::Pinned);
-        let targets: Targets<'_> = [
-            ("direct to smtp-sink", SINK, None),
-            ("helo-agent", AGENT, Some(agent.pid())),
-            ("HAProxy 2.6 (TCP mode)", HAPROXY, Some(haproxy.0.id())),
-        ];
-        session_rounds(&targets, Placement::Pinned)?
-    };
-    let _sink = smtp_sink(Placement::Unpinned)?;
-    let haproxy = haproxy(work, Placement::Unpinned)?;
-    let pins = PinDir::new();
-    let agent = agent(&pins, Placement::Unpinned);
-    let targets: Targets<'_> = [
-        ("direct to smtp-sink", SINK, None),
-        ("helo-agent", AGENT, Some(agent.pid())),
-        ("HAProxy 2.6 (TCP mode)", HAPROXY, Some(haproxy.0.id())),
-    ];
+    let pinned =
+        session_rounds(&Peers::start(work, Placement::Pinned)?.targets(), Placement::Pinned)?;
+    let peers = Peers::start(work, Placement::Unpinned)?;
+    let targets = peers.targets();
     let unpinned = session_rounds(&targets, Placement::Unpinned)?;
     report.section(
         "3. Proxy session rate",
@@ -620,7 +639,7 @@ fn run_in(report: &mut Report, out: &Path, work: &Path) -> anyhow::Result<()> {
         &memory_rows,
         &["Kernel socket buffers are not in RSS; they are the same for both proxies.".into()],
     );
-    drop(agent);
+    drop(peers);
     Ok(())
 }
 

@@ -38,27 +38,15 @@ fn domain_entries(n: usize) -> Vec<String> {
         .collect()
 }
 
+/// The HELO mix of `helo_mix.txt`: big senders' real names, ordinary senders, some that match
+/// the rules, with the clients they come from (shared with the bench's `dns` section).
 fn inputs() -> Vec<(String, IpAddr)> {
-    let mut helos: Vec<(String, IpAddr)> = [
-        ("mail-wr1-f41.google.com", "209.85.221.41"),
-        ("EUR05-AM6-obe.outbound.protection.outlook.com", "40.107.22.59"),
-        ("a27-187.smtp-out.us-west-2.amazonses.com", "54.240.27.187"),
-        ("sonic309-21.consmr.mail.ne1.yahoo.com", "66.163.187.147"),
-        ("m228-59.mailgun.net", "159.135.228.59"),
-        ("[198.51.100.7]", "198.51.100.7"),
-    ]
-    .iter()
-    .map(|(h, c)| (h.to_string(), c.parse().unwrap()))
-    .collect();
-    for j in 0..50 {
-        helos
-            .push((format!("mx{j}.sender{j}.example"), format!("198.51.100.{j}").parse().unwrap()));
-    }
-    for j in [5, 15, 25, 35] {
-        helos.push((format!("mail.spam{j}.example"), "203.0.113.9".parse().unwrap()));
-        helos.push((format!("dsl-pool{}-7.isp.example", j + 1), "203.0.113.9".parse().unwrap()));
-    }
-    helos
+    include_str!("helo_mix.txt")
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split_once(' '))
+        .map(|(helo, client)| (helo.to_owned(), client.parse().expect("a client address")))
+        .collect()
 }
 
 fn ruleset(section: &str) -> RuleSet {

@@ -35,6 +35,19 @@ fn rules_own(extra: &str) -> Arc<RuleSet> {
         .rules
 }
 
+/// A HELO from `client`, first in its session, nothing known from DNS.
+fn facts<'a>(helo: &'a str, client: &str, pregreeted: bool) -> Facts<'a> {
+    Facts {
+        client: Some(client.parse().unwrap()),
+        argument: helo,
+        previous: &[],
+        exempt_listener: false,
+        dns: None,
+        pregreeted,
+        reuse: None,
+    }
+}
+
 fn classify(rules: &RuleSet, helo: &str, client: &str) -> Verdict {
     let client: Option<IpAddr> = (!client.is_empty()).then(|| client.parse().unwrap());
     rules.classify(&Facts {
@@ -537,15 +550,7 @@ fn judging_only_what_dns_changes_is_judging_everything_again() {
         for helo in helos {
             for client in clients {
                 for pregreeted in [false, true] {
-                    let facts = Facts {
-                        client: Some(client.parse().unwrap()),
-                        argument: helo,
-                        previous: &[],
-                        exempt_listener: false,
-                        dns: None,
-                        pregreeted,
-                        reuse: None,
-                    };
+                    let facts = facts(helo, client, pregreeted);
                     let without = rules.classify(&facts);
                     for helo_dns in &answers {
                         for client_dns in &reverse {
@@ -590,15 +595,6 @@ fn a_forward_confirmed_name_is_never_dynamic() {
 #[test]
 fn a_pregreeter_is_judged_before_any_helo_check_and_never_when_exempt() {
     let rules = rules_own("[checks]\npregreet = \"ban\"");
-    let facts = |helo, client: &str, pregreeted| Facts {
-        client: Some(client.parse().unwrap()),
-        argument: helo,
-        previous: &[],
-        exempt_listener: false,
-        dns: None,
-        pregreeted,
-        reuse: None,
-    };
     let bot = rules.classify(&facts("localhost", "198.51.100.7", true));
     assert_eq!((bot.action, bot.rule), (Action::Ban, "pregreet"), "before localhost");
     assert_eq!(bot.reply, Some(EntryReply { code: 550, text: "5.5.1 Protocol error".into() }));
