@@ -183,11 +183,6 @@ impl Dns {
         })
     }
 
-    /// The HELO name's facts if they are cached and current: no lookup, no slot, no await.
-    pub fn cached_helo(&self, name: &str) -> Option<HeloDns> {
-        self.helos.get(&helo_key(name), Instant::now())
-    }
-
     /// The client's reverse names if they are cached and current.
     pub fn cached_reverse(&self, ip: IpAddr) -> Option<ReverseNames> {
         self.clients.get(&canonical(ip), Instant::now())

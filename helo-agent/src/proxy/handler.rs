@@ -93,9 +93,9 @@ pub(super) async fn run(
         GreetingMode::Own => (None, config.hostname.clone()),
     };
     let mut session = Session::new(&live.rules, *who, &live.reject_message, host);
-    // The DNS checks: the client's reverse name is looked up from now, in the background, and
-    // the HELO name when the HELO comes, if DNS can still decide it.
-    // A client seen lately is known already: no task.
+    // The DNS checks: the client's reverse names are looked up from now, in the background
+    // (a client seen lately is known already: no task), and the HELO name when the HELO comes,
+    // if DNS can still decide it.
     let reverse = match dns {
         Some(dns) if judged_at_all(live, who) => {
             session.enable_dns();
