@@ -1242,12 +1242,11 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let mut held = runtime.block_on(bans.export()).unwrap();
         held.sort_by_key(|r| r.target);
-        let shown: Vec<(String, &str, u64)> = held
-            .iter()
-            .map(|r| {
-                (r.target.to_string(), r.node.as_str(), (r.expires_ms.unwrap() - r.at_ms) / 60_000)
-            })
-            .collect();
+        // Whole minutes left, rounded: the milliseconds between the bans and the export (more
+        // of them on a loaded machine) must not turn 60 s into 0 minutes.
+        let minutes = |r: &BanRecord| (r.expires_ms.unwrap() - r.at_ms + 30_000) / 60_000;
+        let shown: Vec<(String, &str, u64)> =
+            held.iter().map(|r| (r.target.to_string(), r.node.as_str(), minutes(r))).collect();
         assert_eq!(
             shown,
             [("203.0.113.8".into(), "mx1", 60), ("203.0.113.9".into(), "mx2", 1)],
