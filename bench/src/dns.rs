@@ -11,10 +11,10 @@
 //! queries for 127.0.0.0/8 itself, so loopback clients would never ask the resolver.
 
 use std::hint::black_box;
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::{BufReader, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -28,7 +28,7 @@ use tests::netns::{Netns, in_netns};
 use tests::{AgentProcess, PinDir};
 
 use crate::report::{Report, f};
-use crate::{median, progress};
+use crate::{Guard, median, progress, reply};
 
 /// dnsmasq, inside the namespace.
 const RESOLVER: &str = "127.0.0.1:5353";
@@ -602,20 +602,6 @@ fn session_ms(client: IpAddr, helo: &str, wait: Duration) -> anyhow::Result<(f64
     Ok((ehlo, started.elapsed().as_secs_f64() * 1e3))
 }
 
-/// Reads one SMTP reply (its last line starts with `code` and a space).
-fn reply(reader: &mut BufReader<TcpStream>, code: &str) -> anyhow::Result<()> {
-    let mut line = String::new();
-    for _ in 0..100 {
-        line.clear();
-        anyhow::ensure!(reader.read_line(&mut line)? > 0, "connection closed waiting for {code}");
-        anyhow::ensure!(line.starts_with(code), "expected {code}, got {line:?}");
-        if line.as_bytes().get(3) == Some(&b' ') {
-            return Ok(());
-        }
-    }
-    anyhow::bail!("a reply of over 100 lines")
-}
-
 /// `clients` sessions one after another, inside `ns`: (to EHLO's 250, to QUIT's 221) each.
 fn sessions(ns: &Netns, clients: Vec<(IpAddr, String)>, wait: Duration) -> anyhow::Result<Times> {
     ns.enter(move || clients.iter().map(|(ip, helo)| session_ms(*ip, helo, wait)).collect())
@@ -794,16 +780,6 @@ fn latency_report(
 }
 
 // --- processes ------------------------------------------------------------------------------
-
-/// A child process killed when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn nsenter(ns: &Netns, program: &str) -> Command {
     let mut command = Command::new("nsenter");

@@ -109,3 +109,31 @@ pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
+
+/// A child process killed when dropped.
+pub struct Guard(pub std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads one SMTP reply (its last line starts with `code` and a space; at most 100 lines).
+pub fn reply(
+    reader: &mut std::io::BufReader<std::net::TcpStream>,
+    code: &str,
+) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let mut line = String::new();
+    for _ in 0..100 {
+        line.clear();
+        anyhow::ensure!(reader.read_line(&mut line)? > 0, "connection closed waiting for {code}");
+        anyhow::ensure!(line.starts_with(code), "expected {code}, got {line:?}");
+        if line.as_bytes().get(3) == Some(&b' ') {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("a reply of over 100 lines")
+}

@@ -9,10 +9,10 @@
 //! and smtp-sink on CPU 1; direct runs leave CPU 0 idle) and unpinned (every process on both
 //! cores, as the processes decide).
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{BufReader, Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use tests::{AgentProcess, PinDir};
 
 use crate::procfs::{process_ticks, rss_kib};
 use crate::report::{Report, f};
-use crate::{median, progress};
+use crate::{Guard, median, progress, reply};
 
 const SINK: &str = "127.0.0.1:10025";
 const AGENT: &str = "127.0.0.1:2525";
@@ -40,16 +40,6 @@ const LOAD_CPU: usize = 1;
 const MESSAGE_MB: usize = 10;
 const MESSAGES: usize = 30;
 const IDLE: usize = 5000;
-
-/// A child process killed when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn wait_listening(addr: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -171,19 +161,6 @@ fn agent(pins: &PinDir, placement: Placement) -> AgentProcess {
         ],
         move || TcpStream::connect(agent_bin).is_ok(),
     )
-}
-
-/// Reads one SMTP reply (its last line starts with `code` and a space).
-fn reply(reader: &mut BufReader<TcpStream>, code: &str) -> anyhow::Result<()> {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        anyhow::ensure!(reader.read_line(&mut line)? > 0, "connection closed waiting for {code}");
-        anyhow::ensure!(line.starts_with(code), "expected {code}, got {line:?}");
-        if line.as_bytes().get(3) == Some(&b' ') {
-            return Ok(());
-        }
-    }
 }
 
 /// One whole SMTP session with a message of `body` bytes; returns its duration.
