@@ -159,13 +159,7 @@ async fn session(
             None => known,
         }
     };
-    let (records, names) = Box::pin(async { tokio::join!(dns.helo(&name, need), names) }).await;
-    let facts = records.map(|records| DnsFacts {
-        client: names.map_or(ClientDns::NotLooked, |names| {
-            helo_agent::dns::confirm(client.ip, &names, &name, &records)
-        }),
-        helo: records,
-    });
+    let facts = Box::pin(dns.facts_with(&name, client.ip, need, names)).await;
     let verdict = match &facts {
         Some(facts) => judge::with_dns(rules, client, helo, &[], facts, false, verdict),
         None => verdict,

@@ -69,20 +69,20 @@ pub struct Dns {
     slots: Arc<Semaphore>,
     timeout: Duration,
     /// The facts of HELO names (lower case, no final dot) and of clients, until they expire.
-    helos: Facts<String, HeloDns>,
-    clients: Facts<IpAddr, ReverseNames>,
+    helos: Cache<String, HeloDns>,
+    clients: Cache<IpAddr, ReverseNames>,
 }
 
 /// Finished facts by key, each until the earliest expiry of the answers behind it; bounded
 /// (least recently used out first).
-struct Facts<K: Hash + Eq, V> {
+struct Cache<K: Hash + Eq, V> {
     cache: Mutex<LruCache<K, (V, Instant)>>,
 }
 
-impl<K: Hash + Eq, V: Clone> Facts<K, V> {
+impl<K: Hash + Eq, V: Clone> Cache<K, V> {
     fn new(size: usize) -> Self {
         let size = NonZeroUsize::new(size).unwrap_or(NonZeroUsize::MIN);
-        Facts { cache: Mutex::new(LruCache::new(size)) }
+        Cache { cache: Mutex::new(LruCache::new(size)) }
     }
 
     fn get(&self, key: &K, now: Instant) -> Option<V> {
@@ -178,8 +178,8 @@ impl Dns {
             resolver: builder.with_options(options).build(),
             slots: Arc::new(Semaphore::new(config.max_lookups.max(1))),
             timeout: config.timeout,
-            helos: Facts::new(config.cache_size),
-            clients: Facts::new(config.cache_size),
+            helos: Cache::new(config.cache_size),
+            clients: Cache::new(config.cache_size),
         })
     }
 
@@ -192,9 +192,26 @@ impl Dns {
     /// client confirmed against the HELO. `None` when every slot is taken and `need` is
     /// [`Need::Optional`].
     pub async fn facts(&self, helo: &str, client: IpAddr, need: Need) -> Option<DnsFacts> {
-        let (records, reverse) = tokio::join!(self.helo(helo, need), self.reverse(client, need));
+        self.facts_with(helo, client, need, self.reverse(client, need)).await
+    }
+
+    /// As [`Dns::facts`], with the client's reverse names from `names`: a lookup started
+    /// earlier (the proxy's, at accept) or a cached answer, awaited beside the HELO's lookups.
+    /// No reverse names (no slot was free) leave the client not looked at.
+    pub async fn facts_with(
+        &self,
+        helo: &str,
+        client: IpAddr,
+        need: Need,
+        names: impl Future<Output = Option<ReverseNames>>,
+    ) -> Option<DnsFacts> {
+        let (records, names) = tokio::join!(self.helo(helo, need), names);
         let records = records?;
-        Some(DnsFacts { client: confirm(client, &reverse?, helo, &records), helo: records })
+        let client = match names {
+            Some(names) => confirm(client, &names, helo, &records),
+            None => ClientDns::NotLooked,
+        };
+        Some(DnsFacts { client, helo: records })
     }
 
     /// The HELO name in DNS: A, AAAA and MX, in parallel (each answer cached on its own, the
@@ -391,7 +408,7 @@ mod tests {
     /// is never kept; the cache is bounded.
     #[test]
     fn facts_are_kept_until_their_first_answer_expires() {
-        let facts: Facts<String, HeloDns> = Facts::new(2);
+        let facts: Cache<String, HeloDns> = Cache::new(2);
         let now = Instant::now();
         let secs = Duration::from_secs;
         let until = earliest(Some(now + secs(300)), Some(now + secs(10)));

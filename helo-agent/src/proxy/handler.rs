@@ -25,7 +25,7 @@ use super::{Drain, Live, relay, upstream};
 use crate::config::{GreetingMode, ProxyConfig};
 use crate::dns::{Dns, Need, ReverseNames};
 use crate::judge::Client;
-use crate::rules::{Action, ClientDns, DnsFacts, Verdict};
+use crate::rules::{Action, DnsFacts, Verdict};
 use crate::smtp::MAX_COMMAND_LINE;
 use crate::smtp::reply::{self, ReplyScan, greeting_host, scan_reply};
 
@@ -287,14 +287,7 @@ impl Handler<'_> {
                 None => dns.reverse(ip, need).await,
             }
         };
-        let (records, names) = tokio::join!(dns.helo(name, need), names);
-        let records = records?;
-        let client = match names {
-            Some(names) => crate::dns::confirm(ip, &names, name, &records),
-            // No slot was free for the reverse side: not looked.
-            None => ClientDns::NotLooked,
-        };
-        Some(DnsFacts { client, helo: records })
+        dns.facts_with(name, ip, need, names).await
     }
 
     /// Writes to the client.
