@@ -89,6 +89,8 @@ pub enum AgentError {
     Privilege(#[from] crate::privilege::PrivilegeError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{0} (lower proxy.workers, or raise the thread limit: ulimit -u, systemd TasksMax)")]
+    Threads(crate::proxy::ThreadError),
 }
 
 /// Why a reload was refused; the config in force keeps running.
@@ -107,7 +109,8 @@ pub struct Prepared {
     /// The command line's overrides, which a reload writes over the re-read file again.
     options: Overrides,
     iface: String,
-    listeners: Vec<(std::net::TcpListener, bool)>,
+    /// The SMTP listeners, one set per session thread.
+    listeners: Vec<crate::proxy::StdListeners>,
     policy: Vec<crate::policy::StdListener>,
     program: XdpProgram,
     attached: Option<Attached>,
@@ -135,7 +138,8 @@ pub fn prepare(config: Config, options: Overrides) -> Result<Prepared, AgentErro
     let fd_limit = raise_fd_limit(sessions);
     tracing::debug!(fd_limit, "open-file limit");
     refuse_if_running(&config.agent.control_socket)?;
-    let listeners = crate::proxy::bind_std(&config.proxy.listeners)?;
+    let threads = if config.proxy.listeners.is_empty() { 0 } else { config.proxy.worker_count() };
+    let listeners = crate::proxy::bind_std(&config.proxy.listeners, threads)?;
     let policy = crate::policy::bind_std(&config.policy)?;
     let metrics = config
         .agent
@@ -455,6 +459,10 @@ fn keep_fixed(old: &Config, new: &mut Config) -> Vec<&'static str> {
         changed.push("proxy.max_sessions");
         new.proxy.max_sessions = old.proxy.max_sessions;
     }
+    if new.proxy.workers != old.proxy.workers {
+        changed.push("proxy.workers");
+        new.proxy.workers = old.proxy.workers;
+    }
     let transparent = |c: &Config| c.proxy.proxy_protocol == ProxyProtocol::Transparent;
     if transparent(new) != transparent(old) {
         changed.push("proxy.proxy_protocol (to or from transparent)");
@@ -502,7 +510,6 @@ pub async fn serve(
         control: control_listener,
         metrics: metrics_listener,
     } = prepared;
-    let listeners = async_listeners(listeners, &config)?;
     let metrics = Arc::new(Metrics::default());
     let (fleet_events, fleet_queue) = crate::fleet::queue();
     let fleet_on = config.fleet.redis.is_some();
@@ -568,7 +575,7 @@ pub async fn serve(
     if !policy.is_empty() {
         background.spawn(policy_server(policy, &shared)?);
     }
-    proxy_until(listeners, shared.clone(), shutdown).await;
+    let proxied = crate::proxy::serve(listeners, shared.clone(), shutdown).await;
     drop((shared, reloader, ban_sender));
     shut_down(background, worker, program, attached, &iface, &config.xdp.pin_dir).await;
     if let Some(fleet) = fleet {
@@ -579,7 +586,7 @@ pub async fn serve(
             tracing::warn!("fleet: the last bans were not all shared before stopping");
         }
     }
-    Ok(())
+    proxied.map_err(AgentError::Threads)
 }
 
 /// The resolver of the DNS checks: `None` when they are all off and `helo_reuse` does not
@@ -607,27 +614,11 @@ fn resolver(config: &Config) -> Result<Option<Arc<crate::dns::Dns>>, AgentError>
     }
 }
 
-/// The SMTP listeners bound by [`prepare`], on the runtime.
-fn async_listeners(
-    listeners: Vec<(std::net::TcpListener, bool)>,
-    config: &Config,
-) -> Result<Vec<crate::proxy::Bound>, AgentError> {
-    let bound = listeners
-        .into_iter()
-        .zip(&config.proxy.listeners)
-        .map(|((listener, check_helo), l)| {
-            tokio::net::TcpListener::from_std(listener)
-                .map(|listener| crate::proxy::Bound { listener, check_helo })
-                .map_err(|source| crate::proxy::BindError { address: l.address, source })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(bound)
-}
-
-fn log_ready(listeners: &[crate::proxy::Bound], config: &Config) {
-    for bound in listeners {
-        if let Ok(address) = bound.listener.local_addr() {
-            tracing::info!(%address, check_helo = bound.check_helo, upstream = %config.proxy.upstream, "SMTP listener ready");
+fn log_ready(listeners: &[crate::proxy::StdListeners], config: &Config) {
+    let threads = listeners.len();
+    for (listener, check_helo) in listeners.first().into_iter().flatten() {
+        if let Ok(address) = listener.local_addr() {
+            tracing::info!(%address, check_helo, upstream = %config.proxy.upstream, threads, "SMTP listener ready");
         }
     }
     for warning in &config.warnings {
@@ -717,29 +708,6 @@ async fn reload_on_sighup(reloader: Arc<Reloader>) {
     while hup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading the config");
         let _ = reloader.reload().await;
-    }
-}
-
-/// Runs the proxy until `shutdown` completes, then until its sessions have ended (or until the
-/// proxy stops by itself).
-async fn proxy_until(
-    listeners: Vec<crate::proxy::Bound>,
-    shared: Arc<Shared>,
-    shutdown: impl Future<Output = ()>,
-) {
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let serve = crate::proxy::serve(listeners, shared, async move {
-        let mut stopped = stopped;
-        let _ = stopped.changed().await;
-    });
-    tokio::pin!(serve);
-    tokio::pin!(shutdown);
-    tokio::select! {
-        () = &mut shutdown => {
-            let _ = stop.send(true);
-            serve.await;
-        }
-        () = &mut serve => {}
     }
 }
 

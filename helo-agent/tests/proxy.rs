@@ -111,7 +111,7 @@ struct Agent {
     /// What the sessions share: another door (the policy service) may serve it too.
     shared: Arc<Shared>,
     stop: Option<oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<()>,
+    done: tokio::task::JoinHandle<Result<(), proxy::ThreadError>>,
 }
 
 impl Agent {
@@ -162,9 +162,10 @@ impl Agent {
         ];
         let store = Arc::new(Mutex::new(FakeStore::default()));
         let (bans, _worker) = fake::spawn_worker(store.clone());
-        let bound = proxy::bind(&config.proxy.listeners).unwrap();
-        let addr = bound[0].listener.local_addr().unwrap();
-        let submission = bound[1].listener.local_addr().unwrap();
+        // Two session threads, as on a two-core gateway: every test crosses them.
+        let sets = proxy::bind_std(&config.proxy.listeners, 2).unwrap();
+        let addr = sets[0][0].0.local_addr().unwrap();
+        let submission = sets[0][1].0.local_addr().unwrap();
         let enforce: Option<Arc<dyn helo_agent::blocklist::BanCheck>> = enforce_at_accept
             .then(|| Arc::new(store.clone()) as Arc<dyn helo_agent::blocklist::BanCheck>);
         let shared = Shared::new(
@@ -181,7 +182,7 @@ impl Agent {
             },
         );
         let (stop, stopped) = oneshot::channel();
-        let done = tokio::spawn(proxy::serve(bound, shared.clone(), async {
+        let done = tokio::spawn(proxy::serve(sets, shared.clone(), async {
             let _ = stopped.await;
         }));
         Agent { addr, submission, store, shared, stop: Some(stop), done }
@@ -193,7 +194,7 @@ impl Agent {
 
     async fn stop(mut self) {
         self.signal_stop();
-        self.done.await.unwrap();
+        self.done.await.unwrap().unwrap();
     }
 
     /// What SIGTERM does: the listeners close, sessions in flight drain.
@@ -625,7 +626,44 @@ async fn on_shutdown_a_session_in_flight_finishes_and_new_ones_are_refused() {
     tokio::time::timeout(Duration::from_secs(5), &mut agent.done)
         .await
         .expect("serve returns once the session has ended")
-        .unwrap();
+        .unwrap()
+        .expect("the session threads started");
+}
+
+/// The agent runs sessions on a thread per CPU, each accepting on its own socket of the same
+/// port (`SO_REUSEPORT`; the harness starts two). The kernel hashes each connection to one
+/// socket: a thread that did not accept would leave about half of these clients without a
+/// greeting, and a drain that only waited for one thread's sessions would cut the others.
+#[tokio::test]
+async fn sessions_on_every_thread_are_served_and_drained() {
+    let mta = Mta::start().await;
+    let mut agent = Agent::start(mta.addr, "[proxy]\nmax_sessions_per_ip = 100").await;
+    let mut clients = Vec::new();
+    for _ in 0..24 {
+        let mut client = TcpStream::connect(agent.addr).await.unwrap();
+        assert!(read_reply(&mut client).await.starts_with("220 "), "every client is greeted");
+        client.write_all(b"EHLO mail.sender.example\r\n").await.unwrap();
+        assert!(read_reply(&mut client).await.starts_with("250"));
+        clients.push(client);
+    }
+    agent.signal_stop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!agent.done.is_finished(), "serve waits for the sessions in flight");
+    for client in &mut clients {
+        for (line, reply) in
+            [("MAIL FROM:<a@b>", "250 2.0.0 Ok\r\n"), ("QUIT", "221 2.0.0 Bye\r\n")]
+        {
+            client.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
+            assert_eq!(read_reply(client).await, reply, "every session goes on during the drain");
+        }
+    }
+    drop(clients);
+    tokio::time::timeout(Duration::from_secs(5), &mut agent.done)
+        .await
+        .expect("serve returns once the sessions have ended")
+        .unwrap()
+        .expect("the session threads started");
+    assert_eq!(mta.connections(), 24);
 }
 
 #[tokio::test]
@@ -641,7 +679,8 @@ async fn on_shutdown_an_idle_session_is_cut_after_the_grace() {
     tokio::time::timeout(Duration::from_secs(5), &mut agent.done)
         .await
         .expect("serve returns")
-        .unwrap();
+        .unwrap()
+        .expect("the session threads started");
     let waited = started.elapsed();
     assert!(
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
@@ -1100,7 +1139,8 @@ async fn on_shutdown_sessions_without_mail_are_told_421_at_once_and_bans_kept() 
     tokio::time::timeout(Duration::from_secs(5), &mut agent.done)
         .await
         .expect("serve returns without waiting the grace")
-        .unwrap();
+        .unwrap()
+        .expect("the session threads started");
     assert!(started.elapsed() < Duration::from_secs(5));
     eventually("the rejected bot is banned", || agent.banned() == ["127.0.0.1"]).await;
 }

@@ -329,8 +329,27 @@ pub struct ProxyConfig {
     pub max_sessions_per_ip: usize,
     /// On SIGTERM/SIGINT: how long sessions in flight may take to end.
     pub shutdown_grace: Duration,
+    /// Threads that accept and run sessions, each with its own listening socket per address
+    /// (`SO_REUSEPORT`) and its own event loop; 0: one per CPU the agent may run on.
+    pub workers: usize,
     /// The pregreet test (`[pregreet]`), run where the proxy greets itself.
     pub pregreet: PregreetConfig,
+}
+
+impl ProxyConfig {
+    /// Most `proxy.workers` may be.
+    pub const MAX_WORKERS: usize = 256;
+
+    /// The session threads to start: `workers`, or for 0 one per CPU in the agent's affinity
+    /// mask and cgroup quota (`taskset -c 0` gives 1).
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism()
+                .map_or(1, std::num::NonZeroUsize::get)
+                .min(Self::MAX_WORKERS),
+            n => n,
+        }
+    }
 }
 
 /// The pregreet test: the proxy greets with `220-` and sends the final `220 ` line after

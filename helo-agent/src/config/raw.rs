@@ -64,6 +64,7 @@ pub struct RawProxy {
     pub max_sessions: usize,
     pub max_sessions_per_ip: usize,
     pub shutdown_grace: String,
+    pub workers: usize,
 }
 
 impl Default for RawProxy {
@@ -84,6 +85,7 @@ impl Default for RawProxy {
             max_sessions: 10_000,
             max_sessions_per_ip: 20,
             shutdown_grace: "30s".into(),
+            workers: 0,
         }
     }
 }

@@ -145,6 +145,7 @@ fn bad_values_name_the_key_and_the_fix() {
         ("[[proxy.listeners]]\naddress = \"25\"", "proxy.listeners.address"),
         ("[proxy]\nhelo_timeout = \"0s\"", "proxy.helo_timeout"),
         ("[proxy]\nmax_sessions_per_ip = 0", "proxy.max_sessions"),
+        ("[proxy]\nworkers = 257", "proxy.workers"),
         ("[bans]\nsnapshot = \"/tmp/bans.json\"", "/tmp is a shared directory"),
         ("[bans]\nsnapshot = \"/bans.json\"", "/ is a shared directory"),
         ("[bans]\nsnapshot = \"bans.json\"", "bans.snapshot"),

@@ -376,6 +376,16 @@ fn proxy(
     if raw.max_sessions == 0 || raw.max_sessions_per_ip == 0 {
         return Err(origin.invalid("proxy.max_sessions", "session limits must be at least 1"));
     }
+    if raw.workers > ProxyConfig::MAX_WORKERS {
+        return Err(origin.invalid(
+            "proxy.workers",
+            format!(
+                "{} session threads is more than {}; 0 starts one per CPU",
+                raw.workers,
+                ProxyConfig::MAX_WORKERS
+            ),
+        ));
+    }
     Ok(ProxyConfig {
         listeners,
         upstream: origin.socket("proxy.upstream", &raw.upstream)?,
@@ -390,6 +400,7 @@ fn proxy(
         max_sessions: raw.max_sessions,
         max_sessions_per_ip: raw.max_sessions_per_ip,
         shutdown_grace: origin.duration("proxy.shutdown_grace", &raw.shutdown_grace)?,
+        workers: raw.workers,
         pregreet: pregreet_test(pregreet, origin)?,
     })
 }

@@ -1,5 +1,7 @@
-//! The transparent SMTP proxy: listeners, one task per session, the upstream connection with a
-//! PROXY header, and the relay that takes over once a passed session is opaque.
+//! The transparent SMTP proxy: session threads (each with its own runtime and its own socket on
+//! every listening address), one task per session on the thread that accepted it, the upstream
+//! connection with a PROXY header, and the relay that takes over once a passed session is
+//! opaque.
 //!
 //! A session: admit (global and per-address limits, else 421), greet (`proxy.greeting`: the
 //! proxy's own 220, or the MTA connected at accept with its banner relayed), then read client
@@ -212,10 +214,10 @@ impl Drop for Admission {
     }
 }
 
-/// A bound listener and whether it checks HELO.
-pub struct Bound {
-    pub listener: TcpListener,
-    pub check_helo: bool,
+/// A listener on a session thread's runtime, and whether it checks HELO.
+struct Bound {
+    listener: TcpListener,
+    check_helo: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -225,75 +227,171 @@ pub struct BindError {
     pub source: io::Error,
 }
 
-/// Binds every listener (in a runtime). IPv6 sockets are v6-only, so `0.0.0.0:25` and
-/// `[::]:25` coexist.
-pub fn bind(listeners: &[ListenerConfig]) -> Result<Vec<Bound>, BindError> {
-    bind_std(listeners)?
-        .into_iter()
-        .zip(listeners)
-        .map(|((listener, check_helo), l)| {
-            let listener = TcpListener::from_std(listener)
-                .map_err(|source| BindError { address: l.address, source })?;
-            Ok(Bound { listener, check_helo })
-        })
-        .collect()
-}
+/// One session thread's listening sockets, bound before any runtime exists, each with whether
+/// it checks HELO.
+pub type StdListeners = Vec<(std::net::TcpListener, bool)>;
 
 /// Binds every listener before any runtime exists (the agent binds port 25 as root, then drops
-/// privileges, then starts the runtime). Non-blocking, ready for [`bind`]'s conversion.
+/// privileges, then starts its threads): one set of sockets per session thread. With more than
+/// one thread every address gets one socket per thread, each with `SO_REUSEPORT`, and the
+/// kernel spreads new connections over them; a port that another program holds without
+/// `SO_REUSEPORT` (an MTA) still fails to bind. Port 0 is chosen once, for all the threads.
+/// Non-blocking, for [`serve`].
 pub fn bind_std(
     listeners: &[ListenerConfig],
-) -> Result<Vec<(std::net::TcpListener, bool)>, BindError> {
-    listeners
-        .iter()
-        .map(|l| {
-            let err = |source| BindError { address: l.address, source };
-            let socket = socket2::Socket::new(
-                socket2::Domain::for_address(l.address),
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )
-            .map_err(err)?;
-            socket.set_reuse_address(true).map_err(err)?;
-            if l.address.is_ipv6() {
-                socket.set_only_v6(true).map_err(err)?;
-            }
-            socket.set_nonblocking(true).map_err(err)?;
-            socket.bind(&l.address.into()).map_err(err)?;
-            socket.listen(1024).map_err(err)?;
-            Ok((socket.into(), l.check_helo))
-        })
-        .collect()
+    threads: usize,
+) -> Result<Vec<StdListeners>, BindError> {
+    let mut sets: Vec<StdListeners> = (0..threads).map(|_| Vec::new()).collect();
+    for l in listeners {
+        let mut address = l.address;
+        for set in &mut sets {
+            let socket = listen(address, threads > 1)
+                .map_err(|source| BindError { address: l.address, source })?;
+            address = socket.local_addr().unwrap_or(address);
+            set.push((socket, l.check_helo));
+        }
+    }
+    Ok(sets)
 }
 
-/// Accepts on every listener until `shutdown` completes. A failing session is logged, never
-/// fatal.
-pub async fn serve(listeners: Vec<Bound>, shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
+/// A non-blocking listening socket; IPv6 ones v6-only, so `0.0.0.0:25` and `[::]:25` coexist.
+fn listen(address: SocketAddr, shared_port: bool) -> io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if shared_port {
+        socket.set_reuse_port(true)?;
+    }
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Starting the session threads failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start session thread {index}: {source}")]
+pub struct ThreadError {
+    pub index: usize,
+    pub source: io::Error,
+}
+
+/// Runs the proxy until `shutdown` completes, then drains it (see [`drain`]). Each of `sets`
+/// (from [`bind_std`]) gets its own thread with a single-threaded runtime, which accepts on
+/// that set's sockets and runs every session it accepted to its end there (HAProxy's and
+/// nginx's model: a session never moves between threads, and no thread wakes another for it).
+/// Every session shares `shared`: the limits, the judge, the bans, the drain. The caller's
+/// runtime keeps the rest (control socket, metrics, policy service, ban worker). A failing
+/// session is logged, never fatal. Returns once the sessions have drained and the threads
+/// have ended.
+pub async fn serve(
+    sets: Vec<StdListeners>,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ThreadError> {
+    let (stop, stopping) = watch::channel(false);
+    let (end, ending) = watch::channel(false);
+    // Each thread holds a clone until its listeners are closed; `recv` is `None` when all are.
+    let (closing, mut closed) = tokio::sync::mpsc::channel::<()>(1);
+    // Runtimes and conversions first, so a failure leaves no thread behind.
+    let mut prepared = Vec::with_capacity(sets.len());
+    for (index, set) in sets.into_iter().enumerate() {
+        let err = |source| ThreadError { index, source };
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(err)?;
+        let listeners = {
+            let _inside = runtime.enter();
+            set.into_iter()
+                .map(|(listener, check_helo)| {
+                    Ok(Bound { listener: TcpListener::from_std(listener)?, check_helo })
+                })
+                .collect::<io::Result<Vec<_>>>()
+                .map_err(err)?
+        };
+        prepared.push((index, runtime, listeners));
+    }
+    let mut threads = Vec::with_capacity(prepared.len());
+    let mut failed = None;
+    for (index, runtime, listeners) in prepared {
+        let shared = shared.clone();
+        let mut stopping = stopping.clone();
+        let mut ending = ending.clone();
+        let closing = closing.clone();
+        let spawned =
+            std::thread::Builder::new().name(format!("helo-proxy-{index}")).spawn(move || {
+                runtime.block_on(async move {
+                    let stop = async move {
+                        let _ = stopping.wait_for(|stop| *stop).await;
+                    };
+                    accept_until(listeners, &shared, stop).await;
+                    drop(closing);
+                    // The sessions run on this thread: it turns until they have drained.
+                    let _ = ending.wait_for(|end| *end).await;
+                });
+                // Dropping the runtime drops what is still open (cut sessions, lookups).
+            });
+        match spawned {
+            Ok(thread) => threads.push(thread),
+            Err(source) => {
+                failed = Some(ThreadError { index, source });
+                break;
+            }
+        }
+    }
+    drop(closing);
+    if failed.is_none() {
+        tracing::debug!(threads = threads.len(), "session threads started");
+        shutdown.await;
+    }
+    stop.send_replace(true);
+    let _ = closed.recv().await;
+    if failed.is_none() {
+        shared.drain.send_replace(Drain::Draining);
+        drain(&shared).await;
+    }
+    end.send_replace(true);
+    let joined = tokio::task::spawn_blocking(move || {
+        threads.into_iter().filter_map(|thread| thread.join().err()).count()
+    })
+    .await;
+    if !matches!(joined, Ok(0)) {
+        tracing::error!("a session thread panicked");
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+/// Accepts on every listener until `stop` completes, then closes them.
+async fn accept_until(listeners: Vec<Bound>, shared: &Arc<Shared>, stop: impl Future<Output = ()>) {
     let mut tasks = tokio::task::JoinSet::new();
     for bound in listeners {
-        let shared = shared.clone();
-        tasks.spawn(async move {
-            loop {
-                match bound.listener.accept().await {
-                    Ok((stream, peer)) => {
-                        let shared = shared.clone();
-                        tokio::spawn(handle(shared, stream, peer, bound.check_helo));
-                    }
-                    Err(error) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        if let Some(count) = shared.accept_failed.tick(Instant::now()) {
-                            tracing::warn!(%error, count, "accept failed (count: since the last such line); out of file descriptors? raise LimitNOFILE or lower proxy.max_sessions");
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
+        tasks.spawn(accept(bound, shared.clone()));
     }
-    shutdown.await;
+    stop.await;
     tasks.shutdown().await;
-    shared.drain.send_replace(Drain::Draining);
-    drain(&shared).await;
+}
+
+/// One listener's accept loop: a task per session, on this runtime.
+async fn accept(bound: Bound, shared: Arc<Shared>) {
+    loop {
+        match bound.listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(shared.clone(), stream, peer, bound.check_helo));
+            }
+            Err(error) => {
+                // EMFILE and friends: back off instead of spinning.
+                if let Some(count) = shared.accept_failed.tick(Instant::now()) {
+                    tracing::warn!(%error, count, "accept failed (count: since the last such line); out of file descriptors? raise LimitNOFILE or lower proxy.max_sessions");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 /// After the listeners close: waits for sessions in flight to end, up to
@@ -528,6 +626,33 @@ mod tests {
         let size = std::mem::size_of_val(&session);
         // 4.2 kB with the boxing, 10.4 kB without it (debug and release alike).
         assert!(size <= 6144, "a session's future is {size} bytes");
+    }
+
+    /// The session threads share one port: port 0 is chosen once, and every thread's socket
+    /// takes connections. A port held by a program without `SO_REUSEPORT` (an MTA, or a
+    /// listener of the MTA's kind) is still refused.
+    #[test]
+    fn every_thread_listens_on_one_port_and_a_port_in_use_is_refused() {
+        let any = [ListenerConfig { address: "127.0.0.1:0".parse().unwrap(), check_helo: true }];
+        let sets = bind_std(&any, 3).unwrap();
+        assert_eq!(sets.len(), 3);
+        let port = sets[0][0].0.local_addr().unwrap().port();
+        for set in &sets {
+            assert_eq!(set[0].0.local_addr().unwrap().port(), port);
+        }
+        for _ in 0..30 {
+            drop(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let took = sets.iter().filter(|set| set[0].0.accept().is_ok()).count();
+        assert!(took >= 2, "connections are spread over the sockets ({took} of 3 took one)");
+
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let held = [ListenerConfig { address: taken.local_addr().unwrap(), check_helo: true }];
+        for threads in [1, 2] {
+            let error = bind_std(&held, threads).unwrap_err();
+            assert_eq!(error.source.kind(), io::ErrorKind::AddrInUse, "{threads} threads");
+        }
     }
 
     #[test]
