@@ -61,6 +61,22 @@ pub fn run(report: &mut Report, out: &Path) -> anyhow::Result<()> {
         &rows,
         &[format!("Raw criterion names: {}", results.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "))],
     );
+    // One count per iteration: back from HELOs/s to ns a count.
+    let reuse: Vec<Vec<String>> = ["1", "100", "1000"]
+        .iter()
+        .filter_map(|n| {
+            let per_second = get(&format!("helo_reuse/observe/{n}"))? / PER_ITER;
+            Some(vec![(*n).to_owned(), f(1e9 / per_second, 0)])
+        })
+        .collect();
+    report.table(
+        &["networks that used the name", "ns a session"],
+        &reuse,
+        &["The HELO reuse count each judged session makes (`reuse::Memory::observe`, criterion \
+           `helo_reuse/observe/N`) for a name that N client networks already use, as a big \
+           provider's pool name is. It runs under one lock shared by every session thread."
+            .into()],
+    );
     crate::plot::bars(
         &out.join("rules.png"),
         "HELO classifications per second",

@@ -3,6 +3,7 @@
 //!
 //! Two rule shapes: regex lines (the badhelo file) and domain-table entries (an access table).
 //! The inputs are 64 HELOs: big senders' real names, ordinary senders, and some that match.
+//! Beside them, the HELO reuse count a session makes for a name that many networks use.
 //! `cargo bench -p helo-agent --bench rules`
 
 use std::hint::black_box;
@@ -109,5 +110,32 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// The HELO reuse count a session makes (`reuse::Memory::observe`) for a name that `n`
+/// networks already use, as a big provider's pool name is: the cost on every session that
+/// sends it.
+fn reuse(c: &mut Criterion) {
+    let mut group = c.benchmark_group("helo_reuse");
+    group.sample_size(20);
+    group.measurement_time(std::time::Duration::from_secs(2));
+    group.warm_up_time(std::time::Duration::from_secs(1));
+    group.throughput(Throughput::Elements(1));
+    let window = std::time::Duration::from_secs(3600);
+    for n in [1u32, 100, 1000] {
+        let memory = helo_agent::reuse::Memory::default();
+        let client = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0001 + (i << 8)));
+        for i in 0..n {
+            memory.observe("pool.example.net", client(i), 1_000, window);
+        }
+        let mut i = 0;
+        group.bench_function(BenchmarkId::new("observe", n), |b| {
+            b.iter(|| {
+                i = (i + 1) % n;
+                black_box(memory.observe("pool.example.net", client(i), 2_000, window))
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, reuse);
 criterion_main!(benches);

@@ -37,7 +37,7 @@ pub const MAX_NETWORKS: usize = 200_000;
 
 /// A client network as reuse counts them: the /24 of an IPv4 address, the /64 of an IPv6 one
 /// (an IPv4-mapped IPv6 address is its IPv4 address).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Network {
     V4([u8; 3]),
     V6([u8; 8]),
@@ -96,20 +96,45 @@ pub struct ReuseReport {
     pub helos: Vec<Reused>,
 }
 
-/// The networks that used one name, each with when it last did.
-#[derive(Default)]
+/// The networks that used one name, each with when it last did. A session from a network
+/// that already used the name costs a binary search, whatever the number of networks (a big
+/// provider's pool name may have a thousand); the expired ones are swept at most once a second.
 struct Uses {
+    /// Sorted by network.
     seen: Vec<(Network, u64)>,
+    /// No use in `seen` is older than this.
+    oldest: u64,
     /// When a network was last turned away because `seen` was full.
     capped_at: Option<u64>,
 }
 
 impl Uses {
+    fn first(network: Network, now: u64) -> Self {
+        Uses { seen: vec![(network, now)], oldest: now, capped_at: None }
+    }
+
+    /// Drops the uses older than the window; returns how many went. Nothing to do (no scan)
+    /// while the oldest use is within it, so at most one scan per second of `now`.
+    fn expire(&mut self, now: u64, window: u64) -> usize {
+        if within(self.oldest, now, window) {
+            return 0;
+        }
+        let before = self.seen.len();
+        self.seen.retain(|(_, at)| within(*at, now, window));
+        self.oldest = self.seen.iter().map(|(_, at)| *at).min().unwrap_or(now);
+        before - self.seen.len()
+    }
+
     fn count(&self, now: u64, window: u64) -> Count {
         Count {
             networks: self.seen.iter().filter(|(_, at)| within(*at, now, window)).count(),
-            capped: self.capped_at.is_some_and(|at| within(at, now, window)),
+            capped: self.capped(now, window),
         }
+    }
+
+    /// Whether a network was turned away within the window.
+    fn capped(&self, now: u64, window: u64) -> bool {
+        self.capped_at.is_some_and(|at| within(at, now, window))
     }
 }
 
@@ -160,21 +185,21 @@ impl Tracker {
         let name = lower(name);
         let count = match self.names.get_mut(name.as_ref()) {
             Some(uses) => {
-                let before = uses.seen.len();
-                uses.seen.retain(|(_, at)| within(*at, now, window));
-                self.networks -= before - uses.seen.len();
-                match uses.seen.iter().position(|(n, _)| *n == network) {
-                    Some(at) => uses.seen[at].1 = now,
-                    None if uses.seen.len() < self.caps.networks_per_name => {
-                        uses.seen.push((network, now));
+                self.networks -= uses.expire(now, window);
+                match uses.seen.binary_search_by_key(&network, |(n, _)| *n) {
+                    Ok(at) => uses.seen[at].1 = now,
+                    Err(at) if uses.seen.len() < self.caps.networks_per_name => {
+                        uses.seen.insert(at, (network, now));
+                        uses.oldest = uses.oldest.min(now);
                         self.networks += 1;
                     }
-                    None => uses.capped_at = Some(now),
+                    Err(_) => uses.capped_at = Some(now),
                 }
-                uses.count(now, window)
+                // Every use left is within the window.
+                Count { networks: uses.seen.len(), capped: uses.capped(now, window) }
             }
             None => {
-                let uses = Uses { seen: vec![(network, now)], capped_at: None };
+                let uses = Uses::first(network, now);
                 self.names.push(name.into_owned(), uses);
                 self.networks += 1;
                 Count { networks: 1, capped: false }
@@ -365,6 +390,36 @@ mod tests {
     /// The judge counts the name `rules::helo::parse` gives (`bot.example` for `EHLO
     /// Bot.Example.`), while `tophelos` asks for its rows as the client sent them: a row of
     /// `bot.example.` must show the name's count and mark, not 0.
+    /// The count skips its scan while the oldest use is in the window, and looks networks up
+    /// by binary search: against a plain model (every network's last use, counted over the
+    /// window), 20000 uses of one name from 300 networks, the clock moving 0 to 3 seconds at
+    /// a time over a 60 s window, give the same count every time.
+    #[test]
+    fn the_count_is_exact_as_uses_come_and_expire() {
+        let mut tracker = Tracker::default();
+        let mut model = std::collections::HashMap::<Network, u64>::new();
+        let window = Duration::from_secs(60);
+        let (mut now, mut seed) = (1_000u64, 7u64);
+        for _ in 0..20_000 {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            now += (seed >> 62) % 4;
+            let client = IpAddr::from(std::net::Ipv4Addr::from(
+                0x0a00_0000 + (((seed >> 20) % 300) as u32) * 256,
+            ));
+            model.insert(Network::of(client), now);
+            let expected = model.values().filter(|at| now - **at < 60).count();
+            let count = tracker.observe("pool.example.net", client, now, window);
+            assert_eq!(count.networks, expected, "at {now}");
+            assert_eq!(tracker.count("pool.example.net", now, window).networks, expected);
+        }
+        assert_eq!(
+            tracker.networks,
+            tracker.names.iter().map(|(_, u)| u.seen.len()).sum::<usize>()
+        );
+    }
+
     #[test]
     fn a_trailing_dot_is_the_same_name() {
         let mut t = Tracker::default();
