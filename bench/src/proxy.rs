@@ -26,6 +26,8 @@ use crate::{Guard, median, progress, reply};
 const SINK: &str = "127.0.0.1:10025";
 const AGENT: &str = "127.0.0.1:2525";
 const HAPROXY: &str = "127.0.0.1:2526";
+/// HAProxy again, writing a log line per session as the agent does.
+const HAPROXY_LOG: &str = "127.0.0.1:2527";
 const SESSIONS: usize = 4000;
 const CONCURRENCY: usize = 20;
 /// Session-rate rounds per placement, alternating between the targets.
@@ -109,28 +111,35 @@ fn smtp_sink(placement: Placement) -> anyhow::Result<Guard> {
 }
 
 /// HAProxy in TCP mode with splice-auto; its thread count its own (one per CPU it may use).
-fn haproxy(dir: &Path, placement: Placement) -> anyhow::Result<Guard> {
-    let config = dir.join("haproxy.cfg");
+/// `log`: with `option tcplog` to stdout (a file here), a line per session, as the agent writes
+/// its session line to stderr; listening on [`HAPROXY_LOG`] then.
+fn haproxy(dir: &Path, placement: Placement, log: bool) -> anyhow::Result<Guard> {
+    let (name, bind, global_log, log_options) = if log {
+        ("haproxy-log", HAPROXY_LOG, "  log stdout format raw local0\n", "  log global\n  option tcplog\n")
+    } else {
+        ("haproxy", HAPROXY, "", "")
+    };
+    let config = dir.join(format!("{name}.cfg"));
     std::fs::write(
         &config,
         format!(
-            "global\n  maxconn 7000\n\
-             defaults\n  mode tcp\n  timeout connect 30s\n  timeout client 5m\n  timeout server 5m\n  option splice-auto\n\
-             frontend smtp\n  bind {HAPROXY}\n  default_backend mta\n\
+            "global\n{global_log}  maxconn 7000\n\
+             defaults\n{log_options}  mode tcp\n  timeout connect 30s\n  timeout client 5m\n  timeout server 5m\n  option splice-auto\n\
+             frontend smtp\n  bind {bind}\n  default_backend mta\n\
              backend mta\n  server sink {SINK}\n"
         ),
     )?;
-    let log = dir.join("haproxy.log");
+    let log = dir.join(format!("{name}.log"));
     let child = command(&placement.prefix(PROXY_CPU), "haproxy")
         .arg("-f")
         .arg(&config)
         .arg("-db")
-        .stdout(Stdio::null())
+        .stdout(std::fs::File::create(dir.join(format!("{name}.out")))?)
         .stderr(std::fs::File::create(&log)?)
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start haproxy (apt package haproxy): {e}"))?;
     let guard = Guard(child);
-    wait_listening(HAPROXY).map_err(|e| {
+    wait_listening(bind).map_err(|e| {
         anyhow::anyhow!("{e}; haproxy said:\n{}", std::fs::read_to_string(&log).unwrap_or_default())
     })?;
     Ok(guard)
@@ -307,7 +316,7 @@ impl Load {
 }
 
 /// The three ways to the MTA, by name, address and the proxy's pid.
-type Targets<'a> = [(&'a str, &'a str, Option<u32>); 3];
+type Targets<'a> = [(&'a str, &'a str, Option<u32>); 4];
 
 /// Every round of one placement: the sessions/s and CPU of each load client and target, in
 /// the order of `Load::ALL` then `targets`.
@@ -433,6 +442,7 @@ fn session_table(
 struct Peers {
     _sink: Guard,
     haproxy: Guard,
+    haproxy_log: Guard,
     agent: AgentProcess,
     _pins: PinDir,
 }
@@ -441,7 +451,7 @@ impl Peers {
     fn start(work: &Path, placement: Placement) -> anyhow::Result<Self> {
         // A process left listening on one of the ports (an smtp-sink from a manual run) would
         // answer in place of the one started here, pinned or not as it was started.
-        for addr in [SINK, AGENT, HAPROXY] {
+        for addr in [SINK, AGENT, HAPROXY, HAPROXY_LOG] {
             anyhow::ensure!(
                 TcpStream::connect(addr).is_err(),
                 "something already listens on {addr}: stop it (a leftover smtp-sink or proxy \
@@ -449,10 +459,11 @@ impl Peers {
             );
         }
         let sink = smtp_sink(placement)?;
-        let haproxy = haproxy(work, placement)?;
+        let haproxy_log = haproxy(work, placement, true)?;
+        let haproxy = haproxy(work, placement, false)?;
         let pins = PinDir::new();
         let agent = agent(&pins, placement);
-        Ok(Peers { _sink: sink, haproxy, agent, _pins: pins })
+        Ok(Peers { _sink: sink, haproxy, haproxy_log, agent, _pins: pins })
     }
 
     fn targets(&self) -> Targets<'static> {
@@ -460,6 +471,7 @@ impl Peers {
             ("direct to smtp-sink", SINK, None),
             ("helo-agent", AGENT, Some(self.agent.pid())),
             ("HAProxy 2.6 (TCP mode)", HAPROXY, Some(self.haproxy.0.id())),
+            ("HAProxy, tcplog line per session", HAPROXY_LOG, Some(self.haproxy_log.0.id())),
         ]
     }
 }
@@ -512,6 +524,8 @@ fn run_in(report: &mut Report, out: &Path, work: &Path) -> anyhow::Result<()> {
     let line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghijklmn\r\n";
     // Whole lines, so the final ".\r\n" starts a line.
     let big: Vec<u8> = line.repeat((MESSAGE_MB << 20) / line.len());
+    // Direct, the agent and HAProxy; the logging HAProxy only in the session rates.
+    let targets = &targets[..3];
     let mut relay: Vec<Vec<Rate>> = (0..targets.len()).map(|_| Vec::new()).collect();
     for round in 0..ROUNDS {
         for (i, (name, addr, pid)) in targets.iter().enumerate() {
