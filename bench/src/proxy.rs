@@ -115,7 +115,12 @@ fn smtp_sink(placement: Placement) -> anyhow::Result<Guard> {
 /// its session line to stderr; listening on [`HAPROXY_LOG`] then.
 fn haproxy(dir: &Path, placement: Placement, log: bool) -> anyhow::Result<Guard> {
     let (name, bind, global_log, log_options) = if log {
-        ("haproxy-log", HAPROXY_LOG, "  log stdout format raw local0\n", "  log global\n  option tcplog\n")
+        (
+            "haproxy-log",
+            HAPROXY_LOG,
+            "  log stdout format raw local0\n",
+            "  log global\n  option tcplog\n",
+        )
     } else {
         ("haproxy", HAPROXY, "", "")
     };
@@ -656,11 +661,13 @@ fn session_notes() -> Vec<String> {
          (about 3% of the whole), with no single hot spot."
             .into(),
         "**Session threads** (`proxy.workers`, since 2026-12-02): one single-threaded runtime \
-         per CPU, each accepting on its own `SO_REUSEPORT` socket, in place of one \
-         work-stealing runtime. Unpinned, in 3 alternating rounds × 3 of 4000 smtp-source \
-         sessions: 3.06k against 2.87k sessions/s (+6%), CPU per session unchanged (282 \
-         against 275 µs, within the noise). Pinned (one CPU, so one thread either way): CPU \
-         per session 1–2% lower. Not kept: mimalloc as the allocator (no difference pinned)."
+         per CPU, all accepting on the same listening socket, in place of one work-stealing \
+         runtime. Unpinned, in 3 alternating rounds × 3 of 4000 smtp-source sessions: 3.06k \
+         against 2.87k sessions/s (+6%), CPU per session unchanged (282 against 275 µs, within \
+         the noise). A socket per thread with `SO_REUSEPORT` did no better (3.1–3.2k/s either \
+         way in alternating rounds) and let an MTA that sets `SO_REUSEPORT` share the port, \
+         so it was not kept. Pinned (one CPU, so one thread either way): CPU per session 1–2% \
+         lower. Not kept: mimalloc as the allocator (no difference pinned)."
             .into(),
         "**Sockmap not built.** An `sk_skb` verdict that redirects to the peer socket does not \
          send in place: the kernel queues each redirected skb on the peer's psock and a kworker \

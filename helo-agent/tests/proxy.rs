@@ -630,10 +630,10 @@ async fn on_shutdown_a_session_in_flight_finishes_and_new_ones_are_refused() {
         .expect("the session threads started");
 }
 
-/// The agent runs sessions on a thread per CPU, each accepting on its own socket of the same
-/// port (`SO_REUSEPORT`; the harness starts two). The kernel hashes each connection to one
-/// socket: a thread that did not accept would leave about half of these clients without a
-/// greeting, and a drain that only waited for one thread's sessions would cut the others.
+/// The agent runs sessions on a thread per CPU, all accepting on the same listening socket
+/// (the harness starts two), each session staying on the thread that accepted it. Every client
+/// is served, whichever thread took it, and the drain waits for the sessions of every thread:
+/// one that only waited for its own thread's sessions would cut the others.
 #[tokio::test]
 async fn sessions_on_every_thread_are_served_and_drained() {
     let mta = Mta::start().await;

@@ -329,8 +329,8 @@ pub struct ProxyConfig {
     pub max_sessions_per_ip: usize,
     /// On SIGTERM/SIGINT: how long sessions in flight may take to end.
     pub shutdown_grace: Duration,
-    /// Threads that accept and run sessions, each with its own listening socket per address
-    /// (`SO_REUSEPORT`) and its own event loop; 0: one per CPU the agent may run on.
+    /// Threads that accept and run sessions, each with its own event loop, all accepting on
+    /// the same listening sockets; 0: one per CPU the agent may run on.
     pub workers: usize,
     /// The pregreet test (`[pregreet]`), run where the proxy greets itself.
     pub pregreet: PregreetConfig,
