@@ -494,6 +494,37 @@ async fn per_address_session_limit_holds() {
     agent.stop().await;
 }
 
+/// A sending Postfix opens up to 20 connections to one destination at once
+/// (`smtp_destination_concurrency_limit`), each reconnecting the moment the last ended. A
+/// session's slot is given back only when its task next runs, after the client's close, so a
+/// new connection can come in while the old one still counts: with the limit at 20, as it was,
+/// such a sender got `421 too many connections` (`smtp-source -s 20`, found by a trial). The
+/// default is Postfix's own `smtpd_client_connection_count_limit`, 50.
+#[tokio::test]
+async fn a_sender_at_postfix_default_concurrency_is_never_refused() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let addr = agent.addr;
+            tokio::spawn(async move {
+                let mut refused = 0;
+                for _ in 0..25 {
+                    let t = converse(addr, &["HELO mail.sender.example", "QUIT"]).await;
+                    refused += usize::from(t[0].starts_with("421"));
+                }
+                refused
+            })
+        })
+        .collect();
+    let mut refused = 0;
+    for client in clients {
+        refused += client.await.unwrap();
+    }
+    assert_eq!(refused, 0, "sessions refused at the per-address limit, of 500");
+    agent.stop().await;
+}
+
 #[tokio::test]
 async fn a_noop_flood_before_helo_is_cut_off_and_the_mta_told_quit() {
     let mta = Mta::start().await;

@@ -83,7 +83,7 @@ impl Default for RawProxy {
             idle_timeout: "5m".into(),
             upstream_timeout: "30s".into(),
             max_sessions: 10_000,
-            max_sessions_per_ip: 20,
+            max_sessions_per_ip: 50,
             shutdown_grace: "30s".into(),
             workers: 0,
         }
