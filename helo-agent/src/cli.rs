@@ -606,12 +606,14 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     }
     let rules = &config.rules;
     println!(
-        "config ok: {} ({} domain table entries, {} regex rules, {} identity names, {} proxy listeners, upstream {}, {} policy listeners)",
+        "config ok: {} ({} domain table entries, {} regex rules, {} identity names, {} proxy listeners, {} session threads{}, upstream {}, {} policy listeners)",
         path.map_or("<embedded defaults>".into(), |p| p.display().to_string()),
         rules.table.len(),
         rules.badhelo.len(),
         rules.identity.names.len(),
         config.proxy.listeners.len(),
+        config.proxy.worker_count(),
+        if config.proxy.workers == 0 { " (one per CPU here)" } else { "" },
         config.proxy.upstream,
         config.policy.listeners.len(),
     );

@@ -62,7 +62,13 @@ fn check_config_validates_without_running() {
     );
     fails_with(&["check-config", bad.to_str().unwrap()], "config rules.regexes:1: bad regex");
     let defaults = agent(&["check-config"]);
-    assert!(String::from_utf8_lossy(&defaults.stdout).contains("config ok: <embedded defaults>"));
+    let defaults = String::from_utf8_lossy(&defaults.stdout);
+    assert!(defaults.contains("config ok: <embedded defaults>"), "{defaults}");
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert!(
+        defaults.contains(&format!(" {cpus} session threads (one per CPU here)")),
+        "{defaults}"
+    );
     // The fleet is shown, never its password.
     let fleet = dir.join("fleet.toml");
     std::fs::write(
