@@ -203,6 +203,24 @@ impl Agent {
             let _ = stop.send(());
         }
     }
+
+    /// After [`Self::signal_stop`]: waits (5 s at most, else panics with `why`) for the proxy
+    /// to have drained and ended.
+    async fn stopped(&mut self, why: &str) {
+        tokio::time::timeout(Duration::from_secs(5), &mut self.done)
+            .await
+            .expect(why)
+            .unwrap()
+            .expect("the session threads started");
+    }
+}
+
+/// A relaying session during the drain: its MAIL and QUIT are answered as usual.
+async fn goes_on_during_the_drain(client: &mut TcpStream) {
+    for (line, reply) in [("MAIL FROM:<a@b>", "250 2.0.0 Ok\r\n"), ("QUIT", "221 2.0.0 Bye\r\n")] {
+        client.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
+        assert_eq!(read_reply(client).await, reply, "the session goes on during the drain");
+    }
 }
 
 /// Sends `lines` one at a time, reading one reply after each; returns the whole transcript.
@@ -649,16 +667,9 @@ async fn on_shutdown_a_session_in_flight_finishes_and_new_ones_are_refused() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(TcpStream::connect(agent.addr).await.is_err(), "the listener is closed");
     assert!(!agent.done.is_finished(), "serve waits for the session in flight");
-    for (line, reply) in [("MAIL FROM:<a@b>", "250 2.0.0 Ok\r\n"), ("QUIT", "221 2.0.0 Bye\r\n")] {
-        client.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
-        assert_eq!(read_reply(&mut client).await, reply, "the session goes on during the drain");
-    }
+    goes_on_during_the_drain(&mut client).await;
     drop(client);
-    tokio::time::timeout(Duration::from_secs(5), &mut agent.done)
-        .await
-        .expect("serve returns once the session has ended")
-        .unwrap()
-        .expect("the session threads started");
+    agent.stopped("serve returns once the session has ended").await;
 }
 
 /// The agent runs sessions on a thread per CPU, all accepting on the same listening socket
@@ -681,19 +692,10 @@ async fn sessions_on_every_thread_are_served_and_drained() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!agent.done.is_finished(), "serve waits for the sessions in flight");
     for client in &mut clients {
-        for (line, reply) in
-            [("MAIL FROM:<a@b>", "250 2.0.0 Ok\r\n"), ("QUIT", "221 2.0.0 Bye\r\n")]
-        {
-            client.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
-            assert_eq!(read_reply(client).await, reply, "every session goes on during the drain");
-        }
+        goes_on_during_the_drain(client).await;
     }
     drop(clients);
-    tokio::time::timeout(Duration::from_secs(5), &mut agent.done)
-        .await
-        .expect("serve returns once the sessions have ended")
-        .unwrap()
-        .expect("the session threads started");
+    agent.stopped("serve returns once the sessions have ended").await;
     assert_eq!(mta.connections(), 24);
 }
 
@@ -707,11 +709,7 @@ async fn on_shutdown_an_idle_session_is_cut_after_the_grace() {
     read_reply(&mut client).await;
     let started = std::time::Instant::now();
     agent.signal_stop();
-    tokio::time::timeout(Duration::from_secs(5), &mut agent.done)
-        .await
-        .expect("serve returns")
-        .unwrap()
-        .expect("the session threads started");
+    agent.stopped("serve returns").await;
     let waited = started.elapsed();
     assert!(
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
@@ -1167,11 +1165,7 @@ async fn on_shutdown_sessions_without_mail_are_told_421_at_once_and_bans_kept() 
     assert_eq!(read_reply(&mut idle).await, closing);
     assert_eq!(read_reply(&mut bot).await, closing);
     drop((idle, bot));
-    tokio::time::timeout(Duration::from_secs(5), &mut agent.done)
-        .await
-        .expect("serve returns without waiting the grace")
-        .unwrap()
-        .expect("the session threads started");
+    agent.stopped("serve returns without waiting the grace").await;
     assert!(started.elapsed() < Duration::from_secs(5));
     eventually("the rejected bot is banned", || agent.banned() == ["127.0.0.1"]).await;
 }
