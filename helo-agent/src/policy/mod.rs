@@ -240,8 +240,8 @@ async fn connection(
                         Answer::Refuse { code: 554, text: BANNED.into() }
                     }
                     _ => {
-                        let dns = session.lookups(&request, &live, shared.dns.as_deref()).await;
-                        session.on_request(&request, &live, &shared.court, dns.as_ref())
+                        let looked = session.lookups(&request, &live, shared.dns.as_deref()).await;
+                        session.on_request(&request, &live, &shared.court, looked)
                     }
                 };
                 let sent = tokio::time::timeout(WRITE, write.write_all(&answer.encode())).await;
@@ -278,6 +278,16 @@ async fn connection(
 /// A session is its client's address and port (`client_port`, Postfix 3.0 and later): the
 /// `instance` attribute is per mail transaction, empty before MAIL FROM and new at each one,
 /// so it cannot tell sessions apart (without `client_port` it is the best there is).
+/// What [`PolicySession::lookups`] learnt for one request, for [`PolicySession::on_request`].
+#[derive(Default)]
+pub struct Lookups {
+    /// What DNS says (`None`: nothing known).
+    pub facts: Option<DnsFacts>,
+    /// The verdict on the HELO without DNS, when it was judged to decide whether to look:
+    /// `on_request` judges again only what DNS can change (`judge::with_dns`).
+    pub without_dns: Option<Verdict>,
+}
+
 #[derive(Default)]
 pub struct PolicySession {
     key: Option<SessionKey>,
@@ -319,18 +329,16 @@ impl PolicySession {
     /// Postfix whenever it sends them (`client_name` is its forward-confirmed name, as Postfix
     /// checked it: what `dynamic`, `helo_not_client` and `helo_reuse` spare a client telling
     /// the truth for), and the HELO name's records from the resolver (`dns`) when they can
-    /// change the verdict. `None`: nothing known.
-    pub async fn lookups(
-        &self,
-        request: &Request,
-        live: &Live,
-        dns: Option<&Dns>,
-    ) -> Option<DnsFacts> {
-        let (address, helo) = (request.client_address?, request.helo_name.as_deref()?);
+    /// change the verdict, with the verdict without DNS that decided to look.
+    pub async fn lookups(&self, request: &Request, live: &Live, dns: Option<&Dns>) -> Lookups {
+        let (Some(address), Some(helo)) = (request.client_address, request.helo_name.as_deref())
+        else {
+            return Lookups::default();
+        };
         // A new session's first HELO is always judged (on_request starts the session afresh).
         let same = self.key.as_ref() == Some(&SessionKey::of(request, address));
         if helo.is_empty() || (same && !self.judges(helo)) {
-            return None;
+            return Lookups::default();
         }
         let client = match (&request.client_name, &request.reverse_client_name) {
             (None, None) => ClientDns::NotLooked,
@@ -339,6 +347,7 @@ impl PolicySession {
             }
         };
         let mut records = HeloDns::NotLooked;
+        let mut without_dns = None;
         if let Some(dns) = dns {
             let who = Client::new(address, None, false);
             let previous: &[String] = if same { &self.helos } else { &[] };
@@ -347,11 +356,13 @@ impl PolicySession {
                 // No lookup slot free for a session that can go without: judged without.
                 records = dns.helo(&name, need).await.unwrap_or_default();
             }
+            without_dns = Some(verdict);
         }
-        match (records, client) {
+        let facts = match (records, client) {
             (HeloDns::NotLooked, ClientDns::NotLooked) => None,
             (helo, client) => Some(DnsFacts { helo, client }),
-        }
+        };
+        Lookups { facts, without_dns }
     }
 
     /// Whether this session judges `helo` now: unless it is rejected already, or `helo` is the
@@ -363,13 +374,13 @@ impl PolicySession {
     }
 
     /// Answers one request; a new verdict is concluded (logged, observed, banned) on the spot.
-    /// `dns`: what [`Self::lookups`] found for it.
+    /// `looked`: what [`Self::lookups`] found for it.
     pub fn on_request(
         &mut self,
         request: &Request,
         live: &Live,
         court: &judge::Court,
-        dns: Option<&DnsFacts>,
+        looked: Lookups,
     ) -> Answer {
         if request.request.as_deref().is_some_and(|r| r != "smtpd_access_policy") {
             return Answer::Dunno;
@@ -397,8 +408,16 @@ impl PolicySession {
         };
         let client = self.client.expect("set with the key");
         if self.judges(helo) {
-            let verdict = judge::classify(&live.rules, &client, helo, &self.helos, dns, false);
-            let verdict = judge::reuse(&live.rules, &client, helo, dns, verdict);
+            let (rules, dns) = (&live.rules, looked.facts.as_ref());
+            let verdict = match (looked.without_dns, dns) {
+                // Judged without DNS to decide the lookups: only what DNS changes again.
+                (Some(without), Some(dns)) => {
+                    judge::with_dns(rules, &client, helo, &self.helos, dns, false, without)
+                }
+                (Some(without), None) => without,
+                (None, dns) => judge::classify(rules, &client, helo, &self.helos, dns, false),
+            };
+            let verdict = judge::reuse(rules, &client, helo, dns, verdict);
             self.helos.push(helo.to_owned());
             for m in &verdict.logged {
                 if !self.logged.contains(&m.rule) {
@@ -487,17 +506,25 @@ mod tests {
             code: 553,
             text: "5.7.1 sorry, your HELO host name has been denied".into(),
         };
-        assert_eq!(session.on_request(&forged, &live, &court, None), refuse);
-        assert_eq!(session.on_request(&forged, &live, &court, None), refuse, "every RCPT of it");
+        assert_eq!(session.on_request(&forged, &live, &court, Lookups::default()), refuse);
+        assert_eq!(
+            session.on_request(&forged, &live, &court, Lookups::default()),
+            refuse,
+            "every RCPT of it"
+        );
         let good = request("a.1", Some("mail.sender.example"), "203.0.113.9");
         assert_eq!(
-            session.on_request(&good, &live, &court, None),
+            session.on_request(&good, &live, &court, Lookups::default()),
             refuse,
             "rejected stays rejected"
         );
         assert_eq!(sessions(&court), 1, "one session, one observation");
         let next = request("b.2", Some("mail.sender.example"), "203.0.113.9");
-        assert_eq!(session.on_request(&next, &live, &court, None), Answer::Dunno, "a new instance");
+        assert_eq!(
+            session.on_request(&next, &live, &court, Lookups::default()),
+            Answer::Dunno,
+            "a new instance"
+        );
         assert_eq!(sessions(&court), 2);
     }
 
@@ -507,14 +534,19 @@ mod tests {
         let court = judge::Court::new(None, None, Duration::from_secs(3600));
         let mut session = PolicySession::default();
         assert_eq!(
-            session.on_request(&request("c.1", None, "203.0.113.9"), &live, &court, None),
+            session.on_request(
+                &request("c.1", None, "203.0.113.9"),
+                &live,
+                &court,
+                Lookups::default()
+            ),
             Answer::Dunno
         );
         let one = request("c.1", Some("one.sender.example"), "203.0.113.9");
-        assert_eq!(session.on_request(&one, &live, &court, None), Answer::Dunno);
+        assert_eq!(session.on_request(&one, &live, &court, Lookups::default()), Answer::Dunno);
         let two = request("c.1", Some("two.sender.example"), "203.0.113.9");
         assert!(matches!(
-            session.on_request(&two, &live, &court, None),
+            session.on_request(&two, &live, &court, Lookups::default()),
             Answer::Refuse { code: 553, .. }
         ));
         assert_eq!(session.verdict.as_ref().unwrap().rule, "changed");
@@ -543,7 +575,7 @@ mod tests {
                 &request(instance, Some(helo), "203.0.113.9"),
                 &live,
                 &court,
-                None,
+                Lookups::default(),
             );
             (answer, session.verdict.map(|v| v.action))
         };
@@ -606,15 +638,15 @@ mod tests {
         let (court, worker) = court_with_bans();
         let mut connection = PolicySession::default();
         let good = postfix("EHLO", "203.0.113.3", 40001, "", "good.example.org");
-        assert_eq!(connection.on_request(&good, &live, &court, None), Answer::Dunno);
+        assert_eq!(connection.on_request(&good, &live, &court, Lookups::default()), Answer::Dunno);
         let bot = postfix("EHLO", "203.0.113.8", 40002, "", "mx.example.com");
         assert!(matches!(
-            connection.on_request(&bot, &live, &court, None),
+            connection.on_request(&bot, &live, &court, Lookups::default()),
             Answer::Refuse { code: 553, .. }
         ));
         let next = postfix("EHLO", "203.0.113.4", 40003, "", "good6.example.org");
         assert_eq!(
-            connection.on_request(&next, &live, &court, None),
+            connection.on_request(&next, &live, &court, Lookups::default()),
             Answer::Dunno,
             "not the bot's verdict"
         );
@@ -633,7 +665,7 @@ mod tests {
         for instance in ["a.1", "a.2", "a.3"] {
             let rcpt = postfix("RCPT", "203.0.113.9", 40100, instance, "mx.example.com");
             assert!(matches!(
-                connection.on_request(&rcpt, &live, &court, None),
+                connection.on_request(&rcpt, &live, &court, Lookups::default()),
                 Answer::Refuse { .. }
             ));
         }
@@ -658,17 +690,17 @@ mod tests {
         for n in 1..=6 {
             let mut session = PolicySession::default();
             let request = ask(n, "unknown");
-            let dns = session.lookups(&request, &live, None).await;
-            answers.push(session.on_request(&request, &live, &court, dns.as_ref()));
+            let looked = session.lookups(&request, &live, None).await;
+            answers.push(session.on_request(&request, &live, &court, looked));
             let mut confirmed = PolicySession::default();
             let request = ask(100 + n, "bulk.test");
-            let dns = confirmed.lookups(&request, &live, None).await;
+            let looked = confirmed.lookups(&request, &live, None).await;
             assert_eq!(
-                dns.as_ref().map(|d| &d.client),
+                looked.facts.as_ref().map(|d| &d.client),
                 Some(&ClientDns::Confirmed("bulk.test".into()))
             );
             assert_eq!(
-                confirmed.on_request(&request, &live, &court, dns.as_ref()),
+                confirmed.on_request(&request, &live, &court, looked),
                 Answer::Dunno,
                 "Postfix confirmed its name: never reuse"
             );
@@ -687,6 +719,9 @@ mod tests {
         let court = judge::Court::new(None, None, Duration::from_secs(3600));
         let mut other = request("d.1", Some("mx.example.com"), "203.0.113.9");
         other.request = Some("junk".into());
-        assert_eq!(PolicySession::default().on_request(&other, &live, &court, None), Answer::Dunno);
+        assert_eq!(
+            PolicySession::default().on_request(&other, &live, &court, Lookups::default()),
+            Answer::Dunno
+        );
     }
 }
