@@ -114,16 +114,14 @@ pub fn reuse(
     verdict: Verdict,
 ) -> Verdict {
     let Some(name) = rules.reuse_name(&verdict, helo, dns) else { return verdict };
-    // The boot clock: a count must not jump with the wall clock.
-    let now = crate::clock::boot_ns() / 1_000_000_000;
-    let count = rules.memory.observe(&name, client.ip, now, rules.reuse.window);
+    let count = rules.memory.observe(&name, client.ip, reuse_now(), rules.reuse.window);
     rules.with_reuse(verdict, helo, dns, count.networks)
 }
 
 /// `tophelos` rows with the reuse memory's count of each name (over `reuse.window` up to now,
 /// whatever `--since` the rows cover) and whether that makes it reused.
 pub fn mark_reuse(mut rows: Vec<HeloRow>, rules: &RuleSet) -> Vec<HeloRow> {
-    let now = crate::clock::boot_ns() / 1_000_000_000;
+    let now = reuse_now();
     for row in &mut rows {
         let count = rules.memory.count(&row.helo, now, rules.reuse.window);
         row.networks = count.networks as u64;
@@ -135,13 +133,18 @@ pub fn mark_reuse(mut rows: Vec<HeloRow>, rules: &RuleSet) -> Vec<HeloRow> {
 
 /// Every name reused now, with the limits in force (`tophelos --suggest`).
 pub fn reused(rules: &RuleSet) -> ReuseReport {
-    let now = crate::clock::boot_ns() / 1_000_000_000;
     let limits = rules.reuse;
     ReuseReport {
         clients: limits.clients,
         window_secs: limits.window.as_secs(),
-        helos: rules.memory.reused(now, limits.window, limits.clients),
+        helos: rules.memory.reused(reuse_now(), limits.window, limits.clients),
     }
+}
+
+/// The reuse memory's clock, in seconds, for every use and count of it: the boot clock, so a
+/// count never jumps with the wall clock.
+pub fn reuse_now() -> u64 {
+    crate::clock::boot_ns() / 1_000_000_000
 }
 
 /// Whether DNS can still change `verdict`, the verdict on `helo` without DNS, and so whether
@@ -515,7 +518,7 @@ mod tests {
     #[test]
     fn tophelos_rows_are_marked_from_the_reuse_memory() {
         let rules = rules("[reuse]\nclients = 2\n");
-        let now = crate::clock::boot_ns() / 1_000_000_000;
+        let now = reuse_now();
         for client in ["198.51.1.7", "198.51.2.7", "198.51.2.8"] {
             rules.memory.observe("bulk.example", client.parse().unwrap(), now, rules.reuse.window);
         }

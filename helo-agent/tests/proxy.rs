@@ -1479,7 +1479,7 @@ async fn a_helo_reused_by_many_networks_is_rejected_from_the_threshold_but_never
         "the guard came from reverse DNS:\n{}",
         resolver.log()
     );
-    let now = helo_agent::clock::boot_ns() / 1_000_000_000;
+    let now = helo_agent::judge::reuse_now();
     let rules = agent.shared.live().rules.clone();
     let count = rules.memory.count(HELO, now, rules.reuse.window);
     assert_eq!(count.networks, 21, "19 + 2 networks; the confirmed client not among them");

@@ -708,7 +708,7 @@ mod tests {
         assert_eq!(answers[..4], [Answer::Dunno, Answer::Dunno, Answer::Dunno, Answer::Dunno]);
         assert!(matches!(answers[4], Answer::Refuse { code: 553, .. }), "{:?}", answers[4]);
         assert!(matches!(answers[5], Answer::Refuse { code: 553, .. }), "{:?}", answers[5]);
-        let now = crate::clock::boot_ns() / 1_000_000_000;
+        let now = judge::reuse_now();
         let count = live.rules.memory.count("bulk.test", now, live.rules.reuse.window);
         assert_eq!(count.networks, 6, "the confirmed clients were not counted");
     }

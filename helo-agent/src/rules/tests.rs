@@ -668,7 +668,7 @@ fn a_helo_used_by_many_networks_is_reused_from_the_threshold_on_and_never_for_a_
     }
     assert_eq!(rules_seen[..19], ["pass"; 19], "networks 1 to 19 pass");
     assert_eq!(rules_seen[19..], ["helo_reuse"; 6], "from the 20th on: reused");
-    let now = crate::clock::boot_ns() / 1_000_000_000;
+    let now = crate::judge::reuse_now();
     let count = rules.memory.count("relay.bulk.example", now, rules.reuse.window);
     assert_eq!(count.networks, 25, "the confirmed clients' 25 networks were never counted");
 }
