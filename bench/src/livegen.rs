@@ -180,6 +180,20 @@ pub fn flood(
 /// Turns GRO on for `ifname` (legacy ETHTOOL_SGRO): a veth without an XDP program takes
 /// XDP-redirected frames only with its NAPI on, which GRO turns on.
 pub fn set_gro(ifname: &str, on: bool) -> io::Result<()> {
+    const ETHTOOL_SGRO: u32 = 0x2c;
+    set_offload(ifname, ETHTOOL_SGRO, on)
+}
+
+/// Turns TCP segmentation offload on or off for `ifname` (legacy ETHTOOL_STSO). A veth whose
+/// sender has TSO hands TCP packets to its peer's receive NAPI (and its ring) only when an XDP
+/// program is attached there; with TSO off it does so whenever that NAPI is on, XDP or not.
+pub fn set_tso(ifname: &str, on: bool) -> io::Result<()> {
+    const ETHTOOL_STSO: u32 = 0x1f;
+    set_offload(ifname, ETHTOOL_STSO, on)
+}
+
+/// One legacy ethtool "set value" command on `ifname`, in the calling thread's namespace.
+fn set_offload(ifname: &str, cmd: u32, on: bool) -> io::Result<()> {
     #[repr(C)]
     struct EthtoolValue {
         cmd: u32,
@@ -192,8 +206,7 @@ pub fn set_gro(ifname: &str, on: bool) -> io::Result<()> {
         _pad: [u8; 16],
     }
     const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    const ETHTOOL_SGRO: u32 = 0x2c;
-    let mut value = EthtoolValue { cmd: ETHTOOL_SGRO, data: u32::from(on) };
+    let mut value = EthtoolValue { cmd, data: u32::from(on) };
     let mut req = Ifreq { name: [0; 16], data: &mut value, _pad: [0; 16] };
     let bytes = ifname.as_bytes();
     anyhow_len(bytes.len())?;

@@ -7,6 +7,7 @@ mod bots;
 mod dns;
 mod fleet;
 mod flood;
+mod kcounters;
 mod livegen;
 mod machine;
 mod plot;

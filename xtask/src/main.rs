@@ -41,9 +41,11 @@ const APT_PACKAGES: &[&str] = &[
     "ipset",
     "iptables",
     "fonts-dejavu-core",
-    // bench bots: Postfix + fail2ban as admins run it; bench flood: xdp-trafficgen (live frames).
+    // bench bots: Postfix + fail2ban as admins run it; bench flood: xdp-trafficgen (live frames)
+    // and ethtool -S (where the frames a filter never saw were lost).
     "fail2ban",
     "xdp-tools",
+    "ethtool",
     // cargo xtask package: dpkg-shlibdeps (and strip, through binutils); man for its root test.
     "dpkg-dev",
     "man-db",
