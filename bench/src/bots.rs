@@ -18,17 +18,17 @@
 //! agent's logs). Every resource is a guard: namespaces, Postfix, fail2ban, agents, pins.
 
 use std::collections::HashMap;
-use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use tests::netns::{Netns, in_netns, veth};
-use tests::postfix::{DOMAIN, Postfix, UPSTREAM};
+use tests::postfix::{Postfix, UPSTREAM};
 use tests::{AgentProcess, PinDir};
 
-use crate::procfs::process_ticks;
+use crate::client::{self, Bounds, Ended, session};
+use crate::gateway::{Dnsmasq, Fail2ban, RemoveFile, Setup, cpu_between, ns_id_of, ns_processes};
 use crate::report::{Report, f};
 use crate::{median, progress};
 
@@ -40,51 +40,41 @@ const BOTS: usize = 50;
 const LEGIT: usize = 20;
 /// Bots start spread over this long (the agent's default ban rate cap is 100/s).
 const STAGGER: Duration = Duration::from_secs(3);
-/// A return connection that is not answered in this long is counted as dropped.
-const CONNECT: Duration = Duration::from_secs(3);
+/// A return connection that is not answered in 3 s is counted as dropped; a session (the
+/// pregreet wait of 6 s included) ends in 30 s.
+const BOUNDS: Bounds = Bounds { connect: Duration::from_secs(3), session: Duration::from_secs(30) };
 /// Postfix's own names and addresses: what a forging bot says.
 const FORGED: &str = "mx.gw.test";
 const POLICY: &str = "127.0.0.1:10040";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Setup {
-    Postfix,
-    Fail2ban,
-    Proxy,
-    Policy,
+/// The setups in the order they run: fail2ban first, so it never reads another setup's
+/// rejections; and in the order they are shown.
+const RUN_ORDER: [Setup; 4] = [Setup::Fail2ban, Setup::Postfix, Setup::Proxy, Setup::Policy];
+const SHOWN: [Setup; 4] = [Setup::Postfix, Setup::Fail2ban, Setup::Proxy, Setup::Policy];
+
+/// Where this section puts a setup and its clients on 10.98.0.0/16.
+trait Addresses {
+    fn index(self) -> u8;
+    fn server(self) -> SocketAddrV4;
+    fn bot(self, d: usize, n: usize) -> Ipv4Addr;
+    fn legit(self, n: usize) -> Ipv4Addr;
 }
 
-impl Setup {
-    /// In the order they run: fail2ban first, so it never reads another setup's rejections.
-    const RUN_ORDER: [Setup; 4] = [Setup::Fail2ban, Setup::Postfix, Setup::Proxy, Setup::Policy];
-    const SHOWN: [Setup; 4] = [Setup::Postfix, Setup::Fail2ban, Setup::Proxy, Setup::Policy];
-
+impl Addresses for Setup {
+    /// Its number in the clients' addresses and the messages' subjects.
     fn index(self) -> u8 {
         match self {
             Setup::Postfix => 1,
             Setup::Fail2ban => 2,
             Setup::Proxy => 3,
             Setup::Policy => 4,
+            Setup::Postscreen => 5,
         }
     }
 
-    fn name(self) -> &'static str {
-        match self {
-            Setup::Postfix => "Postfix alone (check_helo_access)",
-            Setup::Fail2ban => "Postfix + fail2ban (nftables)",
-            Setup::Proxy => "helo-filter proxy + Postfix",
-            Setup::Policy => "helo-filter policy service in Postfix",
-        }
-    }
-
-    /// Where its clients connect: one gateway address per setup.
+    /// Where its clients connect.
     fn server(self) -> SocketAddrV4 {
-        let last = match self {
-            Setup::Postfix | Setup::Fail2ban => 1,
-            Setup::Proxy => 3,
-            Setup::Policy => 4,
-        };
-        SocketAddrV4::new(Ipv4Addr::new(10, 98, 0, last), 25)
+        SocketAddrV4::new(Ipv4Addr::new(10, 98, 0, self.host()), 25)
     }
 
     /// Bot `n` (1-based) of delay group `d`: 10.98.<10*setup+d>.<n>.
@@ -96,99 +86,6 @@ impl Setup {
     fn legit(self, n: usize) -> Ipv4Addr {
         Ipv4Addr::new(10, 98, self.index() * 10 + 9, n as u8)
     }
-}
-
-/// How one SMTP session ended, as its client saw it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Ended {
-    /// No connection: refused (a reject rule) or no answer in [`CONNECT`] (a drop).
-    NoConnection,
-    /// Closed before the greeting (helo-filter refusing at accept).
-    ClosedAtGreeting,
-    /// A reply that was not 2xx/3xx, with its code.
-    Refused(u16),
-    /// The message was taken (250 after DATA).
-    Delivered,
-    /// The connection broke mid-session.
-    Broken,
-}
-
-struct Smtp {
-    reader: BufReader<TcpStream>,
-    stream: TcpStream,
-}
-
-impl Smtp {
-    fn connect(from: Ipv4Addr, to: SocketAddrV4) -> Option<Smtp> {
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
-        socket.bind(&SocketAddr::from((from, 0)).into()).ok()?;
-        socket.connect_timeout(&SocketAddr::V4(to).into(), CONNECT).ok()?;
-        let stream: TcpStream = socket.into();
-        stream.set_read_timeout(Some(Duration::from_secs(15))).ok()?;
-        let reader = BufReader::new(stream.try_clone().ok()?);
-        Some(Smtp { reader, stream })
-    }
-
-    /// The code of the next complete reply; `None` at end of stream or error.
-    fn reply(&mut self) -> Option<u16> {
-        let mut line = String::new();
-        for _ in 0..100 {
-            line.clear();
-            if self.reader.read_line(&mut line).ok()? == 0 {
-                return None;
-            }
-            if line.len() < 4 || line.as_bytes()[3] != b'-' {
-                return line.get(..3)?.parse().ok();
-            }
-        }
-        None
-    }
-
-    fn command(&mut self, line: &str) -> Option<u16> {
-        self.stream.write_all(format!("{line}\r\n").as_bytes()).ok()?;
-        self.reply()
-    }
-}
-
-/// One session from `from`: HELO, MAIL, RCPT, and DATA with `subject` when RCPT is taken.
-fn session(from: Ipv4Addr, to: SocketAddrV4, helo: &str, subject: &str) -> Ended {
-    let Some(mut smtp) = Smtp::connect(from, to) else { return Ended::NoConnection };
-    let ended = (|| {
-        match smtp.reply() {
-            None => return Ended::ClosedAtGreeting,
-            Some(220) => {}
-            Some(code) => return Ended::Refused(code),
-        }
-        let steps = [format!("HELO {helo}"), format!("MAIL FROM:<sender@{from}.example>")];
-        for step in &steps {
-            match smtp.command(step) {
-                None => return Ended::Broken,
-                Some(code) if code >= 400 => return Ended::Refused(code),
-                Some(_) => {}
-            }
-        }
-        match smtp.command(&format!("RCPT TO:<user@{DOMAIN}>")) {
-            None => return Ended::Broken,
-            Some(code) if code >= 400 => return Ended::Refused(code),
-            Some(_) => {}
-        }
-        match smtp.command("DATA") {
-            Some(354) => {}
-            None => return Ended::Broken,
-            Some(code) => return Ended::Refused(code),
-        }
-        let message = format!("Subject: {subject}\r\n\r\nhello from {from}\r\n.");
-        match smtp.command(&message) {
-            Some(250) => Ended::Delivered,
-            None => Ended::Broken,
-            Some(code) => Ended::Refused(code),
-        }
-    })();
-    if !matches!(ended, Ended::Broken | Ended::ClosedAtGreeting) {
-        let _ = smtp.command("QUIT");
-    }
-    ended
 }
 
 /// A bot's run: when it forged, how the forged session and the return ended.
@@ -205,116 +102,71 @@ fn unix_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Runs the bots and the legitimate senders of one setup in the client namespace; returns the
-/// bots' runs and the legitimate senders' ends.
+/// Runs the bots and the legitimate senders of one setup in the client namespace (one thread,
+/// every session a task); returns the bots' runs and the legitimate senders' ends.
 fn scenario(clients: &Netns, setup: Setup) -> (Vec<BotRun>, Vec<Ended>) {
-    let server = setup.server();
-    let slots = (DELAYS_MS.len() * BOTS) as u32;
-    let mut bots = Vec::new();
-    for n in 1..=BOTS {
-        for (d, &delay_ms) in DELAYS_MS.iter().enumerate() {
-            let ip = setup.bot(d, n);
-            let start = STAGGER * (((n - 1) * DELAYS_MS.len() + d) as u32) / slots;
-            bots.push(clients.spawn(move || {
-                std::thread::sleep(start);
-                let forged_at_ms = unix_ms();
-                let forged = session(ip, server, FORGED, "forged");
-                std::thread::sleep(Duration::from_millis(delay_ms));
-                let returned = session(
-                    ip,
-                    server,
-                    &format!("mail{n}.fresh-{d}.example.net"),
-                    &format!("bot {} {delay_ms} {ip}", setup.index()),
-                );
-                BotRun { ip, delay: d, forged_at_ms, forged, returned }
-            }));
-        }
-    }
-    let span = STAGGER + Duration::from_millis(DELAYS_MS[DELAYS_MS.len() - 1]);
-    let legit: Vec<_> = (1..=LEGIT)
-        .map(|n| {
-            let ip = setup.legit(n);
-            let start = span * (n as u32) / (LEGIT as u32 + 1);
-            clients.spawn(move || {
-                std::thread::sleep(start);
-                session(
-                    ip,
-                    server,
-                    &format!("mail.legit{n}.example.org"),
-                    &format!("legit {} {ip}", setup.index()),
-                )
-            })
+    let server = SocketAddr::V4(setup.server());
+    clients.enter(move || {
+        client::runtime().block_on(async move {
+            let slots = (DELAYS_MS.len() * BOTS) as u32;
+            let mut bots = Vec::new();
+            for n in 1..=BOTS {
+                for (d, &delay_ms) in DELAYS_MS.iter().enumerate() {
+                    let ip = setup.bot(d, n);
+                    let start = STAGGER * (((n - 1) * DELAYS_MS.len() + d) as u32) / slots;
+                    bots.push(tokio::spawn(async move {
+                        tokio::time::sleep(start).await;
+                        let forged_at_ms = unix_ms();
+                        let forged = session(ip.into(), server, FORGED, "forged", BOUNDS).await;
+                        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                        let helo = format!("mail{n}.fresh-{d}.example.net");
+                        let subject = format!("bot {} {delay_ms} {ip}", setup.index());
+                        let returned = session(ip.into(), server, &helo, &subject, BOUNDS).await;
+                        BotRun { ip, delay: d, forged_at_ms, forged, returned }
+                    }));
+                }
+            }
+            let span = STAGGER + Duration::from_millis(DELAYS_MS[DELAYS_MS.len() - 1]);
+            let legit: Vec<_> = (1..=LEGIT)
+                .map(|n| {
+                    let ip = setup.legit(n);
+                    let start = span * (n as u32) / (LEGIT as u32 + 1);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(start).await;
+                        let helo = legit_name(n);
+                        let subject = format!("legit {} {ip}", setup.index());
+                        session(ip.into(), server, &helo, &subject, BOUNDS).await
+                    })
+                })
+                .collect();
+            let mut runs = Vec::new();
+            for bot in bots {
+                runs.push(bot.await.expect("a bot task panicked"));
+            }
+            let mut ends = Vec::new();
+            for sender in legit {
+                ends.push(sender.await.expect("a sender task panicked"));
+            }
+            (runs, ends)
         })
-        .collect();
-    let bots = bots.into_iter().map(|h| h.join().expect("a bot thread panicked")).collect();
-    let legit = legit.into_iter().map(|h| h.join().expect("a sender thread panicked")).collect();
-    (bots, legit)
-}
-
-/// The network namespace id of the calling thread, as /proc/*/ns/net links name it.
-fn ns_id_of(ns: &Netns) -> String {
-    ns.enter(|| {
-        std::fs::read_link("/proc/thread-self/ns/net")
-            .map(|p| p.display().to_string())
-            .unwrap_or_default()
     })
 }
 
-/// CPU ticks of every process in the namespace `ns_id`, by pid, with its command name.
-fn ns_processes(ns_id: &str) -> HashMap<u32, (String, u64)> {
-    let mut out = HashMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
-    for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let link = std::fs::read_link(format!("/proc/{pid}/ns/net"));
-        if link.is_ok_and(|l| l.display().to_string() == ns_id) {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            out.insert(pid, (comm.trim().to_owned(), process_ticks(pid)));
-        }
-    }
-    out
+/// Legitimate sender `n`'s HELO, its name in dnsmasq's zone.
+fn legit_name(n: usize) -> String {
+    format!("mail.legit{n}.example.org")
 }
 
-/// Postfix's daemons, by command name (the capture pipe's shell too); anything else in the
-/// gateway namespace is the filter's (helo-agent, fail2ban-server and the nft it runs).
-const POSTFIX: [&str; 16] = [
-    "master",
-    "smtpd",
-    "qmgr",
-    "pickup",
-    "cleanup",
-    "trivial-rewrite",
-    "pipe",
-    "postlog",
-    "anvil",
-    "proxymap",
-    "tlsmgr",
-    "scache",
-    "bounce",
-    "local",
-    "sh",
-    "cat",
-];
-
-/// CPU seconds spent between two samples: (MTA, filter daemon), by command name. Processes that
-/// started and ended between the samples are not seen.
-fn cpu_between(
-    before: &HashMap<u32, (String, u64)>,
-    after: &HashMap<u32, (String, u64)>,
-) -> (f64, f64) {
-    let hz = rustix::param::clock_ticks_per_second() as f64;
-    let (mut mta, mut filter) = (0u64, 0u64);
-    for (pid, (comm, ticks)) in after {
-        let spent = ticks.saturating_sub(before.get(pid).map_or(0, |(_, t)| *t));
-        if POSTFIX.contains(&comm.as_str()) {
-            mta += spent;
-        } else {
-            filter += spent;
+/// dnsmasq's zones: each legitimate sender's name and address (forward-confirmed: A and PTR),
+/// the bots' networks with no reverse names, their fresh HELOs with no address.
+fn zones() -> String {
+    let mut s = String::from("auth-zone=example.org,10.98.0.0/16\nauth-zone=example.net\n");
+    for setup in SHOWN {
+        for n in 1..=LEGIT {
+            s.push_str(&format!("host-record={},{}\n", legit_name(n), setup.legit(n)));
         }
     }
-    (mta as f64 / hz, filter as f64 / hz)
+    s
 }
 
 /// Unix ms of "YYYY-MM-DD?HH:MM:SS[.,]fff..." (UTC), as the agent's and fail2ban's logs start.
@@ -380,116 +232,15 @@ struct Outcome {
     note: String,
 }
 
-/// fail2ban run as an admin would run it, from a private copy of Debian's configuration with
-/// its own socket, pid file and log; stopped (and its pid killed if need be) when dropped.
-struct Fail2ban {
-    dir: PathBuf,
-    ns: String,
-}
-
-impl Fail2ban {
-    fn start(gateway: &Netns, postfix_log: &Path) -> anyhow::Result<Fail2ban> {
-        let dir = std::env::temp_dir().join(tests::unique("hf-fail2ban-"));
-        tests::run(Command::new("cp").args(["-a", "/etc/fail2ban"]).arg(&dir));
-        let guard = Fail2ban { dir: dir.clone(), ns: gateway.name.clone() };
-        let _ = std::fs::remove_file(dir.join("jail.d/defaults-debian.conf"));
-        let d = dir.display();
-        std::fs::write(
-            dir.join("fail2ban.local"),
-            format!(
-                "[Definition]\nloglevel = INFO\nlogtarget = {d}/fail2ban.log\nsocket = {d}/f2b.sock\n\
-                 pidfile = {d}/f2b.pid\ndbfile = :memory:\n"
-            ),
-        )?;
-        // Debian's postfix filter knows rejections of unknown hosts, relay and the like, not a
-        // HELO refused by check_helo_access ("Helo command rejected: Access denied"): one line
-        // teaches it, as an admin would add it.
-        std::fs::write(
-            dir.join("filter.d/postfix.local"),
-            "[Definition]\nfailregex = <mdre-<mode>>\n            \
-             ^%(_pref)s from [^[]*\\[<HOST>\\]%(_port)s: 554 5\\.7\\.1 <[^>]*>: Helo command rejected: Access denied\n",
-        )?;
-        std::fs::write(
-            dir.join("jail.local"),
-            format!(
-                "[DEFAULT]\nbackend = polling\nbanaction = nftables-multiport\nbantime = 1h\n\
-                 findtime = 10m\nmaxretry = 1\n\n[sshd]\nenabled = false\n\n\
-                 [postfix]\nenabled = true\nport = smtp\nlogpath = {}\n",
-                postfix_log.display()
-            ),
-        )?;
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{}", gateway.name))
-            .args(["env", "TZ=UTC", "fail2ban-client", "-c"])
-            .arg(&dir)
-            .args(["-b", "start"])
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "fail2ban-client start failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !guard.client(&["status", "postfix"]).is_some_and(|s| s.contains("Currently banned"))
-        {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "fail2ban's postfix jail not up in 20 s:\n{}",
-                guard.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Ok(guard)
-    }
-
-    fn client(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{}", self.ns))
-            .arg("fail2ban-client")
-            .arg("-c")
-            .arg(&self.dir)
-            .args(args)
-            .output()
-            .ok()?;
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("fail2ban.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Fail2ban {
-    fn drop(&mut self) {
-        let pid = std::fs::read_to_string(self.dir.join("f2b.pid"))
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok())
-            .and_then(rustix::process::Pid::from_raw);
-        let _ = self.client(&["stop"]);
-        if let Some(pid) = pid {
-            for _ in 0..50 {
-                if rustix::process::test_kill_process(pid).is_err() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-        }
-        // The ban action's table, in case the stop left it (the namespace goes too).
-        let _ = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "nft", "delete", "table", "inet", "f2b-table"])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The agent's config for the bench gateway: the forged names, nothing allowlisted.
+/// The agent's config for the bench gateway: the admin's defaults, the forged names.
 fn agent_config(pins: &PinDir, door: &str) -> PathBuf {
-    pins.config(&format!(
-        "[allowlist]\nnetworks = []\n[identity]\ndetect = false\n\
-         domains = [\"={FORGED}\", \"=gw.test\"]\naddresses = [\"10.98.0.1\", \"10.98.0.3\", \"10.98.0.4\"]\n{door}"
-    ))
+    crate::gateway::agent_config(
+        pins,
+        &format!(
+            "domains = [\"={FORGED}\", \"=gw.test\"]\naddresses = [\"10.98.0.1\", \"10.98.0.3\", \"10.98.0.4\"]"
+        ),
+        door,
+    )
 }
 
 fn run_setup(
@@ -507,6 +258,7 @@ fn run_setup(
     let mut agent = None;
     match setup {
         Setup::Postfix => {}
+        Setup::Postscreen => anyhow::bail!("the bots section sets up no postscreen"),
         Setup::Fail2ban => fail2ban = Some(Fail2ban::start(gateway, postfix_log)?),
         Setup::Proxy => {
             let config = agent_config(&pins, "");
@@ -639,7 +391,7 @@ pub fn run(report: &mut Report, out: &Path) -> anyhow::Result<()> {
     }
     // Every bot and sender its own address on the client's veth.
     let mut batch = format!("addr add 10.98.0.2/16 dev {cl_if}\n");
-    for setup in Setup::SHOWN {
+    for setup in SHOWN {
         for d in 0..DELAYS_MS.len() {
             for n in 1..=BOTS {
                 batch.push_str(&format!("addr add {}/32 dev {cl_if}\n", setup.bot(d, n)));
@@ -680,12 +432,14 @@ pub fn run(report: &mut Report, out: &Path) -> anyhow::Result<()> {
         Setup::Postfix.server(),
         Setup::Policy.server()
     );
+    // The agent's DNS checks ask dnsmasq in the gateway namespace, never the machine's resolver.
+    let _dnsmasq = Dnsmasq::start(&gateway, &zones(), false)?;
     progress("bots: starting a private Postfix");
     let postfix = Postfix::start(&gateway, "bench-bots", &extra, &services);
     let postfix_log = postfix.log_path();
 
     let mut outcomes = Vec::new();
-    for setup in Setup::RUN_ORDER {
+    for setup in RUN_ORDER {
         match run_setup(setup, &gateway, &clients, &gw_if, &postfix, &postfix_log) {
             Ok(outcome) => {
                 progress(&format!(
@@ -704,14 +458,6 @@ pub fn run(report: &mut Report, out: &Path) -> anyhow::Result<()> {
     write_report(report, out, &outcomes)?;
     drop(postfix);
     Ok(())
-}
-
-struct RemoveFile(PathBuf);
-
-impl Drop for RemoveFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 fn delay_label(ms: u64) -> String {
@@ -769,9 +515,13 @@ fn write_report(report: &mut Report, out: &Path, outcomes: &[Outcome]) -> anyhow
              check_helo_access's `Helo command rejected: Access denied`, which Debian's filter \
              does not match), started with `fail2ban-client -c DIR -b start` in the gateway \
              namespace; (3) helo-agent's proxy in front of Postfix (own greeting, PROXY v2, XDP \
-             native on the gateway veth, defaults otherwise: 1 h bans, 100 bans/s); (4) \
-             helo-agent's policy service in Postfix's `smtpd_recipient_restrictions` (XDP native \
-             too). Delivered counts what Postfix's capture pipe received. smtpd sessions: \
+             native on the gateway veth, the defaults an admin keeps otherwise: 1 h bans, 100 \
+             bans/s, the pregreet test with its 6 s wait for a new client's greeting, the DNS \
+             checks in `log`); (4) helo-agent's policy service in Postfix's \
+             `smtpd_recipient_restrictions` (XDP native too). The agent's DNS checks ask a \
+             dnsmasq in the gateway namespace, authoritative for the senders' zones (each \
+             legitimate sender's name and address forward-confirmed, the bots with no reverse \
+             name and fresh HELOs that do not resolve), never the machine's resolver. Delivered counts what Postfix's capture pipe received. smtpd sessions: \
              `connect from` lines for the bots' addresses in Postfix's log (forged and returning \
              sessions). CPU: utime+stime of the gateway namespace's processes from the \
              scenario's start until the queue settled (the MTA: Postfix's; gateway: Postfix's and \
@@ -783,7 +533,7 @@ fn write_report(report: &mut Report, out: &Path, outcomes: &[Outcome]) -> anyhow
             DELAYS_MS.len() * BOTS,
             DELAYS_MS.iter().map(|ms| delay_label(*ms)).collect::<Vec<_>>().join(", "),
             STAGGER.as_secs(),
-            CONNECT.as_secs()
+            BOUNDS.connect.as_secs()
         ),
         &["setup", "return after", "bots' spam delivered", "bot sessions in smtpd", "returns ended"],
         &rows,

@@ -13,7 +13,7 @@
 use std::hint::black_box;
 use std::io::{BufReader, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -27,11 +27,10 @@ use helo_agent::rules::{ClientDns, DnsFacts, HeloDns, RuleSet, Verdict};
 use tests::netns::{Netns, in_netns};
 use tests::{AgentProcess, PinDir};
 
+use crate::gateway::{Dnsmasq, RESOLVER};
 use crate::report::{Report, f};
 use crate::{Guard, median, progress, reply};
 
-/// dnsmasq, inside the namespace.
-const RESOLVER: &str = "127.0.0.1:5353";
 const SINK: &str = "127.0.0.1:10025";
 const AGENT: &str = "10.0.0.1:2525";
 /// Regex rules the classification is measured with (the rules section's shapes).
@@ -58,7 +57,7 @@ pub fn run(report: &mut Report, _out: &Path) -> anyhow::Result<()> {
         ns.ip(&["route", "add", "local", "10.0.0.0/8", "dev", "lo"]);
     }
     progress("dns: starting dnsmasq with the test zones");
-    let dnsmasq = Dnsmasq::start(&on)?;
+    let dnsmasq = Dnsmasq::start(&on, &zone_text(), true)?;
 
     progress("dns: classification, without DNS facts and with DNS answers cached");
     let log = dnsmasq.log.clone();
@@ -825,50 +824,6 @@ fn agent(ns: &Netns, pins: &PinDir, resolver: Option<SocketAddr>) -> AgentProces
         &["--listen", AGENT, "--proxy-protocol", "none"],
         move || in_netns(&name, || TcpStream::connect(AGENT).is_ok()),
     )
-}
-
-/// dnsmasq in `ns` on [`RESOLVER`], authoritative (with an SOA, so negative answers are
-/// cached) for the mix's domains and `bench.test`, logging its queries. Killed when dropped,
-/// its files removed.
-struct Dnsmasq {
-    _child: Guard,
-    log: PathBuf,
-    zone: PathBuf,
-}
-
-impl Dnsmasq {
-    fn start(ns: &Netns) -> anyhow::Result<Self> {
-        let base = std::env::temp_dir().join(tests::unique("helo-bench-dns-"));
-        let (zone, log) = (base.with_extension("conf"), base.with_extension("log"));
-        std::fs::write(&zone, zone_text())?;
-        let child = nsenter(ns, "dnsmasq")
-            .args(["--no-daemon", "--bind-interfaces", "--listen-address=127.0.0.1"])
-            .arg(format!("--port={}", RESOLVER.rsplit(':').next().unwrap_or("53")))
-            .args(["--no-resolv", "--no-hosts", "--user=root", "--log-queries"])
-            .args(["--auth-server=ns.bench.test,127.0.0.1", "--auth-ttl=300", "--local-ttl=300"])
-            .arg("--auth-soa=1,hostmaster.bench.test,1200,120,1209600,300")
-            .arg(format!("--conf-file={}", zone.display()))
-            .arg(format!("--log-facility={}", log.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("cannot start dnsmasq (apt package dnsmasq-base): {e}"))?;
-        let dnsmasq = Dnsmasq { _child: Guard(child), log, zone };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(&dnsmasq.log).unwrap_or_default().contains("started") {
-            anyhow::ensure!(Instant::now() < deadline, "dnsmasq did not start in 10 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(dnsmasq)
-    }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.log);
-        let _ = std::fs::remove_file(&self.zone);
-    }
 }
 
 /// The zones: the mix's senders (each name's A and its PTR, so forward-confirmed; the spam

@@ -4,18 +4,22 @@
 //! target that is missed is said so, with what limits it.
 
 mod bots;
+mod client;
 mod dns;
 mod fleet;
 mod flood;
+mod gateway;
 mod kcounters;
 mod livegen;
 mod machine;
+mod placement;
 mod plot;
 mod policy;
 mod procfs;
 mod proxy;
 mod report;
 mod rules;
+mod storm;
 mod xdp;
 
 use std::path::PathBuf;
@@ -34,6 +38,7 @@ const SECTIONS: &[(&str, Section)] = &[
     ("rules", rules::run),
     ("policy", policy::run),
     ("bots", bots::run),
+    ("storm", storm::run),
     ("fleet", fleet::run),
     ("dns", dns::run),
 ];

@@ -16,6 +16,18 @@ pub fn cpu_ticks() -> (u64, u64) {
     (total - idle, total)
 }
 
+/// Softirq time of the whole machine (every CPU), in clock ticks.
+pub fn softirq_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    stat.lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .nth(7)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// utime + stime of a process, in clock ticks.
 pub fn process_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

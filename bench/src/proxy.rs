@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use tests::{AgentProcess, PinDir};
 
+use crate::placement::Placement;
 use crate::procfs::{process_ticks, rss_kib};
 use crate::report::{Report, f};
 use crate::{Guard, median, progress, reply};
@@ -50,41 +51,6 @@ fn wait_listening(addr: &str) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
-}
-
-/// How the processes of a round share the cores.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Placement {
-    /// The proxy on [`PROXY_CPU`]; the load client and the MTA on [`LOAD_CPU`].
-    Pinned,
-    /// Every process wherever the scheduler puts it.
-    Unpinned,
-}
-
-impl Placement {
-    fn name(self) -> &'static str {
-        match self {
-            Placement::Pinned => "pinned",
-            Placement::Unpinned => "unpinned",
-        }
-    }
-
-    /// The command prefix that runs a process on `cpu` (nothing unpinned).
-    fn prefix(self, cpu: usize) -> Vec<String> {
-        match self {
-            Placement::Pinned => vec!["taskset".into(), "-c".into(), cpu.to_string()],
-            Placement::Unpinned => Vec::new(),
-        }
-    }
-
-    /// Pins the calling thread to the load client's CPU (nothing unpinned).
-    fn pin_load_thread(self) {
-        if self == Placement::Pinned {
-            let mut set = rustix::thread::CpuSet::new();
-            set.set(LOAD_CPU);
-            rustix::thread::sched_setaffinity(None, &set).expect("pin a load client thread");
-        }
-    }
 }
 
 /// `program` with `prefix` in front of it (taskset when pinned).
@@ -227,7 +193,7 @@ fn drive(
         for _ in 0..threads {
             let (next, latencies, errors) = (next.clone(), latencies.clone(), errors.clone());
             scope.spawn(move || {
-                placement.pin_load_thread();
+                placement.place_thread(LOAD_CPU);
                 while next.fetch_add(1, Ordering::Relaxed) < count {
                     match session(addr, body) {
                         Ok(d) => latencies.lock().unwrap().push(d.as_secs_f64() * 1000.0),

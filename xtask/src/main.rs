@@ -86,7 +86,7 @@ enum Task {
     Clippy,
     /// Every benchmark against its peers (HAProxy, nftables, iptables+ipset, a naive regex
     /// loop, direct connections) in one run, as root; writes bench/RESULTS.md and PNG plots.
-    /// Section names (xdp, flood, proxy, rules, policy, bots, fleet, dns) run only those.
+    /// Section names (xdp, flood, proxy, rules, policy, bots, storm, fleet, dns) run only those.
     Bench {
         /// Where RESULTS.md and the plots go.
         #[arg(long, default_value = "bench")]
@@ -148,7 +148,7 @@ fn main() -> anyhow::Result<()> {
             step("building helo-agent and the bench runner (release)");
             cargo(&["build", "--release", "--package", "helo-agent", "--package", "bench"])?;
             let root = workspace();
-            step("running the benchmarks (about 5 minutes; progress below)");
+            step("running the benchmarks (about 12 minutes; progress below)");
             let status = Command::new(root.join("target/release/bench"))
                 .arg("--out")
                 .arg(root.join(&out))
