@@ -291,7 +291,10 @@ fn a_ban_anywhere_drops_everywhere_and_an_unban_anywhere_lifts_everywhere() {
         greeted(connect(&fleet, CLIENT, g), &format!("the client at gw{} after the unban", g.n));
         assert!(agent.log().contains("unbanned by another gateway"), "{}", agent.log());
     }
-    assert_eq!(fleet.redis.cli(&["EXISTS", &redis_key]).trim(), "0", "the key is gone");
+    assert!(
+        fleet.redis.cli(&["GET", &redis_key]).contains(r#""kind":"unban""#),
+        "the ban's record is replaced by the unban's, for gateways away now"
+    );
     for agent in &agents {
         assert!(!agent.log().contains("panicked"), "{}", agent.log());
     }
@@ -430,7 +433,7 @@ fn an_unban_made_while_cut_off_from_redis_does_not_come_back_there() {
     wait_for("gw2 to lift the ban", Duration::from_secs(20), || !g2.holds(CLIENT));
     assert!(!g1.holds(CLIENT), "the ban came back where it was lifted:\n{}", agents[0].log());
     let key = format!("{}ban:{CLIENT}", fleet.prefix);
-    assert_eq!(fleet.redis.cli(&["EXISTS", &key]).trim(), "0");
+    assert!(fleet.redis.cli(&["GET", &key]).contains(r#""kind":"unban""#));
 }
 
 /// Redis flushed (or its keys evicted) while every gateway stayed connected went unnoticed:
@@ -470,4 +473,23 @@ fn gateways_sharing_a_node_name_still_share_bans_and_are_warned() {
     wait_for("the warning", Duration::from_secs(5), || {
         agents[1].log().contains("another gateway uses this node name")
     });
+}
+
+/// An unban published while a gateway was cut off from Redis never reached it (the key was
+/// deleted, nothing told it to lift): it kept the ban until it expired.
+#[test]
+fn an_unban_published_while_a_gateway_was_away_reaches_it_when_it_catches_up() {
+    let fleet = fleet();
+    let [g1, g2, _] = &fleet.gateways[..] else { unreachable!() };
+    let agents = [g1.start(), g2.start()];
+    g1.cli(&["ban", CLIENT, "--ttl", "1h"]);
+    wait_for("gw2 to hold gw1's ban", Duration::from_secs(5), || g2.holds(CLIENT));
+    g2.ns.ip(&["route", "add", "blackhole", &format!("{REDIS}/32")]);
+    wait_for("gw2 to notice", Duration::from_secs(15), || agents[1].log().contains("lost Redis"));
+    g1.cli(&["unban", CLIENT]);
+    assert!(g2.holds(CLIENT), "gw2 cannot know yet");
+    g2.ns.ip(&["route", "del", "blackhole", &format!("{REDIS}/32")]);
+    wait_for("gw2 to lift the ban at its catch-up", Duration::from_secs(20), || !g2.holds(CLIENT));
+    greeted(connect(&fleet, CLIENT, g2), "the client at gw2 after the catch-up");
+    assert!(!g1.holds(CLIENT));
 }

@@ -648,10 +648,12 @@ impl<S: BanStore> State<S> {
             let outcome = match event {
                 Event::Ban(record) => self.remote_ban(record, now, arrival, &mut reasons),
                 Event::Unban { target, node, .. } => match self.lift(&target) {
-                    Ok(was) => {
+                    // A catch-up reads every unban kept in Redis again: only news is logged.
+                    Ok(was) if was || arrival == Arrival::Live => {
                         tracing::info!(%target, node, was_banned = was, "unbanned by another gateway");
                         Remote::Applied
                     }
+                    Ok(_) => Remote::Kept,
                     Err(error) => {
                         tracing::error!(%target, node, %error, "unban from the fleet failed");
                         Remote::Failed

@@ -8,10 +8,12 @@
 //! bans go on locally, events wait in a bounded outbox, and the task reconnects with backoff.
 //!
 //! Redis holds state, not only messages. Each ban is a key (`<prefix>ban:<target>`, the
-//! record as JSON, expiring with the ban or with its offence history, whichever is later), and
-//! each change is also published on `<prefix>events` for speed. On every (re)connection the task
-//! subscribes first, then reads every key (catch-up: the records of bans this gateway changed
-//! since, still in its outbox, are left for the outbox), then sends its outbox. An epoch key,
+//! record as JSON, expiring with the ban or with its offence history, whichever is later); an
+//! unban replaces the record with the unban's (kept [`UNBAN_KEPT`]), so a gateway that was
+//! away when it was published still lifts the ban when it catches up. Each change is also
+//! published on `<prefix>events` for speed. On every (re)connection the task subscribes first,
+//! then reads every key (catch-up: the records of targets this gateway changed since, still in
+//! its outbox, are left for the outbox), then sends its outbox. An epoch key,
 //! set once by the first gateway to reach a Redis and read again every 5 s, tells a Redis that
 //! lost its data (restarted empty, flushed) from one that kept it: then every gateway puts back
 //! the bans it holds (`SET NX`, so a newer record wins) and catches up again. What a gateway
@@ -19,9 +21,8 @@
 //! by the publishing process's id, so two gateways that share a node name (cloned hosts) still
 //! hear each other, and are warned about it.
 //!
-//! Not covered: an unban made while a gateway was cut off from Redis does not reach it (the
-//! key is gone, nothing tells it to lift), so it keeps that ban until it expires; unban again
-//! there.
+//! Not covered: an unban made while a gateway was cut off from Redis for longer than
+//! [`UNBAN_KEPT`] does not reach it; it keeps that ban until it expires (unban again there).
 
 pub mod message;
 
@@ -43,6 +44,9 @@ const QUEUE: usize = 4096;
 /// Events kept while Redis is unreachable; beyond, the oldest are dropped, and on reconnection
 /// every ban held here is put back instead.
 const OUTBOX: usize = 100_000;
+/// How long an unban's record stays in Redis for the gateways that were away when it was
+/// published (as long as a rule's ban lasts at most by default, `bans.max_ttl`).
+pub const UNBAN_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Reconnection backoff: from the first, doubling up to the last.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(10));
 /// The connection is checked this often (the epoch read again), so a dead peer, and a Redis
@@ -314,9 +318,10 @@ impl Fleet {
                 for value in values.into_iter().flatten() {
                     match Event::decode(&value) {
                         // This gateway's own records too: a ban in Redis is in force in the
-                        // fleet, and this gateway may have lost its maps since it made it.
-                        Ok(Event::Ban(record)) if !changed_here.contains(&record.target) => {
-                            records.push(Event::Ban(record));
+                        // fleet, and this gateway may have lost its maps since it made it. An
+                        // unban's record lifts the ban here if this gateway missed it.
+                        Ok(event) if !changed_here.contains(&event.target()) => {
+                            records.push(event);
                         }
                         Ok(_) => {}
                         Err(reason) => {
@@ -436,7 +441,14 @@ impl Fleet {
         match event {
             Event::Ban(record) => set_record(&mut pipe, &self.keys, record, false),
             Event::Unban { target, .. } => {
-                pipe.del(self.keys.ban(target)).ignore();
+                // Kept for the gateways that are away now (see the module's documentation).
+                pipe.set_options(
+                    self.keys.ban(target),
+                    event.encode(),
+                    redis::SetOptions::default()
+                        .with_expiration(redis::SetExpiry::PX(UNBAN_KEPT.as_millis() as u64)),
+                )
+                .ignore();
             }
         }
         pipe.publish(self.keys.channel(), event.encode_from(Some(&self.instance))).ignore();
