@@ -213,7 +213,11 @@ pub struct DnsConfig {
 /// Bans shared with the other gateways through Redis: off when `redis` is `None`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FleetConfig {
+    /// One Redis (`redis://`, `rediss://`) or a Sentinel service (`redis+sentinel://`,
+    /// `rediss+sentinel://`; see `crate::fleet::endpoint`).
     pub redis: Option<RedisUrl>,
+    /// The password the sentinels require, if any (the master's is in the URL).
+    pub sentinel_password: Option<Secret>,
     /// This gateway's name in the fleet (default: the host name).
     pub node: String,
     /// Prepended to every key and to the channel.
@@ -253,6 +257,16 @@ impl std::fmt::Display for RedisUrl {
 impl std::fmt::Debug for RedisUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{self}")
+    }
+}
+
+/// A password outside a URL; shown as `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
     }
 }
 

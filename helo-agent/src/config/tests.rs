@@ -159,6 +159,9 @@ fn bad_values_name_the_key_and_the_fix() {
         ("[fleet]\nredis = \"redis://r\"\nnode = \"two words\"", "fleet.node"),
         ("[fleet]\nredis = \"redis://r\"\ntimeout = \"0s\"", "fleet.timeout"),
         ("[fleet]\nprefix = \"a b\"", "fleet.prefix"),
+        ("[fleet]\nredis = \"redis+sentinel://:s3cret@h1,h2\"", "names no service"),
+        ("[fleet]\nredis = \"redis+sentinel://h1:x/m\"", "sentinel \"h1:x\""),
+        ("[fleet]\nredis = \"redis://r\"\nsentinel_password = \"p\"", "fleet.sentinel_password"),
     ];
     for (text, expected) in cases {
         let err = parse(text).unwrap_err().to_string();
@@ -400,6 +403,20 @@ fn the_fleet_is_off_by_default_and_names_itself_after_the_host() {
     assert_eq!(config.fleet.timeout, Duration::from_secs(2));
     let config = parse("[fleet]\nredis = \"rediss://r:6379\"\nnode = \"mx2\"").unwrap();
     assert_eq!(config.fleet.node, "mx2");
+}
+
+#[test]
+fn the_fleet_takes_a_sentinel_service_and_never_shows_its_passwords() {
+    let url = "redis+sentinel://:s3cret@10.0.0.5:26379,10.0.0.6:26379/mymaster/0";
+    let text = format!("[fleet]\nredis = \"{url}\"\nsentinel_password = \"watch3rs\"");
+    let config = parse(&text).unwrap();
+    let redis = config.fleet.redis.as_ref().unwrap();
+    assert_eq!(redis.expose(), url);
+    assert_eq!(redis.to_string(), "redis+sentinel://:***@10.0.0.5:26379,10.0.0.6:26379/mymaster/0");
+    assert_eq!(config.fleet.sentinel_password.as_ref().map(|p| p.0.as_str()), Some("watch3rs"));
+    let shown = format!("{:?}", config.fleet);
+    assert!(!shown.contains("s3cret") && !shown.contains("watch3rs"), "{shown}");
+    assert!(parse("[fleet]\nredis = \"rediss+sentinel://h1,h2/m\"").is_ok());
 }
 
 /// A URL with a typo in its scheme was repeated in the error, password and all, and that

@@ -201,25 +201,44 @@ fn dns(raw: &RawDns, origin: &Origin) -> Result<DnsConfig, ConfigError> {
     })
 }
 
-/// `[fleet]`: a Redis URL (empty: off), this gateway's name, the key prefix, a timeout.
+/// `[fleet]`: a Redis URL or a Sentinel service (empty: off), this gateway's name, the key
+/// prefix, a timeout.
 fn fleet(raw: &RawFleet, host: &HostFacts, origin: &Origin) -> Result<FleetConfig, ConfigError> {
+    use crate::fleet::endpoint::{Endpoint, EndpointError};
     let url = raw.redis.trim();
     let redis = match url {
         "" => None,
         url => {
             let shown = RedisUrl(url.to_owned()).to_string();
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            match Endpoint::parse(url) {
                 // Not shown: it may hold a password, and this message reaches logs.
-                return Err(origin.invalid(
-                    "fleet.redis",
-                    "is not a Redis URL (the value is not repeated here: it may hold a password): \
-                     write redis://[user:password@]host:port/db, or rediss:// for TLS",
-                ));
-            }
-            if let Err(error) = redis::Client::open(url) {
-                return Err(origin.invalid("fleet.redis", format!("{shown}: {error}")));
+                Err(error @ EndpointError::Scheme) => {
+                    return Err(origin.invalid("fleet.redis", error.to_string()));
+                }
+                Err(error) => {
+                    return Err(origin.invalid("fleet.redis", format!("{shown}: {error}")));
+                }
+                Ok(Endpoint::Direct(_)) => {
+                    if let Err(error) = redis::Client::open(url) {
+                        return Err(origin.invalid("fleet.redis", format!("{shown}: {error}")));
+                    }
+                }
+                Ok(Endpoint::Sentinel(_)) => {}
             }
             Some(RedisUrl(url.to_owned()))
+        }
+    };
+    let sentinel_password = match raw.sentinel_password.as_str() {
+        "" => None,
+        password => {
+            if !redis.as_ref().is_some_and(|url| url.expose().contains("+sentinel://")) {
+                return Err(origin.invalid(
+                    "fleet.sentinel_password",
+                    "is for a Sentinel service: set fleet.redis to redis+sentinel://..., or \
+                     remove it",
+                ));
+            }
+            Some(super::Secret(password.to_owned()))
         }
     };
     let node = match raw.node.trim() {
@@ -242,6 +261,7 @@ fn fleet(raw: &RawFleet, host: &HostFacts, origin: &Origin) -> Result<FleetConfi
     }
     Ok(FleetConfig {
         redis,
+        sentinel_password,
         node,
         prefix: raw.prefix.clone(),
         timeout: origin.duration("fleet.timeout", &raw.timeout)?,

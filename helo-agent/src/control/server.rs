@@ -216,6 +216,8 @@ fn overview(control: &Control, since: Duration, limit: usize) -> Overview {
             applied: m.fleet.applied.get(),
             refused: m.fleet.refused.get(),
             outbox: gauge(&m.fleet.outbox),
+            master: m.fleet.master_address(),
+            last_failover_secs: u64::try_from(m.fleet.last_failover.get()).ok().filter(|&t| t > 0),
         }),
     }
 }
