@@ -724,3 +724,42 @@ fn the_fleet_survives_its_redis_failing_over_twice() {
         assert!(!log.contains("panicked"), "{log}");
     }
 }
+
+/// A burst of bans on one gateway (admin bans through the control socket, as fast as its
+/// worker takes them) outran the fleet task, which wrote one ban per round trip to Redis: the
+/// queue between them filled and bans were dropped, never shared.
+#[test]
+fn a_burst_of_bans_on_one_gateway_reaches_the_others_whole() {
+    use helo_agent::control::{Envelope, Request};
+    const BURST: usize = 10_000;
+    let fleet = fleet();
+    let [g1, g2, _] = &fleet.gateways[..] else { unreachable!() };
+    let agents = [g1.start(), g2.start()];
+    wait_for("gw1 on Redis", Duration::from_secs(10), || {
+        agents[0].log().contains("connected to Redis")
+    });
+    let ban = |i: usize| {
+        let envelope = Envelope {
+            pin_dir: g1.pin_dir.path().to_owned(),
+            request: Request::Ban {
+                target: format!("10.69.{}.{}", i >> 8, i & 0xff),
+                ttl_secs: Some(600),
+                reason: "burst".into(),
+            },
+        };
+        helo_agent::control::request(&g1.pin_dir.control_socket(), &envelope).expect("a ban");
+    };
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            scope.spawn(move || (t..BURST).step_by(4).for_each(ban));
+        }
+    });
+    let held = || g2.bans().iter().filter(|(t, _, _)| t.starts_with("10.69.")).count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while held() < BURST && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = agents[0].log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("fleet")).take(5).collect();
+    assert_eq!(held(), BURST, "bans of the burst at gw2; gw1's fleet lines:\n{}", lines.join("\n"));
+}

@@ -60,7 +60,7 @@ pub const UNBAN_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The connection is checked this often (the epoch read again), so a dead peer, and a Redis
 /// that lost its data under a live connection, are noticed.
 const CHECK_EVERY: Duration = Duration::from_secs(5);
-/// Keys asked for per SCAN step and read per MGET.
+/// Keys asked for per SCAN step and read per MGET; events written per round trip.
 const BATCH: usize = 1000;
 
 /// The queue from the ban worker to the fleet task.
@@ -393,9 +393,10 @@ impl Fleet {
         }
         read += records.len();
         self.apply(records, Arrival::CatchUp).await;
-        while let Some(event) = self.outbox.front() {
-            self.write(&mut link.commands, event).await?;
-            self.outbox.pop_front();
+        while !self.outbox.is_empty() {
+            let chunk: Vec<Event> = self.outbox.iter().take(BATCH).cloned().collect();
+            self.write(&mut link.commands, &chunk).await?;
+            self.outbox.drain(..chunk.len());
         }
         crate::metrics::set_gauge(&self.metrics.fleet.outbox, 0);
         Ok(read)
@@ -413,9 +414,17 @@ impl Fleet {
         loop {
             tokio::select! {
                 event = local.recv() => {
-                    let event = event?;
-                    if let Err(error) = self.write(&mut link.commands, &event).await {
-                        self.hold(event);
+                    // Whatever else waits goes in the same round trip: a burst of bans must
+                    // not outrun this task (the worker drops what its queue has no room for).
+                    let mut batch = vec![event?];
+                    while batch.len() < BATCH {
+                        match local.try_recv() {
+                            Ok(event) => batch.push(event),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(error) = self.write(&mut link.commands, &batch).await {
+                        batch.into_iter().for_each(|event| self.hold(event));
                         return Some(error);
                     }
                 }
@@ -482,29 +491,31 @@ impl Fleet {
         }
     }
 
-    /// Records and publishes one of this gateway's events.
+    /// Records and publishes a batch of this gateway's events, in one round trip.
     async fn write(
         &self,
         commands: &mut redis::aio::MultiplexedConnection,
-        event: &Event,
+        events: &[Event],
     ) -> Result<(), FleetError> {
         let mut pipe = redis::pipe();
-        match event {
-            Event::Ban(record) => set_record(&mut pipe, &self.keys, record, false),
-            Event::Unban { target, .. } => {
-                // Kept for the gateways that are away now (see the module's documentation).
-                pipe.set_options(
-                    self.keys.ban(target),
-                    event.encode(),
-                    redis::SetOptions::default()
-                        .with_expiration(redis::SetExpiry::PX(UNBAN_KEPT.as_millis() as u64)),
-                )
-                .ignore();
+        for event in events {
+            match event {
+                Event::Ban(record) => set_record(&mut pipe, &self.keys, record, false),
+                Event::Unban { target, .. } => {
+                    // Kept for the gateways that are away now (see the module's documentation).
+                    pipe.set_options(
+                        self.keys.ban(target),
+                        event.encode(),
+                        redis::SetOptions::default()
+                            .with_expiration(redis::SetExpiry::PX(UNBAN_KEPT.as_millis() as u64)),
+                    )
+                    .ignore();
+                }
             }
+            pipe.publish(self.keys.channel(), event.encode_from(Some(&self.instance))).ignore();
         }
-        pipe.publish(self.keys.channel(), event.encode_from(Some(&self.instance))).ignore();
         self.timed("publishing", pipe.query_async::<()>(commands)).await?;
-        self.metrics.fleet.published.inc();
+        self.metrics.fleet.published.inc_by(events.len() as u64);
         Ok(())
     }
 }
