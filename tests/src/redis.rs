@@ -204,6 +204,11 @@ impl Redis {
         let _ = self.child.wait();
     }
 
+    /// The redis-server process (nsenter execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `host:port`, as the agents and the sentinels name it.
     pub fn node(&self) -> String {
         format!("{}:{}", self.address, self.port)
@@ -252,7 +257,7 @@ impl Sentinel {
                  sentinel monitor {service} {host} {master_port} {quorum}\n\
                  sentinel auth-pass {service} {password}\n\
                  sentinel down-after-milliseconds {service} {down_after_ms}\n\
-                 sentinel failover-timeout {service} 10000\n\
+                 sentinel failover-timeout {service} 5000\n\
                  sentinel parallel-syncs {service} 1\n",
                 log = dir.join("sentinel.log").display(),
                 dir = dir.display(),
