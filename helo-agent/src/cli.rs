@@ -191,11 +191,12 @@ pub enum CliCommand {
         #[arg(long, value_name = "DURATION", default_value = "5m")]
         since: String,
     },
-    /// Remove the XDP program from the interface: it stays attached after the agent exits
-    /// (so bans hold through restarts) until this removes its pinned link.
+    /// Remove the XDP program from the interface and the steering program from the network
+    /// namespace: they stay attached after the agent exits (so bans and steering hold through
+    /// restarts) until this removes their pinned links.
     Detach {
-        /// Also remove the pinned ban maps and counters (the bans are lost; the snapshot file
-        /// stays and is restored at the next start).
+        /// Also remove the pinned ban and pass maps and the counters (the bans and passes are
+        /// lost; the snapshot file stays and is restored at the next start).
         #[arg(long)]
         maps: bool,
     },
@@ -879,7 +880,7 @@ fn top(config: &Config, since: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `detach`: removes the pinned link (and with `maps` the pinned maps).
+/// `detach`: removes the pinned links (and with `maps` the pinned maps).
 fn detach(config: &Config, maps: bool) -> anyhow::Result<()> {
     let removed = crate::ebpf::detach(&config.xdp.pin_dir, maps)?;
     if removed.is_empty() {
