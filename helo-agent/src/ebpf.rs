@@ -89,7 +89,7 @@ pub enum EbpfError {
          (it needs Linux 5.9 or later)"
     )]
     SteerAttach { netns: u64, source: ProgramError },
-    #[error("cannot use this socket as the agent's steering socket: {reason}")]
+    #[error("the agent's steering socket must be a listening IPv4 or IPv6 TCP socket: {reason}")]
     AgentSocket { reason: String },
     #[error("test run of the steering program: {source}")]
     TestRun { source: io::Error },
@@ -102,9 +102,9 @@ pub struct LoadOptions<'a> {
     pub allow: &'a [IpNet],
 }
 
-/// A loaded (and maybe attached) XDP program. Dropping it closes the agent's handles; a pinned
-/// link keeps the program attached, and the pinned maps stay.
-/// The steering program is loaded on demand ([`XdpProgram::load_steering`]).
+/// The loaded object: the XDP program (maybe attached), and the steering program once
+/// [`XdpProgram::load_steering`] has loaded it. Dropping it closes the agent's handles; pinned
+/// links keep the programs attached, and the pinned maps stay.
 pub struct XdpProgram {
     ebpf: Ebpf,
     pin_dir: PathBuf,
