@@ -270,20 +270,18 @@ fn parse_action(value: &str) -> Read<TableAction> {
         return Read::Use(TableAction::Permit);
     }
     let upper = word.to_ascii_uppercase();
-    let text_reply =
-        |code: u16| (!text.is_empty()).then(|| EntryReply { code, text: text.to_owned() });
+    let text_reply = |code: u16| (!text.is_empty()).then(|| entry_reply(code, text));
     Read::Use(match upper.as_str() {
         "OK" | "RELAY" | "PERMIT" => TableAction::Permit,
         "DUNNO" => TableAction::Dunno,
         "REJECT" => TableAction::Deny(text_reply(554)),
-        "DEFER" | "DEFER_IF_PERMIT" | "DEFER_IF_REJECT" => TableAction::Deny(Some(EntryReply {
-            code: 450,
-            text: if text.is_empty() { "try again later".into() } else { text.to_owned() },
-        })),
+        "DEFER" | "DEFER_IF_PERMIT" | "DEFER_IF_REJECT" => TableAction::Deny(Some(entry_reply(
+            450,
+            if text.is_empty() { "try again later" } else { text },
+        ))),
         "WARN" | "INFO" => TableAction::Warn,
         code if is_code(code) => {
-            let code = code.parse().expect("three digits");
-            TableAction::Deny(Some(EntryReply { code, text: text.to_owned() }))
+            TableAction::Deny(Some(entry_reply(code.parse().expect("three digits"), text)))
         }
         "HOLD" | "DISCARD" | "FILTER" | "REDIRECT" | "BCC" | "PREPEND" | "DELAY" => {
             return Read::Skip(format!(
@@ -313,6 +311,29 @@ fn parse_action(value: &str) -> Read<TableAction> {
             ));
         }
     })
+}
+
+/// An entry's reply as Postfix sends it: with the enhanced status code the text starts with,
+/// or `5.7.1` (`4.7.1` for a 4xx reply) in front where it has none (smtpd_check.c), as every
+/// other rejection of ours carries one.
+fn entry_reply(code: u16, text: &str) -> EntryReply {
+    let first = text.split(' ').next().unwrap_or_default();
+    let text = if is_enhanced_code(first) {
+        text.to_owned()
+    } else {
+        format!("{}.7.1 {text}", code / 100)
+    };
+    EntryReply { code, text: text.trim_end().to_owned() }
+}
+
+/// `5.7.1`, `4.2.0`: an RFC 3463 enhanced status code (class, subject, detail).
+fn is_enhanced_code(word: &str) -> bool {
+    let parts: Vec<&str> = word.split('.').collect();
+    parts.len() == 3
+        && matches!(parts[0], "2" | "4" | "5")
+        && parts[1..]
+            .iter()
+            .all(|part| (1..=3).contains(&part.len()) && part.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Every action word of access(5).
@@ -452,7 +473,7 @@ multi.example      REJECT this text
             first.1.action,
             TableAction::Deny(Some(EntryReply {
                 code: 554,
-                text: "You are not example.com".into()
+                text: "5.7.1 You are not example.com".into()
             }))
         );
         assert_eq!(first.1.entry.line, 2);
@@ -471,7 +492,7 @@ multi.example      REJECT this text
                     "example.com".into(),
                     TableAction::Deny(Some(EntryReply {
                         code: 554,
-                        text: "You are not example.com".into()
+                        text: "5.7.1 You are not example.com".into()
                     }))
                 ),
                 ("mail.example.org".into(), TableAction::Permit),
@@ -493,7 +514,7 @@ multi.example      REJECT this text
                     "multi.example".into(),
                     TableAction::Deny(Some(EntryReply {
                         code: 554,
-                        text: "this text goes on here".into()
+                        text: "5.7.1 this text goes on here".into()
                     }))
                 ),
             ]
@@ -635,13 +656,13 @@ host.123                  REJECT
             vec![
                 ("=192.0.2.1".into(), 3, TableAction::Permit),
                 ("=2001:db8::25".into(), 6, TableAction::Permit),
-                ("=[203.0.113.5]".into(), 9, deny(554, "literal")),
+                ("=[203.0.113.5]".into(), 9, deny(554, "5.7.1 literal")),
                 ("=[ipv6:2001:db8::bad]".into(), 10, deny(554, "5.7.1 forged v6 literal")),
                 ("spammer.example".into(), 13, TableAction::Deny(None)),
                 ("my_host.partner.example".into(), 14, TableAction::Permit),
-                ("xn--bcher-kva.example".into(), 15, deny(554, "idn")),
+                ("xn--bcher-kva.example".into(), 15, deny(554, "5.7.1 idn")),
                 ("mail.xn--mller-kva.example".into(), 16, TableAction::Dunno),
-                ("legacy.example.com".into(), 17, deny(450, "please retry later")),
+                ("legacy.example.com".into(), 17, deny(450, "4.7.1 please retry later")),
                 ("numeric.example".into(), 31, TableAction::Permit),
             ]
         );
@@ -750,6 +771,34 @@ host.123                  REJECT
         assert_eq!(patterns, ["=192.0.2.1", "=[192.0.2.2]", ".my_sub.example"]);
         assert_eq!(table.warnings.len(), 1);
         assert!(table.warnings[0].starts_with("t:4: \".192.0\" is not a domain"));
+    }
+
+    /// Regression: table rejections answered `554 forged` without an enhanced status code,
+    /// while every other rejection answers `553 5.7.1 ...`. Postfix puts 5.7.1 (4.7.1) in front
+    /// of an access entry's text that has none, and keeps one that the text gives.
+    #[test]
+    fn table_rejections_carry_an_enhanced_code_as_postfix_sends_them() {
+        let text = "a.example REJECT forged\nb.example 550 no\nc.example 451 later\n\
+                    d.example 550 5.7.26 dmarc\ne.example DEFER\nf.example REJECT 5.7.1x not a code\n";
+        let replies: Vec<(u16, String)> = usable(text, true)
+            .entries
+            .iter()
+            .map(|(_, e)| match &e.action {
+                TableAction::Deny(Some(reply)) => (reply.code, reply.text.clone()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let expected = [
+            (554, "5.7.1 forged"),
+            (550, "5.7.1 no"),
+            (451, "4.7.1 later"),
+            (550, "5.7.26 dmarc"),
+            (450, "4.7.1 try again later"),
+            (554, "5.7.1 5.7.1x not a code"),
+        ];
+        let expected: Vec<(u16, String)> =
+            expected.iter().map(|(c, t)| (*c, t.to_string())).collect();
+        assert_eq!(replies, expected);
     }
 
     #[test]

@@ -435,10 +435,10 @@ fn a_shared_postfix_access_table_judges_the_helos_it_names() {
     assert_eq!(entry.text, "[203.0.113.5] REJECT literal of a known bot");
     assert_eq!(
         verdict.reply,
-        Some(EntryReply { code: 554, text: "literal of a known bot".into() })
+        Some(EntryReply { code: 554, text: "5.7.1 literal of a known bot".into() })
     );
     let verdict = classify(rules, "mail.bücher.example", BOT);
-    assert_eq!(verdict.reply.map(|r| r.text).as_deref(), Some("idn bot"));
+    assert_eq!(verdict.reply.map(|r| r.text).as_deref(), Some("5.7.1 idn bot"));
     assert!(verdict.reason.contains("xn--bcher-kva.example REJECT idn bot"), "{}", verdict.reason);
 }
 
