@@ -403,7 +403,7 @@ impl RuleSet {
                 TableAction::Deny(reply) => {
                     let reply = reply.clone();
                     if let Some(v) = self.hit(Check::Table, reason(), entry, reply, &mut logged) {
-                        return v;
+                        return self.stronger_of_forged(v, &helo, facts.client);
                     }
                 }
             }
@@ -645,6 +645,22 @@ impl RuleSet {
             ttl: (action == Action::Ban).then_some(self.ban_ttl),
             logged: std::mem::take(logged),
         })
+    }
+
+    /// A table entry that denies a HELO our own identity check also catches (an imported
+    /// `192.0.2.10 REJECT` for one of our addresses): the stronger action wins, so the entry
+    /// cannot turn the built-in `forged_identity` ban into a plain reject; on a tie the entry
+    /// decides, with its own reply. (A table `OK` still passes outright: the admin's word.)
+    fn stronger_of_forged(&self, table: Verdict, helo: &Helo, client: Option<IpAddr>) -> Verdict {
+        if table.action == Action::Ban || self.action(Check::ForgedIdentity) == CheckAction::Off {
+            return table;
+        }
+        let Some((reason, entry)) = self.forged(helo, client) else { return table };
+        let mut logged = table.logged.clone();
+        match self.hit(Check::ForgedIdentity, reason, entry, None, &mut logged) {
+            Some(forged) if forged.action == Action::Ban => forged,
+            _ => table,
+        }
     }
 
     fn pass(&self, rule: &'static str, reason: String) -> Verdict {
