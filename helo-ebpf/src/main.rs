@@ -1,13 +1,14 @@
 //! The helo-filter kernel programs: one object, two programs sharing the ban maps, the
 //! allowlist and the counters.
 //!
-//! `helo_xdp`, the XDP drop. //! For every frame on the gateway's ingress interface: parse Ethernet (one 802.1Q/802.1ad tag),
-//! IPv4 or IPv6 (walking up to four extension headers) and TCP. Connection-opening packets (SYN
-//! without ACK) to a guarded destination port from a banned, unexpired source are dropped;
-//! everything else passes, the rest of a banned source's packets included, so that the session
-//! that earned the ban (and any other one already open) can end cleanly while no new one can
-//! start. Allowlisted networks pass whatever the ban maps say. Each frame is counted under
-//! exactly one verdict in a per-CPU array; nothing is logged per packet.
+//! `helo_xdp`, the XDP drop. For every frame on the gateway's ingress interface: parse
+//! Ethernet (one 802.1Q/802.1ad tag), IPv4 or IPv6 (walking up to four extension headers) and
+//! TCP. Connection-opening packets (SYN without ACK) to a guarded destination port from a
+//! banned, unexpired source are dropped; everything else passes, the rest of a banned source's
+//! packets included, so that the session that earned the ban (and any other one already open)
+//! can end cleanly while no new one can start. Allowlisted networks pass whatever the ban maps
+//! say. Each frame is counted under exactly one verdict in a per-CPU array; nothing is logged
+//! per packet.
 //!
 //! `helo_steer`, the sk_lookup steering (the front door, attached to the agent's network
 //! namespace): a new TCP connection to a steered address and port goes to the agent's socket
