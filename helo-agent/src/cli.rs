@@ -16,8 +16,9 @@ use crate::blocklist::{BanEntry, Blocklist, MAX_TTL, Ttl};
 use crate::config::{AttachMode, Config, ConfigError, GreetingMode, Overrides, ProxyProtocol};
 use crate::control::{Answer, ClientError, Envelope, Request, XdpStats};
 use crate::ebpf::PinnedMaps;
+use crate::judge::{Heard, Hearing, Law, ReuseSeen};
 use crate::report::HeloRow;
-use crate::rules::{Action, Facts, RejectAt, Verdict};
+use crate::rules::{Action, RejectAt, Verdict};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -401,29 +402,24 @@ fn check(
         );
     }
     let pregreeted = pregreeted && greets;
-    let facts = Facts {
-        client,
-        argument: helo,
-        previous,
-        exempt_listener,
-        dns: None,
-        pregreeted,
-        reuse: None,
-    };
-    let mut verdict = config.rules.classify(&facts);
-    // The lookups the agent would make, where DNS can still change the verdict.
-    let looked = match crate::judge::dns_need(&config.rules, &verdict, helo) {
-        Some((name, _)) if dns => Some(lookups(config, &name, client)?),
-        _ => None,
-    };
-    if let Some(dns) = &looked {
-        verdict = config.rules.classify(&Facts { dns: Some(dns), ..facts });
+    // The door's hearing, driven as a door drives it: the lookups the agent would make,
+    // where DNS can still change the verdict; HELO reuse last, with the count given, since
+    // `check` keeps none.
+    let law = Law::given(&config.rules, networks);
+    let mut hearing = Hearing::of(client, exempt_listener).after(previous.to_vec());
+    if dns {
+        hearing.look();
     }
-    // HELO reuse last, as the judge does: with the count given, since `check` keeps none.
-    let reuse = describe_reuse(&config.rules, &verdict, helo, looked.as_ref(), networks);
-    if let Some(networks) = networks {
-        verdict = config.rules.with_reuse(verdict, helo, looked.as_ref(), networks);
+    if pregreeted {
+        hearing.pregreeted();
     }
+    let mut looked = None;
+    if let Heard::Lookup { name, .. } = hearing.hear(&law, helo, None) {
+        looked = Some(lookups(config, &name, client)?);
+        hearing.on_dns(&law, looked.as_ref());
+    }
+    let verdict = hearing.verdict().expect("judged").clone();
+    let reuse = describe_reuse(&config.rules, hearing.reuse(), helo, networks);
     let mut out = std::io::stdout().lock();
     if json {
         let mut value = serde_json::to_value(&verdict)?;
@@ -475,13 +471,12 @@ fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::new().range(1..)
 }
 
-/// One line on how `check` judged HELO reuse, where the check is on and would look at this
-/// HELO; `verdict` is the verdict of every check before it.
+/// One line on how `check` judged HELO reuse (`seen`), where the check is on and would look
+/// at this HELO.
 fn describe_reuse(
     rules: &crate::rules::RuleSet,
-    verdict: &Verdict,
+    seen: ReuseSeen,
     helo: &str,
-    dns: Option<&crate::rules::DnsFacts>,
     networks: Option<usize>,
 ) -> Option<String> {
     use crate::rules::helo::{self, Helo};
@@ -491,26 +486,28 @@ fn describe_reuse(
         return networks
             .map(|_| "not judged: checks.helo_reuse is \"off\" (--networks ignored)".into());
     }
-    if verdict.rule != "pass" {
-        return networks.map(|_| {
-            format!("never counted: rule {} decided first (--networks ignored)", verdict.rule)
-        });
-    }
     let limits = rules.reuse;
     let window = crate::duration::format(limits.window);
-    let counted = rules.reuse_name(verdict, helo, dns).is_some();
-    Some(match (networks, counted) {
-        (_, false) if matches!(helo::parse(helo), Helo::Name(_)) => {
+    Some(match (networks, seen) {
+        (_, ReuseSeen::Decided(rule)) => {
+            return networks
+                .map(|_| format!("never counted: rule {rule} decided first (--networks ignored)"));
+        }
+        (_, ReuseSeen::NotCounted | ReuseSeen::Nothing)
+            if matches!(helo::parse(helo), Helo::Name(_)) =>
+        {
             "never counted: the client's forward-confirmed reverse name is this HELO".to_owned()
         }
-        (_, false) => "never counted: not a domain name (a literal or an address)".to_owned(),
-        (None, true) => format!(
+        (_, ReuseSeen::NotCounted | ReuseSeen::Nothing) => {
+            "never counted: not a domain name (a literal or an address)".to_owned()
+        }
+        (None, ReuseSeen::Counted) => format!(
             "not judged: check keeps no count of client networks; --networks N judges as if N \
              networks (this one's included) had used the name in the last {window} (reused from \
              reuse.clients = {}); `helo-agent tophelos` shows the running agent's counts",
             limits.clients
         ),
-        (Some(n), true) => format!(
+        (Some(n), ReuseSeen::Counted) => format!(
             "{n} client networks in the last {window} (reused from reuse.clients = {})",
             limits.clients
         ),

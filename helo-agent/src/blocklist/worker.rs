@@ -210,8 +210,8 @@ pub struct Options {
     pub fleet: Option<FleetLink>,
     /// Remote bans of these networks are refused.
     pub allowlist: Vec<IpNet>,
-    /// The proxy's pregreet passes, saved with each snapshot; `None`: none saved.
-    pub passes: Option<Arc<crate::proxy::passes::PassCache>>,
+    /// The judge's pregreet passes, saved with each snapshot; `None`: none saved.
+    pub passes: Option<Arc<crate::passes::PassCache>>,
 }
 
 impl Options {
@@ -973,13 +973,13 @@ mod tests {
         }
     }
 
-    /// The proxy's pregreet passes ride along in the ban snapshot, which the worker writes.
+    /// The judge's pregreet passes ride along in the ban snapshot, which the worker writes.
     #[test]
     fn the_snapshot_carries_the_pregreet_passes() {
         let dir = std::env::temp_dir().join(format!("helo-worker-passes-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("bans.json");
-        let passes = Arc::new(crate::proxy::passes::PassCache::new(10));
+        let passes = Arc::new(crate::passes::PassCache::new(10));
         let unix = crate::clock::unix_ns() / 1_000_000_000;
         passes.pass("203.0.113.9".parse().unwrap(), unix, Duration::from_secs(86_400), 10);
         let options = Options {

@@ -26,10 +26,9 @@
 use std::collections::VecDeque;
 
 use super::header;
-use super::outcome::End;
 use crate::dns::Need;
-use crate::judge::{self, Client};
-use crate::rules::{Action, Check, CheckAction, DnsFacts, RejectAt, RuleSet, Verdict};
+use crate::judge::{Client, End, Heard, Hearing, Law};
+use crate::rules::{Check, CheckAction, DnsFacts, RejectAt, Verdict};
 use crate::smtp::{LineScan, MAX_COMMAND_LINE, SmtpCommand, reply, scan_line};
 
 /// Commands a rejected session may send before it is closed.
@@ -127,17 +126,14 @@ enum Phase {
 }
 
 pub struct Session<'a> {
-    rules: &'a RuleSet,
+    law: Law<'a>,
     client: Client,
     reject_message: &'a str,
-    /// The name to answer EHLO with in a rejected session: the MTA's, from its greeting.
+    /// The name to greet with, and to answer EHLO with in a rejected session: ours, or the
+    /// MTA's, from its greeting.
     host: String,
-    helos: Vec<String>,
-    /// Which of `helos` the verdict is about.
-    judged: usize,
-    verdict: Option<Verdict>,
-    /// Rules that matched in `log` mode, over every HELO of the session.
-    logged: Vec<&'static str>,
+    /// The judging of every HELO: the verdict, the HELOs, the logged rules.
+    hearing: Hearing,
     phase: Phase,
     /// Replies the MTA owes for forwarded lines, oldest first.
     owed: VecDeque<Owed>,
@@ -157,24 +153,19 @@ pub struct Session<'a> {
     greeting: Greeting,
     /// The client spoke before the greeting was complete.
     pregreet: Option<Pregreet>,
-    /// The DNS checks can be asked for (the door has a resolver).
-    dns: bool,
-    /// A HELO whose verdict waits for DNS ([`Step::Lookup`]): its argument, its line, and its
-    /// verdict without DNS, which [`Session::on_dns`] completes.
-    lookup: Option<Box<(String, Vec<u8>, Verdict)>>,
+    /// The line of a HELO whose verdict waits for DNS ([`Step::Lookup`]), which
+    /// [`Session::on_dns`] completes.
+    lookup: Option<Vec<u8>>,
 }
 
 impl<'a> Session<'a> {
-    pub fn new(rules: &'a RuleSet, client: Client, reject_message: &'a str, host: String) -> Self {
+    pub fn new(law: Law<'a>, client: Client, reject_message: &'a str, host: String) -> Self {
         Session {
-            rules,
+            law,
             client,
             reject_message,
             host,
-            helos: Vec::new(),
-            judged: 0,
-            verdict: None,
-            logged: Vec::new(),
+            hearing: Hearing::new(&client),
             phase: Phase::BeforeHelo,
             owed: VecDeque::new(),
             deferred: None,
@@ -186,7 +177,6 @@ impl<'a> Session<'a> {
             consumed: 0,
             greeting: Greeting::Done,
             pregreet: None,
-            dns: false,
             lookup: None,
         }
     }
@@ -194,27 +184,21 @@ impl<'a> Session<'a> {
     /// The door has a resolver: a HELO that DNS can still decide is judged after
     /// [`Step::Lookup`] and [`Session::on_dns`].
     pub fn enable_dns(&mut self) {
-        self.dns = true;
+        self.hearing.look();
+    }
+
+    /// The MTA greeted (`proxy.greeting = "mta"`): `host` is the name from its banner, which a
+    /// rejected session's EHLO is answered with.
+    pub fn set_host(&mut self, host: String) {
+        self.host = host;
     }
 
     /// What DNS said (`None`: nothing, no slot free) for the HELO of the last
     /// [`Step::Lookup`]: its verdict now.
     pub fn on_dns(&mut self, facts: Option<DnsFacts>) -> Step {
-        let (argument, line, verdict) = *self.lookup.take().expect("on_dns answers a Step::Lookup");
-        // Only what DNS can change is judged again (the rest was, before the lookup).
-        let verdict = match &facts {
-            Some(dns) => judge::with_dns(
-                self.rules,
-                &self.client,
-                &argument,
-                &self.helos,
-                dns,
-                self.pregreet.is_some(),
-                verdict,
-            ),
-            None => verdict,
-        };
-        self.decided(argument, line, verdict, facts.as_ref())
+        let line = self.lookup.take().expect("on_dns answers a Step::Lookup");
+        self.hearing.on_dns(&self.law, facts.as_ref());
+        self.decided(line)
     }
 
     /// Whether this client takes the pregreet test where the proxy greets itself: the check is
@@ -222,9 +206,10 @@ impl<'a> Session<'a> {
     /// submission clients never wait). A client with a pass in force skips it too; the pass
     /// cache is the caller's.
     pub fn takes_pregreet_test(&self) -> bool {
-        self.rules.action(Check::Pregreet) != CheckAction::Off
+        let rules = self.law.rules();
+        rules.action(Check::Pregreet) != CheckAction::Off
             && !self.client.exempt
-            && !self.rules.allowlist.iter().any(|net| net.contains(&self.client.ip))
+            && !rules.allowlist.iter().any(|net| net.contains(&self.client.ip))
     }
 
     /// The proxy's own greeting: with `teaser`, the first line of a two-line greeting
@@ -271,7 +256,8 @@ impl<'a> Session<'a> {
         let shown = &self.buf[..self.buf.len().min(PREGREET_SHOWN)];
         let text = shown.iter().flat_map(|b| std::ascii::escape_default(*b)).map(char::from);
         self.pregreet = Some(Pregreet { bytes: self.buf.len(), text: text.collect() });
-        match self.rules.action(Check::Pregreet) {
+        self.hearing.pregreeted();
+        match self.law.rules().action(Check::Pregreet) {
             CheckAction::Reject | CheckAction::Ban => None,
             CheckAction::Off | CheckAction::Log => Some(self.final_greeting()),
         }
@@ -349,22 +335,22 @@ impl<'a> Session<'a> {
     /// The verdict on the HELO that decided the session: the first failing one, else the
     /// latest one that passed.
     pub fn verdict(&self) -> Option<&Verdict> {
-        self.verdict.as_ref()
+        self.hearing.verdict()
     }
 
     /// The HELO/EHLO argument the verdict is about.
     pub fn helo(&self) -> Option<&str> {
-        self.helos.get(self.judged).map(String::as_str)
+        self.hearing.helo()
     }
 
     /// Every HELO/EHLO argument the proxy saw, in order.
     pub fn helos(&self) -> &[String] {
-        &self.helos
+        self.hearing.helos()
     }
 
     /// Rules that matched in `log` (dry-run) mode, over every HELO of the session.
     pub fn logged(&self) -> &[&'static str] {
-        &self.logged
+        self.hearing.logged()
     }
 
     /// Whether the session was rejected (by any of its HELOs).
@@ -418,7 +404,7 @@ impl<'a> Session<'a> {
         if self.owed.is_empty()
             && let Some(ehlo) = self.deferred.take()
         {
-            let verdict = self.verdict.as_ref().expect("a deferred rejection has its verdict");
+            let verdict = self.hearing.verdict().expect("a deferred rejection has its verdict");
             return AfterReply::Reject(self.helo_answer(ehlo, verdict));
         }
         match owed {
@@ -469,46 +455,22 @@ impl<'a> Session<'a> {
         Step::Forward(line)
     }
 
+    /// A HELO/EHLO: heard, then the session goes on or is rejected (once DNS has answered,
+    /// where it can still decide).
     fn judge(&mut self, argument: String, line: Vec<u8>) -> Step {
-        let verdict = judge::classify(
-            self.rules,
-            &self.client,
-            &argument,
-            &self.helos,
-            None,
-            self.pregreet.is_some(),
-        );
-        // DNS comes last: asked for only when no other rule decided.
-        if self.dns
-            && let Some((name, need)) = judge::dns_need(self.rules, &verdict, &argument)
-        {
-            self.lookup = Some(Box::new((argument, line, verdict)));
-            return Step::Lookup { name, need };
-        }
-        self.decided(argument, line, verdict, None)
-    }
-
-    /// A HELO's verdict (with what DNS said, if it was asked) is in: reuse is judged, and the
-    /// session goes on or is rejected.
-    fn decided(
-        &mut self,
-        argument: String,
-        line: Vec<u8>,
-        verdict: Verdict,
-        dns: Option<&DnsFacts>,
-    ) -> Step {
-        // Reuse after DNS: a client its reverse name confirms is never counted.
-        let verdict = judge::reuse(self.rules, &self.client, &argument, dns, verdict);
-        self.helos.push(argument);
-        self.judged = self.helos.len() - 1;
-        for logged in &verdict.logged {
-            if !self.logged.contains(&logged.rule) {
-                self.logged.push(logged.rule);
+        match self.hearing.hear(&self.law, &argument, None) {
+            Heard::Judged => self.decided(line),
+            Heard::Lookup { name, need } => {
+                self.lookup = Some(line);
+                Step::Lookup { name, need }
             }
         }
+    }
+
+    /// A HELO's verdict is in: the session goes on or is rejected.
+    fn decided(&mut self, line: Vec<u8>) -> Step {
         let ehlo = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"EHLO");
-        if verdict.action == Action::Pass {
-            self.verdict = Some(verdict);
+        if !self.hearing.rejected() {
             self.owed.push_back(Owed::Helo(ehlo));
             return if self.phase == Phase::Passed {
                 Step::Forward(line)
@@ -519,11 +481,9 @@ impl<'a> Session<'a> {
         }
         self.phase = Phase::Rejected;
         if self.owed.is_empty() {
-            let answer = self.helo_answer(ehlo, &verdict);
-            self.verdict = Some(verdict);
-            Step::Reject(answer)
+            let verdict = self.hearing.verdict().expect("a rejected session has its verdict");
+            Step::Reject(self.helo_answer(ehlo, verdict))
         } else {
-            self.verdict = Some(verdict);
             self.deferred = Some(ehlo);
             Step::Defer
         }
@@ -560,7 +520,7 @@ impl<'a> Session<'a> {
             let limit = reply::line(421, "4.7.0", "Error: too many errors");
             return Step::Close(limit, End::Closed);
         }
-        let verdict = self.verdict.as_ref().expect("rejected sessions have a verdict");
+        let verdict = self.hearing.verdict().expect("rejected sessions have a verdict");
         let at_helo = verdict.reject_at == RejectAt::Helo;
         Step::Reply(match command {
             SmtpCommand::Quit => return Step::Close(reply::line(221, "2.0.0", "Bye"), End::Closed),
@@ -597,15 +557,23 @@ mod tests {
 
     use super::*;
     use crate::config::{Config, HostFacts};
+    use crate::rules::{Action, RuleSet};
 
     fn rules(extra: &str) -> std::sync::Arc<RuleSet> {
         let text = format!("[identity]\ndetect = false\ndomains = [\"example.com\"]\n{extra}");
         Config::parse(&text, Path::new("t"), &HostFacts::default()).unwrap().rules
     }
 
+    /// The doors' law over `rules`, counting reuse in one memory for every test.
+    fn law(rules: &RuleSet) -> Law<'_> {
+        static MEMORY: std::sync::LazyLock<crate::reuse::Memory> =
+            std::sync::LazyLock::new(Default::default);
+        Law::new(rules, &MEMORY)
+    }
+
     fn session(rules: &RuleSet) -> Session<'_> {
         Session::new(
-            rules,
+            law(rules),
             Client::new("203.0.113.9".parse().unwrap(), None, false),
             "sorry, your HELO host name has been denied",
             "mx.example.com".into(),
@@ -970,7 +938,7 @@ mod tests {
         assert!(!session(&on).takes_pregreet_test(), "allowlisted");
         let on = rules("");
         let submission = Client::new("203.0.113.9".parse().unwrap(), None, true);
-        let s = Session::new(&on, submission, "x", "mx".into());
+        let s = Session::new(law(&on), submission, "x", "mx".into());
         assert!(!s.takes_pregreet_test(), "a listener that judges no HELO (submission)");
     }
 
@@ -978,7 +946,7 @@ mod tests {
     fn exempt_listener_passes_anything() {
         let rules = rules("");
         let client = Client::new("203.0.113.9".parse().unwrap(), None, true);
-        let mut s = Session::new(&rules, client, "x", "mx".into());
+        let mut s = Session::new(law(&rules), client, "x", "mx".into());
         assert_eq!(text(s.on_line(b"HELO localhost")), "pass");
         assert_eq!(s.verdict().unwrap().rule, "exempt_listener");
     }

@@ -272,7 +272,7 @@ pub struct Facts<'a> {
     pub pregreeted: bool,
     /// How many distinct client networks (/24, /64) used this HELO name within
     /// `reuse.window`, this client's included, as the judge's memory counts them (see
-    /// `judge::reuse`); `None`: not counted, and `helo_reuse` does not fire.
+    /// `judge::Hearing`); `None`: not counted, and `helo_reuse` does not fire.
     pub reuse: Option<usize>,
 }
 
@@ -342,13 +342,6 @@ pub struct RuleSet {
     pub reject_at: RejectAt,
     pub ban_ttl: Duration,
     pub reuse: ReuseLimits,
-    /// Which client networks used each HELO name lately: the judge's memory for `helo_reuse`,
-    /// not a rule. [`RuleSet::classify`] never reads it (the count comes in as
-    /// [`Facts::reuse`]); `judge::reuse` counts in it. It rides with the rules because they
-    /// are what every door is handed (a proxy session gets nothing else of the agent's), so
-    /// both doors count in the one memory; a reload hands it on to the new rules (`agent.rs`),
-    /// so no count is lost.
-    pub memory: Arc<crate::reuse::Memory>,
 }
 
 impl RuleSet {
@@ -468,7 +461,7 @@ impl RuleSet {
 
     /// What [`RuleSet::classify`] says of `facts` (with `facts.dns`), given `verdict`, its
     /// verdict on the same facts without DNS, which no rule decided (the only verdict the
-    /// doors look DNS up for, see `judge::dns_need`): only what DNS can change is judged
+    /// doors look DNS up for, see `judge::hearing`): only what DNS can change is judged
     /// again, the DNS checks over the logged matches so far. `dynamic` is the one earlier
     /// check DNS can undo (a forward-confirmed name is never dynamic): when it logged and DNS
     /// confirms the name, everything is judged again. Reuse is judged after, as ever.
