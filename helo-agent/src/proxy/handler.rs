@@ -276,7 +276,7 @@ impl Handler<'_> {
                 }
                 Step::Defer => Flow::Next,
                 Step::Pass(line) | Step::Forward(line) => self.forward(&line).await,
-                Step::Opaque => Flow::Opaque(Opacity::Data),
+                Step::Opaque => Flow::Opaque(Opacity::Chunks),
             };
             if !matches!(flow, Flow::Next) {
                 return flow;
@@ -481,7 +481,7 @@ impl Handler<'_> {
         if relayed.cut {
             outcome.end = End::Shutdown;
         } else if let Some(e) = relayed.error {
-            outcome.end = End::RelayError(crate::judge::Side::Agent);
+            outcome.end = End::RelayError(e.side);
             outcome.error = Some(e.to_string());
         }
         outcome

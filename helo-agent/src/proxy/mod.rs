@@ -616,4 +616,88 @@ mod tests {
         );
         assert_eq!(throttled.tick(start + Duration::from_millis(1001)), None);
     }
+
+    /// Log lines written during a test.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// An MTA that accepts a transaction and then waits for the message forever.
+    async fn patient_mta(listener: TcpListener) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let (stream, _) = listener.accept().await.unwrap();
+        let (read, mut write) = stream.into_split();
+        write.write_all(b"220 mta.test ESMTP\r\n").await.unwrap();
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let answer: &[u8] = if line == "DATA" { b"354 go ahead\r\n" } else { b"250 ok\r\n" };
+            write.write_all(answer).await.unwrap();
+            if line == "DATA" {
+                // The message is read, never answered: the client does not finish it.
+                while let Ok(Some(_)) = lines.next_line().await {}
+                return;
+            }
+        }
+    }
+
+    /// Regression (issue 25): a client that stalls mid-DATA was logged `side=agent` (a relay
+    /// error was always the agent's), the side operators alert on. Its session line now says
+    /// `end=relay_error side=client`.
+    #[tokio::test]
+    async fn a_client_stalling_mid_data_is_logged_on_the_client_side() {
+        use tokio::io::AsyncWriteExt;
+        let mta = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let text = format!(
+            "[identity]\ndetect = false\n[checks]\npregreet = \"off\"\n\
+             [proxy]\nupstream = \"{}\"\nproxy_protocol = \"none\"\nidle_timeout = \"1s\"\n",
+            mta.local_addr().unwrap()
+        );
+        let config = crate::config::Config::parse(
+            &text,
+            std::path::Path::new("t"),
+            &crate::config::HostFacts::default(),
+        )
+        .unwrap();
+        let shared = Shared::new(Judge::new(Live::of(&config), Default::default()));
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber =
+            tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+        let _logging = tracing::subscriber::set_default(subscriber);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, peer) = listener.accept().await.unwrap();
+        let client_side = async {
+            let mut reply = vec![0u8; 512];
+            let _ = client.read(&mut reply).await.unwrap();
+            for line in [
+                "EHLO mail.sender.example",
+                "MAIL FROM:<a@b.example>",
+                "RCPT TO:<c@d.example>",
+                "DATA",
+            ] {
+                client.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
+                let n = client.read(&mut reply).await.unwrap();
+                assert!(n > 0, "answered: {line}");
+            }
+            client.write_all(b"Subject: stalled\r\n\r\nhalf a li").await.unwrap();
+            // Stalled: the agent ends the session at its idle limit.
+            let mut rest = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest)).await;
+        };
+        tokio::join!(patient_mta(mta), handle(shared, server, peer, true), client_side);
+        let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let line = logs.lines().find(|l| l.contains(" session ")).expect(&logs);
+        assert!(line.contains("end=\"relay_error\"") && line.contains("side=\"client\""), "{line}");
+    }
 }

@@ -79,9 +79,13 @@ pub enum Opacity {
     /// STARTTLS was accepted: both directions are TLS from here. The proxy can read neither
     /// commands nor replies, and never writes into the stream again.
     Tls,
-    /// Message data (DATA accepted, or BDAT): the MTA's replies stay plaintext, so the relay
-    /// still sees whether the MTA said goodbye.
+    /// Message data after DATA was accepted (354): the MTA's replies stay plaintext, so the
+    /// relay still sees whether the MTA said goodbye, and the client's data is lines up to the
+    /// lone dot that ends it.
     Data,
+    /// BDAT: message data in chunks of a stated size, not lines. The replies are watched as
+    /// with DATA; where the client's data ends, the relay cannot tell.
+    Chunks,
 }
 
 /// What a forwarded line's reply will mean.
