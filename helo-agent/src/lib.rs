@@ -25,7 +25,6 @@ pub mod dns;
 pub mod duration;
 pub mod ebpf;
 pub mod fleet;
-pub mod generate;
 pub mod judge;
 pub mod metrics;
 pub mod passes;
