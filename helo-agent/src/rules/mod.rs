@@ -374,34 +374,9 @@ impl RuleSet {
             return v;
         }
 
-        // The table's lookup key: the HELO as Postfix's check_helo_access looks it up (a name,
-        // a bare address, an [address literal]; see helo::table_key).
-        if self.action(Check::Table) != CheckAction::Off
-            && !self.table.is_empty()
-            && let Some(key) = helo::table_key(&helo, facts.argument)
-            && let Some(found) = self.table.lookup(&key)
-        {
-            let reason = || format!("HELO {key} is listed: {}", found.entry.text);
-            let entry = Some(found.entry.clone());
-            match &found.action {
-                TableAction::Permit => {
-                    let mut verdict = self.pass("table", reason());
-                    verdict.entry = entry;
-                    return verdict;
-                }
-                TableAction::Dunno => {}
-                TableAction::Warn => {
-                    logged.push(Match { rule: Check::Table.name(), reason: reason(), entry });
-                }
-                TableAction::Deny(reply) => {
-                    let reply = reply.clone();
-                    if let Some(v) = self.hit(Check::Table, reason(), entry, reply, &mut logged) {
-                        return v;
-                    }
-                }
-            }
+        if let Some(v) = self.table_check(&helo, facts.argument, &mut logged) {
+            return v;
         }
-
         if self.action(Check::ForgedIdentity) != CheckAction::Off
             && let Some((reason, entry)) = self.forged(&helo, facts.client)
             && let Some(v) = self.hit(Check::ForgedIdentity, reason, entry, None, &mut logged)
@@ -409,44 +384,13 @@ impl RuleSet {
             return v;
         }
 
-        if self.action(Check::Badhelo) != CheckAction::Off
-            && let Some(rule) = self.badhelo.first_match(facts.argument.trim())
-        {
-            let reason = if rule.negated {
-                format!("HELO does not match required pattern {:?}", rule.pattern)
-            } else {
-                format!("HELO matches pattern {:?}", rule.pattern)
-            };
-            let entry = Some(Arc::new(rule.entry.clone()));
-            if let Some(v) = self.hit(Check::Badhelo, reason, entry, None, &mut logged) {
-                return v;
-            }
+        if let Some(v) = self.badhelo_check(facts.argument, &mut logged) {
+            return v;
         }
-
+        if let Some(v) = self.builtin_checks(&helo, facts, &mut logged) {
+            return v;
+        }
         let client = facts.client;
-        let builtins: [(Check, &dyn Fn() -> Option<String>); 8] = [
-            (Check::Invalid, &|| builtin::invalid(&helo)),
-            (Check::Localhost, &|| builtin::localhost(&helo)),
-            (Check::BareIp, &|| builtin::bare_ip(&helo)),
-            (Check::LiteralMismatch, &|| builtin::literal_mismatch(&helo, client)),
-            (Check::NoDot, &|| builtin::no_dot(&helo)),
-            (Check::PrivateSuffix, &|| builtin::private_suffix(&helo)),
-            (Check::Dynamic, &|| {
-                let confirmed = matches!((&helo, facts.dns), (Helo::Name(name), Some(dns)) if dns.confirms(name));
-                if confirmed { None } else { builtin::dynamic(&helo, client) }
-            }),
-            (Check::Changed, &|| builtin::changed(&helo, facts.previous)),
-        ];
-        for (check, test) in builtins {
-            if self.action(check) == CheckAction::Off {
-                continue;
-            }
-            if let Some(reason) = test()
-                && let Some(v) = self.hit(check, reason, None, None, &mut logged)
-            {
-                return v;
-            }
-        }
         if let (Helo::Name(name), Some(dns)) = (&helo, facts.dns)
             && let Some(v) = self.dns_checks(name, client, dns, &mut logged)
         {
@@ -457,6 +401,83 @@ impl RuleSet {
             Some(networks) => self.with_reuse(verdict, facts.argument, facts.dns, networks),
             None => verdict,
         }
+    }
+
+    /// The domain table (`checks.table`): an entry for the HELO as Postfix's
+    /// check_helo_access looks it up (a name, a bare address, an [address literal]; see
+    /// helo::table_key). `Some`: it decided (an `OK` entry too).
+    fn table_check(&self, helo: &Helo, argument: &str, logged: &mut Vec<Match>) -> Option<Verdict> {
+        if self.action(Check::Table) == CheckAction::Off || self.table.is_empty() {
+            return None;
+        }
+        let key = helo::table_key(helo, argument)?;
+        let found = self.table.lookup(&key)?;
+        let reason = || format!("HELO {key} is listed: {}", found.entry.text);
+        let entry = Some(found.entry.clone());
+        match &found.action {
+            TableAction::Permit => {
+                let mut verdict = self.pass("table", reason());
+                verdict.entry = entry;
+                Some(verdict)
+            }
+            TableAction::Dunno => None,
+            TableAction::Warn => {
+                logged.push(Match { rule: Check::Table.name(), reason: reason(), entry });
+                None
+            }
+            TableAction::Deny(reply) => {
+                self.hit(Check::Table, reason(), entry, reply.clone(), logged)
+            }
+        }
+    }
+
+    /// The regex rules (`checks.badhelo`): the first that matches (or, negated, does not).
+    fn badhelo_check(&self, argument: &str, logged: &mut Vec<Match>) -> Option<Verdict> {
+        if self.action(Check::Badhelo) == CheckAction::Off {
+            return None;
+        }
+        let rule = self.badhelo.first_match(argument.trim())?;
+        let reason = if rule.negated {
+            format!("HELO does not match required pattern {:?}", rule.pattern)
+        } else {
+            format!("HELO matches pattern {:?}", rule.pattern)
+        };
+        let entry = Some(Arc::new(rule.entry.clone()));
+        self.hit(Check::Badhelo, reason, entry, None, logged)
+    }
+
+    /// The built-in checks, in order; the first that decides.
+    fn builtin_checks(
+        &self,
+        helo: &Helo,
+        facts: &Facts<'_>,
+        logged: &mut Vec<Match>,
+    ) -> Option<Verdict> {
+        let client = facts.client;
+        let builtins: [(Check, &dyn Fn() -> Option<String>); 8] = [
+            (Check::Invalid, &|| builtin::invalid(helo)),
+            (Check::Localhost, &|| builtin::localhost(helo)),
+            (Check::BareIp, &|| builtin::bare_ip(helo)),
+            (Check::LiteralMismatch, &|| builtin::literal_mismatch(helo, client)),
+            (Check::NoDot, &|| builtin::no_dot(helo)),
+            (Check::PrivateSuffix, &|| builtin::private_suffix(helo)),
+            (Check::Dynamic, &|| {
+                let confirmed = matches!((helo, facts.dns), (Helo::Name(name), Some(dns)) if dns.confirms(name));
+                if confirmed { None } else { builtin::dynamic(helo, client) }
+            }),
+            (Check::Changed, &|| builtin::changed(helo, facts.previous)),
+        ];
+        for (check, test) in builtins {
+            if self.action(check) == CheckAction::Off {
+                continue;
+            }
+            if let Some(reason) = test()
+                && let Some(v) = self.hit(check, reason, None, None, logged)
+            {
+                return Some(v);
+            }
+        }
+        None
     }
 
     /// What [`RuleSet::classify`] says of `facts` (with `facts.dns`), given `verdict`, its
