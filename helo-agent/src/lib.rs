@@ -12,7 +12,6 @@
 //! only module that talks to the kernel through aya; `agent` is the `run` loop; `control` the
 //! control socket (and `top` the live terminal view over it); `metrics` and `report` what is
 //! observed; `privilege` the switch to `agent.user`; `clock` and `duration` are the time helpers everything shares.
-#![deny(unsafe_code)]
 
 pub mod addr;
 pub mod agent;

@@ -80,6 +80,7 @@ impl BanValue {
 }
 
 #[cfg(feature = "user")]
+#[allow(unsafe_code, reason = "aya reads map values as plain bytes: `Pod` is its promise")]
 // SAFETY: `BanValue` is `#[repr(C)]`, `Copy`, made only of integers and has no padding (size
 // asserted above), so every bit pattern is a valid value.
 unsafe impl aya::Pod for BanValue {}
