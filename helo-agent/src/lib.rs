@@ -35,5 +35,7 @@ pub mod report;
 pub mod reuse;
 pub mod rules;
 pub mod smtp;
+#[cfg(test)]
+mod testing;
 pub mod top;
 pub mod unix;

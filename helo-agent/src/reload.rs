@@ -203,20 +203,6 @@ mod tests {
     use super::*;
     use crate::blocklist::worker;
 
-    /// Log lines written during a test.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// Every reload is logged and counted in one place, whoever asked (SIGHUP or the control
     /// socket). `helo-agent reload` of a bad file used to leave neither in the agent: the CLI
     /// stopped at its own copy of the error (tests/cli.rs covers that side).
@@ -236,11 +222,7 @@ mod tests {
         let judge = Judge::new(Live::of(&config), Default::default());
         let reloader =
             Reloader::new(&config, Overrides::default(), None, judge, bans, metrics.clone());
-        let logs = Captured::default();
-        let writer = logs.clone();
-        let subscriber =
-            tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
-        let _logging = tracing::subscriber::set_default(subscriber);
+        let (logs, _logging) = crate::testing::Captured::start();
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let count =
             |result| metrics.reloads.get_or_create(&crate::metrics::ResultLabels { result }).get();
@@ -268,7 +250,7 @@ mod tests {
         assert!(refused.starts_with("reload refused, the config in force keeps running: "));
         assert!(refused.contains("unknown field `bogus`"), "{refused}");
         assert_eq!((count("ok"), count("refused")), (1, 1));
-        let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let logs = logs.text();
         assert!(logs.contains("config reloaded"), "{logs}");
         assert!(logs.contains("reload refused") && logs.contains("bogus"), "{logs}");
         std::fs::remove_dir_all(&dir).unwrap();

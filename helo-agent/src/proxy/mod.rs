@@ -617,20 +617,6 @@ mod tests {
         assert_eq!(throttled.tick(start + Duration::from_millis(1001)), None);
     }
 
-    /// Log lines written during a test.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// An MTA that accepts a transaction and then waits for the message forever.
     async fn patient_mta(listener: TcpListener) {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -668,11 +654,7 @@ mod tests {
         )
         .unwrap();
         let shared = Shared::new(Judge::new(Live::of(&config), Default::default()));
-        let logs = Captured::default();
-        let writer = logs.clone();
-        let subscriber =
-            tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
-        let _logging = tracing::subscriber::set_default(subscriber);
+        let (logs, _logging) = crate::testing::Captured::start();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, peer) = listener.accept().await.unwrap();
@@ -696,7 +678,7 @@ mod tests {
                 tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest)).await;
         };
         tokio::join!(patient_mta(mta), handle(shared, server, peer, true), client_side);
-        let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let logs = logs.text();
         let line = logs.lines().find(|l| l.contains(" session ")).expect(&logs);
         assert!(line.contains("end=\"relay_error\"") && line.contains("side=\"client\""), "{line}");
     }

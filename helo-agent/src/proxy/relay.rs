@@ -501,7 +501,15 @@ mod tests {
 
     /// A plaintext relay with a 5 s idle limit and no shutdown, in its own task.
     fn spawn_relay(client: TcpStream, upstream: TcpStream) -> tokio::task::JoinHandle<Relayed> {
-        let idle = Duration::from_secs(5);
+        spawn_idle(client, upstream, Duration::from_secs(5))
+    }
+
+    /// A plaintext relay (after DATA) with the `idle` limit and no shutdown, in its own task.
+    fn spawn_idle(
+        client: TcpStream,
+        upstream: TcpStream,
+        idle: Duration,
+    ) -> tokio::task::JoinHandle<Relayed> {
         tokio::spawn(relay(client, upstream, idle, Opacity::Data, std::future::pending()))
     }
 
@@ -612,13 +620,7 @@ mod tests {
         // Traffic every 150 ms, well inside the limit even on a loaded machine.
         let idle = Duration::from_millis(500);
         let started = Instant::now();
-        let relay = tokio::spawn(relay(
-            client_near,
-            upstream_near,
-            idle,
-            Opacity::Data,
-            std::future::pending(),
-        ));
+        let relay = spawn_idle(client_near, upstream_near, idle);
         let mut got = [0u8; 6];
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_millis(150)).await;
@@ -700,14 +702,7 @@ mod tests {
         {
             let (mut client_far, client_near) = pair().await;
             let (upstream_near, mut upstream_far) = pair().await;
-            let idle = Duration::from_millis(300);
-            let relay = tokio::spawn(relay(
-                client_near,
-                upstream_near,
-                idle,
-                Opacity::Data,
-                std::future::pending(),
-            ));
+            let relay = spawn_idle(client_near, upstream_near, Duration::from_millis(300));
             client_far.write_all(sent).await.unwrap();
             let mut got = vec![0u8; sent.len()];
             upstream_far.read_exact(&mut got).await.unwrap();
