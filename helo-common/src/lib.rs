@@ -108,6 +108,7 @@ impl BanValue {
 }
 
 #[cfg(feature = "user")]
+#[allow(unsafe_code, reason = "aya reads map values as plain bytes: `Pod` is its promise")]
 // SAFETY: `BanValue` is `#[repr(C)]`, `Copy`, made only of integers and has no padding (size
 // asserted above), so every bit pattern is a valid value.
 unsafe impl aya::Pod for BanValue {}
@@ -140,6 +141,7 @@ impl PassValue {
 #[cfg(feature = "user")]
 // SAFETY: `PassValue` is `#[repr(C)]`, `Copy`, two u64 and no padding (size asserted above), so
 // every bit pattern is a valid value.
+#[allow(unsafe_code, reason = "aya reads map values as plain bytes: `Pod` is its promise")]
 unsafe impl aya::Pod for PassValue {}
 
 /// The key of the steering map: a local address and TCP port whose new connections are steered.
@@ -179,6 +181,7 @@ impl SteerEndpoint {
 #[cfg(feature = "user")]
 // SAFETY: `SteerEndpoint` is `#[repr(C)]`, `Copy`, byte arrays only, no padding (size asserted
 // above), so every bit pattern is a valid value.
+#[allow(unsafe_code, reason = "aya reads map values as plain bytes: `Pod` is its promise")]
 unsafe impl aya::Pod for SteerEndpoint {}
 
 /// Verdict counters: indices of the per-CPU stats array, shared by both programs. The XDP

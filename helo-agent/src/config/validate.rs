@@ -130,7 +130,6 @@ pub(super) fn config(
         reject_at: raw.reject.at,
         ban_ttl,
         reuse,
-        memory: Arc::default(),
     };
     Ok(Config {
         source: origin.path.map(Path::to_owned),

@@ -4,7 +4,10 @@
 //! with a context and no packet (`BPF_PROG_TEST_RUN`; aya has no `TestRun` for `SkLookup`).
 //! The agent's only `unsafe` code is here: each call passes one `#[repr(C)]` attribute struct
 //! laid out as the kernel's `union bpf_attr` member for the command.
-#![allow(unsafe_code)]
+#![allow(
+    unsafe_code,
+    reason = "bpf() commands aya 0.14 lacks for sk_lookup links and test runs; each call is one #[repr(C)] bpf_attr member"
+)]
 
 use std::ffi::CString;
 use std::io;

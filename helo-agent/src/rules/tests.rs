@@ -633,7 +633,7 @@ fn reuse_facts<'a>(
 /// forward-confirmed reverse name is the HELO is neither flagged nor counted.
 #[test]
 fn a_helo_used_by_many_networks_is_reused_from_the_threshold_on_and_never_for_a_confirmed_client() {
-    use crate::judge::{self, Client};
+    use crate::judge::{Client, Hearing, Law};
     let rules = rules_own("[checks]\nhelo_reuse = \"reject\"\n");
     assert_eq!(rules.reuse, ReuseLimits { clients: 20, window: Duration::from_secs(3600) });
     let helo = "Relay.Bulk.Example";
@@ -642,10 +642,12 @@ fn a_helo_used_by_many_networks_is_reused_from_the_threshold_on_and_never_for_a_
         client: ClientDns::Confirmed("relay.bulk.example".into()),
     };
     let unconfirmed = DnsFacts { helo: HeloDns::NotLooked, client: ClientDns::Unconfirmed(vec![]) };
+    let memory = crate::reuse::Memory::default();
     let judge = |ip: String, dns: &DnsFacts| {
         let client = Client::new(ip.parse().unwrap(), None, false);
-        let verdict = judge::classify(&rules, &client, helo, &[], Some(dns), false);
-        judge::reuse(&rules, &client, helo, Some(dns), verdict)
+        let mut hearing = Hearing::new(&client);
+        hearing.hear(&Law::new(&rules, &memory), helo, Some(dns));
+        hearing.verdict().unwrap().clone()
     };
     let mut rules_seen = Vec::new();
     for n in 1..=25 {
@@ -669,7 +671,7 @@ fn a_helo_used_by_many_networks_is_reused_from_the_threshold_on_and_never_for_a_
     assert_eq!(rules_seen[..19], ["pass"; 19], "networks 1 to 19 pass");
     assert_eq!(rules_seen[19..], ["helo_reuse"; 6], "from the 20th on: reused");
     let now = crate::judge::reuse_now();
-    let count = rules.memory.count("relay.bulk.example", now, rules.reuse.window);
+    let count = memory.count("relay.bulk.example", now, rules.reuse.window);
     assert_eq!(count.networks, 25, "the confirmed clients' 25 networks were never counted");
 }
 
