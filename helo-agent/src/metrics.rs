@@ -273,7 +273,8 @@ impl Metrics {
     /// Adds what the XDP counters gained since the last call (a recreated map starts again).
     pub fn update_xdp(&self, totals: &[u64; helo_common::STAT_COUNT as usize]) {
         let mut seen = self.xdp_seen.lock().expect("xdp counters lock");
-        for stat in helo_common::Stat::ALL {
+        // The steering program's counters share the map; they are not XDP packets.
+        for stat in helo_common::Stat::XDP {
             let i = stat as usize;
             let gained = totals[i].checked_sub(seen[i]).unwrap_or(totals[i]);
             self.xdp_packets.get_or_create(&NameLabels { name: stat.name() }).inc_by(gained);

@@ -45,20 +45,28 @@ pub enum ConfigError {
     #[error("cannot read {key} file {path}: {source}")]
     RuleFile { key: &'static str, path: PathBuf, source: std::io::Error },
     /// Every rule entry that does not load (domain patterns, access table lines, regexes), each
-    /// as `file:line: what is wrong`, so one `check-config` run lists them all.
-    #[error("{}", bad_entries(.0))]
-    BadEntries(Vec<String>),
+    /// as `file:line: what is wrong`, so one `check-config` run lists them all; with the
+    /// warnings the rule files gave so far (skipped entries), which an admin fixing the errors
+    /// needs as much.
+    #[error("{}", bad_entries(bad, warnings))]
+    BadEntries { bad: Vec<String>, warnings: Vec<String> },
 }
 
-fn bad_entries(entries: &[String]) -> String {
-    match entries {
+fn bad_entries(bad: &[String], warnings: &[String]) -> String {
+    let mut text = match bad {
         [one] => format!("bad rule entry: {one}"),
         all => format!(
             "{} bad rule entries, each with its file and line:\n  {}",
             all.len(),
             all.join("\n  ")
         ),
+    };
+    match warnings {
+        [] => {}
+        [one] => text.push_str(&format!("\nand a warning:\n  {one}")),
+        all => text.push_str(&format!("\nand {} warnings:\n  {}", all.len(), all.join("\n  "))),
     }
+    text
 }
 
 /// Port 465 is SMTPS (RFC 8314 implicit TLS): the client starts TLS with its first byte.

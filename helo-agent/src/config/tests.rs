@@ -207,7 +207,11 @@ fn every_bad_rule_entry_is_reported_at_once() {
     let badhelo = dir.join("badhelo");
     let access = dir.join("helo_access");
     std::fs::write(&badhelo, "# qmail\n^dsl-\n(open\n!x{2,1}\nfine\n").unwrap();
-    std::fs::write(&access, "example.net REJECT\n/^bad/ REJECT\nnoaction.example\n").unwrap();
+    std::fs::write(
+        &access,
+        "example.net REJECT\ntypo.example REJCT\nnoaction.example\n/^bad/ REJECT\n",
+    )
+    .unwrap();
     let text = format!(
         "[rules]\nbadhelo_file = {:?}\naccess_file = {:?}\nregexes = [\"^ok\", \"[unclosed\"]\n\
          domains = [\"=good.example\", \"..x\"]\n",
@@ -219,13 +223,16 @@ fn every_bad_rule_entry_is_reported_at_once() {
     let (b, a) = (badhelo.display(), access.display());
     let expected = [
         "config rules.domains:2: \"..x\" is not a domain pattern".to_owned(),
-        format!("{a}:2: \"/^bad/\" is a regexp table pattern"),
+        format!("{a}:2: \"typo.example\": \"REJCT\" is no access action; did you mean REJECT?"),
         format!("{a}:3: \"noaction.example\" has a pattern but no action"),
         "config rules.regexes:2: bad regex \"[unclosed\": unclosed character class".to_owned(),
         format!("{b}:3: bad regex \"(open\": unclosed group"),
         format!("{b}:4: bad regex \"x{{2,1}}\""),
     ];
     assert!(err.starts_with("6 bad rule entries, each with its file and line:\n"), "{err}");
+    // The warnings come too (the skipped regexp line): an admin fixing the errors needs them.
+    let (err, warning) = err.split_once("\nand a warning:\n").expect("the warning");
+    assert!(warning.trim().starts_with(&format!("{a}:4: \"/^bad/\" is a regexp")), "{warning}");
     let lines: Vec<&str> = err.lines().skip(1).map(str::trim).collect();
     assert_eq!(lines.len(), expected.len(), "{err}");
     for (line, expected) in lines.iter().zip(&expected) {

@@ -130,7 +130,6 @@ pub(super) fn config(
         reject_at: raw.reject.at,
         ban_ttl,
         reuse,
-        memory: Arc::default(),
     };
     Ok(Config {
         source: origin.path.map(Path::to_owned),
@@ -537,7 +536,7 @@ fn rule_entries(
     let table = table(raw, warnings, &mut bad)?;
     let badhelo = badhelo(raw, warnings, &mut bad)?;
     if !bad.is_empty() {
-        return Err(ConfigError::BadEntries(bad));
+        return Err(ConfigError::BadEntries { bad, warnings: std::mem::take(warnings) });
     }
     Ok((table, badhelo))
 }
@@ -656,15 +655,12 @@ fn table(
     if let Some(path) = &raw.access_file {
         let text = read_rule_file("rules.access_file", path, warnings)?;
         let source = path.display().to_string();
-        let imported =
-            match import::access_table(&text, &source, raw.access_parent_matches_subdomains) {
-                Ok(imported) => imported,
-                Err(errors) => {
-                    bad.extend(errors);
-                    return Ok(table);
-                }
-            };
+        let imported = import::access_table(&text, &source, raw.access_parent_matches_subdomains);
         warnings.extend(imported.warnings);
+        if !imported.errors.is_empty() {
+            bad.extend(imported.errors);
+            return Ok(table);
+        }
         for (pattern, entry) in imported.entries {
             let at = entry.entry.clone();
             if let Some(dup) = table.insert(&pattern, entry) {

@@ -17,6 +17,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::blocklist::BanEntry;
+/// What a reload swapped in (the answer to [`Request::Reload`]).
+pub use crate::reload::ReloadSummary;
 use crate::report::{HeloRow, RuleCount};
 use crate::reuse::ReuseReport;
 
@@ -88,20 +90,6 @@ pub struct Banned {
 pub struct Unbanned {
     /// Whether there was a ban to lift.
     pub was_banned: bool,
-}
-
-/// What a reload swapped in.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReloadSummary {
-    /// The config file, or `<embedded defaults>`.
-    pub config: String,
-    pub badhelo_patterns: usize,
-    pub table_entries: usize,
-    pub allowlist: usize,
-    pub warnings: Vec<String>,
-    /// Keys that changed in the file but take effect only at a restart.
-    pub needs_restart: Vec<String>,
-    pub ms: u64,
 }
 
 /// The agent's counters at one moment, for `helo-agent top`: totals since the agent started
