@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use helo_agent::config::{Config, HostFacts};
 use helo_agent::dns::{Dns, Need};
-use helo_agent::judge::{self, Client};
+use helo_agent::judge::{Client, Heard, Hearing, Law};
 use helo_agent::rules::{ClientDns, DnsFacts, HeloDns, RuleSet, Verdict};
 use tests::netns::{Netns, in_netns};
 use tests::{AgentProcess, PinDir};
@@ -131,9 +131,9 @@ fn rules_config(rules: usize) -> anyhow::Result<Config> {
 
 /// A proxy session's judging with DNS, as `proxy/handler.rs` and `proxy/session.rs` do it:
 /// the client's reverse name from the facts cache at accept, else looked up in a task of its
-/// own from then; the verdict without DNS; and when DNS can still change it, the HELO name's
-/// records (the facts cache first) joined with the reverse name, and only what DNS changes
-/// judged again (`judge::with_dns`).
+/// own from then; the session's hearing (`judge::Hearing`): the verdict without DNS, and when
+/// DNS can still change it, the HELO name's records (the facts cache first) joined with the
+/// reverse name, and only what DNS changes judged again (`Hearing::on_dns`).
 async fn session(
     rules: &RuleSet,
     dns: &Arc<Dns>,
@@ -148,9 +148,11 @@ async fn session(
             Some(tokio::spawn(async move { dns.reverse(ip, Need::Optional).await }))
         }
     };
-    let verdict = judge::classify(rules, client, helo, &[], None, false);
-    let Some((name, need)) = judge::dns_need(rules, &verdict, helo) else {
-        return (verdict, None);
+    let law = Law::given(rules, None);
+    let mut hearing = Hearing::new(client);
+    hearing.look();
+    let Heard::Lookup { name, need } = hearing.hear(&law, helo, None) else {
+        return (verdict(&hearing), None);
     };
     let names = async {
         match reverse {
@@ -159,30 +161,34 @@ async fn session(
         }
     };
     let facts = Box::pin(dns.facts_with(&name, client.ip, need, names)).await;
-    let verdict = match &facts {
-        Some(facts) => judge::with_dns(rules, client, helo, &[], facts, false, verdict),
-        None => verdict,
-    };
-    (verdict, facts)
+    hearing.on_dns(&law, facts.as_ref());
+    (verdict(&hearing), facts)
+}
+
+fn verdict(hearing: &Hearing) -> Verdict {
+    hearing.verdict().expect("judged").clone()
 }
 
 /// Today's path: the verdict on the HELO's text, no DNS facts.
 fn today(rules: &RuleSet, inputs: &[(String, Client)]) {
+    let law = Law::given(rules, None);
     for (helo, client) in inputs {
-        black_box(judge::classify(rules, client, helo, &[], None, false));
+        let mut hearing = Hearing::new(client);
+        hearing.hear(&law, helo, None);
+        black_box(hearing.verdict());
     }
 }
 
 /// The rules' own cost of DNS: the verdict, then again with facts known beforehand.
 fn with_facts(rules: &RuleSet, inputs: &[(String, Client)], facts: &[Option<DnsFacts>]) {
+    let law = Law::given(rules, None);
     for ((helo, client), facts) in inputs.iter().zip(facts) {
-        let verdict = judge::classify(rules, client, helo, &[], None, false);
-        match facts {
-            Some(facts) if judge::dns_need(rules, &verdict, helo).is_some() => {
-                black_box(judge::with_dns(rules, client, helo, &[], facts, false, verdict))
-            }
-            _ => black_box(verdict),
-        };
+        let mut hearing = Hearing::new(client);
+        hearing.look();
+        if let Heard::Lookup { .. } = hearing.hear(&law, helo, None) {
+            hearing.on_dns(&law, facts.as_ref());
+        }
+        black_box(hearing.verdict());
     }
 }
 
@@ -210,8 +216,12 @@ async fn calls(dns: &Dns, rules: &RuleSet, inputs: &[(String, Client)]) -> Calls
     let looked: Vec<(String, IpAddr)> = inputs
         .iter()
         .filter_map(|(helo, client)| {
-            let verdict = judge::classify(rules, client, helo, &[], None, false);
-            judge::dns_need(rules, &verdict, helo).map(|(name, _)| (name, client.ip))
+            let mut hearing = Hearing::new(client);
+            hearing.look();
+            match hearing.hear(&Law::given(rules, None), helo, None) {
+                Heard::Lookup { name, .. } => Some((name, client.ip)),
+                Heard::Judged => None,
+            }
         })
         .collect();
     let per_call = |started: Instant, passes: usize| {
@@ -365,12 +375,12 @@ fn classification_report(report: &mut Report, (rows, calls): &(Vec<Classified>, 
             "HELO classifications per second on one core, in the bench process (release build), \
              the rules section's 64 HELOs with their clients, badhelo-style regex rules, the DNS \
              checks in `log` (HELO reuse off). *Today*: the verdict on the HELO's text \
-             (`judge::classify`, no DNS facts). *DNS cached*: what a proxy session costs with \
+             (`judge::Hearing`, no DNS facts). *DNS cached*: what a proxy session costs with \
              every answer cached, done as `proxy/handler.rs` and `proxy/session.rs` do it: the \
              client's reverse names from the agent's facts cache at accept (`Dns::cached_reverse`; a task \
              spawned for the lookup only on a miss), the verdict, and where DNS can still change \
              it (no rule decided: *looked up*, of 64) the HELO name's facts (`Dns::helo`, the \
-             facts cache first) and only what DNS changes judged again (`judge::with_dns`). The \
+             facts cache first) and only what DNS changes judged again (`Hearing::on_dns`). The \
              caches are warmed against dnsmasq, authoritative for the zones with SOAs so \
              negative answers are cached too; its query log shows no query while measuring. \
              *Facts given*: the same with the facts known beforehand, the rules' own share. \
@@ -390,7 +400,7 @@ fn classification_report(report: &mut Report, (rows, calls): &(Vec<Classified>, 
         &[format!(
             "Per call from the warm caches: `Dns::helo` {:.0} ns, `Dns::reverse` {:.0} ns, a \
              spawned task {:.0} ns (no longer made for a client in the facts cache). Before the \
-             facts cache and `judge::with_dns` (2026-12-02, same bench) each hit went through \
+             facts cache and `RuleSet::with_dns` (2026-12-02, same bench) each hit went through \
              hickory's whole lookup, five to six of them a session at about 2 µs each, and the \
              judge ran every rule again with the facts: 0.02–0.03x of today's rate, 17 µs added \
              per HELO. What is left is a mutex and a hash lookup a side, the HELO name lowered \

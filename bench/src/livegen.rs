@@ -8,6 +8,7 @@
 //!
 //! The bpf(2) calls are made directly (aya loads programs only from ELF objects); every
 //! `unsafe` is one syscall or ioctl on memory owned by the caller for its duration.
+#![allow(unsafe_code, reason = "raw bpf(2) and ioctl calls aya has no API for")]
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -14,8 +14,9 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use helo_agent::config::{Config, HostFacts};
-use helo_agent::judge::Client;
+use helo_agent::judge::{Client, Law};
 use helo_agent::proxy::session::{AfterReply, Session, Step};
+use helo_agent::reuse::Memory;
 use helo_agent::rules::{ClientDns, DnsFacts, HeloDns, RuleSet};
 use helo_agent::smtp::MAX_COMMAND_LINE;
 use libfuzzer_sys::fuzz_target;
@@ -44,7 +45,9 @@ fuzz_target!(|data: &[u8]| {
     let Some((&first, mut rest)) = data.split_first() else { return };
     let client = Client::new("203.0.113.9".parse().unwrap(), None, false);
     let rules = &rules()[usize::from(first & 3)];
-    let mut session = Session::new(rules, client, "denied", "mx".into());
+    static MEMORY: OnceLock<Memory> = OnceLock::new();
+    let law = Law::new(rules, MEMORY.get_or_init(Memory::default));
+    let mut session = Session::new(law, client, "denied", "mx".into());
     if first & 8 != 0 {
         session.enable_dns();
     }

@@ -8,18 +8,19 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::blocklist::Blocklist;
 use crate::blocklist::snapshot::{self, Loaded};
 use crate::blocklist::worker::{self, BanSender};
-use crate::config::{Config, ConfigError, Overrides, ProxyProtocol};
-use crate::control::{ReloadSummary, XdpStats};
+use crate::config::{Config, Overrides, ProxyProtocol};
+use crate::control::XdpStats;
 use crate::ebpf::{self, Allowlist, Attached, EbpfError, LoadOptions, PinnedMaps, XdpProgram};
+use crate::judge::{Judge, Live, Parts};
 use crate::metrics::Metrics;
-use crate::proxy::Shared;
-use crate::proxy::passes::PassCache;
+use crate::passes::PassCache;
+use crate::reload::Reloader;
 
 /// File descriptors a session may hold: client and MTA sockets, and one pipe (two ends) for
 /// splice.
@@ -91,16 +92,6 @@ pub enum AgentError {
     Runtime(std::io::Error),
     #[error("{0} (lower proxy.workers, or raise the thread limit: ulimit -u, systemd TasksMax)")]
     Threads(crate::proxy::ThreadError),
-}
-
-/// Why a reload was refused; the config in force keeps running.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    /// The new config (or a rule file it names) does not validate.
-    #[error("reload refused, the config in force keeps running: {0}")]
-    Invalid(#[source] ConfigError),
-    #[error("reload refused, the config in force keeps running: the reload task failed: {0}")]
-    Task(#[source] tokio::task::JoinError),
 }
 
 /// What [`prepare`] set up as root, for [`serve`].
@@ -297,33 +288,20 @@ fn refuse_if_running(path: &Path) -> Result<(), AgentError> {
 }
 
 /// Binds the control socket mode 0600. A socket file nobody answers on is left from a crash
-/// and replaced.
+/// and replaced; one that answers belongs to a running agent.
 fn bind_control(path: &Path) -> Result<std::os::unix::net::UnixListener, AgentError> {
-    let err = |source| AgentError::Control { path: path.to_owned(), source };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    refuse_if_running(path)?;
-    // A socket nobody answers on is left from a crash; anything else at that path is not ours
-    // to delete.
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
-            std::fs::remove_file(path).map_err(err)?;
-        }
-        Ok(_) => {
-            return Err(err(std::io::Error::new(
+    use crate::unix::UnixBindError;
+    crate::unix::bind(path, 0o600, None).map_err(|error| match error {
+        UnixBindError::Answering => AgentError::AlreadyRunning { path: path.to_owned() },
+        UnixBindError::InTheWay => AgentError::Control {
+            path: path.to_owned(),
+            source: std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
                 "a file that is not a socket is in the way: set agent.control_socket to a path of its own",
-            )));
-        }
-        Err(_) => {}
-    }
-    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
-    let listener = std::os::unix::net::UnixListener::bind(path);
-    rustix::process::umask(old);
-    let listener = listener.map_err(err)?;
-    listener.set_nonblocking(true).map_err(err)?;
-    Ok(listener)
+            ),
+        },
+        UnixBindError::Io(source) => AgentError::Control { path: path.to_owned(), source },
+    })
 }
 
 /// Switches to `agent.user` (see [`crate::privilege`]); transparent mode keeps CAP_NET_RAW.
@@ -355,138 +333,6 @@ pub fn run(
     runtime.block_on(serve(prepared, shutdown))
 }
 
-/// Re-reads the config and swaps in what can change live.
-struct Reloader {
-    source: Option<PathBuf>,
-    options: Overrides,
-    current: Mutex<Config>,
-    allowlist: Mutex<Option<Allowlist>>,
-    shared: Arc<Shared>,
-    bans: BanSender,
-    metrics: Arc<Metrics>,
-    /// One reload at a time.
-    busy: tokio::sync::Mutex<()>,
-}
-
-impl Reloader {
-    /// Re-reads the config and swaps it in. Logs and counts the result
-    /// (`reloads_total{result}`), here only, whoever asked: SIGHUP or the control socket.
-    async fn reload(&self) -> Result<ReloadSummary, ReloadError> {
-        let result = self.swap().await;
-        let label = if result.is_ok() { "ok" } else { "refused" };
-        self.metrics.reloads.get_or_create(&crate::metrics::ResultLabels { result: label }).inc();
-        match &result {
-            Ok(summary) => {
-                let summary = serde_json::to_string(summary).unwrap_or_default();
-                tracing::info!(%summary, "config reloaded");
-            }
-            Err(error) => {
-                // The message says "reload refused" already; the field is why.
-                let error =
-                    std::error::Error::source(error).map_or(error.to_string(), |e| e.to_string());
-                tracing::error!(%error, "reload refused: the config in force keeps running");
-            }
-        }
-        result
-    }
-
-    /// The reload itself; `Err` with the reason when the new config is refused.
-    async fn swap(&self) -> Result<ReloadSummary, ReloadError> {
-        let _one = self.busy.lock().await;
-        let source = self.source.clone();
-        let options = self.options.clone();
-        let started = Instant::now();
-        let loaded =
-            tokio::task::spawn_blocking(move || Config::load_with(source.as_deref(), &options))
-                .await
-                .map_err(ReloadError::Task)?;
-        let mut new = loaded.map_err(ReloadError::Invalid)?;
-        let mut current = self.current.lock().expect("config lock");
-        let needs_restart = keep_fixed(&current, &mut new);
-        // The reuse memory is the judge's, not the file's: the new rules count on in it, with
-        // the new [reuse] limits, so a reload forgets no name.
-        Arc::make_mut(&mut new.rules).memory = current.rules.memory.clone();
-        for key in &needs_restart {
-            tracing::warn!(
-                key,
-                "reload: this setting changes only at a restart; the old value stays"
-            );
-        }
-        if new.rules.allowlist != current.rules.allowlist
-            && let Some(allowlist) = self.allowlist.lock().expect("allowlist lock").as_mut()
-            && let Err(error) = allowlist.replace(&new.rules.allowlist)
-        {
-            tracing::error!(%error, "reload: the kernel allowlist was not fully updated");
-        }
-        self.shared.replace(crate::proxy::Live {
-            config: new.proxy.clone(),
-            rules: new.rules.clone(),
-            reject_message: new.reject_message.clone(),
-        });
-        self.bans.reconfigure(new.escalation, new.rules.allowlist.clone());
-        for warning in &new.warnings {
-            tracing::warn!("{warning}");
-        }
-        let summary = ReloadSummary {
-            config: new
-                .source
-                .as_deref()
-                .map_or("<embedded defaults>".into(), |p| p.display().to_string()),
-            badhelo_patterns: new.rules.badhelo.len(),
-            table_entries: new.rules.table.len(),
-            allowlist: new.rules.allowlist.len(),
-            warnings: new.warnings.clone(),
-            needs_restart: needs_restart.iter().map(ToString::to_string).collect(),
-            ms: started.elapsed().as_millis() as u64,
-        };
-        *current = new;
-        Ok(summary)
-    }
-}
-
-/// Settings bound at start-up: copied from `old` into `new`; returns the keys that differed.
-fn keep_fixed(old: &Config, new: &mut Config) -> Vec<&'static str> {
-    let mut changed = Vec::new();
-    if new.proxy.listeners != old.proxy.listeners {
-        changed.push("proxy.listeners");
-        new.proxy.listeners = old.proxy.listeners.clone();
-    }
-    if new.policy != old.policy {
-        changed.push("policy");
-        new.policy = old.policy.clone();
-    }
-    if new.proxy.max_sessions != old.proxy.max_sessions {
-        changed.push("proxy.max_sessions");
-        new.proxy.max_sessions = old.proxy.max_sessions;
-    }
-    if new.proxy.workers != old.proxy.workers {
-        changed.push("proxy.workers");
-        new.proxy.workers = old.proxy.workers;
-    }
-    let transparent = |c: &Config| c.proxy.proxy_protocol == ProxyProtocol::Transparent;
-    if transparent(new) != transparent(old) {
-        changed.push("proxy.proxy_protocol (to or from transparent)");
-        new.proxy.proxy_protocol = old.proxy.proxy_protocol;
-    }
-    if new.xdp != old.xdp {
-        changed.push("xdp");
-        new.xdp = old.xdp.clone();
-    }
-    if new.agent != old.agent {
-        changed.push("agent");
-        new.agent = old.agent.clone();
-    }
-    if new.fleet != old.fleet {
-        changed.push("fleet");
-        new.fleet = old.fleet.clone();
-    }
-    if new.snapshot != old.snapshot {
-        changed.push("bans.snapshot");
-        new.snapshot = old.snapshot.clone();
-    }
-    changed
-}
-
 /// The unprivileged half: starts the ban worker, the control socket, metrics and SIGHUP
 /// reloads, runs the proxy until `shutdown` completes, then shuts down.
 pub async fn serve(
@@ -511,6 +357,52 @@ pub async fn serve(
         metrics: metrics_listener,
     } = prepared;
     let metrics = Arc::new(Metrics::default());
+    let remembered = (history, origins);
+    let (ban_sender, worker, fleet) = start_bans(&config, bans, remembered, &passes, &metrics);
+    let judge = judge(&config, &ban_sender, attached.is_some(), &maps, passes, &metrics)?;
+    log_ready(&listeners, &config);
+    let reloader = Arc::new(Reloader::new(
+        &config,
+        options,
+        allowlist,
+        judge.clone(),
+        ban_sender.clone(),
+        metrics.clone(),
+    ));
+    let mut background = tokio::task::JoinSet::new();
+    let control = control_server(control_listener, &config, &reloader, &ban_sender, &judge, &maps);
+    background.spawn(control?);
+    if let Some(listener) = metrics_listener {
+        background.spawn(metrics_server(listener, &config, &metrics, &maps, &judge)?);
+    }
+    background.spawn(reload_on_sighup(reloader.clone()));
+    if !policy.is_empty() {
+        background.spawn(policy_server(policy, &judge)?);
+    }
+    let proxied = crate::proxy::serve(listeners, judge.clone(), shutdown).await;
+    drop((judge, reloader, ban_sender));
+    shut_down(background, worker, program, attached, &iface, &config.xdp.pin_dir).await;
+    if let Some(fleet) = fleet {
+        // The worker has stopped, so the queue is closed: the task sends what is left, or
+        // gives up with Redis unreachable.
+        let timeout = config.fleet.timeout.saturating_mul(2);
+        if tokio::time::timeout(timeout, fleet).await.is_err() {
+            tracing::warn!("fleet: the last bans were not all shared before stopping");
+        }
+    }
+    proxied.map_err(AgentError::Threads)
+}
+
+/// Starts the ban worker (with the offence history and the fleet's bans the snapshot gave
+/// back) and, with a fleet, the task that shares bans through Redis; it is not among the
+/// background tasks: it outlives the worker to share the last bans.
+fn start_bans(
+    config: &Config,
+    bans: Blocklist<PinnedMaps>,
+    (history, origins): Remembered,
+    passes: &Arc<PassCache>,
+    metrics: &Arc<Metrics>,
+) -> (BanSender, worker::Worker<PinnedMaps>, Option<tokio::task::JoinHandle<()>>) {
     let (fleet_events, fleet_queue) = crate::fleet::queue();
     let fleet_on = config.fleet.redis.is_some();
     let (ban_sender, worker) = worker::start(
@@ -530,63 +422,36 @@ pub async fn serve(
             passes: Some(passes.clone()),
         },
     );
-    // Not among the background tasks: it outlives the worker to share the last bans.
     let fleet = fleet_on.then(|| {
         let fleet =
             crate::fleet::Fleet::new(config.fleet.clone(), ban_sender.clone(), metrics.clone());
         tokio::spawn(fleet.run(fleet_queue))
     });
-    // Without XDP the proxy refuses banned clients itself, at accept.
-    let enforce: Option<Arc<dyn crate::blocklist::BanCheck>> = match attached {
-        Some(_) => None,
-        None => Some(maps.clone()),
-    };
-    let shared = Shared::new(
-        config.proxy.clone(),
-        config.rules.clone(),
-        config.reject_message.clone(),
-        Some(ban_sender.clone()),
+    (ban_sender, worker, fleet)
+}
+
+/// The judge every door shares: the config in force, the ban queue, the maps where the kernel
+/// cannot enforce them (every client without XDP: the doors refuse banned clients at accept),
+/// the restored pregreet passes, the resolver.
+fn judge(
+    config: &Config,
+    bans: &BanSender,
+    xdp_attached: bool,
+    maps: &Arc<PinnedMaps>,
+    passes: Arc<PassCache>,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<Judge>, AgentError> {
+    let enforce = (!xdp_attached).then(|| maps.clone() as Arc<dyn crate::blocklist::BanCheck>);
+    let parts = Parts {
+        bans: Some(bans.clone()),
         enforce,
-        crate::proxy::Observe {
-            metrics: Some(metrics.clone()),
-            report_window: config.agent.report_window,
-            lookup: Some(maps.clone()),
-            passes: Some(passes),
-            dns: resolver(&config)?,
-        },
-    );
-    log_ready(&listeners, &config);
-    let reloader = Arc::new(Reloader {
-        source: config.source.clone(),
-        options,
-        current: Mutex::new(config.clone()),
-        allowlist: Mutex::new(allowlist),
-        shared: shared.clone(),
-        bans: ban_sender.clone(),
-        metrics: metrics.clone(),
-        busy: tokio::sync::Mutex::new(()),
-    });
-    let mut background = tokio::task::JoinSet::new();
-    background.spawn(control_server(control_listener, &config, &reloader, &maps)?);
-    if let Some(listener) = metrics_listener {
-        background.spawn(metrics_server(listener, &config, &metrics, &maps, &shared)?);
-    }
-    background.spawn(reload_on_sighup(reloader.clone()));
-    if !policy.is_empty() {
-        background.spawn(policy_server(policy, &shared)?);
-    }
-    let proxied = crate::proxy::serve(listeners, shared.clone(), shutdown).await;
-    drop((shared, reloader, ban_sender));
-    shut_down(background, worker, program, attached, &iface, &config.xdp.pin_dir).await;
-    if let Some(fleet) = fleet {
-        // The worker has stopped, so the queue is closed: the task sends what is left, or
-        // gives up with Redis unreachable.
-        let timeout = config.fleet.timeout.saturating_mul(2);
-        if tokio::time::timeout(timeout, fleet).await.is_err() {
-            tracing::warn!("fleet: the last bans were not all shared before stopping");
-        }
-    }
-    proxied.map_err(AgentError::Threads)
+        lookup: Some(maps.clone()),
+        metrics: Some(metrics.clone()),
+        report_window: config.agent.report_window,
+        passes: Some(passes),
+        dns: resolver(config)?,
+    };
+    Ok(Judge::new(Live::of(config), parts))
 }
 
 /// The resolver of the DNS checks: `None` when they are all off and `helo_reuse` does not
@@ -632,6 +497,8 @@ fn control_server(
     listener: std::os::unix::net::UnixListener,
     config: &Config,
     reloader: &Arc<Reloader>,
+    bans: &BanSender,
+    judge: &Arc<Judge>,
     maps: &Arc<PinnedMaps>,
 ) -> Result<impl Future<Output = ()> + use<>, AgentError> {
     let stats_maps = maps.clone();
@@ -639,17 +506,14 @@ fn control_server(
     let current = reloader.clone();
     let control = crate::control::server::Control {
         pin_dir: config.xdp.pin_dir.clone(),
-        bans: reloader.bans.clone(),
-        shared: reloader.shared.clone(),
+        bans: bans.clone(),
+        judge: judge.clone(),
         stats: Box::new(move || stats_maps.stats().map(XdpStats)),
         reload: Box::new(move || {
             let reload = reload.clone();
             Box::pin(async move { reload.reload().await })
         }),
-        allowlisted: Box::new(move |target| {
-            let config = current.current.lock().expect("config lock");
-            config.rules.allowlist.iter().find(|net| target.overlaps(net)).map(ToString::to_string)
-        }),
+        allowlisted: Box::new(move |target| current.allowlisted(target)),
         policy_listeners: config.policy.listeners.iter().map(ToString::to_string).collect(),
         fleet: config.fleet.redis.is_some(),
     };
@@ -667,21 +531,22 @@ fn metrics_server(
     config: &Config,
     metrics: &Arc<Metrics>,
     maps: &Arc<PinnedMaps>,
-    shared: &Arc<Shared>,
+    judge: &Arc<Judge>,
 ) -> Result<impl Future<Output = ()> + use<>, AgentError> {
     let address = listener.local_addr().ok();
     let listener = tokio::net::TcpListener::from_std(listener).map_err(|source| {
         AgentError::Metrics { address: config.agent.metrics.expect("bound"), source }
     })?;
     let scrape_maps = maps.clone();
-    let scrape_shared = shared.clone();
+    let scrape_judge = judge.clone();
     let scrape_metrics = metrics.clone();
     tracing::info!(address = ?address, "metrics at http://{}/metrics", address.map(|a| a.to_string()).unwrap_or_default());
     Ok(crate::metrics::serve(listener, metrics.clone(), move || {
         if let Ok(totals) = scrape_maps.stats() {
             scrape_metrics.update_xdp(&totals);
         }
-        crate::metrics::set_gauge(&scrape_metrics.sessions_open, scrape_shared.open_sessions());
+        let open = scrape_judge.court().open_sessions();
+        crate::metrics::set_gauge(&scrape_metrics.sessions_open, open);
     }))
 }
 
@@ -689,7 +554,7 @@ fn metrics_server(
 /// background tasks.
 fn policy_server(
     listeners: Vec<crate::policy::StdListener>,
-    shared: &Arc<Shared>,
+    judge: &Arc<Judge>,
 ) -> Result<impl Future<Output = ()> + use<>, AgentError> {
     let listeners = listeners
         .into_iter()
@@ -698,7 +563,7 @@ fn policy_server(
     for listener in &listeners {
         tracing::info!(listener = listener.describe(), "policy service ready");
     }
-    Ok(crate::policy::serve(listeners, shared.clone(), std::future::pending()))
+    Ok(crate::policy::serve(listeners, judge.clone(), std::future::pending()))
 }
 
 /// Reloads the config at each SIGHUP (the reloader logs and counts the result).
@@ -788,90 +653,6 @@ mod tests {
         assert!(matches!(err, AgentError::AlreadyRunning { .. }), "{err}");
         drop(listener);
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// Log lines written during a test.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// Every reload is logged and counted in one place, whoever asked (SIGHUP or the control
-    /// socket). `helo-agent reload` of a bad file used to leave neither in the agent: the CLI
-    /// stopped at its own copy of the error (tests/cli.rs covers that side).
-    #[test]
-    fn a_reload_is_logged_and_counted_by_result() {
-        let dir = std::env::temp_dir().join(format!("helo-reload-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("helo.toml");
-        std::fs::write(&path, "[identity]\ndetect = false\n").unwrap();
-        let config = Config::load(Some(&path)).unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let (bans, _worker) = worker::spawn(
-            crate::blocklist::fake::FakeStore::default(),
-            config.escalation,
-            crate::clock::boot_ns,
-        );
-        let shared = Shared::new(
-            config.proxy.clone(),
-            config.rules.clone(),
-            config.reject_message.clone(),
-            None,
-            None,
-            crate::proxy::Observe::default(),
-        );
-        let reloader = Reloader {
-            source: Some(path.clone()),
-            options: Overrides::default(),
-            current: Mutex::new(config),
-            allowlist: Mutex::new(None),
-            shared,
-            bans,
-            metrics: metrics.clone(),
-            busy: tokio::sync::Mutex::new(()),
-        };
-        let logs = Captured::default();
-        let writer = logs.clone();
-        let subscriber =
-            tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
-        let _logging = tracing::subscriber::set_default(subscriber);
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let count =
-            |result| metrics.reloads.get_or_create(&crate::metrics::ResultLabels { result }).get();
-
-        // The reuse memory outlives a reload; the new [reuse] limits apply at once.
-        let client = "198.51.100.7".parse().unwrap();
-        let rules = reloader.shared.live().rules.clone();
-        rules.memory.observe("bulk.example", client, 100, rules.reuse.window);
-        std::fs::write(
-            &path,
-            "[identity]\ndetect = false\n[rules]\nregexes = ['^x']\n[reuse]\nclients = 5\n",
-        )
-        .unwrap();
-        let summary = runtime.block_on(reloader.reload()).unwrap();
-        assert_eq!(summary.badhelo_patterns, 1);
-        let reloaded = reloader.shared.live().rules.clone();
-        assert_eq!(reloaded.reuse.clients, 5, "[reuse] changes on reload");
-        assert!(Arc::ptr_eq(&reloaded.memory, &rules.memory), "one memory across the reload");
-        assert_eq!(reloaded.memory.count("bulk.example", 100, reloaded.reuse.window).networks, 1);
-        assert!(summary.needs_restart.is_empty(), "{:?}", summary.needs_restart);
-        std::fs::write(&path, "bogus = 1\n").unwrap();
-        let refused = runtime.block_on(reloader.reload()).unwrap_err().to_string();
-        assert!(refused.starts_with("reload refused, the config in force keeps running: "));
-        assert!(refused.contains("unknown field `bogus`"), "{refused}");
-        assert_eq!((count("ok"), count("refused")), (1, 1));
-        let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-        assert!(logs.contains("config reloaded"), "{logs}");
-        assert!(logs.contains("reload refused") && logs.contains("bogus"), "{logs}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

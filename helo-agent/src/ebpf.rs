@@ -1,5 +1,7 @@
-//! The only file that touches aya: loading the XDP program, pinning and opening its maps,
+//! The only module that touches aya: loading the XDP program, pinning and opening its maps,
 //! attaching it to an interface, test runs, and the [`BanStore`] over the pinned ban maps.
+//! The steering program (sk_lookup) of the same object, its link, its maps and the pass maps
+//! are in `ebpf/steer.rs`; the few bpf() commands aya lacks for it, in `ebpf/sys.rs`.
 //!
 //! Bans and counters live in maps pinned under the pin directory (default
 //! `/sys/fs/bpf/helo-filter`): they outlive the agent, and `helo-agent ban/unban/list/stats`
@@ -10,6 +12,9 @@
 //! sources while the agent is stopped, restarting or crashed. The next start swaps its program
 //! into the pinned link atomically (no moment without a filter); `helo-agent detach` removes
 //! the pinned link, which detaches the program.
+//!
+//! The steering link is pinned the same way (`steer-link-<netns inode>`), and swapped the same
+//! way; `detach` removes it too.
 //!
 //! A start that fails before it attaches leaves the pin directory as it found it
 //! ([`XdpProgram::discard`]); a counters map pinned by a version with other counters is
@@ -25,12 +30,19 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::xdp::XdpLink;
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
-use helo_common::{BanValue, PROGRAM_NAME, REASON_TEXT_LEN, STAT_COUNT, Stat, maps};
+use helo_common::{BanValue, PROGRAM_NAME, PassValue, REASON_TEXT_LEN, STAT_COUNT, Stat, maps};
 use ipnet::IpNet;
 
 use crate::addr::BanTarget;
 use crate::blocklist::{BanStore, StoreError};
 use crate::config::{AttachMode, MapSizes};
+
+mod steer;
+mod sys;
+
+pub use steer::{
+    AgentSockets, Family, PassMaps, SteerAttached, SteerEndpoints, SteerLookup, SteerRun,
+};
 
 /// The XDP object built from `helo-ebpf` by build.rs.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/helo-ebpf"));
@@ -70,6 +82,17 @@ pub enum EbpfError {
     Program(#[from] ProgramError),
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: MapError },
+    #[error("cannot open the network namespace {path}: {source}")]
+    Netns { path: PathBuf, source: io::Error },
+    #[error(
+        "cannot attach the steering (sk_lookup) program to network namespace {netns}: {source} \
+         (it needs Linux 5.9 or later)"
+    )]
+    SteerAttach { netns: u64, source: ProgramError },
+    #[error("the agent's steering socket must be a listening IPv4 or IPv6 TCP socket: {reason}")]
+    AgentSocket { reason: String },
+    #[error("test run of the steering program: {source}")]
+    TestRun { source: io::Error },
 }
 
 pub struct LoadOptions<'a> {
@@ -79,18 +102,29 @@ pub struct LoadOptions<'a> {
     pub allow: &'a [IpNet],
 }
 
-/// A loaded (and maybe attached) XDP program. Dropping it closes the agent's handles; a pinned
-/// link keeps the program attached, and the pinned maps stay.
+/// The loaded object: the XDP program (maybe attached), and the steering program once
+/// [`XdpProgram::load_steering`] has loaded it. Dropping it closes the agent's handles; pinned
+/// links keep the programs attached, and the pinned maps stay.
 pub struct XdpProgram {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     allowlist: Option<Allowlist>,
+    steer_endpoints: Option<SteerEndpoints>,
+    agent_sockets: Option<AgentSockets>,
     pins: PinChanges,
 }
 
-/// The maps pinned under the pin directory (the allowlist and the ports are not).
-const PINNED_MAPS: [&str; 5] =
-    [maps::BANS_V4, maps::BANS_V6, maps::BANS_V6_NET, maps::REASONS, maps::STATS];
+/// The maps pinned under the pin directory (the allowlist, the ports, the steered endpoints
+/// and the agent sockets are not).
+const PINNED_MAPS: [&str; 7] = [
+    maps::BANS_V4,
+    maps::BANS_V6,
+    maps::BANS_V6_NET,
+    maps::REASONS,
+    maps::STATS,
+    maps::PASS_V4,
+    maps::PASS_V6,
+];
 
 /// Where a counters map of another version waits while a start replaces it (bpffs refuses
 /// names with a dot).
@@ -164,11 +198,13 @@ fn pinned_links(dir: &Path, iface: Option<&str>) -> Vec<(PathBuf, String)> {
         .collect()
 }
 
-/// Removes every pinned XDP link in `dir`, which detaches the program where no agent holds it;
-/// with `maps`, the pinned maps too (their bans are lost). Returns what was removed.
+/// Removes every pinned XDP and steering link in `dir`, which detaches the programs where no
+/// agent holds them; with `maps`, the pinned maps too (their bans and passes are lost). Returns
+/// what was removed.
 pub fn detach(dir: &Path, maps: bool) -> Result<Vec<PathBuf>, EbpfError> {
     let mut removed = Vec::new();
-    for (path, _) in pinned_links(dir, None) {
+    let links = pinned_links(dir, None).into_iter().map(|(path, _)| path);
+    for path in links.chain(steer::pinned_links(dir)) {
         std::fs::remove_file(&path)
             .map_err(|source| EbpfError::PinDir { dir: path.clone(), source })?;
         removed.push(path);
@@ -208,6 +244,8 @@ pub fn load(options: &LoadOptions<'_>) -> Result<XdpProgram, EbpfError> {
             ebpf,
             pin_dir: options.pin_dir.to_owned(),
             allowlist: Some(allowlist),
+            steer_endpoints: None,
+            agent_sockets: None,
             pins,
         }),
         Err(error) => {
@@ -477,8 +515,8 @@ impl PinnedMaps {
         })
     }
 
-    /// The XDP verdict counters, summed over CPUs, indexed by [`Stat`]. Counters a map pinned
-    /// by an older version lacks read as 0.
+    /// The counters of both programs (XDP verdicts, steering outcomes), summed over CPUs,
+    /// indexed by [`Stat`]. Counters a map pinned by an older version lacks read as 0.
     pub fn stats(&self) -> Result<[u64; STAT_COUNT as usize], EbpfError> {
         let mut totals = [0u64; STAT_COUNT as usize];
         for stat in Stat::ALL.into_iter().filter(|s| (*s as u32) < self.stats.len()) {
@@ -505,12 +543,14 @@ where
 /// Refuses pinned maps whose key or value sizes differ from this build's: reusing them would
 /// make the kernel read bans with the wrong layout.
 fn check_pinned(dir: &Path) -> Result<(), EbpfError> {
-    let expected: [(&'static str, usize, usize); 5] = [
+    let expected: [(&'static str, usize, usize); 7] = [
         (maps::BANS_V4, 4, size_of::<BanValue>()),
         (maps::BANS_V6, 16, size_of::<BanValue>()),
         (maps::BANS_V6_NET, 8, size_of::<BanValue>()),
         (maps::REASONS, 4, REASON_TEXT_LEN),
         (maps::STATS, 4, 8),
+        (maps::PASS_V4, 4, size_of::<PassValue>()),
+        (maps::PASS_V6, 16, size_of::<PassValue>()),
     ];
     for (name, key, value) in expected {
         let path = dir.join(name);

@@ -38,6 +38,11 @@ pub struct PathLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AddressLabels {
+    pub address: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -157,6 +162,14 @@ pub struct FleetMetrics {
     pub dropped: Counter,
     pub outbox: Gauge,
     pub lag: Histogram,
+    /// The Redis node written to (the master): one series, its address as a label, at 1.
+    pub master: Family<AddressLabels, Gauge>,
+    /// The same address, for the control socket (`top`).
+    master_address: Mutex<Option<String>>,
+    /// Times the master changed under this gateway (a failover).
+    pub failovers: Counter,
+    /// When the last failover was seen (Unix seconds); 0: none yet.
+    pub last_failover: Gauge,
 }
 
 impl FleetMetrics {
@@ -170,6 +183,10 @@ impl FleetMetrics {
             dropped: Counter::default(),
             outbox: Gauge::default(),
             lag: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
+            master: Family::default(),
+            master_address: Mutex::new(None),
+            failovers: Counter::default(),
+            last_failover: Gauge::default(),
         };
         let fleet = registry.sub_registry_with_prefix("fleet");
         fleet.register(
@@ -212,7 +229,43 @@ impl FleetMetrics {
             "From a ban on another gateway to its arrival here (wall clocks of both)",
             m.lag.clone(),
         );
+        fleet.register(
+            "master",
+            "The Redis node this gateway writes to (the master), as the label address; 1",
+            m.master.clone(),
+        );
+        fleet.register(
+            "failovers",
+            "Times the Redis master changed under this gateway (a Sentinel failover)",
+            m.failovers.clone(),
+        );
+        fleet.register(
+            "last_failover_timestamp_seconds",
+            "When this gateway last found a new Redis master (Unix time); 0: never",
+            m.last_failover.clone(),
+        );
         m
+    }
+
+    /// The master now written to (`host:port`).
+    pub fn set_master(&self, address: &str) {
+        let mut current = self.master_address.lock().expect("fleet master lock");
+        if current.as_deref() != Some(address) {
+            self.master.clear();
+            self.master.get_or_create(&AddressLabels { address: address.to_owned() }).set(1);
+            *current = Some(address.to_owned());
+        }
+    }
+
+    /// The master last connected to, if any.
+    pub fn master_address(&self) -> Option<String> {
+        self.master_address.lock().expect("fleet master lock").clone()
+    }
+
+    /// A failover seen at `unix_secs`.
+    pub fn failed_over(&self, unix_secs: u64) {
+        self.failovers.inc();
+        self.last_failover.set(i64::try_from(unix_secs).unwrap_or(i64::MAX));
     }
 }
 
@@ -220,7 +273,8 @@ impl Metrics {
     /// Adds what the XDP counters gained since the last call (a recreated map starts again).
     pub fn update_xdp(&self, totals: &[u64; helo_common::STAT_COUNT as usize]) {
         let mut seen = self.xdp_seen.lock().expect("xdp counters lock");
-        for stat in helo_common::Stat::ALL {
+        // The steering program's counters share the map; they are not XDP packets.
+        for stat in helo_common::Stat::XDP {
             let i = stat as usize;
             let gained = totals[i].checked_sub(seen[i]).unwrap_or(totals[i]);
             self.xdp_packets.get_or_create(&NameLabels { name: stat.name() }).inc_by(gained);

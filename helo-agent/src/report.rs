@@ -9,7 +9,7 @@
 //!
 //! The rows also say how many client networks used each name lately and whether that makes it
 //! reused (`networks`, `reused`): the judge fills them in from its reuse memory
-//! (`judge::mark_reuse`), which counts over `reuse.window`, not over the rows' `--since`.
+//! (`Judge::mark_reuse`), which counts over `reuse.window`, not over the rows' `--since`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;

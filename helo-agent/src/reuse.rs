@@ -6,7 +6,7 @@
 //!
 //! [`Tracker`] is pure: time is passed in (whole seconds on one clock; the judge uses
 //! CLOCK_BOOTTIME), nothing is read or written outside it. [`Memory`] shares one tracker between
-//! every session of both doors. What is counted is the judge's decision (`judge::reuse`, with
+//! every session of both doors. What is counted is the judge's decision (`judge::Hearing`, with
 //! `RuleSet::reuse_name`): only domain names no other rule decided, and never a client whose
 //! forward-confirmed reverse DNS gives the name. Names are counted lower case, without a
 //! trailing dot.

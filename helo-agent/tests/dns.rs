@@ -13,8 +13,8 @@ use helo_agent::blocklist::BanStore;
 use helo_agent::blocklist::fake::{self, FakeStore};
 use helo_agent::config::{Config, HostFacts};
 use helo_agent::dns::{Dns, Need};
+use helo_agent::judge::{Judge, Live, Parts};
 use helo_agent::policy::{self, Listener};
-use helo_agent::proxy::{Observe, Shared};
 use helo_agent::rules::{ClientDns, HeloDns};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -131,14 +131,7 @@ async fn the_policy_service_judges_with_dns() {
     let store = Arc::new(Mutex::new(FakeStore::default()));
     let (bans, _worker) = fake::spawn_worker(store.clone());
     let dns = Some(Arc::new(Dns::new(&config.dns).unwrap()));
-    let shared = Shared::new(
-        config.proxy.clone(),
-        config.rules.clone(),
-        config.reject_message.clone(),
-        Some(bans),
-        None,
-        Observe { dns, ..Observe::default() },
-    );
+    let shared = Judge::new(Live::of(&config), Parts { bans: Some(bans), dns, ..Parts::default() });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

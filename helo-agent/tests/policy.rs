@@ -9,8 +9,8 @@ use std::time::Duration;
 use helo_agent::blocklist::BanStore;
 use helo_agent::blocklist::fake::{self, FakeStore};
 use helo_agent::config::{Config, HostFacts};
+use helo_agent::judge::{Judge, Live, Parts};
 use helo_agent::policy::{self, Listener};
-use helo_agent::proxy::{Observe, Shared};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -32,14 +32,10 @@ impl Service {
         let config = Config::parse(text, Path::new("t.toml"), &HostFacts::default()).unwrap();
         let store = Arc::new(Mutex::new(FakeStore::default()));
         let (bans, _worker) = fake::spawn_worker(store.clone());
-        let shared = Shared::new(
-            config.proxy.clone(),
-            config.rules.clone(),
-            config.reject_message.clone(),
-            Some(bans),
-            enforce.then(|| Arc::new(store.clone()) as Arc<dyn helo_agent::blocklist::BanCheck>),
-            Observe::default(),
-        );
+        let enforce =
+            enforce.then(|| Arc::new(store.clone()) as Arc<dyn helo_agent::blocklist::BanCheck>);
+        let shared =
+            Judge::new(Live::of(&config), Parts { bans: Some(bans), enforce, ..Parts::default() });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -11,8 +11,9 @@ use std::time::Duration;
 use helo_agent::blocklist::BanStore;
 use helo_agent::blocklist::fake::{self, FakeStore};
 use helo_agent::config::{Config, HostFacts, ListenerConfig};
-use helo_agent::proxy::passes::PassCache;
-use helo_agent::proxy::{self, Shared};
+use helo_agent::judge::{Judge, Live, Parts};
+use helo_agent::passes::PassCache;
+use helo_agent::proxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -109,7 +110,7 @@ struct Agent {
     submission: SocketAddr,
     store: Arc<Mutex<FakeStore>>,
     /// What the sessions share: another door (the policy service) may serve it too.
-    shared: Arc<Shared>,
+    shared: Arc<Judge>,
     stop: Option<oneshot::Sender<()>>,
     done: tokio::task::JoinHandle<Result<(), proxy::ThreadError>>,
 }
@@ -168,13 +169,11 @@ impl Agent {
         let submission = sets[0][1].0.local_addr().unwrap();
         let enforce: Option<Arc<dyn helo_agent::blocklist::BanCheck>> = enforce_at_accept
             .then(|| Arc::new(store.clone()) as Arc<dyn helo_agent::blocklist::BanCheck>);
-        let shared = Shared::new(
-            config.proxy.clone(),
-            config.rules.clone(),
-            config.reject_message.clone(),
-            Some(bans),
-            enforce,
-            helo_agent::proxy::Observe {
+        let shared = Judge::new(
+            Live::of(&config),
+            Parts {
+                bans: Some(bans),
+                enforce,
                 lookup: Some(Arc::new(store.clone()) as Arc<dyn helo_agent::blocklist::BanCheck>),
                 passes,
                 dns,
@@ -1481,7 +1480,7 @@ async fn a_helo_reused_by_many_networks_is_rejected_from_the_threshold_but_never
     );
     let now = helo_agent::judge::reuse_now();
     let rules = agent.shared.live().rules.clone();
-    let count = rules.memory.count(HELO, now, rules.reuse.window);
+    let count = agent.shared.memory().count(HELO, now, rules.reuse.window);
     assert_eq!(count.networks, 21, "19 + 2 networks; the confirmed client not among them");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(agent.banned().is_empty(), "reject: no ban: {:?}", agent.banned());

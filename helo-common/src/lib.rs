@@ -1,4 +1,5 @@
-//! Types shared by the XDP program (`helo-ebpf`) and the agent (`helo-agent`).
+//! Types shared by the kernel programs (`helo-ebpf`: the XDP drop and the sk_lookup steering)
+//! and the agent (`helo-agent`).
 //!
 //! Both sides must agree byte for byte on map names, keys and values, so they live here, once.
 //! Every value type is `#[repr(C)]`, `Copy` and free of padding, with a compile-time size check;
@@ -28,10 +29,23 @@ pub mod maps {
     /// `HASH<u32, [u8; REASON_TEXT_LEN]>`: ban reason texts by reason code. Written and read by
     /// user space only; the kernel carries the code.
     pub const REASONS: &str = "HELO_REASONS";
+    /// `LRU_HASH<[u8; 4], PassValue>`: IPv4 clients that go straight to the MTA (steering).
+    pub const PASS_V4: &str = "HELO_PASS_V4";
+    /// `LRU_HASH<[u8; 16], PassValue>`: IPv6 clients that go straight to the MTA (steering).
+    pub const PASS_V6: &str = "HELO_PASS_V6";
+    /// `HASH<SteerEndpoint, u8>`: the local addresses and ports whose new TCP connections the
+    /// sk_lookup program steers (non-zero value). Written from the config at every start.
+    pub const STEER: &str = "HELO_STEER";
+    /// `SOCKMAP` of [`super::AGENT_SOCKETS`] slots: the agent's listening socket for IPv4
+    /// lookups ([`super::AGENT_SOCKET_V4`]) and for IPv6 ones ([`super::AGENT_SOCKET_V6`]).
+    pub const AGENT_SOCKETS: &str = "HELO_AGENT_SK";
 }
 
-/// The program's entry point name in the object file.
+/// The XDP program's entry point name in the object file.
 pub const PROGRAM_NAME: &str = "helo_xdp";
+
+/// The sk_lookup (steering) program's entry point name in the same object.
+pub const STEER_PROGRAM_NAME: &str = "helo_steer";
 
 /// Destination ports guarded by default: SMTP, SMTPS (implicit TLS submission) and submission.
 pub const DEFAULT_PORTS: [u16; 3] = [25, 465, 587];
@@ -44,6 +58,20 @@ pub const MAX_ALLOW_ENTRIES: u32 = 4_096;
 pub const MAX_REASONS: u32 = 4_096;
 /// Number of entries in the port map: one per TCP port.
 pub const PORT_MAP_LEN: u32 = 65_536;
+/// Capacities of the pass maps (LRU: when full, the least recently used pass goes, and that
+/// client is judged again, which is safe).
+pub const DEFAULT_MAX_PASS_V4: u32 = 65_536;
+pub const DEFAULT_MAX_PASS_V6: u32 = 32_768;
+/// Steered endpoints (address and port pairs) the steering map holds.
+pub const MAX_STEER_ENDPOINTS: u32 = 64;
+
+/// Slot of the agent's socket for IPv4 lookups in the agent sockets map. An IPv4 lookup can
+/// only be given an `AF_INET` socket (or a dual-stack `AF_INET6` one), so each family has its own.
+pub const AGENT_SOCKET_V4: u32 = 0;
+/// Slot of the agent's socket for IPv6 lookups (an `AF_INET6` socket).
+pub const AGENT_SOCKET_V6: u32 = 1;
+/// Slots of the agent sockets map.
+pub const AGENT_SOCKETS: u32 = 2;
 
 /// Bytes of reason text kept per reason code (NUL padded, UTF-8, cut at a char boundary).
 pub const REASON_TEXT_LEN: usize = 64;
@@ -80,12 +108,86 @@ impl BanValue {
 }
 
 #[cfg(feature = "user")]
+#[allow(unsafe_code, reason = "aya reads map values as plain bytes: `Pod` is its promise")]
 // SAFETY: `BanValue` is `#[repr(C)]`, `Copy`, made only of integers and has no padding (size
 // asserted above), so every bit pattern is a valid value.
 unsafe impl aya::Pod for BanValue {}
 
-/// Verdict counters: indices of the per-CPU stats array. Every packet the program sees is counted
-/// under exactly one of them.
+/// The value of every pass map entry: the client goes straight to the MTA until `expires_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassValue {
+    /// The instant the pass ends, in CLOCK_BOOTTIME nanoseconds (`bpf_ktime_get_boot_ns()`).
+    pub expires_ns: u64,
+    /// Connections passed straight to the MTA on this entry; incremented by the kernel, and
+    /// approximate as a ban's `hits` are (no atomic add on the BPF target in `core`).
+    pub hits: u64,
+}
+
+const _: () = assert!(size_of::<PassValue>() == 16);
+
+impl PassValue {
+    pub const fn new(expires_ns: u64) -> Self {
+        Self { expires_ns, hits: 0 }
+    }
+
+    /// Whether the pass still holds at `now_ns` (CLOCK_BOOTTIME).
+    #[inline(always)]
+    pub const fn active_at(&self, now_ns: u64) -> bool {
+        self.expires_ns > now_ns
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `PassValue` is `#[repr(C)]`, `Copy`, two u64 and no padding (size asserted above), so
+// every bit pattern is a valid value.
+#[allow(unsafe_code, reason = "aya reads map values as plain bytes: `Pod` is its promise")]
+unsafe impl aya::Pod for PassValue {}
+
+/// The key of the steering map: a local address and TCP port whose new connections are steered.
+/// An IPv4 address is stored IPv4-mapped (`::ffff:a.b.c.d`), so one map serves both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SteerEndpoint {
+    /// The IPv6 address, or the IPv4-mapped IPv4 address, in network byte order.
+    pub addr: [u8; 16],
+    /// The TCP port, in network byte order.
+    pub port: [u8; 2],
+    /// Reserved, zero. Keeps the key free of implicit padding (and so of random key bytes).
+    pub reserved: [u8; 2],
+}
+
+const _: () = assert!(size_of::<SteerEndpoint>() == 20);
+
+impl SteerEndpoint {
+    /// The key for IPv4 address `addr` (network order) and port `port` (host order).
+    #[inline(always)]
+    pub const fn v4(addr: [u8; 4], port: u16) -> Self {
+        let [a, b, c, d] = addr;
+        Self {
+            addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d],
+            port: port.to_be_bytes(),
+            reserved: [0; 2],
+        }
+    }
+
+    /// The key for IPv6 address `addr` (network order) and port `port` (host order).
+    #[inline(always)]
+    pub const fn v6(addr: [u8; 16], port: u16) -> Self {
+        Self { addr, port: port.to_be_bytes(), reserved: [0; 2] }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `SteerEndpoint` is `#[repr(C)]`, `Copy`, byte arrays only, no padding (size asserted
+// above), so every bit pattern is a valid value.
+#[allow(unsafe_code, reason = "aya reads map values as plain bytes: `Pod` is its promise")]
+unsafe impl aya::Pod for SteerEndpoint {}
+
+/// Verdict counters: indices of the per-CPU stats array, shared by both programs. The XDP
+/// program counts every frame it sees under exactly one of [`Stat::XDP`]; the steering program
+/// counts every lookup for a steered endpoint under exactly one of [`Stat::STEER`] (lookups for
+/// other addresses and ports are not its business and are not counted).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
@@ -106,11 +208,27 @@ pub enum Stat {
     /// expired: passed, so a session open when the ban came (the one that earned it) can end
     /// cleanly. A banned source can open no new connection.
     BannedNotSyn = 6,
+    /// Steering: a new connection to a steered endpoint from a client without a pass in force
+    /// (a stranger, or a pass that expired: the kernel removes it) was given to the agent.
+    Steered = 7,
+    /// Steering: the client's pass is in force: straight to the MTA's own listener.
+    SteerPassed = 8,
+    /// Steering: the client is in an allowlisted network: straight to the MTA, never judged.
+    SteerAllowlisted = 9,
+    /// Steering: the client has a ban in force (XDP did not drop its SYN: not attached, or not
+    /// on this path) and was given to the agent whatever its pass says.
+    SteerBanned = 10,
+    /// Steering: no agent socket for the family (the agent is down): the MTA's listener gets
+    /// the connection (fail open).
+    SteerNoAgent = 11,
+    /// Steering: the kernel refused the agent's socket (not listening, or of the wrong family):
+    /// the MTA's listener gets the connection (fail open).
+    SteerError = 12,
 }
 
 /// Entries of the stats map. A pinned stats map of another size was left by another version;
 /// the agent replaces it (the counters start from zero).
-pub const STAT_COUNT: u32 = 7;
+pub const STAT_COUNT: u32 = 13;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -121,6 +239,34 @@ impl Stat {
         Stat::NotGuarded,
         Stat::ParseError,
         Stat::BannedNotSyn,
+        Stat::Steered,
+        Stat::SteerPassed,
+        Stat::SteerAllowlisted,
+        Stat::SteerBanned,
+        Stat::SteerNoAgent,
+        Stat::SteerError,
+    ];
+
+    /// The XDP program's verdicts: every frame it sees is counted under exactly one.
+    pub const XDP: [Stat; 7] = [
+        Stat::Passed,
+        Stat::Dropped,
+        Stat::ExpiredPass,
+        Stat::Allowlisted,
+        Stat::NotGuarded,
+        Stat::ParseError,
+        Stat::BannedNotSyn,
+    ];
+
+    /// The steering program's outcomes: every lookup for a steered endpoint is counted under
+    /// exactly one.
+    pub const STEER: [Stat; 6] = [
+        Stat::Steered,
+        Stat::SteerPassed,
+        Stat::SteerAllowlisted,
+        Stat::SteerBanned,
+        Stat::SteerNoAgent,
+        Stat::SteerError,
     ];
 
     /// Stable snake_case name, used in `helo-agent stats` and metrics.
@@ -133,6 +279,12 @@ impl Stat {
             Stat::NotGuarded => "not_guarded",
             Stat::ParseError => "parse_error",
             Stat::BannedNotSyn => "banned_not_syn",
+            Stat::Steered => "steered",
+            Stat::SteerPassed => "steer_passed",
+            Stat::SteerAllowlisted => "steer_allowed",
+            Stat::SteerBanned => "steer_banned",
+            Stat::SteerNoAgent => "steer_no_agent",
+            Stat::SteerError => "steer_error",
         }
     }
 }
@@ -175,6 +327,10 @@ mod tests {
             maps::PORTS,
             maps::STATS,
             maps::REASONS,
+            maps::PASS_V4,
+            maps::PASS_V6,
+            maps::STEER,
+            maps::AGENT_SOCKETS,
         ] {
             assert!(name.len() <= 15, "{name} is longer than BPF_OBJ_NAME_LEN - 1");
         }
@@ -185,6 +341,41 @@ mod tests {
         for (i, stat) in Stat::ALL.iter().enumerate() {
             assert_eq!(*stat as usize, i);
         }
+    }
+
+    #[test]
+    fn the_two_programs_counters_split_all_of_them() {
+        let mut both: [Option<Stat>; STAT_COUNT as usize] = [None; STAT_COUNT as usize];
+        for stat in Stat::XDP.into_iter().chain(Stat::STEER) {
+            assert!(both[stat as usize].is_none(), "{stat:?} is in both programs' sets");
+            both[stat as usize] = Some(stat);
+        }
+        assert_eq!(both.map(Option::unwrap), Stat::ALL);
+    }
+
+    #[test]
+    fn counter_names_fit_the_stats_column() {
+        // `helo-agent stats` prints names in a 14-character column.
+        for stat in Stat::ALL {
+            assert!(stat.name().len() <= 14, "{} is too long", stat.name());
+        }
+    }
+
+    #[test]
+    fn pass_holds_until_its_expiry() {
+        let pass = PassValue::new(1_000);
+        assert!(pass.active_at(999));
+        assert!(!pass.active_at(1_000));
+    }
+
+    #[test]
+    fn steer_endpoints_map_ipv4_and_keep_network_order() {
+        let v4 = SteerEndpoint::v4([203, 0, 113, 5], 25);
+        assert_eq!(v4.addr, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 203, 0, 113, 5]);
+        assert_eq!(v4.port, [0, 25]);
+        let v6 = SteerEndpoint::v6([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5], 587);
+        assert_eq!(v6.port, [0x02, 0x4b]);
+        assert_eq!(v6.reserved, [0, 0]);
     }
 
     #[test]

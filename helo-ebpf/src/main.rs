@@ -1,30 +1,42 @@
-//! The helo-filter XDP program.
+//! The helo-filter kernel programs: one object, two programs sharing the ban maps, the
+//! allowlist and the counters.
 //!
-//! For every frame on the gateway's ingress interface: parse Ethernet (one 802.1Q/802.1ad tag),
-//! IPv4 or IPv6 (walking up to four extension headers) and TCP. Connection-opening packets (SYN
-//! without ACK) to a guarded destination port from a banned, unexpired source are dropped;
-//! everything else passes, the rest of a banned source's packets included, so that the session
-//! that earned the ban (and any other one already open) can end cleanly while no new one can
-//! start. Allowlisted networks pass whatever the ban maps say. Each frame is counted under
-//! exactly one verdict in a per-CPU array; nothing is logged per packet.
+//! `helo_xdp`, the XDP drop. For every frame on the gateway's ingress interface: parse
+//! Ethernet (one 802.1Q/802.1ad tag), IPv4 or IPv6 (walking up to four extension headers) and
+//! TCP. Connection-opening packets (SYN without ACK) to a guarded destination port from a
+//! banned, unexpired source are dropped; everything else passes, the rest of a banned source's
+//! packets included, so that the session that earned the ban (and any other one already open)
+//! can end cleanly while no new one can start. Allowlisted networks pass whatever the ban maps
+//! say. Each frame is counted under exactly one verdict in a per-CPU array; nothing is logged
+//! per packet.
+//!
+//! `helo_steer`, the sk_lookup steering (the front door, attached to the agent's network
+//! namespace): a new TCP connection to a steered address and port goes to the agent's socket
+//! unless its client has a pass in force (or is allowlisted), in which case the MTA's own
+//! listener gets it; with no agent socket it goes to the MTA too (fail open). The decision is in
+//! `steer.rs`, the context reads in `lookup.rs`.
 #![no_std]
 #![no_main]
 
+mod lookup;
 mod packet;
+mod steer;
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{sk_action::SK_PASS, xdp_action},
     helpers::bpf_ktime_get_boot_ns,
-    macros::{map, xdp},
+    macros::{map, sk_lookup, xdp},
     maps::{
-        Array, HashMap, LruHashMap, PerCpuArray,
+        Array, HashMap, LruHashMap, PerCpuArray, SockMap,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::XdpContext,
+    programs::{SkLookupContext, XdpContext},
 };
 use helo_common::{
-    BanValue, DEFAULT_MAX_BANS_V4, DEFAULT_MAX_BANS_V6, DEFAULT_MAX_BANS_V6_NET, MAX_ALLOW_ENTRIES,
-    MAX_REASONS, PORT_MAP_LEN, REASON_TEXT_LEN, STAT_COUNT, Stat, v6_prefix64,
+    AGENT_SOCKETS as AGENT_SOCKET_SLOTS, BanValue, DEFAULT_MAX_BANS_V4, DEFAULT_MAX_BANS_V6,
+    DEFAULT_MAX_BANS_V6_NET, DEFAULT_MAX_PASS_V4, DEFAULT_MAX_PASS_V6, MAX_ALLOW_ENTRIES,
+    MAX_REASONS, MAX_STEER_ENDPOINTS, PORT_MAP_LEN, PassValue, REASON_TEXT_LEN, STAT_COUNT, Stat,
+    SteerEndpoint, v6_prefix64,
 };
 use packet::{be16, read};
 
@@ -40,6 +52,12 @@ static BANS_V6_NET: LruHashMap<[u8; 8], BanValue> = LruHashMap::pinned(DEFAULT_M
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
 #[map(name = "HELO_REASONS")]
 static REASONS: HashMap<u32, [u8; REASON_TEXT_LEN]> = HashMap::pinned(MAX_REASONS, 0);
+// Passes outlive the agent as bans do: a returning sender goes straight to the MTA across
+// restarts.
+#[map(name = "HELO_PASS_V4")]
+static PASS_V4: LruHashMap<[u8; 4], PassValue> = LruHashMap::pinned(DEFAULT_MAX_PASS_V4, 0);
+#[map(name = "HELO_PASS_V6")]
+static PASS_V6: LruHashMap<[u8; 16], PassValue> = LruHashMap::pinned(DEFAULT_MAX_PASS_V6, 0);
 
 // Configuration maps: written by the agent from its config at every start, so not pinned.
 #[map(name = "HELO_ALLOW_V4")]
@@ -48,6 +66,13 @@ static ALLOW_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_ALLOW_ENTR
 static ALLOW_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_ALLOW_ENTRIES, 0);
 #[map(name = "HELO_PORTS")]
 static PORTS: Array<u8> = Array::with_max_entries(PORT_MAP_LEN, 0);
+#[map(name = "HELO_STEER")]
+static STEER: HashMap<SteerEndpoint, u8> = HashMap::with_max_entries(MAX_STEER_ENDPOINTS, 0);
+// Not pinned either: the agent's sockets belong to the program its start loaded, so swapping
+// the program into the pinned link hands the steered endpoints and the new agent's sockets over
+// in one step, and the old agent's sockets go with the old program.
+#[map(name = "HELO_AGENT_SK")]
+static AGENT_SOCKETS: SockMap = SockMap::with_max_entries(AGENT_SOCKET_SLOTS, 0);
 
 // `#[map(name = ...)]` takes only a literal. helo-common owns the names the agent opens the maps
 // by; every literal above is checked against it here, at compile time.
@@ -61,6 +86,12 @@ const _: () = {
     assert!(same(maps::ALLOW_V4, "HELO_ALLOW_V4"));
     assert!(same(maps::ALLOW_V6, "HELO_ALLOW_V6"));
     assert!(same(maps::PORTS, "HELO_PORTS"));
+    assert!(same(maps::PASS_V4, "HELO_PASS_V4"));
+    assert!(same(maps::PASS_V6, "HELO_PASS_V6"));
+    assert!(same(maps::STEER, "HELO_STEER"));
+    assert!(same(maps::AGENT_SOCKETS, "HELO_AGENT_SK"));
+    assert!(same(helo_common::PROGRAM_NAME, "helo_xdp"));
+    assert!(same(helo_common::STEER_PROGRAM_NAME, "helo_steer"));
 };
 
 const fn same(a: &str, b: &str) -> bool {
@@ -110,6 +141,17 @@ pub fn helo_xdp(ctx: XdpContext) -> u32 {
         Stat::Dropped => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
+}
+
+#[sk_lookup]
+pub fn helo_steer(ctx: SkLookupContext) -> u32 {
+    if let Some(stat) = steer::try_helo_steer(&ctx) {
+        count(stat);
+    }
+    // Fail open, always: `SK_PASS` delivers the connection to the socket the decision
+    // selected (the agent's), or, with none selected, lets the kernel's regular lookup find the
+    // MTA's listener. `SK_DROP` (0) would refuse the connection: this program never refuses one.
+    SK_PASS
 }
 
 /// The frame is shorter than its headers say, or a header is malformed.
@@ -286,8 +328,10 @@ unsafe fn judge(ctx: &XdpContext, tcp: usize, ban: *mut BanValue) -> Result<Judg
 #[inline(always)]
 fn count(stat: Stat) {
     if let Some(counter) = STATS.get_ptr_mut(stat as u32) {
-        // SAFETY: per-CPU slot of a successful lookup; no other CPU writes it, and XDP programs
-        // do not preempt each other on one CPU.
+        // SAFETY: per-CPU slot of a successful lookup, so no other CPU writes it. Both programs
+        // run on the receive path in softirq context, where one does not interrupt the other
+        // on its CPU; a test run (process context) could lose an increment to a packet arriving
+        // on its CPU, which a counter tolerates.
         unsafe { *counter += 1 };
     }
 }

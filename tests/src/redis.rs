@@ -1,6 +1,8 @@
 //! A private `redis-server` for the fleet suite and bench: inside a network namespace, on an
 //! address and port of the caller's, with a password, saving nothing (so a restart comes back
-//! empty, as a Redis without persistence does), in plain TCP or TLS only. Killed when dropped.
+//! empty, as a Redis without persistence does), in plain TCP or TLS only; and the pieces of a
+//! Redis Sentinel service (a replica, sentinels: Debian's `redis-server` in sentinel mode,
+//! the binary the `redis-sentinel` package links to). Killed when dropped.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -84,15 +86,35 @@ impl TlsFiles {
 impl Redis {
     /// Starts it and waits (up to 10 s) until it answers PING.
     pub fn start(ns: &Netns, address: &str, port: u16, password: &str) -> Self {
-        Self::spawn(ns, address, port, password, None)
+        Self::spawn(ns, address, port, password, None, &[])
+    }
+
+    /// A replica of `master` (same password), as Sentinel wants it: it announces `address`,
+    /// and every node has `masterauth`, since any may become a replica after a failover.
+    pub fn start_replica(
+        ns: &Netns,
+        address: &str,
+        port: u16,
+        master: (&str, u16),
+        password: &str,
+    ) -> Self {
+        let master_port = master.1.to_string();
+        Self::spawn(ns, address, port, password, None, &["--replicaof", master.0, &master_port])
     }
 
     /// The same, speaking only TLS (`rediss://`).
     pub fn start_tls(ns: &Netns, address: &str, port: u16, password: &str, tls: &TlsFiles) -> Self {
-        Self::spawn(ns, address, port, password, Some(tls))
+        Self::spawn(ns, address, port, password, Some(tls), &[])
     }
 
-    fn spawn(ns: &Netns, address: &str, port: u16, password: &str, tls: Option<&TlsFiles>) -> Self {
+    fn spawn(
+        ns: &Netns,
+        address: &str,
+        port: u16,
+        password: &str,
+        tls: Option<&TlsFiles>,
+        extra: &[&str],
+    ) -> Self {
         let port_text = port.to_string();
         let listen: Vec<&str> = match tls {
             None => vec!["--port", &port_text],
@@ -117,6 +139,11 @@ impl Redis {
             .args(&listen)
             .args(["--requirepass", password, "--save", "", "--appendonly", "no"])
             .args(["--protected-mode", "no", "--daemonize", "no", "--loglevel", "warning"])
+            .args(["--masterauth", password, "--replica-announce-ip", address])
+            // A replica loads its master's data from the socket, writing no dump.rdb.
+            .args(["--repl-diskless-load", "swapdb", "--dir"])
+            .arg(std::env::temp_dir())
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -175,6 +202,131 @@ impl Redis {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// The redis-server process (nsenter execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `host:port`, as the agents and the sentinels name it.
+    pub fn node(&self) -> String {
+        format!("{}:{}", self.address, self.port)
+    }
+
+    /// Whether it is a replica whose link to its master is up (the initial sync done).
+    pub fn replica_in_sync(&self) -> bool {
+        let info = self.cli(&["INFO", "replication"]);
+        info.contains("role:slave") && info.contains("master_link_status:up")
+    }
+}
+
+/// One Redis Sentinel process (`redis-server <conf> --sentinel`) in a namespace, watching a
+/// master under `service`, with its config file in a directory of its own (Sentinel rewrites
+/// it). Killed when dropped.
+pub struct Sentinel {
+    child: Child,
+    ns: String,
+    pub address: String,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Sentinel {
+    /// Starts it and waits (up to 10 s) until it answers PING. `down_after_ms`: how long the
+    /// master must not answer before this sentinel calls it down; `quorum`: how many
+    /// sentinels must agree.
+    pub fn start(
+        ns: &Netns,
+        address: &str,
+        port: u16,
+        master: &Redis,
+        service: &str,
+        quorum: u32,
+        down_after_ms: u64,
+    ) -> Self {
+        let dir = std::env::temp_dir().join(crate::unique("helo-sentinel-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind {address}\nprotected-mode no\ndaemonize no\n\
+                 loglevel notice\nlogfile {log}\ndir {dir}\n\
+                 sentinel announce-ip {address}\n\
+                 sentinel monitor {service} {host} {master_port} {quorum}\n\
+                 sentinel auth-pass {service} {password}\n\
+                 sentinel down-after-milliseconds {service} {down_after_ms}\n\
+                 sentinel failover-timeout {service} 5000\n\
+                 sentinel parallel-syncs {service} 1\n",
+                log = dir.join("sentinel.log").display(),
+                dir = dir.display(),
+                host = master.address,
+                master_port = master.port,
+                password = master.password,
+            ),
+        )
+        .unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", ns.name))
+            .arg("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server --sentinel (cargo xtask setup installs it)");
+        let sentinel =
+            Sentinel { child, ns: ns.name.clone(), address: address.to_owned(), port, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sentinel.cli(&["PING"]).trim() != "PONG" {
+            assert!(Instant::now() < deadline, "redis sentinel did not answer in 10 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        sentinel
+    }
+
+    /// `redis-cli ARGS...` against this sentinel; its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.ns))
+            .args(["redis-cli", "-h", &self.address, "-p", &self.port.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The master it names for `service` now (`host:port`).
+    pub fn master(&self, service: &str) -> Option<String> {
+        let out = self.cli(&["SENTINEL", "get-master-addr-by-name", service]);
+        let mut lines = out.lines().map(str::trim).filter(|l| !l.is_empty());
+        Some(format!("{}:{}", lines.next()?, lines.next()?))
+    }
+
+    /// Whether it knows `replicas` replicas in sync (not down) and `others` other sentinels:
+    /// what it needs before it can take part in a failover.
+    pub fn ready(&self, service: &str, replicas: usize, others: usize) -> bool {
+        let known = self.cli(&["SENTINEL", "replicas", service]);
+        let up = known.lines().filter(|l| l.trim() == "slave").count();
+        let sentinels = self.cli(&["SENTINEL", "sentinels", service]);
+        let peers = sentinels.lines().filter(|l| l.trim() == "runid").count();
+        up >= replicas && peers >= others
+    }
+
+    /// Its log (for a failed test's message).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sentinel.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

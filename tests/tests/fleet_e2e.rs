@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tests::netns::{Netns, veth};
-use tests::redis::Redis;
+use tests::redis::{Redis, Sentinel};
 use tests::{AgentProcess, PinDir, agent_cli, require_root, unique};
 
 const REDIS: &str = "10.88.0.1";
@@ -107,12 +107,24 @@ struct Fleet {
 /// The network namespace with Redis and the client addresses, and three gateways joined to it,
 /// each with its own agent config (fleet on, node `gwN`); agents not started.
 fn fleet() -> Fleet {
+    let network = network();
+    let redis = Redis::start(&network, REDIS, REDIS_PORT, PASSWORD);
+    let url = redis.url();
+    gateways(network, redis, &url)
+}
+
+/// The namespace that holds Redis and the clients.
+fn network() -> Netns {
     require_root();
     let network = Netns::new("hfnet");
     for address in [REDIS, CLIENT, ALLOWLISTED, BOT, DURING_OUTAGE, BEFORE_OUTAGE, BYSTANDER] {
         network.ip(&["addr", "add", &format!("{address}/32"), "dev", "lo"]);
     }
-    let redis = Redis::start(&network, REDIS, REDIS_PORT, PASSWORD);
+    network
+}
+
+/// Three gateways joined to `network`, with `url` as `fleet.redis`.
+fn gateways(network: Netns, redis: Redis, url: &str) -> Fleet {
     let prefix = format!("{}:", unique("hf-fleet-"));
     let gateways = (1..=3u8)
         .map(|n| {
@@ -126,7 +138,6 @@ fn fleet() -> Fleet {
                 3 => format!("[\"127.0.0.0/8\", \"{ALLOWLISTED}/32\"]"),
                 _ => "[\"127.0.0.0/8\"]".to_owned(),
             };
-            let url = redis.url();
             let config = pin_dir.config(&format!(
                 r#"
 [fleet]
@@ -291,7 +302,10 @@ fn a_ban_anywhere_drops_everywhere_and_an_unban_anywhere_lifts_everywhere() {
         greeted(connect(&fleet, CLIENT, g), &format!("the client at gw{} after the unban", g.n));
         assert!(agent.log().contains("unbanned by another gateway"), "{}", agent.log());
     }
-    assert_eq!(fleet.redis.cli(&["EXISTS", &redis_key]).trim(), "0", "the key is gone");
+    assert!(
+        fleet.redis.cli(&["GET", &redis_key]).contains(r#""kind":"unban""#),
+        "the ban's record is replaced by the unban's, for gateways away now"
+    );
     for agent in &agents {
         assert!(!agent.log().contains("panicked"), "{}", agent.log());
     }
@@ -430,7 +444,7 @@ fn an_unban_made_while_cut_off_from_redis_does_not_come_back_there() {
     wait_for("gw2 to lift the ban", Duration::from_secs(20), || !g2.holds(CLIENT));
     assert!(!g1.holds(CLIENT), "the ban came back where it was lifted:\n{}", agents[0].log());
     let key = format!("{}ban:{CLIENT}", fleet.prefix);
-    assert_eq!(fleet.redis.cli(&["EXISTS", &key]).trim(), "0");
+    assert!(fleet.redis.cli(&["GET", &key]).contains(r#""kind":"unban""#));
 }
 
 /// Redis flushed (or its keys evicted) while every gateway stayed connected went unnoticed:
@@ -470,4 +484,282 @@ fn gateways_sharing_a_node_name_still_share_bans_and_are_warned() {
     wait_for("the warning", Duration::from_secs(5), || {
         agents[1].log().contains("another gateway uses this node name")
     });
+}
+
+/// An unban published while a gateway was cut off from Redis never reached it (the key was
+/// deleted, nothing told it to lift): it kept the ban until it expired.
+#[test]
+fn an_unban_published_while_a_gateway_was_away_reaches_it_when_it_catches_up() {
+    let fleet = fleet();
+    let [g1, g2, _] = &fleet.gateways[..] else { unreachable!() };
+    let agents = [g1.start(), g2.start()];
+    g1.cli(&["ban", CLIENT, "--ttl", "1h"]);
+    wait_for("gw2 to hold gw1's ban", Duration::from_secs(5), || g2.holds(CLIENT));
+    g2.ns.ip(&["route", "add", "blackhole", &format!("{REDIS}/32")]);
+    wait_for("gw2 to notice", Duration::from_secs(15), || agents[1].log().contains("lost Redis"));
+    g1.cli(&["unban", CLIENT]);
+    assert!(g2.holds(CLIENT), "gw2 cannot know yet");
+    g2.ns.ip(&["route", "del", "blackhole", &format!("{REDIS}/32")]);
+    wait_for("gw2 to lift the ban at its catch-up", Duration::from_secs(20), || !g2.holds(CLIENT));
+    greeted(connect(&fleet, CLIENT, g2), "the client at gw2 after the catch-up");
+    assert!(!g1.holds(CLIENT));
+}
+
+/// A master demoted under live connections (an admin's REPLICAOF) answers writes with
+/// READONLY: the gateway takes it as a lost connection, keeps the ban in its outbox, and
+/// shares it once the node is a master again.
+#[test]
+fn readonly_from_a_demoted_master_is_a_lost_connection_and_loses_nothing() {
+    let fleet = fleet();
+    let [g1, g2, _] = &fleet.gateways[..] else { unreachable!() };
+    let agents = [g1.start(), g2.start()];
+    let other = Redis::start(&fleet.network, REDIS, REPLICA_PORT, PASSWORD);
+    assert_eq!(fleet.redis.cli(&["REPLICAOF", REDIS, &REPLICA_PORT.to_string()]).trim(), "OK");
+    wait_for("the demoted node in sync", Duration::from_secs(10), || fleet.redis.replica_in_sync());
+    g1.cli(&["ban", CLIENT, "--ttl", "10m"]);
+    dropped(connect(&fleet, CLIENT, g1), "banned at gw1, whatever Redis does");
+    wait_for("gw1 to meet READONLY", Duration::from_secs(15), || {
+        agents[0].log().contains("READONLY")
+    });
+    // A replica takes PUBLISH (gw2 may have heard it) but not the ban's record.
+    let key = format!("{}ban:{CLIENT}", fleet.prefix);
+    assert_eq!(fleet.redis.cli(&["EXISTS", &key]).trim(), "0", "nothing written to a replica");
+    assert_eq!(fleet.redis.cli(&["REPLICAOF", "NO", "ONE"]).trim(), "OK");
+    wait_for("the ban's record written once the node is master", Duration::from_secs(20), || {
+        fleet.redis.cli(&["EXISTS", &key]).trim() == "1"
+    });
+    wait_for("gw2 to hold the ban", Duration::from_secs(5), || g2.holds(CLIENT));
+    drop(other);
+}
+
+const SERVICE: &str = "helo-fleet";
+const REPLICA_PORT: u16 = 6391;
+const SENTINEL_PORTS: [u16; 3] = [26390, 26391, 26392];
+/// Sentinel's `down-after-milliseconds` here: a master silent this long is down (the default
+/// is 30 s).
+const DOWN_AFTER_MS: u64 = 1000;
+
+/// A Sentinel service on the network namespace's loopback: a master, a replica in sync, three
+/// sentinels that know both and each other (quorum 2); and three gateways whose `fleet.redis`
+/// names the sentinels.
+fn sentinel_fleet() -> (Fleet, Redis, Vec<Sentinel>) {
+    let network = network();
+    let master = Redis::start(&network, REDIS, REDIS_PORT, PASSWORD);
+    let replica =
+        Redis::start_replica(&network, REDIS, REPLICA_PORT, (REDIS, REDIS_PORT), PASSWORD);
+    wait_for("the replica in sync", Duration::from_secs(10), || replica.replica_in_sync());
+    let sentinels: Vec<Sentinel> = SENTINEL_PORTS
+        .iter()
+        .map(|&port| Sentinel::start(&network, REDIS, port, &master, SERVICE, 2, DOWN_AFTER_MS))
+        .collect();
+    wait_for("the sentinels to know the replica and each other", Duration::from_secs(30), || {
+        sentinels.iter().all(|s| s.ready(SERVICE, 1, 2))
+    });
+    let hosts: Vec<String> = SENTINEL_PORTS.iter().map(|p| format!("{REDIS}:{p}")).collect();
+    let url = format!("redis+sentinel://:{PASSWORD}@{}/{SERVICE}/0", hosts.join(","));
+    (gateways(network, master, &url), replica, sentinels)
+}
+
+/// What the gateway's `top` shows of the fleet (the control socket's overview).
+fn fleet_state(g: &Gateway) -> helo_agent::control::FleetState {
+    use helo_agent::control::{Answer, Envelope, Request};
+    let envelope = Envelope {
+        pin_dir: g.pin_dir.path().to_owned(),
+        request: Request::Overview { since_secs: 60, limit: 1 },
+    };
+    match helo_agent::control::request(&g.pin_dir.control_socket(), &envelope) {
+        Ok(Answer::Overview(overview)) => overview.fleet.expect("the fleet is on"),
+        other => panic!("gw{}: overview: {other:?}", g.n),
+    }
+}
+
+/// Bans from every gateway, one after another on each, until `stop`: what each banned.
+fn ban_stream(
+    gateways: &[Gateway],
+    block: u8,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Vec<String> {
+    std::thread::scope(|scope| {
+        let streams: Vec<_> = gateways
+            .iter()
+            .map(|g| {
+                scope.spawn(move || {
+                    let mut banned = Vec::new();
+                    for i in 0..250u32 {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                        let target = format!("10.{block}.{}.{}", g.n, i);
+                        g.cli(&["ban", &target, "--ttl", "10m", "--reason", "stream"]);
+                        banned.push(target);
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    banned
+                })
+            })
+            .collect();
+        streams.into_iter().flat_map(|s| s.join().expect("a ban stream panicked")).collect()
+    })
+}
+
+/// Waits until every sentinel names `node` as the master; the sentinels' logs if not.
+fn wait_for_master(sentinels: &[Sentinel], node: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !sentinels.iter().all(|s| s.master(SERVICE).as_deref() == Some(node)) {
+        if Instant::now() > deadline {
+            let logs: Vec<String> = sentinels.iter().map(Sentinel::log).collect();
+            panic!(
+                "the sentinels did not fail over to {node} in {limit:?}:\n{}",
+                logs.join("\n--\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// During a failover (the master killed, the replica promoted by the sentinels), bans go on
+/// on every gateway and every one reaches every gateway, unbans made meanwhile hold, and the
+/// gateways name the new master; then a second failover, back to the old master's node.
+#[test]
+fn the_fleet_survives_its_redis_failing_over_twice() {
+    let (mut fleet, mut replica, sentinels) = sentinel_fleet();
+    let agents: Vec<_> = fleet.gateways.iter().map(Gateway::start).collect();
+    let first = fleet.redis.node();
+    for g in &fleet.gateways {
+        wait_for(&format!("gw{} on the master", g.n), Duration::from_secs(10), || {
+            fleet_state(g).master.as_deref() == Some(first.as_str())
+        });
+    }
+    let [g1, g2, g3] = &fleet.gateways[..] else { unreachable!() };
+    // Three bans that are lifted during the failover, each on another gateway than made it.
+    let lifted = ["10.66.0.1", "10.66.0.2", "10.66.0.3"];
+    for (target, g) in lifted.iter().zip([g1, g2, g3]) {
+        g.cli(&["ban", target, "--ttl", "1h"]);
+    }
+    for g in &fleet.gateways {
+        wait_for(&format!("gw{} to hold the three", g.n), Duration::from_secs(5), || {
+            lifted.iter().all(|t| g.holds(t))
+        });
+    }
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (banned, killed_at) = std::thread::scope(|scope| {
+        let stream = scope.spawn(|| ban_stream(&fleet.gateways, 67, &stop));
+        std::thread::sleep(Duration::from_secs(1));
+        fleet.redis.kill();
+        let killed_at = Instant::now();
+        for (target, g) in lifted.iter().zip([g2, g3, g1]) {
+            let out = g.cli(&["unban", target]);
+            assert!(out.contains("unbanned"), "{out}");
+        }
+        // A client address of the network namespace, to see the SYNs dropped.
+        g1.cli(&["ban", DURING_OUTAGE, "--ttl", "10m"]);
+        wait_for_master(&sentinels, &replica.node(), Duration::from_secs(60));
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut banned = stream.join().expect("the stream");
+        banned.push(DURING_OUTAGE.to_owned());
+        (banned, killed_at)
+    });
+    assert!(banned.len() > 30, "a stream, not a trickle: {}", banned.len());
+    for g in &fleet.gateways {
+        wait_for(&format!("every ban of the stream at gw{}", g.n), Duration::from_secs(20), || {
+            let held: std::collections::HashSet<String> =
+                g.bans().into_iter().map(|(t, _, _)| t).collect();
+            banned.iter().all(|t| held.contains(t))
+        });
+        let state = fleet_state(g);
+        assert_eq!(state.master, Some(replica.node()), "gw{} names the new master", g.n);
+        assert!(state.last_failover_secs.is_some(), "gw{}: {state:?}", g.n);
+    }
+    dropped(connect(&fleet, DURING_OUTAGE, g3), "banned at gw1 during the failover, at gw3");
+    std::thread::sleep(Duration::from_secs(2));
+    for g in &fleet.gateways {
+        for target in lifted {
+            assert!(!g.holds(target), "gw{}: the unban of {target} during the failover", g.n);
+        }
+    }
+    eprintln!(
+        "first failover: {} bans, all everywhere {:.1} s after the kill",
+        banned.len(),
+        killed_at.elapsed().as_secs_f64()
+    );
+
+    // The old master's node comes back as a replica of the new one; then the new one dies.
+    fleet.redis =
+        Redis::start_replica(&fleet.network, REDIS, REDIS_PORT, (REDIS, REPLICA_PORT), PASSWORD);
+    wait_for("the old master in sync as a replica", Duration::from_secs(10), || {
+        fleet.redis.replica_in_sync()
+    });
+    wait_for("the sentinels to see it up", Duration::from_secs(30), || {
+        sentinels.iter().all(|s| s.ready(SERVICE, 1, 2))
+    });
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let banned = std::thread::scope(|scope| {
+        let stream = scope.spawn(|| ban_stream(&fleet.gateways, 68, &stop));
+        std::thread::sleep(Duration::from_secs(1));
+        replica.kill();
+        wait_for_master(&sentinels, &first, Duration::from_secs(60));
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        stream.join().expect("the stream")
+    });
+    for g in &fleet.gateways {
+        wait_for(
+            &format!("every ban of the second stream at gw{}", g.n),
+            Duration::from_secs(20),
+            || {
+                let held: std::collections::HashSet<String> =
+                    g.bans().into_iter().map(|(t, _, _)| t).collect();
+                banned.iter().all(|t| held.contains(t))
+            },
+        );
+        wait_for(&format!("gw{} on the master again", g.n), Duration::from_secs(5), || {
+            fleet_state(g).master.as_deref() == Some(first.as_str())
+        });
+    }
+    for agent in &agents {
+        let log = agent.log();
+        assert!(log.matches("the Redis master moved").count() >= 2, "{log}");
+        assert!(!log.contains("panicked"), "{log}");
+    }
+}
+
+/// A burst of bans on one gateway (admin bans through the control socket, as fast as its
+/// worker takes them) outran the fleet task, which wrote one ban per round trip to Redis: the
+/// queue between them filled and bans were dropped, never shared.
+#[test]
+fn a_burst_of_bans_on_one_gateway_reaches_the_others_whole() {
+    use helo_agent::control::{Envelope, Request};
+    const BURST: usize = 10_000;
+    let fleet = fleet();
+    let [g1, g2, _] = &fleet.gateways[..] else { unreachable!() };
+    let agents = [g1.start(), g2.start()];
+    wait_for("gw1 on Redis", Duration::from_secs(10), || {
+        agents[0].log().contains("connected to Redis")
+    });
+    let ban = |i: usize| {
+        let envelope = Envelope {
+            pin_dir: g1.pin_dir.path().to_owned(),
+            request: Request::Ban {
+                target: format!("10.69.{}.{}", i >> 8, i & 0xff),
+                ttl_secs: Some(600),
+                reason: "burst".into(),
+            },
+        };
+        helo_agent::control::request(&g1.pin_dir.control_socket(), &envelope).expect("a ban");
+    };
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            scope.spawn(move || (t..BURST).step_by(4).for_each(ban));
+        }
+    });
+    let held = || g2.bans().iter().filter(|(t, _, _)| t.starts_with("10.69.")).count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while held() < BURST && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = agents[0].log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("fleet")).take(5).collect();
+    assert_eq!(held(), BURST, "bans of the burst at gw2; gw1's fleet lines:\n{}", lines.join("\n"));
 }

@@ -1,8 +1,10 @@
 //! The Debian package on this very machine, as an admin meets it: `dpkg -i` (files in place,
-//! the user, the state directory, nothing started), the installed binary, its man pages and
-//! config; a reinstall that keeps the edited config; `dpkg -r` (config and state stay, binary
-//! goes); `dpkg -P` (config and state go). A guard purges the package, and puts back what it set
-//! aside, also when the test fails.
+//! the user, the state directory, nothing started), the installed binary, its man pages, config
+//! and systemd unit (`systemd-analyze verify`); a reinstall that keeps the edited config;
+//! `dpkg -r` (config and state stay, binary goes); `dpkg -P` (config, state and the admin's
+//! `systemctl enable` go). A guard purges the package, and puts back what it set aside, also
+//! when the test fails. And the package as Debian's lintian judges it: no error, no warning,
+//! every override still needed and explained.
 //!
 //! `cargo xtask test` builds the package and names it in HELO_DEB.
 
@@ -18,6 +20,11 @@ const CONFFILE: &str = "/etc/helo-filter/helo-filter.toml";
 const STATE_DIR: &str = "/var/lib/helo-filter";
 const USER: &str = "helo-filter";
 const BINARY: &str = "/usr/sbin/helo-agent";
+const UNIT: &str = "/usr/lib/systemd/system/helo-agent.service";
+/// The link `systemctl enable helo-agent` makes (the unit's WantedBy).
+const ENABLED: &str = "/etc/systemd/system/multi-user.target.wants/helo-agent.service";
+/// The package's lintian overrides, as installed under /usr/share/lintian/overrides.
+const OVERRIDES: &str = include_str!("../../packaging/debian/lintian-overrides");
 /// Paths the package owns or makes that may already exist here (a hand install from the README,
 /// `cargo xtask run`'s snapshot): set aside for the test, put back after.
 const SET_ASIDE: &[&str] = &["/etc/helo-filter", STATE_DIR];
@@ -127,13 +134,55 @@ fn gone(path: &str) -> bool {
     std::fs::symlink_metadata(path).is_err()
 }
 
+fn deb() -> String {
+    std::env::var("HELO_DEB").expect(
+        "HELO_DEB names the .deb to test: `cargo xtask test` builds it (`cargo xtask package` \
+         alone prints its path)",
+    )
+}
+
+/// lintian, as Debian judges a package: no error and no warning (`--fail-on`), and no override
+/// that lintian no longer needs (reported at the info level), each override with its reason.
+#[test]
+fn lintian_finds_nothing_to_fix() {
+    let deb = deb();
+    let out = command(
+        "lintian",
+        &["--fail-on", "error,warning", "--display-info", "--no-tag-display-limit", &deb],
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    let complaints: Vec<&str> = report
+        .lines()
+        .filter(|l| {
+            l.starts_with("E: ")
+                || l.starts_with("W: ")
+                || l.contains(" unused-override ")
+                || l.contains(" mismatched-override ")
+        })
+        .collect();
+    assert!(
+        out.status.success() && complaints.is_empty(),
+        "lintian on {deb}:\n{}\nfix these, or override one with its reason in \
+         packaging/debian/lintian-overrides:\n{}",
+        text(&out),
+        complaints.join("\n")
+    );
+    // Each override follows a comment that says why.
+    let mut explained = false;
+    for line in OVERRIDES.lines() {
+        if line.starts_with('#') {
+            explained = line.len() > 2;
+        } else if !line.trim().is_empty() {
+            assert!(explained, "the override {line:?} needs a comment above it saying why");
+            explained = false;
+        }
+    }
+}
+
 #[test]
 fn the_package_installs_keeps_the_edited_config_and_purges() {
     require_root();
-    let deb = std::env::var("HELO_DEB").expect(
-        "HELO_DEB names the .deb to test: `cargo xtask test` builds it (`cargo xtask package` \
-         alone prints its path)",
-    );
+    let deb = deb();
     assert!(
         status().is_none(),
         "{PACKAGE} is installed on this machine ({:?}): the test would remove it; `dpkg -P \
@@ -153,7 +202,7 @@ fn the_package_installs_keeps_the_edited_config_and_purges() {
     for path in [
         BINARY,
         CONFFILE,
-        "/usr/lib/systemd/system/helo-agent.service",
+        UNIT,
         "/usr/share/man/man8/helo-agent.8.gz",
         "/usr/share/man/man8/helo-agent-run.8.gz",
         "/usr/share/man/man8/helo-agent-check-config.8.gz",
@@ -162,6 +211,8 @@ fn the_package_installs_keeps_the_edited_config_and_purges() {
         "/usr/share/zsh/vendor-completions/_helo-agent",
         "/usr/share/fish/vendor_completions.d/helo-agent.fish",
         "/usr/share/doc/helo-filter/copyright",
+        "/usr/share/doc/helo-filter/changelog.Debian.gz",
+        "/usr/share/lintian/overrides/helo-filter",
         "/usr/share/doc/helo-filter/examples/grafana-dashboard.json",
     ] {
         assert_file(path);
@@ -183,9 +234,23 @@ fn the_package_installs_keeps_the_edited_config_and_purges() {
         shipped,
         "the example, comments and all"
     );
-    let unit = std::fs::read_to_string("/usr/lib/systemd/system/helo-agent.service").unwrap();
+    let unit = std::fs::read_to_string(UNIT).unwrap();
     assert!(unit.contains(&format!("ExecStart={BINARY} --config {CONFFILE} run")), "{unit}");
+    // cargo-deb ships no md5sums; dpkg computes them at unpack, so --verify has them to check.
+    let sums = std::fs::read_to_string(format!("/var/lib/dpkg/info/{PACKAGE}.md5sums"))
+        .expect("dpkg recorded the package's md5sums");
+    assert!(sums.contains("  usr/sbin/helo-agent\n"), "{sums}");
     must(command("dpkg", &["--verify", PACKAGE]), "dpkg --verify");
+
+    // The installed unit as systemd reads it (no running systemd needed): its directives, the
+    // commands it runs and the man pages it names. A directive systemd does not know is only a
+    // message on stderr, so silence is the pass.
+    let out = command("systemd-analyze", &["verify", UNIT]);
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "systemd-analyze verify {UNIT}:\n{}",
+        text(&out)
+    );
 
     // The binary, its pages and the installed config.
     let version = must(command(BINARY, &["--version"]), "helo-agent --version");
@@ -217,6 +282,7 @@ fn the_package_installs_keeps_the_edited_config_and_purges() {
         passwd.trim_end().ends_with(":/usr/sbin/nologin"),
         "a system user with no shell: {passwd}"
     );
+    assert!(gone(ENABLED), "the install enables nothing");
     let uid: u32 = passwd.split(':').nth(2).unwrap().parse().unwrap();
     let state = std::fs::metadata(STATE_DIR).expect("the state directory");
     assert!(state.is_dir());
@@ -233,6 +299,10 @@ fn the_package_installs_keeps_the_edited_config_and_purges() {
     std::fs::write(CONFFILE, &edited).unwrap();
     std::fs::write(Path::new(STATE_DIR).join("bans.json"), "{}").unwrap();
 
+    // The admin enables the agent (systemctl works on the files with no systemd running).
+    must(command("systemctl", &["enable", "helo-agent.service"]), "systemctl enable");
+    assert!(!gone(ENABLED), "systemctl enable made {ENABLED}");
+
     // A reinstall (as an upgrade runs the scripts) keeps the edit, without a prompt.
     must(dpkg(&["--install", &deb]), "dpkg -i again");
     assert_eq!(std::fs::read_to_string(CONFFILE).unwrap(), edited, "the edit survives");
@@ -242,23 +312,21 @@ fn the_package_installs_keeps_the_edited_config_and_purges() {
     let out = dpkg(&["--remove", PACKAGE]);
     must(out, "dpkg -r");
     assert_eq!(status().as_deref(), Some("deinstall ok config-files"));
-    for path in [
-        BINARY,
-        "/usr/share/man/man8/helo-agent.8.gz",
-        "/usr/lib/systemd/system/helo-agent.service",
-    ] {
+    for path in [BINARY, "/usr/share/man/man8/helo-agent.8.gz", UNIT] {
         assert!(gone(path), "{path} is removed");
     }
     assert_eq!(std::fs::read_to_string(CONFFILE).unwrap(), edited, "remove keeps the config");
     assert!(Path::new(STATE_DIR).join("bans.json").exists(), "remove keeps the ban snapshot");
     assert!(!Path::new(&pin_dir).exists(), "nothing pinned in {pin_dir}");
 
-    // Purge: config and state go; the system user stays (Debian policy; see postrm).
+    // Purge: config, state and the admin's enable go; the system user stays (Debian policy;
+    // see postrm).
     must(dpkg(&["--purge", PACKAGE]), "dpkg -P");
     assert_eq!(status(), None);
-    for path in [CONFFILE, "/etc/helo-filter", STATE_DIR] {
+    for path in [CONFFILE, "/etc/helo-filter", STATE_DIR, ENABLED] {
         assert!(gone(path), "{path} is purged");
     }
+    assert!(gone("/etc/systemd/system/helo-agent.service"), "no mask left behind");
     assert!(user_exists(), "the system user is kept at purge");
     assert!(
         !command("dpkg-statoverride", &["--list", CONFFILE]).status.success(),

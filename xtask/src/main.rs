@@ -46,9 +46,13 @@ const APT_PACKAGES: &[&str] = &[
     "fail2ban",
     "xdp-tools",
     "ethtool",
-    // cargo xtask package: dpkg-shlibdeps (and strip, through binutils); man for its root test.
+    // cargo xtask package: dpkg-shlibdeps for cargo-deb's $auto Depends (and strip, through
+    // binutils). Its root test: man, lintian on the .deb, systemd-analyze verify on the unit
+    // (which needs no running systemd).
     "dpkg-dev",
     "man-db",
+    "lintian",
+    "systemd",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -64,8 +68,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what is missing (idempotent): LLVM 22 packages, rust-src for nightly,
-    /// bpf-linker 0.13, cargo-fuzz, postfix/swaks/nftables for the suites, and a bpffs at
-    /// /sys/fs/bpf.
+    /// bpf-linker 0.13, cargo-fuzz, cargo-deb, postfix/swaks/nftables for the suites, lintian
+    /// and systemd-analyze for the package's, and a bpffs at /sys/fs/bpf.
     Setup,
     /// Build the XDP object alone into target/bpfel-unknown-none/release/helo-ebpf.
     BuildEbpf,
@@ -101,8 +105,9 @@ enum Task {
         /// One target only (smtp_session, helo_rules, config, importers, proxy_header).
         target: Option<String>,
     },
-    /// Build the Debian package (target/package/helo-filter_<version>_<arch>.deb): the agent
-    /// (release), its config as a conffile, the systemd unit, man pages, shell completions.
+    /// Build the Debian package (target/package/helo-filter_<version>_<arch>.deb) with
+    /// cargo-deb: the agent (release), its config as a conffile, the systemd unit, man pages,
+    /// shell completions.
     Package,
 }
 
@@ -183,6 +188,11 @@ fn main() -> anyhow::Result<()> {
 
 fn cargo_fuzz_ok() -> bool {
     output("cargo", &["fuzz", "--version"]).is_some()
+}
+
+fn cargo_deb_ok() -> bool {
+    output("cargo", &["deb", "--version"])
+        .is_some_and(|v| v.split_whitespace().any(|w| w == package::CARGO_DEB_VERSION))
 }
 
 /// Runs each target for `seconds` from its committed seeds; fails on any crash.
@@ -287,6 +297,7 @@ fn setup_complete() -> bool {
         && bpf_linker_ok()
         && bpffs_mounted()
         && cargo_fuzz_ok()
+        && cargo_deb_ok()
 }
 
 /// Runs `setup` when anything is missing; other tasks call this first.
@@ -355,6 +366,29 @@ fn setup() -> anyhow::Result<()> {
     } else {
         step("installing cargo-fuzz (about 1 minute the first time)");
         run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+
+    if cargo_deb_ok() {
+        step(&format!("cargo-deb {}: present", package::CARGO_DEB_VERSION));
+    } else {
+        step(&format!(
+            "installing cargo-deb {} (about 2 minutes the first time)",
+            package::CARGO_DEB_VERSION
+        ));
+        run(Command::new("cargo").args([
+            "install",
+            "cargo-deb",
+            "--locked",
+            "--version",
+            &format!("={}", package::CARGO_DEB_VERSION),
+        ]))?;
+        if !cargo_deb_ok() {
+            bail!(
+                "cargo-deb was installed but `cargo deb --version` does not name {}: is \
+                 ~/.cargo/bin on PATH?",
+                package::CARGO_DEB_VERSION
+            );
+        }
     }
 
     if agent_user_exists() {

@@ -6,6 +6,7 @@
 //! Time is passed in (CLOCK_BOOTTIME ns, see `crate::clock`), never read here.
 
 pub mod fake;
+pub mod offenders;
 pub mod snapshot;
 pub mod worker;
 
@@ -216,6 +217,32 @@ fn reason_text(reason: &str) -> [u8; REASON_TEXT_LEN] {
 fn trim_nul(text: &[u8]) -> &[u8] {
     let end = text.iter().position(|b| *b == 0).unwrap_or(text.len());
     &text[..end]
+}
+
+/// A shared store, so a test (or the agent's CLI side) can look while the worker writes.
+impl<S: BanStore> BanStore for std::sync::Arc<std::sync::Mutex<S>> {
+    fn get(&self, t: &BanTarget) -> Result<Option<helo_common::BanValue>, StoreError> {
+        self.lock().expect("store lock").get(t)
+    }
+    fn put(&mut self, t: &BanTarget, v: &helo_common::BanValue) -> Result<(), StoreError> {
+        self.lock().expect("store lock").put(t, v)
+    }
+    fn remove(&mut self, t: &BanTarget) -> Result<bool, StoreError> {
+        self.lock().expect("store lock").remove(t)
+    }
+    fn entries(&self) -> Result<Vec<(BanTarget, helo_common::BanValue)>, StoreError> {
+        self.lock().expect("store lock").entries()
+    }
+    fn reason(&self, code: u32) -> Result<Option<[u8; helo_common::REASON_TEXT_LEN]>, StoreError> {
+        self.lock().expect("store lock").reason(code)
+    }
+    fn put_reason(
+        &mut self,
+        code: u32,
+        text: &[u8; helo_common::REASON_TEXT_LEN],
+    ) -> Result<(), StoreError> {
+        self.lock().expect("store lock").put_reason(code, text)
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use super::{BanStore, Blocklist, StoreError};
 use crate::addr::BanTarget;
 use crate::clock::Now;
+/// How a pregreet pass is saved: the pass cache's own (the snapshot carries it).
+pub use crate::passes::SavedPass;
 
 /// Bumped when the format changes incompatibly; other versions are set aside like corrupt files.
 pub const VERSION: u32 = 1;
@@ -31,7 +33,7 @@ pub struct Snapshot {
     pub bans: Vec<SavedBan>,
     pub offences: Vec<SavedOffence>,
     /// Clients that passed the proxy's pregreet test, and until when (see
-    /// `crate::proxy::passes`). Missing from snapshots written before the test existed.
+    /// `crate::passes`). Missing from snapshots written before the test existed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub passes: Vec<SavedPass>,
 }
@@ -55,15 +57,6 @@ pub struct SavedOffence {
     pub target: String,
     pub count: u32,
     pub last_unix: u64,
-}
-
-/// A client that stayed silent through the pregreet wait: greeted at once until `until_unix`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SavedPass {
-    pub client: String,
-    /// Unix seconds.
-    pub until_unix: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

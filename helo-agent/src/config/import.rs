@@ -3,9 +3,10 @@
 //! - a Postfix access table source (`key  ACTION [text]`), read as `check_helo_access` reads
 //!   it, with Postfix's parent-domain semantics stated by a flag, so migrating changes nothing
 //!   unless asked. Such tables are often shared with the client, sender and recipient checks:
-//!   entries no HELO lookup can find, and actions that do not act on a HELO, are skipped with a
-//!   warning each (file and line); only a line that is not `key value` at all, or a regexp
-//!   table, refuses the file.
+//!   entries no HELO lookup can find (a regexp pattern among them, which postmap reads as a
+//!   literal key), and actions that do not act on a HELO, are skipped with a warning each (file
+//!   and line); a line that is not `key value` at all, or an action that looks like a misspelt
+//!   one (`REJCT`), refuses the file.
 //!
 //! Pure: text in, entries (and warnings) out; the caller reads the files.
 
@@ -68,12 +69,15 @@ fn without_bom(text: &str) -> &str {
     text.strip_prefix('\u{feff}').unwrap_or(text)
 }
 
-/// A parsed access table: entries to add to the domain table, and a warning (`file:line: why`)
-/// for each entry skipped because no HELO lookup can use it.
+/// A parsed access table: entries to add to the domain table, a warning (`file:line: why`) for
+/// each entry skipped because no HELO lookup can use it, and an error for each line that
+/// refuses the file (when there is one, the caller uses no entry of it; the warnings still
+/// stand, so that an admin sees them all at once).
 #[derive(Debug, Default)]
 pub struct AccessTable {
     pub entries: Vec<(DomainPattern, TableEntry)>,
     pub warnings: Vec<String>,
+    pub errors: Vec<String>,
 }
 
 /// Parses a Postfix access table source (the text `postmap` reads) as `check_helo_access`
@@ -92,15 +96,15 @@ pub struct AccessTable {
 /// `.example.com` entries are never looked up. Without it, `example.com` is that name only and
 /// `.example.com` covers the subdomains.
 ///
-/// Lines that cannot be read at all (a key without a value, a regexp table pattern) refuse the
-/// file, every one of them, each as `file:line: why`.
-pub fn access_table(
-    text: &str,
-    source: &str,
-    parent_matches_subdomains: bool,
-) -> Result<AccessTable, Vec<String>> {
+/// A regexp table pattern (`/^localhost$/ REJECT`) is skipped too: postmap reads it as a
+/// literal key, which no HELO equals.
+///
+/// Lines that cannot be read at all (a key without a value) and actions that look like a
+/// misspelt action (`REJCT`, `Dunno_`: Postfix would answer `451 4.3.5 Server configuration
+/// error` to the HELO they match) refuse the file, every one of them, each as `file:line: why`
+/// in [`AccessTable::errors`].
+pub fn access_table(text: &str, source: &str, parent_matches_subdomains: bool) -> AccessTable {
     let mut table = AccessTable::default();
-    let mut bad = Vec::new();
     let (lines, orphans) = logical_lines(without_bom(text));
     for line_no in orphans {
         table.warnings.push(format!(
@@ -113,25 +117,29 @@ pub fn access_table(
         let (key, value) = match logical.split_once(char::is_whitespace) {
             Some((key, value)) => (key, value.trim()),
             None => {
-                bad.push(format!("{}: {logical:?} has a pattern but no action", at()));
+                table.errors.push(format!("{}: {logical:?} has a pattern but no action", at()));
                 continue;
             }
         };
         let pattern = match access_key(key, parent_matches_subdomains) {
-            Key::Use(pattern) => pattern,
-            Key::Skip(why) => {
+            Read::Use(pattern) => pattern,
+            Read::Skip(why) => {
                 table.warnings.push(format!("{}: {key:?} {why}: skipped", at()));
                 continue;
             }
-            Key::Refuse(why) => {
-                bad.push(format!("{}: {key:?} {why}", at()));
+            Read::Refuse(why) => {
+                table.errors.push(format!("{}: {key:?} {why}", at()));
                 continue;
             }
         };
         let action = match parse_action(value) {
-            Ok(action) => action,
-            Err(why) => {
+            Read::Use(action) => action,
+            Read::Skip(why) => {
                 table.warnings.push(format!("{}: {key:?}: {why}: skipped", at()));
+                continue;
+            }
+            Read::Refuse(why) => {
+                table.errors.push(format!("{}: {key:?}: {why}", at()));
                 continue;
             }
         };
@@ -142,42 +150,43 @@ pub fn access_table(
         });
         table.entries.push((pattern, TableEntry { action, entry }));
     }
-    if bad.is_empty() { Ok(table) } else { Err(bad) }
+    table
 }
 
-/// What an access-table key is to a HELO lookup.
-enum Key {
-    /// A HELO lookup can find it: the pattern to put in the domain table.
-    Use(DomainPattern),
-    /// A key of another check, or one no HELO matches: why.
+/// What an access-table key or action is to a HELO lookup.
+enum Read<T> {
+    /// A HELO lookup uses it: the pattern to put in the domain table, or the action.
+    Use(T),
+    /// A key or action of another check, or one no HELO lookup uses: why.
     Skip(String),
-    /// Not an access table of this kind at all: why.
+    /// A line no admin meant, which Postfix would not take either: why.
     Refuse(String),
 }
 
-fn access_key(key: &str, parent_matches_subdomains: bool) -> Key {
+fn access_key(key: &str, parent_matches_subdomains: bool) -> Read<DomainPattern> {
     if key == "<>" {
-        return Key::Skip(
+        return Read::Skip(
             "is the null sender key of check_sender_access (smtpd_null_access_lookup_key), \
              never a HELO"
                 .into(),
         );
     }
     if key.contains('@') {
-        return Key::Skip(
+        return Read::Skip(
             "is an e-mail address key (user@domain, user@, @domain) of the sender and \
              recipient checks, never a HELO"
                 .into(),
         );
     }
     if key.starts_with('/') {
-        return Key::Refuse(
-            "is a regexp table pattern; put regexes in rules.regexes or a badhelo file instead"
+        return Read::Skip(
+            "is a regexp table pattern, which postmap reads as a literal key that no HELO \
+             equals; move it to a badhelo file (rules.badhelo_file) or rules.regexes"
                 .into(),
         );
     }
     if key.contains('/') {
-        return Key::Skip(
+        return Read::Skip(
             "is a CIDR network, which only a cidr: table matches (in this table it matches \
              nothing)"
                 .into(),
@@ -185,15 +194,15 @@ fn access_key(key: &str, parent_matches_subdomains: bool) -> Key {
     }
     if let Some(name) = key.strip_prefix('.') {
         if parent_matches_subdomains {
-            return Key::Skip(
+            return Read::Skip(
                 "never matches with parent-domain matching on (Postfix ignores it too); set \
                  rules.access_parent_matches_subdomains = false to use .domain entries"
                     .into(),
             );
         }
         return match helo::table_name(name) {
-            Ok(name) => Key::Use(DomainPattern { name, scope: Scope::Subdomains }),
-            Err(why) => Key::Skip(format!("is not a domain ({})", why.describe())),
+            Ok(name) => Read::Use(DomainPattern { name, scope: Scope::Subdomains }),
+            Err(why) => Read::Skip(format!("is not a domain ({})", why.describe())),
         };
     }
     // The key is looked up as the HELO text it equals: parse it as one.
@@ -205,17 +214,17 @@ fn access_key(key: &str, parent_matches_subdomains: bool) -> Key {
         Helo::Name(_) | Helo::Invalid(_) => Scope::Exact,
     };
     match (helo::table_key(&parsed, key), &parsed) {
-        (Some(name), _) => Key::Use(DomainPattern { name: name.into_owned(), scope }),
-        (None, _) if is_partial_address(key) => Key::Skip(
+        (Some(name), _) => Read::Use(DomainPattern { name: name.into_owned(), scope }),
+        (None, _) if is_partial_address(key) => Read::Skip(
             "is a network (a partial address) for check_client_access; a HELO lookup tries an \
              address whole, never its networks"
                 .into(),
         ),
-        (None, Helo::Invalid(why)) => Key::Skip(format!(
+        (None, Helo::Invalid(why)) => Read::Skip(format!(
             "is neither a host name nor an address ({}), so no HELO is looked up by it",
             why.describe()
         )),
-        (None, _) => Key::Skip("is no HELO lookup key".into()),
+        (None, _) => Read::Skip("is no HELO lookup key".into()),
     }
 }
 
@@ -233,10 +242,13 @@ fn is_partial_address(key: &str) -> bool {
     v4 || v6
 }
 
-/// Postfix access actions that make sense for a HELO, case-insensitive as in Postfix. `Err`
-/// says why an action is skipped: Postfix takes it, but it does nothing helo-filter can do at
-/// HELO.
-fn parse_action(value: &str) -> Result<TableAction, String> {
+/// Postfix access actions that make sense for a HELO, case-insensitive as in Postfix.
+/// `Skip` says why an action is left out: Postfix takes it, but it does nothing helo-filter can
+/// do at HELO (a restriction list or class among them). `Refuse` is for a word that looks like
+/// a misspelt action: Postfix would look it up as a restriction, find none, and answer `451
+/// 4.3.5 Server configuration error` to every HELO it matches; skipping it would leave the
+/// entry doing nothing without a word.
+fn parse_action(value: &str) -> Read<TableAction> {
     let (word, text) = match value.split_once(char::is_whitespace) {
         Some((word, text)) => (word, text.trim()),
         None => (value, ""),
@@ -250,49 +262,132 @@ fn parse_action(value: &str) -> Result<TableAction, String> {
         // Postfix: an all-numeric value means OK (a time stamp from POP-before-SMTP), so a bare
         // reply code permits. Surely not what its writer meant: skipped, not followed.
         if is_code(value) {
-            return Err(format!(
+            return Read::Skip(format!(
                 "reply code {value} has no text, and Postfix reads an all-numeric value as OK; \
                  write {value} and a text to reject"
             ));
         }
-        return Ok(TableAction::Permit);
+        return Read::Use(TableAction::Permit);
     }
     let upper = word.to_ascii_uppercase();
-    let text_reply =
-        |code: u16| (!text.is_empty()).then(|| EntryReply { code, text: text.to_owned() });
-    Ok(match upper.as_str() {
+    let text_reply = |code: u16| (!text.is_empty()).then(|| entry_reply(code, text));
+    Read::Use(match upper.as_str() {
         "OK" | "RELAY" | "PERMIT" => TableAction::Permit,
         "DUNNO" => TableAction::Dunno,
         "REJECT" => TableAction::Deny(text_reply(554)),
-        "DEFER" | "DEFER_IF_PERMIT" | "DEFER_IF_REJECT" => TableAction::Deny(Some(EntryReply {
-            code: 450,
-            text: if text.is_empty() { "try again later".into() } else { text.to_owned() },
-        })),
+        "DEFER" | "DEFER_IF_PERMIT" | "DEFER_IF_REJECT" => TableAction::Deny(Some(entry_reply(
+            450,
+            if text.is_empty() { "try again later" } else { text },
+        ))),
         "WARN" | "INFO" => TableAction::Warn,
         code if is_code(code) => {
-            let code = code.parse().expect("three digits");
-            TableAction::Deny(Some(EntryReply { code, text: text.to_owned() }))
+            TableAction::Deny(Some(entry_reply(code.parse().expect("three digits"), text)))
         }
         "HOLD" | "DISCARD" | "FILTER" | "REDIRECT" | "BCC" | "PREPEND" | "DELAY" => {
-            return Err(format!(
+            return Read::Skip(format!(
                 "action {word} acts on the message, which the HELO judge never holds"
             ));
         }
-        "HANGUP" => return Err("action HANGUP is not supported; use REJECT or a 5xx reply".into()),
+        "HANGUP" => {
+            return Read::Skip("action HANGUP is not supported; use REJECT or a 5xx reply".into());
+        }
         _ if value.contains(':') => {
-            return Err(format!(
+            return Read::Skip(format!(
                 "{value:?} names a lookup table, which an access table may not (Postfix answers \
                  451 for it)"
             ));
         }
         _ => {
-            return Err(format!(
+            if let Some(meant) = misspelt_action(word) {
+                return Read::Refuse(format!(
+                    "{word:?} is no access action; did you mean {meant}? (Postfix would answer \
+                     451 4.3.5 Server configuration error to every HELO it matches)"
+                ));
+            }
+            return Read::Skip(format!(
                 "{word:?} is not an access action helo-filter applies (OK, DUNNO, REJECT [text], \
                  DEFER [text], WARN [text], or a 4xx/5xx reply with text); restriction lists and \
                  classes are not evaluated"
             ));
         }
     })
+}
+
+/// An entry's reply as Postfix sends it: with the enhanced status code the text starts with,
+/// or `5.7.1` (`4.7.1` for a 4xx reply) in front where it has none (smtpd_check.c), as every
+/// other rejection of ours carries one.
+fn entry_reply(code: u16, text: &str) -> EntryReply {
+    let first = text.split(' ').next().unwrap_or_default();
+    let text = if is_enhanced_code(first) {
+        text.to_owned()
+    } else {
+        format!("{}.7.1 {text}", code / 100)
+    };
+    EntryReply { code, text: text.trim_end().to_owned() }
+}
+
+/// `5.7.1`, `4.2.0`: an RFC 3463 enhanced status code (class, subject, detail).
+fn is_enhanced_code(word: &str) -> bool {
+    let parts: Vec<&str> = word.split('.').collect();
+    parts.len() == 3
+        && matches!(parts[0], "2" | "4" | "5")
+        && parts[1..]
+            .iter()
+            .all(|part| (1..=3).contains(&part.len()) && part.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Every action word of access(5).
+const ACTIONS: &[&str] = &[
+    "OK",
+    "RELAY",
+    "PERMIT",
+    "DUNNO",
+    "REJECT",
+    "DEFER",
+    "DEFER_IF_PERMIT",
+    "DEFER_IF_REJECT",
+    "WARN",
+    "INFO",
+    "HOLD",
+    "DISCARD",
+    "FILTER",
+    "REDIRECT",
+    "BCC",
+    "PREPEND",
+    "DELAY",
+    "HANGUP",
+];
+
+/// The action `word` most likely misspells, if it looks like one: within two edits of an
+/// action word (case-insensitive), or written in capitals as actions are and restriction names
+/// never are (those are lower case: `permit_mynetworks`, `reject_unauth_destination`, and the
+/// restriction classes admins name in `smtpd_restriction_classes`).
+fn misspelt_action(word: &str) -> Option<&'static str> {
+    let upper = word.to_ascii_uppercase();
+    let nearest = ACTIONS
+        .iter()
+        .map(|action| (edit_distance(&upper, action), *action))
+        .min()
+        .expect("ACTIONS is not empty");
+    let capitals = word.bytes().any(|b| b.is_ascii_uppercase())
+        && !word.bytes().any(|b| b.is_ascii_lowercase());
+    (nearest.0 <= 2 || capitals).then_some(nearest.1)
+}
+
+/// Levenshtein distance over bytes (the words are ASCII; anything else only adds distance).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, &ca) in a.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (diagonal + usize::from(ca != cb)).min(row[j] + 1).min(above + 1);
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 /// Joins continuation lines (starting with white space) to the line before, skips blank and
@@ -329,6 +424,13 @@ fn logical_lines(text: &str) -> (Vec<(usize, String)>, Vec<usize>) {
 mod tests {
     use super::*;
 
+    /// The table of a text no line of which refuses it.
+    fn usable(text: &str, parent_matches_subdomains: bool) -> AccessTable {
+        let table = access_table(text, "t", parent_matches_subdomains);
+        assert!(table.errors.is_empty(), "{text:?} must load: {:#?}", table.errors);
+        table
+    }
+
     #[test]
     fn badhelo_reads_lines_as_they_are() {
         let text = "# qmail badhelo\n\n^(a?dsl|dhcp|dyn(amic)?|ppp)([.-][0-9]{1,3}){4}\n!\\.\r\nlocalhost  \n  # indented comment\n";
@@ -363,14 +465,15 @@ multi.example      REJECT this text
 
     #[test]
     fn postfix_default_parent_matching_is_kept() {
-        let table = access_table(POSTFIX, "helo_access", true).unwrap();
+        let table = access_table(POSTFIX, "helo_access", true);
+        assert!(table.errors.is_empty(), "{:?}", table.errors);
         let first = &table.entries[0];
         assert_eq!(first.0, DomainPattern { name: "example.com".into(), scope: Scope::Both });
         assert_eq!(
             first.1.action,
             TableAction::Deny(Some(EntryReply {
                 code: 554,
-                text: "You are not example.com".into()
+                text: "5.7.1 You are not example.com".into()
             }))
         );
         assert_eq!(first.1.entry.line, 2);
@@ -389,7 +492,7 @@ multi.example      REJECT this text
                     "example.com".into(),
                     TableAction::Deny(Some(EntryReply {
                         code: 554,
-                        text: "You are not example.com".into()
+                        text: "5.7.1 You are not example.com".into()
                     }))
                 ),
                 ("mail.example.org".into(), TableAction::Permit),
@@ -411,7 +514,7 @@ multi.example      REJECT this text
                     "multi.example".into(),
                     TableAction::Deny(Some(EntryReply {
                         code: 554,
-                        text: "this text goes on here".into()
+                        text: "5.7.1 this text goes on here".into()
                     }))
                 ),
             ]
@@ -421,7 +524,7 @@ multi.example      REJECT this text
     #[test]
     fn without_parent_matching_plain_is_exact_and_dot_is_subdomains() {
         let text = "example.com REJECT\n.example.net REJECT\n";
-        let table = access_table(text, "t", false).unwrap();
+        let table = usable(text, false);
         assert!(table.warnings.is_empty());
         assert_eq!(table.entries[0].0.to_string(), "=example.com");
         assert_eq!(table.entries[1].0.to_string(), ".example.net");
@@ -431,18 +534,71 @@ multi.example      REJECT this text
     fn only_lines_that_cannot_be_read_refuse_the_file() {
         let cases = [
             ("ok.example OK\nexample.com\n", "t:2: \"example.com\" has a pattern but no action"),
-            ("/^mail/ REJECT\n", "t:1: \"/^mail/\" is a regexp table pattern"),
+            (
+                "typo.example REJCT\n",
+                "t:1: \"typo.example\": \"REJCT\" is no access action; did you mean REJECT?",
+            ),
         ];
         for (text, expected) in cases {
-            let err = access_table(text, "t", true).unwrap_err();
-            assert!(err.len() == 1 && err[0].starts_with(expected), "{text:?}: {err:?}");
+            let errors = access_table(text, "t", true).errors;
+            assert!(errors.len() == 1 && errors[0].starts_with(expected), "{text:?}: {errors:?}");
         }
         // Every broken line, not only the first; usable and skipped lines in between do not
-        // count.
-        let all = "a.example OK\nb.example\nc.example HOLD\n/x/ REJECT\nd.example\n";
-        let err = access_table(all, "t", true).unwrap_err();
-        let lines: Vec<&str> = err.iter().map(|e| e.split(": ").next().unwrap()).collect();
-        assert_eq!(lines, ["t:2", "t:4", "t:5"], "{err:#?}");
+        // count, and their warnings are kept beside the errors.
+        let all =
+            "a.example OK\nb.example\nc.example HOLD\n/x/ REJECT\nd.example\ne.example DUNO\n";
+        let table = access_table(all, "t", true);
+        let lines: Vec<&str> = table.errors.iter().map(|e| e.split(": ").next().unwrap()).collect();
+        assert_eq!(lines, ["t:2", "t:5", "t:6"], "{:#?}", table.errors);
+        assert!(table.errors[2].contains("did you mean DUNNO?"), "{:?}", table.errors);
+        let warned: Vec<&str> =
+            table.warnings.iter().map(|w| w.split(": ").next().unwrap()).collect();
+        assert_eq!(warned, ["t:3", "t:4"], "{:#?}", table.warnings);
+    }
+
+    /// Regression: `/^localhost$/ REJECT` in a hash-style helo_access file refused the whole
+    /// file, so check-config failed, a reload was refused and the agent could not start.
+    /// postmap reads the line as a literal key (which no HELO equals): skipped, with a warning
+    /// that says where regexes go.
+    #[test]
+    fn a_regexp_line_in_a_hash_table_is_skipped_not_refused() {
+        let table = usable("/^localhost$/ REJECT\nexample.com REJECT\n", true);
+        assert_eq!(table.entries.len(), 1);
+        assert_eq!(table.warnings.len(), 1, "{:?}", table.warnings);
+        let warning = &table.warnings[0];
+        assert!(
+            warning.starts_with("t:1: \"/^localhost$/\" is a regexp table pattern"),
+            "{warning}"
+        );
+        assert!(warning.contains("move it to a badhelo file"), "{warning}");
+        assert!(warning.ends_with(": skipped"), "{warning}");
+    }
+
+    /// Regression: an action typo (`REJCT`) was a warning with exit 0, so the entry did nothing
+    /// without anyone noticing. Restriction lists and classes (lower case, as Postfix names
+    /// them) are still skipped with a warning: a shared table holds them legitimately.
+    #[test]
+    fn a_misspelt_action_refuses_the_file_and_restriction_names_are_skipped() {
+        for (value, meant) in [
+            ("REJCT", "REJECT"),
+            ("rejct", "REJECT"),
+            ("Dunno_", "DUNNO"),
+            ("OKAY", "OK"),
+            ("DEFFER", "DEFER"),
+        ] {
+            let errors = access_table(&format!("x.example {value}\n"), "t", true).errors;
+            assert_eq!(errors.len(), 1, "{value}: {errors:?}");
+            assert!(errors[0].contains(&format!("did you mean {meant}?")), "{value}: {errors:?}");
+        }
+        // Capitals far from every action: still an action's spelling, never a restriction's.
+        let errors = access_table("x.example BLOCKED\n", "t", true).errors;
+        assert!(errors.len() == 1 && errors[0].contains("did you mean"), "{errors:?}");
+        for value in
+            ["permit_mynetworks, reject", "my_restriction_class", "reject_unknown_client_hostname"]
+        {
+            let table = usable(&format!("x.example {value}\n"), true);
+            assert!(table.entries.is_empty() && table.warnings.len() == 1, "{value}: {table:?}");
+        }
     }
 
     /// The shape of a real /etc/postfix/access shared by check_client_access,
@@ -476,7 +632,7 @@ user@example.org          REJECT
 hold.example              HOLD
 filter.example            FILTER smtp:[127.0.0.1]:10025
 restricted.example        permit_mynetworks, reject
-typo.example              REJCT
+typo.example              reject_unknown_client_hostname
 class.example             my_restriction_class
 bare.example              550
 numeric.example           1700000000
@@ -486,8 +642,8 @@ host.123                  REJECT
 
     #[test]
     fn a_shared_table_loads_with_one_warning_per_skipped_entry() {
-        let table = access_table(SHARED, "/etc/postfix/access", true)
-            .unwrap_or_else(|e| panic!("a real table must load: {e:#?}"));
+        let table = access_table(SHARED, "/etc/postfix/access", true);
+        assert!(table.errors.is_empty(), "a real table must load: {:#?}", table.errors);
         let used: Vec<(String, usize, TableAction)> = table
             .entries
             .iter()
@@ -500,13 +656,13 @@ host.123                  REJECT
             vec![
                 ("=192.0.2.1".into(), 3, TableAction::Permit),
                 ("=2001:db8::25".into(), 6, TableAction::Permit),
-                ("=[203.0.113.5]".into(), 9, deny(554, "literal")),
+                ("=[203.0.113.5]".into(), 9, deny(554, "5.7.1 literal")),
                 ("=[ipv6:2001:db8::bad]".into(), 10, deny(554, "5.7.1 forged v6 literal")),
                 ("spammer.example".into(), 13, TableAction::Deny(None)),
                 ("my_host.partner.example".into(), 14, TableAction::Permit),
-                ("xn--bcher-kva.example".into(), 15, deny(554, "idn")),
+                ("xn--bcher-kva.example".into(), 15, deny(554, "5.7.1 idn")),
                 ("mail.xn--mller-kva.example".into(), 16, TableAction::Dunno),
-                ("legacy.example.com".into(), 17, deny(450, "please retry later")),
+                ("legacy.example.com".into(), 17, deny(450, "4.7.1 please retry later")),
                 ("numeric.example".into(), 31, TableAction::Permit),
             ]
         );
@@ -543,7 +699,7 @@ host.123                  REJECT
             ("25", "action HOLD acts on the message"),
             ("26", "action FILTER acts on the message"),
             ("27", "\"permit_mynetworks,\" is not an access action"),
-            ("28", "\"REJCT\" is not an access action"),
+            ("28", "\"reject_unknown_client_hostname\" is not an access action"),
             ("29", "\"my_restriction_class\" is not an access action"),
             ("30", "reply code 550 has no text"),
             ("32", "contains '!'"),
@@ -560,7 +716,7 @@ host.123                  REJECT
     #[test]
     fn access_table_indented_text_before_the_first_entry_is_skipped() {
         let text = "# header\n   stray text\n\n   more stray\nexample.com REJECT\n  go away\n";
-        let table = access_table(text, "t", true).unwrap();
+        let table = usable(text, true);
         assert_eq!(table.entries.len(), 1);
         assert_eq!(table.entries[0].1.entry.line, 5);
         assert_eq!(table.entries[0].1.entry.text, "example.com REJECT go away");
@@ -571,7 +727,7 @@ host.123                  REJECT
     #[test]
     fn continuation_lines_join_across_comments_and_blank_lines() {
         let text = "example.com\n  # the action:\n\n    REJECT\n    go away\nnext.example OK\n";
-        let table = access_table(text, "t", true).unwrap();
+        let table = usable(text, true);
         let texts: Vec<(usize, &str)> =
             table.entries.iter().map(|(_, e)| (e.entry.line, e.entry.text.as_str())).collect();
         assert_eq!(texts, [(1, "example.com REJECT go away"), (6, "next.example OK")]);
@@ -580,7 +736,7 @@ host.123                  REJECT
     #[test]
     fn crlf_and_a_byte_order_mark_load() {
         let postfix = "\u{feff}example.com REJECT\r\n\r\n# c\r\nb.example 550 5.7.1 no\r\n";
-        let table = access_table(postfix, "t", true).unwrap();
+        let table = usable(postfix, true);
         assert!(table.warnings.is_empty(), "{:?}", table.warnings);
         assert_eq!(table.entries[0].0.to_string(), "example.com");
         assert_eq!(
@@ -601,7 +757,7 @@ host.123                  REJECT
         let bytes = b"# M\xfcller, 2009\nexample.com REJECT\nb\xe4d.example REJECT\n".to_vec();
         let (text, warning) = decode(bytes, "t");
         assert!(warning.unwrap().starts_with("t:1: the file is not UTF-8"));
-        let table = access_table(&text, "t", true).unwrap();
+        let table = usable(&text, true);
         assert_eq!(table.entries.len(), 1);
         assert!(table.warnings[0].starts_with("t:3: "), "{:?}", table.warnings);
         assert_eq!(decode(b"ok.example OK\n".to_vec(), "t"), ("ok.example OK\n".into(), None));
@@ -610,16 +766,44 @@ host.123                  REJECT
     #[test]
     fn without_parent_matching_addresses_stay_exact_and_dot_names_are_subdomains() {
         let text = "192.0.2.1 OK\n[192.0.2.2] REJECT\n.my_sub.example REJECT\n.192.0 REJECT\n";
-        let table = access_table(text, "t", false).unwrap();
+        let table = usable(text, false);
         let patterns: Vec<String> = table.entries.iter().map(|(p, _)| p.to_string()).collect();
         assert_eq!(patterns, ["=192.0.2.1", "=[192.0.2.2]", ".my_sub.example"]);
         assert_eq!(table.warnings.len(), 1);
         assert!(table.warnings[0].starts_with("t:4: \".192.0\" is not a domain"));
     }
 
+    /// Regression: table rejections answered `554 forged` without an enhanced status code,
+    /// while every other rejection answers `553 5.7.1 ...`. Postfix puts 5.7.1 (4.7.1) in front
+    /// of an access entry's text that has none, and keeps one that the text gives.
+    #[test]
+    fn table_rejections_carry_an_enhanced_code_as_postfix_sends_them() {
+        let text = "a.example REJECT forged\nb.example 550 no\nc.example 451 later\n\
+                    d.example 550 5.7.26 dmarc\ne.example DEFER\nf.example REJECT 5.7.1x not a code\n";
+        let replies: Vec<(u16, String)> = usable(text, true)
+            .entries
+            .iter()
+            .map(|(_, e)| match &e.action {
+                TableAction::Deny(Some(reply)) => (reply.code, reply.text.clone()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let expected = [
+            (554, "5.7.1 forged"),
+            (550, "5.7.1 no"),
+            (451, "4.7.1 later"),
+            (550, "5.7.26 dmarc"),
+            (450, "4.7.1 try again later"),
+            (554, "5.7.1 5.7.1x not a code"),
+        ];
+        let expected: Vec<(u16, String)> =
+            expected.iter().map(|(c, t)| (*c, t.to_string())).collect();
+        assert_eq!(replies, expected);
+    }
+
     #[test]
     fn numeric_results_other_than_codes_mean_ok() {
-        let table = access_table("a.example 1234\nb.example OK\n", "t", true).unwrap();
+        let table = usable("a.example 1234\nb.example OK\n", true);
         assert!(table.entries.iter().all(|(_, e)| e.action == TableAction::Permit));
     }
 }

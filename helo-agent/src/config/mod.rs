@@ -45,20 +45,28 @@ pub enum ConfigError {
     #[error("cannot read {key} file {path}: {source}")]
     RuleFile { key: &'static str, path: PathBuf, source: std::io::Error },
     /// Every rule entry that does not load (domain patterns, access table lines, regexes), each
-    /// as `file:line: what is wrong`, so one `check-config` run lists them all.
-    #[error("{}", bad_entries(.0))]
-    BadEntries(Vec<String>),
+    /// as `file:line: what is wrong`, so one `check-config` run lists them all; with the
+    /// warnings the rule files gave so far (skipped entries), which an admin fixing the errors
+    /// needs as much.
+    #[error("{}", bad_entries(bad, warnings))]
+    BadEntries { bad: Vec<String>, warnings: Vec<String> },
 }
 
-fn bad_entries(entries: &[String]) -> String {
-    match entries {
+fn bad_entries(bad: &[String], warnings: &[String]) -> String {
+    let mut text = match bad {
         [one] => format!("bad rule entry: {one}"),
         all => format!(
             "{} bad rule entries, each with its file and line:\n  {}",
             all.len(),
             all.join("\n  ")
         ),
+    };
+    match warnings {
+        [] => {}
+        [one] => text.push_str(&format!("\nand a warning:\n  {one}")),
+        all => text.push_str(&format!("\nand {} warnings:\n  {}", all.len(), all.join("\n  "))),
     }
+    text
 }
 
 /// Port 465 is SMTPS (RFC 8314 implicit TLS): the client starts TLS with its first byte.
@@ -213,7 +221,11 @@ pub struct DnsConfig {
 /// Bans shared with the other gateways through Redis: off when `redis` is `None`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FleetConfig {
+    /// One Redis (`redis://`, `rediss://`) or a Sentinel service (`redis+sentinel://`,
+    /// `rediss+sentinel://`; see `crate::fleet::endpoint`).
     pub redis: Option<RedisUrl>,
+    /// The password the sentinels require, if any (the master's is in the URL).
+    pub sentinel_password: Option<Secret>,
     /// This gateway's name in the fleet (default: the host name).
     pub node: String,
     /// Prepended to every key and to the channel.
@@ -253,6 +265,16 @@ impl std::fmt::Display for RedisUrl {
 impl std::fmt::Debug for RedisUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{self}")
+    }
+}
+
+/// A password outside a URL; shown as `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
     }
 }
 

@@ -160,6 +160,7 @@ impl Default for RawDns {
 #[serde(deny_unknown_fields, default)]
 pub struct RawFleet {
     pub redis: String,
+    pub sentinel_password: String,
     pub node: String,
     pub prefix: String,
     pub timeout: String,
@@ -169,6 +170,7 @@ impl Default for RawFleet {
     fn default() -> Self {
         Self {
             redis: String::new(),
+            sentinel_password: String::new(),
             node: String::new(),
             prefix: "helo-filter:".into(),
             timeout: "2s".into(),

@@ -159,6 +159,9 @@ fn bad_values_name_the_key_and_the_fix() {
         ("[fleet]\nredis = \"redis://r\"\nnode = \"two words\"", "fleet.node"),
         ("[fleet]\nredis = \"redis://r\"\ntimeout = \"0s\"", "fleet.timeout"),
         ("[fleet]\nprefix = \"a b\"", "fleet.prefix"),
+        ("[fleet]\nredis = \"redis+sentinel://:s3cret@h1,h2\"", "names no service"),
+        ("[fleet]\nredis = \"redis+sentinel://h1:x/m\"", "sentinel \"h1:x\""),
+        ("[fleet]\nredis = \"redis://r\"\nsentinel_password = \"p\"", "fleet.sentinel_password"),
     ];
     for (text, expected) in cases {
         let err = parse(text).unwrap_err().to_string();
@@ -204,7 +207,11 @@ fn every_bad_rule_entry_is_reported_at_once() {
     let badhelo = dir.join("badhelo");
     let access = dir.join("helo_access");
     std::fs::write(&badhelo, "# qmail\n^dsl-\n(open\n!x{2,1}\nfine\n").unwrap();
-    std::fs::write(&access, "example.net REJECT\n/^bad/ REJECT\nnoaction.example\n").unwrap();
+    std::fs::write(
+        &access,
+        "example.net REJECT\ntypo.example REJCT\nnoaction.example\n/^bad/ REJECT\n",
+    )
+    .unwrap();
     let text = format!(
         "[rules]\nbadhelo_file = {:?}\naccess_file = {:?}\nregexes = [\"^ok\", \"[unclosed\"]\n\
          domains = [\"=good.example\", \"..x\"]\n",
@@ -216,13 +223,16 @@ fn every_bad_rule_entry_is_reported_at_once() {
     let (b, a) = (badhelo.display(), access.display());
     let expected = [
         "config rules.domains:2: \"..x\" is not a domain pattern".to_owned(),
-        format!("{a}:2: \"/^bad/\" is a regexp table pattern"),
+        format!("{a}:2: \"typo.example\": \"REJCT\" is no access action; did you mean REJECT?"),
         format!("{a}:3: \"noaction.example\" has a pattern but no action"),
         "config rules.regexes:2: bad regex \"[unclosed\": unclosed character class".to_owned(),
         format!("{b}:3: bad regex \"(open\": unclosed group"),
         format!("{b}:4: bad regex \"x{{2,1}}\""),
     ];
     assert!(err.starts_with("6 bad rule entries, each with its file and line:\n"), "{err}");
+    // The warnings come too (the skipped regexp line): an admin fixing the errors needs them.
+    let (err, warning) = err.split_once("\nand a warning:\n").expect("the warning");
+    assert!(warning.trim().starts_with(&format!("{a}:4: \"/^bad/\" is a regexp")), "{warning}");
     let lines: Vec<&str> = err.lines().skip(1).map(str::trim).collect();
     assert_eq!(lines.len(), expected.len(), "{err}");
     for (line, expected) in lines.iter().zip(&expected) {
@@ -400,6 +410,20 @@ fn the_fleet_is_off_by_default_and_names_itself_after_the_host() {
     assert_eq!(config.fleet.timeout, Duration::from_secs(2));
     let config = parse("[fleet]\nredis = \"rediss://r:6379\"\nnode = \"mx2\"").unwrap();
     assert_eq!(config.fleet.node, "mx2");
+}
+
+#[test]
+fn the_fleet_takes_a_sentinel_service_and_never_shows_its_passwords() {
+    let url = "redis+sentinel://:s3cret@10.0.0.5:26379,10.0.0.6:26379/mymaster/0";
+    let text = format!("[fleet]\nredis = \"{url}\"\nsentinel_password = \"watch3rs\"");
+    let config = parse(&text).unwrap();
+    let redis = config.fleet.redis.as_ref().unwrap();
+    assert_eq!(redis.expose(), url);
+    assert_eq!(redis.to_string(), "redis+sentinel://:***@10.0.0.5:26379,10.0.0.6:26379/mymaster/0");
+    assert_eq!(config.fleet.sentinel_password.as_ref().map(|p| p.0.as_str()), Some("watch3rs"));
+    let shown = format!("{:?}", config.fleet);
+    assert!(!shown.contains("s3cret") && !shown.contains("watch3rs"), "{shown}");
+    assert!(parse("[fleet]\nredis = \"rediss+sentinel://h1,h2/m\"").is_ok());
 }
 
 /// A URL with a typo in its scheme was repeated in the error, password and all, and that

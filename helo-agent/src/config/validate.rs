@@ -130,7 +130,6 @@ pub(super) fn config(
         reject_at: raw.reject.at,
         ban_ttl,
         reuse,
-        memory: Arc::default(),
     };
     Ok(Config {
         source: origin.path.map(Path::to_owned),
@@ -201,25 +200,44 @@ fn dns(raw: &RawDns, origin: &Origin) -> Result<DnsConfig, ConfigError> {
     })
 }
 
-/// `[fleet]`: a Redis URL (empty: off), this gateway's name, the key prefix, a timeout.
+/// `[fleet]`: a Redis URL or a Sentinel service (empty: off), this gateway's name, the key
+/// prefix, a timeout.
 fn fleet(raw: &RawFleet, host: &HostFacts, origin: &Origin) -> Result<FleetConfig, ConfigError> {
+    use crate::fleet::endpoint::{Endpoint, EndpointError};
     let url = raw.redis.trim();
     let redis = match url {
         "" => None,
         url => {
             let shown = RedisUrl(url.to_owned()).to_string();
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            match Endpoint::parse(url) {
                 // Not shown: it may hold a password, and this message reaches logs.
-                return Err(origin.invalid(
-                    "fleet.redis",
-                    "is not a Redis URL (the value is not repeated here: it may hold a password): \
-                     write redis://[user:password@]host:port/db, or rediss:// for TLS",
-                ));
-            }
-            if let Err(error) = redis::Client::open(url) {
-                return Err(origin.invalid("fleet.redis", format!("{shown}: {error}")));
+                Err(error @ EndpointError::Scheme) => {
+                    return Err(origin.invalid("fleet.redis", error.to_string()));
+                }
+                Err(error) => {
+                    return Err(origin.invalid("fleet.redis", format!("{shown}: {error}")));
+                }
+                Ok(Endpoint::Direct(_)) => {
+                    if let Err(error) = redis::Client::open(url) {
+                        return Err(origin.invalid("fleet.redis", format!("{shown}: {error}")));
+                    }
+                }
+                Ok(Endpoint::Sentinel(_)) => {}
             }
             Some(RedisUrl(url.to_owned()))
+        }
+    };
+    let sentinel_password = match raw.sentinel_password.as_str() {
+        "" => None,
+        password => {
+            if !redis.as_ref().is_some_and(|url| url.expose().contains("+sentinel://")) {
+                return Err(origin.invalid(
+                    "fleet.sentinel_password",
+                    "is for a Sentinel service: set fleet.redis to redis+sentinel://..., or \
+                     remove it",
+                ));
+            }
+            Some(super::Secret(password.to_owned()))
         }
     };
     let node = match raw.node.trim() {
@@ -242,6 +260,7 @@ fn fleet(raw: &RawFleet, host: &HostFacts, origin: &Origin) -> Result<FleetConfi
     }
     Ok(FleetConfig {
         redis,
+        sentinel_password,
         node,
         prefix: raw.prefix.clone(),
         timeout: origin.duration("fleet.timeout", &raw.timeout)?,
@@ -517,7 +536,7 @@ fn rule_entries(
     let table = table(raw, warnings, &mut bad)?;
     let badhelo = badhelo(raw, warnings, &mut bad)?;
     if !bad.is_empty() {
-        return Err(ConfigError::BadEntries(bad));
+        return Err(ConfigError::BadEntries { bad, warnings: std::mem::take(warnings) });
     }
     Ok((table, badhelo))
 }
@@ -636,15 +655,12 @@ fn table(
     if let Some(path) = &raw.access_file {
         let text = read_rule_file("rules.access_file", path, warnings)?;
         let source = path.display().to_string();
-        let imported =
-            match import::access_table(&text, &source, raw.access_parent_matches_subdomains) {
-                Ok(imported) => imported,
-                Err(errors) => {
-                    bad.extend(errors);
-                    return Ok(table);
-                }
-            };
+        let imported = import::access_table(&text, &source, raw.access_parent_matches_subdomains);
         warnings.extend(imported.warnings);
+        if !imported.errors.is_empty() {
+            bad.extend(imported.errors);
+            return Ok(table);
+        }
         for (pattern, entry) in imported.entries {
             let at = entry.entry.clone();
             if let Some(dup) = table.insert(&pattern, entry) {

@@ -17,6 +17,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::blocklist::BanEntry;
+/// What a reload swapped in (the answer to [`Request::Reload`]).
+pub use crate::reload::ReloadSummary;
 use crate::report::{HeloRow, RuleCount};
 use crate::reuse::ReuseReport;
 
@@ -90,20 +92,6 @@ pub struct Unbanned {
     pub was_banned: bool,
 }
 
-/// What a reload swapped in.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReloadSummary {
-    /// The config file, or `<embedded defaults>`.
-    pub config: String,
-    pub badhelo_patterns: usize,
-    pub table_entries: usize,
-    pub allowlist: usize,
-    pub warnings: Vec<String>,
-    /// Keys that changed in the file but take effect only at a restart.
-    pub needs_restart: Vec<String>,
-    pub ms: u64,
-}
-
 /// The agent's counters at one moment, for `helo-agent top`: totals since the agent started
 /// (the viewer turns two of them into rates), gauges, and the report's top HELOs and rules.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,7 +143,7 @@ pub struct PolicyState {
 }
 
 /// The fleet's counters (bans shared with other gateways through Redis).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetState {
     /// Connected to Redis (subscribed and caught up).
     pub connected: bool,
@@ -167,6 +155,13 @@ pub struct FleetState {
     pub refused: u64,
     /// Bans and unbans made here waiting for Redis to come back.
     pub outbox: u64,
+    /// The Redis node written to (the master, `host:port`); `None` before the first
+    /// connection (and from an agent that predates it).
+    #[serde(default)]
+    pub master: Option<String>,
+    /// When this gateway last found a new master (a failover), Unix seconds.
+    #[serde(default)]
+    pub last_failover_secs: Option<u64>,
 }
 
 /// The XDP program's verdict counters, summed over CPUs. On the wire an object by counter name
@@ -402,7 +397,12 @@ mod tests {
             top_helos: Vec::new(),
             top_rules: vec![RuleCount { rule: "no_dot".into(), sessions: 2 }],
             policy: PolicyState { listeners: vec!["127.0.0.1:10040".into()] },
-            fleet: Some(FleetState { connected: true, ..FleetState::default() }),
+            fleet: Some(FleetState {
+                connected: true,
+                master: Some("10.0.0.6:6379".into()),
+                last_failover_secs: Some(1_700_000_000),
+                ..FleetState::default()
+            }),
         };
         let line = encode(Ok(&Answer::Overview(Box::new(overview.clone()))));
         let read: ReadAnswer = serde_json::from_slice(&line).unwrap();

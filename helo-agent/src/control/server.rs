@@ -15,11 +15,11 @@ use super::{
     ReloadSummary, Request, Unbanned, Verdicts, XdpStats,
 };
 use crate::addr::{AddrError, BanTarget};
-use crate::agent::ReloadError;
 use crate::blocklist::Ttl;
 use crate::blocklist::worker::{AdminAnswer, AdminCommand, BanSender, WorkerError};
 use crate::ebpf::EbpfError;
-use crate::proxy::Shared;
+use crate::judge::Judge;
+use crate::reload::ReloadError;
 
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,7 +33,7 @@ pub type AllowlistCheck = Box<dyn Fn(&BanTarget) -> Option<String> + Send + Sync
 pub struct Control {
     pub pin_dir: PathBuf,
     pub bans: BanSender,
-    pub shared: Arc<Shared>,
+    pub judge: Arc<Judge>,
     /// The XDP counters.
     pub stats: Box<dyn Fn() -> Result<XdpStats, EbpfError> + Send + Sync>,
     /// Re-reads and swaps in the config; answers what changed.
@@ -147,7 +147,7 @@ async fn answer(request: Request, control: &Control) -> Result<Answer, ControlEr
         Request::Unban { target } => {
             let target: BanTarget = target.parse()?;
             // An admin's unban also ends the doors' own hold on a ban just decided.
-            control.shared.court.forgive(&target);
+            control.judge.court().forgive(&target);
             match control.bans.command(AdminCommand::Unban { target }).await? {
                 AdminAnswer::Unbanned(was_banned) => Answer::Unbanned(Unbanned { was_banned }),
                 other => return Err(ControlError::Mismatched(other)),
@@ -161,16 +161,14 @@ async fn answer(request: Request, control: &Control) -> Result<Answer, ControlEr
         Request::Reload => Answer::Reloaded((control.reload)().await?),
         Request::Tophelos { since_secs, limit } => {
             let now = crate::clock::unix_ns() / 1_000_000_000;
-            let rows = control.shared.court.report.lock().expect("report lock").top(
+            let rows = control.judge.court().report.lock().expect("report lock").top(
                 now,
                 Duration::from_secs(since_secs),
                 limit,
             );
-            Answer::Tophelos(crate::judge::mark_reuse(rows, &control.shared.live().rules))
+            Answer::Tophelos(control.judge.mark_reuse(rows))
         }
-        Request::ReusedHelos => {
-            Answer::ReusedHelos(crate::judge::reused(&control.shared.live().rules))
-        }
+        Request::ReusedHelos => Answer::ReusedHelos(control.judge.reused()),
         Request::Overview { since_secs, limit } => {
             Answer::Overview(Box::new(overview(control, Duration::from_secs(since_secs), limit)))
         }
@@ -187,16 +185,16 @@ const PASS_RULES: [&str; 3] = ["pass", "allowlist", "exempt_listener"];
 fn overview(control: &Control, since: Duration, limit: usize) -> Overview {
     let now = crate::clock::unix_ns() / 1_000_000_000;
     let (top_helos, top_rules) = {
-        let report = control.shared.court.report.lock().expect("report lock");
+        let report = control.judge.court().report.lock().expect("report lock");
         (report.top(now, since, limit), report.top_rules(now, since, limit))
     };
-    let top_helos = crate::judge::mark_reuse(top_helos, &control.shared.live().rules);
-    let metrics = control.shared.court.metrics.as_deref();
+    let top_helos = control.judge.mark_reuse(top_helos);
+    let metrics = control.judge.court().metrics.as_deref();
     let gauge = |gauge: &prometheus_client::metrics::gauge::Gauge| gauge.get().max(0) as u64;
     Overview {
         at_ms: crate::clock::boot_ns() / 1_000_000,
         sessions: metrics.map(session_totals).unwrap_or_default(),
-        sessions_open: control.shared.open_sessions() as u64,
+        sessions_open: control.judge.court().open_sessions() as u64,
         bans: metrics
             .map(|m| BanCounts {
                 added: m.bans_added.get(),
@@ -216,6 +214,8 @@ fn overview(control: &Control, since: Duration, limit: usize) -> Overview {
             applied: m.fleet.applied.get(),
             refused: m.fleet.refused.get(),
             outbox: gauge(&m.fleet.outbox),
+            master: m.fleet.master_address(),
+            last_failover_secs: u64::try_from(m.fleet.last_failover.get()).ok().filter(|&t| t > 0),
         }),
     }
 }

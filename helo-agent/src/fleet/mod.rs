@@ -8,21 +8,32 @@
 //! bans go on locally, events wait in a bounded outbox, and the task reconnects with backoff.
 //!
 //! Redis holds state, not only messages. Each ban is a key (`<prefix>ban:<target>`, the
-//! record as JSON, expiring with the ban or with its offence history, whichever is later), and
-//! each change is also published on `<prefix>events` for speed. On every (re)connection the task
-//! subscribes first, then reads every key (catch-up: the records of bans this gateway changed
-//! since, still in its outbox, are left for the outbox), then sends its outbox. An epoch key,
-//! set once by the first gateway to reach a Redis and read again every 5 s, tells a Redis that
-//! lost its data (restarted empty, flushed) from one that kept it: then every gateway puts back
-//! the bans it holds (`SET NX`, so a newer record wins) and catches up again. What a gateway
-//! receives it never publishes again; its own messages coming back on the channel are skipped
-//! by the publishing process's id, so two gateways that share a node name (cloned hosts) still
-//! hear each other, and are warned about it.
+//! record as JSON, expiring with the ban or with its offence history, whichever is later); an
+//! unban replaces the record with the unban's (kept [`UNBAN_KEPT`]), so a gateway that was
+//! away when it was published still lifts the ban when it catches up. Each change is also
+//! published on `<prefix>events` for speed. On every (re)connection the task subscribes
+//! first, then reads every key (catch-up: the records of targets this gateway changed since,
+//! still in its outbox, are left for the outbox), then sends its outbox. An epoch key, set
+//! once by the first gateway to reach a Redis and read again every 5 s, tells a Redis that
+//! lost its data (restarted empty, flushed) from one that kept it: then every gateway puts
+//! back the bans it holds (`SET NX`, so a newer record or an unban wins) and catches up
+//! again. What a gateway receives it never publishes again; its own messages coming back on
+//! the channel are skipped by the publishing process's id, so two gateways that share a node
+//! name (cloned hosts) still hear each other, and are warned about it.
 //!
-//! Not covered: an unban made while a gateway was cut off from Redis does not reach it (the
-//! key is gone, nothing tells it to lift), so it keeps that ban until it expires; unban again
-//! there.
+//! With Redis Sentinel (`redis+sentinel://`, see [`endpoint`]) the master is asked of the
+//! sentinels at every connection. When the master dies, the connections fail, and the task
+//! asks again (at most 1 s apart) until the sentinels name the replica they promoted; there
+//! it subscribes, catches up and sends its outbox like after any outage, and puts back the
+//! bans it holds (`SET NX`), since a replica may miss the master's last writes. A node that
+//! answers `READONLY` was demoted under a live connection: that connection counts as lost,
+//! the event it refused stays in the outbox, and the master is asked for again.
+//!
+//! Not covered: an unban made while a gateway was cut off from Redis for longer than
+//! [`UNBAN_KEPT`] does not reach it; it keeps that ban until it expires (unban again there).
+//! An unban that a dying master took but had not yet passed to its replica is lost with it.
 
+pub mod endpoint;
 pub mod message;
 
 use std::collections::VecDeque;
@@ -43,12 +54,13 @@ const QUEUE: usize = 4096;
 /// Events kept while Redis is unreachable; beyond, the oldest are dropped, and on reconnection
 /// every ban held here is put back instead.
 const OUTBOX: usize = 100_000;
-/// Reconnection backoff: from the first, doubling up to the last.
-const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(10));
+/// How long an unban's record stays in Redis for the gateways that were away when it was
+/// published (as long as a rule's ban lasts at most by default, `bans.max_ttl`).
+pub const UNBAN_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The connection is checked this often (the epoch read again), so a dead peer, and a Redis
 /// that lost its data under a live connection, are noticed.
 const CHECK_EVERY: Duration = Duration::from_secs(5);
-/// Keys asked for per SCAN step and read per MGET.
+/// Keys asked for per SCAN step and read per MGET; events written per round trip.
 const BATCH: usize = 1000;
 
 /// The queue from the ban worker to the fleet task.
@@ -67,6 +79,12 @@ pub enum FleetError {
     Unsubscribed,
     #[error("Redis lost its data (the epoch key changed or is gone): putting back and catching up")]
     EpochChanged,
+    #[error(
+        "{operation}: the node is a replica now (READONLY): the master moved, asking for it again"
+    )]
+    ReadOnly { operation: &'static str },
+    #[error("asking the sentinels for the master: {0}")]
+    Discovery(redis::RedisError),
 }
 
 /// The fleet task: see the module's documentation.
@@ -84,6 +102,8 @@ pub struct Fleet {
     instance: String,
     /// Whether another gateway was heard using this node name (warned once).
     twin_warned: bool,
+    /// The master last connected to (`host:port`).
+    master: Option<String>,
 }
 
 /// An open link to Redis: a connection for commands and one subscribed to the channel.
@@ -107,30 +127,40 @@ impl Fleet {
             outbox: VecDeque::new(),
             overflowed: false,
             epoch: None,
+            master: None,
         }
     }
 
     /// Runs until the worker's side of the queue closes (the agent stops).
     pub async fn run(mut self, mut local: mpsc::Receiver<Event>) {
         let Some(url) = self.config.redis.clone() else { return };
-        if url.expose().starts_with("rediss://") {
+        let endpoint = match endpoint::Endpoint::parse(url.expose()) {
+            Ok(endpoint) => endpoint,
+            Err(error) => {
+                tracing::error!(redis = %url, %error, "fleet off: fleet.redis does not read");
+                return;
+            }
+        };
+        if endpoint.tls() {
             // rustls needs a crypto provider; another part may have installed one already.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let client = match redis::Client::open(url.expose()) {
-            Ok(client) => client,
+        let sentinel_password = self.config.sentinel_password.as_ref().map(|p| p.0.as_str());
+        let mut discovery = match endpoint::Discovery::new(&endpoint, sentinel_password) {
+            Ok(discovery) => discovery,
             Err(error) => {
                 tracing::error!(redis = %url, %error, "fleet off: the Redis URL does not open");
                 return;
             }
         };
-        let mut backoff = BACKOFF.0;
+        let backoff_range = discovery.backoff();
+        let mut backoff = backoff_range.0;
         let mut down_since: Option<std::time::Instant> = None;
         loop {
             // Connecting and catching up are bounded by fleet.timeout per command; meanwhile
             // this gateway's events wait in the queue.
             let started = std::time::Instant::now();
-            let connected = match self.connect(&client).await {
+            let connected = match self.connect(&mut discovery).await {
                 Ok(mut link) => self.catch_up(&mut link).await.map(|bans| (link, bans)),
                 Err(error) => Err(error),
             };
@@ -138,15 +168,16 @@ impl Fleet {
                 Ok((mut link, bans)) => {
                     self.metrics.fleet.connected.set(1);
                     let ms = started.elapsed().as_millis() as u64;
+                    let master = self.master.as_deref().unwrap_or_default();
                     match down_since.take() {
                         Some(since) => {
-                            tracing::info!(redis = %url, node = self.config.node, down_secs = since.elapsed().as_secs(), bans, ms, "fleet: Redis reachable again, caught up (bans: other gateways' records read)")
+                            tracing::info!(redis = %url, master, node = self.config.node, down_ms = since.elapsed().as_millis() as u64, bans, ms, "fleet: Redis reachable again, caught up (bans: other gateways' records read)")
                         }
                         None => {
-                            tracing::info!(redis = %url, node = self.config.node, bans, ms, "fleet: connected to Redis, caught up (bans: other gateways' records read)")
+                            tracing::info!(redis = %url, master, node = self.config.node, bans, ms, "fleet: connected to Redis, caught up (bans: other gateways' records read)")
                         }
                     }
-                    backoff = BACKOFF.0;
+                    backoff = backoff_range.0;
                     let error = match self.serve(&mut link, &mut local).await {
                         None => return,
                         Some(error) => error,
@@ -182,7 +213,7 @@ impl Fleet {
                     },
                 }
             }
-            backoff = (backoff * 2).min(BACKOFF.1);
+            backoff = (backoff * 2).min(backoff_range.1);
         }
     }
 
@@ -231,14 +262,26 @@ impl Fleet {
         let timeout = self.config.timeout;
         match tokio::time::timeout(timeout, future).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(source)) => Err(FleetError::Redis { operation, source }),
+            Ok(Err(source)) => Err(classify(operation, source)),
             Err(_) => Err(FleetError::Timeout { operation, timeout }),
         }
     }
 
-    /// Connects, subscribes, and checks the epoch (putting back what is held when Redis lost
-    /// its data).
-    async fn connect(&mut self, client: &redis::Client) -> Result<Link, FleetError> {
+    /// Finds the master, connects, subscribes, and checks the epoch (putting back what is
+    /// held when Redis lost its data, or when the master changed: a promoted replica may lack
+    /// the old master's last writes).
+    async fn connect(&mut self, discovery: &mut endpoint::Discovery) -> Result<Link, FleetError> {
+        let timeout = self.config.timeout;
+        let (client, master) = match tokio::time::timeout(timeout, discovery.master()).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(source)) if discovery.is_sentinel() => {
+                return Err(FleetError::Discovery(source));
+            }
+            Ok(Err(source)) => return Err(FleetError::Redis { operation: "connecting", source }),
+            Err(_) => {
+                return Err(FleetError::Timeout { operation: "asking for the master", timeout });
+            }
+        };
         let mut commands =
             self.timed("connecting", client.get_multiplexed_async_connection()).await?;
         let mut pubsub =
@@ -252,7 +295,17 @@ impl Fleet {
             Some(seen) => *seen != epoch,
             None => false,
         };
-        if lost || self.overflowed {
+        let moved = self.master.as_ref().is_some_and(|before| *before != master);
+        if moved {
+            let before = self.master.as_deref().unwrap_or_default();
+            tracing::warn!(
+                from = before,
+                to = master,
+                "fleet: the Redis master moved (a failover); putting back the bans held here"
+            );
+            self.metrics.fleet.failed_over(crate::clock::unix_ns() / 1_000_000_000);
+        }
+        if lost || moved || self.overflowed {
             if lost {
                 tracing::warn!(
                     created_here = set,
@@ -263,6 +316,8 @@ impl Fleet {
             self.overflowed = false;
         }
         self.epoch = Some(epoch);
+        self.metrics.fleet.set_master(&master);
+        self.master = Some(master);
         Ok(Link { commands, messages: pubsub.into_on_message() })
     }
 
@@ -314,9 +369,10 @@ impl Fleet {
                 for value in values.into_iter().flatten() {
                     match Event::decode(&value) {
                         // This gateway's own records too: a ban in Redis is in force in the
-                        // fleet, and this gateway may have lost its maps since it made it.
-                        Ok(Event::Ban(record)) if !changed_here.contains(&record.target) => {
-                            records.push(Event::Ban(record));
+                        // fleet, and this gateway may have lost its maps since it made it. An
+                        // unban's record lifts the ban here if this gateway missed it.
+                        Ok(event) if !changed_here.contains(&event.target()) => {
+                            records.push(event);
                         }
                         Ok(_) => {}
                         Err(reason) => {
@@ -337,9 +393,10 @@ impl Fleet {
         }
         read += records.len();
         self.apply(records, Arrival::CatchUp).await;
-        while let Some(event) = self.outbox.front() {
-            self.write(&mut link.commands, event).await?;
-            self.outbox.pop_front();
+        while !self.outbox.is_empty() {
+            let chunk: Vec<Event> = self.outbox.iter().take(BATCH).cloned().collect();
+            self.write(&mut link.commands, &chunk).await?;
+            self.outbox.drain(..chunk.len());
         }
         crate::metrics::set_gauge(&self.metrics.fleet.outbox, 0);
         Ok(read)
@@ -357,9 +414,17 @@ impl Fleet {
         loop {
             tokio::select! {
                 event = local.recv() => {
-                    let event = event?;
-                    if let Err(error) = self.write(&mut link.commands, &event).await {
-                        self.hold(event);
+                    // Whatever else waits goes in the same round trip: a burst of bans must
+                    // not outrun this task (the worker drops what its queue has no room for).
+                    let mut batch = vec![event?];
+                    while batch.len() < BATCH {
+                        match local.try_recv() {
+                            Ok(event) => batch.push(event),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(error) = self.write(&mut link.commands, &batch).await {
+                        batch.into_iter().for_each(|event| self.hold(event));
                         return Some(error);
                     }
                 }
@@ -426,22 +491,31 @@ impl Fleet {
         }
     }
 
-    /// Records and publishes one of this gateway's events.
+    /// Records and publishes a batch of this gateway's events, in one round trip.
     async fn write(
         &self,
         commands: &mut redis::aio::MultiplexedConnection,
-        event: &Event,
+        events: &[Event],
     ) -> Result<(), FleetError> {
         let mut pipe = redis::pipe();
-        match event {
-            Event::Ban(record) => set_record(&mut pipe, &self.keys, record, false),
-            Event::Unban { target, .. } => {
-                pipe.del(self.keys.ban(target)).ignore();
+        for event in events {
+            match event {
+                Event::Ban(record) => set_record(&mut pipe, &self.keys, record, false),
+                Event::Unban { target, .. } => {
+                    // Kept for the gateways that are away now (see the module's documentation).
+                    pipe.set_options(
+                        self.keys.ban(target),
+                        event.encode(),
+                        redis::SetOptions::default()
+                            .with_expiration(redis::SetExpiry::PX(UNBAN_KEPT.as_millis() as u64)),
+                    )
+                    .ignore();
+                }
             }
+            pipe.publish(self.keys.channel(), event.encode_from(Some(&self.instance))).ignore();
         }
-        pipe.publish(self.keys.channel(), event.encode_from(Some(&self.instance))).ignore();
         self.timed("publishing", pipe.query_async::<()>(commands)).await?;
-        self.metrics.fleet.published.inc();
+        self.metrics.fleet.published.inc_by(events.len() as u64);
         Ok(())
     }
 }
@@ -457,4 +531,32 @@ fn set_record(pipe: &mut redis::Pipeline, keys: &Keys, record: &BanRecord, only_
         command.arg("NX");
     }
     command.ignore();
+}
+
+/// A Redis error, as the task acts on it: `READONLY` says the node was demoted (the master
+/// moved), which is a lost connection, not a refused command.
+fn classify(operation: &'static str, source: redis::RedisError) -> FleetError {
+    if source.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly) {
+        FleetError::ReadOnly { operation }
+    } else {
+        FleetError::Redis { operation, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readonly_from_a_demoted_master_is_a_lost_connection() {
+        let readonly = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+            "You can't write against a read only replica.",
+        ));
+        let error = classify("publishing", readonly);
+        assert!(matches!(error, FleetError::ReadOnly { operation: "publishing" }), "{error:?}");
+        assert!(error.to_string().contains("asking for it again"), "{error}");
+        let other = redis::RedisError::from((redis::ErrorKind::Io, "connection reset"));
+        assert!(matches!(classify("SCAN", other), FleetError::Redis { .. }));
+    }
 }

@@ -11,21 +11,20 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::outcome::{End, Outcome};
-use super::passes::PassCache;
+use super::outcome::Outcome;
 use super::session::{AfterReply, Opacity, Session, Step};
-use super::{Drain, Live, relay, upstream};
+use super::upstream::{self, Greeting};
+use super::{Drain, relay};
 use crate::config::{GreetingMode, ProxyConfig};
 use crate::dns::{Dns, Need, ReverseNames};
-use crate::judge::Client;
-use crate::rules::{Action, DnsFacts, Verdict};
+use crate::judge::{Client, End, Judge, Live};
+use crate::rules::{Action, DnsFacts};
 use crate::smtp::MAX_COMMAND_LINE;
 use crate::smtp::reply::{self, ReplyScan, greeting_host, scan_reply};
 
@@ -47,106 +46,18 @@ enum Flow {
     Opaque(Opacity),
 }
 
-/// Runs one admitted session to its end. `input`: client bytes already read (after a trusted
-/// front proxy's header). `condemn` hears a ban verdict the moment the session reaches it.
-/// `passes`: the clients that passed the pregreet test lately, greeted at once.
-#[allow(clippy::too_many_arguments)] // the session's facts, each used once to build the handler
-pub(super) async fn run(
-    live: &Live,
-    mut client: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
-    who: &Client,
-    input: Vec<u8>,
-    drain: watch::Receiver<Drain>,
-    condemn: &(dyn Fn(&Verdict) + Sync),
-    passes: &PassCache,
-    dns: Option<&Arc<Dns>>,
-) -> Outcome {
-    let config = &live.config;
-    let mut outcome = Outcome::default();
-    // Who greets: the MTA (connected now, its banner relayed), or the proxy itself (the MTA
-    // is connected only for a client whose HELO passes).
-    let (upstream, host) = match config.greeting {
-        GreetingMode::Mta => {
-            let (mta, greeting) = match Box::pin(upstream::open(config, peer, local)).await {
-                Ok(opened) => opened,
-                Err((end, error)) => {
-                    outcome.error = Some(error);
-                    outcome.down += close_with(&mut client, &unavailable()).await;
-                    outcome.end = end;
-                    return outcome;
-                }
-            };
-            if send(&mut client, &greeting.bytes, config.idle_timeout).await.is_err() {
-                outcome.end = End::ClientGone;
-                return outcome;
-            }
-            outcome.down += greeting.bytes.len() as u64;
-            if greeting.code != 220 {
-                outcome.end = End::UpstreamRefused;
-                return outcome;
-            }
-            let host = greeting_host(&greeting.bytes).unwrap_or_else(|| "localhost".into());
-            (Some(mta), host)
-        }
-        GreetingMode::Own => (None, config.hostname.clone()),
-    };
-    let mut session = Session::new(&live.rules, *who, &live.reject_message, host);
-    // The DNS checks: the client's reverse names are looked up from now, in the background
-    // (a client seen lately is known already: no task), and the HELO name when the HELO comes,
-    // if DNS can still decide it.
-    let reverse = match dns {
-        Some(dns) if judged_at_all(live, who) => {
-            session.enable_dns();
-            Some(match dns.cached_reverse(who.ip) {
-                Some(known) => Reverse::Known(known),
-                None => {
-                    let (dns, ip) = (dns.clone(), who.ip);
-                    Reverse::Asked(tokio::spawn(
-                        async move { dns.reverse(ip, Need::Optional).await },
-                    ))
-                }
-            })
-        }
-        _ => None,
-    };
-    if config.greeting == GreetingMode::Own {
-        // The pregreet test, unless the client passed it lately: `220-` now, the rest later.
-        let teaser = session.takes_pregreet_test() && !passes.passed(who.ip, unix_secs());
-        let banner = session.greet(teaser);
-        if send(&mut client, &banner, config.idle_timeout).await.is_err() {
-            outcome.end = End::ClientGone;
-            return outcome;
-        }
-        outcome.down += banner.len() as u64;
-    }
-    session.input().extend_from_slice(&input);
-    let now = tokio::time::Instant::now();
-    let greet_deadline = now + config.pregreet.wait;
-    // The HELO timeout counts from the final greeting line.
-    let wait = if session.greeting_pending() { config.pregreet.wait } else { Duration::ZERO };
-    let helo_deadline = now + wait + config.helo_timeout;
-    let handler = Handler {
-        config,
-        client,
-        peer,
-        local,
-        upstream,
-        session,
-        replies: Vec::new(),
-        last_reply: None,
-        outcome,
-        drain,
-        helo_deadline,
-        greet_deadline,
-        condemn,
-        condemned: false,
-        passes,
-        pregreet_ms: None,
-        dns: dns.map(|dns| (&**dns, reverse, who.ip)),
-    };
-    handler.serve().await
+/// What a session is given besides its connection (mini-redis's `Handler` gets the shared
+/// database and the shutdown signal the same way).
+pub(super) struct Context<'a> {
+    pub judge: &'a Judge,
+    /// The settings the session started with, kept to its end.
+    pub live: &'a Live,
+    pub who: Client,
+    /// The client's address and port, and the address it connected to, as the MTA is told
+    /// (a trusted front proxy's header may have named them).
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub drain: watch::Receiver<Drain>,
 }
 
 /// Whether any HELO of this client is judged at all (not allowlisted, not on a listener that
@@ -170,8 +81,11 @@ impl Drop for Reverse {
     }
 }
 
-struct Handler<'a> {
+pub(super) struct Handler<'a> {
+    judge: &'a Judge,
+    live: &'a Live,
     config: &'a ProxyConfig,
+    who: Client,
     client: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
@@ -185,15 +99,116 @@ struct Handler<'a> {
     helo_deadline: tokio::time::Instant,
     /// The end of the pregreet wait, while the greeting waits.
     greet_deadline: tokio::time::Instant,
-    /// Told of a ban verdict as soon as the session reaches it (once).
-    condemn: &'a (dyn Fn(&Verdict) + Sync),
+    /// A ban verdict was told to the judge (once).
     condemned: bool,
-    passes: &'a PassCache,
     /// When the client pregreeted, after the greeting began.
     pregreet_ms: Option<u64>,
-    /// The resolver of the DNS checks, the client's reverse name on its way, and the client's
-    /// address (the real client's, behind a trusted front proxy).
-    dns: Option<(&'a Dns, Option<Reverse>, std::net::IpAddr)>,
+    /// The client's reverse name on its way, for the DNS checks (only with a resolver).
+    reverse: Option<Reverse>,
+}
+
+impl<'a> Handler<'a> {
+    /// A handler for one admitted session. `input`: client bytes already read (after a
+    /// trusted front proxy's header).
+    pub(super) fn new(context: Context<'a>, client: TcpStream, input: Vec<u8>) -> Self {
+        let Context { judge, live, who, peer, local, drain } = context;
+        let config = &live.config;
+        let mut session =
+            Session::new(judge.law(live), who, &live.reject_message, config.hostname.clone());
+        session.input().extend_from_slice(&input);
+        // The DNS checks: the client's reverse names are looked up from now, in the background
+        // (a client seen lately is known already: no task), and the HELO name when the HELO
+        // comes, if DNS can still decide it.
+        let reverse = match judge.dns() {
+            Some(dns) if judged_at_all(live, &who) => {
+                session.enable_dns();
+                Some(match dns.cached_reverse(who.ip) {
+                    Some(known) => Reverse::Known(known),
+                    None => {
+                        let (dns, ip) = (dns.clone(), who.ip);
+                        Reverse::Asked(tokio::spawn(async move {
+                            dns.reverse(ip, Need::Optional).await
+                        }))
+                    }
+                })
+            }
+            _ => None,
+        };
+        let now = tokio::time::Instant::now();
+        Handler {
+            judge,
+            live,
+            config,
+            who,
+            client,
+            peer,
+            local,
+            upstream: None,
+            session,
+            replies: Vec::new(),
+            last_reply: None,
+            outcome: Outcome::default(),
+            drain,
+            helo_deadline: now,
+            greet_deadline: now,
+            condemned: false,
+            pregreet_ms: None,
+            reverse,
+        }
+    }
+
+    /// Runs the session to its end.
+    pub(super) async fn run(mut self) -> Outcome {
+        if let Err(end) = self.greet().await {
+            return self.finish(end);
+        }
+        self.serve().await
+    }
+
+    /// Who greets: the MTA (connected now, its banner relayed), or the proxy itself (the MTA
+    /// is connected only for a client whose HELO passes), with the pregreet test unless the
+    /// client passed it lately. Then the deadlines start.
+    async fn greet(&mut self) -> Result<(), End> {
+        let config = self.config;
+        let banner = match config.greeting {
+            GreetingMode::Mta => {
+                let (mta, greeting) =
+                    match Box::pin(upstream::open(config, self.peer, self.local)).await {
+                        Ok(opened) => opened,
+                        Err((end, error)) => {
+                            self.outcome.error = Some(error);
+                            self.outcome.down += close_with(&mut self.client, &unavailable()).await;
+                            return Err(end);
+                        }
+                    };
+                self.upstream = Some(mta);
+                if greeting.code == 220 {
+                    let host = greeting_host(&greeting.bytes);
+                    self.session.set_host(host.unwrap_or_else(|| "localhost".into()));
+                }
+                greeting
+            }
+            GreetingMode::Own => {
+                let passed = self.judge.passes().passed(self.who.ip, unix_secs());
+                let teaser = self.session.takes_pregreet_test() && !passed;
+                Greeting { code: 220, bytes: self.session.greet(teaser) }
+            }
+        };
+        if send(&mut self.client, &banner.bytes, config.idle_timeout).await.is_err() {
+            return Err(End::ClientGone);
+        }
+        self.outcome.down += banner.bytes.len() as u64;
+        if banner.code != 220 {
+            return Err(End::UpstreamRefused);
+        }
+        let now = tokio::time::Instant::now();
+        self.greet_deadline = now + config.pregreet.wait;
+        // The HELO timeout counts from the final greeting line.
+        let wait =
+            if self.session.greeting_pending() { config.pregreet.wait } else { Duration::ZERO };
+        self.helo_deadline = now + wait + config.helo_timeout;
+        Ok(())
+    }
 }
 
 impl Handler<'_> {
@@ -221,13 +236,14 @@ impl Handler<'_> {
         }
     }
 
-    /// A ban verdict takes effect at accept from now on (see `Court::condemn`).
+    /// A ban verdict takes effect at accept from now on (see `Court::condemn`), not when the
+    /// session ends and its ban is queued.
     fn condemn_once(&mut self) {
         if self.condemned {
             return;
         }
         if let Some(verdict) = self.session.verdict().filter(|v| v.action == Action::Ban) {
-            (self.condemn)(verdict);
+            self.judge.condemn(&self.who, verdict, self.live);
             self.condemned = true;
         }
     }
@@ -260,7 +276,7 @@ impl Handler<'_> {
                 }
                 Step::Defer => Flow::Next,
                 Step::Pass(line) | Step::Forward(line) => self.forward(&line).await,
-                Step::Opaque => Flow::Opaque(Opacity::Data),
+                Step::Opaque => Flow::Opaque(Opacity::Chunks),
             };
             if !matches!(flow, Flow::Next) {
                 return flow;
@@ -275,9 +291,8 @@ impl Handler<'_> {
     /// resolver round trip. `None` when no lookup slot was free for a session that can go
     /// without.
     async fn lookups(&mut self, name: &str, need: Need) -> Option<DnsFacts> {
-        let (dns, reverse, ip) = self.dns.as_mut()?;
-        let (dns, ip): (&Dns, _) = (dns, *ip);
-        let reverse = reverse.take();
+        let (dns, ip): (&Dns, _) = (self.judge.dns()?, self.who.ip);
+        let reverse = self.reverse.take();
         let names = async move {
             match reverse {
                 Some(mut reverse) => match &mut reverse {
@@ -372,7 +387,7 @@ impl Handler<'_> {
                     let greeting = self.session.on_greet_wait();
                     let pregreet = &self.config.pregreet;
                     let (ttl, size) = (pregreet.pass_ttl, pregreet.pass_cache_size);
-                    self.passes.pass(self.peer.ip(), unix_secs(), ttl, size);
+                    self.judge.passes().pass(self.peer.ip(), unix_secs(), ttl, size);
                     return self.tell(&greeting).await;
                 }
                 let (answer, end) = self.session.on_timeout();
@@ -466,7 +481,7 @@ impl Handler<'_> {
         if relayed.cut {
             outcome.end = End::Shutdown;
         } else if let Some(e) = relayed.error {
-            outcome.end = End::RelayError;
+            outcome.end = End::RelayError(e.side);
             outcome.error = Some(e.to_string());
         }
         outcome

@@ -17,7 +17,6 @@
 mod handler;
 pub mod header;
 pub mod outcome;
-pub mod passes;
 pub mod relay;
 pub mod session;
 mod upstream;
@@ -26,21 +25,18 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use self::handler::close_with;
+use self::handler::{Context, Handler, close_with};
 use self::outcome::Outcome;
-use self::passes::PassCache;
-use crate::blocklist::BanCheck;
-use crate::blocklist::worker::BanSender;
-use crate::config::{ListenerConfig, ProxyConfig};
-use crate::judge::{Client, Court, Door, NeverBan, Record, Transport};
-use crate::rules::{Action, RuleSet, Verdict};
+use crate::config::ListenerConfig;
+use crate::judge::{Client, Door, Judge, Live, Open, Record, Refusal, Transport};
+use crate::rules::Action;
 use crate::smtp::reply;
 
 /// The longest PROXY header taken from a trusted front proxy (v2 with TLVs; v1 is at most 107).
@@ -59,52 +55,10 @@ pub enum Drain {
     Cut,
 }
 
-/// What a reload replaces. A session takes the current one when it starts and keeps it to
-/// its end, so a reload never changes the rules under a session in flight.
-pub struct Live {
-    pub config: ProxyConfig,
-    pub rules: Arc<RuleSet>,
-    pub reject_message: String,
-}
-
-/// Where sessions are counted besides the log: metrics and the tophelos report.
-pub struct Observe {
-    pub metrics: Option<Arc<crate::metrics::Metrics>>,
-    pub report_window: Duration,
-    /// The ban maps, read for clients behind a trusted front proxy.
-    pub lookup: Option<Arc<dyn BanCheck>>,
-    /// The pregreet test's passes, shared with the ban worker (which saves them with the
-    /// snapshot); `None`: a fresh cache of `pregreet.pass_cache_size`.
-    pub passes: Option<Arc<PassCache>>,
-    /// The resolver of the DNS checks; `None`: no lookups (the DNS checks do not fire).
-    pub dns: Option<Arc<crate::dns::Dns>>,
-}
-
-impl Default for Observe {
-    fn default() -> Self {
-        Observe {
-            metrics: None,
-            report_window: Duration::from_secs(24 * 3600),
-            lookup: None,
-            passes: None,
-            dns: None,
-        }
-    }
-}
-
-/// What every session shares.
-pub struct Shared {
-    live: RwLock<Arc<Live>>,
-    /// Where verdicts have consequences: log lines, tophelos, metrics, bans.
-    pub court: Court,
-    /// When XDP could not be attached: bans are enforced here, at accept.
-    pub enforce: Option<Arc<dyn BanCheck>>,
-    /// The bans, for clients behind a trusted front proxy (XDP sees only the proxy).
-    pub lookup: Option<Arc<dyn BanCheck>>,
-    /// Clients that passed the pregreet test lately: greeted at once.
-    pub passes: Arc<PassCache>,
-    /// The resolver of the DNS checks, for both doors; `None`: no lookups.
-    pub dns: Option<Arc<crate::dns::Dns>>,
+/// What the proxy's sessions share besides the judge: the limits, the drain, the throttled
+/// warnings.
+struct Shared {
+    judge: Arc<Judge>,
     /// Fixed at start: the semaphore is sized by it.
     max_sessions: usize,
     sessions: Arc<Semaphore>,
@@ -115,28 +69,12 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(
-        config: ProxyConfig,
-        rules: Arc<RuleSet>,
-        reject_message: String,
-        bans: Option<BanSender>,
-        enforce: Option<Arc<dyn BanCheck>>,
-        observe: Observe,
-    ) -> Arc<Self> {
-        let max_sessions = config.max_sessions;
-        let sessions = Arc::new(Semaphore::new(max_sessions));
-        let passes = observe
-            .passes
-            .unwrap_or_else(|| Arc::new(PassCache::new(config.pregreet.pass_cache_size)));
+    fn new(judge: Arc<Judge>) -> Arc<Self> {
+        let max_sessions = judge.live().config.max_sessions;
         Arc::new(Shared {
-            live: RwLock::new(Arc::new(Live { config, rules, reject_message })),
-            court: Court::new(bans, observe.metrics, observe.report_window),
-            enforce,
-            lookup: observe.lookup,
-            passes,
-            dns: observe.dns,
+            judge,
             max_sessions,
-            sessions,
+            sessions: Arc::new(Semaphore::new(max_sessions)),
             per_ip: Mutex::new(HashMap::new()),
             drain: watch::Sender::new(Drain::Running),
             refused: Throttled::default(),
@@ -144,18 +82,8 @@ impl Shared {
         })
     }
 
-    /// The settings new sessions start with.
-    pub fn live(&self) -> Arc<Live> {
-        self.live.read().expect("live config lock").clone()
-    }
-
-    /// Swaps in reloaded settings for the sessions that start from now on.
-    pub fn replace(&self, live: Live) {
-        *self.live.write().expect("live config lock") = Arc::new(live);
-    }
-
     /// Sessions open now.
-    pub fn open_sessions(&self) -> usize {
+    fn open_sessions(&self) -> usize {
         self.max_sessions - self.sessions.available_permits()
     }
 
@@ -167,7 +95,8 @@ impl Shared {
             return None;
         }
         *count += 1;
-        Some(Admission { shared: self.clone(), ip, _permit: permit })
+        let open = self.judge.court().opened();
+        Some(Admission { shared: self.clone(), ip, _permit: permit, _open: open })
     }
 }
 
@@ -200,6 +129,7 @@ struct Admission {
     shared: Arc<Shared>,
     ip: IpAddr,
     _permit: OwnedSemaphorePermit,
+    _open: Open,
 }
 
 impl Drop for Admission {
@@ -283,15 +213,16 @@ pub struct ThreadError {
 /// (from [`bind_std`]) gets its own thread with a single-threaded runtime, which accepts on
 /// the listening sockets and runs every session it accepted to its end there (a session never
 /// moves between threads, and no thread wakes another for it, as in HAProxy).
-/// Every session shares `shared`: the limits, the judge, the bans, the drain. The caller's
-/// runtime keeps the rest (control socket, metrics, policy service, ban worker). A failing
-/// session is logged, never fatal. Returns once the sessions have drained and the threads
-/// have ended.
+/// Every session shares the `judge` (the rules, the court, the bans, the memories), and the
+/// proxy's own limits and drain. The caller's runtime keeps the rest (control socket, metrics,
+/// policy service, ban worker). A failing session is logged, never fatal. Returns once the
+/// sessions have drained and the threads have ended.
 pub async fn serve(
     sets: Vec<StdListeners>,
-    shared: Arc<Shared>,
+    judge: Arc<Judge>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ThreadError> {
+    let shared = Shared::new(judge);
     let (stop, stopping) = watch::channel(false);
     let (end, ending) = watch::channel(false);
     // Each thread holds a clone until its listeners are closed; `recv` is `None` when all are.
@@ -395,7 +326,7 @@ async fn accept(bound: Bound, shared: Arc<Shared>) {
 /// `proxy.shutdown_grace`, saying every second how many are left. What is still open then is
 /// cut when the runtime stops.
 async fn drain(shared: &Shared) {
-    let grace = shared.live().config.shutdown_grace;
+    let grace = shared.judge.live().config.shutdown_grace;
     let deadline = tokio::time::Instant::now() + grace;
     let mut last_report = tokio::time::Instant::now();
     loop {
@@ -428,86 +359,18 @@ async fn drain(shared: &Shared) {
     }
 }
 
-async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, check_helo: bool) {
+/// One accepted connection, to its end: who it is, refused or admitted, the session, its
+/// conclusion.
+async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, check_helo: bool) {
     let started = Instant::now();
-    let live = shared.live();
-    let from = crate::addr::canonical(peer.ip());
-    let drain = shared.drain.subscribe();
-    let mut local = client.local_addr().unwrap_or(peer);
-    let mut peer = peer;
-    let mut input = Vec::new();
-    // A trusted front proxy (load balancer) says who the client is; anyone else's PROXY header
-    // is refused in the session.
-    let balancer =
-        live.config.trusted_proxies.iter().any(|net| net.contains(&from)).then_some(from);
-    if let Some(balancer) = balancer {
-        match read_inbound(&mut client, live.config.helo_timeout).await {
-            Ok((header::Inbound::Proxied { client: real, local: dst }, after)) => {
-                peer = real;
-                local = dst;
-                input = after;
-            }
-            Ok((header::Inbound::Local, after)) => input = after,
-            Err(error) => {
-                tracing::warn!(%balancer, %error, "trusted front proxy sent no valid PROXY header: connection closed");
-                return;
-            }
-        }
-    }
-    // The client, resolved once: every later step uses this value.
-    let who = Client::new(peer.ip(), balancer, !check_helo);
-    let ip = who.ip;
-    // Behind a balancer XDP sees only the balancer, so the bans are checked here; without XDP,
-    // for everyone.
-    let check = if balancer.is_some() { shared.lookup.as_ref() } else { shared.enforce.as_ref() };
-    if let Some(check) = check
-        && check.banned(ip, crate::clock::boot_ns())
-    {
-        // What XDP would have done, as near as user space can: no greeting, just gone.
-        tracing::debug!(client = %ip, via = ?balancer, "banned client closed at accept");
-        return;
-    }
-    // A ban decided a moment ago may not be in the kernel yet: a bot that reconnects at once
-    // would otherwise pass with a fresh HELO. Closed the same way.
-    if shared.court.ban_pending(ip) {
-        tracing::debug!(client = %ip, via = ?balancer, "client with a ban just decided closed at accept");
-        return;
-    }
-    let Some(_admission) = shared.admit(ip, live.config.max_sessions_per_ip) else {
-        let refusal = reply::line(421, "4.7.0", "Error: too many connections");
-        if let Some(count) = shared.refused.tick(Instant::now()) {
-            tracing::warn!(
-                client = %ip,
-                count,
-                "sessions refused at the connection limits (count: since the last such line; \
-                 proxy.max_sessions, proxy.max_sessions_per_ip)"
-            );
-        }
-        close_with(&mut client, &refusal).await;
-        return;
-    };
-    let _ = client.set_nodelay(true);
-    let never = NeverBan {
-        mta: live.config.upstream.ip(),
-        trusted_proxies: &live.config.trusted_proxies,
-        allowlist: &live.rules.allowlist,
-    };
-    // A ban verdict takes effect at accept from the moment it is reached, not when the session
-    // ends and its ban is queued.
-    let condemn = |verdict: &Verdict| shared.court.condemn(&who, verdict, &never);
-    let outcome = handler::run(
-        &live,
-        client,
-        peer,
-        local,
-        &who,
-        input,
-        drain,
-        &condemn,
-        &shared.passes,
-        shared.dns.as_ref(),
-    )
-    .await;
+    let live = shared.judge.live();
+    let Some(mut arrival) = arrive(&shared, &live, client, peer, check_helo).await else { return };
+    let Some(_admission) = admit(&shared, &live, &mut arrival).await else { return };
+    let Arrival { stream, who, peer, local, input } = arrival;
+    let _ = stream.set_nodelay(true);
+    let judge = &*shared.judge;
+    let context = Context { judge, live: &live, who, peer, local, drain: shared.drain.subscribe() };
+    let outcome = Handler::new(context, stream, input).run().await;
     let record = Record {
         door: Door::Proxy,
         client: &who,
@@ -522,19 +385,98 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ch
             spliced: outcome.spliced,
             copied: outcome.copied,
             tls: outcome.tls,
-            end: outcome.end.as_str(),
-            side: outcome.end.side().as_str(),
+            end: outcome.end,
             error: outcome.error.as_deref().unwrap_or(""),
             pregreet: outcome.pregreet.as_deref(),
         }),
     };
-    shared.court.conclude(&record, &never);
-    count_relay(&shared, &outcome);
+    judge.conclude(&record, &live);
+    count_relay(judge, &outcome);
+}
+
+/// A connection as it arrived: the client resolved once (every later step uses this value),
+/// the addresses the MTA is told, and the client bytes read after a front proxy's header.
+struct Arrival {
+    stream: TcpStream,
+    who: Client,
+    peer: SocketAddr,
+    local: SocketAddr,
+    input: Vec<u8>,
+}
+
+/// Who the client is (a trusted front proxy says so in its PROXY header; anyone else's header
+/// is refused in the session), and whether the judge refuses it at once; `None`: closed.
+async fn arrive(
+    shared: &Shared,
+    live: &Live,
+    stream: TcpStream,
+    peer: SocketAddr,
+    check_helo: bool,
+) -> Option<Arrival> {
+    let from = crate::addr::canonical(peer.ip());
+    let local = stream.local_addr().unwrap_or(peer);
+    let mut arrival = Arrival {
+        stream,
+        who: Client::new(from, None, !check_helo),
+        peer,
+        local,
+        input: Vec::new(),
+    };
+    let balancer =
+        live.config.trusted_proxies.iter().any(|net| net.contains(&from)).then_some(from);
+    if let Some(balancer) = balancer {
+        match read_inbound(&mut arrival.stream, live.config.helo_timeout).await {
+            Ok((header::Inbound::Proxied { client: real, local: dst }, after)) => {
+                arrival.peer = real;
+                arrival.local = dst;
+                arrival.input = after;
+            }
+            Ok((header::Inbound::Local, after)) => arrival.input = after,
+            Err(error) => {
+                tracing::warn!(%balancer, %error, "trusted front proxy sent no valid PROXY header: connection closed");
+                return None;
+            }
+        }
+    }
+    arrival.who = Client::new(arrival.peer.ip(), balancer, !check_helo);
+    let ip = arrival.who.ip;
+    // What XDP would have done, as near as user space can: no greeting, just gone.
+    let Some(refusal) = shared.judge.refused_at_accept(&arrival.who) else {
+        return Some(arrival);
+    };
+    match refusal {
+        Refusal::Banned => {
+            tracing::debug!(client = %ip, via = ?balancer, "banned client closed at accept");
+        }
+        Refusal::BanPending => {
+            tracing::debug!(client = %ip, via = ?balancer, "client with a ban just decided closed at accept");
+        }
+    }
+    None
+}
+
+/// A place in the limits for `arrival`, or `421` and `None` beyond them.
+async fn admit(shared: &Arc<Shared>, live: &Live, arrival: &mut Arrival) -> Option<Admission> {
+    let ip = arrival.who.ip;
+    if let Some(admission) = shared.admit(ip, live.config.max_sessions_per_ip) {
+        return Some(admission);
+    }
+    let refusal = reply::line(421, "4.7.0", "Error: too many connections");
+    if let Some(count) = shared.refused.tick(Instant::now()) {
+        tracing::warn!(
+            client = %ip,
+            count,
+            "sessions refused at the connection limits (count: since the last such line; \
+             proxy.max_sessions, proxy.max_sessions_per_ip)"
+        );
+    }
+    close_with(&mut arrival.stream, &refusal).await;
+    None
 }
 
 /// The proxy's own counters: how sessions ended, and the bytes relayed by each path.
-fn count_relay(shared: &Shared, outcome: &Outcome) {
-    let Some(metrics) = &shared.court.metrics else { return };
+fn count_relay(judge: &Judge, outcome: &Outcome) {
+    let Some(metrics) = &judge.court().metrics else { return };
     metrics
         .session_ends
         .get_or_create(&crate::metrics::EndLabels { end: outcome.end.as_str() })
@@ -607,14 +549,7 @@ mod tests {
             &crate::config::HostFacts::default(),
         )
         .unwrap();
-        let shared = Shared::new(
-            config.proxy.clone(),
-            config.rules.clone(),
-            config.reject_message.clone(),
-            None,
-            None,
-            Observe::default(),
-        );
+        let shared = Shared::new(Judge::new(Live::of(&config), Default::default()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let _client = TcpStream::connect(addr).await.unwrap();
@@ -680,5 +615,71 @@ mod tests {
             "the next line stands for the 479 folded and itself"
         );
         assert_eq!(throttled.tick(start + Duration::from_millis(1001)), None);
+    }
+
+    /// An MTA that accepts a transaction and then waits for the message forever.
+    async fn patient_mta(listener: TcpListener) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let (stream, _) = listener.accept().await.unwrap();
+        let (read, mut write) = stream.into_split();
+        write.write_all(b"220 mta.test ESMTP\r\n").await.unwrap();
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let answer: &[u8] = if line == "DATA" { b"354 go ahead\r\n" } else { b"250 ok\r\n" };
+            write.write_all(answer).await.unwrap();
+            if line == "DATA" {
+                // The message is read, never answered: the client does not finish it.
+                while let Ok(Some(_)) = lines.next_line().await {}
+                return;
+            }
+        }
+    }
+
+    /// Regression (issue 25): a client that stalls mid-DATA was logged `side=agent` (a relay
+    /// error was always the agent's), the side operators alert on. Its session line now says
+    /// `end=relay_error side=client`.
+    #[tokio::test]
+    async fn a_client_stalling_mid_data_is_logged_on_the_client_side() {
+        use tokio::io::AsyncWriteExt;
+        let mta = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let text = format!(
+            "[identity]\ndetect = false\n[checks]\npregreet = \"off\"\n\
+             [proxy]\nupstream = \"{}\"\nproxy_protocol = \"none\"\nidle_timeout = \"1s\"\n",
+            mta.local_addr().unwrap()
+        );
+        let config = crate::config::Config::parse(
+            &text,
+            std::path::Path::new("t"),
+            &crate::config::HostFacts::default(),
+        )
+        .unwrap();
+        let shared = Shared::new(Judge::new(Live::of(&config), Default::default()));
+        let (logs, _logging) = crate::testing::Captured::start();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, peer) = listener.accept().await.unwrap();
+        let client_side = async {
+            let mut reply = vec![0u8; 512];
+            let _ = client.read(&mut reply).await.unwrap();
+            for line in [
+                "EHLO mail.sender.example",
+                "MAIL FROM:<a@b.example>",
+                "RCPT TO:<c@d.example>",
+                "DATA",
+            ] {
+                client.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
+                let n = client.read(&mut reply).await.unwrap();
+                assert!(n > 0, "answered: {line}");
+            }
+            client.write_all(b"Subject: stalled\r\n\r\nhalf a li").await.unwrap();
+            // Stalled: the agent ends the session at its idle limit.
+            let mut rest = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest)).await;
+        };
+        tokio::join!(patient_mta(mta), handle(shared, server, peer, true), client_side);
+        let logs = logs.text();
+        let line = logs.lines().find(|l| l.contains(" session ")).expect(&logs);
+        assert!(line.contains("end=\"relay_error\"") && line.contains("side=\"client\""), "{line}");
     }
 }

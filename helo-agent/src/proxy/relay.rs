@@ -8,10 +8,16 @@
 //! no reply and writes nothing of its own: the stream belongs to the two TLS ends.
 //! Where a pipe or splice is unavailable the relay falls back to a plain copy and says so.
 //!
+//! A relay that fails says which side failed ([`RelayError`]): a socket error names the side
+//! of its socket; silence past the idle limit names the side whose turn it was, where the relay
+//! can tell ([`Turn`]: a client that stops mid-message after DATA is the client's fault, a
+//! complete message unanswered the MTA's), and the agent where it cannot (inside TLS, or once
+//! the client's data is spliced past user space).
+//!
 //! No `unsafe`: rustix's `splice` takes borrowed descriptors; tokio's readiness drives it.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::pipe::{PipeFlags, SpliceFlags, pipe_with, splice};
@@ -19,6 +25,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::session::Opacity;
+use crate::judge::Side;
 
 /// Bytes a pipe holds by default: one splice moves at most this much.
 const CHUNK: usize = 64 * 1024;
@@ -37,13 +44,128 @@ pub struct Relayed {
     pub spliced: bool,
     /// Client bytes copied through user space before that (all of them when not spliced).
     pub copied: u64,
-    /// Why the relay ended early (idle timeout, a socket error); `None` when both sides closed.
-    /// The byte counts hold either way.
-    pub error: Option<io::Error>,
+    /// Why the relay ended early (idle timeout, a socket error), and on which side; `None`
+    /// when both sides closed. The byte counts hold either way.
+    pub error: Option<RelayError>,
     /// The MTA went away mid-session; the client was told 421.
     pub upstream_lost: bool,
     /// Ended by the shutdown (its grace was over).
     pub cut: bool,
+}
+
+/// A relay's failure and the side it happened on.
+#[derive(Debug)]
+pub struct RelayError {
+    pub side: Side,
+    pub error: io::Error,
+}
+
+impl RelayError {
+    pub fn kind(&self) -> io::ErrorKind {
+        self.error.kind()
+    }
+}
+
+impl std::fmt::Display for RelayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+/// Tags an I/O error with the side whose socket it came from.
+fn on(side: Side) -> impl Fn(io::Error) -> RelayError {
+    move |error| RelayError { side, error }
+}
+
+/// Whose turn it is to speak, as far as the relay can see the client's bytes: in plaintext
+/// message data after DATA (354) the client speaks until the lone dot that ends the message,
+/// and then the MTA owes its reply. Fed the client's bytes while they pass through user space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Turn {
+    /// Inside the message: the client's turn. `line_start`: the last byte ended a line; `dot`:
+    /// the line so far is `.` (1) or `.\r` (2).
+    Data { line_start: bool, dot: u8 },
+    /// The message is complete: the MTA owes its reply.
+    DataEnd,
+    /// The MTA answered the complete message: the client's turn again.
+    Answered,
+    /// The relay cannot tell (TLS, BDAT chunks, bytes after the message, spliced data).
+    Unknown,
+}
+
+impl Turn {
+    /// At the start of the relay of `opacity`.
+    pub fn at(opacity: Opacity) -> Turn {
+        match opacity {
+            Opacity::Data => Turn::Data { line_start: true, dot: 0 },
+            Opacity::Tls | Opacity::Chunks => Turn::Unknown,
+        }
+    }
+
+    /// The client sent `bytes`.
+    pub fn client(self, bytes: &[u8]) -> Turn {
+        bytes.iter().fold(self, |turn, &b| match turn {
+            Turn::Data { line_start, dot } => match (b, dot) {
+                (b'\n', 1 | 2) => Turn::DataEnd,
+                (b'\r', 1) => Turn::Data { line_start: false, dot: 2 },
+                (b'.', _) if line_start => Turn::Data { line_start: false, dot: 1 },
+                (b'\n', _) => Turn::Data { line_start: true, dot: 0 },
+                _ => Turn::Data { line_start: false, dot: 0 },
+            },
+            // Commands after the message: whether the MTA owes replies is not followed.
+            Turn::DataEnd | Turn::Answered | Turn::Unknown => Turn::Unknown,
+        })
+    }
+
+    /// The MTA sent a complete reply line.
+    pub fn mta(self) -> Turn {
+        match self {
+            Turn::DataEnd => Turn::Answered,
+            turn => turn,
+        }
+    }
+
+    /// Who kept the relay silent past its idle limit; `client_done`: the client had closed
+    /// its side (the MTA owes what is left).
+    pub fn idle(self, client_done: bool) -> Side {
+        match self {
+            _ if client_done => Side::Mta,
+            Turn::Data { .. } | Turn::Answered => Side::Client,
+            Turn::DataEnd => Side::Mta,
+            Turn::Unknown => Side::Agent,
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Turn::Unknown => 0,
+            Turn::Data { line_start, dot } => 1 + u8::from(line_start) * 4 + dot,
+            Turn::DataEnd => 8,
+            Turn::Answered => 9,
+        }
+    }
+
+    fn from_code(code: u8) -> Turn {
+        match code {
+            1..=7 => Turn::Data { line_start: (code - 1) & 4 != 0, dot: (code - 1) & 3 },
+            8 => Turn::DataEnd,
+            9 => Turn::Answered,
+            _ => Turn::Unknown,
+        }
+    }
+}
+
+/// The [`Turn`] both directions of a relay share (they run in one task, one after the other).
+struct SharedTurn(AtomicU8);
+
+impl SharedTurn {
+    fn get(&self) -> Turn {
+        Turn::from_code(self.0.load(Ordering::Relaxed))
+    }
+
+    fn set(&self, turn: Turn) {
+        self.0.store(turn.code(), Ordering::Relaxed);
+    }
 }
 
 /// The reply the MTA sends when it drops a session it lost: the client retries later.
@@ -129,21 +251,27 @@ pub async fn relay(
     let spliced = std::sync::atomic::AtomicBool::new(false);
     let client_done = std::sync::atomic::AtomicBool::new(false);
     let lost = std::sync::atomic::AtomicBool::new(false);
+    let turn = SharedTurn(AtomicU8::new(Turn::at(opacity).code()));
     let both = async {
         let up = async {
-            let counts = UpCounts { total: &up, copied: &copied, spliced: &spliced };
+            let counts = UpCounts { total: &up, copied: &copied, spliced: &spliced, turn: &turn };
             let result = client_to_mta(&client, &upstream, &counts, &touch).await;
             client_done.store(true, Ordering::Relaxed);
             result
         };
-        let watch = opacity == Opacity::Data;
-        let down = replies(&upstream, &client, &down, &touch, &client_done, watch.then_some(&lost));
+        let watch = opacity != Opacity::Tls;
+        let down = Down { total: &down, client_done: &client_done, turn: &turn };
+        let down = replies(&upstream, &client, &down, &touch, watch.then_some(&lost));
         tokio::try_join!(up, down)
     };
     let mut cut_short = false;
     let error = tokio::select! {
         result = both => result.err(),
-        () = watchdog => Some(io::Error::new(io::ErrorKind::TimedOut, format!("no traffic for {}s", idle.as_secs()))),
+        () = watchdog => {
+            let side = turn.get().idle(client_done.load(Ordering::Relaxed));
+            let error = io::Error::new(io::ErrorKind::TimedOut, format!("no traffic for {}s", idle.as_secs()));
+            Some(RelayError { side, error })
+        }
         () = cut => {
             cut_short = true;
             None
@@ -163,14 +291,20 @@ pub async fn relay(
 /// Copies the MTA's replies to the client until the MTA's side ends, then half-closes the
 /// client's. With `lost` (plaintext replies), an end without a goodbye while the client still
 /// talks gets the client a 421; without it (TLS), nothing is added to the stream.
+/// What the MTA's direction counts and shares.
+struct Down<'a> {
+    total: &'a AtomicU64,
+    client_done: &'a std::sync::atomic::AtomicBool,
+    turn: &'a SharedTurn,
+}
+
 async fn replies(
     from: &TcpStream,
     to: &TcpStream,
-    total: &AtomicU64,
+    down: &Down<'_>,
     touch: &impl Fn(),
-    client_done: &std::sync::atomic::AtomicBool,
     lost: Option<&std::sync::atomic::AtomicBool>,
-) -> io::Result<()> {
+) -> Result<(), RelayError> {
     let mut last = LastReply::default();
     let mut buf = vec![0u8; 4096];
     let ended = loop {
@@ -181,23 +315,26 @@ async fn replies(
         };
         touch();
         last.feed(&buf[..n]);
+        if last.code.is_some() && !last.mid_line() {
+            down.turn.set(down.turn.get().mta());
+        }
         if let Err(e) = write_all(to, &buf[..n]).await {
             if peer_gone(&e) {
                 // The client has gone: nothing left to tell it.
                 let _ = rustix::net::shutdown(from, rustix::net::Shutdown::Read);
                 return Ok(());
             }
-            return Err(e);
+            return Err(on(Side::Client)(e));
         }
-        total.fetch_add(n as u64, Ordering::Relaxed);
+        down.total.fetch_add(n as u64, Ordering::Relaxed);
     };
     match ended {
-        Err(e) if !peer_gone(&e) => return Err(e),
+        Err(e) if !peer_gone(&e) => return Err(on(Side::Mta)(e)),
         _ => {}
     }
     if let Some(lost) = lost
         && !last.said_goodbye()
-        && !client_done.load(Ordering::Relaxed)
+        && !down.client_done.load(Ordering::Relaxed)
     {
         lost.store(true, Ordering::Relaxed);
         let notice = if last.mid_line() {
@@ -249,11 +386,12 @@ async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// What the client's direction counts.
+/// What the client's direction counts and shares.
 struct UpCounts<'a> {
     total: &'a AtomicU64,
     copied: &'a AtomicU64,
     spliced: &'a std::sync::atomic::AtomicBool,
+    turn: &'a SharedTurn,
 }
 
 /// Moves the client's bytes to the MTA until the client's side ends, then half-closes the
@@ -263,9 +401,9 @@ async fn client_to_mta(
     to: &TcpStream,
     counts: &UpCounts<'_>,
     touch: &impl Fn(),
-) -> io::Result<()> {
+) -> Result<(), RelayError> {
     match copy_then_splice(from, to, counts, touch).await {
-        Err(e) if !peer_gone(&e) => return Err(e),
+        Err(e) if !peer_gone(&e.error) => return Err(e),
         _ => {}
     }
     // The peer's end of stream: pass the half-close on.
@@ -278,15 +416,16 @@ async fn copy_then_splice(
     to: &TcpStream,
     counts: &UpCounts<'_>,
     touch: &impl Fn(),
-) -> io::Result<()> {
+) -> Result<(), RelayError> {
     let mut buf = vec![0u8; COPY_FIRST];
     let pipe = loop {
-        let n = read_some(from, &mut buf).await?;
+        let n = read_some(from, &mut buf).await.map_err(on(Side::Client))?;
         if n == 0 {
             return Ok(());
         }
         touch();
-        write_all(to, &buf[..n]).await?;
+        counts.turn.set(counts.turn.get().client(&buf[..n]));
+        write_all(to, &buf[..n]).await.map_err(on(Side::Mta))?;
         counts.total.fetch_add(n as u64, Ordering::Relaxed);
         counts.copied.fetch_add(n as u64, Ordering::Relaxed);
         if n == buf.len() {
@@ -300,6 +439,8 @@ async fn copy_then_splice(
     };
     drop(buf);
     counts.spliced.store(true, Ordering::Relaxed);
+    // From here the client's bytes never reach user space: whose turn it is, is unknown.
+    counts.turn.set(Turn::Unknown);
     splice_until_end(from, to, &pipe, counts.total, touch).await
 }
 
@@ -309,17 +450,17 @@ async fn splice_until_end(
     pipe: &(rustix::fd::OwnedFd, rustix::fd::OwnedFd),
     total: &AtomicU64,
     touch: &impl Fn(),
-) -> io::Result<()> {
+) -> Result<(), RelayError> {
     let (pipe_read, pipe_write) = pipe;
     loop {
-        from.readable().await?;
+        from.readable().await.map_err(on(Side::Client))?;
         let moved = match from.try_io(Interest::READABLE, || {
             splice(from, None, pipe_write, None, CHUNK, SpliceFlags::NONBLOCK | SpliceFlags::MOVE)
                 .map_err(io::Error::from)
         }) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(on(Side::Client)(e)),
         };
         if moved == 0 {
             return Ok(());
@@ -327,7 +468,7 @@ async fn splice_until_end(
         touch();
         let mut left = moved;
         while left > 0 {
-            to.writable().await?;
+            to.writable().await.map_err(on(Side::Mta))?;
             match to.try_io(Interest::WRITABLE, || {
                 splice(pipe_read, None, to, None, left, SpliceFlags::NONBLOCK | SpliceFlags::MOVE)
                     .map_err(io::Error::from)
@@ -337,7 +478,7 @@ async fn splice_until_end(
                     touch();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(on(Side::Mta)(e)),
             }
         }
         total.fetch_add(moved as u64, Ordering::Relaxed);
@@ -360,7 +501,15 @@ mod tests {
 
     /// A plaintext relay with a 5 s idle limit and no shutdown, in its own task.
     fn spawn_relay(client: TcpStream, upstream: TcpStream) -> tokio::task::JoinHandle<Relayed> {
-        let idle = Duration::from_secs(5);
+        spawn_idle(client, upstream, Duration::from_secs(5))
+    }
+
+    /// A plaintext relay (after DATA) with the `idle` limit and no shutdown, in its own task.
+    fn spawn_idle(
+        client: TcpStream,
+        upstream: TcpStream,
+        idle: Duration,
+    ) -> tokio::task::JoinHandle<Relayed> {
         tokio::spawn(relay(client, upstream, idle, Opacity::Data, std::future::pending()))
     }
 
@@ -471,13 +620,7 @@ mod tests {
         // Traffic every 150 ms, well inside the limit even on a loaded machine.
         let idle = Duration::from_millis(500);
         let started = Instant::now();
-        let relay = tokio::spawn(relay(
-            client_near,
-            upstream_near,
-            idle,
-            Opacity::Data,
-            std::future::pending(),
-        ));
+        let relay = spawn_idle(client_near, upstream_near, idle);
         let mut got = [0u8; 6];
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_millis(150)).await;
@@ -514,5 +657,57 @@ mod tests {
             io::ErrorKind::TimedOut
         );
         assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    /// Whose turn it is in plaintext message data: the client's until the lone dot, then the
+    /// MTA's until it answers; unknown where the relay cannot follow.
+    #[test]
+    fn the_turn_follows_the_message_to_its_dot_and_the_mtas_answer() {
+        let data = Turn::at(Opacity::Data);
+        assert_eq!(data.idle(false), Side::Client, "354 said: the client's data is awaited");
+        let half = data.client(b"Subject: x\r\n\r\nhalf a li");
+        assert_eq!(half.idle(false), Side::Client, "stalled mid-line");
+        let lines = half.client(b"ne\r\n..stuffed, not the end\r\n");
+        assert_eq!(lines.idle(false), Side::Client, "stalled between lines");
+        let end = lines.client(b"\r\n.").client(b"\r").client(b"\n");
+        assert_eq!(end, Turn::DataEnd, "the dot line in three pieces");
+        assert_eq!(end.idle(false), Side::Mta, "a complete message unanswered");
+        assert_eq!(data.client(b"x\n.\n"), Turn::DataEnd, "bare LF, as Postfix takes it");
+        assert_eq!(data.client(b".\r\n"), Turn::DataEnd, "an empty message");
+        assert_eq!(
+            end.mta().idle(false),
+            Side::Client,
+            "answered: the next command is the client's"
+        );
+        assert_eq!(
+            end.mta().client(b"QUIT\r\n").idle(false),
+            Side::Agent,
+            "commands: not followed"
+        );
+        assert_eq!(half.idle(true), Side::Mta, "the client closed its side: the MTA owes the rest");
+        assert_eq!(Turn::at(Opacity::Tls).idle(false), Side::Agent, "inside TLS: cannot tell");
+        assert_eq!(Turn::at(Opacity::Chunks).client(b".\r\n"), Turn::Unknown, "BDAT: no dot");
+        for turn in [half, end, end.mta(), Turn::Unknown, data.client(b"."), data.client(b".\r")] {
+            assert_eq!(Turn::from_code(turn.code()), turn);
+        }
+    }
+
+    /// Regression (issue 25): a client that stalls mid-DATA ended the relay on its idle limit
+    /// as an error of the agent's own (`side=agent`), the side operators alert on. The relay
+    /// now names the client; and the MTA where a complete message goes unanswered.
+    #[tokio::test]
+    async fn an_idle_relay_names_the_side_whose_turn_it_was() {
+        for (sent, side) in
+            [(&b"Subject: x\r\n\r\nhalf a li"[..], Side::Client), (b"hi\r\n.\r\n", Side::Mta)]
+        {
+            let (mut client_far, client_near) = pair().await;
+            let (upstream_near, mut upstream_far) = pair().await;
+            let relay = spawn_idle(client_near, upstream_near, Duration::from_millis(300));
+            client_far.write_all(sent).await.unwrap();
+            let mut got = vec![0u8; sent.len()];
+            upstream_far.read_exact(&mut got).await.unwrap();
+            let error = relay.await.unwrap().error.expect("ended idle");
+            assert_eq!((error.kind(), error.side), (io::ErrorKind::TimedOut, side), "{sent:?}");
+        }
     }
 }

@@ -26,10 +26,9 @@
 use std::collections::VecDeque;
 
 use super::header;
-use super::outcome::End;
 use crate::dns::Need;
-use crate::judge::{self, Client};
-use crate::rules::{Action, Check, CheckAction, DnsFacts, RejectAt, RuleSet, Verdict};
+use crate::judge::{Client, End, Heard, Hearing, Law};
+use crate::rules::{Check, CheckAction, DnsFacts, RejectAt, Verdict};
 use crate::smtp::{LineScan, MAX_COMMAND_LINE, SmtpCommand, reply, scan_line};
 
 /// Commands a rejected session may send before it is closed.
@@ -80,9 +79,13 @@ pub enum Opacity {
     /// STARTTLS was accepted: both directions are TLS from here. The proxy can read neither
     /// commands nor replies, and never writes into the stream again.
     Tls,
-    /// Message data (DATA accepted, or BDAT): the MTA's replies stay plaintext, so the relay
-    /// still sees whether the MTA said goodbye.
+    /// Message data after DATA was accepted (354): the MTA's replies stay plaintext, so the
+    /// relay still sees whether the MTA said goodbye, and the client's data is lines up to the
+    /// lone dot that ends it.
     Data,
+    /// BDAT: message data in chunks of a stated size, not lines. The replies are watched as
+    /// with DATA; where the client's data ends, the relay cannot tell.
+    Chunks,
 }
 
 /// What a forwarded line's reply will mean.
@@ -127,17 +130,14 @@ enum Phase {
 }
 
 pub struct Session<'a> {
-    rules: &'a RuleSet,
+    law: Law<'a>,
     client: Client,
     reject_message: &'a str,
-    /// The name to answer EHLO with in a rejected session: the MTA's, from its greeting.
+    /// The name to greet with, and to answer EHLO with in a rejected session: ours, or the
+    /// MTA's, from its greeting.
     host: String,
-    helos: Vec<String>,
-    /// Which of `helos` the verdict is about.
-    judged: usize,
-    verdict: Option<Verdict>,
-    /// Rules that matched in `log` mode, over every HELO of the session.
-    logged: Vec<&'static str>,
+    /// The judging of every HELO: the verdict, the HELOs, the logged rules.
+    hearing: Hearing,
     phase: Phase,
     /// Replies the MTA owes for forwarded lines, oldest first.
     owed: VecDeque<Owed>,
@@ -157,24 +157,19 @@ pub struct Session<'a> {
     greeting: Greeting,
     /// The client spoke before the greeting was complete.
     pregreet: Option<Pregreet>,
-    /// The DNS checks can be asked for (the door has a resolver).
-    dns: bool,
-    /// A HELO whose verdict waits for DNS ([`Step::Lookup`]): its argument, its line, and its
-    /// verdict without DNS, which [`Session::on_dns`] completes.
-    lookup: Option<Box<(String, Vec<u8>, Verdict)>>,
+    /// The line of a HELO whose verdict waits for DNS ([`Step::Lookup`]), which
+    /// [`Session::on_dns`] completes.
+    lookup: Option<Vec<u8>>,
 }
 
 impl<'a> Session<'a> {
-    pub fn new(rules: &'a RuleSet, client: Client, reject_message: &'a str, host: String) -> Self {
+    pub fn new(law: Law<'a>, client: Client, reject_message: &'a str, host: String) -> Self {
         Session {
-            rules,
+            law,
             client,
             reject_message,
             host,
-            helos: Vec::new(),
-            judged: 0,
-            verdict: None,
-            logged: Vec::new(),
+            hearing: Hearing::new(&client),
             phase: Phase::BeforeHelo,
             owed: VecDeque::new(),
             deferred: None,
@@ -186,7 +181,6 @@ impl<'a> Session<'a> {
             consumed: 0,
             greeting: Greeting::Done,
             pregreet: None,
-            dns: false,
             lookup: None,
         }
     }
@@ -194,27 +188,21 @@ impl<'a> Session<'a> {
     /// The door has a resolver: a HELO that DNS can still decide is judged after
     /// [`Step::Lookup`] and [`Session::on_dns`].
     pub fn enable_dns(&mut self) {
-        self.dns = true;
+        self.hearing.look();
+    }
+
+    /// The MTA greeted (`proxy.greeting = "mta"`): `host` is the name from its banner, which a
+    /// rejected session's EHLO is answered with.
+    pub fn set_host(&mut self, host: String) {
+        self.host = host;
     }
 
     /// What DNS said (`None`: nothing, no slot free) for the HELO of the last
     /// [`Step::Lookup`]: its verdict now.
     pub fn on_dns(&mut self, facts: Option<DnsFacts>) -> Step {
-        let (argument, line, verdict) = *self.lookup.take().expect("on_dns answers a Step::Lookup");
-        // Only what DNS can change is judged again (the rest was, before the lookup).
-        let verdict = match &facts {
-            Some(dns) => judge::with_dns(
-                self.rules,
-                &self.client,
-                &argument,
-                &self.helos,
-                dns,
-                self.pregreet.is_some(),
-                verdict,
-            ),
-            None => verdict,
-        };
-        self.decided(argument, line, verdict, facts.as_ref())
+        let line = self.lookup.take().expect("on_dns answers a Step::Lookup");
+        self.hearing.on_dns(&self.law, facts.as_ref());
+        self.decided(line)
     }
 
     /// Whether this client takes the pregreet test where the proxy greets itself: the check is
@@ -222,9 +210,10 @@ impl<'a> Session<'a> {
     /// submission clients never wait). A client with a pass in force skips it too; the pass
     /// cache is the caller's.
     pub fn takes_pregreet_test(&self) -> bool {
-        self.rules.action(Check::Pregreet) != CheckAction::Off
+        let rules = self.law.rules();
+        rules.action(Check::Pregreet) != CheckAction::Off
             && !self.client.exempt
-            && !self.rules.allowlist.iter().any(|net| net.contains(&self.client.ip))
+            && !rules.allowlist.iter().any(|net| net.contains(&self.client.ip))
     }
 
     /// The proxy's own greeting: with `teaser`, the first line of a two-line greeting
@@ -271,7 +260,8 @@ impl<'a> Session<'a> {
         let shown = &self.buf[..self.buf.len().min(PREGREET_SHOWN)];
         let text = shown.iter().flat_map(|b| std::ascii::escape_default(*b)).map(char::from);
         self.pregreet = Some(Pregreet { bytes: self.buf.len(), text: text.collect() });
-        match self.rules.action(Check::Pregreet) {
+        self.hearing.pregreeted();
+        match self.law.rules().action(Check::Pregreet) {
             CheckAction::Reject | CheckAction::Ban => None,
             CheckAction::Off | CheckAction::Log => Some(self.final_greeting()),
         }
@@ -349,22 +339,22 @@ impl<'a> Session<'a> {
     /// The verdict on the HELO that decided the session: the first failing one, else the
     /// latest one that passed.
     pub fn verdict(&self) -> Option<&Verdict> {
-        self.verdict.as_ref()
+        self.hearing.verdict()
     }
 
     /// The HELO/EHLO argument the verdict is about.
     pub fn helo(&self) -> Option<&str> {
-        self.helos.get(self.judged).map(String::as_str)
+        self.hearing.helo()
     }
 
     /// Every HELO/EHLO argument the proxy saw, in order.
     pub fn helos(&self) -> &[String] {
-        &self.helos
+        self.hearing.helos()
     }
 
     /// Rules that matched in `log` (dry-run) mode, over every HELO of the session.
     pub fn logged(&self) -> &[&'static str] {
-        &self.logged
+        self.hearing.logged()
     }
 
     /// Whether the session was rejected (by any of its HELOs).
@@ -418,7 +408,7 @@ impl<'a> Session<'a> {
         if self.owed.is_empty()
             && let Some(ehlo) = self.deferred.take()
         {
-            let verdict = self.verdict.as_ref().expect("a deferred rejection has its verdict");
+            let verdict = self.hearing.verdict().expect("a deferred rejection has its verdict");
             return AfterReply::Reject(self.helo_answer(ehlo, verdict));
         }
         match owed {
@@ -469,46 +459,22 @@ impl<'a> Session<'a> {
         Step::Forward(line)
     }
 
+    /// A HELO/EHLO: heard, then the session goes on or is rejected (once DNS has answered,
+    /// where it can still decide).
     fn judge(&mut self, argument: String, line: Vec<u8>) -> Step {
-        let verdict = judge::classify(
-            self.rules,
-            &self.client,
-            &argument,
-            &self.helos,
-            None,
-            self.pregreet.is_some(),
-        );
-        // DNS comes last: asked for only when no other rule decided.
-        if self.dns
-            && let Some((name, need)) = judge::dns_need(self.rules, &verdict, &argument)
-        {
-            self.lookup = Some(Box::new((argument, line, verdict)));
-            return Step::Lookup { name, need };
-        }
-        self.decided(argument, line, verdict, None)
-    }
-
-    /// A HELO's verdict (with what DNS said, if it was asked) is in: reuse is judged, and the
-    /// session goes on or is rejected.
-    fn decided(
-        &mut self,
-        argument: String,
-        line: Vec<u8>,
-        verdict: Verdict,
-        dns: Option<&DnsFacts>,
-    ) -> Step {
-        // Reuse after DNS: a client its reverse name confirms is never counted.
-        let verdict = judge::reuse(self.rules, &self.client, &argument, dns, verdict);
-        self.helos.push(argument);
-        self.judged = self.helos.len() - 1;
-        for logged in &verdict.logged {
-            if !self.logged.contains(&logged.rule) {
-                self.logged.push(logged.rule);
+        match self.hearing.hear(&self.law, &argument, None) {
+            Heard::Judged => self.decided(line),
+            Heard::Lookup { name, need } => {
+                self.lookup = Some(line);
+                Step::Lookup { name, need }
             }
         }
+    }
+
+    /// A HELO's verdict is in: the session goes on or is rejected.
+    fn decided(&mut self, line: Vec<u8>) -> Step {
         let ehlo = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"EHLO");
-        if verdict.action == Action::Pass {
-            self.verdict = Some(verdict);
+        if !self.hearing.rejected() {
             self.owed.push_back(Owed::Helo(ehlo));
             return if self.phase == Phase::Passed {
                 Step::Forward(line)
@@ -519,11 +485,9 @@ impl<'a> Session<'a> {
         }
         self.phase = Phase::Rejected;
         if self.owed.is_empty() {
-            let answer = self.helo_answer(ehlo, &verdict);
-            self.verdict = Some(verdict);
-            Step::Reject(answer)
+            let verdict = self.hearing.verdict().expect("a rejected session has its verdict");
+            Step::Reject(self.helo_answer(ehlo, verdict))
         } else {
-            self.verdict = Some(verdict);
             self.deferred = Some(ehlo);
             Step::Defer
         }
@@ -560,7 +524,7 @@ impl<'a> Session<'a> {
             let limit = reply::line(421, "4.7.0", "Error: too many errors");
             return Step::Close(limit, End::Closed);
         }
-        let verdict = self.verdict.as_ref().expect("rejected sessions have a verdict");
+        let verdict = self.hearing.verdict().expect("rejected sessions have a verdict");
         let at_helo = verdict.reject_at == RejectAt::Helo;
         Step::Reply(match command {
             SmtpCommand::Quit => return Step::Close(reply::line(221, "2.0.0", "Bye"), End::Closed),
@@ -592,394 +556,4 @@ fn refuses_header(buf: &[u8]) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::path::Path;
-
-    use super::*;
-    use crate::config::{Config, HostFacts};
-
-    fn rules(extra: &str) -> std::sync::Arc<RuleSet> {
-        let text = format!("[identity]\ndetect = false\ndomains = [\"example.com\"]\n{extra}");
-        Config::parse(&text, Path::new("t"), &HostFacts::default()).unwrap().rules
-    }
-
-    fn session(rules: &RuleSet) -> Session<'_> {
-        Session::new(
-            rules,
-            Client::new("203.0.113.9".parse().unwrap(), None, false),
-            "sorry, your HELO host name has been denied",
-            "mx.example.com".into(),
-        )
-    }
-
-    fn text(step: Step) -> String {
-        match step {
-            Step::Reply(b) => format!("reply {}", String::from_utf8(b).unwrap()),
-            Step::Close(b, _) => format!("close {}", String::from_utf8(b).unwrap()),
-            Step::Reject(b) => format!("reject {}", String::from_utf8(b).unwrap()),
-            Step::Pass(_) => "pass".into(),
-            Step::Forward(_) => "forward".into(),
-            Step::Opaque => "opaque".into(),
-            Step::Defer => "defer".into(),
-            Step::Lookup { name, need } => format!("lookup {name} {need:?}"),
-        }
-    }
-
-    /// With a resolver, a HELO that DNS can still decide waits for it, and its verdict comes
-    /// with the answer; one another rule decided never asks.
-    #[test]
-    fn a_helo_dns_can_decide_waits_for_it() {
-        use crate::rules::{ClientDns, DnsFacts, HeloDns};
-        let rules = rules("[checks]\nunknown_helo = \"reject\"\n");
-        let mut s = session(&rules);
-        s.enable_dns();
-        assert_eq!(
-            text(s.on_line(b"EHLO Mail.Sender.Example")),
-            "lookup mail.sender.example Required"
-        );
-        assert!(s.verdict().is_none(), "no verdict before the answer");
-        let missing = DnsFacts { helo: HeloDns::Missing, client: ClientDns::NotLooked };
-        assert!(text(s.on_dns(Some(missing))).starts_with("reject 250-mx.example.com"));
-        assert_eq!(s.verdict().map(|v| v.rule), Some("unknown_helo"));
-
-        let mut s = session(&rules);
-        s.enable_dns();
-        assert!(text(s.on_line(b"EHLO localhost")).starts_with("reject"), "decided: no lookup");
-        let mut s = session(&rules);
-        s.enable_dns();
-        assert_eq!(
-            text(s.on_line(b"EHLO mail.sender.example")),
-            "lookup mail.sender.example Required"
-        );
-        assert_eq!(text(s.on_dns(None)), "pass", "no answer (no slot): judged without DNS");
-        // Without a resolver nothing waits.
-        let mut s = session(&rules);
-        assert_eq!(text(s.on_line(b"EHLO mail.sender.example")), "pass");
-    }
-
-    #[test]
-    fn before_helo_the_proxy_answers_itself() {
-        let rules = rules("");
-        let mut s = session(&rules);
-        assert_eq!(text(s.on_line(b"NOOP")), "reply 250 2.0.0 Ok\r\n");
-        assert_eq!(
-            text(s.on_line(b"MAIL FROM:<a@b>")),
-            "reply 503 5.5.1 Error: send HELO/EHLO first\r\n"
-        );
-        assert_eq!(
-            text(s.on_line(b"GET / HTTP/1.0")),
-            "reply 502 5.5.2 Error: command not recognized\r\n"
-        );
-        assert_eq!(text(s.on_line(b"QUIT")), "close 221 2.0.0 Bye\r\n");
-        assert!(s.verdict().is_none());
-    }
-
-    #[test]
-    fn commands_before_helo_are_limited() {
-        let rules = rules("");
-        let mut s = session(&rules);
-        for _ in 0..MAX_COMMANDS_BEFORE_HELO {
-            assert!(matches!(s.on_line(b"NOOP"), Step::Reply(_)));
-        }
-        assert_eq!(text(s.on_line(b"NOOP")), "close 421 4.7.0 Error: too many commands\r\n");
-    }
-
-    #[test]
-    fn a_good_helo_passes() {
-        let rules = rules("");
-        let mut s = session(&rules);
-        assert_eq!(text(s.on_line(b"EHLO mail.sender.example")), "pass");
-        assert_eq!(s.helo(), Some("mail.sender.example"));
-        assert_eq!(s.verdict().unwrap().rule, "pass");
-    }
-
-    #[test]
-    fn qmail_style_rejection_at_rcpt() {
-        let rules = rules("");
-        let mut s = session(&rules);
-        let transcript: Vec<String> = [
-            &b"EHLO mx.example.com"[..],
-            b"MAIL FROM:<bot@spam.example>",
-            b"RCPT TO:<user@example.com>",
-            b"DATA",
-            b"BDAT 10 LAST",
-            b"STARTTLS",
-            b"HELO good.sender.example",
-            b"RCPT TO:<user@example.com>",
-            b"QUIT",
-        ]
-        .iter()
-        .map(|l| text(s.on_line(l)))
-        .collect();
-        assert_eq!(
-            transcript,
-            [
-                "reject 250-mx.example.com\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
-                "reply 250 2.1.0 Ok\r\n",
-                "reply 553 5.7.1 sorry, your HELO host name has been denied\r\n",
-                "reply 554 5.5.1 Error: no valid recipients\r\n",
-                "reply 554 5.5.1 Error: no valid recipients\r\n",
-                "reply 454 4.7.0 TLS not available\r\n",
-                "reply 250 mx.example.com\r\n",
-                "reply 553 5.7.1 sorry, your HELO host name has been denied\r\n",
-                "close 221 2.0.0 Bye\r\n",
-            ]
-        );
-        let verdict = s.verdict().unwrap();
-        assert_eq!((verdict.action, verdict.rule), (crate::rules::Action::Ban, "forged_identity"));
-        assert_eq!(s.helo(), Some("mx.example.com"), "the log names the first HELO");
-    }
-
-    #[test]
-    fn rejection_at_helo_refuses_every_helo_after() {
-        let rules = rules("[reject]\nat = \"helo\"");
-        let mut s = session(&rules);
-        let deny = "553 5.7.1 sorry, your HELO host name has been denied\r\n";
-        assert_eq!(text(s.on_line(b"HELO localhost")), format!("reject {deny}"));
-        assert_eq!(
-            text(s.on_line(b"HELO mail.sender.example")),
-            format!("reply {deny}"),
-            "no second chance"
-        );
-        assert_eq!(
-            text(s.on_line(b"MAIL FROM:<a@b>")),
-            "reply 503 5.5.1 Error: send HELO/EHLO first\r\n"
-        );
-    }
-
-    #[test]
-    fn a_rejected_session_is_closed_after_too_many_commands() {
-        let rules = rules("");
-        let mut s = session(&rules);
-        assert!(matches!(s.on_line(b"HELO localhost"), Step::Reject(_)));
-        for _ in 0..MAX_REJECTED_COMMANDS {
-            assert!(matches!(s.on_line(b"NOOP"), Step::Reply(_)));
-        }
-        assert_eq!(text(s.on_line(b"NOOP")), "close 421 4.7.0 Error: too many errors\r\n");
-    }
-
-    /// Regression (issue 11): only the first HELO was judged, so a forged one could follow a
-    /// good one and reach the MTA.
-    #[test]
-    fn a_forged_helo_after_a_good_one_is_judged_and_rejected() {
-        let rules = rules("");
-        let mut s = session(&rules);
-        assert_eq!(text(s.on_line(b"EHLO good.sender.example")), "pass");
-        let mta_said = b"250-mta.test\r\n250-SIZE 10240000\r\n250 STARTTLS\r\n";
-        assert_eq!(s.on_reply(250, mta_said), AfterReply::Continue);
-        assert_eq!(
-            text(s.on_line(b"EHLO mx.example.com")),
-            "reject 250-mta.test\r\n250-SIZE 10240000\r\n250 STARTTLS\r\n",
-            "the MTA's own answer again: the client cannot tell"
-        );
-        assert!(s.rejected() && !s.relaying());
-        assert_eq!(s.helo(), Some("mx.example.com"), "the log names the HELO that failed");
-        assert_eq!(s.helos(), ["good.sender.example", "mx.example.com"]);
-        assert_eq!(s.verdict().unwrap().rule, "forged_identity");
-        assert_eq!(
-            text(s.on_line(b"RCPT TO:<user@example.com>")),
-            "reply 553 5.7.1 sorry, your HELO host name has been denied\r\n"
-        );
-    }
-
-    /// Pipelined in one write: the forged HELO's answer waits for the replies the MTA owes for
-    /// the lines before it, so the client reads every reply in order.
-    #[test]
-    fn a_later_rejection_waits_for_the_replies_the_mta_owes() {
-        let rules = rules("");
-        let mut s = session(&rules);
-        assert_eq!(text(s.on_line(b"EHLO good.sender.example")), "pass");
-        assert_eq!(text(s.on_line(b"MAIL FROM:<a@b.example>")), "forward");
-        assert_eq!(s.on_line(b"HELO mx.example.com"), Step::Defer);
-        assert!(s.waiting(), "no line is read while the rejection waits");
-        assert_eq!(s.on_reply(250, b"250-mta.test\r\n250 8BITMIME\r\n"), AfterReply::Continue);
-        assert_eq!(
-            s.on_reply(250, b"250 2.1.0 Ok\r\n"),
-            AfterReply::Reject(b"250 mx.example.com\r\n".to_vec()),
-            "the MAIL reply was the last one owed; a HELO the MTA never answered: ours"
-        );
-        assert!(!s.waiting());
-    }
-
-    #[test]
-    fn a_changed_helo_that_passes_is_forwarded_and_logged() {
-        let rules = rules("");
-        let mut s = session(&rules);
-        assert_eq!(text(s.on_line(b"EHLO one.sender.example")), "pass");
-        assert_eq!(text(s.on_line(b"EHLO two.sender.example")), "forward");
-        assert_eq!(s.verdict().unwrap().action, Action::Pass);
-        assert_eq!(s.logged(), ["changed"], "checks.changed fires live (log by default)");
-        assert_eq!(s.helo(), Some("two.sender.example"));
-    }
-
-    #[test]
-    fn starttls_and_data_make_the_session_opaque_only_when_the_mta_accepts() {
-        let rules = rules("");
-        let mut s = session(&rules);
-        assert_eq!(text(s.on_line(b"EHLO good.sender.example")), "pass");
-        let ehlo_reply = reply::ehlo("mta.test", &["PIPELINING", "STARTTLS"]);
-        assert_eq!(s.on_reply(250, &ehlo_reply), AfterReply::Continue);
-        assert_eq!(text(s.on_line(b"STARTTLS")), "forward");
-        assert!(s.waiting(), "what follows STARTTLS may be TLS: wait for the reply");
-        assert_eq!(s.on_reply(454, b""), AfterReply::Continue, "refused: still plaintext");
-        assert!(!s.waiting());
-        assert_eq!(text(s.on_line(b"DATA")), "forward");
-        assert!(s.waiting());
-        assert_eq!(s.on_reply(554, b""), AfterReply::Continue, "no recipients: still commands");
-        assert_eq!(
-            s.on_line(b"EHLO mx.example.com"),
-            Step::Reject(ehlo_reply),
-            "a HELO after a refused DATA is judged"
-        );
-
-        let mut s = session(&rules);
-        assert_eq!(text(s.on_line(b"EHLO good.sender.example")), "pass");
-        assert_eq!(text(s.on_line(b"STARTTLS")), "forward");
-        assert_eq!(s.on_reply(250, b""), AfterReply::Continue, "the EHLO reply");
-        assert_eq!(s.on_reply(220, b""), AfterReply::Opaque(Opacity::Tls));
-
-        let mut s = session(&rules);
-        assert_eq!(text(s.on_line(b"EHLO good.sender.example")), "pass");
-        assert_eq!(text(s.on_line(b"DATA")), "forward");
-        assert_eq!(s.on_reply(250, b""), AfterReply::Continue);
-        assert_eq!(s.on_reply(354, b""), AfterReply::Opaque(Opacity::Data));
-        assert_eq!(s.on_line(b"BDAT 10 LAST"), Step::Opaque, "a chunk follows at once");
-    }
-
-    /// Feeds `bytes` as one read and takes every step it allows.
-    fn feed(s: &mut Session<'_>, bytes: &[u8]) -> Vec<String> {
-        s.input().extend_from_slice(bytes);
-        std::iter::from_fn(|| s.next_step()).map(text).collect()
-    }
-
-    #[test]
-    fn the_pregreet_test_greets_in_two_lines_and_a_patient_client_passes() {
-        let rules = rules("");
-        let mut s = session(&rules);
-        assert!(s.takes_pregreet_test(), "on by default (log)");
-        assert_eq!(s.greet(true), b"220-mx.example.com ESMTP\r\n");
-        assert!(s.greeting_pending());
-        assert_eq!(s.next_step(), None, "nothing sent: wait on");
-        assert_eq!(s.on_greet_wait(), b"220 mx.example.com ESMTP\r\n");
-        assert!(!s.greeting_pending());
-        assert_eq!(feed(&mut s, b"EHLO mail.sender.example\r\n"), ["pass"]);
-        assert_eq!(s.pregreet(), None);
-        assert!(s.logged().is_empty(), "{:?}", s.logged());
-
-        let mut s = session(&rules);
-        assert_eq!(s.greet(false), b"220 mx.example.com ESMTP\r\n", "a pass in force: one line");
-        assert!(!s.greeting_pending());
-    }
-
-    /// An impatient client pipelines its whole transaction right after connecting, as bots do.
-    #[test]
-    fn a_pregreeter_is_caught_by_the_action_of_checks_pregreet() {
-        let impatient: &[u8] = b"EHLO mail.sender.example\r\nMAIL FROM:<a@b.example>\r\n\
-              RCPT TO:<c@example.com>\r\nQUIT\r\n";
-        let ehlo = "250-mx.example.com\r\n250-PIPELINING\r\n250 8BITMIME\r\n";
-        let protocol_error = "550 5.5.1 Protocol error\r\n";
-        let cases: [(&str, &[&str], Option<Action>); 4] = [
-            // log: the final line at once, then every command in order, to the MTA.
-            (
-                "",
-                &["reply 220 mx.example.com ESMTP\r\n", "pass", "forward", "forward", "forward"],
-                None,
-            ),
-            // reject: no final line (postscreen's way); 550 at RCPT TO, qmail style.
-            (
-                "[checks]\npregreet = \"reject\"",
-                &[
-                    &format!("reject {ehlo}"),
-                    "reply 250 2.1.0 Ok\r\n",
-                    &format!("reply {protocol_error}"),
-                    "close 221 2.0.0 Bye\r\n",
-                ],
-                Some(Action::Reject),
-            ),
-            (
-                "[checks]\npregreet = \"ban\"",
-                &[
-                    &format!("reject {ehlo}"),
-                    "reply 250 2.1.0 Ok\r\n",
-                    &format!("reply {protocol_error}"),
-                    "close 221 2.0.0 Bye\r\n",
-                ],
-                Some(Action::Ban),
-            ),
-            (
-                "[checks]\npregreet = \"reject\"\n[reject]\nat = \"helo\"",
-                &[
-                    &format!("reject {protocol_error}"),
-                    "reply 503 5.5.1 Error: send HELO/EHLO first\r\n",
-                    "reply 503 5.5.1 Error: need MAIL command\r\n",
-                    "close 221 2.0.0 Bye\r\n",
-                ],
-                Some(Action::Reject),
-            ),
-        ];
-        for (config, transcript, enforced) in cases {
-            let rules = rules(config);
-            let mut s = session(&rules);
-            s.greet(true);
-            assert_eq!(feed(&mut s, impatient), transcript, "{config:?}");
-            let pregreet = s.pregreet().expect("seen");
-            assert_eq!(pregreet.bytes, impatient.len());
-            assert!(pregreet.text.starts_with("EHLO mail.sender.example\\r\\nMAIL FROM:"));
-            assert!(pregreet.text.ends_with("QUIT\\r\\n"), "{}", pregreet.text);
-            let verdict = s.verdict().unwrap();
-            match enforced {
-                None => {
-                    assert_eq!(verdict.action, Action::Pass);
-                    assert_eq!(s.logged(), ["pregreet"], "logged with the session");
-                }
-                Some(action) => {
-                    assert_eq!((verdict.action, verdict.rule), (action, "pregreet"), "{config}");
-                    assert_eq!(verdict.ttl.is_some(), action == Action::Ban);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn a_partial_line_or_a_non_command_before_the_greeting_is_a_pregreet_too() {
-        let rules = rules("");
-        let mut s = session(&rules);
-        s.greet(true);
-        assert_eq!(feed(&mut s, b"EH"), ["reply 220 mx.example.com ESMTP\r\n"]);
-        assert!(!s.greeting_pending());
-        assert_eq!(feed(&mut s, b"LO mail.sender.example\r\n"), ["pass"], "the bytes were kept");
-        assert_eq!(s.pregreet().unwrap().text, "EH");
-        assert_eq!(s.logged(), ["pregreet"]);
-
-        let rules = super::tests::rules("[checks]\npregreet = \"ban\"");
-        let mut s = session(&rules);
-        s.greet(true);
-        let probe = [&b"\x16\x03\x01"[..], &[b'x'; 200], b"\r\n"].concat();
-        assert_eq!(feed(&mut s, &probe), ["reply 502 5.5.2 Error: command not recognized\r\n"]);
-        let shown = &s.pregreet().unwrap().text;
-        assert_eq!(*shown, format!("\\x16\\x03\\x01{}", "x".repeat(97)), "100 bytes, escaped");
-        assert_eq!(s.pregreet().unwrap().bytes, probe.len());
-        assert!(s.verdict().is_none(), "no HELO, no verdict: the judge hears it at the HELO");
-    }
-
-    #[test]
-    fn who_takes_the_pregreet_test() {
-        let off = rules("[checks]\npregreet = \"off\"");
-        assert!(!session(&off).takes_pregreet_test(), "the check is off");
-        let on = rules("[allowlist]\nnetworks = [\"203.0.113.0/24\"]");
-        assert!(!session(&on).takes_pregreet_test(), "allowlisted");
-        let on = rules("");
-        let submission = Client::new("203.0.113.9".parse().unwrap(), None, true);
-        let s = Session::new(&on, submission, "x", "mx".into());
-        assert!(!s.takes_pregreet_test(), "a listener that judges no HELO (submission)");
-    }
-
-    #[test]
-    fn exempt_listener_passes_anything() {
-        let rules = rules("");
-        let client = Client::new("203.0.113.9".parse().unwrap(), None, true);
-        let mut s = Session::new(&rules, client, "x", "mx".into());
-        assert_eq!(text(s.on_line(b"HELO localhost")), "pass");
-        assert_eq!(s.verdict().unwrap().rule, "exempt_listener");
-    }
-}
+mod tests;

@@ -9,8 +9,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::header;
-use super::outcome::End;
 use crate::config::{ProxyConfig, ProxyProtocol};
+use crate::judge::End;
 use crate::smtp::MAX_COMMAND_LINE;
 use crate::smtp::reply::{ReplyScan, scan_reply};
 

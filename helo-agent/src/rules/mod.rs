@@ -272,7 +272,7 @@ pub struct Facts<'a> {
     pub pregreeted: bool,
     /// How many distinct client networks (/24, /64) used this HELO name within
     /// `reuse.window`, this client's included, as the judge's memory counts them (see
-    /// `judge::reuse`); `None`: not counted, and `helo_reuse` does not fire.
+    /// `judge::Hearing`); `None`: not counted, and `helo_reuse` does not fire.
     pub reuse: Option<usize>,
 }
 
@@ -342,13 +342,6 @@ pub struct RuleSet {
     pub reject_at: RejectAt,
     pub ban_ttl: Duration,
     pub reuse: ReuseLimits,
-    /// Which client networks used each HELO name lately: the judge's memory for `helo_reuse`,
-    /// not a rule. [`RuleSet::classify`] never reads it (the count comes in as
-    /// [`Facts::reuse`]); `judge::reuse` counts in it. It rides with the rules because they
-    /// are what every door is handed (a proxy session gets nothing else of the agent's), so
-    /// both doors count in the one memory; a reload hands it on to the new rules (`agent.rs`),
-    /// so no count is lost.
-    pub memory: Arc<crate::reuse::Memory>,
 }
 
 impl RuleSet {
@@ -381,34 +374,9 @@ impl RuleSet {
             return v;
         }
 
-        // The table's lookup key: the HELO as Postfix's check_helo_access looks it up (a name,
-        // a bare address, an [address literal]; see helo::table_key).
-        if self.action(Check::Table) != CheckAction::Off
-            && !self.table.is_empty()
-            && let Some(key) = helo::table_key(&helo, facts.argument)
-            && let Some(found) = self.table.lookup(&key)
-        {
-            let reason = || format!("HELO {key} is listed: {}", found.entry.text);
-            let entry = Some(found.entry.clone());
-            match &found.action {
-                TableAction::Permit => {
-                    let mut verdict = self.pass("table", reason());
-                    verdict.entry = entry;
-                    return verdict;
-                }
-                TableAction::Dunno => {}
-                TableAction::Warn => {
-                    logged.push(Match { rule: Check::Table.name(), reason: reason(), entry });
-                }
-                TableAction::Deny(reply) => {
-                    let reply = reply.clone();
-                    if let Some(v) = self.hit(Check::Table, reason(), entry, reply, &mut logged) {
-                        return v;
-                    }
-                }
-            }
+        if let Some(v) = self.table_check(&helo, facts, &mut logged) {
+            return v;
         }
-
         if self.action(Check::ForgedIdentity) != CheckAction::Off
             && let Some((reason, entry)) = self.forged(&helo, facts.client)
             && let Some(v) = self.hit(Check::ForgedIdentity, reason, entry, None, &mut logged)
@@ -416,44 +384,13 @@ impl RuleSet {
             return v;
         }
 
-        if self.action(Check::Badhelo) != CheckAction::Off
-            && let Some(rule) = self.badhelo.first_match(facts.argument.trim())
-        {
-            let reason = if rule.negated {
-                format!("HELO does not match required pattern {:?}", rule.pattern)
-            } else {
-                format!("HELO matches pattern {:?}", rule.pattern)
-            };
-            let entry = Some(Arc::new(rule.entry.clone()));
-            if let Some(v) = self.hit(Check::Badhelo, reason, entry, None, &mut logged) {
-                return v;
-            }
+        if let Some(v) = self.badhelo_check(facts.argument, &mut logged) {
+            return v;
         }
-
+        if let Some(v) = self.builtin_checks(&helo, facts, &mut logged) {
+            return v;
+        }
         let client = facts.client;
-        let builtins: [(Check, &dyn Fn() -> Option<String>); 8] = [
-            (Check::Invalid, &|| builtin::invalid(&helo)),
-            (Check::Localhost, &|| builtin::localhost(&helo)),
-            (Check::BareIp, &|| builtin::bare_ip(&helo)),
-            (Check::LiteralMismatch, &|| builtin::literal_mismatch(&helo, client)),
-            (Check::NoDot, &|| builtin::no_dot(&helo)),
-            (Check::PrivateSuffix, &|| builtin::private_suffix(&helo)),
-            (Check::Dynamic, &|| {
-                let confirmed = matches!((&helo, facts.dns), (Helo::Name(name), Some(dns)) if dns.confirms(name));
-                if confirmed { None } else { builtin::dynamic(&helo, client) }
-            }),
-            (Check::Changed, &|| builtin::changed(&helo, facts.previous)),
-        ];
-        for (check, test) in builtins {
-            if self.action(check) == CheckAction::Off {
-                continue;
-            }
-            if let Some(reason) = test()
-                && let Some(v) = self.hit(check, reason, None, None, &mut logged)
-            {
-                return v;
-            }
-        }
         if let (Helo::Name(name), Some(dns)) = (&helo, facts.dns)
             && let Some(v) = self.dns_checks(name, client, dns, &mut logged)
         {
@@ -466,9 +403,92 @@ impl RuleSet {
         }
     }
 
+    /// The domain table (`checks.table`): an entry for the HELO as Postfix's
+    /// check_helo_access looks it up (a name, a bare address, an [address literal]; see
+    /// helo::table_key). `Some`: it decided (an `OK` entry too).
+    fn table_check(
+        &self,
+        helo: &Helo,
+        facts: &Facts<'_>,
+        logged: &mut Vec<Match>,
+    ) -> Option<Verdict> {
+        let argument = facts.argument;
+        if self.action(Check::Table) == CheckAction::Off || self.table.is_empty() {
+            return None;
+        }
+        let key = helo::table_key(helo, argument)?;
+        let found = self.table.lookup(&key)?;
+        let reason = || format!("HELO {key} is listed: {}", found.entry.text);
+        let entry = Some(found.entry.clone());
+        match &found.action {
+            TableAction::Permit => {
+                let mut verdict = self.pass("table", reason());
+                verdict.entry = entry;
+                Some(verdict)
+            }
+            TableAction::Dunno => None,
+            TableAction::Warn => {
+                logged.push(Match { rule: Check::Table.name(), reason: reason(), entry });
+                None
+            }
+            TableAction::Deny(reply) => self
+                .hit(Check::Table, reason(), entry, reply.clone(), logged)
+                .map(|v| self.stronger_of_forged(v, helo, facts.client)),
+        }
+    }
+
+    /// The regex rules (`checks.badhelo`): the first that matches (or, negated, does not).
+    fn badhelo_check(&self, argument: &str, logged: &mut Vec<Match>) -> Option<Verdict> {
+        if self.action(Check::Badhelo) == CheckAction::Off {
+            return None;
+        }
+        let rule = self.badhelo.first_match(argument.trim())?;
+        let reason = if rule.negated {
+            format!("HELO does not match required pattern {:?}", rule.pattern)
+        } else {
+            format!("HELO matches pattern {:?}", rule.pattern)
+        };
+        let entry = Some(Arc::new(rule.entry.clone()));
+        self.hit(Check::Badhelo, reason, entry, None, logged)
+    }
+
+    /// The built-in checks, in order; the first that decides.
+    fn builtin_checks(
+        &self,
+        helo: &Helo,
+        facts: &Facts<'_>,
+        logged: &mut Vec<Match>,
+    ) -> Option<Verdict> {
+        let client = facts.client;
+        let builtins: [(Check, &dyn Fn() -> Option<String>); 8] = [
+            (Check::Invalid, &|| builtin::invalid(helo)),
+            (Check::Localhost, &|| builtin::localhost(helo)),
+            (Check::BareIp, &|| builtin::bare_ip(helo)),
+            (Check::LiteralMismatch, &|| builtin::literal_mismatch(helo, client)),
+            (Check::NoDot, &|| builtin::no_dot(helo)),
+            (Check::PrivateSuffix, &|| builtin::private_suffix(helo)),
+            (Check::Dynamic, &|| {
+                let confirmed = matches!((helo, facts.dns), (Helo::Name(name), Some(dns)) if dns.confirms(name));
+                if confirmed { None } else { builtin::dynamic(helo, client) }
+            }),
+            (Check::Changed, &|| builtin::changed(helo, facts.previous)),
+        ];
+        for (check, test) in builtins {
+            if self.action(check) == CheckAction::Off {
+                continue;
+            }
+            if let Some(reason) = test()
+                && let Some(v) = self.hit(check, reason, None, None, logged)
+            {
+                return Some(v);
+            }
+        }
+        None
+    }
+
     /// What [`RuleSet::classify`] says of `facts` (with `facts.dns`), given `verdict`, its
     /// verdict on the same facts without DNS, which no rule decided (the only verdict the
-    /// doors look DNS up for, see `judge::dns_need`): only what DNS can change is judged
+    /// doors look DNS up for, see `judge::hearing`): only what DNS can change is judged
     /// again, the DNS checks over the logged matches so far. `dynamic` is the one earlier
     /// check DNS can undo (a forward-confirmed name is never dynamic): when it logged and DNS
     /// confirms the name, everything is judged again. Reuse is judged after, as ever.
@@ -645,6 +665,22 @@ impl RuleSet {
             ttl: (action == Action::Ban).then_some(self.ban_ttl),
             logged: std::mem::take(logged),
         })
+    }
+
+    /// A table entry that denies a HELO our own identity check also catches (an imported
+    /// `192.0.2.10 REJECT` for one of our addresses): the stronger action wins, so the entry
+    /// cannot turn the built-in `forged_identity` ban into a plain reject; on a tie the entry
+    /// decides, with its own reply. (A table `OK` still passes outright: the admin's word.)
+    fn stronger_of_forged(&self, table: Verdict, helo: &Helo, client: Option<IpAddr>) -> Verdict {
+        if table.action == Action::Ban || self.action(Check::ForgedIdentity) == CheckAction::Off {
+            return table;
+        }
+        let Some((reason, entry)) = self.forged(helo, client) else { return table };
+        let mut logged = table.logged.clone();
+        match self.hit(Check::ForgedIdentity, reason, entry, None, &mut logged) {
+            Some(forged) if forged.action == Action::Ban => forged,
+            _ => table,
+        }
     }
 
     fn pass(&self, rule: &'static str, reason: String) -> Verdict {

@@ -435,10 +435,10 @@ fn a_shared_postfix_access_table_judges_the_helos_it_names() {
     assert_eq!(entry.text, "[203.0.113.5] REJECT literal of a known bot");
     assert_eq!(
         verdict.reply,
-        Some(EntryReply { code: 554, text: "literal of a known bot".into() })
+        Some(EntryReply { code: 554, text: "5.7.1 literal of a known bot".into() })
     );
     let verdict = classify(rules, "mail.bücher.example", BOT);
-    assert_eq!(verdict.reply.map(|r| r.text).as_deref(), Some("idn bot"));
+    assert_eq!(verdict.reply.map(|r| r.text).as_deref(), Some("5.7.1 idn bot"));
     assert!(verdict.reason.contains("xn--bcher-kva.example REJECT idn bot"), "{}", verdict.reason);
 }
 
@@ -633,7 +633,7 @@ fn reuse_facts<'a>(
 /// forward-confirmed reverse name is the HELO is neither flagged nor counted.
 #[test]
 fn a_helo_used_by_many_networks_is_reused_from_the_threshold_on_and_never_for_a_confirmed_client() {
-    use crate::judge::{self, Client};
+    use crate::judge::{Client, Hearing, Law};
     let rules = rules_own("[checks]\nhelo_reuse = \"reject\"\n");
     assert_eq!(rules.reuse, ReuseLimits { clients: 20, window: Duration::from_secs(3600) });
     let helo = "Relay.Bulk.Example";
@@ -642,10 +642,12 @@ fn a_helo_used_by_many_networks_is_reused_from_the_threshold_on_and_never_for_a_
         client: ClientDns::Confirmed("relay.bulk.example".into()),
     };
     let unconfirmed = DnsFacts { helo: HeloDns::NotLooked, client: ClientDns::Unconfirmed(vec![]) };
+    let memory = crate::reuse::Memory::default();
     let judge = |ip: String, dns: &DnsFacts| {
         let client = Client::new(ip.parse().unwrap(), None, false);
-        let verdict = judge::classify(&rules, &client, helo, &[], Some(dns), false);
-        judge::reuse(&rules, &client, helo, Some(dns), verdict)
+        let mut hearing = Hearing::new(&client);
+        hearing.hear(&Law::new(&rules, &memory), helo, Some(dns));
+        hearing.verdict().unwrap().clone()
     };
     let mut rules_seen = Vec::new();
     for n in 1..=25 {
@@ -669,7 +671,7 @@ fn a_helo_used_by_many_networks_is_reused_from_the_threshold_on_and_never_for_a_
     assert_eq!(rules_seen[..19], ["pass"; 19], "networks 1 to 19 pass");
     assert_eq!(rules_seen[19..], ["helo_reuse"; 6], "from the 20th on: reused");
     let now = crate::judge::reuse_now();
-    let count = rules.memory.count("relay.bulk.example", now, rules.reuse.window);
+    let count = memory.count("relay.bulk.example", now, rules.reuse.window);
     assert_eq!(count.networks, 25, "the confirmed clients' 25 networks were never counted");
 }
 
@@ -733,4 +735,38 @@ fn only_domain_names_no_rule_decided_are_counted() {
     assert_eq!(name("bot.example", &decided), None, "an OK entry decided");
     let off = rules_own("[checks]\nhelo_reuse = \"off\"");
     assert_eq!(off.reuse_name(&pass, "bot.example", None), None, "the check is off");
+}
+
+/// Regression: an imported `192.0.2.25 REJECT` line (an admin's access table listing our own
+/// address) turned the built-in `forged_identity` ban into a plain reject, so the forger was
+/// never banned. The stronger action wins; an entry that bans, a table `OK`, and a HELO the
+/// identity check does not catch keep the entry's verdict.
+#[test]
+fn a_table_entry_never_weakens_a_forged_identity_ban() {
+    use Action::*;
+    let dir = std::env::temp_dir().join(format!("helo-rules-order-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let access = dir.join("access");
+    std::fs::write(
+        &access,
+        "192.0.2.25 REJECT\n[192.0.2.25] 450 try later\nexample.com REJECT go away\n\
+         mx.example.com OK\nother.example REJECT\n",
+    )
+    .unwrap();
+    let rules = rules_own(&format!("[rules]\naccess_file = {:?}\n", access.display().to_string()));
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_table(
+        &rules,
+        &[
+            ("192.0.2.25", BOT, Ban, "forged_identity"),
+            ("[192.0.2.25]", BOT, Ban, "forged_identity"),
+            ("example.com", BOT, Ban, "forged_identity"),
+            ("mx.example.com", BOT, Pass, "table"),
+            ("other.example", BOT, Reject, "table"),
+        ],
+    );
+    let with_ban = rules_own(
+        "[rules]\ndomains = [\"=example.com\"]\n[checks]\ntable = \"ban\"\nforged_identity = \"reject\"",
+    );
+    assert_table(&with_ban, &[("example.com", BOT, Ban, "table")]);
 }

@@ -87,7 +87,7 @@ pub fn draw(frame: &mut Frame<'_>, screen: &Screen<'_>) {
         Constraint::Length(1),
         Constraint::Length(7),
         Constraint::Min(4),
-        Constraint::Length(2),
+        Constraint::Length(3),
         Constraint::Length(1),
     ])
     .areas(frame.area());
@@ -261,8 +261,8 @@ fn draw_services(frame: &mut Frame<'_>, area: Rect, screen: &Screen<'_>) {
             let mut spans = vec![
                 Span::styled("fleet  ", HEADER),
                 Span::styled(state, style),
-                Span::raw(counter("published", |o| o.fleet.map(|f| f.published))),
-                Span::raw(counter("applied", |o| o.fleet.map(|f| f.applied))),
+                Span::raw(counter("published", |o| o.fleet.as_ref().map(|f| f.published))),
+                Span::raw(counter("applied", |o| o.fleet.as_ref().map(|f| f.applied))),
                 Span::raw(format!("  refused {}", count(fleet.refused))),
             ];
             if fleet.outbox > 0 {
@@ -274,7 +274,32 @@ fn draw_services(frame: &mut Frame<'_>, area: Rect, screen: &Screen<'_>) {
             Line::from(spans)
         }
     };
-    frame.render_widget(Paragraph::new(vec![policy, fleet]), area);
+    let mut lines = vec![policy, fleet];
+    if let Some(fleet) = &current.fleet {
+        lines.push(redis_line(fleet, crate::clock::unix_ns() / 1_000_000_000));
+    }
+    frame.render_widget(Paragraph::new(lines), area);
+}
+
+/// The Redis master written to, and when this gateway last saw it change (`now`: Unix
+/// seconds).
+fn redis_line(fleet: &crate::control::FleetState, now: u64) -> Line<'static> {
+    let mut spans = vec![
+        Span::raw("       "),
+        Span::raw(format!("master {}", fleet.master.as_deref().unwrap_or("-"))),
+    ];
+    match fleet.last_failover_secs {
+        Some(at) => {
+            let ago =
+                crate::duration::format(std::time::Duration::from_secs(now.saturating_sub(at)));
+            spans.push(Span::styled(
+                format!("  last failover {ago} ago"),
+                Style::new().fg(Color::Yellow),
+            ));
+        }
+        None => spans.push(Span::styled("  no failover seen", DIM)),
+    }
+    Line::from(spans)
 }
 
 fn draw_status(frame: &mut Frame<'_>, area: Rect, screen: &Screen<'_>) {
@@ -432,10 +457,18 @@ mod tests {
             RuleCount { rule: "forged_identity".into(), sessions: 2 },
         ];
         now.policy.listeners = vec!["127.0.0.1:10040".into()];
-        now.fleet =
-            Some(FleetState { connected: true, published: 3, applied: 9, refused: 1, outbox: 0 });
+        let ago = crate::clock::unix_ns() / 1_000_000_000 - 180;
+        now.fleet = Some(FleetState {
+            connected: true,
+            published: 3,
+            applied: 9,
+            refused: 1,
+            master: Some("10.0.0.6:6379".into()),
+            last_failover_secs: Some(ago),
+            ..FleetState::default()
+        });
         before.fleet =
-            Some(FleetState { connected: true, published: 1, applied: 9, refused: 0, outbox: 0 });
+            Some(FleetState { connected: true, published: 1, applied: 9, ..FleetState::default() });
         let screen = Screen {
             previous: Some(&before),
             current: &now,
@@ -466,6 +499,9 @@ mod tests {
         assert!(line_with(&lines, "policy").contains("127.0.0.1:10040"), "{text}");
         let fleet = line_with(&lines, "fleet");
         assert!(fleet.contains("connected") && fleet.contains("published 3 (2.0/s)"), "{fleet}");
+        let master = line_with(&lines, "master");
+        assert!(master.contains("10.0.0.6:6379"), "{master}");
+        assert!(master.contains("last failover 3m"), "{master}");
         assert!(lines[23].contains("q: quit"), "{text}");
     }
 

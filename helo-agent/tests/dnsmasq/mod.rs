@@ -3,7 +3,7 @@
 //! (`slow.test`) whose queries go to a socket that never answers (a resolver timing out), and
 //! its query log in a file, to count the queries that reached it. Killed when dropped.
 
-#![allow(dead_code)] // each test file uses some of it
+#![allow(dead_code, reason = "each test file uses some of it")]
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;

@@ -1,31 +1,28 @@
 //! Bans requested by sessions, applied off the async path: a thread owns the [`Blocklist`]
 //! (map writes are syscalls) and takes requests over a bounded channel that never blocks the
-//! sender. Repeat offenders get longer bans: each new offence multiplies the TTL by `factor`,
-//! up to `max_ttl`; the offence history is an LRU of bounded size and forgets an address after
-//! `max_ttl` without offences. The worker also sweeps expired bans from the store at start and
+//! sender. Repeat offenders get longer bans, within a rate cap ([`Offenders`], pure). The
+//! worker also sweeps expired bans from the store at start and
 //! every minute, saves the snapshot (see [`super::snapshot`]) [`SAVE_AFTER_CHANGE`] after bans
 //! change, every `snapshot_interval` and when it stops, and answers the control socket's
 //! ban/unban/list, so one thread writes the maps. The ban gauges are set from a full walk at
 //! start, at each sweep and each snapshot, and moved by each ban and unban in between.
 //!
-//! With a fleet (see `crate::fleet`), every ban and unban made here is handed to the fleet task
-//! as an [`Event`] (never waiting: a full queue drops it, counted), and the bans other gateways
-//! made arrive as [`Message::Remote`]: applied with their expiry, never handed back, refused for
-//! an allowlisted address. The offence count they carry joins the history, so escalation counts
-//! offences made anywhere in the fleet.
+//! With a fleet, the worker's fleet half (`fleet.rs`) hands every ban and unban made here to
+//! the fleet task, and applies the bans other gateways made.
+
+mod fleet;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::time::Duration;
 
-use helo_common::{BanValue, NEVER_EXPIRES};
+use helo_common::BanValue;
 use ipnet::IpNet;
-use lru::LruCache;
 
+use super::offenders::Offenders;
 use super::snapshot::{self, SavedOffence, SnapshotError};
 use super::{BanEntry, BanStore, Blocklist, StoreError, Ttl};
 use crate::addr::BanTarget;
@@ -182,18 +179,6 @@ impl<S> Worker<S> {
     }
 }
 
-struct Offence {
-    count: u32,
-    last_ns: u64,
-}
-
-/// The TTL for an offender's `count`-th offence (1-based).
-pub fn escalated(base: Duration, count: u32, escalation: &Escalation) -> Duration {
-    let factor = u64::from(escalation.factor.max(1)).saturating_pow(count.saturating_sub(1));
-    let secs = base.as_secs().saturating_mul(factor);
-    Duration::from_secs(secs).min(escalation.max_ttl.max(base))
-}
-
 /// Everything the worker starts with.
 pub struct Options {
     pub escalation: Escalation,
@@ -210,8 +195,8 @@ pub struct Options {
     pub fleet: Option<FleetLink>,
     /// Remote bans of these networks are refused.
     pub allowlist: Vec<IpNet>,
-    /// The proxy's pregreet passes, saved with each snapshot; `None`: none saved.
-    pub passes: Option<Arc<crate::proxy::passes::PassCache>>,
+    /// The judge's pregreet passes, saved with each snapshot; `None`: none saved.
+    pub passes: Option<Arc<crate::passes::PassCache>>,
 }
 
 impl Options {
@@ -262,8 +247,7 @@ pub fn start<S: BanStore + Send + 'static>(
 struct State<S> {
     list: Blocklist<S>,
     options: Options,
-    history: LruCache<BanTarget, Offence>,
-    bucket: TokenBucket,
+    offenders: Offenders,
     capped: u64,
     /// When the bans first changed since the last save (boot ns); `None`: nothing unsaved.
     unsaved: Option<u64>,
@@ -275,20 +259,13 @@ struct State<S> {
 
 impl<S: BanStore> State<S> {
     fn new(list: Blocklist<S>, mut options: Options) -> Self {
-        let escalation = options.escalation;
-        let capacity = NonZeroUsize::new(escalation.history.max(1)).expect("at least 1");
-        let mut history = LruCache::new(capacity);
-        let mut restored = std::mem::take(&mut options.history);
-        restored.sort_by_key(|(_, _, last)| *last);
-        for (target, count, last_ns) in restored {
-            history.put(target, Offence { count, last_ns });
-        }
-        let bucket = TokenBucket::new(escalation.max_per_second, (options.clock)());
+        let restored = std::mem::take(&mut options.history);
+        let offenders = Offenders::new(options.escalation, restored, (options.clock)());
         let origins = std::mem::take(&mut options.origins)
             .into_iter()
             .map(|(target, node)| (target, Arc::from(node)))
             .collect();
-        State { list, options, history, bucket, capped: 0, unsaved: None, origins, unpublished: 0 }
+        State { list, options, offenders, capped: 0, unsaved: None, origins, unpublished: 0 }
     }
 
     fn run(mut self, rx: Receiver<Message>) -> Blocklist<S> {
@@ -319,7 +296,7 @@ impl<S: BanStore> State<S> {
                     let _ = reply.send(self.command(command));
                 }
                 Ok(Message::Reconfigure(escalation, allowlist)) => {
-                    self.reconfigure(escalation);
+                    self.offenders.reconfigure(escalation, (self.options.clock)());
                     self.options.allowlist = allowlist;
                 }
                 Ok(Message::Remote(events, arrival)) => self.remote(events, arrival),
@@ -424,31 +401,18 @@ impl<S: BanStore> State<S> {
 
     fn offence(&mut self, request: BanRequest) {
         let now = (self.options.clock)();
-        let escalation = self.options.escalation;
-        if !self.bucket.take(now) {
+        let target = BanTarget::host(request.client);
+        let Some((count, ttl)) = self.offenders.offend(target, request.ttl, now) else {
+            let per_second = self.offenders.escalation().max_per_second;
             self.capped += 1;
             if let Some(m) = &self.options.metrics {
                 m.bans_capped.inc();
             }
             if self.capped == 1 || self.capped.is_power_of_two() {
-                tracing::warn!(client = %request.client, capped = self.capped, per_second = escalation.max_per_second, "ban rate cap reached: ban dropped");
+                tracing::warn!(client = %request.client, capped = self.capped, per_second, "ban rate cap reached: ban dropped");
             }
             return;
-        }
-        let target = BanTarget::host(request.client);
-        let forget_ns = u64::try_from(escalation.max_ttl.as_nanos()).unwrap_or(u64::MAX);
-        let count = match self.history.get_mut(&target) {
-            Some(offence) if now.saturating_sub(offence.last_ns) < forget_ns => {
-                offence.count += 1;
-                offence.last_ns = now;
-                offence.count
-            }
-            _ => {
-                self.history.put(target, Offence { count: 1, last_ns: now });
-                1
-            }
         };
-        let ttl = escalated(request.ttl, count, &escalation);
         let before = self.list.store().get(&target).ok().flatten();
         match self.list.ban(&target, Ttl::For(ttl), &request.reason, now) {
             Ok(value) => {
@@ -489,11 +453,7 @@ impl<S: BanStore> State<S> {
                 let was = self.lift(&target)?;
                 tracing::info!(%target, was_banned = was, "unbanned by an admin");
                 // Published even when not banned here: another gateway may hold it.
-                if let Some(fleet) = &self.options.fleet {
-                    let at_ms = crate::clock::unix_ns() / NS_PER_MS;
-                    let node = fleet.node.clone();
-                    self.publish(Event::Unban { target, node, at_ms });
-                }
+                self.publish_unban(target);
                 Ok(AdminAnswer::Unbanned(was))
             }
             AdminCommand::List => {
@@ -513,7 +473,7 @@ impl<S: BanStore> State<S> {
     /// Lifts a ban and forgets the offences (an unban, here or from the fleet); whether there
     /// was a ban.
     fn lift(&mut self, target: &BanTarget) -> Result<bool, StoreError> {
-        let forgot = self.history.pop(target).is_some();
+        let forgot = self.offenders.forget(target);
         self.origins.remove(target);
         let before = self.list.store().get(target).ok().flatten();
         let was = self.list.unban(target)?;
@@ -525,22 +485,11 @@ impl<S: BanStore> State<S> {
         Ok(was)
     }
 
-    fn reconfigure(&mut self, escalation: Escalation) {
-        if escalation.history != self.options.escalation.history {
-            let capacity = NonZeroUsize::new(escalation.history.max(1)).expect("at least 1");
-            self.history.resize(capacity);
-        }
-        if escalation.max_per_second != self.options.escalation.max_per_second {
-            self.bucket = TokenBucket::new(escalation.max_per_second, (self.options.clock)());
-        }
-        self.options.escalation = escalation;
-    }
-
     /// Saves the snapshot to `path`; the number of bans saved.
     fn save(&mut self, path: &std::path::Path) -> Result<usize, SnapshotError> {
         let now = Now { boot_ns: (self.options.clock)(), unix_ns: crate::clock::unix_ns() };
         let offences = self
-            .history
+            .offenders
             .iter()
             .map(|(target, o)| SavedOffence {
                 target: target.to_string(),
@@ -579,292 +528,20 @@ impl<S: BanStore> State<S> {
     }
 }
 
-const NS_PER_MS: u64 = 1_000_000;
-/// Remote expiries this close to a ban's here are the same ban.
-const SAME_EXPIRY_NS: u64 = 1_000_000_000;
-
-/// The fleet's half of the worker: what it publishes and what it applies.
-impl<S: BanStore> State<S> {
-    /// Hands a ban made here to the fleet (nothing without one).
-    fn publish_ban(&mut self, target: BanTarget, value: BanValue, reason: &str, offences: u32) {
-        let Some(fleet) = &self.options.fleet else { return };
-        let now = Now { boot_ns: (self.options.clock)(), unix_ns: crate::clock::unix_ns() };
-        let record = self.record(target, value, reason, offences, fleet.node.clone(), now);
-        self.publish(Event::Ban(record));
-    }
-
-    /// A ban as the fleet records it, made at `now`.
-    fn record(
-        &self,
-        target: BanTarget,
-        value: BanValue,
-        reason: &str,
-        offences: u32,
-        node: String,
-        now: Now,
-    ) -> BanRecord {
-        let at_ms = now.unix_ns / NS_PER_MS;
-        let expires_ms = (value.expires_ns != NEVER_EXPIRES)
-            .then(|| snapshot::boot_to_unix(value.expires_ns, now) / NS_PER_MS);
-        let remember_ms =
-            u64::try_from(self.options.escalation.max_ttl.as_millis()).unwrap_or(u64::MAX);
-        let keep_until_ms = expires_ms.map(|end| match offences {
-            0 => end,
-            _ => end.max(at_ms.saturating_add(remember_ms)),
-        });
-        BanRecord {
-            target,
-            expires_ms,
-            reason: reason.to_owned(),
-            node,
-            offences,
-            at_ms,
-            keep_until_ms,
-        }
-    }
-
-    fn publish(&mut self, event: Event) {
-        let Some(fleet) = &self.options.fleet else { return };
-        if fleet.events.try_send(event).is_err() {
-            self.unpublished += 1;
-            if let Some(m) = &self.options.metrics {
-                m.fleet.dropped.inc();
-            }
-            if self.unpublished == 1 || self.unpublished.is_power_of_two() {
-                tracing::warn!(
-                    dropped = self.unpublished,
-                    "fleet queue full: a ban or unban was not shared (the fleet task is stuck)"
-                );
-            }
-        }
-    }
-
-    /// Applies what other gateways did.
-    fn remote(&mut self, events: Vec<Event>, arrival: Arrival) {
-        let now = Now { boot_ns: (self.options.clock)(), unix_ns: crate::clock::unix_ns() };
-        let (mut applied, mut refused) = (0usize, 0usize);
-        let mut reasons = std::collections::HashSet::new();
-        for event in events {
-            let outcome = match event {
-                Event::Ban(record) => self.remote_ban(record, now, arrival, &mut reasons),
-                Event::Unban { target, node, .. } => match self.lift(&target) {
-                    Ok(was) => {
-                        tracing::info!(%target, node, was_banned = was, "unbanned by another gateway");
-                        Remote::Applied
-                    }
-                    Err(error) => {
-                        tracing::error!(%target, node, %error, "unban from the fleet failed");
-                        Remote::Failed
-                    }
-                },
-            };
-            match outcome {
-                Remote::Applied => applied += 1,
-                Remote::Refused => refused += 1,
-                Remote::Kept | Remote::Failed => {}
-            }
-        }
-        if let Some(m) = &self.options.metrics {
-            m.fleet.applied.inc_by(applied as u64);
-            m.fleet.refused.inc_by(refused as u64);
-        }
-        if arrival == Arrival::CatchUp && (applied > 0 || refused > 0) {
-            tracing::debug!(applied, refused, "a batch of the fleet's bans applied");
-        }
-    }
-
-    /// One remote ban; `reasons` are the reason codes known to be stored (see
-    /// [`Blocklist::put_ban`]).
-    fn remote_ban(
-        &mut self,
-        record: BanRecord,
-        now: Now,
-        arrival: Arrival,
-        reasons: &mut std::collections::HashSet<u32>,
-    ) -> Remote {
-        let BanRecord { target, ref node, ref reason, .. } = record;
-        if let Some(net) = self.options.allowlist.iter().find(|net| target.overlaps(net)) {
-            tracing::warn!(%target, node, reason, allowlisted = %net, "ban from another gateway refused: the address is in this gateway's allowlist");
-            return Remote::Refused;
-        }
-        let forget_ns =
-            u64::try_from(self.options.escalation.max_ttl.as_nanos()).unwrap_or(u64::MAX);
-        let age_ns = now.unix_ns.saturating_sub(record.at_ms.saturating_mul(NS_PER_MS));
-        if record.offences > 0 && age_ns < forget_ns {
-            let last_ns = now.boot_ns.saturating_sub(age_ns);
-            match self.history.get_mut(&target) {
-                Some(offence) => {
-                    offence.count = offence.count.max(record.offences);
-                    offence.last_ns = offence.last_ns.max(last_ns);
-                }
-                None => {
-                    self.history.put(target, Offence { count: record.offences, last_ns });
-                }
-            }
-            self.mark_unsaved();
-        }
-        if !record.active_at(now.unix_ns / NS_PER_MS) {
-            return Remote::Kept; // only its offences still count
-        }
-        // Never longer than a ban made here can be (a record from anyone who can write to
-        // Redis is not trusted with "for 500 years").
-        let longest = crate::clock::after(now.boot_ns, super::MAX_TTL);
-        let expires_ns = match record.expires_ms {
-            None => NEVER_EXPIRES,
-            Some(ms) => snapshot::unix_to_boot(ms.saturating_mul(NS_PER_MS), now).min(longest),
-        };
-        let before = self.list.store().get(&target).ok().flatten();
-        // A rule's ban never shortens one held here: as long here already, or longer (within a
-        // second: the same record read twice, from the catch-up and the channel, converts to
-        // instants a few microseconds apart). An admin's ban (no offence) is taken as made,
-        // shorter too: a re-ban with a shorter TTL means it.
-        if let Some(old) = before
-            && old.active_at(now.boot_ns)
-            && (old.expires_ns.saturating_add(SAME_EXPIRY_NS) >= expires_ns)
-            && (record.offences > 0 || old.expires_ns.abs_diff(expires_ns) < SAME_EXPIRY_NS)
-        {
-            return Remote::Kept;
-        }
-        let hits = before.map_or(0, |old| old.hits);
-        let value = match self.list.put_ban(&target, expires_ns, reason, hits, reasons) {
-            Ok(value) => value,
-            Err(error) => {
-                tracing::error!(%target, node, %error, "ban from another gateway not applied");
-                return Remote::Failed;
-            }
-        };
-        self.changed(&target, before, Some(value));
-        // This gateway's own record (read back from Redis after losing its maps) is its own.
-        let own = self.options.fleet.as_ref().is_some_and(|fleet| fleet.node == *node);
-        if own {
-            self.origins.remove(&target);
-        } else {
-            self.origins.insert(target, Arc::from(node.as_str()));
-        }
-        if arrival == Arrival::Live {
-            tracing::info!(%target, node, reason, offence = record.offences, "banned by another gateway");
-        }
-        Remote::Applied
-    }
-
-    /// Every ban held, as fleet records: those made here under this node's name.
-    fn export(&self) -> Vec<BanRecord> {
-        let Some(fleet) = &self.options.fleet else { return Vec::new() };
-        let now = Now { boot_ns: (self.options.clock)(), unix_ns: crate::clock::unix_ns() };
-        let Ok(entries) = self.list.store().entries() else { return Vec::new() };
-        entries
-            .into_iter()
-            .filter(|(_, value)| value.active_at(now.boot_ns))
-            .map(|(target, value)| {
-                let reason = self.list.reason_of(value.reason).unwrap_or_default();
-                let node = self.origins.get(&target).map_or(fleet.node.clone(), |n| n.to_string());
-                let offence = self.history.peek(&target);
-                let offences = offence.map_or(0, |o| o.count);
-                let mut record = self.record(target, value, &reason, offences, node, now);
-                if let Some(offence) = offence {
-                    // The offence's own time, so the history is forgotten when it should be.
-                    record.at_ms = snapshot::boot_to_unix(offence.last_ns, now) / NS_PER_MS;
-                }
-                record
-            })
-            .collect()
-    }
-}
-
-/// What became of one remote event.
-enum Remote {
-    Applied,
-    /// The address is allowlisted here.
-    Refused,
-    /// Nothing to write: a ban as long is in force here, or the record only carries offences.
-    Kept,
-    Failed,
-}
-
-/// At most `rate` tokens a second, holding up to `rate`.
-struct TokenBucket {
-    rate: u64,
-    tokens_milli: u64,
-    last_ns: u64,
-}
-
-impl TokenBucket {
-    fn new(rate: u32, now_ns: u64) -> Self {
-        let rate = u64::from(rate.max(1));
-        TokenBucket { rate, tokens_milli: rate * 1000, last_ns: now_ns }
-    }
-
-    fn take(&mut self, now_ns: u64) -> bool {
-        let elapsed_ms = now_ns.saturating_sub(self.last_ns) / 1_000_000;
-        if elapsed_ms > 0 {
-            self.tokens_milli = (self.tokens_milli + elapsed_ms * self.rate).min(self.rate * 1000);
-            self.last_ns = now_ns;
-        }
-        if self.tokens_milli >= 1000 {
-            self.tokens_milli -= 1000;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// A shared store, so a test (or the agent's CLI side) can look while the worker writes.
-impl<S: BanStore> BanStore for std::sync::Arc<std::sync::Mutex<S>> {
-    fn get(&self, t: &BanTarget) -> Result<Option<helo_common::BanValue>, super::StoreError> {
-        self.lock().expect("store lock").get(t)
-    }
-    fn put(&mut self, t: &BanTarget, v: &helo_common::BanValue) -> Result<(), super::StoreError> {
-        self.lock().expect("store lock").put(t, v)
-    }
-    fn remove(&mut self, t: &BanTarget) -> Result<bool, super::StoreError> {
-        self.lock().expect("store lock").remove(t)
-    }
-    fn entries(&self) -> Result<Vec<(BanTarget, helo_common::BanValue)>, super::StoreError> {
-        self.lock().expect("store lock").entries()
-    }
-    fn reason(
-        &self,
-        code: u32,
-    ) -> Result<Option<[u8; helo_common::REASON_TEXT_LEN]>, super::StoreError> {
-        self.lock().expect("store lock").reason(code)
-    }
-    fn put_reason(
-        &mut self,
-        code: u32,
-        text: &[u8; helo_common::REASON_TEXT_LEN],
-    ) -> Result<(), super::StoreError> {
-        self.lock().expect("store lock").put_reason(code, text)
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{Arc, Mutex};
 
     use super::*;
     use crate::blocklist::fake::FakeStore;
 
-    const ESCALATION: Escalation = Escalation {
+    pub(super) const ESCALATION: Escalation = Escalation {
         factor: 2,
         max_ttl: Duration::from_secs(8 * 3600),
         history: 2,
         max_per_second: 1000,
     };
-
-    #[test]
-    fn the_bucket_allows_a_burst_then_the_rate() {
-        let mut bucket = TokenBucket::new(3, 0);
-        assert_eq!((0..5).filter(|_| bucket.take(0)).count(), 3, "a burst of 3");
-        assert!(!bucket.take(100_000_000), "0.1 s later: 0.3 tokens");
-        assert!(bucket.take(400_000_000), "0.4 s later: 1.2 tokens");
-        assert_eq!(
-            (0..10).filter(|_| bucket.take(10_000_000_000)).count(),
-            3,
-            "refills to the burst only"
-        );
-    }
 
     #[test]
     fn bans_beyond_the_rate_cap_are_dropped() {
@@ -887,19 +564,8 @@ mod tests {
         assert_eq!(list.store().entries().unwrap().len(), 2, "the clock stood still: two bans");
     }
 
-    #[test]
-    fn ttl_doubles_per_offence_up_to_the_maximum() {
-        let base = Duration::from_secs(3600);
-        let ttls: Vec<u64> =
-            (1..=6).map(|n| escalated(base, n, &ESCALATION).as_secs() / 3600).collect();
-        assert_eq!(ttls, [1, 2, 4, 8, 8, 8]);
-        assert_eq!(escalated(base, u32::MAX, &ESCALATION).as_secs(), 8 * 3600);
-        let flat = Escalation { factor: 1, ..ESCALATION };
-        assert_eq!(escalated(base, 5, &flat), base);
-    }
-
     static NOW: AtomicU64 = AtomicU64::new(0);
-    fn now() -> u64 {
+    pub(super) fn now() -> u64 {
         NOW.load(Ordering::Relaxed)
     }
 
@@ -960,12 +626,12 @@ mod tests {
     }
 
     /// Waits until the worker has handled everything sent before (a `list` round trip).
-    fn sync(bans: &BanSender) {
+    pub(super) fn sync(bans: &BanSender) {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         runtime.block_on(bans.command(AdminCommand::List)).expect("the worker answers");
     }
 
-    fn request(ip: &str) -> BanRequest {
+    pub(super) fn request(ip: &str) -> BanRequest {
         BanRequest {
             client: ip.parse().unwrap(),
             ttl: Duration::from_secs(3600),
@@ -973,13 +639,13 @@ mod tests {
         }
     }
 
-    /// The proxy's pregreet passes ride along in the ban snapshot, which the worker writes.
+    /// The judge's pregreet passes ride along in the ban snapshot, which the worker writes.
     #[test]
     fn the_snapshot_carries_the_pregreet_passes() {
         let dir = std::env::temp_dir().join(format!("helo-worker-passes-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("bans.json");
-        let passes = Arc::new(crate::proxy::passes::PassCache::new(10));
+        let passes = Arc::new(crate::passes::PassCache::new(10));
         let unix = crate::clock::unix_ns() / 1_000_000_000;
         passes.pass("203.0.113.9".parse().unwrap(), unix, Duration::from_secs(86_400), 10);
         let options = Options {
@@ -1105,153 +771,6 @@ mod tests {
             reason: "".into(),
         });
         assert_eq!(gauges(), (3, 1, 1, 1), "after an admin's ban");
-        drop(bans);
-        worker.stop();
-    }
-
-    fn fleet_options(
-        clock: fn() -> u64,
-        allowlist: &[&str],
-    ) -> (Options, tokio::sync::mpsc::Receiver<Event>) {
-        let (events, queue) = tokio::sync::mpsc::channel(16);
-        let options = Options {
-            fleet: Some(FleetLink { node: "mx1".into(), events }),
-            allowlist: allowlist.iter().map(|n| n.parse().unwrap()).collect(),
-            metrics: Some(Arc::new(Metrics::default())),
-            ..Options::new(ESCALATION, clock)
-        };
-        (options, queue)
-    }
-
-    fn remote_ban(target: &str, node: &str, offences: u32, secs: u64) -> Event {
-        let at_ms = crate::clock::unix_ns() / NS_PER_MS;
-        Event::Ban(BanRecord {
-            target: target.parse().unwrap(),
-            expires_ms: Some(at_ms + secs * 1000),
-            reason: "forged_own_name".into(),
-            node: node.into(),
-            offences,
-            at_ms,
-            keep_until_ms: Some(at_ms + 8 * 3600 * 1000),
-        })
-    }
-
-    #[test]
-    fn bans_made_here_are_handed_to_the_fleet_with_their_offence_count() {
-        let (options, mut queue) = fleet_options(now, &[]);
-        let (bans, worker) = start(Blocklist::new(FakeStore::default()), options);
-        bans.ban(request("203.0.113.5"));
-        bans.ban(request("203.0.113.5"));
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let command = |command| runtime.block_on(bans.command(command)).unwrap();
-        command(AdminCommand::Unban { target: "198.51.100.9".parse().unwrap() });
-        drop(bans);
-        worker.stop();
-        let mut events = Vec::new();
-        while let Ok(event) = queue.try_recv() {
-            events.push(event);
-        }
-        let [Event::Ban(first), Event::Ban(second), Event::Unban { target, node, .. }] =
-            &events[..]
-        else {
-            panic!("{events:?}");
-        };
-        assert_eq!((first.offences, second.offences), (1, 2));
-        assert_eq!(first.node, "mx1");
-        let hour_ms = 3600 * 1000;
-        let ttl = |r: &BanRecord| r.expires_ms.unwrap() - r.at_ms;
-        assert!(ttl(first).abs_diff(hour_ms) < 5000, "{first:?}");
-        assert!(ttl(second).abs_diff(2 * hour_ms) < 5000, "escalated: {second:?}");
-        assert_eq!(second.keep_until_ms, Some(second.at_ms + 8 * hour_ms), "offences outlive it");
-        assert_eq!(
-            target.to_string(),
-            "198.51.100.9",
-            "an unban goes out even when not banned here"
-        );
-        assert_eq!(node, "mx1");
-    }
-
-    #[test]
-    fn remote_bans_apply_with_their_expiry_count_their_offences_and_are_not_sent_back() {
-        let (options, mut queue) = fleet_options(now, &["192.0.2.0/24"]);
-        let metrics = options.metrics.clone().unwrap();
-        let store = Arc::new(Mutex::new(FakeStore::default()));
-        let (bans, worker) = start(Blocklist::new(store.clone()), options);
-        bans.remote(
-            vec![
-                remote_ban("203.0.113.7", "mx2", 2, 600),
-                remote_ban("192.0.2.10", "mx3", 1, 600),
-                remote_ban("2001:db8:1:2::/64", "mx3", 0, 60),
-            ],
-            Arrival::Live,
-        )
-        .unwrap();
-        sync(&bans);
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let AdminAnswer::Listed(listed) =
-            runtime.block_on(bans.command(AdminCommand::List)).unwrap()
-        else {
-            panic!()
-        };
-        let shown: Vec<(&str, Option<&str>)> =
-            listed.iter().map(|e| (e.target.as_str(), e.origin.as_deref())).collect();
-        assert_eq!(
-            shown,
-            [("203.0.113.7", Some("mx2")), ("2001:db8:1:2::/64", Some("mx3"))],
-            "the allowlisted address was refused"
-        );
-        assert!(listed[0].remaining_secs.unwrap().abs_diff(600) <= 2, "{listed:?}");
-        assert_eq!((metrics.fleet.applied.get(), metrics.fleet.refused.get()), (2, 1));
-        // The third offence here is the third in the fleet: 4 h, not 1 h.
-        bans.ban(request("203.0.113.7"));
-        sync(&bans);
-        let Ok(Event::Ban(mine)) = queue.try_recv() else { panic!("the local ban is published") };
-        assert_eq!(mine.offences, 3);
-        assert!((mine.expires_ms.unwrap() - mine.at_ms).abs_diff(4 * 3600 * 1000) < 5000);
-        assert!(queue.try_recv().is_err(), "remote bans are never published again");
-        // An unban from the fleet lifts the ban and forgets the offences.
-        bans.remote(
-            vec![Event::Unban {
-                target: "203.0.113.7".parse().unwrap(),
-                node: "mx2".into(),
-                at_ms: 0,
-            }],
-            Arrival::Live,
-        )
-        .unwrap();
-        sync(&bans);
-        assert!(store.get(&"203.0.113.7".parse().unwrap()).unwrap().is_none());
-        bans.ban(request("203.0.113.7"));
-        sync(&bans);
-        let Ok(Event::Ban(again)) = queue.try_recv() else { panic!() };
-        assert_eq!(again.offences, 1, "forgotten with the unban");
-        drop(bans);
-        worker.stop();
-    }
-
-    #[test]
-    fn a_shorter_remote_ban_keeps_the_longer_one_here_and_export_gives_every_ban_held() {
-        let (options, _queue) = fleet_options(now, &[]);
-        let (bans, worker) = start(Blocklist::new(FakeStore::default()), options);
-        bans.ban(request("203.0.113.8")); // 1 h here
-        bans.remote(
-            vec![remote_ban("203.0.113.8", "mx2", 1, 60), remote_ban("203.0.113.9", "mx2", 0, 60)],
-            Arrival::CatchUp,
-        )
-        .unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let mut held = runtime.block_on(bans.export()).unwrap();
-        held.sort_by_key(|r| r.target);
-        // Whole minutes left, rounded: the milliseconds between the bans and the export (more
-        // of them on a loaded machine) must not turn 60 s into 0 minutes.
-        let minutes = |r: &BanRecord| (r.expires_ms.unwrap() - r.at_ms + 30_000) / 60_000;
-        let shown: Vec<(String, &str, u64)> =
-            held.iter().map(|r| (r.target.to_string(), r.node.as_str(), minutes(r))).collect();
-        assert_eq!(
-            shown,
-            [("203.0.113.8".into(), "mx1", 60), ("203.0.113.9".into(), "mx2", 1)],
-            "the hour-long ban made here stays, under this node's name"
-        );
         drop(bans);
         worker.stop();
     }

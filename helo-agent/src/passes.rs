@@ -14,8 +14,17 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use lru::LruCache;
+use serde::{Deserialize, Serialize};
 
-use crate::blocklist::snapshot::SavedPass;
+/// A client that stayed silent through the pregreet wait: greeted at once until `until_unix`
+/// (how the ban snapshot stores a pass).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedPass {
+    pub client: String,
+    /// Unix seconds.
+    pub until_unix: u64,
+}
 
 pub struct PassCache {
     /// Client (canonical) to the Unix second its pass expires.

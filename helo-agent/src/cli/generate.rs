@@ -7,24 +7,18 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use clap::{CommandFactory as _, ValueEnum};
+use clap::CommandFactory as _;
+
+use super::args::{Cli, Generated};
 
 /// The example config: the source of helo-filter.toml(5) and of the package's conffile.
-pub const EXAMPLE_CONFIG: &str = include_str!("../helo-filter.example.toml");
+pub const EXAMPLE_CONFIG: &str = include_str!("../../helo-filter.example.toml");
 
 /// Where the package installs the config, named in the pages.
 pub const INSTALLED_CONFIG: &str = "/etc/helo-filter/helo-filter.toml";
 
 /// The manual the pages belong to (the centre footer of `man`).
 const MANUAL: &str = "helo-filter";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Generated {
-    /// helo-agent.8, helo-agent-<subcommand>.8 and helo-filter.toml.5 (roff).
-    Man,
-    /// helo-agent.bash, _helo-agent (zsh) and helo-agent.fish.
-    Completions,
-}
 
 /// Writes `what` into the directory `out` (created if missing); returns the files written.
 pub fn write(what: Generated, out: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -36,7 +30,7 @@ pub fn write(what: Generated, out: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 fn command() -> clap::Command {
-    let mut command = crate::cli::Cli::command().disable_help_subcommand(true);
+    let mut command = Cli::command().disable_help_subcommand(true);
     command.build();
     command
 }
