@@ -130,39 +130,45 @@ fn rules_config(rules: usize) -> anyhow::Result<Config> {
 }
 
 /// A proxy session's judging with DNS, as `proxy/handler.rs` and `proxy/session.rs` do it:
-/// the client's reverse name from the facts cache at accept, else looked up in a task of its
-/// own from then; the session's hearing (`judge::Hearing`): the verdict without DNS, and when
-/// DNS can still change it, the HELO name's records (the facts cache first) joined with the
-/// reverse name, and only what DNS changes judged again (`Hearing::on_dns`).
+/// the client's forward-confirmed reverse name from the facts cache at accept, else looked up
+/// in a task of its own from then; the session's hearing (`judge::Hearing`): the verdict, and
+/// where it rests on DNS, the lookups it asks for (the facts cache first), judged again
+/// (`Hearing::on_dns`). Lookups only `log` checks want go in the background in the proxy: the
+/// session does not wait for them, and neither does this.
 async fn session(
     rules: &RuleSet,
     dns: &Arc<Dns>,
     helo: &str,
     client: &Client,
 ) -> (Verdict, Option<DnsFacts>) {
-    let known = dns.cached_reverse(client.ip);
-    let reverse = match known {
+    let known = dns.cached_client(client.ip);
+    let mut reverse = match known {
         Some(_) => None,
         None => {
             let (dns, ip) = (Arc::clone(dns), client.ip);
-            Some(tokio::spawn(async move { dns.reverse(ip, Need::Optional).await }))
+            Some(tokio::spawn(async move { dns.client(ip, Need::Optional).await }))
         }
     };
     let law = Law::given(rules, None);
     let mut hearing = Hearing::new(client);
     hearing.look();
-    let Heard::Lookup { name, need } = hearing.hear(&law, helo, None) else {
-        return (verdict(&hearing), None);
-    };
-    let names = async {
-        match reverse {
-            Some(lookup) => lookup.await.ok().flatten(),
-            None => known,
-        }
-    };
-    let facts = Box::pin(dns.facts_with(&name, client.ip, need, names)).await;
-    hearing.on_dns(&law, facts.as_ref());
-    (verdict(&hearing), facts)
+    let mut heard = hearing.hear(&law, helo, None);
+    let mut seen = None;
+    while let Heard::Lookup { helo: name, client: asks_client, need } = heard {
+        let helo_dns = match name {
+            Some(name) => Box::pin(dns.helo(&name, need)).await.unwrap_or_default(),
+            None => HeloDns::NotLooked,
+        };
+        let client_dns = match (asks_client, reverse.take()) {
+            (false, _) => ClientDns::NotLooked,
+            (true, Some(lookup)) => lookup.await.ok().flatten().unwrap_or_default(),
+            (true, None) => known.clone().unwrap_or_default(),
+        };
+        let facts = DnsFacts { helo: helo_dns, client: client_dns };
+        seen = Some(facts.clone());
+        heard = hearing.on_dns(&law, facts);
+    }
+    (verdict(&hearing), seen)
 }
 
 fn verdict(hearing: &Hearing) -> Verdict {
@@ -186,7 +192,7 @@ fn with_facts(rules: &RuleSet, inputs: &[(String, Client)], facts: &[Option<DnsF
         let mut hearing = Hearing::new(client);
         hearing.look();
         if let Heard::Lookup { .. } = hearing.hear(&law, helo, None) {
-            hearing.on_dns(&law, facts.as_ref());
+            hearing.on_dns(&law, facts.clone().unwrap_or_default());
         }
         black_box(hearing.verdict());
     }
@@ -219,8 +225,10 @@ async fn calls(dns: &Dns, rules: &RuleSet, inputs: &[(String, Client)]) -> Calls
             let mut hearing = Hearing::new(client);
             hearing.look();
             match hearing.hear(&Law::given(rules, None), helo, None) {
-                Heard::Lookup { name, .. } => Some((name, client.ip)),
-                Heard::Judged => None,
+                Heard::Lookup { helo: Some(name), .. } | Heard::Later { helo: name } => {
+                    Some((name, client.ip))
+                }
+                Heard::Lookup { .. } | Heard::Judged => None,
             }
         })
         .collect();
@@ -238,7 +246,7 @@ async fn calls(dns: &Dns, rules: &RuleSet, inputs: &[(String, Client)]) -> Calls
     let (started, mut passes) = (Instant::now(), 0);
     while started.elapsed() < SLICE && passes < 100_000 {
         for (_, ip) in &looked {
-            black_box(dns.reverse(*ip, Need::Optional).await);
+            black_box(dns.client(*ip, Need::Optional).await);
         }
         passes += 1;
     }
@@ -295,7 +303,7 @@ fn classification(log: &Path) -> anyhow::Result<(Vec<Classified>, Calls)> {
             // The reverse names of clients whose HELO a rule decided are looked up in tasks
             // nobody waits for: look every client up here, so the caches hold them all.
             for (_, client) in &inputs {
-                dns.reverse(client.ip, Need::Required).await;
+                dns.client(client.ip, Need::Required).await;
             }
             facts
         };

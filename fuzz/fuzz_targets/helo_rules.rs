@@ -48,6 +48,7 @@ fuzz_target!(|data: &[u8]| {
         },
         client: match head[0] & 0x18 {
             0 => ClientDns::NotLooked,
+            0x08 if head[16] & 0x20 != 0 => ClientDns::Confirmed("mail.company.example".into()),
             0x08 => ClientDns::Confirmed(helo.to_ascii_lowercase()),
             0x10 => ClientDns::TempFail("timeout".into()),
             _ => ClientDns::Unconfirmed(vec![]),
@@ -62,6 +63,7 @@ fuzz_target!(|data: &[u8]| {
         pregreeted: head[0] & 1 != 0,
         // A reuse count from the last byte (an IPv6 client's last octet too: no matter).
         reuse: (head[16] & 0x80 != 0).then_some(usize::from(head[16] & 0x7f)),
+        looks: head[16] & 0x40 != 0,
     };
     let verdict = rules().classify(&facts);
     assert!(!verdict.rule.is_empty() && !verdict.reason.is_empty());

@@ -75,10 +75,13 @@ fuzz_target!(|data: &[u8]| {
         let mut next = session.next_step();
         while let Some(step) = next.take() {
             match step {
-                Step::Lookup { name, .. } => {
-                    assert!(first & 8 != 0 && name.contains('.'), "DNS only where asked for");
-                    let facts = answer().map(|helo| DnsFacts { helo, client: ClientDns::NotLooked });
-                    next = Some(session.on_dns(facts));
+                Step::Lookup { helo, client, .. } => {
+                    assert!(first & 8 != 0, "DNS only where asked for");
+                    assert!(helo.as_ref().is_none_or(|name| name.contains('.')), "names only");
+                    let helo = if helo.is_some() { answer().unwrap_or_default() } else { HeloDns::NotLooked };
+                    let client =
+                        if client { ClientDns::Unconfirmed(vec![]) } else { ClientDns::NotLooked };
+                    next = Some(session.on_dns(DnsFacts { helo, client }));
                     continue;
                 }
                 Step::Close(answer, _) => return well_formed(&answer),

@@ -73,6 +73,7 @@ fn classify_all(rules: &RuleSet, inputs: &[(String, IpAddr)]) {
             dns: None,
             pregreeted: false,
             reuse: None,
+            looks: false,
         };
         black_box(rules.classify(&facts));
     }

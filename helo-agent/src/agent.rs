@@ -454,25 +454,37 @@ fn judge(
     Ok(Judge::new(Live::of(config), parts))
 }
 
-/// The resolver of the DNS checks: `None` when they are all off and `helo_reuse` does not
-/// enforce (in `log` it reads what the DNS checks looked up, and asks for nothing itself).
+/// The resolver of the checks that read DNS: `None` when none does. The DNS checks
+/// (`unknown_helo`, `helo_not_client`) and an enforcing `helo_reuse` read it, and so do
+/// `impersonation` (a name under a provider) and, with `trust.forward_confirmed`, every
+/// enforcing heuristic and `forged_identity` (the client's forward-confirmed reverse name).
 /// Without a usable resolver configuration the agent does not start if a DNS check or
-/// `helo_reuse` enforces, and runs without the DNS checks (saying so) if they only log.
+/// `helo_reuse` enforces; otherwise it runs without (saying so): the DNS checks do not fire,
+/// the heuristics enforce against everyone, `impersonation` judges bare domains only.
 fn resolver(config: &Config) -> Result<Option<Arc<crate::dns::Dns>>, AgentError> {
     use crate::rules::{Check, CheckAction};
-    let reuse = match config.rules.action(Check::HeloReuse) {
-        CheckAction::Reject | CheckAction::Ban => CheckAction::Reject,
-        _ => CheckAction::Off,
-    };
-    let actions =
-        [config.rules.action(Check::UnknownHelo), config.rules.action(Check::HeloNotClient), reuse];
-    if actions.iter().all(|a| *a == CheckAction::Off) {
+    let rules = &config.rules;
+    let enforces = |check| matches!(rules.action(check), CheckAction::Reject | CheckAction::Ban);
+    let dns_checks = [Check::UnknownHelo, Check::HeloNotClient];
+    let required = dns_checks.iter().any(|c| enforces(*c)) || enforces(Check::HeloReuse);
+    let anchored = rules.trust
+        && Check::ALL
+            .iter()
+            .any(|c| (c.is_heuristic() || *c == Check::ForgedIdentity) && enforces(*c));
+    let wanted = dns_checks.iter().any(|c| rules.action(*c) != CheckAction::Off)
+        || rules.action(Check::Impersonation) != CheckAction::Off
+        || anchored;
+    if !required && !wanted {
         return Ok(None);
     }
     match crate::dns::Dns::new(&config.dns) {
         Ok(dns) => Ok(Some(Arc::new(dns))),
-        Err(error) if actions.iter().all(|a| matches!(a, CheckAction::Off | CheckAction::Log)) => {
-            tracing::warn!(%error, "the DNS checks (log only) are off: no resolver");
+        Err(error) if !required => {
+            tracing::warn!(
+                %error,
+                "no resolver: the DNS checks do not fire, the heuristic checks enforce against \
+                 every client, impersonation judges bare provider domains only"
+            );
             Ok(None)
         }
         Err(error) => Err(error.into()),

@@ -1,11 +1,11 @@
-//! DNS for the DNS checks: the HELO name's A, AAAA and MX records, and the client's reverse
-//! names (PTR), turned into the pure [`DnsFacts`] the rules read.
+//! DNS for the checks that read it: the HELO name's A, AAAA and MX records, and the client's
+//! forward-confirmed reverse name (FCrDNS: a PTR name whose A or AAAA records include the
+//! address), turned into the pure [`DnsFacts`] the rules read.
 //!
-//! The client is forward-confirmed against its HELO ([`confirm`]): a PTR name that is the HELO
-//! name, whose A or AAAA records (the HELO lookup's own) include the client. That is the one
-//! confirmation any rule reads (`DnsFacts::confirms` compares with the HELO), and it needs no
-//! lookup of its own: the PTR lookup starts at accept, the HELO's at HELO, and a session waits
-//! for one resolver round trip, not a PTR answer and then its name's addresses.
+//! The client's reverse name is looked up from accept ([`Dns::client`]: its PTR names, then
+//! each name's addresses), so it is most often known when the HELO comes; the HELO's records
+//! when a check asks for them. Both are independent of each other: a session waits at most for
+//! the slower of the two, and only where its verdict rests on them (`judge::Hearing`).
 //!
 //! One resolver (hickory) for the agent, with its cache (positive and negative answers, each
 //! for its TTL, bounded by `dns.cache_size`), at most `dns.max_lookups` lookups in flight, and
@@ -15,11 +15,13 @@
 //! temporary failure, never "the name does not exist".
 //!
 //! In front of hickory's cache, the finished facts are cached too: a HELO name's [`HeloDns`]
-//! and a client's [`ReverseNames`], each until the first of the answers it was made from expires
-//! (a negative answer for its SOA's negative TTL; a temporary failure is never kept), at most
-//! `dns.cache_size` of each. A sender seen before then costs one hash lookup a side, where
-//! going through hickory's cache again costs four lookups of a few µs each (bench section
-//! `dns`).
+//! and a client's [`ClientDns`], each until the first of the answers it was made from expires
+//! (a negative answer for its SOA's negative TTL), at most `dns.cache_size` of each. A
+//! temporary failure is kept for `dns.failure_ttl` (30 s): a resolver that does not answer
+//! costs each new name (and each new client) one `dns.timeout`, then answers "try again later"
+//! at once, instead of holding every session for the timeout. A sender seen before costs one
+//! hash lookup a side, where going through hickory's cache again costs four lookups of a few
+//! µs each (bench section `dns`).
 
 use std::hash::Hash;
 use std::net::IpAddr;
@@ -41,18 +43,10 @@ use tokio::sync::Semaphore;
 
 use crate::addr::canonical;
 use crate::config::DnsConfig;
-use crate::rules::{ClientDns, DnsFacts, HeloDns};
+use crate::rules::{ClientDns, HeloDns};
 
 /// PTR names kept at most.
 const MAX_PTR_NAMES: usize = 4;
-
-/// The client's reverse names as DNS gave them: its PTR names (lower case, no final dot; maybe
-/// none), or why DNS could not say.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ReverseNames {
-    Names(Vec<String>),
-    TempFail(String),
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
@@ -68,9 +62,11 @@ pub struct Dns {
     resolver: TokioResolver,
     slots: Arc<Semaphore>,
     timeout: Duration,
+    /// How long a temporary failure is remembered.
+    failure_ttl: Duration,
     /// The facts of HELO names (lower case, no final dot) and of clients, until they expire.
     helos: Cache<String, HeloDns>,
-    clients: Cache<IpAddr, ReverseNames>,
+    clients: Cache<IpAddr, ClientDns>,
 }
 
 /// Finished facts by key, each until the earliest expiry of the answers behind it; bounded
@@ -178,44 +174,19 @@ impl Dns {
             resolver: builder.with_options(options).build(),
             slots: Arc::new(Semaphore::new(config.max_lookups.max(1))),
             timeout: config.timeout,
+            failure_ttl: config.failure_ttl,
             helos: Cache::new(config.cache_size),
             clients: Cache::new(config.cache_size),
         })
     }
 
-    /// The client's reverse names if they are cached and current.
-    pub fn cached_reverse(&self, ip: IpAddr) -> Option<ReverseNames> {
+    /// The client's forward-confirmed reverse name if it is cached and current.
+    pub fn cached_client(&self, ip: IpAddr) -> Option<ClientDns> {
         self.clients.get(&canonical(ip), Instant::now())
     }
 
-    /// The HELO name's records and the client's reverse names, looked up together, the
-    /// client confirmed against the HELO. `None` when every slot is taken and `need` is
-    /// [`Need::Optional`].
-    pub async fn facts(&self, helo: &str, client: IpAddr, need: Need) -> Option<DnsFacts> {
-        self.facts_with(helo, client, need, self.reverse(client, need)).await
-    }
-
-    /// As [`Dns::facts`], with the client's reverse names from `names`: a lookup started
-    /// earlier (the proxy's, at accept) or a cached answer, awaited beside the HELO's lookups.
-    /// No reverse names (no slot was free) leave the client not looked at.
-    pub async fn facts_with(
-        &self,
-        helo: &str,
-        client: IpAddr,
-        need: Need,
-        names: impl Future<Output = Option<ReverseNames>>,
-    ) -> Option<DnsFacts> {
-        let (records, names) = tokio::join!(self.helo(helo, need), names);
-        let records = records?;
-        let client = match names {
-            Some(names) => confirm(client, &names, helo, &records),
-            None => ClientDns::NotLooked,
-        };
-        Some(DnsFacts { client, helo: records })
-    }
-
     /// The HELO name in DNS: A, AAAA and MX, in parallel (each answer cached on its own, the
-    /// facts made of them too).
+    /// facts made of them too). A temporary failure is kept for `dns.failure_ttl`.
     pub async fn helo(&self, name: &str, need: Need) -> Option<HeloDns> {
         let key = helo_key(name);
         if let Some(found) = self.helos.get(&key, Instant::now()) {
@@ -246,34 +217,74 @@ impl Dns {
             | (_, _, Answer::TempFail(why)) => HeloDns::TempFail(why),
             _ => HeloDns::Missing,
         };
-        // Found with a failed side (A answered, AAAA timed out) holds no longer than the
-        // failure: `until` is then `None`, and the next session asks again.
+        // Found with a failed side (A answered, AAAA timed out) holds no longer than a failure.
+        let until = match &facts {
+            HeloDns::TempFail(_) => Some(now + self.failure_ttl),
+            _ => until.or(Some(now + self.failure_ttl)),
+        };
         self.helos.put(key, &facts, until);
         Some(facts)
     }
 
-    /// The client's reverse names (PTR), each answer cached for its TTL.
-    pub async fn reverse(&self, ip: IpAddr, need: Need) -> Option<ReverseNames> {
+    /// The client's forward-confirmed reverse name: its PTR names (at most four), then each
+    /// name's A and AAAA records (as a HELO name's, cached as such), the first name whose
+    /// addresses include the client. Cached until the first answer behind it expires; a
+    /// temporary failure for `dns.failure_ttl`. `None` when every slot is taken and `need` is
+    /// [`Need::Optional`].
+    pub async fn client(&self, ip: IpAddr, need: Need) -> Option<ClientDns> {
         let ip = canonical(ip);
-        if let Some(found) = self.clients.get(&ip, Instant::now()) {
+        let now = Instant::now();
+        if let Some(found) = self.clients.get(&ip, now) {
             return Some(found);
         }
-        let _slot = self.slot(need).await?;
-        let reverse = self.bounded(async { self.resolver.reverse_lookup(ip).await }).await;
-        let until = reverse.until(Instant::now());
-        let names = match reverse {
-            Answer::Records(lookup) => ReverseNames::Names(
-                lookup
-                    .iter()
-                    .take(MAX_PTR_NAMES)
-                    .map(|name| name.to_ascii().trim_end_matches('.').to_ascii_lowercase())
-                    .collect(),
-            ),
-            Answer::None(_) => ReverseNames::Names(Vec::new()),
-            Answer::TempFail(why) => ReverseNames::TempFail(why),
+        let reverse = {
+            let _slot = self.slot(need).await?;
+            self.bounded(async { self.resolver.reverse_lookup(ip).await }).await
         };
-        self.clients.put(ip, &names, until);
-        Some(names)
+        let mut until = reverse.until(Instant::now());
+        let names: Vec<String> = match reverse {
+            Answer::Records(lookup) => lookup
+                .iter()
+                .take(MAX_PTR_NAMES)
+                .map(|name| name.to_ascii().trim_end_matches('.').to_ascii_lowercase())
+                .collect(),
+            Answer::None(_) => Vec::new(),
+            Answer::TempFail(why) => {
+                let facts = ClientDns::TempFail(why);
+                self.clients.put(ip, &facts, Some(Instant::now() + self.failure_ttl));
+                return Some(facts);
+            }
+        };
+        let forward =
+            futures_util::future::join_all(names.iter().map(|name| self.helo(name, need)));
+        let mut failed = None;
+        let mut confirmed = None;
+        for (name, records) in names.iter().zip(forward.await) {
+            match records {
+                Some(HeloDns::Found { addresses, .. })
+                    if addresses.iter().any(|a| canonical(*a) == ip) =>
+                {
+                    confirmed.get_or_insert_with(|| name.clone());
+                }
+                Some(HeloDns::TempFail(why)) => failed = Some(why),
+                // No slot: not known, so not kept.
+                None => until = None,
+                Some(_) => {}
+            }
+        }
+        let facts = match (confirmed, failed) {
+            (Some(name), _) => ClientDns::Confirmed(name),
+            (None, Some(why)) => ClientDns::TempFail(why),
+            (None, None) => ClientDns::Unconfirmed(names),
+        };
+        // Each forward answer is cached as the HELO facts of its name for its own TTL; the
+        // client's facts are kept for the PTR's, at most `failure_ttl` when a side failed.
+        let until = match &facts {
+            ClientDns::TempFail(_) => Some(Instant::now() + self.failure_ttl),
+            _ => until,
+        };
+        self.clients.put(ip, &facts, until);
+        Some(facts)
     }
 
     async fn slot(&self, need: Need) -> Option<tokio::sync::SemaphorePermit<'_>> {
@@ -301,29 +312,6 @@ impl Dns {
                 _ => Answer::TempFail(error.to_string()),
             },
         }
-    }
-}
-
-/// The client as DNS sees it, against its HELO: forward-confirmed (`Confirmed(helo)`) when one
-/// of its PTR names is the HELO name and the HELO's A or AAAA records (`records`) include it.
-/// A HELO among its PTR names whose lookup failed for now leaves that unknown: a temporary
-/// failure, as the PTR's own would be.
-pub fn confirm(client: IpAddr, reverse: &ReverseNames, helo: &str, records: &HeloDns) -> ClientDns {
-    let names = match reverse {
-        ReverseNames::TempFail(why) => return ClientDns::TempFail(why.clone()),
-        ReverseNames::Names(names) => names,
-    };
-    let helo = helo_key(helo);
-    if !names.contains(&helo) {
-        return ClientDns::Unconfirmed(names.clone());
-    }
-    let client = canonical(client);
-    match records {
-        HeloDns::Found { addresses, .. } if addresses.iter().any(|a| canonical(*a) == client) => {
-            ClientDns::Confirmed(helo)
-        }
-        HeloDns::TempFail(why) => ClientDns::TempFail(why.clone()),
-        _ => ClientDns::Unconfirmed(names.clone()),
     }
 }
 
@@ -366,42 +354,6 @@ mod tests {
             ClientDns::Unconfirmed(vec!["dsl-1.isp.example".into()])
         );
         assert_eq!(from_postfix(None, Some("unknown")), ClientDns::Unconfirmed(vec![]));
-    }
-
-    /// The client is confirmed against its HELO: a PTR name that is the HELO, whose records
-    /// (the HELO lookup's) include the client; nothing else confirms.
-    #[test]
-    fn a_client_is_confirmed_by_a_ptr_name_that_is_its_helo_and_points_back() {
-        let client: IpAddr = "192.0.2.10".parse().unwrap();
-        let names = |n: &[&str]| ReverseNames::Names(n.iter().map(|s| (*s).to_owned()).collect());
-        let at = |a: &str| HeloDns::Found { addresses: vec![a.parse().unwrap()], mx: false };
-        let ptr = names(&["other.test", "mail.good.test"]);
-        assert_eq!(
-            confirm(client, &ptr, "Mail.Good.Test.", &at("::ffff:192.0.2.10")),
-            ClientDns::Confirmed("mail.good.test".into())
-        );
-        let unconfirmed =
-            ClientDns::Unconfirmed(vec!["other.test".into(), "mail.good.test".into()]);
-        assert_eq!(confirm(client, &ptr, "mail.good.test", &at("192.0.2.99")), unconfirmed);
-        assert_eq!(confirm(client, &ptr, "mail.good.test", &HeloDns::Missing), unconfirmed);
-        assert_eq!(confirm(client, &ptr, "liar.test", &at("192.0.2.10")), unconfirmed, "not a PTR");
-        assert_eq!(
-            confirm(client, &ptr, "mail.good.test", &HeloDns::TempFail("timeout".into())),
-            ClientDns::TempFail("timeout".into())
-        );
-        assert_eq!(
-            confirm(
-                client,
-                &ReverseNames::TempFail("servfail".into()),
-                "x.test",
-                &at("192.0.2.10")
-            ),
-            ClientDns::TempFail("servfail".into())
-        );
-        assert_eq!(
-            confirm(client, &names(&[]), "x.test", &at("192.0.2.10")),
-            ClientDns::Unconfirmed(vec![])
-        );
     }
 
     /// Finished facts hold until the first answer behind them expires; a temporary failure

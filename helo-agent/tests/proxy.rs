@@ -1532,3 +1532,83 @@ async fn both_doors_count_helo_reuse_in_one_memory() {
     let _ = stop_policy.send(());
     agent.stop().await;
 }
+
+/// A resolver that never answers, UDP or TCP (an unreachable one, as on a gateway whose
+/// resolv.conf points nowhere): queries are taken and dropped.
+struct DeadResolver {
+    address: SocketAddr,
+    _udp: std::net::UdpSocket,
+    _tcp: std::net::TcpListener,
+}
+
+impl DeadResolver {
+    fn start() -> Self {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = tcp.local_addr().unwrap();
+        let udp = std::net::UdpSocket::bind(address).unwrap();
+        DeadResolver { address, _udp: udp, _tcp: tcp }
+    }
+}
+
+/// Milliseconds from EHLO to its whole reply, for a client at `from`, and the reply.
+async fn ehlo_reply(agent: &Agent, from: &str, helo: &str) -> (u128, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(agent.addr).await.unwrap();
+    read_reply(&mut stream).await;
+    let started = std::time::Instant::now();
+    stream.write_all(format!("EHLO {helo}\r\n").as_bytes()).await.unwrap();
+    let reply = read_reply(&mut stream).await;
+    (started.elapsed().as_millis(), reply)
+}
+
+/// Issue 26: a dry run never delays a session. With a resolver that never answers, the DNS
+/// checks in `log` (the defaults) and the trust anchor on, a clean HELO's reply comes as fast
+/// as with DNS off, and the session's log line says the lookups had not finished. Before, every
+/// session waited the whole `dns.timeout` for checks that could change nothing. Where a check
+/// enforces, the first session with a name waits one timeout and hears 450; the failure is
+/// remembered (`dns.failure_ttl`), so the next session with that name, from another client,
+/// hears 450 at once.
+#[tokio::test]
+async fn a_dead_resolver_delays_no_dry_run_and_costs_an_enforcing_check_one_timeout_per_name() {
+    let logs = captured_logs();
+    let dead = DeadResolver::start();
+    let mta = Mta::start().await;
+    let dns_section = format!("[dns]\nservers = [\"{}\"]\ntimeout = \"1s\"\n", dead.address);
+    let resolver = |extra: &str| {
+        let config = Config::parse(extra, Path::new("dns.toml"), &HostFacts::default()).unwrap();
+        Some(Arc::new(helo_agent::dns::Dns::new(&config.dns).unwrap()))
+    };
+    let off = Agent::start(mta.addr, "").await;
+    let (off_ms, reply) = ehlo_reply(&off, "127.0.0.1", "mail.dryrun.test").await;
+    assert!(reply.starts_with("250"), "{reply}");
+    off.stop().await;
+
+    let dry = Agent::start_full(mta.addr, &dns_section, false, None, resolver(&dns_section)).await;
+    let (dry_ms, reply) = ehlo_reply(&dry, "127.0.0.2", "mail.dryrun.test").await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert!(
+        dry_ms < off_ms + 250 && dry_ms < 500,
+        "EHLO took {dry_ms} ms with DNS checks in log and a dead resolver, {off_ms} ms without DNS"
+    );
+    dry.stop().await;
+    let line = eventually_logged(logs, r#"client=127.0.0.2 via="" helo="mail.dryrun.test""#).await;
+    assert!(line.contains("dns=\"not_finished\""), "{line}");
+
+    let enforcing =
+        format!("{dns_section}[checks]\nunknown_helo = \"reject\"\n[reject]\nat = \"helo\"\n");
+    let agent = Agent::start_full(mta.addr, &enforcing, false, None, resolver(&enforcing)).await;
+    let (first_ms, reply) = ehlo_reply(&agent, "127.0.0.3", "mail.enforced.test").await;
+    assert!(reply.starts_with("450 4.7.1 <mail.enforced.test>"), "{reply}");
+    assert!((900..3000).contains(&first_ms), "one timeout: {first_ms} ms");
+    let (again_ms, reply) = ehlo_reply(&agent, "127.0.0.4", "mail.enforced.test").await;
+    assert!(reply.starts_with("450 4.7.1"), "{reply}");
+    assert!(again_ms < 300, "the failure is cached: {again_ms} ms");
+    assert!(agent.banned().is_empty(), "a 450 never bans");
+    agent.stop().await;
+    let line = eventually_logged(logs, r#"helo="mail.enforced.test""#).await;
+    assert!(
+        line.contains(r#"rule="dns_tempfail""#) && line.contains("dns=\"helo=tempfail\""),
+        "{line}"
+    );
+}

@@ -72,12 +72,28 @@ impl PinDir {
         // The pregreet test (on by default: a new client waits 6 s for the final 220, in two
         // lines) and the DNS checks (on by default, in log mode: they would ask the machine's
         // resolver, which a test must not depend on) are off unless a suite sets them itself.
+        // So are the other readers of DNS, unless the suite brings its own resolver
+        // (`dns.servers`): the trust anchor and `impersonation`.
+        let own_resolver = table
+            .get("dns")
+            .and_then(|dns| dns.get("servers"))
+            .is_some_and(|servers| servers.as_array().is_some_and(|s| !s.is_empty()));
         if let toml::Value::Table(checks) =
             table.entry("checks").or_insert_with(|| toml::Value::Table(toml::Table::new()))
         {
-            for check in ["pregreet", "unknown_helo", "helo_not_client"] {
+            let mut off = vec!["pregreet", "unknown_helo", "helo_not_client"];
+            if !own_resolver {
+                off.push("impersonation");
+            }
+            for check in off {
                 checks.entry(check).or_insert_with(|| toml::Value::String("off".into()));
             }
+        }
+        if !own_resolver
+            && let toml::Value::Table(trust) =
+                table.entry("trust").or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            trust.entry("forward_confirmed").or_insert(toml::Value::Boolean(false));
         }
         let path = self.1.join(unique("agent-").to_string() + ".toml");
         std::fs::write(&path, toml::to_string(&table).unwrap()).expect("write the test config");

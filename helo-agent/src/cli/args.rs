@@ -113,8 +113,9 @@ pub enum CliCommand {
         /// only the proxy runs, and only with proxy.greeting = "own").
         #[arg(long)]
         pregreeted: bool,
-        /// Skip the DNS lookups the agent makes for the DNS checks (the HELO name's A, AAAA
-        /// and MX records; the client's forward-confirmed reverse name, with --client).
+        /// Skip the DNS lookups the agent makes (the HELO name's A, AAAA and MX records; the
+        /// client's forward-confirmed reverse name, with --client): the heuristics then enforce
+        /// against everyone, and names under a big provider are not judged.
         #[arg(long)]
         no_dns: bool,
         /// Judge HELO reuse as if N (1 or more) distinct client networks (/24, /64; this

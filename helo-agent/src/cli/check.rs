@@ -1,6 +1,7 @@
 //! `helo-agent check`: what the judge decides for a HELO, driven exactly as a door drives its
-//! hearing (the lookups the agent would make, where DNS can still change the verdict; HELO
-//! reuse last, on the count given), with why; the exit status says the verdict.
+//! hearing (the lookups the agent would make where the verdict rests on DNS, and those a door
+//! makes in the background for `log` checks, whose matches it shows; HELO reuse last, on the
+//! count given), with why; the exit status says the verdict.
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -52,11 +53,25 @@ pub(super) fn check(
     if pregreeted {
         hearing.pregreeted();
     }
-    let mut looked = None;
-    if let Heard::Lookup { name, .. } = hearing.hear(&law, helo, None) {
-        looked = Some(lookups(config, &name, client)?);
-        hearing.on_dns(&law, looked.as_ref());
+    let mut heard = hearing.hear(&law, helo, None);
+    let mut resolver = None;
+    loop {
+        match heard {
+            Heard::Judged => break,
+            Heard::Lookup { helo: name, client: asks_client, .. } => {
+                let facts = lookups(config, &mut resolver, name.as_deref(), asks_client, client)?;
+                heard = hearing.on_dns(&law, facts);
+            }
+            // What a door looks up in the background for `log` checks: `check` waits for it,
+            // to show what the log would say.
+            Heard::Later { helo: name } => {
+                let facts = lookups(config, &mut resolver, Some(&name), true, client)?;
+                hearing.on_late_dns(&law, &name, facts);
+                break;
+            }
+        }
     }
+    let looked = resolver.is_some().then(|| hearing.dns_facts().cloned()).flatten();
     let verdict = hearing.verdict().expect("judged").clone();
     let reuse = describe_reuse(&config.rules, hearing.reuse(), helo, networks);
     let mut out = std::io::stdout().lock();
@@ -70,7 +85,7 @@ pub(super) fn check(
     } else {
         write_verdict(&mut out, &verdict)?;
         if let Some(dns) = &looked {
-            writeln!(out, "dns: {}", describe_dns(dns))?;
+            writeln!(out, "dns: {}", describe_dns(&config.rules, dns, client))?;
         }
         if let Some(reuse) = reuse {
             writeln!(out, "reuse: {reuse}")?;
@@ -83,26 +98,43 @@ pub(super) fn check(
     })
 }
 
-/// The DNS facts for `helo` (and `client`'s reverse name), from the config's resolvers.
+/// A resolver and its runtime, made at the first lookup `check` needs.
+type Resolver = (tokio::runtime::Runtime, crate::dns::Dns);
+
+/// What a lookup the hearing asks for says: `helo`'s records and `client`'s forward-confirmed
+/// reverse name (with `asks_client` and a `--client`), from the config's resolvers.
 fn lookups(
     config: &Config,
-    helo: &str,
+    resolver: &mut Option<Resolver>,
+    helo: Option<&str>,
+    asks_client: bool,
     client: Option<std::net::IpAddr>,
 ) -> anyhow::Result<crate::rules::DnsFacts> {
     use crate::dns::{Dns, Need};
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(async {
-        let dns = Dns::new(&config.dns)?;
-        // Waiting for a slot (Need::Required), the lookups always answer.
-        let facts = match client {
-            Some(ip) => dns.facts(helo, ip, Need::Required).await,
-            None => dns
-                .helo(helo, Need::Required)
-                .await
-                .map(|helo| crate::rules::DnsFacts { helo, client: Default::default() }),
+    use crate::rules::{ClientDns, DnsFacts, HeloDns};
+    if resolver.is_none() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let dns = runtime.block_on(async { Dns::new(&config.dns) })?;
+        *resolver = Some((runtime, dns));
+    }
+    let (runtime, dns) = resolver.as_ref().expect("made above");
+    // Waiting for a slot (Need::Required), the lookups always answer.
+    Ok(runtime.block_on(async {
+        let helo_dns = async {
+            match helo {
+                Some(name) => dns.helo(name, Need::Required).await.unwrap_or_default(),
+                None => HeloDns::NotLooked,
+            }
         };
-        Ok(facts.unwrap_or_default())
-    })
+        let client_dns = async {
+            match client {
+                Some(ip) if asks_client => dns.client(ip, Need::Required).await.unwrap_or_default(),
+                _ => ClientDns::NotLooked,
+            }
+        };
+        let (helo, client) = tokio::join!(helo_dns, client_dns);
+        DnsFacts { helo, client }
+    }))
 }
 
 /// One line on how `check` judged HELO reuse (`seen`), where the check is on and would look
@@ -149,7 +181,11 @@ fn describe_reuse(
 }
 
 /// One line on what DNS said.
-fn describe_dns(dns: &crate::rules::DnsFacts) -> String {
+fn describe_dns(
+    rules: &crate::rules::RuleSet,
+    dns: &crate::rules::DnsFacts,
+    client: Option<std::net::IpAddr>,
+) -> String {
     use crate::rules::{ClientDns, HeloDns};
     let helo = match &dns.helo {
         HeloDns::NotLooked => "HELO not looked up".to_owned(),
@@ -163,14 +199,29 @@ fn describe_dns(dns: &crate::rules::DnsFacts) -> String {
         HeloDns::Missing => "HELO name has no A, AAAA or MX record".to_owned(),
         HeloDns::TempFail(why) => format!("HELO lookup failed temporarily ({why})"),
     };
-    let client = match &dns.client {
-        ClientDns::NotLooked => "client not looked up (give --client)".to_owned(),
-        ClientDns::Confirmed(name) => format!("client's reverse name {name} (forward-confirmed)"),
-        ClientDns::Unconfirmed(names) if names.is_empty() => "client has no reverse name".into(),
-        ClientDns::Unconfirmed(names) => {
+    let client = match (&dns.client, client) {
+        (ClientDns::NotLooked, None) => "client not looked up (give --client)".to_owned(),
+        (ClientDns::NotLooked, Some(_)) => "client not looked up (no rule needed it)".to_owned(),
+        (ClientDns::Confirmed(name), ip) => {
+            let generic = ip.and_then(|ip| crate::rules::builtin::generic(name, ip));
+            match generic {
+                Some(why) => format!("client forward-confirmed as {name}, a generic name ({why})"),
+                None if rules.trust => format!(
+                    "client forward-confirmed as {name}: the heuristic checks do not enforce \
+                     against it"
+                ),
+                None => format!("client forward-confirmed as {name} (trust.forward_confirmed off)"),
+            }
+        }
+        (ClientDns::Unconfirmed(names), _) if names.is_empty() => {
+            "client has no reverse name".into()
+        }
+        (ClientDns::Unconfirmed(names), _) => {
             format!("client's reverse names {} do not point back at it", names.join(" "))
         }
-        ClientDns::TempFail(why) => format!("client's reverse lookup failed temporarily ({why})"),
+        (ClientDns::TempFail(why), _) => {
+            format!("client's reverse lookup failed temporarily ({why})")
+        }
     };
     format!("{helo}; {client}")
 }

@@ -216,6 +216,9 @@ pub struct DnsConfig {
     /// Lookups in flight at most; beyond, a session whose verdict does not depend on DNS
     /// skips its lookups, and one whose verdict does waits its turn.
     pub max_lookups: usize,
+    /// How long a lookup that got no answer to trust (a timeout, SERVFAIL) is remembered as
+    /// such: a dead resolver costs each new name one `timeout`, not every session.
+    pub failure_ttl: Duration,
 }
 
 /// Bans shared with the other gateways through Redis: off when `redis` is `None`.

@@ -27,6 +27,37 @@ pub struct RawConfig {
     pub dns: RawDns,
     pub pregreet: RawPregreet,
     pub reuse: RawReuse,
+    pub impersonation: RawImpersonation,
+    pub trust: RawTrust,
+}
+
+/// `[impersonation]`: the big providers `checks.impersonation` knows.
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawImpersonation {
+    /// The built-in list (README, "Impersonation").
+    pub builtin: bool,
+    /// More providers, or more domains of a built-in one (same name): name = [domains].
+    pub providers: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl Default for RawImpersonation {
+    fn default() -> Self {
+        Self { builtin: true, providers: Default::default() }
+    }
+}
+
+/// `[trust]`: the trust anchor of the heuristic checks.
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTrust {
+    pub forward_confirmed: bool,
+}
+
+impl Default for RawTrust {
+    fn default() -> Self {
+        Self { forward_confirmed: true }
+    }
 }
 
 #[derive(Debug, PartialEq, Deserialize)]
@@ -148,11 +179,18 @@ pub struct RawDns {
     pub timeout: String,
     pub cache_size: usize,
     pub max_lookups: usize,
+    pub failure_ttl: String,
 }
 
 impl Default for RawDns {
     fn default() -> Self {
-        Self { servers: Vec::new(), timeout: "2s".into(), cache_size: 10_000, max_lookups: 256 }
+        Self {
+            servers: Vec::new(),
+            timeout: "2s".into(),
+            cache_size: 10_000,
+            max_lookups: 256,
+            failure_ttl: "30s".into(),
+        }
     }
 }
 
@@ -277,6 +315,7 @@ pub struct RawRules {
     pub badhelo_file: Option<PathBuf>,
     pub access_file: Option<PathBuf>,
     pub access_parent_matches_subdomains: bool,
+    pub extra_tlds: Vec<String>,
 }
 
 impl Default for RawRules {
@@ -287,6 +326,7 @@ impl Default for RawRules {
             badhelo_file: None,
             access_file: None,
             access_parent_matches_subdomains: true,
+            extra_tlds: Vec::new(),
         }
     }
 }
@@ -302,8 +342,10 @@ pub struct RawChecks {
     pub localhost: CheckAction,
     pub bare_ip: CheckAction,
     pub literal_mismatch: CheckAction,
+    pub impersonation: CheckAction,
     pub no_dot: CheckAction,
     pub private_suffix: CheckAction,
+    pub unknown_tld: CheckAction,
     pub dynamic: CheckAction,
     pub changed: CheckAction,
     pub unknown_helo: CheckAction,
@@ -312,8 +354,10 @@ pub struct RawChecks {
 }
 
 impl Default for RawChecks {
-    /// Safe for a real gateway: ban only the unmistakable bot marks (our own identity, a bare IP,
-    /// localhost), reject the rest of the RFC violations, and only log the heuristics.
+    /// Safe for a real gateway: ban only the unmistakable bot marks (our own identity, a big
+    /// provider's name from elsewhere, a bare IP, localhost), reject the rest of the RFC
+    /// violations and the offline heuristics (which spare a forward-confirmed client), and only
+    /// log the rest.
     fn default() -> Self {
         use CheckAction::{Ban, Log, Reject};
         Self {
@@ -325,8 +369,10 @@ impl Default for RawChecks {
             localhost: Ban,
             bare_ip: Ban,
             literal_mismatch: Reject,
+            impersonation: Ban,
             no_dot: Reject,
             private_suffix: Reject,
+            unknown_tld: Reject,
             dynamic: Log,
             changed: Log,
             unknown_helo: Log,
@@ -349,8 +395,10 @@ impl RawChecks {
                 Check::Localhost => self.localhost,
                 Check::BareIp => self.bare_ip,
                 Check::LiteralMismatch => self.literal_mismatch,
+                Check::Impersonation => self.impersonation,
                 Check::NoDot => self.no_dot,
                 Check::PrivateSuffix => self.private_suffix,
+                Check::UnknownTld => self.unknown_tld,
                 Check::Dynamic => self.dynamic,
                 Check::Changed => self.changed,
                 Check::UnknownHelo => self.unknown_helo,

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::raw::{
-    RawAgent, RawBans, RawConfig, RawDns, RawFleet, RawIdentity, RawPolicy, RawPregreet, RawProxy,
-    RawReject, RawReuse, RawRules, RawXdp,
+    RawAgent, RawBans, RawConfig, RawDns, RawFleet, RawIdentity, RawImpersonation, RawPolicy,
+    RawPregreet, RawProxy, RawReject, RawReuse, RawRules, RawXdp,
 };
 use super::{
     AgentConfig, Config, ConfigError, DnsConfig, Escalation, FleetConfig, HostFacts,
@@ -17,6 +17,7 @@ use super::{
     SnapshotConfig, XdpConfig, check_listener, import, parse_networks,
 };
 use crate::rules::badhelo::BadheloSet;
+use crate::rules::providers::Providers;
 use crate::rules::table::{DomainPattern, DomainTable};
 use crate::rules::{EntryRef, Identity, ReuseLimits, RuleSet, TableAction, TableEntry};
 
@@ -130,6 +131,9 @@ pub(super) fn config(
         reject_at: raw.reject.at,
         ban_ttl,
         reuse,
+        providers: providers(&raw.impersonation, origin)?,
+        extra_tlds: extra_tlds(&raw.rules.extra_tlds, origin)?,
+        trust: raw.trust.forward_confirmed,
     };
     Ok(Config {
         source: origin.path.map(Path::to_owned),
@@ -145,6 +149,53 @@ pub(super) fn config(
         fleet,
         dns,
     })
+}
+
+/// `[impersonation]`: the built-in providers (unless `builtin = false`) and the admin's.
+fn providers(raw: &RawImpersonation, origin: &Origin) -> Result<Providers, ConfigError> {
+    let key = "impersonation.providers";
+    let mut extra = Vec::new();
+    for (name, domains) in &raw.providers {
+        if domains.is_empty() {
+            return Err(origin.invalid(key, format!("{name:?} has no domains: list at least one")));
+        }
+        let domains = domains
+            .iter()
+            .map(|d| {
+                crate::rules::helo::normalize_name(d).map_err(|why| {
+                    origin.invalid(
+                        key,
+                        format!("{d:?} ({name}) is not a domain name: {}", why.describe()),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        extra.push((name.clone(), domains));
+    }
+    Providers::new(raw.builtin, &extra).map_err(|message| origin.invalid(key, message))
+}
+
+/// `rules.extra_tlds`: top-level labels taken as delegated (an internal `corp`), lower case,
+/// without dots.
+fn extra_tlds(raw: &[String], origin: &Origin) -> Result<Vec<String>, ConfigError> {
+    raw.iter()
+        .map(|text| {
+            let tld = text.trim().trim_start_matches('.').to_ascii_lowercase();
+            let label = !tld.is_empty()
+                && tld.len() <= 63
+                && tld.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+            if label {
+                Ok(tld)
+            } else {
+                Err(origin.invalid(
+                    "rules.extra_tlds",
+                    format!(
+                        "{text:?} is not one top-level label (write \"corp\", not \"example.corp\")"
+                    ),
+                ))
+            }
+        })
+        .collect()
 }
 
 /// `[reuse]`: how many client networks make a HELO name reused, within what window.
@@ -197,6 +248,7 @@ fn dns(raw: &RawDns, origin: &Origin) -> Result<DnsConfig, ConfigError> {
         timeout: origin.duration("dns.timeout", &raw.timeout)?,
         cache_size: raw.cache_size,
         max_lookups: raw.max_lookups,
+        failure_ttl: origin.duration("dns.failure_ttl", &raw.failure_ttl)?,
     })
 }
 

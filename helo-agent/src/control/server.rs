@@ -297,6 +297,7 @@ mod tests {
                 dns: None,
                 pregreeted: false,
                 reuse: None,
+                looks: false,
             };
             rules.push(config.rules.classify(&facts).rule);
         }

@@ -255,6 +255,7 @@ mod tests {
                 helos: &[],
                 verdict: Some(&verdict),
                 logged: &[],
+                dns: None,
                 ms: 1,
                 transport: None,
             };

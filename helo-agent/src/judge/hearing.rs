@@ -2,21 +2,29 @@
 //! (the proxy session, the policy session) and `helo-agent check` drive it the same way, so
 //! `check` explains exactly what a door would decide.
 //!
-//! For each HELO: the verdict by every check but DNS and reuse ([`RuleSet::classify`]); then,
-//! where DNS can still change it and the door can look, "look these names up"
-//! ([`Heard::Lookup`]) and the door's answer ([`Hearing::on_dns`]), which judges again only what
-//! DNS can change ([`RuleSet::with_dns`]); last, HELO reuse, counted where the [`Law`] says
-//! (the judge's memory, or the count `check` is given) after the lookups, so a client its
-//! reverse name confirms is never counted. The hearing keeps the session's HELOs (each later
-//! one is judged with those before it), its verdict (the latest), the rules that matched in
-//! `log` mode over every HELO, and whether the client pregreeted.
+//! For each HELO: the verdict by every check but reuse ([`RuleSet::classify`]), with what DNS
+//! has said so far (nothing, or what the door knows without looking: Postfix's names for the
+//! client). Where the verdict rests on what DNS has not said yet ([`Verdict::wants`]: the
+//! client's forward-confirmed reverse name clears a heuristic, `forged_identity` or
+//! `impersonation`; a DNS check that enforces needs the HELO's records) and the door can look,
+//! "look these up" ([`Heard::Lookup`]), the door's answer ([`Hearing::on_dns`]), and the HELO
+//! judged again with it. DNS checks that only log never hold a session: the verdict is given
+//! at once, and the door looks in the background ([`Heard::Later`]); what it finds joins the
+//! session's log ([`Hearing::on_late_dns`]) if it comes before the session ends. Last, HELO
+//! reuse, counted where the [`Law`] says (the judge's memory, or the count `check` is given)
+//! after the lookups, so a client its reverse name confirms is never counted. The hearing keeps
+//! the session's HELOs (each later one is judged with those before it), its verdict (the
+//! latest), the rules that matched in `log` mode over every HELO, and whether the client
+//! pregreeted.
 
 use std::net::IpAddr;
 
 use super::Client;
 use crate::dns::Need;
 use crate::reuse::Memory;
-use crate::rules::{Action, Check, CheckAction, DnsFacts, Facts, RuleSet, Verdict};
+use crate::rules::{
+    Action, Check, CheckAction, ClientDns, DnsFacts, Facts, HeloDns, RuleSet, Verdict,
+};
 
 /// What a hearing judges by: the rules in force for the session, and where HELO reuse is
 /// counted.
@@ -67,9 +75,14 @@ impl<'a> Law<'a> {
 pub enum Heard {
     /// Judged: the verdict is [`Hearing::verdict`].
     Judged,
-    /// DNS can still change the verdict: look `name` up (and the client's reverse name) and
-    /// give the answer to [`Hearing::on_dns`], which judges.
-    Lookup { name: String, need: Need },
+    /// The verdict rests on DNS: look up the HELO name's records (`helo`) and the client's
+    /// forward-confirmed reverse name (`client`), and give the answer to
+    /// [`Hearing::on_dns`], which judges (or asks again).
+    Lookup { helo: Option<String>, client: bool, need: Need },
+    /// Judged; DNS checks in `log` mode would read the HELO name's records and the client's
+    /// reverse name: the door may look them up in the background ([`Need::Optional`]) and
+    /// give them to [`Hearing::on_late_dns`] for the log.
+    Later { helo: String },
 }
 
 /// How HELO reuse met the HELO judged last, for `check` to explain.
@@ -85,6 +98,28 @@ pub enum ReuseSeen {
     NotCounted,
     /// Counted, and judged on the count (where the law has one).
     Counted,
+}
+
+/// Where the DNS of the HELO judged last stands, for the log line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+enum Looked {
+    /// No lookup was asked for.
+    #[default]
+    Nothing,
+    /// Asked for in the background ([`Heard::Later`]), no answer yet.
+    Pending,
+    /// Answered (what the HELO's verdict, or its log, was judged with).
+    Answered,
+}
+
+/// The HELO being judged, or judged last: what DNS said of it so far, and what was asked.
+#[derive(Debug, Default)]
+struct Current {
+    helo: String,
+    dns: DnsFacts,
+    asked_helo: bool,
+    asked_client: bool,
+    looked: Looked,
 }
 
 pub struct Hearing {
@@ -103,9 +138,11 @@ pub struct Hearing {
     pregreeted: bool,
     /// The door can look names up.
     looks: bool,
-    /// A HELO waiting for DNS, with its verdict without DNS (boxed: a proxy session holds a
-    /// hearing for its whole life, and this is rare).
-    waiting: Option<Box<(String, Verdict)>>,
+    /// The HELO being judged or judged last (boxed: a proxy session holds a hearing for its
+    /// whole life, and idle ones have none).
+    current: Option<Box<Current>>,
+    /// A HELO waits for [`Hearing::on_dns`].
+    waiting: bool,
     reuse: ReuseSeen,
 }
 
@@ -126,13 +163,14 @@ impl Hearing {
             logged: Vec::new(),
             pregreeted: false,
             looks: false,
-            waiting: None,
+            current: None,
+            waiting: false,
             reuse: ReuseSeen::Nothing,
         }
     }
 
-    /// The door has a resolver: a HELO that DNS can still decide is judged after
-    /// [`Heard::Lookup`] and [`Hearing::on_dns`].
+    /// The door has a resolver: what DNS can still decide is asked for ([`Heard::Lookup`])
+    /// rather than judged without.
     pub fn look(&mut self) {
         self.looks = true;
     }
@@ -150,31 +188,65 @@ impl Hearing {
     }
 
     /// Judges `helo`, said after the HELOs heard so far. `at_hand`: what the door knows of DNS
-    /// without looking (the client's names Postfix sends the policy service), judged with
-    /// where no lookup is asked for.
+    /// without looking (the client's names Postfix sends the policy service).
     pub fn hear(&mut self, law: &Law<'_>, helo: &str, at_hand: Option<&DnsFacts>) -> Heard {
-        let verdict = law.rules.classify(&self.facts(helo, None));
-        // DNS comes last: asked for only when no other rule decided.
-        if self.looks
-            && let Some((name, need)) = dns_need(law.rules, &verdict, helo)
-        {
-            self.waiting = Some(Box::new((helo.to_owned(), verdict)));
-            return Heard::Lookup { name, need };
-        }
-        self.decide(law, helo.to_owned(), verdict, at_hand);
-        Heard::Judged
+        self.current = Some(Box::new(Current {
+            helo: helo.to_owned(),
+            dns: at_hand.cloned().unwrap_or_default(),
+            ..Current::default()
+        }));
+        self.step(law)
     }
 
-    /// What DNS said (`None`: nothing, no slot free) for the HELO of the last
-    /// [`Heard::Lookup`]: its verdict now.
-    pub fn on_dns(&mut self, law: &Law<'_>, facts: Option<&DnsFacts>) {
-        let (helo, verdict) = *self.waiting.take().expect("on_dns answers a Heard::Lookup");
-        self.decide(law, helo, verdict, facts);
+    /// What DNS said for the last [`Heard::Lookup`] (the parts asked for; a part left
+    /// `NotLooked`: no slot was free): the HELO judged again.
+    pub fn on_dns(&mut self, law: &Law<'_>, facts: DnsFacts) -> Heard {
+        debug_assert!(self.waiting, "on_dns answers a Heard::Lookup");
+        let current = self.current.as_mut().expect("on_dns answers a Heard::Lookup");
+        merge(&mut current.dns, facts);
+        current.looked = Looked::Answered;
+        self.step(law)
+    }
+
+    /// What the background lookups of a [`Heard::Later`] found, for the HELO judged last: its
+    /// `log` matches judged again with it (the verdict stands: only `log` checks wanted it).
+    /// Nothing if another HELO was heard since.
+    pub fn on_late_dns(&mut self, law: &Law<'_>, helo: &str, facts: DnsFacts) {
+        let waiting = self.waiting;
+        let Some(current) = self
+            .current
+            .as_mut()
+            .filter(|c| !waiting && helo_name(&c.helo).as_deref() == Some(helo))
+        else {
+            return;
+        };
+        merge(&mut current.dns, facts);
+        current.looked = Looked::Answered;
+        let facts = Facts {
+            client: self.ip,
+            argument: &current.helo,
+            previous: self.helos.split_last().map_or(&[][..], |(_, before)| before),
+            exempt_listener: self.exempt,
+            dns: Some(&current.dns),
+            pregreeted: self.pregreeted,
+            reuse: None,
+            looks: false,
+        };
+        let judged = law.rules.classify(&facts);
+        let Some(verdict) = self.verdict.as_mut() else { return };
+        if judged.action == Action::Pass && verdict.action == Action::Pass {
+            verdict.logged = judged.logged;
+            for logged in &verdict.logged {
+                if !self.logged.contains(&logged.rule) {
+                    self.logged.push(logged.rule);
+                }
+            }
+        }
     }
 
     /// Whether a HELO waits for [`Hearing::on_dns`].
     pub fn waiting(&self) -> bool {
-        self.waiting.is_some()
+        self.waiting
     }
 
     /// The verdict on the HELO judged last.
@@ -207,26 +279,81 @@ impl Hearing {
         self.reuse
     }
 
-    fn facts<'f>(&'f self, helo: &'f str, dns: Option<&'f DnsFacts>) -> Facts<'f> {
-        Facts {
-            client: self.ip,
-            argument: helo,
-            previous: &self.helos,
-            exempt_listener: self.exempt,
-            dns,
-            pregreeted: self.pregreeted,
-            reuse: None,
+    /// What DNS said of the HELO judged last, for the session's log line: `None` where
+    /// nothing was asked; `not_finished` where the background lookups had not answered.
+    pub fn dns(&self) -> Option<String> {
+        let current = self.current.as_ref()?;
+        match current.looked {
+            Looked::Nothing if current.dns == DnsFacts::default() => None,
+            Looked::Pending => Some("not_finished".to_owned()),
+            _ => Some(current.dns.summary()).filter(|s| !s.is_empty()),
         }
     }
 
-    /// `verdict`, the verdict on `helo` without DNS, completed: what DNS changes (with `dns`),
-    /// then HELO reuse, judged last.
+    /// What DNS said of the HELO judged last (`check` prints it).
+    pub fn dns_facts(&self) -> Option<&DnsFacts> {
+        self.current.as_ref().map(|c| &c.dns)
+    }
+
+    fn facts<'f>(&'f self, current: &'f Current) -> Facts<'f> {
+        Facts {
+            client: self.ip,
+            argument: &current.helo,
+            previous: &self.helos,
+            exempt_listener: self.exempt,
+            dns: Some(&current.dns),
+            pregreeted: self.pregreeted,
+            reuse: None,
+            looks: self.looks,
+        }
+    }
+
+    /// Judges the current HELO with what DNS said so far: a lookup where the verdict rests on
+    /// what it has not said yet (each part asked once), else the verdict, reuse last.
+    fn step(&mut self, law: &Law<'_>) -> Heard {
+        let rules = law.rules;
+        let current = self.current.take().expect("a HELO is being heard");
+        let verdict = rules.classify(&self.facts(&current));
+        let mut current = current;
+        let wants = verdict.wants;
+        let client_unknown = current.dns.client == ClientDns::NotLooked && self.ip.is_some();
+        let helo_unknown = current.dns.helo == HeloDns::NotLooked;
+        // HELO reuse's guard (the client's reverse name) is known before a name is judged
+        // reused where the check enforces.
+        let reuse_guard = enforces(rules.action(Check::HeloReuse))
+            && rules.reuse_name(&verdict, &current.helo, None).is_some();
+        // The client's name is asked for only once a match rests on it (after the HELO's
+        // records where a DNS check matched): a failed HELO lookup, cached, then answers 450 at
+        // once, without waiting for a new client's reverse lookup. Most often that lookup,
+        // started at accept, has answered by then.
+        let ask_client =
+            self.looks && client_unknown && !current.asked_client && (wants.client || reuse_guard);
+        let ask_helo = self.looks && helo_unknown && !current.asked_helo && wants.helo;
+        if ask_client || ask_helo {
+            current.asked_client |= ask_client;
+            current.asked_helo |= ask_helo;
+            let helo = ask_helo.then(|| helo_name(&current.helo)).flatten();
+            self.current = Some(current);
+            self.waiting = true;
+            return Heard::Lookup { helo, client: ask_client, need: Need::Required };
+        }
+        self.waiting = false;
+        let later = self.looks && wants.later && helo_unknown;
+        if later {
+            current.looked = Looked::Pending;
+        }
+        let helo = current.helo.clone();
+        let dns = (current.dns != DnsFacts::default()).then(|| current.dns.clone());
+        self.current = Some(current);
+        self.decide(law, helo.clone(), verdict, dns.as_ref());
+        match helo_name(&helo) {
+            Some(name) if later => Heard::Later { helo: name },
+            _ => Heard::Judged,
+        }
+    }
+
+    /// `verdict`, the verdict on `helo`, completed with HELO reuse, judged last.
     fn decide(&mut self, law: &Law<'_>, helo: String, verdict: Verdict, dns: Option<&DnsFacts>) {
-        let verdict = match dns {
-            // Only what DNS can change is judged again (the rest was, before the lookup).
-            Some(dns) => law.rules.with_dns(verdict, &self.facts(&helo, Some(dns))),
-            None => verdict,
-        };
         let verdict = self.count_reuse(law, &helo, dns, verdict);
         self.helos.push(helo);
         for logged in &verdict.logged {
@@ -267,29 +394,25 @@ impl Hearing {
     }
 }
 
-/// Whether DNS can still change `verdict`, the verdict on `helo` without DNS, and so whether
-/// the door should look: `None` when the DNS checks are off, the HELO is not a domain name, or
-/// a rule already decided (DNS checks come last). [`Need::Required`] when a DNS check enforces
-/// (the session waits for the answers), or `helo_reuse` does (its guard, the client's
-/// forward-confirmed reverse name, must be known before a name is judged reused);
-/// [`Need::Optional`] when they only log (the lookups are skipped when every lookup slot is
-/// taken). `helo_reuse` in `log` asks for no lookup of its own: it reads what the DNS checks'
-/// lookups found.
-fn dns_need(rules: &RuleSet, verdict: &Verdict, helo: &str) -> Option<(String, Need)> {
-    let enforces = |a: &CheckAction| matches!(a, CheckAction::Reject | CheckAction::Ban);
-    let actions = [rules.action(Check::UnknownHelo), rules.action(Check::HeloNotClient)];
-    let need = if actions.iter().any(enforces) || enforces(&rules.action(Check::HeloReuse)) {
-        Need::Required
-    } else if actions.contains(&CheckAction::Log) {
-        Need::Optional
-    } else {
-        return None;
-    };
+fn enforces(action: CheckAction) -> bool {
+    matches!(action, CheckAction::Reject | CheckAction::Ban)
+}
+
+/// The HELO as a name to look up (a host name with a dot), if it is one.
+fn helo_name(helo: &str) -> Option<String> {
     match crate::rules::helo::parse(helo) {
-        crate::rules::helo::Helo::Name(name) if name.contains('.') && verdict.rule == "pass" => {
-            Some((name, need))
-        }
+        crate::rules::helo::Helo::Name(name) if name.contains('.') => Some(name),
         _ => None,
+    }
+}
+
+/// `into` with the parts of `facts` that were looked up.
+fn merge(into: &mut DnsFacts, facts: DnsFacts) {
+    if facts.helo != HeloDns::NotLooked {
+        into.helo = facts.helo;
+    }
+    if facts.client != ClientDns::NotLooked {
+        into.client = facts.client;
     }
 }
 
@@ -318,7 +441,7 @@ mod tests {
             hearing.look();
             match hearing.hear(&Law::given(&rules, None), helo, None) {
                 Heard::Lookup { need, .. } => Some(need),
-                Heard::Judged => None,
+                Heard::Judged | Heard::Later { .. } => None,
             }
         };
         assert_eq!(need("helo_reuse = \"log\"", "bulk.example"), None);
@@ -328,17 +451,22 @@ mod tests {
 
     /// What a door knows of DNS without looking (Postfix's forward-confirmed client name) is
     /// judged with where no lookup is asked for, exactly as judging everything with it: a
-    /// confirmed name is never dynamic.
+    /// confirmed client with a name of its own is never refused for a dynamic-looking HELO;
+    /// a generic one (a provider's pool name, like this HELO) is no anchor.
     #[test]
     fn dns_at_hand_is_judged_with_where_nothing_is_looked_up() {
         use crate::rules::{ClientDns, HeloDns};
         let rules = rules("[checks]\ndynamic = \"reject\"\n");
         let helo = "host-203-0-113-9.isp.example";
         let client = Client::new("203.0.113.9".parse().unwrap(), None, false);
-        let confirmed = DnsFacts {
+        let known = |name: &str| DnsFacts {
             helo: HeloDns::NotLooked,
-            client: ClientDns::Confirmed(helo.to_uppercase()),
+            client: ClientDns::Confirmed(name.to_owned()),
         };
+        let confirmed = known("mail.company.example");
+        let mut hearing = Hearing::new(&client);
+        hearing.hear(&Law::given(&rules, None), helo, Some(&known(helo)));
+        assert_eq!(hearing.verdict().unwrap().rule, "dynamic", "a generic name is no anchor");
         let law = Law::given(&rules, None);
         let mut hearing = Hearing::new(&client);
         assert_eq!(hearing.hear(&law, helo, None), Heard::Judged);
@@ -346,6 +474,6 @@ mod tests {
         let mut hearing = Hearing::new(&client);
         assert_eq!(hearing.hear(&law, helo, Some(&confirmed)), Heard::Judged);
         assert_eq!(hearing.verdict().unwrap().rule, "pass");
-        assert_eq!(hearing.reuse(), ReuseSeen::NotCounted, "helo_reuse is off here");
+        assert_eq!(hearing.reuse(), ReuseSeen::Counted, "its name is not the HELO: counted");
     }
 }

@@ -121,6 +121,9 @@ pub struct Record<'a> {
     pub verdict: Option<&'a Verdict>,
     /// Rules that matched in `log` mode, over every HELO.
     pub logged: &'a [&'static str],
+    /// What DNS said of the HELO judged last, in a few words (`helo=none client=no_ptr`;
+    /// `not_finished`: lookups for the log had not answered by the session's end).
+    pub dns: Option<&'a str>,
     pub ms: u64,
     /// What the proxy adds about the connection; `None` for a door that carries no bytes.
     pub transport: Option<Transport<'a>>,
@@ -169,6 +172,7 @@ pub(super) fn log_line(record: &Record<'_>) {
         rule,
         reason,
         logged,
+        dns = record.dns,
         ttl,
         bytes_in = t.map(|t| t.bytes_in),
         bytes_out = t.map(|t| t.bytes_out),

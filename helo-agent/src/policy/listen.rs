@@ -12,10 +12,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
 use super::protocol::{Answer, Parser, Request};
-use super::session::{PolicySession, Step};
+use super::session::{Late, PolicySession, Step};
 use crate::config::{PolicyConfig, PolicyListen};
+use crate::dns::Need;
 use crate::judge::{Client, Judge, Refusal};
-use crate::rules::HeloDns;
+use crate::rules::{ClientDns, DnsFacts, HeloDns};
 use crate::unix::UnixBindError;
 
 /// Policy connections served at once (Postfix opens one per smtpd process, 100 by default).
@@ -159,7 +160,7 @@ pub async fn serve(
                     Ok((read, write, from)) => {
                         let judge = judge.clone();
                         tokio::spawn(async move {
-                            connection(read, write, &from, &judge).await;
+                            connection(read, write, &from, judge).await;
                             drop(permit);
                         });
                     }
@@ -181,14 +182,17 @@ async fn connection(
     mut read: Box<dyn AsyncRead + Send + Unpin>,
     mut write: Box<dyn AsyncWrite + Send + Unpin>,
     from: &str,
-    judge: &Judge,
+    judge: Arc<Judge>,
 ) {
     let mut parser = Parser::default();
     let mut session = PolicySession::default();
     loop {
         match parser.next_request() {
             Ok(Some(request)) => {
-                let answer = answer(&mut session, &request, judge).await;
+                let answer = answer(&mut session, &request, &judge).await;
+                if let Some(late) = session.take_late() {
+                    look_later(late, judge.clone());
+                }
                 let sent = tokio::time::timeout(WRITE, write.write_all(&answer.encode())).await;
                 if !matches!(sent, Ok(Ok(()))) {
                     tracing::debug!(from, "policy client stopped reading: connection closed");
@@ -232,17 +236,67 @@ async fn answer(session: &mut PolicySession, request: &Request, judge: &Judge) -
         return Answer::Refuse { code: 554, text: BANNED.into() };
     }
     let live = judge.live();
-    match session.on_request(request, judge, &live) {
-        Step::Answer(answer) => answer,
-        Step::Lookup { name, need } => {
-            // No lookup slot free for a session that can go without: judged without.
-            let records = match judge.dns() {
-                Some(dns) => dns.helo(&name, need).await.unwrap_or_default(),
-                None => HeloDns::NotLooked,
-            };
-            session.on_dns(records, judge, &live)
+    let mut step = session.on_request(request, judge, &live);
+    loop {
+        match step {
+            Step::Answer(answer) => return answer,
+            Step::Lookup { helo, client, need } => {
+                let facts = lookups(judge, request, helo.as_deref(), client, need).await;
+                step = session.on_dns(facts, judge, &live);
+            }
         }
     }
+}
+
+/// What a [`Step::Lookup`] asks for: the HELO name's records and the client's reverse name.
+async fn lookups(
+    judge: &Judge,
+    request: &Request,
+    helo: Option<&str>,
+    client: bool,
+    need: Need,
+) -> DnsFacts {
+    let Some(dns) = judge.dns() else { return DnsFacts::default() };
+    let helo_dns = async {
+        match helo {
+            Some(name) => dns.helo(name, need).await.unwrap_or_default(),
+            None => HeloDns::NotLooked,
+        }
+    };
+    let client_dns = async {
+        match request.client_address {
+            Some(ip) if client => dns.client(ip, need).await.unwrap_or_default(),
+            _ => ClientDns::NotLooked,
+        }
+    };
+    let (helo, client) = tokio::join!(helo_dns, client_dns);
+    DnsFacts { helo, client }
+}
+
+/// Lookups only `log` checks want, in the background (Postfix has its answer): what they find
+/// is logged in a `session dns` line; nothing when no lookup slot is free.
+fn look_later(late: Late, judge: Arc<Judge>) {
+    tokio::spawn(async move {
+        let Some(dns) = judge.dns() else { return };
+        let client = async {
+            match &late.client_dns {
+                ClientDns::NotLooked => dns.client(late.client, Need::Optional).await,
+                known => Some(known.clone()),
+            }
+        };
+        let (helo, client) = tokio::join!(dns.helo(&late.name, Need::Optional), client);
+        let (Some(helo), Some(client)) = (helo, client) else { return };
+        let facts = DnsFacts { helo, client };
+        let logged = crate::policy::session::late_logged(&judge.live(), &late, &facts).join(",");
+        tracing::info!(
+            door = "policy",
+            client = %late.client,
+            helo = late.argument,
+            logged,
+            dns = facts.summary(),
+            "session dns"
+        );
+    });
 }
 
 /// Why `request`'s client is refused before it is heard, if it is. Without XDP nothing else

@@ -7,17 +7,20 @@
 //!
 //! One SMTP session is heard once: its HELO is judged once (again only if it changes), by the
 //! judge's [`Hearing`], with what Postfix says of the client's DNS (`client_name`, its
-//! forward-confirmed name) and, where DNS can still change the verdict, the HELO name's
-//! records the door looks up ([`Step::Lookup`], answered by [`PolicySession::on_dns`]). Each
-//! new verdict is concluded at once (logged, observed, banned: the kernel drops only a banned
-//! source's new connections, so the session that earned it goes on to hear Postfix's 5xx).
+//! forward-confirmed name) and, where the verdict rests on DNS, the lookups the door makes
+//! ([`Step::Lookup`], answered by [`PolicySession::on_dns`]). Each new verdict is concluded at
+//! once (logged, observed, banned: the kernel drops only a banned source's new connections,
+//! so the session that earned it goes on to hear Postfix's 5xx). Lookups only `log` checks
+//! want never hold Postfix: the answer goes at once, and the door looks in the background
+//! ([`PolicySession::take_late`]), logging what they find in a line of their own (`session
+//! dns`), since the session's line is written at its verdict.
 
 use std::net::IpAddr;
 use std::time::Instant;
 
 use super::protocol::{Answer, Request};
 use crate::dns::Need;
-use crate::judge::{Client, Door, Heard, Hearing, Judge, Live, Record};
+use crate::judge::{Client, Door, Heard, Hearing, Judge, Law, Live, Record};
 use crate::rules::{Action, ClientDns, DnsFacts, HeloDns, Verdict};
 
 /// What the door does for a request.
@@ -25,9 +28,21 @@ use crate::rules::{Action, ClientDns, DnsFacts, HeloDns, Verdict};
 pub enum Step {
     /// Send this answer.
     Answer(Answer),
-    /// Look up the HELO name's records and give them to [`PolicySession::on_dns`], which
-    /// answers.
-    Lookup { name: String, need: Need },
+    /// Look up the HELO name's records (`helo`) and the client's forward-confirmed reverse
+    /// name (`client`, where Postfix did not say it), and give them to
+    /// [`PolicySession::on_dns`], which answers (or asks again).
+    Lookup { helo: Option<String>, client: bool, need: Need },
+}
+
+/// Lookups for `log` checks, made in the background after the answer went out.
+#[derive(Debug)]
+pub struct Late {
+    pub client: IpAddr,
+    /// The HELO as Postfix sent it, and the name to look up.
+    pub argument: String,
+    pub name: String,
+    /// What Postfix said of the client (`NotLooked`: nothing; look it up).
+    pub client_dns: ClientDns,
 }
 
 #[derive(Default)]
@@ -36,8 +51,8 @@ pub struct PolicySession {
     client: Option<Client>,
     hearing: Option<Hearing>,
     started: Option<Instant>,
-    /// What Postfix said of the client's DNS, for the HELO waiting for its lookup.
-    client_dns: ClientDns,
+    /// Lookups for `log` checks of the HELO judged last, for the door to make.
+    late: Option<Late>,
 }
 
 /// One SMTP session, as the policy requests tell it.
@@ -112,7 +127,7 @@ impl PolicySession {
                 client: Some(client),
                 hearing: Some(hearing),
                 started: Some(Instant::now()),
-                client_dns: ClientDns::NotLooked,
+                late: None,
             };
         }
         let Some(helo) = request.helo_name.as_deref().filter(|h| !h.is_empty()) else {
@@ -127,27 +142,42 @@ impl PolicySession {
         // Postfix repeats the HELO in every request of the session: judged when it changes,
         // unless the session is rejected already.
         if !hearing.rejected() && hearing.helo() != Some(helo) {
-            let client_dns = client_dns(request);
-            let at_hand = facts(HeloDns::NotLooked, client_dns.clone());
-            match hearing.hear(&judge.law(live), helo, at_hand.as_ref()) {
-                Heard::Judged => self.conclude(judge, live),
-                Heard::Lookup { name, need } => {
-                    self.client_dns = client_dns;
-                    return Step::Lookup { name, need };
-                }
-            }
+            let at_hand = facts(HeloDns::NotLooked, client_dns(request));
+            let heard = hearing.hear(&judge.law(live), helo, at_hand.as_ref());
+            return self.heard(heard, judge, live);
         }
         Step::Answer(self.answer(live))
     }
 
-    /// The HELO name's records (`NotLooked`: no slot free) for the last [`Step::Lookup`]:
-    /// the verdict, concluded, and the answer.
-    pub fn on_dns(&mut self, records: HeloDns, judge: &Judge, live: &Live) -> Answer {
-        let facts = facts(records, std::mem::take(&mut self.client_dns));
+    /// What DNS said for the last [`Step::Lookup`] (a part left `NotLooked`: no slot free):
+    /// the verdict, concluded, and the answer, or another lookup.
+    pub fn on_dns(&mut self, facts: DnsFacts, judge: &Judge, live: &Live) -> Step {
         let hearing = self.hearing.as_mut().expect("a lookup belongs to a session");
-        hearing.on_dns(&judge.law(live), facts.as_ref());
-        self.conclude(judge, live);
-        self.answer(live)
+        let heard = hearing.on_dns(&judge.law(live), facts);
+        self.heard(heard, judge, live)
+    }
+
+    /// Lookups for the `log` checks of the HELO judged last, to make in the background.
+    pub fn take_late(&mut self) -> Option<Late> {
+        self.late.take()
+    }
+
+    fn heard(&mut self, heard: Heard, judge: &Judge, live: &Live) -> Step {
+        match heard {
+            Heard::Lookup { helo, client, need } => return Step::Lookup { helo, client, need },
+            Heard::Later { helo: name } => {
+                let hearing = self.hearing.as_ref().expect("heard in a session");
+                self.late = Some(Late {
+                    client: self.client.expect("a session's client").ip,
+                    argument: hearing.helo().unwrap_or_default().to_owned(),
+                    name,
+                    client_dns: hearing.dns_facts().map(|d| d.client.clone()).unwrap_or_default(),
+                });
+                self.conclude(judge, live);
+            }
+            Heard::Judged => self.conclude(judge, live),
+        }
+        Step::Answer(self.answer(live))
     }
 
     /// The answer for the session's verdict.
@@ -169,6 +199,7 @@ impl PolicySession {
         let started = *self.started.get_or_insert_with(Instant::now);
         let (Some(client), Some(hearing)) = (&self.client, &self.hearing) else { return };
         let helos = if hearing.helos().len() > 1 { hearing.helos() } else { &[] };
+        let dns = hearing.dns();
         let record = Record {
             door: Door::Policy,
             client,
@@ -176,11 +207,21 @@ impl PolicySession {
             helos,
             verdict: hearing.verdict(),
             logged: hearing.logged(),
+            dns: dns.as_deref(),
             ms: started.elapsed().as_millis() as u64,
             transport: None,
         };
         judge.conclude(&record, live);
     }
+}
+
+/// The `log` matches of `late`'s HELO with what its background lookups found (`facts`), as
+/// the judge would have noted them: the `session dns` line's.
+pub fn late_logged(live: &Live, late: &Late, facts: &DnsFacts) -> Vec<&'static str> {
+    let law = Law::given(&live.rules, None);
+    let mut hearing = Hearing::of(Some(late.client), false);
+    hearing.hear(&law, &late.argument, Some(facts));
+    hearing.logged().to_vec()
 }
 
 #[cfg(test)]
@@ -208,9 +249,12 @@ mod tests {
     /// resolver here: the DNS facts are what Postfix sends).
     fn ask(session: &mut PolicySession, request: &Request, judge: &Judge) -> Answer {
         let live = judge.live();
-        match session.on_request(request, judge, &live) {
-            Step::Answer(answer) => answer,
-            Step::Lookup { .. } => session.on_dns(HeloDns::NotLooked, judge, &live),
+        let mut step = session.on_request(request, judge, &live);
+        loop {
+            match step {
+                Step::Answer(answer) => return answer,
+                Step::Lookup { .. } => step = session.on_dns(DnsFacts::default(), judge, &live),
+            }
         }
     }
 

@@ -22,9 +22,9 @@ use super::session::{AfterReply, Opacity, Session, Step};
 use super::upstream::{self, Greeting};
 use super::{Drain, relay};
 use crate::config::{GreetingMode, ProxyConfig};
-use crate::dns::{Dns, Need, ReverseNames};
+use crate::dns::{Dns, Need};
 use crate::judge::{Client, End, Judge, Live};
-use crate::rules::{Action, DnsFacts};
+use crate::rules::{Action, ClientDns, DnsFacts, HeloDns};
 use crate::smtp::MAX_COMMAND_LINE;
 use crate::smtp::reply::{self, ReplyScan, greeting_host, scan_reply};
 
@@ -66,11 +66,21 @@ fn judged_at_all(live: &Live, who: &Client) -> bool {
     !who.exempt && !live.rules.allowlist.iter().any(|net| net.contains(&who.ip))
 }
 
-/// The client's reverse names: known at accept (cached), or looked up from then on, the
-/// lookup aborted if the session ends first.
+/// The client's forward-confirmed reverse name: known at accept (cached), or looked up from
+/// then on, the lookup aborted if the session ends first.
 enum Reverse {
-    Known(ReverseNames),
-    Asked(tokio::task::JoinHandle<Option<ReverseNames>>),
+    Known(ClientDns),
+    Asked(tokio::task::JoinHandle<Option<ClientDns>>),
+}
+
+impl Reverse {
+    /// The answer, waiting for it (`None`: no slot was free, or the task failed).
+    async fn get(&mut self) -> Option<ClientDns> {
+        match self {
+            Reverse::Known(known) => Some(known.clone()),
+            Reverse::Asked(lookup) => lookup.await.ok().flatten(),
+        }
+    }
 }
 
 impl Drop for Reverse {
@@ -78,6 +88,31 @@ impl Drop for Reverse {
         if let Reverse::Asked(lookup) = self {
             lookup.abort();
         }
+    }
+}
+
+/// Lookups in the background for checks in `log` mode (the session never waits for them):
+/// what they find joins the session's log if it comes before the session ends. Aborted if the
+/// session ends first.
+struct Late {
+    helo: String,
+    task: tokio::task::JoinHandle<DnsFacts>,
+}
+
+impl Late {
+    /// The answer if it is in.
+    fn ready(&mut self) -> Option<DnsFacts> {
+        use futures_util::FutureExt as _;
+        if !self.task.is_finished() {
+            return None;
+        }
+        (&mut self.task).now_or_never().and_then(Result::ok)
+    }
+}
+
+impl Drop for Late {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -105,6 +140,8 @@ pub(super) struct Handler<'a> {
     pregreet_ms: Option<u64>,
     /// The client's reverse name on its way, for the DNS checks (only with a resolver).
     reverse: Option<Reverse>,
+    /// Background lookups for the log (boxed: rare, and a session lives long).
+    late: Option<Box<Late>>,
 }
 
 impl<'a> Handler<'a> {
@@ -122,13 +159,13 @@ impl<'a> Handler<'a> {
         let reverse = match judge.dns() {
             Some(dns) if judged_at_all(live, &who) => {
                 session.enable_dns();
-                Some(match dns.cached_reverse(who.ip) {
+                Some(match dns.cached_client(who.ip) {
                     Some(known) => Reverse::Known(known),
                     None => {
                         let (dns, ip) = (dns.clone(), who.ip);
-                        Reverse::Asked(tokio::spawn(async move {
-                            dns.reverse(ip, Need::Optional).await
-                        }))
+                        Reverse::Asked(tokio::spawn(
+                            async move { dns.client(ip, Need::Optional).await },
+                        ))
                     }
                 })
             }
@@ -154,6 +191,7 @@ impl<'a> Handler<'a> {
             condemned: false,
             pregreet_ms: None,
             reverse,
+            late: None,
         }
     }
 
@@ -215,6 +253,7 @@ impl Handler<'_> {
     async fn serve(mut self) -> Outcome {
         let flow = loop {
             let flow = self.steps().await;
+            self.start_late();
             self.note_pregreet();
             self.condemn_once();
             if !matches!(flow, Flow::Next) {
@@ -261,10 +300,10 @@ impl Handler<'_> {
         let mut next = self.session.next_step();
         while let Some(step) = next.take() {
             let flow = match step {
-                Step::Lookup { name, need } => {
+                Step::Lookup { helo, client, need } => {
                     // Boxed, like the relay's: the resolver's futures are large, and inline
                     // they would make every session's future (the idle bots' too) as large.
-                    let facts = Box::pin(self.lookups(&name, need)).await;
+                    let facts = Box::pin(self.lookups(helo.as_deref(), client, need)).await;
                     next = Some(self.session.on_dns(facts));
                     continue;
                 }
@@ -286,23 +325,76 @@ impl Handler<'_> {
         Flow::Next
     }
 
-    /// The HELO name's records and the client's reverse names (looked up from accept), each
-    /// bounded by `dns.timeout`, the client confirmed against the HELO (`dns::confirm`): one
-    /// resolver round trip. `None` when no lookup slot was free for a session that can go
-    /// without.
-    async fn lookups(&mut self, name: &str, need: Need) -> Option<DnsFacts> {
-        let (dns, ip): (&Dns, _) = (self.judge.dns()?, self.who.ip);
-        let reverse = self.reverse.take();
-        let names = async move {
-            match reverse {
-                Some(mut reverse) => match &mut reverse {
-                    Reverse::Known(known) => Some(known.clone()),
-                    Reverse::Asked(lookup) => lookup.await.ok().flatten(),
-                },
-                None => dns.reverse(ip, need).await,
+    /// The HELO name's records (`helo`) and the client's forward-confirmed reverse name
+    /// (`client`; looked up from accept), in parallel, each bounded by `dns.timeout`: the
+    /// session waits for the slower one. A part not asked for, or without a free slot where
+    /// the session can go without, stays `NotLooked`.
+    async fn lookups(&mut self, helo: Option<&str>, client: bool, need: Need) -> DnsFacts {
+        let Some(dns) = self.judge.dns() else { return DnsFacts::default() };
+        let dns: &Dns = dns;
+        let ip = self.who.ip;
+        let mut reverse = if client { self.reverse.take() } else { None };
+        let client_dns = async {
+            if !client {
+                return ClientDns::NotLooked;
+            }
+            let known = match reverse.as_mut() {
+                Some(reverse) => reverse.get().await,
+                None => None,
+            };
+            match known {
+                Some(known) => known,
+                None => dns.client(ip, need).await.unwrap_or_default(),
             }
         };
-        dns.facts_with(name, ip, need, names).await
+        let helo_dns = async {
+            match helo {
+                Some(name) => dns.helo(name, need).await.unwrap_or_default(),
+                None => HeloDns::NotLooked,
+            }
+        };
+        let (helo, client) = tokio::join!(helo_dns, client_dns);
+        if client != ClientDns::NotLooked {
+            self.reverse = Some(Reverse::Known(client.clone()));
+        }
+        DnsFacts { helo, client }
+    }
+
+    /// A HELO judged whose `log` checks would read DNS: its lookups start in the background
+    /// (never waited for; skipped when every lookup slot is taken).
+    fn start_late(&mut self) {
+        let Some(helo) = self.session.take_late() else { return };
+        let Some(dns) = self.judge.dns().cloned() else { return };
+        let (ip, name) = (self.who.ip, helo.clone());
+        let mut reverse = self.reverse.take();
+        let task = tokio::spawn(async move {
+            let client = async {
+                let known = match reverse.as_mut() {
+                    Some(reverse) => reverse.get().await,
+                    None => None,
+                };
+                match known {
+                    Some(known) => known,
+                    None => dns.client(ip, Need::Optional).await.unwrap_or_default(),
+                }
+            };
+            let (helo, client) = tokio::join!(
+                async { dns.helo(&name, Need::Optional).await.unwrap_or_default() },
+                client
+            );
+            DnsFacts { helo, client }
+        });
+        self.late = Some(Box::new(Late { helo, task }));
+    }
+
+    /// The background lookups' answer, if it is in: it joins the session's log.
+    fn join_late(&mut self) {
+        if let Some(mut late) = self.late.take() {
+            match late.ready() {
+                Some(facts) => self.session.on_late_dns(&late.helo, facts),
+                None => self.late = Some(late),
+            }
+        }
     }
 
     /// Writes to the client.
@@ -469,7 +561,17 @@ impl Handler<'_> {
         let cut = async {
             let _ = drain.wait_for(|d| *d == Drain::Cut).await;
         };
+        let late = self.late.take();
         let relayed = relay::relay(self.client, mta, self.config.idle_timeout, opacity, cut).await;
+        // The log lookups had the whole relay to answer.
+        if let Some(mut late) = late
+            && let Some(facts) = late.ready()
+        {
+            self.session.on_late_dns(&late.helo, facts);
+            outcome.logged = self.session.logged().to_vec();
+            outcome.verdict = self.session.verdict().cloned();
+            outcome.dns = self.session.dns();
+        }
         outcome.up += relayed.up;
         outcome.down += relayed.down;
         outcome.spliced = relayed.spliced;
@@ -498,7 +600,9 @@ impl Handler<'_> {
     }
 
     fn finish(&mut self, end: End) -> Outcome {
+        self.join_late();
         let mut outcome = std::mem::take(&mut self.outcome);
+        outcome.dns = self.session.dns();
         outcome.helo = self.session.helo().map(str::to_owned);
         if self.session.helos().len() > 1 {
             outcome.helos = self.session.helos().to_vec();

@@ -378,6 +378,7 @@ async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, check_
         helos: &outcome.helos,
         verdict: outcome.verdict.as_ref(),
         logged: &outcome.logged,
+        dns: outcome.dns.as_deref(),
         ms: started.elapsed().as_millis() as u64,
         transport: Some(Transport {
             bytes_in: outcome.up,

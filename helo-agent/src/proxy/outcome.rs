@@ -28,4 +28,7 @@ pub struct Outcome {
     pub tls: bool,
     pub end: End,
     pub error: Option<String>,
+    /// What DNS said of the HELO judged last (`not_finished`: the lookups for the log had not
+    /// answered by the session's end); `None`: nothing was looked up.
+    pub dns: Option<String>,
 }

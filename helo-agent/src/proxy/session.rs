@@ -57,9 +57,10 @@ pub enum Step {
     /// A later HELO failed while the MTA still owes replies to earlier commands: relay those
     /// first. The rejection comes from [`Session::on_reply`] once they are in.
     Defer,
-    /// The HELO's verdict depends on DNS: look `name` up (and the client's reverse name) and
-    /// give the answer to [`Session::on_dns`], which decides.
-    Lookup { name: String, need: Need },
+    /// The HELO's verdict rests on DNS: look up the HELO name's records (`helo`) and the
+    /// client's forward-confirmed reverse name (`client`), and give the answer to
+    /// [`Session::on_dns`], which decides (or asks again).
+    Lookup { helo: Option<String>, client: bool, need: Need },
 }
 
 /// What a complete MTA reply means, after it was relayed to the client.
@@ -160,6 +161,9 @@ pub struct Session<'a> {
     /// The line of a HELO whose verdict waits for DNS ([`Step::Lookup`]), which
     /// [`Session::on_dns`] completes.
     lookup: Option<Vec<u8>>,
+    /// A HELO judged whose `log` checks would read DNS: the I/O loop looks it up in the
+    /// background ([`Session::take_late`]) and hands the answer to [`Session::on_late_dns`].
+    late: Option<String>,
 }
 
 impl<'a> Session<'a> {
@@ -182,6 +186,7 @@ impl<'a> Session<'a> {
             greeting: Greeting::Done,
             pregreet: None,
             lookup: None,
+            late: None,
         }
     }
 
@@ -197,12 +202,29 @@ impl<'a> Session<'a> {
         self.host = host;
     }
 
-    /// What DNS said (`None`: nothing, no slot free) for the HELO of the last
-    /// [`Step::Lookup`]: its verdict now.
-    pub fn on_dns(&mut self, facts: Option<DnsFacts>) -> Step {
+    /// What DNS said for the HELO of the last [`Step::Lookup`] (a part left `NotLooked`: no
+    /// slot was free): its verdict now, or another lookup.
+    pub fn on_dns(&mut self, facts: DnsFacts) -> Step {
         let line = self.lookup.take().expect("on_dns answers a Step::Lookup");
-        self.hearing.on_dns(&self.law, facts.as_ref());
-        self.decided(line)
+        let heard = self.hearing.on_dns(&self.law, facts);
+        self.heard(heard, line)
+    }
+
+    /// A HELO judged whose `log` checks would read DNS: its name, to look up in the
+    /// background (once).
+    pub fn take_late(&mut self) -> Option<String> {
+        self.late.take()
+    }
+
+    /// What the background lookups found for `helo` (the HELO named by
+    /// [`Session::take_late`]): joins the session's log.
+    pub fn on_late_dns(&mut self, helo: &str, facts: DnsFacts) {
+        self.hearing.on_late_dns(&self.law, helo, facts);
+    }
+
+    /// What DNS said of the HELO judged last, for the log line.
+    pub fn dns(&self) -> Option<String> {
+        self.hearing.dns()
     }
 
     /// Whether this client takes the pregreet test where the proxy greets itself: the check is
@@ -462,11 +484,21 @@ impl<'a> Session<'a> {
     /// A HELO/EHLO: heard, then the session goes on or is rejected (once DNS has answered,
     /// where it can still decide).
     fn judge(&mut self, argument: String, line: Vec<u8>) -> Step {
-        match self.hearing.hear(&self.law, &argument, None) {
+        let heard = self.hearing.hear(&self.law, &argument, None);
+        self.heard(heard, line)
+    }
+
+    /// What the hearing of `line`'s HELO said: a lookup to make first, or the verdict.
+    fn heard(&mut self, heard: Heard, line: Vec<u8>) -> Step {
+        match heard {
             Heard::Judged => self.decided(line),
-            Heard::Lookup { name, need } => {
+            Heard::Later { helo } => {
+                self.late = Some(helo);
+                self.decided(line)
+            }
+            Heard::Lookup { helo, client, need } => {
                 self.lookup = Some(line);
-                Step::Lookup { name, need }
+                Step::Lookup { helo, client, need }
             }
         }
     }

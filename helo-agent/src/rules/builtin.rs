@@ -58,6 +58,13 @@ pub fn dynamic(helo: &Helo, client: Option<IpAddr>) -> Option<String> {
     let (Helo::Name(name), Some(IpAddr::V4(v4))) = (helo, client.map(canonical)) else {
         return None;
     };
+    embeds_octets(name, v4)
+        .then(|| format!("HELO {name} embeds the client's address {v4}: a dynamic-looking name"))
+}
+
+/// Whether `name` holds the four octets of `v4` as four numbers in a row, forwards or
+/// backwards, whatever separates them.
+fn embeds_octets(name: &str, v4: std::net::Ipv4Addr) -> bool {
     let octets = v4.octets();
     let mut groups = [0u16; 32];
     let mut count = 0;
@@ -74,10 +81,82 @@ pub fn dynamic(helo: &Helo, client: Option<IpAddr>) -> Option<String> {
     let forward = octets.map(u16::from);
     let mut backward = forward;
     backward.reverse();
-    groups
-        .windows(4)
-        .any(|w| w == forward || w == backward)
-        .then(|| format!("HELO {name} embeds the client's address {v4}: a dynamic-looking name"))
+    groups.windows(4).any(|w| w == forward || w == backward)
+}
+
+/// Words that mark a reverse name as an access provider's pool rather than a mail server's own
+/// name (each a whole word of letters: `dsl` in `dsl-1.isp`, `pool` in `pool-71-1-2-3.isp`,
+/// never inside another word). Taken from what Spamhaus's "generic rDNS" advice, SpamAssassin's
+/// `RDNS_DYNAMIC` and rspamd's hfilter look for, kept to the words no mail server's name needs.
+pub const POOL_WORDS: &[&str] = &[
+    "adsl",
+    "broadband",
+    "cable",
+    "cpe",
+    "cust",
+    "customer",
+    "dhcp",
+    "dial",
+    "dialin",
+    "dialup",
+    "dip",
+    "dsl",
+    "dyn",
+    "dynamic",
+    "dynamicip",
+    "ftth",
+    "pool",
+    "ppp",
+    "pppoe",
+    "res",
+    "residential",
+    "sdsl",
+    "vdsl",
+    "xdsl",
+];
+
+/// Why a forward-confirmed reverse name is generic (an access provider's name for an address
+/// of its pool, not a mail server's own name), if it is: it embeds the client's IPv4 address
+/// (four numbers in a row, forwards or backwards, or the eight hex digits of the address), or
+/// has a word of [`POOL_WORDS`]. A generic name is no trust anchor: a bot on a home line has
+/// one, set by its provider.
+pub fn generic(name: &str, client: IpAddr) -> Option<String> {
+    if let IpAddr::V4(v4) = canonical(client) {
+        let hex = format!("{:08x}", u32::from(v4));
+        if embeds_octets(name, v4) || name.contains(&hex) {
+            return Some(format!("{name} embeds the address {v4}"));
+        }
+    }
+    name.split(|c: char| !c.is_ascii_alphabetic())
+        .find(|word| POOL_WORDS.contains(word))
+        .map(|word| format!("{name} has the pool word {word:?}"))
+}
+
+/// Top-level names RFC 2606 reserves for testing and documentation: not in the root zone, but
+/// no bot's invention either, and what every test bed (this project's included) names its
+/// hosts with. Taken as delegated.
+pub const RESERVED_TLDS: &[&str] = &["example", "test"];
+
+/// The last label of a host name, if it is not a top-level domain of the root zone (the ICANN
+/// section of the Public Suffix List, which the `psl` crate embeds at build time), nor
+/// reserved for testing ([`RESERVED_TLDS`]), nor one of `extra` (`rules.extra_tlds`, lower
+/// case). A numeric last label (`host.123`) is none.
+pub fn unknown_tld(helo: &Helo, extra: &[String]) -> Option<String> {
+    let Helo::Name(name) = helo else { return None };
+    let tld = name.rsplit('.').next()?;
+    let known = is_tld(tld) || RESERVED_TLDS.contains(&tld) || extra.iter().any(|e| e == tld);
+    if !name.contains('.') || known {
+        return None;
+    }
+    Some(format!("HELO {name} ends in .{tld}, which is no top-level domain"))
+}
+
+/// Whether `label` (lower case) is a top-level domain delegated in the root zone, as the
+/// Public Suffix List's ICANN section says.
+pub fn is_tld(label: &str) -> bool {
+    use psl::Psl as _;
+    let info = psl::List.find(std::iter::once(label.as_bytes()));
+    info.typ == Some(psl::Type::Icann) && info.len == label.len()
 }
 
 /// The HELO changed to a different name within one session.
@@ -169,15 +248,14 @@ mod tests {
         assert!(no_dot(&h("[192.0.2.1]")).is_none());
         assert!(bare_ip(&h("192.0.2.1")).is_some());
         assert!(bare_ip(&h("[192.0.2.1]")).is_none());
-        assert!(invalid(&h("bad_name.example")).is_some());
+        assert!(invalid(&h("bad!name.example")).is_some());
+        assert!(invalid(&h("bad_name.example")).is_none(), "Postfix takes `_`");
         assert!(invalid(&h("good.example")).is_none());
     }
 
     #[test]
-    fn all_numeric_last_labels_and_u_labels_are_invalid_but_addresses_are_bare_ips() {
-        for name in
-            ["192.0.2", "10.0.0.0.1", "300.1.2.3", "mail.example.123", "mail.bücher.example"]
-        {
+    fn numeric_names_and_u_labels_are_invalid_but_addresses_are_bare_ips() {
+        for name in ["192.0.2", "10.0.0.0.1", "300.1.2.3", "mail.bücher.example"] {
             assert!(invalid(&h(name)).is_some(), "{name}");
             assert!(bare_ip(&h(name)).is_none(), "{name}");
         }
@@ -187,5 +265,54 @@ mod tests {
         }
         assert!(invalid(&h("mail.xn--bcher-kva.example")).is_none());
         assert!(invalid(&h("mail.123.example")).is_none(), "only the last label counts");
+        assert!(invalid(&h("mail.example.123")).is_none(), "Postfix takes it: unknown_tld judges");
+    }
+
+    /// Issue 26: a name under a TLD the root zone does not have is judged offline.
+    #[test]
+    fn tlds_are_the_root_zone_s_and_the_admin_s() {
+        let none: &[String] = &[];
+        for name in ["lakewjf.awlekfj", "discwji.sfhiwho", "mail.example.123", "mail.corp"] {
+            assert!(unknown_tld(&h(name), none).is_some(), "{name}");
+        }
+        for name in [
+            "mail.example.com",
+            "mx.example.co.uk",
+            "smtp.xn--p1ai",
+            "a.b.museum",
+            "x.in-addr.arpa",
+            "mail",
+        ] {
+            assert!(unknown_tld(&h(name), none).is_none(), "{name}");
+        }
+        assert!(unknown_tld(&h("mail.corp"), &["corp".into()]).is_none(), "rules.extra_tlds");
+        assert!(!is_tld("co.uk") && !is_tld("uk.") && is_tld("uk") && is_tld("google"));
+    }
+
+    /// A forward-confirmed reverse name is no trust anchor where an access provider made it
+    /// for a pool address; a mail server's own name is.
+    #[test]
+    fn generic_reverse_names_embed_the_address_or_a_pool_word() {
+        let client: IpAddr = "203.0.113.9".parse().unwrap();
+        for name in [
+            "203-0-113-9.dyn.isp.example",
+            "9.113.0.203.in-addr.isp.example",
+            "host-cb007109.isp.example",
+            "pool-71-1-2-3.nycmny.fios.isp.example",
+            "dsl-provider.isp.example",
+            "cpe-x.res.isp.example",
+        ] {
+            assert!(generic(name, client).is_some(), "{name}");
+        }
+        for name in [
+            "mail-wr1-f41.google.com",
+            "a8-30.smtp-out.amazonses.com",
+            "mail.company.example",
+            "mail135-27.atl141.mcdlv.net",
+            "resolver.example",
+            "poolside.example",
+        ] {
+            assert!(generic(name, client).is_none(), "{name}");
+        }
     }
 }

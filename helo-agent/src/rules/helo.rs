@@ -3,14 +3,21 @@
 //! check compares like with like; names in rules may be written as U-labels and are kept as
 //! A-labels.
 //!
-//! A host name here is what RFC 5321 section 4.1.2 (`Domain`) and RFC 3696 section 2 allow:
-//! ASCII letters, digits and hyphens in labels of at most 63 characters, and a last label that
-//! is not all digits (so `192.0.2` or `host.123` is no name). A non-ASCII HELO (U-labels) is not
-//! a host name either: Postfix's `reject_invalid_helo_hostname` refuses it with and without
-//! `smtputf8_enable` (`valid_hostname`, ASCII only: "EAI not allowed here", smtpd_check.c), and
-//! with `smtputf8_enable = no` smtpd turns every non-ASCII byte of the HELO into `?` before any
-//! check sees it. Access tables still find such a HELO ([`table_key`]), as Postfix's
-//! `check_helo_access` does, so an `OK` entry can let one through.
+//! A HELO is a host name exactly where Postfix's `valid_hostname()` (src/util/valid_hostname.c)
+//! says so, after smtpd's `dup_if_truncate()` took one final dot off: ASCII letters, digits,
+//! `_` and hyphens, labels of 1 to 63 characters, no hyphen at a label's start or end, at most
+//! 255 characters, and not all digits (`192.0.2` is no name). An IPv4 or IPv6 address is
+//! recognised first (a bare IP, judged by `bare_ip`). What helo-filter refuses beyond that is a
+//! check of its own, named and documented: a last label that is no top-level domain
+//! (`unknown_tld`, which covers `host.123`), `no_dot`, `private_suffix`. A non-ASCII HELO
+//! (U-labels) is not a host name: Postfix's `reject_invalid_helo_hostname` refuses it with and
+//! without `smtputf8_enable` (`valid_hostname`, ASCII only: "EAI not allowed here",
+//! smtpd_check.c), and with `smtputf8_enable = no` smtpd turns every non-ASCII byte of the HELO
+//! into `?` before any check sees it. Access tables still find such a HELO ([`table_key`]), as
+//! Postfix's `check_helo_access` does, so an `OK` entry can let one through.
+//!
+//! Names in rules ([`normalize_name`], [`table_name`]) are held to RFC 5321 and RFC 3696: no
+//! `_` (but in access-table keys, as Postfix takes them) and no all-numeric last label.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -18,6 +25,8 @@ use std::net::IpAddr;
 /// RFC 1035: at most 255 octets in a name (253 in text), 63 in a label.
 pub const MAX_NAME_LEN: usize = 253;
 pub const MAX_LABEL_LEN: usize = 63;
+/// Postfix's `VALID_HOSTNAME_LEN`: the longest HELO name `valid_hostname()` takes.
+pub const MAX_HELO_LEN: usize = 255;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Helo {
@@ -37,8 +46,14 @@ pub enum Invalid {
     TooLong,
     LabelTooLong,
     EmptyLabel,
-    /// A character no host name has (`_`, `!`, space, control characters...).
+    /// A character no host name has (`!`, space, control characters...; `_` only in names in
+    /// rules).
     BadCharacter(char),
+    /// A label starts or ends with a hyphen (Postfix: "misplaced hyphen").
+    MisplacedHyphen,
+    /// Digits and dots only (`192.0.2`, `1.2.3.4.5`): neither a host name (Postfix: "numeric
+    /// hostname") nor an IPv4 address.
+    Numeric,
     /// Brackets around something that is not an address.
     BadLiteral,
     /// Non-ASCII that is not a valid internationalized name.
@@ -54,10 +69,16 @@ impl Invalid {
     pub fn describe(self) -> String {
         match self {
             Invalid::Empty => "empty HELO argument".into(),
-            Invalid::TooLong => format!("HELO name longer than {MAX_NAME_LEN} characters"),
+            Invalid::TooLong => format!("HELO name longer than {MAX_HELO_LEN} characters"),
             Invalid::LabelTooLong => format!("HELO name has a label longer than {MAX_LABEL_LEN}"),
             Invalid::EmptyLabel => "HELO name has an empty label (`..` or a leading dot)".into(),
             Invalid::BadCharacter(c) => format!("HELO name contains {c:?}, which no host name has"),
+            Invalid::MisplacedHyphen => {
+                "HELO name has a label that starts or ends with a hyphen".into()
+            }
+            Invalid::Numeric => {
+                "HELO name is all digits and dots: neither a host name nor an IPv4 address".into()
+            }
             Invalid::BadLiteral => "HELO address literal does not hold an IP address".into(),
             Invalid::BadIdn => "HELO name is not a valid internationalized domain name".into(),
             Invalid::NonAscii => {
@@ -95,11 +116,43 @@ pub fn parse(argument: &str) -> Helo {
             None => Invalid::NonAscii,
         });
     }
-    // The text as sent: normalizing takes one final dot off, so a second one is an empty label.
-    match normalize_name(text) {
+    // The text as sent: one final dot comes off, so a second one is an empty label.
+    match valid_hostname(text) {
         Ok(name) => Helo::Name(name),
         Err(invalid) => Helo::Invalid(invalid),
     }
+}
+
+/// Postfix's `valid_hostname()` on an ASCII HELO, after smtpd took one final dot off: the
+/// name in lower case, or why it is none.
+fn valid_hostname(text: &str) -> Result<String, Invalid> {
+    let name = text.strip_suffix('.').unwrap_or(text).to_ascii_lowercase();
+    if name.is_empty() {
+        return Err(Invalid::Empty);
+    }
+    if name.len() > MAX_HELO_LEN {
+        return Err(Invalid::TooLong);
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err(Invalid::EmptyLabel);
+        }
+        if label.len() > MAX_LABEL_LEN {
+            return Err(Invalid::LabelTooLong);
+        }
+        if let Some(c) =
+            label.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+        {
+            return Err(Invalid::BadCharacter(c));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(Invalid::MisplacedHyphen);
+        }
+    }
+    if name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err(Invalid::Numeric);
+    }
+    Ok(name)
 }
 
 /// The text a HELO is looked up by in an access table, as Postfix's `check_helo_access` looks
@@ -211,20 +264,37 @@ mod tests {
         assert_eq!(normalize_name("mail.bücher.example").unwrap(), "mail.xn--bcher-kva.example");
     }
 
+    /// Postfix's valid_hostname(): a name of digits and dots only is none; a numeric last label
+    /// alone is (`unknown_tld` judges it, a check of its own).
     #[test]
-    fn an_all_numeric_last_label_is_no_host_name() {
-        for bad in
-            ["192.0.2", "192.0.2.1.5", "999.0.2.1", "host.123", "HOST.123.", "1", "01.02.03.04"]
-        {
-            assert_eq!(parse(bad), Helo::Invalid(Invalid::NumericTld), "{bad}");
+    fn only_an_all_numeric_name_is_no_host_name_as_postfix_says() {
+        for bad in ["192.0.2", "192.0.2.1.5", "999.0.2.1", "1", "01.02.03.04", "1.2.3.4.5."] {
+            assert_eq!(parse(bad), Helo::Invalid(Invalid::Numeric), "{bad}");
         }
         // Bare addresses are checked first and stay bare addresses.
         assert_eq!(parse("192.0.2.1"), Helo::BareIp("192.0.2.1".parse().unwrap()));
         assert_eq!(parse("192.0.2.1."), Helo::BareIp("192.0.2.1".parse().unwrap()));
-        for good in ["host.123a", "3com.example", "123.example", "a.b-1", "x0"] {
+        for good in
+            ["host.123", "HOST.123.", "host.123a", "3com.example", "123.example", "a.b-1", "x0"]
+        {
             assert!(matches!(parse(good), Helo::Name(_)), "{good}");
         }
+        // Names in rules keep RFC 3696's rule.
         assert_eq!(normalize_name("example.123"), Err(Invalid::NumericTld));
+    }
+
+    /// Regression (issue 26): `mail_gw.example.com` was invalid, although Postfix's own
+    /// valid_hostname() takes an underscore; its hyphen rule is Postfix's too.
+    #[test]
+    fn underscores_pass_and_misplaced_hyphens_do_not_as_in_postfix() {
+        assert_eq!(parse("Mail_GW.example.com"), name("mail_gw.example.com"));
+        assert_eq!(parse("_dmarc.example.com"), name("_dmarc.example.com"));
+        for bad in ["-mail.example.com", "mail-.example.com", "mail.example.com-", "mail.-.example"]
+        {
+            assert_eq!(parse(bad), Helo::Invalid(Invalid::MisplacedHyphen), "{bad}");
+        }
+        assert_eq!(parse("xn--bcher-kva.example"), name("xn--bcher-kva.example"));
+        assert_eq!(normalize_name("my_host.example"), Err(Invalid::BadCharacter('_')), "rules");
     }
 
     #[test]
@@ -244,7 +314,7 @@ mod tests {
             ("[foo]", None),
             ("192.0.2", None),
             ("bad!name.example", None),
-            ("under_score.123", None),
+            ("under_score.123", Some("under_score.123")),
         ];
         for (helo, expected) in cases {
             assert_eq!(key(helo).as_deref(), expected, "{helo:?}");
@@ -284,12 +354,11 @@ mod tests {
         assert_eq!(parse("."), Helo::Invalid(Invalid::Empty));
         assert_eq!(parse("a..b"), Helo::Invalid(Invalid::EmptyLabel));
         assert_eq!(parse(".example.com"), Helo::Invalid(Invalid::EmptyLabel));
-        assert_eq!(parse("my_host.example"), Helo::Invalid(Invalid::BadCharacter('_')));
         assert_eq!(parse("host!.example"), Helo::Invalid(Invalid::BadCharacter('!')));
         assert_eq!(parse("two words"), Helo::Invalid(Invalid::BadCharacter(' ')));
         assert_eq!(parse(&"a".repeat(64)), Helo::Invalid(Invalid::LabelTooLong));
-        assert_eq!(parse(&"a.".repeat(128)), Helo::Invalid(Invalid::TooLong));
-        assert_eq!(parse(&"a.".repeat(127)), name(&["a"; 127].join(".")), "253 characters fit");
+        assert_eq!(parse(&"a.".repeat(129)), Helo::Invalid(Invalid::TooLong));
+        assert_eq!(parse(&"a.".repeat(128)), name(&["a"; 128].join(".")), "255 characters fit");
         assert_eq!(parse(&"x".repeat(10_000)), Helo::Invalid(Invalid::TooLong));
         assert_eq!(
             parse(&format!("{}.example", "x".repeat(64))),

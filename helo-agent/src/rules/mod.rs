@@ -11,10 +11,20 @@
 //! client networks lately, a count the judge keeps and hands in as a fact, [`Facts::reuse`]).
 //! Each check has its own action: `off`, `log` (dry run: noted, never enforced), `reject` or
 //! `ban`. The first enforcing match decides.
+//!
+//! The trust anchor (`trust.forward_confirmed`): the heuristic checks ([`Check::is_heuristic`])
+//! enforce only against a client that cannot show a forward-confirmed reverse name that is
+//! not generic ([`builtin::generic`]); for one that can, a match is logged with "not enforced:
+//! the client is forward-confirmed as X". The identity checks, the admin's tables and regexes
+//! and `invalid` always enforce. What DNS has not said yet is asked for in the verdict
+//! ([`Verdict::wants`]): a verdict that rests on the client's reverse name, or a DNS check that
+//! enforces, waits for the lookups the hearing asks the door for (`judge::Hearing`), and is
+//! judged again with them; DNS checks that only log never make a session wait.
 
 pub mod badhelo;
 pub mod builtin;
 pub mod helo;
+pub mod providers;
 pub mod table;
 
 use std::fmt;
@@ -28,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use self::badhelo::BadheloSet;
 use self::helo::Helo;
+use self::providers::Providers;
 use self::table::DomainTable;
 use crate::addr::canonical;
 
@@ -52,10 +63,15 @@ pub enum Check {
     BareIp,
     /// An address literal that is not the client's address.
     LiteralMismatch,
+    /// A big provider's domain (`gmail.com`), or a name under one from a client whose
+    /// forward-confirmed reverse name is not that provider's.
+    Impersonation,
     /// A name without a dot.
     NoDot,
     /// `.local`, `.lan`, `.localdomain`, `.internal`, `.home`, `.home.arpa`, `.invalid`.
     PrivateSuffix,
+    /// The last label is no top-level domain of the root zone (nor of `rules.extra_tlds`).
+    UnknownTld,
     /// A name that embeds the client's IPv4 address.
     Dynamic,
     /// A second HELO/EHLO in the session with another name.
@@ -69,7 +85,7 @@ pub enum Check {
     HeloReuse,
 }
 
-pub const CHECK_COUNT: usize = 15;
+pub const CHECK_COUNT: usize = 17;
 
 impl Check {
     pub const ALL: [Check; CHECK_COUNT] = [
@@ -81,8 +97,10 @@ impl Check {
         Check::Localhost,
         Check::BareIp,
         Check::LiteralMismatch,
+        Check::Impersonation,
         Check::NoDot,
         Check::PrivateSuffix,
+        Check::UnknownTld,
         Check::Dynamic,
         Check::Changed,
         Check::UnknownHelo,
@@ -101,8 +119,10 @@ impl Check {
             Check::Localhost => "localhost",
             Check::BareIp => "bare_ip",
             Check::LiteralMismatch => "literal_mismatch",
+            Check::Impersonation => "impersonation",
             Check::NoDot => "no_dot",
             Check::PrivateSuffix => "private_suffix",
+            Check::UnknownTld => "unknown_tld",
             Check::Dynamic => "dynamic",
             Check::Changed => "changed",
             Check::UnknownHelo => "unknown_helo",
@@ -110,7 +130,27 @@ impl Check {
             Check::HeloReuse => "helo_reuse",
         }
     }
+
+    /// The heuristics: checks an honest host with a sloppy HELO trips. They enforce only
+    /// against a client without a forward-confirmed, non-generic reverse name (with
+    /// `trust.forward_confirmed`, the default).
+    pub const fn is_heuristic(self) -> bool {
+        matches!(
+            self,
+            Check::NoDot
+                | Check::PrivateSuffix
+                | Check::UnknownTld
+                | Check::Dynamic
+                | Check::UnknownHelo
+                | Check::HeloNotClient
+        )
+    }
 }
+
+/// The rule id of a verdict or log entry made when DNS could not answer (a timeout, SERVFAIL)
+/// where a check needed it: kept apart from the check's own id, whose match means DNS
+/// answered (`unknown_helo`: no records).
+pub const DNS_TEMPFAIL: &str = "dns_tempfail";
 
 /// What a check does when it matches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,6 +284,23 @@ pub struct Verdict {
     pub ttl: Option<Duration>,
     /// Matches of `log` (dry-run) checks on the way, in order.
     pub logged: Vec<Match>,
+    /// What DNS could still change of this verdict, not known yet.
+    #[serde(skip)]
+    pub wants: Wants,
+}
+
+/// What a verdict wants from DNS that its facts did not have (see `judge::Hearing`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Wants {
+    /// It rests on the client's forward-confirmed reverse name: a heuristic, `forged_identity`
+    /// or `impersonation` enforces, and the name would clear the client. It stands as it is
+    /// where the door cannot look.
+    pub client: bool,
+    /// A DNS check that enforces needs the HELO name's records (the session waits).
+    pub helo: bool,
+    /// DNS checks in `log` mode would read the HELO name's records: for the log only, never
+    /// worth a wait.
+    pub later: bool,
 }
 
 fn serialize_ttl<S: serde::Serializer>(ttl: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -274,6 +331,9 @@ pub struct Facts<'a> {
     /// `reuse.window`, this client's included, as the judge's memory counts them (see
     /// `judge::Hearing`); `None`: not counted, and `helo_reuse` does not fire.
     pub reuse: Option<usize>,
+    /// The door can look names up: what DNS has not said yet is asked for ([`Verdict::wants`])
+    /// rather than judged without.
+    pub looks: bool,
 }
 
 /// What DNS said about a session: the HELO name's records and the client's reverse name.
@@ -298,16 +358,16 @@ pub enum HeloDns {
     TempFail(String),
 }
 
-/// The client's address in reverse DNS, forward-confirmed: its PTR names, and whether one of
-/// them resolves back to the address. The rules ask only whether the HELO name is such a name
-/// ([`DnsFacts::confirms`]), so the proxy confirms only the HELO name (`dns::confirm`, from the
-/// HELO lookup's own records); Postfix's `client_name` (the policy service) may be another.
+/// The client's address in reverse DNS, forward-confirmed (FCrDNS): its PTR names, and the one
+/// whose A or AAAA records include the address (the proxy looks both up, `dns::Dns::client`;
+/// the policy service takes Postfix's `client_name`, which Postfix confirmed the same way).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientDns {
     #[default]
     NotLooked,
-    /// A PTR name whose A or AAAA records include the client (lower case, no final dot).
+    /// A PTR name whose A or AAAA records include the client (lower case, no final dot): the
+    /// HELO where it is one of them, else the first.
     Confirmed(String),
     /// PTR names (maybe none), none of them known to point back at the client.
     Unconfirmed(Vec<String>),
@@ -316,9 +376,29 @@ pub enum ClientDns {
 
 impl DnsFacts {
     /// Whether `name` is the client's forward-confirmed reverse name: a client telling the
-    /// truth, never judged dynamic (nor counted as HELO reuse).
+    /// truth, never `helo_not_client`, never forging (`forged_identity`: only we publish our
+    /// zone's addresses), never counted as HELO reuse.
     pub fn confirms(&self, name: &str) -> bool {
         matches!(&self.client, ClientDns::Confirmed(confirmed) if confirmed.eq_ignore_ascii_case(name.trim_end_matches('.')))
+    }
+
+    /// What DNS said, in a few words for a session's log line (`dns` field): the HELO name's
+    /// records and the client's reverse name, each left out where not looked up.
+    pub fn summary(&self) -> String {
+        let helo = match &self.helo {
+            HeloDns::NotLooked => None,
+            HeloDns::Found { .. } => Some("helo=found".to_owned()),
+            HeloDns::Missing => Some("helo=none".to_owned()),
+            HeloDns::TempFail(_) => Some("helo=tempfail".to_owned()),
+        };
+        let client = match &self.client {
+            ClientDns::NotLooked => None,
+            ClientDns::Confirmed(name) => Some(format!("client=confirmed:{name}")),
+            ClientDns::Unconfirmed(names) if names.is_empty() => Some("client=no_ptr".to_owned()),
+            ClientDns::Unconfirmed(_) => Some("client=unconfirmed".to_owned()),
+            ClientDns::TempFail(_) => Some("client=tempfail".to_owned()),
+        };
+        [helo, client].into_iter().flatten().collect::<Vec<_>>().join(" ")
     }
 }
 
@@ -342,6 +422,13 @@ pub struct RuleSet {
     pub reject_at: RejectAt,
     pub ban_ttl: Duration,
     pub reuse: ReuseLimits,
+    /// `checks.impersonation`'s big providers.
+    pub providers: Providers,
+    /// `rules.extra_tlds`: top-level names taken as delegated besides the root zone's.
+    pub extra_tlds: Vec<String>,
+    /// `trust.forward_confirmed`: the heuristics spare a client with a forward-confirmed,
+    /// non-generic reverse name.
+    pub trust: bool,
 }
 
 impl RuleSet {
@@ -360,7 +447,7 @@ impl RuleSet {
             return self.pass("exempt_listener", "the listener does not check HELO".into());
         }
         let helo = helo::parse(facts.argument);
-        let mut logged = Vec::new();
+        let mut j = Judging::default();
 
         if facts.pregreeted
             && let Some(v) = self.hit(
@@ -368,35 +455,31 @@ impl RuleSet {
                 "the client spoke before the greeting was complete".into(),
                 None,
                 Some(pregreet_reply()),
-                &mut logged,
+                &mut j,
             )
         {
             return v;
         }
 
-        if let Some(v) = self.table_check(&helo, facts, &mut logged) {
+        if let Some(v) = self.table_check(&helo, facts, &mut j) {
             return v;
         }
-        if self.action(Check::ForgedIdentity) != CheckAction::Off
-            && let Some((reason, entry)) = self.forged(&helo, facts.client)
-            && let Some(v) = self.hit(Check::ForgedIdentity, reason, entry, None, &mut logged)
+        if let Some(v) = self.forged_check(&helo, facts, &mut j) {
+            return v;
+        }
+        if let Some(v) = self.badhelo_check(facts.argument, &mut j) {
+            return v;
+        }
+        if let Some(v) = self.builtin_checks(&helo, facts, &mut j) {
+            return v;
+        }
+        if let Helo::Name(name) = &helo
+            && let Some(v) = self.dns_checks(name, facts, &mut j)
         {
             return v;
         }
-
-        if let Some(v) = self.badhelo_check(facts.argument, &mut logged) {
-            return v;
-        }
-        if let Some(v) = self.builtin_checks(&helo, facts, &mut logged) {
-            return v;
-        }
-        let client = facts.client;
-        if let (Helo::Name(name), Some(dns)) = (&helo, facts.dns)
-            && let Some(v) = self.dns_checks(name, client, dns, &mut logged)
-        {
-            return v;
-        }
-        let verdict = Verdict { logged, ..self.pass("pass", "no rule matched".into()) };
+        let Judging { logged, wants } = j;
+        let verdict = Verdict { logged, wants, ..self.pass("pass", "no rule matched".into()) };
         match facts.reuse {
             Some(networks) => self.with_reuse(verdict, facts.argument, facts.dns, networks),
             None => verdict,
@@ -406,12 +489,7 @@ impl RuleSet {
     /// The domain table (`checks.table`): an entry for the HELO as Postfix's
     /// check_helo_access looks it up (a name, a bare address, an [address literal]; see
     /// helo::table_key). `Some`: it decided (an `OK` entry too).
-    fn table_check(
-        &self,
-        helo: &Helo,
-        facts: &Facts<'_>,
-        logged: &mut Vec<Match>,
-    ) -> Option<Verdict> {
+    fn table_check(&self, helo: &Helo, facts: &Facts<'_>, j: &mut Judging) -> Option<Verdict> {
         let argument = facts.argument;
         if self.action(Check::Table) == CheckAction::Off || self.table.is_empty() {
             return None;
@@ -428,17 +506,35 @@ impl RuleSet {
             }
             TableAction::Dunno => None,
             TableAction::Warn => {
-                logged.push(Match { rule: Check::Table.name(), reason: reason(), entry });
+                j.logged.push(Match { rule: Check::Table.name(), reason: reason(), entry });
                 None
             }
             TableAction::Deny(reply) => self
-                .hit(Check::Table, reason(), entry, reply.clone(), logged)
+                .hit(Check::Table, reason(), entry, reply.clone(), j)
                 .map(|v| self.stronger_of_forged(v, helo, facts.client)),
         }
     }
 
+    /// `forged_identity`: the HELO claims one of our names or addresses. With the trust anchor
+    /// on, a name is not forged where it is the client's forward-confirmed reverse name (issue
+    /// 27: a company server sending through the MX under its own name; only we publish our
+    /// zone's addresses, so no bot can show that), which DNS says.
+    fn forged_check(&self, helo: &Helo, facts: &Facts<'_>, j: &mut Judging) -> Option<Verdict> {
+        if self.action(Check::ForgedIdentity) == CheckAction::Off {
+            return None;
+        }
+        let (reason, entry) = self.forged(helo, facts.client)?;
+        match helo {
+            Helo::Name(name) if self.trust => {
+                let clears = |confirmed: &str| confirmed == name.as_str();
+                self.hit_unless_client(Check::ForgedIdentity, reason, entry, facts, clears, j)
+            }
+            _ => self.hit(Check::ForgedIdentity, reason, entry, None, j),
+        }
+    }
+
     /// The regex rules (`checks.badhelo`): the first that matches (or, negated, does not).
-    fn badhelo_check(&self, argument: &str, logged: &mut Vec<Match>) -> Option<Verdict> {
+    fn badhelo_check(&self, argument: &str, j: &mut Judging) -> Option<Verdict> {
         if self.action(Check::Badhelo) == CheckAction::Off {
             return None;
         }
@@ -449,62 +545,161 @@ impl RuleSet {
             format!("HELO matches pattern {:?}", rule.pattern)
         };
         let entry = Some(Arc::new(rule.entry.clone()));
-        self.hit(Check::Badhelo, reason, entry, None, logged)
+        self.hit(Check::Badhelo, reason, entry, None, j)
     }
 
-    /// The built-in checks, in order; the first that decides.
-    fn builtin_checks(
-        &self,
-        helo: &Helo,
-        facts: &Facts<'_>,
-        logged: &mut Vec<Match>,
-    ) -> Option<Verdict> {
+    /// The built-in checks, in order; the first that decides. The heuristics among them go
+    /// through [`RuleSet::heuristic`].
+    fn builtin_checks(&self, helo: &Helo, facts: &Facts<'_>, j: &mut Judging) -> Option<Verdict> {
         let client = facts.client;
-        let builtins: [(Check, &dyn Fn() -> Option<String>); 8] = [
+        let builtins: [(Check, &dyn Fn() -> Option<String>); 10] = [
             (Check::Invalid, &|| builtin::invalid(helo)),
             (Check::Localhost, &|| builtin::localhost(helo)),
             (Check::BareIp, &|| builtin::bare_ip(helo)),
             (Check::LiteralMismatch, &|| builtin::literal_mismatch(helo, client)),
+            (Check::Impersonation, &|| None),
             (Check::NoDot, &|| builtin::no_dot(helo)),
             (Check::PrivateSuffix, &|| builtin::private_suffix(helo)),
-            (Check::Dynamic, &|| {
-                let confirmed = matches!((helo, facts.dns), (Helo::Name(name), Some(dns)) if dns.confirms(name));
-                if confirmed { None } else { builtin::dynamic(helo, client) }
-            }),
+            (Check::UnknownTld, &|| builtin::unknown_tld(helo, &self.extra_tlds)),
+            (Check::Dynamic, &|| builtin::dynamic(helo, client)),
             (Check::Changed, &|| builtin::changed(helo, facts.previous)),
         ];
         for (check, test) in builtins {
             if self.action(check) == CheckAction::Off {
                 continue;
             }
-            if let Some(reason) = test()
-                && let Some(v) = self.hit(check, reason, None, None, logged)
-            {
-                return Some(v);
+            if check == Check::Impersonation {
+                if let Some(v) = self.impersonation(helo, facts, j) {
+                    return Some(v);
+                }
+                continue;
+            }
+            let Some(reason) = test() else { continue };
+            let decided = if check.is_heuristic() {
+                self.heuristic(check, reason, facts, j)
+            } else {
+                self.hit(check, reason, None, None, j)
+            };
+            if decided.is_some() {
+                return decided;
             }
         }
         None
     }
 
-    /// What [`RuleSet::classify`] says of `facts` (with `facts.dns`), given `verdict`, its
-    /// verdict on the same facts without DNS, which no rule decided (the only verdict the
-    /// doors look DNS up for, see `judge::hearing`): only what DNS can change is judged
-    /// again, the DNS checks over the logged matches so far. `dynamic` is the one earlier
-    /// check DNS can undo (a forward-confirmed name is never dynamic): when it logged and DNS
-    /// confirms the name, everything is judged again. Reuse is judged after, as ever.
-    pub fn with_dns(&self, verdict: Verdict, facts: &Facts<'_>) -> Verdict {
-        let (Helo::Name(name), Some(dns)) = (helo::parse(facts.argument), facts.dns) else {
-            return verdict;
-        };
-        let dynamic_undone =
-            dns.confirms(&name) && verdict.logged.iter().any(|m| m.rule == Check::Dynamic.name());
-        if verdict.rule != "pass" || dynamic_undone {
-            return self.classify(&Facts { reuse: None, ..*facts });
+    /// `impersonation`: a provider's bare domain is no real server's HELO (judged without
+    /// DNS); a name under it is one only from a client whose forward-confirmed reverse name is
+    /// that provider's. Without a resolver such a name is not judged (noted in the log).
+    fn impersonation(&self, helo: &Helo, facts: &Facts<'_>, j: &mut Judging) -> Option<Verdict> {
+        let Helo::Name(name) = helo else { return None };
+        let named = self.providers.named(name)?;
+        let (provider, domain) = (named.name, named.domain);
+        if named.apex {
+            let reason = format!(
+                "HELO {name} is {provider}'s own domain, which none of its servers greets with"
+            );
+            return self.hit(Check::Impersonation, reason, None, None, j);
         }
-        let mut logged = verdict.logged;
-        match self.dns_checks(&name, facts.client, dns, &mut logged) {
-            Some(decided) => decided,
-            None => Verdict { logged, ..verdict },
+        let reason = format!(
+            "HELO {name} is under {provider}'s {domain}, but the client is not one of \
+             {provider}'s servers"
+        );
+        let known = facts.dns.is_some_and(|dns| dns.client != ClientDns::NotLooked);
+        if !known && !facts.looks {
+            j.logged.push(Match {
+                rule: Check::Impersonation.name(),
+                reason: format!(
+                    "HELO {name} is under {provider}'s {domain}: not judged without DNS"
+                ),
+                entry: None,
+            });
+            return None;
+        }
+        let clears = |confirmed: &str| self.providers.covers(&named, confirmed);
+        self.hit_unless_client(Check::Impersonation, reason, None, facts, clears, j)
+    }
+
+    /// A heuristic matched: enforced unless the client shows a forward-confirmed reverse name
+    /// that is not generic (the trust anchor, `trust.forward_confirmed`).
+    fn heuristic(
+        &self,
+        check: Check,
+        reason: String,
+        facts: &Facts<'_>,
+        j: &mut Judging,
+    ) -> Option<Verdict> {
+        if !self.trust {
+            return self.hit(check, reason, None, None, j);
+        }
+        let Some(client) = facts.client else { return self.hit(check, reason, None, None, j) };
+        let clears = |confirmed: &str| builtin::generic(confirmed, client).is_none();
+        self.hit_unless_client(check, reason, None, facts, clears, j)
+    }
+
+    /// A match of `check` whose enforcement rests on the client's forward-confirmed reverse
+    /// name: `clears` says whether that name clears the client (`Some`). Cleared, the match is
+    /// logged, never enforced; not known yet, and the door can look, the verdict is made and
+    /// wants the name ([`Wants::client`]); a lookup that failed for now answers 450.
+    fn hit_unless_client(
+        &self,
+        check: Check,
+        reason: String,
+        entry: Option<Arc<EntryRef>>,
+        facts: &Facts<'_>,
+        clears: impl Fn(&str) -> bool,
+        j: &mut Judging,
+    ) -> Option<Verdict> {
+        let client = facts.dns.map_or(&ClientDns::NotLooked, |dns| &dns.client);
+        let enforces = matches!(self.action(check), CheckAction::Reject | CheckAction::Ban);
+        match client {
+            ClientDns::Confirmed(confirmed) if clears(confirmed) => {
+                let reason = if enforces {
+                    format!(
+                        "{reason} (not enforced: the client is forward-confirmed as {confirmed})"
+                    )
+                } else {
+                    reason
+                };
+                j.logged.push(Match { rule: check.name(), reason, entry });
+                return None;
+            }
+            ClientDns::Confirmed(confirmed) if check.is_heuristic() && enforces => {
+                let why = facts
+                    .client
+                    .and_then(|ip| builtin::generic(confirmed, ip))
+                    .unwrap_or_else(|| confirmed.clone());
+                let reason = format!("{reason} (the client's reverse name is generic: {why})");
+                return self.hit(check, reason, entry, None, j);
+            }
+            ClientDns::TempFail(why) if enforces => {
+                let helo = facts.argument.trim();
+                return Some(self.tempfail(
+                    format!("{reason}; the client's reverse name could not be checked ({why})"),
+                    format!(
+                        "4.7.1 <{helo}>: Helo command rejected: cannot check your reverse name, \
+                         try again later"
+                    ),
+                    j,
+                ));
+            }
+            ClientDns::NotLooked if enforces && facts.looks => j.wants.client = true,
+            _ => {}
+        }
+        self.hit(check, reason, entry, None, j)
+    }
+
+    /// A verdict of "DNS could not say, try again later" ([`DNS_TEMPFAIL`]): 450, never a ban.
+    fn tempfail(&self, reason: String, reply: String, j: &mut Judging) -> Verdict {
+        Verdict {
+            action: Action::Reject,
+            rule: DNS_TEMPFAIL,
+            reason,
+            entry: None,
+            reply: Some(EntryReply { code: 450, text: reply }),
+            reject_at: self.reject_at,
+            ttl: None,
+            logged: std::mem::take(&mut j.logged),
+            wants: std::mem::take(&mut j.wants),
         }
     }
 
@@ -564,52 +759,67 @@ impl RuleSet {
             ),
             _ => (used, None),
         };
-        let mut logged = verdict.logged;
-        match self.hit(Check::HeloReuse, reason, None, reply, &mut logged) {
+        let mut j = Judging { logged: verdict.logged, wants: verdict.wants };
+        match self.hit(Check::HeloReuse, reason, None, reply, &mut j) {
             Some(decided) => decided,
-            None => Verdict { logged, ..verdict },
+            None => Verdict { logged: j.logged, wants: j.wants, ..verdict },
         }
     }
 
-    /// `unknown_helo` and `helo_not_client` over what DNS said. A lookup that got no answer
-    /// to trust is a temporary failure: where a check enforces, a 450 (never a 5xx, never a
-    /// ban); the sender retries.
-    fn dns_checks(
-        &self,
-        name: &str,
-        client: Option<IpAddr>,
-        dns: &DnsFacts,
-        logged: &mut Vec<Match>,
-    ) -> Option<Verdict> {
-        let checks = [Check::UnknownHelo, Check::HeloNotClient];
-        for check in checks {
+    /// `unknown_helo` and `helo_not_client` over what DNS said of the HELO name. Records not
+    /// looked up yet are asked for ([`Wants::helo`] where a check enforces, else
+    /// [`Wants::later`]: a dry run never waits). A lookup that got no answer to trust is a
+    /// temporary failure, [`DNS_TEMPFAIL`]: where a check enforces, a 450 (never a 5xx, never
+    /// a ban; the sender retries), else noted in the log under that id. Both are heuristics.
+    fn dns_checks(&self, name: &str, facts: &Facts<'_>, j: &mut Judging) -> Option<Verdict> {
+        let actions = [self.action(Check::UnknownHelo), self.action(Check::HeloNotClient)];
+        if actions.iter().all(|a| *a == CheckAction::Off) || !name.contains('.') {
+            return None;
+        }
+        let enforces = actions.iter().any(|a| matches!(a, CheckAction::Reject | CheckAction::Ban));
+        let helo_dns = facts.dns.map_or(&HeloDns::NotLooked, |dns| &dns.helo);
+        match helo_dns {
+            HeloDns::NotLooked if facts.looks => {
+                if enforces {
+                    j.wants.helo = true;
+                } else {
+                    j.wants.later = true;
+                }
+                return None;
+            }
+            HeloDns::NotLooked => return None,
+            HeloDns::TempFail(why) => {
+                let reason = format!("HELO {name}: DNS lookup failed temporarily ({why})");
+                if enforces {
+                    let reply = format!(
+                        "4.7.1 <{name}>: Helo command rejected: Host not found, try again later"
+                    );
+                    return Some(self.tempfail(reason, reply, j));
+                }
+                j.logged.push(Match { rule: DNS_TEMPFAIL, reason, entry: None });
+                return None;
+            }
+            _ => {}
+        }
+        let dns = facts.dns.expect("records known");
+        for check in [Check::UnknownHelo, Check::HeloNotClient] {
             if self.action(check) == CheckAction::Off {
                 continue;
             }
-            let (reason, reply) = match (&dns.helo, check) {
-                (HeloDns::NotLooked, _) => continue,
-                (HeloDns::TempFail(why), _) => (
-                    format!("HELO {name}: DNS lookup failed temporarily ({why})"),
-                    Some(EntryReply {
-                        code: 450,
-                        text: format!(
-                            "4.7.1 <{name}>: Helo command rejected: Host not found, try again later"
-                        ),
-                    }),
-                ),
+            let reason = match (&dns.helo, check) {
                 (HeloDns::Missing, Check::UnknownHelo) => {
-                    (format!("HELO {name} has no A, AAAA or MX record"), None)
+                    format!("HELO {name} has no A, AAAA or MX record")
                 }
                 (HeloDns::Found { addresses, .. }, Check::HeloNotClient) => {
-                    let Some(client) = client.map(canonical) else { continue };
+                    let Some(client) = facts.client.map(canonical) else { continue };
                     if addresses.iter().any(|a| canonical(*a) == client) || dns.confirms(name) {
                         continue;
                     }
-                    (format!("HELO {name} does not resolve to the client {client}"), None)
+                    format!("HELO {name} does not resolve to the client {client}")
                 }
                 _ => continue,
             };
-            if let Some(v) = self.hit(check, reason, None, reply, logged) {
+            if let Some(v) = self.heuristic(check, reason, facts, j) {
                 return Some(v);
             }
         }
@@ -636,19 +846,19 @@ impl RuleSet {
         }
     }
 
-    /// A check matched: a verdict if its action enforces, else noted in `logged`.
+    /// A check matched: a verdict if its action enforces, else noted in the log.
     fn hit(
         &self,
         check: Check,
         reason: String,
         entry: Option<Arc<EntryRef>>,
         reply: Option<EntryReply>,
-        logged: &mut Vec<Match>,
+        j: &mut Judging,
     ) -> Option<Verdict> {
         let action = match self.action(check) {
             CheckAction::Off => return None,
             CheckAction::Log => {
-                logged.push(Match { rule: check.name(), reason, entry });
+                j.logged.push(Match { rule: check.name(), reason, entry });
                 return None;
             }
             // A temporary (4xx) refusal asked for by an entry never bans.
@@ -663,7 +873,8 @@ impl RuleSet {
             reply,
             reject_at: self.reject_at,
             ttl: (action == Action::Ban).then_some(self.ban_ttl),
-            logged: std::mem::take(logged),
+            logged: std::mem::take(&mut j.logged),
+            wants: std::mem::take(&mut j.wants),
         })
     }
 
@@ -676,8 +887,8 @@ impl RuleSet {
             return table;
         }
         let Some((reason, entry)) = self.forged(helo, client) else { return table };
-        let mut logged = table.logged.clone();
-        match self.hit(Check::ForgedIdentity, reason, entry, None, &mut logged) {
+        let mut j = Judging { logged: table.logged.clone(), wants: table.wants };
+        match self.hit(Check::ForgedIdentity, reason, entry, None, &mut j) {
             Some(forged) if forged.action == Action::Ban => forged,
             _ => table,
         }
@@ -693,8 +904,17 @@ impl RuleSet {
             reject_at: self.reject_at,
             ttl: None,
             logged: Vec::new(),
+            wants: Wants::default(),
         }
     }
+}
+
+/// What the checks gather on the way to a verdict: the `log` matches, and what DNS could
+/// still tell.
+#[derive(Default)]
+struct Judging {
+    logged: Vec<Match>,
+    wants: Wants,
 }
 
 #[cfg(test)]

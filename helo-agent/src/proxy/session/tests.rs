@@ -35,7 +35,9 @@ fn text(step: Step) -> String {
         Step::Forward(_) => "forward".into(),
         Step::Opaque => "opaque".into(),
         Step::Defer => "defer".into(),
-        Step::Lookup { name, need } => format!("lookup {name} {need:?}"),
+        Step::Lookup { helo, client, need } => {
+            format!("lookup {} client={client} {need:?}", helo.unwrap_or_default())
+        }
     }
 }
 
@@ -47,10 +49,14 @@ fn a_helo_dns_can_decide_waits_for_it() {
     let rules = rules("[checks]\nunknown_helo = \"reject\"\n");
     let mut s = session(&rules);
     s.enable_dns();
-    assert_eq!(text(s.on_line(b"EHLO Mail.Sender.Example")), "lookup mail.sender.example Required");
+    // The HELO's records; then, as a match would rest on it, the client's reverse name.
+    let asked = "lookup mail.sender.example client=false Required";
+    assert_eq!(text(s.on_line(b"EHLO Mail.Sender.Example")), asked);
     assert!(s.verdict().is_none(), "no verdict before the answer");
     let missing = DnsFacts { helo: HeloDns::Missing, client: ClientDns::NotLooked };
-    assert!(text(s.on_dns(Some(missing))).starts_with("reject 250-mx.example.com"));
+    assert_eq!(text(s.on_dns(missing)), "lookup  client=true Required");
+    let unconfirmed = DnsFacts { helo: HeloDns::NotLooked, client: ClientDns::Unconfirmed(vec![]) };
+    assert!(text(s.on_dns(unconfirmed)).starts_with("reject 250-mx.example.com"));
     assert_eq!(s.verdict().map(|v| v.rule), Some("unknown_helo"));
 
     let mut s = session(&rules);
@@ -58,8 +64,12 @@ fn a_helo_dns_can_decide_waits_for_it() {
     assert!(text(s.on_line(b"EHLO localhost")).starts_with("reject"), "decided: no lookup");
     let mut s = session(&rules);
     s.enable_dns();
-    assert_eq!(text(s.on_line(b"EHLO mail.sender.example")), "lookup mail.sender.example Required");
-    assert_eq!(text(s.on_dns(None)), "pass", "no answer (no slot): judged without DNS");
+    assert_eq!(text(s.on_line(b"EHLO mail.sender.example")), asked);
+    assert_eq!(
+        text(s.on_dns(DnsFacts::default())),
+        "pass",
+        "no answer (no slot): judged without DNS"
+    );
     // Without a resolver nothing waits.
     let mut s = session(&rules);
     assert_eq!(text(s.on_line(b"EHLO mail.sender.example")), "pass");
