@@ -29,6 +29,7 @@ use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hickory_resolver::Name;
 use hickory_resolver::config::{
     NameServerConfig, NameServerConfigGroup, ResolveHosts, ResolverConfig, ResolverOpts,
 };
@@ -193,12 +194,18 @@ impl Dns {
             return Some(found);
         }
         let _slot = self.slot(need).await?;
-        let absolute = absolute(name);
-        let name = absolute.as_str();
+        // As the ASCII name it is: a HELO with `_` (which Postfix takes) is a DNS name too,
+        // where hickory's IDNA parsing of a str would refuse it. One DNS cannot hold at all
+        // has no records.
+        let Ok(name) = Name::from_ascii(absolute(name)) else {
+            let facts = HeloDns::Missing;
+            self.helos.put(key, &facts, Some(Instant::now() + self.failure_ttl));
+            return Some(facts);
+        };
         let (v4, v6, mx) = tokio::join!(
-            self.bounded(async { self.resolver.ipv4_lookup(name).await }),
-            self.bounded(async { self.resolver.ipv6_lookup(name).await }),
-            self.bounded(async { self.resolver.mx_lookup(name).await }),
+            self.bounded(async { self.resolver.ipv4_lookup(name.clone()).await }),
+            self.bounded(async { self.resolver.ipv6_lookup(name.clone()).await }),
+            self.bounded(async { self.resolver.mx_lookup(name.clone()).await }),
         );
         let now = Instant::now();
         let until = earliest(earliest(v4.until(now), v6.until(now)), mx.until(now));

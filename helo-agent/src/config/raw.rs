@@ -373,7 +373,7 @@ impl Default for RawChecks {
             no_dot: Reject,
             private_suffix: Reject,
             unknown_tld: Reject,
-            dynamic: Log,
+            dynamic: Reject,
             changed: Log,
             unknown_helo: Log,
             helo_not_client: Log,

@@ -31,7 +31,10 @@ fn empty_file_means_defaults() {
     assert_eq!(config.rules.reject_at, RejectAt::Rcpt);
     assert_eq!(config.reject_message, "sorry, your HELO host name has been denied");
     assert_eq!(config.rules.action(Check::ForgedIdentity), CheckAction::Ban);
-    assert_eq!(config.rules.action(Check::Dynamic), CheckAction::Log);
+    assert_eq!(config.rules.action(Check::Dynamic), CheckAction::Reject);
+    assert_eq!(config.rules.action(Check::UnknownHelo), CheckAction::Log);
+    assert_eq!(config.rules.action(Check::Impersonation), CheckAction::Ban);
+    assert!(config.rules.trust);
 }
 
 #[test]

@@ -175,9 +175,12 @@ fn builtin_checks() {
 }
 
 #[test]
-fn heuristics_log_by_default_and_enforce_when_asked() {
+fn heuristics_log_or_enforce_as_their_defaults_say() {
     let rules_default = rules("");
     let verdict = classify(&rules_default, "203-0-113-9.dyn.isp.example", BOT);
+    assert_eq!((verdict.action, verdict.rule), (Action::Reject, "dynamic"), "reject by default");
+    let logging = rules("[checks]\ndynamic = \"log\"");
+    let verdict = classify(&logging, "203-0-113-9.dyn.isp.example", BOT);
     assert_eq!((verdict.action, verdict.rule), (Action::Pass, "pass"));
     assert_eq!(verdict.logged.len(), 1);
     assert_eq!(verdict.logged[0].rule, "dynamic");
