@@ -170,7 +170,9 @@ impl Agent {
         let enforce: Option<Arc<dyn helo_agent::blocklist::BanCheck>> = enforce_at_accept
             .then(|| Arc::new(store.clone()) as Arc<dyn helo_agent::blocklist::BanCheck>);
         let shared = Judge::new(
-            Live::of(&config),
+            // Every client here comes from loopback, which the agent never bans: allowed here,
+            // so the transcripts show bans at all.
+            Live { loopback_bannable: true, ..Live::of(&config) },
             Parts {
                 bans: Some(bans),
                 enforce,
@@ -594,6 +596,44 @@ async fn the_mta_own_address_is_never_banned() {
     assert_eq!(t[2], "553 5.7.1 sorry, your HELO host name has been denied\r\n", "still rejected");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(agent.banned().is_empty(), "but the MTA's own address is not banned");
+    agent.stop().await;
+}
+
+/// Regression (issue 27): a monitor on the gateway, connecting from one of our own addresses
+/// and saying our name, was banned for an hour and the ban published to the fleet. It is still
+/// answered as the rules say, but never banned nor refused at its next connection; nor is a
+/// loopback client, whatever the allowlist says.
+#[tokio::test]
+async fn our_own_addresses_and_loopback_are_never_banned() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let text = "[identity]\ndetect = false\ndomains = [\"example.com\"]\n\
+                addresses = [\"127.0.0.3\"]\n[allowlist]\nnetworks = []\n";
+    let mut config = Config::parse(text, Path::new("t.toml"), &HostFacts::default()).unwrap();
+    config.proxy.upstream = mta.addr;
+    config.proxy.greeting = helo_agent::config::GreetingMode::Mta;
+    // As the agent runs: loopback is never banned. The own address is on loopback here, so
+    // the first round runs with loopback bannable, to see the own-address guard alone.
+    for loopback_bannable in [true, false] {
+        agent.shared.replace(Live { loopback_bannable, ..Live::of(&config) });
+        for _ in 0..2 {
+            let t = converse_from(
+                "127.0.0.3",
+                agent.addr,
+                &["EHLO mx.example.com", "RCPT TO:<a@example.com>", "QUIT"],
+            )
+            .await;
+            assert_eq!(t[0], "220 mta.test ESMTP scripted\r\n", "never refused at accept");
+            assert_eq!(t[2], "553 5.7.1 sorry, your HELO host name has been denied\r\n");
+        }
+    }
+    let t = converse_from("127.0.0.4", agent.addr, &["HELO mx.example.com", "QUIT"]).await;
+    assert_eq!(t[0], "220 mta.test ESMTP scripted\r\n");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(agent.banned().is_empty(), "loopback: never banned: {:?}", agent.banned());
+    agent.shared.replace(Live { loopback_bannable: true, ..Live::of(&config) });
+    converse_from("127.0.0.4", agent.addr, &["HELO mx.example.com", "QUIT"]).await;
+    eventually("the ban of a client that is not ours", || agent.banned() == ["127.0.0.4"]).await;
     agent.stop().await;
 }
 

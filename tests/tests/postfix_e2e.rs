@@ -51,8 +51,13 @@ fn bed_full(name: &str, clients: &[&str], extra: &str, services: &str) -> Bed {
     let client = Netns::new("hfpc");
     let (gw_if, cl_if) = veth(&gateway, &client);
     gateway.ip(&["addr", "add", &format!("{GW}/24"), "dev", &gw_if]);
+    gateway.ip(&["-6", "addr", "add", &format!("{GW6}/64"), "dev", &gw_if, "nodad"]);
     for addr in clients {
-        client.ip(&["addr", "add", &format!("{addr}/24"), "dev", &cl_if]);
+        if addr.contains(':') {
+            client.ip(&["-6", "addr", "add", &format!("{addr}/64"), "dev", &cl_if, "nodad"]);
+        } else {
+            client.ip(&["addr", "add", &format!("{addr}/24"), "dev", &cl_if]);
+        }
     }
     let postfix = Postfix::start(&gateway, name, extra, services);
     let work = std::env::temp_dir().join(tests::unique("helo-pf-"));
@@ -1006,4 +1011,128 @@ fn the_policy_service_judges_postfix_sessions_and_bans_in_the_kernel() {
     assert!(ok, "fail-open while the agent is down:\n{transcript}\n{}", bed.postfix.log());
     wait_for("5 deliveries", Duration::from_secs(20), || bed.postfix.delivered().len() == 5);
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// The gateway's IPv6 address on the veth, beside [`GW`].
+const GW6: &str = "2001:db8:77::1";
+
+/// A raw SMTP client, for what swaks cannot send (BDAT, a bare EHLO, long lines): connected
+/// from `src` to `dst` (`ip:port`, `[v6]:port`) inside the namespace the caller runs in; each
+/// reply read whole (multi-line replies joined).
+struct Raw {
+    stream: std::net::TcpStream,
+}
+
+impl Raw {
+    fn open(src: &str, dst: &str) -> Raw {
+        let src: IpAddr = src.parse().unwrap();
+        let dst: SocketAddr = dst.parse().unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::for_address(dst), socket2::Type::STREAM, None)
+                .unwrap();
+        socket.bind(&SocketAddr::new(src, 0).into()).unwrap();
+        socket
+            .connect_timeout(&dst.into(), Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("connect {src} -> {dst}: {e}"));
+        let stream: std::net::TcpStream = socket.into();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw { stream }
+    }
+
+    /// One complete reply; "" at the end of the stream.
+    fn reply(&mut self) -> String {
+        let mut out = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            match self.stream.read(&mut byte) {
+                Ok(0) => return String::from_utf8_lossy(&out).into_owned(),
+                Ok(_) => out.push(byte[0]),
+                Err(e) => panic!("{e} after {:?}", String::from_utf8_lossy(&out)),
+            }
+            if out.ends_with(b"\n") {
+                let line = out[..out.len() - 1].rsplit(|b| *b == b'\n').next().unwrap_or(&[]);
+                if line.len() >= 4 && line[3] != b'-' {
+                    return String::from_utf8_lossy(&out).into_owned();
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Sends `line` and its CRLF, and reads the reply.
+    fn say(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+}
+
+/// Regression (issue 27): the gateway banned itself. A monitor on the gateway connecting from
+/// its own address (found by identity.detect) and saying its own name, through the proxy or
+/// through Postfix and the policy service, over IPv4 and IPv6, or from loopback (left out of
+/// the allowlist), was banned for an hour and the ban shared with the fleet. Refused as the
+/// rules say, never banned; a bot with the same HELO is.
+#[test]
+fn the_gateway_never_bans_itself_through_either_door() {
+    let policy = "policy_inet = check_policy_service inet:127.0.0.1:10040, reject_unauth_destination\n\
+                  smtpd_policy_service_default_action = DUNNO\ninet_protocols = all\n";
+    let services = format!(
+        "{GW}:2525 inet n - n - - smtpd\n  -o smtpd_recipient_restrictions=$policy_inet\n\
+         [{GW6}]:2525 inet n - n - - smtpd\n  -o smtpd_recipient_restrictions=$policy_inet\n"
+    );
+    let bed = bed_full("self", &["198.51.100.2"], policy, &services);
+    let config = format!(
+        "[identity]\ndetect = true\ndomains = [\"=mx.gw.test\"]\n\
+         [allowlist]\nnetworks = [\"198.51.100.128/25\"]\n[bans]\ndefault_ttl = \"1h\"\n\
+         [proxy]\n[[proxy.listeners]]\naddress = \"{GW}:25\"\n\
+         [[proxy.listeners]]\naddress = \"[{GW6}]:25\"\n\
+         [policy]\nlisteners = [\"127.0.0.1:10040\"]\n"
+    );
+    let agent = bed.agent(&config, &[]);
+    let local = [
+        (GW.to_owned(), format!("{GW}:25")),
+        (GW6.to_owned(), format!("[{GW6}]:25")),
+        ("127.0.0.1".to_owned(), format!("{GW}:25")),
+        (GW.to_owned(), format!("{GW}:2525")),
+        (GW6.to_owned(), format!("[{GW6}]:2525")),
+        ("::1".to_owned(), format!("[{GW6}]:2525")),
+    ];
+    for (src, dst) in local {
+        let (src_, dst_) = (src.clone(), dst.clone());
+        let t = bed.gateway.enter(move || {
+            let mut smtp = Raw::open(&src_, &dst_);
+            let mut t = vec![smtp.reply()];
+            for line in [
+                "EHLO mx.gw.test",
+                "MAIL FROM:<monitor@gw.test>",
+                &format!("RCPT TO:<user@{DOMAIN}>"),
+                "QUIT",
+            ] {
+                t.push(smtp.say(line));
+            }
+            t
+        });
+        assert!(
+            t[3].starts_with("553 5.7.1"),
+            "{src} -> {dst}: refused as the rules say: {t:#?}\n{}",
+            agent.log()
+        );
+    }
+    // A bot with the same HELO is banned, by both doors.
+    let (ok, transcript) = bed.swaks("198.51.100.2", "mx.gw.test", 2525, None);
+    assert!(!ok, "{transcript}");
+    wait_for("the bot banned", Duration::from_secs(5), || bed.banned().contains("198.51.100.2"));
+    std::thread::sleep(Duration::from_millis(300));
+    let banned = bed.banned();
+    for ours in [GW, GW6, "127.0.0.1", "::1"] {
+        assert!(
+            !banned.lines().any(|l| l.split_whitespace().next() == Some(ours)),
+            "{ours} banned:\n{banned}\n{}",
+            agent.log()
+        );
+    }
+    let log = agent.log();
+    assert!(log.contains("not banning: one of our own addresses"), "{log}");
 }
