@@ -145,13 +145,14 @@ impl Drop for Postfix {
 }
 
 /// The instances this file starts, one directory each under /var/tmp/helo-filter-e2e.
-const INSTANCES: [&str; 10] = [
+const INSTANCES: [&str; 11] = [
     "main",
     "helo",
     "ops",
     "bytes",
     "tls",
     "policy",
+    "sweep",
     "self",
     "bench-policy",
     "bench-bots",

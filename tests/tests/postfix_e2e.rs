@@ -1069,6 +1069,197 @@ impl Raw {
     }
 }
 
+/// Issue 27's sweep, with the real Postfix (CHUNKING on, as by default), over IPv4 and IPv6:
+/// - 27.2: `EHLO good`, a `BDAT 5` (or `BDAT 0`) that Postfix refuses with 503, then `EHLO
+///   <our name>`: the proxy had stopped reading commands at the BDAT, the forged EHLO reached
+///   Postfix and the message was delivered. Now it is judged (refused, banned); a message in
+///   BDAT chunks (the last one spliced) arrives byte for byte, and a HELO after it is judged.
+/// - 27.8: a bare EHLO got 250 and the session stayed rejected: Postfix's 501 now, and the
+///   client's next, valid EHLO delivers. A rejected bot read the proxy's own 3-line EHLO reply
+///   while good clients read Postfix's: now it reads Postfix's too.
+/// - 27.5: a 2467-byte AUTH line on the submission listener and a 2000-byte MAIL FROM after a
+///   good HELO got `500 line too long` and a close: now Postfix answers them as it does
+///   without the proxy.
+/// - 27.8: one idle relayed session held the shutdown for the full 30 s grace.
+#[test]
+fn the_sweep_bdat_bare_ehlo_capabilities_long_lines_and_a_prompt_stop() {
+    let v4 = [
+        "198.51.100.2",
+        "198.51.100.3",
+        "198.51.100.4",
+        "198.51.100.5",
+        "198.51.100.6",
+        "198.51.100.7",
+    ];
+    let v6 = ["2001:db8:77::2", "2001:db8:77::3", "2001:db8:77::4"];
+    let bed = bed_full(
+        "sweep",
+        &v4.iter().chain(&v6).copied().collect::<Vec<_>>(),
+        "inet_protocols = all\n",
+        &format!("{GW}:2525 inet n - n - - smtpd\n"),
+    );
+    let config = format!(
+        "{CONFIG}[proxy]\n[[proxy.listeners]]\naddress = \"{GW}:25\"\n\
+         [[proxy.listeners]]\naddress = \"[{GW6}]:25\"\n\
+         [[proxy.listeners]]\naddress = \"{GW}:587\"\ncheck_helo = false\n"
+    );
+    let mut agent = bed.agent(&config, &[]);
+    let gw4 = format!("{GW}:25");
+    let gw6 = format!("[{GW6}]:25");
+
+    // 27.2, IPv4 and IPv6, BDAT 5 and BDAT 0.
+    for (src, dst, bdat) in [
+        (v4[0], gw4.clone(), &b"BDAT 5\r\nhello"[..]),
+        (v4[1], gw4.clone(), b"BDAT 0\r\n"),
+        (v6[0], gw6.clone(), b"BDAT 5\r\nhello"),
+        (v6[1], gw6.clone(), b"BDAT 0\r\n"),
+    ] {
+        let (src_, dst_) = (src.to_owned(), dst.clone());
+        let t = bed.client.enter(move || {
+            let mut smtp = Raw::open(&src_, &dst_);
+            let mut t = vec![smtp.reply(), smtp.say("EHLO good.sender.example")];
+            smtp.send(bdat);
+            t.push(smtp.reply());
+            for line in [
+                "EHLO mx.gw.test",
+                "MAIL FROM:<bot@bot.example>",
+                "RCPT TO:<user@e2e.test>",
+                "QUIT",
+            ] {
+                t.push(smtp.say(line));
+            }
+            t
+        });
+        let what = format!("{src} {}: {t:#?}\n{}", String::from_utf8_lossy(bdat), agent.log());
+        assert!(t[1].contains("250-CHUNKING") || t[1].contains("250 CHUNKING"), "{what}");
+        // 503 without a transaction; 551 for a "null BDAT request" (BDAT 0 without LAST).
+        assert!(t[2].starts_with('5'), "Postfix refuses the chunk: {what}");
+        assert_eq!(t[3], t[1], "the forged EHLO is judged, answered as Postfix did: {what}");
+        assert!(t[5].starts_with("553 5.7.1 sorry, your HELO host name has been denied"), "{what}");
+        wait_for(&format!("{src} banned"), Duration::from_secs(5), || bed.banned().contains(src));
+    }
+    assert!(
+        !bed.postfix.log().contains("helo=<mx.gw.test>"),
+        "the forged EHLO never reached Postfix:\n{}",
+        bed.postfix.log()
+    );
+
+    // A message in chunks, the last large (spliced), then a HELO after it: judged.
+    // BDAT data is not dot-stuffed: lines starting with a dot go as they are. CRLF on the wire,
+    // LF in the pipe.
+    let body = eight_bit_body(300 * 1024);
+    let crlf: Vec<u8> =
+        body.iter().flat_map(|&b| if b == b'\n' { vec![b'\r', b'\n'] } else { vec![b] }).collect();
+    let message = [&b"Subject: chunked\r\n\r\n"[..], &crlf].concat();
+    let (src, dst, chunks) = (v4[2].to_owned(), gw4.clone(), message.clone());
+    let t = bed.client.enter(move || {
+        let mut smtp = Raw::open(&src, &dst);
+        let mut t = vec![smtp.reply(), smtp.say("EHLO good.sender.example")];
+        t.push(smtp.say("MAIL FROM:<a@sender.example>"));
+        t.push(smtp.say(&format!("RCPT TO:<user@{DOMAIN}>")));
+        smtp.send(b"BDAT 10\r\n");
+        smtp.send(&chunks[..10]);
+        t.push(smtp.reply());
+        smtp.send(format!("BDAT {} LAST\r\n", chunks.len() - 10).as_bytes());
+        for piece in chunks[10..].chunks(64 * 1024) {
+            smtp.send(piece);
+        }
+        t.push(smtp.reply());
+        t.push(smtp.say("HELO localhost"));
+        t.push(smtp.say("MAIL FROM:<a@sender.example>"));
+        t.push(smtp.say(&format!("RCPT TO:<user@{DOMAIN}>")));
+        t
+    });
+    let what = format!("{t:#?}\n{}", agent.log());
+    assert!(t[4].starts_with("250 ") && t[5].starts_with("250 "), "chunks taken: {what}");
+    assert_eq!(
+        t[6], "250 mx.gw.test\r\n",
+        "the HELO after the message, answered as Postfix would: {what}"
+    );
+    assert!(t[8].starts_with("553 5.7.1"), "and rejected: {what}");
+    let delivered = bed.postfix.body_of_delivery(1);
+    assert!(
+        delivered == body,
+        "the chunked body byte for byte ({} of {})",
+        delivered.len(),
+        body.len()
+    );
+    wait_for("the HELO after the message banned", Duration::from_secs(5), || {
+        bed.banned().contains(v4[2])
+    });
+
+    // 27.8: a bare EHLO is a syntax error (Postfix's 501); the client tries again and delivers.
+    let (src, dst) = (v6[2].to_owned(), gw6.clone());
+    let t = bed.client.enter(move || {
+        let mut smtp = Raw::open(&src, &dst);
+        let mut t = vec![smtp.reply(), smtp.say("EHLO")];
+        for line in [
+            "EHLO good.sender.example",
+            "MAIL FROM:<a@sender.example>",
+            &format!("RCPT TO:<user@{DOMAIN}>"),
+            "DATA",
+        ] {
+            t.push(smtp.say(line));
+        }
+        t.push(smtp.say("Subject: after a bare EHLO\r\n\r\nhello\r\n."));
+        t.push(smtp.say("QUIT"));
+        t
+    });
+    let what = format!("{t:#?}\n{}", agent.log());
+    assert_eq!(t[1], "501 Syntax: EHLO hostname\r\n", "{what}");
+    assert!(t[4].starts_with("250 2.1.5"), "{what}");
+    assert_eq!(bed.postfix.body_of_delivery(2), b"hello\n", "{what}");
+    let postfix_ehlo = t[2].clone();
+
+    // 27.8: a bot rejected at its first EHLO reads what Postfix answers good clients.
+    let (src, dst) = (v4[3].to_owned(), gw4.clone());
+    let bot = bed.client.enter(move || {
+        let mut smtp = Raw::open(&src, &dst);
+        smtp.reply();
+        smtp.say("EHLO mx.gw.test")
+    });
+    assert_eq!(bot, postfix_ehlo, "the same capabilities as a good client's\n{}", agent.log());
+
+    // 27.5: long lines after a passed HELO, as Postfix answers them itself (port 2525: no
+    // proxy in front); and on the submission listener (587).
+    let long_mail = format!("MAIL FROM:<{}@sender.example>", "a".repeat(2000));
+    let auth =
+        format!("AUTH XOAUTH2 {}", "dXNlcj1hQGIuZXhhbXBsZQFhdXRoPUJlYXJlciB5YTI5LnZG".repeat(51));
+    assert!(auth.len() >= 2460, "{}", auth.len());
+    let (mail, xoauth, src) = (long_mail.clone(), auth.clone(), v4[5]);
+    let replies = bed.client.enter(move || {
+        let mut out = Vec::new();
+        for (port, first) in [(25, &mail), (2525, &mail), (587, &xoauth), (2525, &xoauth)] {
+            let mut smtp = Raw::open(src, &format!("{GW}:{port}"));
+            smtp.reply();
+            smtp.say("EHLO good.sender.example");
+            out.push((smtp.say(first), smtp.say("NOOP")));
+        }
+        out
+    });
+    let what = format!("{replies:#?}\n{}", agent.log());
+    assert!(!what.contains("line too long"), "{what}");
+    assert_eq!(replies[0], replies[1], "MAIL FROM as Postfix answers it: {what}");
+    assert_eq!(replies[2], replies[3], "AUTH as Postfix answers it: {what}");
+    assert!(replies.iter().all(|(_, noop)| noop.starts_with("250")), "the sessions go on: {what}");
+
+    // 27.8: an idle relayed session between transactions does not hold the stop.
+    let (src, dst) = (v4[4].to_owned(), gw4.clone());
+    let idle = bed.client.spawn(move || {
+        let mut smtp = Raw::open(&src, &dst);
+        smtp.reply();
+        let ehlo = smtp.say("EHLO good.sender.example");
+        assert!(ehlo.starts_with("250"), "{ehlo}");
+        std::thread::sleep(Duration::from_millis(500));
+        smtp.reply()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let stopping = Instant::now();
+    assert!(agent.stop(), "a clean stop:\n{}", agent.log());
+    assert!(stopping.elapsed() < Duration::from_secs(5), "stopped in {:?}", stopping.elapsed());
+    assert_eq!(idle.join().unwrap(), "421 4.3.2 Error: service shutting down, try again later\r\n");
+}
+
 /// Regression (issue 27): the gateway banned itself. A monitor on the gateway connecting from
 /// its own address (found by identity.detect) and saying its own name, through the proxy or
 /// through Postfix and the policy service, over IPv4 and IPv6, or from loopback (left out of

@@ -66,6 +66,8 @@ struct Shared {
     drain: watch::Sender<Drain>,
     refused: Throttled,
     accept_failed: Throttled,
+    /// What the MTA answers HELO and EHLO, for rejected sessions.
+    learned: upstream::Learned,
 }
 
 impl Shared {
@@ -79,6 +81,7 @@ impl Shared {
             drain: watch::Sender::new(Drain::Running),
             refused: Throttled::default(),
             accept_failed: Throttled::default(),
+            learned: upstream::Learned::default(),
         })
     }
 
@@ -369,7 +372,9 @@ async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, check_
     let Arrival { stream, who, peer, local, input } = arrival;
     let _ = stream.set_nodelay(true);
     let judge = &*shared.judge;
-    let context = Context { judge, live: &live, who, peer, local, drain: shared.drain.subscribe() };
+    let drain = shared.drain.subscribe();
+    let learned = &shared.learned;
+    let context = Context { judge, live: &live, who, peer, local, drain, learned };
     let outcome = Handler::new(context, stream, input).run().await;
     let record = Record {
         door: Door::Proxy,
