@@ -1337,6 +1337,36 @@ async fn a_rejected_bot_reads_the_capabilities_the_mta_offers() {
     agent.stop().await;
 }
 
+/// Regression (issue 27): connections closed at accept (banned where XDP cannot drop them, or
+/// a ban just decided) left no log line. A summary now, at most one a second.
+#[tokio::test]
+async fn connections_closed_at_accept_are_summed_up_in_the_log() {
+    let logs = captured_logs();
+    let mta = Mta::start().await;
+    let agent = Agent::start_with(mta.addr, "", true).await;
+    converse_from("127.0.0.7", agent.addr, &["HELO localhost", "QUIT"]).await;
+    eventually("the ban", || agent.banned() == ["127.0.0.7"]).await;
+    for _ in 0..3 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.7:0".parse().unwrap()).unwrap();
+        let mut again = socket.connect(agent.addr).await.unwrap();
+        assert_eq!(read_reply(&mut again).await, "", "closed before any greeting");
+    }
+    let mut found = String::new();
+    for _ in 0..100 {
+        let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+        if let Some(line) =
+            text.lines().find(|l| l.contains("closed at accept") && l.contains("127.0.0.7"))
+        {
+            found = line.to_owned();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(found.contains("count=1"), "one line for the first, the others folded: {found:?}");
+    agent.stop().await;
+}
+
 /// Regression (issue 11): with the MTA offering STARTTLS, a client that finished its TLS
 /// session cleanly read a plaintext `421 4.4.2 ... connection to the mail server lost` on the
 /// raw socket, and the session counted as `upstream_lost`. After STARTTLS the relay cannot

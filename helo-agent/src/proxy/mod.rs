@@ -66,6 +66,8 @@ struct Shared {
     drain: watch::Sender<Drain>,
     refused: Throttled,
     accept_failed: Throttled,
+    /// Connections closed at accept (banned, or a ban just decided), summed up in the log.
+    closed_at_accept: Throttled,
     /// What the MTA answers HELO and EHLO, for rejected sessions.
     learned: upstream::Learned,
 }
@@ -81,6 +83,7 @@ impl Shared {
             drain: watch::Sender::new(Drain::Running),
             refused: Throttled::default(),
             accept_failed: Throttled::default(),
+            closed_at_accept: Throttled::default(),
             learned: upstream::Learned::default(),
         })
     }
@@ -456,6 +459,15 @@ async fn arrive(
         Refusal::BanPending => {
             tracing::debug!(client = %ip, via = ?balancer, "client with a ban just decided closed at accept");
         }
+    }
+    // A returning bot floods this path: one line a second at most, with how many it stands for.
+    if let Some(count) = shared.closed_at_accept.tick(Instant::now()) {
+        tracing::info!(
+            client = %ip,
+            count,
+            "clients closed at accept, banned where XDP cannot drop them or with a ban just \
+             decided (count: since the last such line; client: the latest)"
+        );
     }
     None
 }
