@@ -543,9 +543,9 @@ fn control_server(
         bans: bans.clone(),
         judge: judge.clone(),
         stats: Box::new(move || stats_maps.stats().map(XdpStats)),
-        reload: Box::new(move || {
+        reload: Box::new(move |handed| {
             let reload = reload.clone();
-            Box::pin(async move { reload.reload().await })
+            Box::pin(async move { reload.reload_with(handed).await })
         }),
         allowlisted: Box::new(move |target| current.allowlisted(target)),
         policy_listeners: config.policy.listeners.iter().map(ToString::to_string).collect(),

@@ -258,6 +258,22 @@ fn reload_of_a_bad_config_reaches_the_agent() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Issue 27: `helo-agent reload` with a config that does not even parse read the control
+/// socket leniently, fell back to the default one and could talk to another agent. It stops
+/// with the parse error, asking no agent.
+#[test]
+fn reload_of_a_config_that_does_not_parse_asks_no_agent() {
+    let dir = scratch("reload-unparsed");
+    let config = dir.join("helo.toml");
+    std::fs::write(&config, "[agent\ncontrol_socket = \"/run/other/control.sock\"\n").unwrap();
+    let out = agent(&["--config", config.to_str().unwrap(), "reload"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("config file {}", config.display())), "{stderr}");
+    assert!(!stderr.contains("answered"), "no agent asked: {stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Port 465 is implicit TLS: a listener there could never read a HELO.
 #[test]
 fn listening_on_the_smtps_port_is_refused() {

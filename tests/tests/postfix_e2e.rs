@@ -371,8 +371,8 @@ fn reject_at_helo_and_a_submission_listener() {
 
 /// Day-two operations against the real MTA: tophelos and metrics count a scripted set of
 /// sessions; a reload swaps the rules without touching a session in flight; a bad config is
-/// refused and the old one keeps running; the running agent holds no privileges and its
-/// control socket refuses other users.
+/// refused and the old one keeps running, a root-only one reloads through the root CLI; the
+/// running agent holds no privileges and its control socket refuses other users.
 #[test]
 fn operations_tophelos_metrics_reload_and_least_privilege() {
     let bed = bed("ops", &["198.51.100.2", "198.51.100.3", "198.51.100.4"]);
@@ -474,7 +474,7 @@ fn operations_tophelos_metrics_reload_and_least_privilege() {
         "the session in flight was not cut or re-judged: {old_session}"
     );
 
-    // A bad config (SIGHUP, as systemd's ExecReload sends): refused, the old one runs on.
+    // A bad config (SIGHUP, as `kill -HUP` sends): refused, the old one runs on.
     std::fs::write(&config, "bogus = 1\n").unwrap();
     let pid = rustix::process::Pid::from_raw(agent.pid() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
@@ -485,6 +485,26 @@ fn operations_tophelos_metrics_reload_and_least_privilege() {
     assert!(!ok && transcript.contains("553"), "the rules in force still hold:\n{transcript}");
     assert_eq!(get(&scrape(), r#"helo_filter_reloads_total{result="refused"}"#), 1.0);
     std::fs::write(&config, toml_with_paths(&bed, &reloaded)).unwrap();
+
+    // Regression (issue 27): a root-only config (0600, as the [fleet] comment advised) broke
+    // every reload, the agent re-reading it as helo-filter, while check-config said ok. Now
+    // check-config warns, a bare SIGHUP is refused with what to change, and `helo-agent
+    // reload` as root hands the agent the file, which reloads.
+    let mode = std::fs::metadata(&config).unwrap().permissions();
+    let root_only = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600);
+    std::fs::set_permissions(&config, root_only).unwrap();
+    let checked = cli(&["check-config"]);
+    assert!(checked.contains("warning: agent.user helo-filter may not read"), "{checked}");
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    wait_for("the SIGHUP reload refused, unreadable", Duration::from_secs(5), || {
+        agent.log().contains("runs as helo-filter and may not read it")
+    });
+    let said = cli(&["reload"]);
+    assert!(said.contains("1 regex rules"), "the root CLI handed the file: {said}");
+    let metrics = scrape();
+    assert_eq!(get(&metrics, r#"helo_filter_reloads_total{result="refused"}"#), 2.0);
+    assert_eq!(get(&metrics, r#"helo_filter_reloads_total{result="ok"}"#), 2.0);
+    std::fs::set_permissions(&config, mode).unwrap();
 
     // Least privilege: the running agent is helo-filter with no capabilities at all.
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();

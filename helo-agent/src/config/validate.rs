@@ -131,8 +131,11 @@ pub(super) fn config(
         ban_ttl,
         reuse,
     };
+    let rule_files =
+        [&raw.rules.access_file, &raw.rules.badhelo_file].into_iter().flatten().cloned().collect();
     Ok(Config {
         source: origin.path.map(Path::to_owned),
+        rule_files,
         xdp,
         rules: Arc::new(rules),
         reject_message,
