@@ -18,7 +18,9 @@ mod link;
 use std::path::Path;
 use std::process::ExitCode;
 
-pub use self::args::{Cli, CliCommand, EXIT_BAN, EXIT_REJECT, Generated, LogFormat};
+pub use self::args::{
+    Cli, CliCommand, EXIT_BAN, EXIT_REJECT, Generated, INSTALLED_CONFIG, LogFormat, config_path,
+};
 use crate::config::{Config, Overrides};
 
 /// The error and its causes, each once, for `main` to print. The agent's error types put their
@@ -45,7 +47,8 @@ pub fn describe(error: &anyhow::Error) -> String {
 /// [`CHECK_EXIT_STATUS`]). `main` prints an error with [`describe`] and exits 1.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let overrides = cli.overrides();
-    let Cli { config: path, command, .. } = cli;
+    let path = cli.config_path();
+    let Cli { command, .. } = cli;
     let path = path.as_deref();
     let done = |result: anyhow::Result<()>| result.map(|()| ExitCode::SUCCESS);
     match command {
