@@ -18,7 +18,7 @@ use helo_agent::judge::{Client, Law};
 use helo_agent::proxy::session::{AfterReply, Session, Step};
 use helo_agent::reuse::Memory;
 use helo_agent::rules::{ClientDns, DnsFacts, HeloDns, RuleSet};
-use helo_agent::smtp::MAX_COMMAND_LINE;
+use helo_agent::smtp::MAX_RELAYED_LINE;
 use libfuzzer_sys::fuzz_target;
 
 /// One rule set per action of `checks.pregreet`.
@@ -85,10 +85,21 @@ fuzz_target!(|data: &[u8]| {
                     continue;
                 }
                 Step::Close(answer, _) => return well_formed(&answer),
-                Step::Opaque => return,
                 Step::Reply(answer) | Step::Reject(answer) => well_formed(&answer),
                 Step::Pass(line) | Step::Forward(line) => {
-                    assert!(line.ends_with(b"\n") && line.len() <= MAX_COMMAND_LINE);
+                    assert!(line.ends_with(b"\n") && line.len() <= MAX_RELAYED_LINE);
+                }
+                Step::Chunk(bytes) => assert!(!bytes.is_empty(), "a chunk step moves bytes"),
+                Step::Stream(len) => {
+                    // The rest of a BDAT chunk, straight from the data, as the I/O loop moves
+                    // it from the socket.
+                    assert!(len > 0 && session.input().is_empty());
+                    if rest.is_empty() {
+                        return;
+                    }
+                    let moved = (len.min(rest.len() as u64)) as usize;
+                    rest = &rest[moved..];
+                    session.streamed(moved as u64);
                 }
                 Step::Defer => {}
             }
@@ -106,7 +117,7 @@ fuzz_target!(|data: &[u8]| {
             }
             next = session.next_step();
         }
-        assert!(session.input().len() < MAX_COMMAND_LINE, "a full buffer is a step, not a wait");
+        assert!(session.input().len() < MAX_RELAYED_LINE, "a full buffer is a step, not a wait");
         assert!(!session.greeting_pending(), "bytes during the wait end it (a pregreet)");
         assert!(first & 4 != 0 || session.pregreet().is_none(), "no teaser, no pregreet");
         if session.pregreet().is_none() {

@@ -26,8 +26,12 @@ use crate::reload::Reloader;
 /// splice.
 const FDS_PER_SESSION: u64 = 4;
 
+/// Sessions the proxy holds at once under any open-file limit worth no warning: a busy MX
+/// peaks in the hundreds. Below, a start says what to raise.
+const FEW_SESSIONS: u64 = 1000;
+
 /// Raises RLIMIT_NOFILE to what `max_sessions` needs (as root past the hard limit, up to
-/// fs.nr_open); warns with the fix when that is not enough. Returns the limit in force.
+/// fs.nr_open, where CAP_SYS_RESOURCE allows). Returns the limit in force.
 fn raise_fd_limit(max_sessions: usize) -> u64 {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let need = max_sessions as u64 * FDS_PER_SESSION + 256;
@@ -38,7 +42,7 @@ fn raise_fd_limit(max_sessions: usize) -> u64 {
     let current = getrlimit(Resource::Nofile);
     let (soft, hard) = (current.current.unwrap_or(u64::MAX), current.maximum.unwrap_or(u64::MAX));
     let wanted = need.min(nr_open).max(soft);
-    let raised = setrlimit(
+    let _ = setrlimit(
         Resource::Nofile,
         Rlimit { current: Some(wanted), maximum: Some(hard.max(wanted)) },
     )
@@ -46,16 +50,46 @@ fn raise_fd_limit(max_sessions: usize) -> u64 {
         setrlimit(Resource::Nofile, Rlimit { current: Some(hard.min(wanted)), maximum: Some(hard) })
     });
     let limit = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
-    if raised.is_err() || limit < need {
-        tracing::warn!(
-            limit,
-            need,
-            max_sessions,
-            "open-file limit too low for proxy.max_sessions: raise it (systemd: LimitNOFILE={need}; \
-             shell: ulimit -n {need}) or lower proxy.max_sessions"
+    let default = max_sessions == crate::config::raw::RawProxy::default().max_sessions;
+    if let Some(level) = fd_limit_notice(limit, need, default) {
+        let holds = limit.saturating_sub(256) / FDS_PER_SESSION;
+        let fix = format!(
+            "raise it (systemd: LimitNOFILE={need}, as the unit sets; shell: ulimit -Hn {need} \
+             as root) or lower proxy.max_sessions"
         );
+        match level {
+            tracing::Level::WARN => tracing::warn!(
+                limit,
+                holds,
+                max_sessions,
+                "open-file limit too low for proxy.max_sessions: {fix}"
+            ),
+            _ => tracing::info!(
+                limit,
+                holds,
+                max_sessions,
+                "the open-file limit holds fewer sessions at once than proxy.max_sessions (its \
+                 default): enough for a busy MX; for a flood, {fix}"
+            ),
+        }
     }
     limit
+}
+
+/// How loudly to say that `limit` open files fall short of the `need` of proxy.max_sessions
+/// (`default`: the admin left it at its default): not at all when they do not; a warning when
+/// the limit holds fewer than [`FEW_SESSIONS`] sessions, or fewer than the admin asked for;
+/// else a note (a hard limit a shell inherited without CAP_SYS_RESOURCE to raise it, which
+/// every start by hand met, is no fault of the admin's).
+fn fd_limit_notice(limit: u64, need: u64, default: bool) -> Option<tracing::Level> {
+    let holds = limit.saturating_sub(256) / FDS_PER_SESSION;
+    if limit >= need {
+        None
+    } else if holds < FEW_SESSIONS || !default {
+        Some(tracing::Level::WARN)
+    } else {
+        Some(tracing::Level::INFO)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -521,9 +555,9 @@ fn control_server(
         bans: bans.clone(),
         judge: judge.clone(),
         stats: Box::new(move || stats_maps.stats().map(XdpStats)),
-        reload: Box::new(move || {
+        reload: Box::new(move |handed| {
             let reload = reload.clone();
-            Box::pin(async move { reload.reload().await })
+            Box::pin(async move { reload.reload_with(handed).await })
         }),
         allowlisted: Box::new(move |target| current.allowlisted(target)),
         policy_listeners: config.policy.listeners.iter().map(ToString::to_string).collect(),
@@ -647,6 +681,20 @@ fn default_v6(table: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (issue 27): every start by hand warned about the open-file limit (a shell's
+    /// hard limit, 20000 here, which root cannot raise without CAP_SYS_RESOURCE, holds 4936
+    /// sessions, short of the default proxy.max_sessions' 10000). A warning only when it
+    /// matters: fewer than 1000 sessions, or fewer than the admin asked for.
+    #[test]
+    fn the_open_file_limit_is_warned_about_only_when_it_matters() {
+        let need = 10_000 * FDS_PER_SESSION + 256;
+        assert_eq!(fd_limit_notice(65_536, need, true), None, "the unit's LimitNOFILE holds it");
+        assert_eq!(fd_limit_notice(20_000, need, true), Some(tracing::Level::INFO));
+        assert_eq!(fd_limit_notice(20_000, need, false), Some(tracing::Level::WARN), "asked for");
+        assert_eq!(fd_limit_notice(1024, need, true), Some(tracing::Level::WARN), "192 sessions");
+        assert_eq!(fd_limit_notice(1024, 1024, false), None);
+    }
 
     #[test]
     fn the_control_socket_replaces_a_stale_socket_but_never_another_file() {

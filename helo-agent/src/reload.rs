@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::addr::BanTarget;
 use crate::blocklist::worker::BanSender;
 use crate::config::{Config, ConfigError, Overrides, ProxyProtocol};
+use crate::control::HandedConfig;
 use crate::ebpf::Allowlist;
 use crate::judge::{Judge, Live};
 use crate::metrics::Metrics;
@@ -23,6 +24,14 @@ pub enum ReloadError {
     /// The new config (or a rule file it names) does not validate.
     #[error("reload refused, the config in force keeps running: {0}")]
     Invalid(#[source] ConfigError),
+    /// The agent, no longer root, may not read its own config (a root-only file).
+    #[error(
+        "reload refused, the config in force keeps running: {0}; the agent runs as {user} \
+         and may not read it: make it 0640 root:{user} (as the package installs it), or reload \
+         with `helo-agent reload` as root, which hands the agent the file",
+        user = .1
+    )]
+    Unreadable(ConfigError, String),
     #[error("reload refused, the config in force keeps running: the reload task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
 }
@@ -79,16 +88,32 @@ impl Reloader {
         }
     }
 
+    /// Who the agent runs as, for an error that says who may not read a file.
+    fn current_user(&self) -> String {
+        let user = self.current.lock().expect("config lock").agent.user.clone();
+        user.unwrap_or_else(|| "root".into())
+    }
+
     /// The allowlisted network in force that `target` falls in, if any.
     pub fn allowlisted(&self, target: &BanTarget) -> Option<String> {
         let config = self.current.lock().expect("config lock");
         config.rules.allowlist.iter().find(|net| target.overlaps(net)).map(ToString::to_string)
     }
 
-    /// Re-reads the config and swaps it in. Logs and counts the result
-    /// (`reloads_total{result}`), here only, whoever asked: SIGHUP or the control socket.
+    /// Re-reads the config and swaps it in (see [`Reloader::reload_with`]).
     pub async fn reload(&self) -> Result<ReloadSummary, ReloadError> {
-        let result = self.swap().await;
+        self.reload_with(None).await
+    }
+
+    /// Re-reads the config, or takes it from `handed` (the root CLI read it: a root-only
+    /// file the agent, no longer root, cannot read) when that is the agent's own file, and
+    /// swaps it in. Logs and counts the result (`reloads_total{result}`), here only, whoever
+    /// asked: SIGHUP or the control socket.
+    pub async fn reload_with(
+        &self,
+        handed: Option<HandedConfig>,
+    ) -> Result<ReloadSummary, ReloadError> {
+        let result = self.swap(handed).await;
         let label = if result.is_ok() { "ok" } else { "refused" };
         self.metrics.reloads.get_or_create(&crate::metrics::ResultLabels { result: label }).inc();
         match &result {
@@ -107,16 +132,41 @@ impl Reloader {
     }
 
     /// The reload itself; `Err` with the reason when the new config is refused.
-    async fn swap(&self) -> Result<ReloadSummary, ReloadError> {
+    async fn swap(&self, handed: Option<HandedConfig>) -> Result<ReloadSummary, ReloadError> {
         let _one = self.busy.lock().await;
         let source = self.source.clone();
         let options = self.options.clone();
         let started = Instant::now();
-        let loaded =
-            tokio::task::spawn_blocking(move || Config::load_with(source.as_deref(), &options))
-                .await
-                .map_err(ReloadError::Task)?;
-        let mut new = loaded.map_err(ReloadError::Invalid)?;
+        let mut notes = Vec::new();
+        let text = match handed {
+            Some(handed) if same_file(Some(&handed.path), source.as_deref()) => Some(handed.text),
+            Some(handed) => {
+                notes.push(format!(
+                    "the agent runs with {}, not {}: it read its own",
+                    source
+                        .as_deref()
+                        .map_or("<embedded defaults>".into(), |p| p.display().to_string()),
+                    handed.path.display()
+                ));
+                None
+            }
+            None => None,
+        };
+        let loaded = tokio::task::spawn_blocking(move || match (text, source.as_deref()) {
+            (Some(text), Some(path)) => Config::load_text(&text, path, &options),
+            (_, path) => Config::load_with(path, &options),
+        })
+        .await
+        .map_err(ReloadError::Task)?;
+        let mut new = loaded.map_err(|error| match error {
+            ConfigError::Read { ref source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                ReloadError::Unreadable(error, self.current_user())
+            }
+            error => ReloadError::Invalid(error),
+        })?;
+        new.warnings.extend(notes);
         let mut current = self.current.lock().expect("config lock");
         let needs_restart = keep_fixed(&current, &mut new);
         for key in &needs_restart {
@@ -152,6 +202,20 @@ impl Reloader {
         };
         *current = new;
         Ok(summary)
+    }
+}
+
+/// Whether `a` and `b` name the same file (as given, or once resolved).
+fn same_file(a: Option<&std::path::Path>, b: Option<&std::path::Path>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            a == b
+                || matches!(
+                    (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                    (Ok(a), Ok(b)) if a == b
+                )
+        }
+        _ => false,
     }
 }
 

@@ -3,8 +3,14 @@
 
 use std::process::{Command, Output};
 
+/// `helo-agent ARGS`, with `--no-config` unless ARGS name a config: an installed
+/// /etc/helo-filter/helo-filter.toml is every command's default, and not this test's.
 fn agent(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_helo-agent"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_helo-agent"));
+    if !args.iter().any(|a| a.starts_with("--config")) {
+        command.arg("--no-config");
+    }
+    command
         .args(["--pin-dir", "/nonexistent/helo-cli-test"])
         .args(args)
         .env_remove("HELO_FILTER_CONFIG")
@@ -255,6 +261,51 @@ fn reload_of_a_bad_config_reaches_the_agent() {
     assert!(request.contains("\"command\":\"reload\""), "{request}");
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("reload refused, the config in force keeps running"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Issue 27: `helo-agent reload` with a config that does not even parse read the control
+/// socket leniently, fell back to the default one and could talk to another agent. It stops
+/// with the parse error, asking no agent.
+#[test]
+fn reload_of_a_config_that_does_not_parse_asks_no_agent() {
+    let dir = scratch("reload-unparsed");
+    let config = dir.join("helo.toml");
+    std::fs::write(&config, "[agent\ncontrol_socket = \"/run/other/control.sock\"\n").unwrap();
+    let out = agent(&["--config", config.to_str().unwrap(), "reload"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("config file {}", config.display())), "{stderr}");
+    assert!(!stderr.contains("answered"), "no agent asked: {stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Issue 30: `--no-config` asks for the embedded defaults, and `check-config` says so; it
+/// cannot be given with `--config`; HELO_FILTER_CONFIG names a config like `--config`.
+#[test]
+fn no_config_asks_for_the_embedded_defaults() {
+    let out = agent(&["check-config"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("config ok: <embedded defaults>"), "{stdout}");
+    let both = agent(&["--config", "/nonexistent.toml", "--no-config", "check-config"]);
+    assert_eq!(both.status.code(), Some(2), "a usage error");
+    let dir = scratch("env-config");
+    let config = dir.join("helo.toml");
+    std::fs::write(&config, "[identity]\ndetect = false\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_helo-agent"))
+        .arg("check-config")
+        .env("HELO_FILTER_CONFIG", &config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with(&format!("config ok: {}", config.display())), "{stdout}");
+    let out = Command::new(env!("CARGO_BIN_EXE_helo-agent"))
+        .args(["--no-config", "check-config"])
+        .env("HELO_FILTER_CONFIG", &config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("config ok: <embedded defaults>"), "--no-config wins: {stdout}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

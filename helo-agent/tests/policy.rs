@@ -27,8 +27,8 @@ impl Service {
 
     /// `enforce`: as when XDP could not be attached, bans are enforced by the service itself.
     async fn start_with(enforce: bool) -> Service {
-        let text =
-            "[identity]\ndetect = false\ndomains = [\"example.com\"]\n[allowlist]\nnetworks = []\n";
+        let text = "[identity]\ndetect = false\ndomains = [\"example.com\"]\n\
+                    addresses = [\"192.0.2.25\", \"2001:db8:25::1\"]\n[allowlist]\nnetworks = []\n";
         let config = Config::parse(text, Path::new("t.toml"), &HostFacts::default()).unwrap();
         let store = Arc::new(Mutex::new(FakeStore::default()));
         let (bans, _worker) = fake::spawn_worker(store.clone());
@@ -106,6 +106,34 @@ async fn a_forged_helo_is_refused_and_banned_at_verdict_time_a_good_one_is_dunno
         .await
         .unwrap();
     assert_eq!(answer(&mut postfix).await, "action=DUNNO\n\n");
+}
+
+/// Regression (issue 27): a monitor on the gateway, from one of our own addresses or from
+/// loopback (left out of the allowlist here), saying our own name through Postfix was banned
+/// and the ban published. Still refused (the rules say so), never banned; a bot after them is.
+#[tokio::test]
+async fn our_own_addresses_and_loopback_are_refused_but_never_banned() {
+    let service = Service::start().await;
+    let mut postfix = TcpStream::connect(service.addr).await.unwrap();
+    for (i, client) in ["192.0.2.25", "2001:db8:25::1", "127.0.0.1", "::1"].iter().enumerate() {
+        let req = request(&format!("own.{i}"), client, "mx.example.com");
+        postfix.write_all(req.as_bytes()).await.unwrap();
+        assert_eq!(
+            answer(&mut postfix).await,
+            "action=553 5.7.1 sorry, your HELO host name has been denied\n\n",
+            "{client}"
+        );
+    }
+    postfix.write_all(request("bot.1", "203.0.113.9", "mx.example.com").as_bytes()).await.unwrap();
+    answer(&mut postfix).await;
+    for _ in 0..100 {
+        if !service.banned().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(service.banned(), ["203.0.113.9"], "only the bot");
 }
 
 #[tokio::test]

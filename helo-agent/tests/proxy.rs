@@ -170,7 +170,9 @@ impl Agent {
         let enforce: Option<Arc<dyn helo_agent::blocklist::BanCheck>> = enforce_at_accept
             .then(|| Arc::new(store.clone()) as Arc<dyn helo_agent::blocklist::BanCheck>);
         let shared = Judge::new(
-            Live::of(&config),
+            // Every client here comes from loopback, which the agent never bans: allowed here,
+            // so the transcripts show bans at all.
+            Live { loopback_bannable: true, ..Live::of(&config) },
             Parts {
                 bans: Some(bans),
                 enforce,
@@ -214,9 +216,10 @@ impl Agent {
     }
 }
 
-/// A relaying session during the drain: its MAIL and QUIT are answered as usual.
+/// A relaying session in a mail transaction during the drain: its RCPT and QUIT are answered
+/// as usual.
 async fn goes_on_during_the_drain(client: &mut TcpStream) {
-    for (line, reply) in [("MAIL FROM:<a@b>", "250 2.0.0 Ok\r\n"), ("QUIT", "221 2.0.0 Bye\r\n")] {
+    for (line, reply) in [("RCPT TO:<c@d>", "250 2.0.0 Ok\r\n"), ("QUIT", "221 2.0.0 Bye\r\n")] {
         client.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
         assert_eq!(read_reply(client).await, reply, "the session goes on during the drain");
     }
@@ -597,6 +600,44 @@ async fn the_mta_own_address_is_never_banned() {
     agent.stop().await;
 }
 
+/// Regression (issue 27): a monitor on the gateway, connecting from one of our own addresses
+/// and saying our name, was banned for an hour and the ban published to the fleet. It is still
+/// answered as the rules say, but never banned nor refused at its next connection; nor is a
+/// loopback client, whatever the allowlist says.
+#[tokio::test]
+async fn our_own_addresses_and_loopback_are_never_banned() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let text = "[identity]\ndetect = false\ndomains = [\"example.com\"]\n\
+                addresses = [\"127.0.0.3\"]\n[allowlist]\nnetworks = []\n";
+    let mut config = Config::parse(text, Path::new("t.toml"), &HostFacts::default()).unwrap();
+    config.proxy.upstream = mta.addr;
+    config.proxy.greeting = helo_agent::config::GreetingMode::Mta;
+    // As the agent runs: loopback is never banned. The own address is on loopback here, so
+    // the first round runs with loopback bannable, to see the own-address guard alone.
+    for loopback_bannable in [true, false] {
+        agent.shared.replace(Live { loopback_bannable, ..Live::of(&config) });
+        for _ in 0..2 {
+            let t = converse_from(
+                "127.0.0.3",
+                agent.addr,
+                &["EHLO mx.example.com", "RCPT TO:<a@example.com>", "QUIT"],
+            )
+            .await;
+            assert_eq!(t[0], "220 mta.test ESMTP scripted\r\n", "never refused at accept");
+            assert_eq!(t[2], "553 5.7.1 sorry, your HELO host name has been denied\r\n");
+        }
+    }
+    let t = converse_from("127.0.0.4", agent.addr, &["HELO mx.example.com", "QUIT"]).await;
+    assert_eq!(t[0], "220 mta.test ESMTP scripted\r\n");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(agent.banned().is_empty(), "loopback: never banned: {:?}", agent.banned());
+    agent.shared.replace(Live { loopback_bannable: true, ..Live::of(&config) });
+    converse_from("127.0.0.4", agent.addr, &["HELO mx.example.com", "QUIT"]).await;
+    eventually("the ban of a client that is not ours", || agent.banned() == ["127.0.0.4"]).await;
+    agent.stop().await;
+}
+
 #[tokio::test]
 async fn without_xdp_a_banned_client_is_closed_at_accept() {
     let mta = Mta::start().await;
@@ -660,7 +701,8 @@ async fn on_shutdown_a_session_in_flight_finishes_and_new_ones_are_refused() {
     let mut agent = Agent::start(mta.addr, "").await;
     let mut client = TcpStream::connect(agent.addr).await.unwrap();
     read_reply(&mut client).await;
-    client.write_all(b"EHLO mail.sender.example\r\n").await.unwrap();
+    client.write_all(b"EHLO mail.sender.example\r\nMAIL FROM:<a@b>\r\n").await.unwrap();
+    read_reply(&mut client).await;
     read_reply(&mut client).await;
     agent.signal_stop();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -683,7 +725,8 @@ async fn sessions_on_every_thread_are_served_and_drained() {
     for _ in 0..24 {
         let mut client = TcpStream::connect(agent.addr).await.unwrap();
         assert!(read_reply(&mut client).await.starts_with("220 "), "every client is greeted");
-        client.write_all(b"EHLO mail.sender.example\r\n").await.unwrap();
+        client.write_all(b"EHLO mail.sender.example\r\nMAIL FROM:<a@b>\r\n").await.unwrap();
+        assert!(read_reply(&mut client).await.starts_with("250"));
         assert!(read_reply(&mut client).await.starts_with("250"));
         clients.push(client);
     }
@@ -698,13 +741,15 @@ async fn sessions_on_every_thread_are_served_and_drained() {
     assert_eq!(mta.connections(), 24);
 }
 
+/// A session idle inside a mail transaction is given the grace, then cut.
 #[tokio::test]
 async fn on_shutdown_an_idle_session_is_cut_after_the_grace() {
     let mta = Mta::start().await;
     let mut agent = Agent::start(mta.addr, "[proxy]\nshutdown_grace = \"1s\"").await;
     let mut client = TcpStream::connect(agent.addr).await.unwrap();
     read_reply(&mut client).await;
-    client.write_all(b"EHLO mail.sender.example\r\n").await.unwrap();
+    client.write_all(b"EHLO mail.sender.example\r\nMAIL FROM:<a@b>\r\n").await.unwrap();
+    read_reply(&mut client).await;
     read_reply(&mut client).await;
     let started = std::time::Instant::now();
     agent.signal_stop();
@@ -714,6 +759,47 @@ async fn on_shutdown_an_idle_session_is_cut_after_the_grace() {
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
         "waited {waited:?}"
     );
+}
+
+/// Regression (issue 27): one idle relayed session held the shutdown for the full 30 s grace.
+/// Between transactions (after EHLO, after RSET) it carries no mail: it is told 421 at once
+/// and the MTA gets QUIT, as Postfix's smtpd is on a stop; one that finishes its
+/// transaction during the grace is ended then.
+#[tokio::test]
+async fn on_shutdown_relayed_sessions_between_transactions_end_at_once() {
+    let mta = Mta::start().await;
+    let mut agent = Agent::start(mta.addr, "[proxy]\nshutdown_grace = \"30s\"").await;
+    let closing = "421 4.3.2 Error: service shutting down, try again later\r\n";
+    let mut idle = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut idle).await;
+    idle.write_all(b"EHLO mail.sender.example\r\n").await.unwrap();
+    read_reply(&mut idle).await;
+    let mut reset = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut reset).await;
+    reset.write_all(b"EHLO mail.sender.example\r\nMAIL FROM:<a@b>\r\nRSET\r\n").await.unwrap();
+    for _ in 0..3 {
+        read_reply(&mut reset).await;
+    }
+    let mut busy = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut busy).await;
+    busy.write_all(b"EHLO mail.sender.example\r\nMAIL FROM:<a@b>\r\n").await.unwrap();
+    read_reply(&mut busy).await;
+    read_reply(&mut busy).await;
+    let started = std::time::Instant::now();
+    agent.signal_stop();
+    assert_eq!(read_reply(&mut idle).await, closing, "idle after EHLO");
+    assert_eq!(read_reply(&mut reset).await, closing, "idle after RSET");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!agent.done.is_finished(), "the transaction in flight has its grace");
+    busy.write_all(b"RSET\r\n").await.unwrap();
+    assert_eq!(read_reply(&mut busy).await, "250 2.0.0 Ok\r\n");
+    assert_eq!(read_reply(&mut busy).await, closing, "ended once it is between transactions");
+    agent.stopped("serve returns without waiting the grace").await;
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    eventually("every MTA session told QUIT", || {
+        mta.received().windows(6).filter(|w| w == b"QUIT\r\n").count() == 3
+    })
+    .await;
 }
 
 /// An MTA that dies (closes without a reply) when the client sends MAIL: the client, already
@@ -1044,6 +1130,240 @@ async fn a_helo_after_a_refused_data_is_judged() {
     assert_eq!(t[3], "250 mta.test\r\n", "answered by the proxy, as the MTA would");
     eventually("the ban", || refusing_agent.banned() == ["127.0.0.1"]).await;
     refusing_agent.stop().await;
+    agent.stop().await;
+}
+
+/// A scripted MTA that takes BDAT as Postfix does: each chunk read to its last byte (and
+/// dropped when refused: 503 without a transaction), 250 otherwise; the lines it took as
+/// commands and the chunks it accepted are recorded.
+async fn chunking_mta() -> (SocketAddr, Arc<Mutex<Vec<String>>>, Arc<Mutex<Vec<u8>>>) {
+    let listener = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (commands, chunks) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+    let (seen, taken) = (commands.clone(), chunks.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (seen, taken) = (seen.clone(), taken.clone());
+            tokio::spawn(async move {
+                let mut stream = tokio::io::BufReader::new(stream);
+                stream.get_mut().write_all(b"220 mta.test ESMTP\r\n").await.unwrap();
+                let mut in_mail = false;
+                loop {
+                    let mut line = String::new();
+                    if tokio::io::AsyncBufReadExt::read_line(&mut stream, &mut line)
+                        .await
+                        .unwrap_or(0)
+                        == 0
+                    {
+                        return;
+                    }
+                    let line = line.trim_end().to_owned();
+                    seen.lock().unwrap().push(line.clone());
+                    let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
+                    let answer: &[u8] = match verb.as_str() {
+                        "EHLO" => b"250-mta.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+                        "MAIL" => {
+                            in_mail = true;
+                            b"250 2.1.0 Ok\r\n"
+                        }
+                        "BDAT" => {
+                            let size: usize = line.split(' ').nth(1).unwrap().parse().unwrap();
+                            let mut chunk = vec![0u8; size];
+                            stream.read_exact(&mut chunk).await.unwrap();
+                            if in_mail {
+                                taken.lock().unwrap().extend_from_slice(&chunk);
+                                b"250 2.0.0 Ok\r\n"
+                            } else {
+                                b"503 5.5.1 Error: need RCPT command\r\n"
+                            }
+                        }
+                        "QUIT" => {
+                            let _ = stream.get_mut().write_all(b"221 2.0.0 Bye\r\n").await;
+                            return;
+                        }
+                        _ => b"250 2.0.0 Ok\r\n",
+                    };
+                    stream.get_mut().write_all(answer).await.unwrap();
+                }
+            });
+        }
+    });
+    (addr, commands, chunks)
+}
+
+/// Regression (issue 27): `EHLO good`, a `BDAT 5` (or `BDAT 0`) the MTA refuses, then a
+/// forged EHLO: the proxy had stopped reading commands at the BDAT, and the forged EHLO
+/// reached the MTA. Now the chunk is relayed to its last byte and the EHLO is judged; a large
+/// chunk arrives byte for byte and a HELO after the message is judged too.
+#[tokio::test]
+async fn a_refused_bdat_keeps_the_session_judged() {
+    let (mta, commands, chunks) = chunking_mta().await;
+    let agent = Agent::start(mta, "[proxy]\nproxy_protocol = \"none\"\n").await;
+    let ehlo = "250-mta.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n";
+    for (i, bdat) in ["BDAT 5\r\nhello", "BDAT 0\r\n"].iter().enumerate() {
+        let from = format!("127.0.0.{}", 10 + i);
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        let mut client = socket.connect(agent.addr).await.unwrap();
+        read_reply(&mut client).await;
+        client.write_all(b"EHLO good.sender.example\r\n").await.unwrap();
+        assert_eq!(read_reply(&mut client).await, ehlo);
+        client.write_all(bdat.as_bytes()).await.unwrap();
+        assert_eq!(read_reply(&mut client).await, "503 5.5.1 Error: need RCPT command\r\n");
+        client
+            .write_all(
+                b"EHLO mx.example.com\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<user@example.com>\r\n",
+            )
+            .await
+            .unwrap();
+        assert_eq!(read_reply(&mut client).await, ehlo, "{bdat:?}: the MTA's own answer again");
+        assert_eq!(read_reply(&mut client).await, "250 2.1.0 Ok\r\n");
+        assert_eq!(
+            read_reply(&mut client).await,
+            "553 5.7.1 sorry, your HELO host name has been denied\r\n",
+            "{bdat:?}: rejected"
+        );
+        drop(client);
+        eventually("the ban", || agent.banned().contains(&from)).await;
+    }
+    assert!(
+        !commands.lock().unwrap().iter().any(|c| c.contains("mx.example.com")),
+        "the forged EHLO never reached the MTA: {:?}",
+        commands.lock().unwrap()
+    );
+
+    // A message in two chunks, the last large (spliced), then a HELO after it.
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 253) as u8).collect();
+    let mut client = TcpStream::connect(agent.addr).await.unwrap();
+    read_reply(&mut client).await;
+    let mut sent = b"EHLO good.sender.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.com>\r\nBDAT 10\r\n".to_vec();
+    sent.extend_from_slice(&body[..10]);
+    sent.extend_from_slice(format!("BDAT {} LAST\r\n", body.len() - 10).as_bytes());
+    client.write_all(&sent).await.unwrap();
+    for piece in body[10..].chunks(70_000) {
+        client.write_all(piece).await.unwrap();
+    }
+    client.write_all(b"HELO localhost\r\n").await.unwrap();
+    let mut replies = Vec::new();
+    for _ in 0..6 {
+        replies.push(read_reply(&mut client).await);
+    }
+    assert_eq!(replies[4], "250 2.0.0 Ok\r\n", "{replies:?}");
+    assert_eq!(replies[5], "250 mta.test\r\n", "a HELO after the message is judged: {replies:?}");
+    eventually("every chunk byte", || chunks.lock().unwrap().len() == body.len()).await;
+    assert!(*chunks.lock().unwrap() == body, "byte for byte");
+    assert!(!commands.lock().unwrap().iter().any(|c| c.contains("localhost")));
+    agent.stop().await;
+}
+
+/// Regression (issue 27): after a passed HELO a 2467-byte `AUTH XOAUTH2` line on the
+/// submission listener and a 2000-byte `MAIL FROM` got `500 line too long` and a close,
+/// though the MTA takes them. Relayed now, the session going on; the proxy's own bound (1000
+/// bytes) holds before a HELO.
+#[tokio::test]
+async fn long_lines_after_a_pass_reach_the_mta() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let auth = format!("AUTH XOAUTH2 {}", "dXNlcj1hQGIuZXhhbXBsZQFhdXRo".repeat(88));
+    assert!(auth.len() >= 2467, "{}", auth.len());
+    let mail = format!("MAIL FROM:<{}@sender.example>", "a".repeat(2000));
+    for (addr, long) in [(agent.submission, &auth), (agent.addr, &mail)] {
+        let t = converse(addr, &["EHLO mail.sender.example", long, "NOOP"]).await;
+        assert_eq!(t[2], "250 2.0.0 Ok\r\n", "{}: relayed, answered by the MTA", &long[..12]);
+        assert_eq!(t[3], "250 2.0.0 Ok\r\n", "the session goes on");
+        let received = mta.received();
+        assert!(received.windows(long.len()).any(|w| w == long.as_bytes()), "byte for byte");
+    }
+    let t = converse(agent.addr, &[&format!("NOOP {}", "x".repeat(1000))]).await;
+    assert_eq!(t[1], "500 5.5.2 Error: line too long\r\n", "before a HELO: the proxy's bound");
+    agent.stop().await;
+}
+
+/// Regression (issue 27): a bare `EHLO` got 250 and the session stayed rejected even after a
+/// valid EHLO. Postfix answers 501 and lets the client try again: so does the proxy, and the
+/// valid EHLO then passes.
+#[tokio::test]
+async fn a_bare_ehlo_is_a_syntax_error_and_the_client_may_try_again() {
+    let mta = Mta::start().await;
+    let agent = Agent::start(mta.addr, "").await;
+    let t = converse(
+        agent.addr,
+        &["EHLO", "HELO   ", "EHLO mail.sender.example", "RCPT TO:<user@example.com>", "QUIT"],
+    )
+    .await;
+    assert_eq!(t[1], "501 Syntax: EHLO hostname\r\n");
+    assert_eq!(t[2], "501 Syntax: HELO hostname\r\n");
+    assert_eq!(t[3], "250-mta.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n", "the MTA's");
+    assert_eq!(t[4], "250 2.0.0 Ok\r\n", "relayed: not rejected");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(agent.banned().is_empty());
+    agent.stop().await;
+}
+
+/// Regression (issue 27): a bot rejected at its first EHLO read the proxy's own 3-line EHLO
+/// reply, while good clients read the MTA's: it could tell it was caught. It now reads what
+/// the MTA answered the last passed session.
+#[tokio::test]
+async fn a_rejected_bot_reads_the_capabilities_the_mta_offers() {
+    let listener = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ehlo = "250-mx.real.test\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-VRFY\r\n\
+                250-ETRN\r\n250-STARTTLS\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n\
+                250-DSN\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n";
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                stream.write_all(b"220 mx.real.test ESMTP Postfix\r\n").await.unwrap();
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    let answer = if buf.starts_with(b"EHLO") { ehlo } else { "250 2.0.0 Ok\r\n" };
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                }
+            });
+        }
+    });
+    let agent = Agent::start(
+        addr,
+        "[proxy]\nproxy_protocol = \"none\"\ngreeting = \"own\"\nhostname = \"mx.real.test\"\n",
+    )
+    .await;
+    let good = converse_from("127.0.0.5", agent.addr, &["EHLO mail.sender.example", "QUIT"]).await;
+    assert_eq!(good[1], ehlo, "a good client reads the MTA's capabilities");
+    let bot = converse_from("127.0.0.6", agent.addr, &["EHLO mx.example.com", "QUIT"]).await;
+    assert_eq!(bot[1], ehlo, "and so does a bot rejected before the MTA heard of it");
+    agent.stop().await;
+}
+
+/// Regression (issue 27): connections closed at accept (banned where XDP cannot drop them, or
+/// a ban just decided) left no log line. A summary now, at most one a second.
+#[tokio::test]
+async fn connections_closed_at_accept_are_summed_up_in_the_log() {
+    let logs = captured_logs();
+    let mta = Mta::start().await;
+    let agent = Agent::start_with(mta.addr, "", true).await;
+    converse_from("127.0.0.7", agent.addr, &["HELO localhost", "QUIT"]).await;
+    eventually("the ban", || agent.banned() == ["127.0.0.7"]).await;
+    for _ in 0..3 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.7:0".parse().unwrap()).unwrap();
+        let mut again = socket.connect(agent.addr).await.unwrap();
+        assert_eq!(read_reply(&mut again).await, "", "closed before any greeting");
+    }
+    let mut found = String::new();
+    for _ in 0..100 {
+        let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+        if let Some(line) =
+            text.lines().find(|l| l.contains("closed at accept") && l.contains("127.0.0.7"))
+        {
+            found = line.to_owned();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(found.contains("count=1"), "one line for the first, the others folded: {found:?}");
     agent.stop().await;
 }
 

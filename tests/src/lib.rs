@@ -171,9 +171,15 @@ pub fn agent_bin() -> PathBuf {
     bin
 }
 
-/// `helo-agent --pin-dir DIR ARGS...`, run to completion; panics when it fails.
+/// `helo-agent --pin-dir DIR ARGS...`, run to completion; panics when it fails. With
+/// `--no-config` unless ARGS name a config: the installed one (the package test installs it,
+/// perhaps at the same time) is every command's default, and this one is not a test's.
 pub fn agent_cli(pin_dir: &Path, args: &[&str]) -> String {
-    run(Command::new(agent_bin()).arg("--pin-dir").arg(pin_dir).args(args))
+    let mut command = Command::new(agent_bin());
+    if !args.iter().any(|a| a.starts_with("--config")) {
+        command.arg("--no-config");
+    }
+    run(command.arg("--pin-dir").arg(pin_dir).args(args))
 }
 
 /// The agent running as a child; stopped with SIGTERM (then SIGKILL) when dropped.

@@ -297,6 +297,16 @@ fn the_package_installs_keeps_the_edited_config_and_purges() {
     );
     assert_ne!(edited, shipped, "the example sets xdp.pin_dir");
     std::fs::write(CONFFILE, &edited).unwrap();
+
+    // Issue 30: the installed config is every command's default: `check-config` with no
+    // argument checks it, and `list` looks for the maps in the pin directory it names (no
+    // agent runs: the error names it); --no-config reads the embedded defaults instead.
+    let checked = must(command(BINARY, &["check-config"]), "check-config with no argument");
+    assert!(checked.starts_with(&format!("config ok: {CONFFILE}")), "{checked}");
+    let listed = text(&command(BINARY, &["list"]));
+    assert!(listed.contains(&pin_dir), "list reads the installed config: {listed}");
+    let listed = text(&command(BINARY, &["--no-config", "list"]));
+    assert!(!listed.contains(&pin_dir), "--no-config: the embedded defaults: {listed}");
     std::fs::write(Path::new(STATE_DIR).join("bans.json"), "{}").unwrap();
 
     // The admin enables the agent (systemctl works on the files with no systemd running).

@@ -51,8 +51,13 @@ fn bed_full(name: &str, clients: &[&str], extra: &str, services: &str) -> Bed {
     let client = Netns::new("hfpc");
     let (gw_if, cl_if) = veth(&gateway, &client);
     gateway.ip(&["addr", "add", &format!("{GW}/24"), "dev", &gw_if]);
+    gateway.ip(&["-6", "addr", "add", &format!("{GW6}/64"), "dev", &gw_if, "nodad"]);
     for addr in clients {
-        client.ip(&["addr", "add", &format!("{addr}/24"), "dev", &cl_if]);
+        if addr.contains(':') {
+            client.ip(&["-6", "addr", "add", &format!("{addr}/64"), "dev", &cl_if, "nodad"]);
+        } else {
+            client.ip(&["addr", "add", &format!("{addr}/24"), "dev", &cl_if]);
+        }
     }
     let postfix = Postfix::start(&gateway, name, extra, services);
     let work = std::env::temp_dir().join(tests::unique("helo-pf-"));
@@ -366,8 +371,8 @@ fn reject_at_helo_and_a_submission_listener() {
 
 /// Day-two operations against the real MTA: tophelos and metrics count a scripted set of
 /// sessions; a reload swaps the rules without touching a session in flight; a bad config is
-/// refused and the old one keeps running; the running agent holds no privileges and its
-/// control socket refuses other users.
+/// refused and the old one keeps running, a root-only one reloads through the root CLI; the
+/// running agent holds no privileges and its control socket refuses other users.
 #[test]
 fn operations_tophelos_metrics_reload_and_least_privilege() {
     let bed = bed("ops", &["198.51.100.2", "198.51.100.3", "198.51.100.4"]);
@@ -469,7 +474,7 @@ fn operations_tophelos_metrics_reload_and_least_privilege() {
         "the session in flight was not cut or re-judged: {old_session}"
     );
 
-    // A bad config (SIGHUP, as systemd's ExecReload sends): refused, the old one runs on.
+    // A bad config (SIGHUP, as `kill -HUP` sends): refused, the old one runs on.
     std::fs::write(&config, "bogus = 1\n").unwrap();
     let pid = rustix::process::Pid::from_raw(agent.pid() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
@@ -480,6 +485,26 @@ fn operations_tophelos_metrics_reload_and_least_privilege() {
     assert!(!ok && transcript.contains("553"), "the rules in force still hold:\n{transcript}");
     assert_eq!(get(&scrape(), r#"helo_filter_reloads_total{result="refused"}"#), 1.0);
     std::fs::write(&config, toml_with_paths(&bed, &reloaded)).unwrap();
+
+    // Regression (issue 27): a root-only config (0600, as the [fleet] comment advised) broke
+    // every reload, the agent re-reading it as helo-filter, while check-config said ok. Now
+    // check-config warns, a bare SIGHUP is refused with what to change, and `helo-agent
+    // reload` as root hands the agent the file, which reloads.
+    let mode = std::fs::metadata(&config).unwrap().permissions();
+    let root_only = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600);
+    std::fs::set_permissions(&config, root_only).unwrap();
+    let checked = cli(&["check-config"]);
+    assert!(checked.contains("warning: agent.user helo-filter may not read"), "{checked}");
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    wait_for("the SIGHUP reload refused, unreadable", Duration::from_secs(5), || {
+        agent.log().contains("runs as helo-filter and may not read it")
+    });
+    let said = cli(&["reload"]);
+    assert!(said.contains("1 regex rules"), "the root CLI handed the file: {said}");
+    let metrics = scrape();
+    assert_eq!(get(&metrics, r#"helo_filter_reloads_total{result="refused"}"#), 2.0);
+    assert_eq!(get(&metrics, r#"helo_filter_reloads_total{result="ok"}"#), 2.0);
+    std::fs::set_permissions(&config, mode).unwrap();
 
     // Least privilege: the running agent is helo-filter with no capabilities at all.
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
@@ -1006,4 +1031,319 @@ fn the_policy_service_judges_postfix_sessions_and_bans_in_the_kernel() {
     assert!(ok, "fail-open while the agent is down:\n{transcript}\n{}", bed.postfix.log());
     wait_for("5 deliveries", Duration::from_secs(20), || bed.postfix.delivered().len() == 5);
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// The gateway's IPv6 address on the veth, beside [`GW`].
+const GW6: &str = "2001:db8:77::1";
+
+/// A raw SMTP client, for what swaks cannot send (BDAT, a bare EHLO, long lines): connected
+/// from `src` to `dst` (`ip:port`, `[v6]:port`) inside the namespace the caller runs in; each
+/// reply read whole (multi-line replies joined).
+struct Raw {
+    stream: std::net::TcpStream,
+}
+
+impl Raw {
+    fn open(src: &str, dst: &str) -> Raw {
+        let src: IpAddr = src.parse().unwrap();
+        let dst: SocketAddr = dst.parse().unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::for_address(dst), socket2::Type::STREAM, None)
+                .unwrap();
+        socket.bind(&SocketAddr::new(src, 0).into()).unwrap();
+        socket
+            .connect_timeout(&dst.into(), Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("connect {src} -> {dst}: {e}"));
+        let stream: std::net::TcpStream = socket.into();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw { stream }
+    }
+
+    /// One complete reply; "" at the end of the stream.
+    fn reply(&mut self) -> String {
+        let mut out = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            match self.stream.read(&mut byte) {
+                Ok(0) => return String::from_utf8_lossy(&out).into_owned(),
+                Ok(_) => out.push(byte[0]),
+                Err(e) => panic!("{e} after {:?}", String::from_utf8_lossy(&out)),
+            }
+            if out.ends_with(b"\n") {
+                let line = out[..out.len() - 1].rsplit(|b| *b == b'\n').next().unwrap_or(&[]);
+                if line.len() >= 4 && line[3] != b'-' {
+                    return String::from_utf8_lossy(&out).into_owned();
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Sends `line` and its CRLF, and reads the reply.
+    fn say(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+}
+
+/// Issue 27's sweep, with the real Postfix (CHUNKING on, as by default), over IPv4 and IPv6:
+/// - 27.2: `EHLO good`, a `BDAT 5` (or `BDAT 0`) that Postfix refuses with 503, then `EHLO
+///   <our name>`: the proxy had stopped reading commands at the BDAT, the forged EHLO reached
+///   Postfix and the message was delivered. Now it is judged (refused, banned); a message in
+///   BDAT chunks (the last one spliced) arrives byte for byte, and a HELO after it is judged.
+/// - 27.8: a bare EHLO got 250 and the session stayed rejected: Postfix's 501 now, and the
+///   client's next, valid EHLO delivers. A rejected bot read the proxy's own 3-line EHLO reply
+///   while good clients read Postfix's: now it reads Postfix's too.
+/// - 27.5: a 2467-byte AUTH line on the submission listener and a 2000-byte MAIL FROM after a
+///   good HELO got `500 line too long` and a close: now Postfix answers them as it does
+///   without the proxy.
+/// - 27.8: one idle relayed session held the shutdown for the full 30 s grace.
+#[test]
+fn the_sweep_bdat_bare_ehlo_capabilities_long_lines_and_a_prompt_stop() {
+    let v4 = [
+        "198.51.100.2",
+        "198.51.100.3",
+        "198.51.100.4",
+        "198.51.100.5",
+        "198.51.100.6",
+        "198.51.100.7",
+    ];
+    let v6 = ["2001:db8:77::2", "2001:db8:77::3", "2001:db8:77::4"];
+    let bed = bed_full(
+        "sweep",
+        &v4.iter().chain(&v6).copied().collect::<Vec<_>>(),
+        "inet_protocols = all\n",
+        &format!("{GW}:2525 inet n - n - - smtpd\n"),
+    );
+    let config = format!(
+        "{CONFIG}[proxy]\n[[proxy.listeners]]\naddress = \"{GW}:25\"\n\
+         [[proxy.listeners]]\naddress = \"[{GW6}]:25\"\n\
+         [[proxy.listeners]]\naddress = \"{GW}:587\"\ncheck_helo = false\n"
+    );
+    let mut agent = bed.agent(&config, &[]);
+    let gw4 = format!("{GW}:25");
+    let gw6 = format!("[{GW6}]:25");
+
+    // 27.2, IPv4 and IPv6, BDAT 5 and BDAT 0.
+    for (src, dst, bdat) in [
+        (v4[0], gw4.clone(), &b"BDAT 5\r\nhello"[..]),
+        (v4[1], gw4.clone(), b"BDAT 0\r\n"),
+        (v6[0], gw6.clone(), b"BDAT 5\r\nhello"),
+        (v6[1], gw6.clone(), b"BDAT 0\r\n"),
+    ] {
+        let (src_, dst_) = (src.to_owned(), dst.clone());
+        let t = bed.client.enter(move || {
+            let mut smtp = Raw::open(&src_, &dst_);
+            let mut t = vec![smtp.reply(), smtp.say("EHLO good.sender.example")];
+            smtp.send(bdat);
+            t.push(smtp.reply());
+            for line in [
+                "EHLO mx.gw.test",
+                "MAIL FROM:<bot@bot.example>",
+                "RCPT TO:<user@e2e.test>",
+                "QUIT",
+            ] {
+                t.push(smtp.say(line));
+            }
+            t
+        });
+        let what = format!("{src} {}: {t:#?}\n{}", String::from_utf8_lossy(bdat), agent.log());
+        assert!(t[1].contains("250-CHUNKING") || t[1].contains("250 CHUNKING"), "{what}");
+        // 503 without a transaction; 551 for a "null BDAT request" (BDAT 0 without LAST).
+        assert!(t[2].starts_with('5'), "Postfix refuses the chunk: {what}");
+        assert_eq!(t[3], t[1], "the forged EHLO is judged, answered as Postfix did: {what}");
+        assert!(t[5].starts_with("553 5.7.1 sorry, your HELO host name has been denied"), "{what}");
+        wait_for(&format!("{src} banned"), Duration::from_secs(5), || bed.banned().contains(src));
+    }
+    assert!(
+        !bed.postfix.log().contains("helo=<mx.gw.test>"),
+        "the forged EHLO never reached Postfix:\n{}",
+        bed.postfix.log()
+    );
+
+    // A message in chunks, the last large (spliced), then a HELO after it: judged.
+    // BDAT data is not dot-stuffed: lines starting with a dot go as they are. CRLF on the wire,
+    // LF in the pipe.
+    let body = eight_bit_body(300 * 1024);
+    let crlf: Vec<u8> =
+        body.iter().flat_map(|&b| if b == b'\n' { vec![b'\r', b'\n'] } else { vec![b] }).collect();
+    let message = [&b"Subject: chunked\r\n\r\n"[..], &crlf].concat();
+    let (src, dst, chunks) = (v4[2].to_owned(), gw4.clone(), message.clone());
+    let t = bed.client.enter(move || {
+        let mut smtp = Raw::open(&src, &dst);
+        let mut t = vec![smtp.reply(), smtp.say("EHLO good.sender.example")];
+        t.push(smtp.say("MAIL FROM:<a@sender.example>"));
+        t.push(smtp.say(&format!("RCPT TO:<user@{DOMAIN}>")));
+        smtp.send(b"BDAT 10\r\n");
+        smtp.send(&chunks[..10]);
+        t.push(smtp.reply());
+        smtp.send(format!("BDAT {} LAST\r\n", chunks.len() - 10).as_bytes());
+        for piece in chunks[10..].chunks(64 * 1024) {
+            smtp.send(piece);
+        }
+        t.push(smtp.reply());
+        t.push(smtp.say("HELO localhost"));
+        t.push(smtp.say("MAIL FROM:<a@sender.example>"));
+        t.push(smtp.say(&format!("RCPT TO:<user@{DOMAIN}>")));
+        t
+    });
+    let what = format!("{t:#?}\n{}", agent.log());
+    assert!(t[4].starts_with("250 ") && t[5].starts_with("250 "), "chunks taken: {what}");
+    assert_eq!(
+        t[6], "250 mx.gw.test\r\n",
+        "the HELO after the message, answered as Postfix would: {what}"
+    );
+    assert!(t[8].starts_with("553 5.7.1"), "and rejected: {what}");
+    let delivered = bed.postfix.body_of_delivery(1);
+    assert!(
+        delivered == body,
+        "the chunked body byte for byte ({} of {})",
+        delivered.len(),
+        body.len()
+    );
+    wait_for("the HELO after the message banned", Duration::from_secs(5), || {
+        bed.banned().contains(v4[2])
+    });
+
+    // 27.8: a bare EHLO is a syntax error (Postfix's 501); the client tries again and delivers.
+    let (src, dst) = (v6[2].to_owned(), gw6.clone());
+    let t = bed.client.enter(move || {
+        let mut smtp = Raw::open(&src, &dst);
+        let mut t = vec![smtp.reply(), smtp.say("EHLO")];
+        for line in [
+            "EHLO good.sender.example",
+            "MAIL FROM:<a@sender.example>",
+            &format!("RCPT TO:<user@{DOMAIN}>"),
+            "DATA",
+        ] {
+            t.push(smtp.say(line));
+        }
+        t.push(smtp.say("Subject: after a bare EHLO\r\n\r\nhello\r\n."));
+        t.push(smtp.say("QUIT"));
+        t
+    });
+    let what = format!("{t:#?}\n{}", agent.log());
+    assert_eq!(t[1], "501 Syntax: EHLO hostname\r\n", "{what}");
+    assert!(t[4].starts_with("250 2.1.5"), "{what}");
+    assert_eq!(bed.postfix.body_of_delivery(2), b"hello\n", "{what}");
+    let postfix_ehlo = t[2].clone();
+
+    // 27.8: a bot rejected at its first EHLO reads what Postfix answers good clients.
+    let (src, dst) = (v4[3].to_owned(), gw4.clone());
+    let bot = bed.client.enter(move || {
+        let mut smtp = Raw::open(&src, &dst);
+        smtp.reply();
+        smtp.say("EHLO mx.gw.test")
+    });
+    assert_eq!(bot, postfix_ehlo, "the same capabilities as a good client's\n{}", agent.log());
+
+    // 27.5: long lines after a passed HELO, as Postfix answers them itself (port 2525: no
+    // proxy in front); and on the submission listener (587).
+    let long_mail = format!("MAIL FROM:<{}@sender.example>", "a".repeat(2000));
+    let auth =
+        format!("AUTH XOAUTH2 {}", "dXNlcj1hQGIuZXhhbXBsZQFhdXRoPUJlYXJlciB5YTI5LnZG".repeat(51));
+    assert!(auth.len() >= 2460, "{}", auth.len());
+    let (mail, xoauth, src) = (long_mail.clone(), auth.clone(), v4[5]);
+    let replies = bed.client.enter(move || {
+        let mut out = Vec::new();
+        for (port, first) in [(25, &mail), (2525, &mail), (587, &xoauth), (2525, &xoauth)] {
+            let mut smtp = Raw::open(src, &format!("{GW}:{port}"));
+            smtp.reply();
+            smtp.say("EHLO good.sender.example");
+            out.push((smtp.say(first), smtp.say("NOOP")));
+        }
+        out
+    });
+    let what = format!("{replies:#?}\n{}", agent.log());
+    assert!(!what.contains("line too long"), "{what}");
+    assert_eq!(replies[0], replies[1], "MAIL FROM as Postfix answers it: {what}");
+    assert_eq!(replies[2], replies[3], "AUTH as Postfix answers it: {what}");
+    assert!(replies.iter().all(|(_, noop)| noop.starts_with("250")), "the sessions go on: {what}");
+
+    // 27.8: an idle relayed session between transactions does not hold the stop.
+    let (src, dst) = (v4[4].to_owned(), gw4.clone());
+    let idle = bed.client.spawn(move || {
+        let mut smtp = Raw::open(&src, &dst);
+        smtp.reply();
+        let ehlo = smtp.say("EHLO good.sender.example");
+        assert!(ehlo.starts_with("250"), "{ehlo}");
+        std::thread::sleep(Duration::from_millis(500));
+        smtp.reply()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let stopping = Instant::now();
+    assert!(agent.stop(), "a clean stop:\n{}", agent.log());
+    assert!(stopping.elapsed() < Duration::from_secs(5), "stopped in {:?}", stopping.elapsed());
+    assert_eq!(idle.join().unwrap(), "421 4.3.2 Error: service shutting down, try again later\r\n");
+}
+
+/// Regression (issue 27): the gateway banned itself. A monitor on the gateway connecting from
+/// its own address (found by identity.detect) and saying its own name, through the proxy or
+/// through Postfix and the policy service, over IPv4 and IPv6, or from loopback (left out of
+/// the allowlist), was banned for an hour and the ban shared with the fleet. Refused as the
+/// rules say, never banned; a bot with the same HELO is.
+#[test]
+fn the_gateway_never_bans_itself_through_either_door() {
+    let policy = "policy_inet = check_policy_service inet:127.0.0.1:10040, reject_unauth_destination\n\
+                  smtpd_policy_service_default_action = DUNNO\ninet_protocols = all\n";
+    let services = format!(
+        "{GW}:2525 inet n - n - - smtpd\n  -o smtpd_recipient_restrictions=$policy_inet\n\
+         [{GW6}]:2525 inet n - n - - smtpd\n  -o smtpd_recipient_restrictions=$policy_inet\n"
+    );
+    let bed = bed_full("self", &["198.51.100.2"], policy, &services);
+    let config = format!(
+        "[identity]\ndetect = true\ndomains = [\"=mx.gw.test\"]\n\
+         [allowlist]\nnetworks = [\"198.51.100.128/25\"]\n[bans]\ndefault_ttl = \"1h\"\n\
+         [proxy]\n[[proxy.listeners]]\naddress = \"{GW}:25\"\n\
+         [[proxy.listeners]]\naddress = \"[{GW6}]:25\"\n\
+         [policy]\nlisteners = [\"127.0.0.1:10040\"]\n"
+    );
+    let agent = bed.agent(&config, &[]);
+    let local = [
+        (GW.to_owned(), format!("{GW}:25")),
+        (GW6.to_owned(), format!("[{GW6}]:25")),
+        ("127.0.0.1".to_owned(), format!("{GW}:25")),
+        (GW.to_owned(), format!("{GW}:2525")),
+        (GW6.to_owned(), format!("[{GW6}]:2525")),
+        ("::1".to_owned(), format!("[{GW6}]:2525")),
+    ];
+    for (src, dst) in local {
+        let (src_, dst_) = (src.clone(), dst.clone());
+        let t = bed.gateway.enter(move || {
+            let mut smtp = Raw::open(&src_, &dst_);
+            let mut t = vec![smtp.reply()];
+            for line in [
+                "EHLO mx.gw.test",
+                "MAIL FROM:<monitor@gw.test>",
+                &format!("RCPT TO:<user@{DOMAIN}>"),
+                "QUIT",
+            ] {
+                t.push(smtp.say(line));
+            }
+            t
+        });
+        assert!(
+            t[3].starts_with("553 5.7.1"),
+            "{src} -> {dst}: refused as the rules say: {t:#?}\n{}",
+            agent.log()
+        );
+    }
+    // A bot with the same HELO is banned, by both doors.
+    let (ok, transcript) = bed.swaks("198.51.100.2", "mx.gw.test", 2525, None);
+    assert!(!ok, "{transcript}");
+    wait_for("the bot banned", Duration::from_secs(5), || bed.banned().contains("198.51.100.2"));
+    std::thread::sleep(Duration::from_millis(300));
+    let banned = bed.banned();
+    for ours in [GW, GW6, "127.0.0.1", "::1"] {
+        assert!(
+            !banned.lines().any(|l| l.split_whitespace().next() == Some(ours)),
+            "{ours} banned:\n{banned}\n{}",
+            agent.log()
+        );
+    }
+    let log = agent.log();
+    assert!(log.contains("not banning: one of our own addresses"), "{log}");
 }

@@ -73,8 +73,10 @@ enum Task {
     Setup,
     /// Build the XDP object alone into target/bpfel-unknown-none/release/helo-ebpf.
     BuildEbpf,
-    /// Build the agent (release) and run it as root on embedded defaults; arguments after `--`
-    /// go to `helo-agent run` (for example `-- --iface eth1`).
+    /// Build the agent (release) and run it as root on embedded defaults (`--no-config`, even
+    /// where the package installed /etc/helo-filter/helo-filter.toml; not when `--config`
+    /// follows `--` or HELO_FILTER_CONFIG is set); arguments after `--` go to `helo-agent run`
+    /// (for example `-- --iface eth1`).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -135,8 +137,19 @@ fn main() -> anyhow::Result<()> {
             step("building helo-agent (release)");
             cargo(&["build", "--release", "--package", "helo-agent"])?;
             let bin = workspace().join("target/release/helo-agent");
-            step(&format!("running {} run {}", bin.display(), args.join(" ")));
-            let status = Command::new(&bin).arg("run").args(&args).status()?;
+            // The embedded defaults, as promised, even where the package installed
+            // /etc/helo-filter/helo-filter.toml (the agent's default then): unless a config is
+            // asked for (--config after --, or HELO_FILTER_CONFIG).
+            let chosen = args.iter().any(|a| a == "--config" || a.starts_with("--config="))
+                || std::env::var_os("HELO_FILTER_CONFIG").is_some_and(|v| !v.is_empty());
+            let defaults: &[&str] = if chosen { &[] } else { &["--no-config"] };
+            step(&format!(
+                "running {} {}run {}",
+                bin.display(),
+                defaults.iter().map(|d| format!("{d} ")).collect::<String>(),
+                args.join(" ")
+            ));
+            let status = Command::new(&bin).args(defaults).arg("run").args(&args).status()?;
             if !status.success() {
                 bail!("helo-agent exited with {status}");
             }

@@ -1,7 +1,8 @@
 //! The command line's definitions (clap derive), apart from what runs them (`cli/mod.rs`
 //! dispatches): the subcommands and flags, their help, and the values flags take.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -15,12 +16,20 @@ use crate::config::{AttachMode, Overrides, ProxyProtocol};
     long_about = "Protects a mail gateway from spam bots by their SMTP HELO/EHLO name. Bans are kept \
                   in pinned BPF maps and enforced by an XDP program on the ingress interface: a banned \
                   source's new connections to the SMTP ports are dropped until the ban expires.\n\n\
-                  With no --config the agent runs on embedded defaults (see helo-filter.example.toml)."
+                  Every command reads one config: --config FILE, else the file HELO_FILTER_CONFIG \
+                  names, else the installed /etc/helo-filter/helo-filter.toml where it exists, else \
+                  the embedded defaults (see helo-filter.example.toml); --no-config asks for the \
+                  embedded defaults whatever is installed."
 )]
 pub struct Cli {
-    /// Config file (TOML). Default: embedded defaults.
-    #[arg(long, global = true, env = "HELO_FILTER_CONFIG", value_name = "FILE")]
+    /// Config file (TOML). Default: the file the HELO_FILTER_CONFIG environment variable names,
+    /// else /etc/helo-filter/helo-filter.toml where it exists, else the embedded defaults.
+    #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Read no config file: the embedded defaults, even where HELO_FILTER_CONFIG is set or
+    /// /etc/helo-filter/helo-filter.toml exists (`cargo xtask run` runs the agent so).
+    #[arg(long, global = true, conflicts_with = "config")]
+    pub no_config: bool,
     /// Directory of the pinned maps; overrides xdp.pin_dir.
     #[arg(long, global = true, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
@@ -131,7 +140,9 @@ pub enum CliCommand {
     /// Validate a config (and the rule files it names) without running anything. Every rule
     /// entry that does not load is listed, with its file and line; then the exit status is 1.
     CheckConfig {
-        /// The config to check; default: --config, else the embedded defaults.
+        /// The config to check; default: the one every command reads (--config,
+        /// HELO_FILTER_CONFIG, else /etc/helo-filter/helo-filter.toml where it exists, else the
+        /// embedded defaults).
         file: Option<PathBuf>,
     },
     /// XDP verdict counters, summed over CPUs.
@@ -200,7 +211,17 @@ pub enum CliCommand {
     },
 }
 
+/// The installed config (the Debian package's conffile): every command's default where it
+/// exists, as postconf and fail2ban-client read theirs.
+pub const INSTALLED_CONFIG: &str = "/etc/helo-filter/helo-filter.toml";
+
 impl Cli {
+    /// The config file every command reads; `None`: the embedded defaults.
+    pub fn config_path(&self) -> Option<PathBuf> {
+        let env = std::env::var_os("HELO_FILTER_CONFIG");
+        config_path(self.config.clone(), env, self.no_config, Path::new(INSTALLED_CONFIG))
+    }
+
     /// The flags that replace config keys, for [`Config::load_with`]: `--pin-dir` for every
     /// command, and `run`'s own. They are validated with the file, and refused by their name.
     pub fn overrides(&self) -> Overrides {
@@ -215,6 +236,22 @@ impl Cli {
         }
         overrides
     }
+}
+
+/// Which config a command reads: `--no-config` the embedded defaults; else `--config`; else
+/// the file `HELO_FILTER_CONFIG` names (when set and not empty); else `installed` where it
+/// exists; else the embedded defaults (`None`).
+pub fn config_path(
+    flag: Option<PathBuf>,
+    env: Option<OsString>,
+    no_config: bool,
+    installed: &Path,
+) -> Option<PathBuf> {
+    if no_config {
+        return None;
+    }
+    flag.or_else(|| env.filter(|e| !e.is_empty()).map(PathBuf::from))
+        .or_else(|| installed.exists().then(|| installed.to_owned()))
 }
 
 /// `run --xdp-mode`: the values and their help. The mode itself is a config value (no clap in
@@ -301,6 +338,32 @@ pub enum Generated {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 30: the installed config is every command's default where it exists;
+    /// `--config` and HELO_FILTER_CONFIG win over it, `--no-config` over everything.
+    #[test]
+    fn the_installed_config_is_the_default_where_it_exists() {
+        let dir = std::env::temp_dir().join(format!("helo-installed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let installed = dir.join("helo-filter.toml");
+        let flag = || Some(PathBuf::from("/srv/flag.toml"));
+        let env = || Some(OsString::from("/srv/env.toml"));
+        let path = |flag, env, no_config| config_path(flag, env, no_config, &installed);
+        assert_eq!(path(None, None, false), None, "nothing installed: the embedded defaults");
+        std::fs::write(&installed, "").unwrap();
+        assert_eq!(path(None, None, false), Some(installed.clone()), "installed: the default");
+        assert_eq!(path(None, Some(OsString::new()), false), Some(installed.clone()), "empty env");
+        assert_eq!(path(None, env(), false), env().map(PathBuf::from), "the environment wins");
+        assert_eq!(path(flag(), env(), false), flag(), "the flag wins over both");
+        assert_eq!(path(None, env(), true), None, "--no-config: the embedded defaults");
+        assert_eq!(path(None, None, true), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+        use clap::Parser as _;
+        let both = Cli::try_parse_from(["helo-agent", "--config", "a", "--no-config", "list"]);
+        assert!(both.is_err(), "--config and --no-config conflict");
+        let cli = Cli::try_parse_from(["helo-agent", "list", "--no-config"]).unwrap();
+        assert_eq!(cli.config_path(), None, "a global flag, after the command too");
+    }
 
     #[test]
     fn cli_definition_is_consistent() {

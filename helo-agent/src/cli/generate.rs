@@ -14,8 +14,7 @@ use super::args::{Cli, Generated};
 /// The example config: the source of helo-filter.toml(5) and of the package's conffile.
 pub const EXAMPLE_CONFIG: &str = include_str!("../../helo-filter.example.toml");
 
-/// Where the package installs the config, named in the pages.
-pub const INSTALLED_CONFIG: &str = "/etc/helo-filter/helo-filter.toml";
+use super::args::INSTALLED_CONFIG;
 
 /// The manual the pages belong to (the centre footer of `man`).
 const MANUAL: &str = "helo-filter";
@@ -323,8 +322,9 @@ fn config_man(example: &str, version: &str) -> String {
     page.push_str(".SH NAME\nhelo\\-filter.toml \\- configuration of helo\\-agent(8)\n");
     let _ = writeln!(
         page,
-        ".SH SYNOPSIS\n\\fI{}\\fR (the package's), or the file given to \\fBhelo\\-agent \
-         \\-\\-config\\fR \\fIFILE\\fR or in \\fBHELO_FILTER_CONFIG\\fR",
+        ".SH SYNOPSIS\n\\fI{}\\fR (the package's, which every command reads by default where it \
+         exists), or the file given to \\fBhelo\\-agent \\-\\-config\\fR \\fIFILE\\fR or in \
+         \\fBHELO_FILTER_CONFIG\\fR; \\fB\\-\\-no\\-config\\fR reads none (the embedded defaults)",
         roff_text(INSTALLED_CONFIG)
     );
     page.push_str(".SH DESCRIPTION\n");

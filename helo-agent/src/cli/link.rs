@@ -6,7 +6,7 @@ use std::io::Write as _;
 use std::path::Path;
 
 use crate::config::{Config, ConfigError, Overrides};
-use crate::control::{Answer, ClientError, Envelope, Request};
+use crate::control::{Answer, ClientError, Envelope, HandedConfig, Request};
 use crate::report::HeloRow;
 
 /// The running agent, reached through its control socket.
@@ -49,18 +49,32 @@ pub(super) fn unexpected(answer: Answer) -> anyhow::Error {
 /// `reload`: the running agent re-reads its own config, and decides, logs and counts the result
 /// (`reloads_total{result}`) as for SIGHUP. The CLI reads the config only to find the agent, so
 /// a file that does not validate reaches the agent too (which refuses it and says why) instead
-/// of stopping here unseen by the agent's log and metrics.
+/// of stopping here unseen by the agent's log and metrics; but a file that does not even parse
+/// stops here, with its error: its control socket is unknown, and the default one may be
+/// another agent's. The CLI (root: the control socket is root-only) hands the agent the file
+/// as it read it, so that a root-only config reloads too; the agent takes it when it is its
+/// own file.
 pub(super) fn reload(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<()> {
     let (socket, pin_dir, own_error) = match Config::load_with(path, overrides) {
         Ok(config) => (config.agent.control_socket, config.xdp.pin_dir, None),
         // A bad flag is this command's own mistake, not the agent's config.
         Err(error @ ConfigError::Flag { .. }) => return Err(error.into()),
-        Err(error) => {
-            let (socket, pin_dir) = crate::config::control_locations(path);
-            (socket, overrides.pin_dir.clone().unwrap_or(pin_dir), Some(error))
-        }
+        Err(error) => match crate::config::control_locations(path) {
+            Some((socket, pin_dir)) => {
+                (socket, overrides.pin_dir.clone().unwrap_or(pin_dir), Some(error))
+            }
+            None => return Err(error.into()),
+        },
     };
-    let envelope = Envelope { pin_dir, request: Request::Reload };
+    let config = match path {
+        Some(path) => Some(HandedConfig {
+            path: std::path::absolute(path).unwrap_or_else(|_| path.to_owned()),
+            text: std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?,
+        }),
+        None => None,
+    };
+    let envelope = Envelope { pin_dir, request: Request::Reload { config } };
     let answer = match crate::control::request(&socket, &envelope) {
         Ok(answer) => answer,
         Err(error @ (ClientError::Refused { .. } | ClientError::OtherPinDir { .. })) => {

@@ -18,7 +18,9 @@ mod link;
 use std::path::Path;
 use std::process::ExitCode;
 
-pub use self::args::{Cli, CliCommand, EXIT_BAN, EXIT_REJECT, Generated, LogFormat};
+pub use self::args::{
+    Cli, CliCommand, EXIT_BAN, EXIT_REJECT, Generated, INSTALLED_CONFIG, LogFormat, config_path,
+};
 use crate::config::{Config, Overrides};
 
 /// The error and its causes, each once, for `main` to print. The agent's error types put their
@@ -45,7 +47,8 @@ pub fn describe(error: &anyhow::Error) -> String {
 /// [`CHECK_EXIT_STATUS`]). `main` prints an error with [`describe`] and exits 1.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let overrides = cli.overrides();
-    let Cli { config: path, command, .. } = cli;
+    let path = cli.config_path();
+    let Cli { command, .. } = cli;
     let path = path.as_deref();
     let done = |result: anyhow::Result<()>| result.map(|()| ExitCode::SUCCESS);
     match command {
@@ -124,6 +127,9 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     for warning in &config.warnings {
         println!("warning: {warning}");
     }
+    for warning in unreadable_by_the_agent(&config) {
+        println!("warning: {warning}");
+    }
     let rules = &config.rules;
     println!(
         "config ok: {} ({} domain table entries, {} regex rules, {} identity names, {} proxy listeners, {} session threads{}, upstream {}, {} policy listeners)",
@@ -148,6 +154,66 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The files a reload reads again that the agent, once it runs as `agent.user`, may not read:
+/// the config itself (a SIGHUP reload is then refused; `helo-agent reload` as root hands the
+/// agent the file) and its rule files (every reload is then refused).
+fn unreadable_by_the_agent(config: &Config) -> Vec<String> {
+    let Some(user) = &config.agent.user else { return Vec::new() };
+    let Ok(agent) = crate::privilege::lookup(user) else { return Vec::new() };
+    if agent.uid == 0 {
+        return Vec::new();
+    }
+    let mut warnings = Vec::new();
+    if let Some(path) = &config.source
+        && let Some(why) = unreadable(path, agent.uid, agent.gid)
+    {
+        warnings.push(format!(
+            "agent.user {user} may not read {} ({why}): a SIGHUP reload (kill -HUP) will be \
+             refused; `helo-agent reload` as root hands the agent the file and works; make it \
+             0640 root:{user}, as the package installs it, for both",
+            path.display()
+        ));
+    }
+    for path in &config.rule_files {
+        if let Some(why) = unreadable(path, agent.uid, agent.gid) {
+            warnings.push(format!(
+                "agent.user {user} may not read {} ({why}): every reload will be refused; make \
+                 it readable to {user} (0644, or 0640 root:{user})",
+                path.display()
+            ));
+        }
+    }
+    warnings
+}
+
+/// Why a process of `uid` with the one group `gid` (the agent drops every other group) may not
+/// read `path`, if it may not: the file's mode, or a directory on the way it may not search.
+fn unreadable(path: &Path, uid: u32, gid: u32) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let allowed = |meta: &std::fs::Metadata, bit: u32| {
+        let mode = meta.mode();
+        if meta.uid() == uid {
+            mode & (bit << 6) != 0
+        } else if meta.gid() == gid {
+            mode & (bit << 3) != 0
+        } else {
+            mode & bit != 0
+        }
+    };
+    let who = |meta: &std::fs::Metadata| {
+        format!("mode {:04o}, owner {}, group {}", meta.mode() & 0o7777, meta.uid(), meta.gid())
+    };
+    let path = std::path::absolute(path).ok()?;
+    for dir in path.ancestors().skip(1) {
+        let meta = std::fs::metadata(dir).ok()?;
+        if !allowed(&meta, 0o1) {
+            return Some(format!("its directory {} has {}", dir.display(), who(&meta)));
+        }
+    }
+    let meta = std::fs::metadata(&path).ok()?;
+    (!allowed(&meta, 0o4)).then(|| who(&meta))
+}
+
 /// `run`: the agent, until SIGINT or SIGTERM.
 fn run_agent(config: Config, overrides: Overrides) -> anyhow::Result<()> {
     crate::agent::run(config, overrides, shutdown_signal())?;
@@ -167,6 +233,34 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 27: a root-only config broke every reload, and `check-config` said ok.
+    #[test]
+    fn files_the_agent_may_not_read_are_found() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("helo-modes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let file = dir.join("helo-filter.toml");
+        std::fs::write(&file, "").unwrap();
+        let me = rustix::process::getuid().as_raw();
+        let my_group = rustix::process::getgid().as_raw();
+        let (other, other_group) = (me.wrapping_add(4242), my_group.wrapping_add(4242));
+        let mode = |m| std::fs::set_permissions(&file, std::fs::Permissions::from_mode(m)).unwrap();
+        mode(0o600);
+        assert_eq!(unreadable(&file, me, my_group), None, "the owner reads 0600");
+        let why = unreadable(&file, other, other_group).expect("no one else does");
+        assert!(why.starts_with("mode 0600"), "{why}");
+        mode(0o640);
+        assert_eq!(unreadable(&file, other, my_group), None, "the group reads 0640");
+        assert!(unreadable(&file, other, other_group).is_some());
+        mode(0o644);
+        assert_eq!(unreadable(&file, other, other_group), None);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let why = unreadable(&file, other, other_group).expect("the directory is closed");
+        assert!(why.starts_with("its directory "), "{why}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn an_error_prints_each_cause_once() {

@@ -187,6 +187,9 @@ impl HostFacts {
 pub struct Config {
     /// Where it came from (`None`: embedded defaults), for messages.
     pub source: Option<PathBuf>,
+    /// The rule files it names (`rules.access_file`, `rules.badhelo_file`), which a reload
+    /// reads again.
+    pub rule_files: Vec<PathBuf>,
     pub xdp: XdpConfig,
     /// The compiled rules; they also hold the allowlist and the ban TTL the rest of the agent
     /// uses.
@@ -419,6 +422,15 @@ impl Config {
         Self::from_raw(raw, overrides, path, &host)
     }
 
+    /// As [`Config::load_with`], from the text of the file at `path` read by someone else: the
+    /// root CLI hands the agent a root-only config this way at `reload`, which the agent,
+    /// no longer root, could not read itself.
+    pub fn load_text(text: &str, path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let raw = parse_raw(text, path)?;
+        let host = if raw.identity.detect { HostFacts::detect() } else { HostFacts::default() };
+        Self::from_raw(raw, overrides, Some(path), &host)
+    }
+
     /// Parses and validates TOML text; `path` names it in errors. `host` stands in for detection.
     pub fn parse(text: &str, path: &Path, host: &HostFacts) -> Result<Self, ConfigError> {
         Self::from_raw(parse_raw(text, path)?, &Overrides::default(), Some(path), host)
@@ -444,21 +456,29 @@ fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
     })
 }
 
-/// The control socket and the pin directory named in the config file at `path`, read leniently
-/// (the defaults for what is missing, or when the file does not read or parse): `helo-agent
-/// reload` must reach the agent even when the file does not validate, so that the agent itself
-/// refuses it, says why, and counts the refusal.
-pub fn control_locations(path: Option<&Path>) -> (PathBuf, PathBuf) {
-    let table = path
-        .and_then(|path| std::fs::read_to_string(path).ok())
-        .and_then(|text| toml::from_str::<toml::Table>(&text).ok());
-    let get = |section: &str, key: &str| {
-        table.as_ref()?.get(section)?.get(key)?.as_str().map(PathBuf::from)
+/// The control socket and the pin directory named in the config file at `path` (the defaults
+/// for what it leaves out), read from a file that parses as TOML but may not validate:
+/// `helo-agent reload` must reach the agent even then, so that the agent itself refuses the
+/// file, says why, and counts the refusal. `None` when the file cannot say (it does not read,
+/// it is not TOML, or one of the two is not a string): the caller stops with the file's own
+/// error rather than guess, since the defaults could name another agent.
+pub fn control_locations(path: Option<&Path>) -> Option<(PathBuf, PathBuf)> {
+    let table = match path {
+        Some(path) => {
+            Some(toml::from_str::<toml::Table>(&std::fs::read_to_string(path).ok()?).ok()?)
+        }
+        None => None,
     };
-    (
-        get("agent", "control_socket").unwrap_or_else(|| raw::RawAgent::default().control_socket),
-        get("xdp", "pin_dir").unwrap_or_else(|| raw::RawXdp::default().pin_dir),
-    )
+    let get = |section: &str, key: &str| -> Option<Option<PathBuf>> {
+        match table.as_ref().and_then(|t| t.get(section)?.get(key)) {
+            None => Some(None),
+            Some(value) => value.as_str().map(|v| Some(PathBuf::from(v))),
+        }
+    };
+    Some((
+        get("agent", "control_socket")?.unwrap_or_else(|| raw::RawAgent::default().control_socket),
+        get("xdp", "pin_dir")?.unwrap_or_else(|| raw::RawXdp::default().pin_dir),
+    ))
 }
 
 /// Parses CIDRs (a bare address means that one host), refusing host bits set below the prefix

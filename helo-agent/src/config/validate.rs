@@ -135,8 +135,11 @@ pub(super) fn config(
         extra_tlds: extra_tlds(&raw.rules.extra_tlds, origin)?,
         trust: raw.trust.forward_confirmed,
     };
+    let rule_files =
+        [&raw.rules.access_file, &raw.rules.badhelo_file].into_iter().flatten().cloned().collect();
     Ok(Config {
         source: origin.path.map(Path::to_owned),
+        rule_files,
         xdp,
         rules: Arc::new(rules),
         reject_message,

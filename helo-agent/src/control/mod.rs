@@ -49,7 +49,13 @@ pub enum Request {
     },
     List,
     Stats,
-    Reload,
+    /// Re-read the config. `config`: the file as the root CLI read it, for an agent that no
+    /// longer may (a root-only file: the agent runs as `agent.user`); used when it is the
+    /// agent's own file, else the agent reads its own.
+    Reload {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        config: Option<HandedConfig>,
+    },
     Tophelos {
         since_secs: u64,
         limit: usize,
@@ -62,6 +68,14 @@ pub enum Request {
         since_secs: u64,
         limit: usize,
     },
+}
+
+/// A config file as the CLI read it, handed to the agent with `reload`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandedConfig {
+    pub path: PathBuf,
+    pub text: String,
 }
 
 /// The agent's answer to a request it carried out, one variant per [`Request`] variant. On the
@@ -205,7 +219,7 @@ impl Answer {
             Request::Unban { .. } => Answer::Unbanned(from_value(data)?),
             Request::List => Answer::Listed(from_value(data)?),
             Request::Stats => Answer::Stats(from_value(data)?),
-            Request::Reload => Answer::Reloaded(from_value(data)?),
+            Request::Reload { .. } => Answer::Reloaded(from_value(data)?),
             Request::Tophelos { .. } => Answer::Tophelos(from_value(data)?),
             Request::ReusedHelos => Answer::ReusedHelos(from_value(data)?),
             Request::Overview { .. } => Answer::Overview(from_value(data)?),

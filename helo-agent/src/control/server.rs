@@ -11,8 +11,8 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 use tokio::net::UnixStream;
 
 use super::{
-    Answer, BanCounts, Banned, Envelope, FleetState, MAX_MESSAGE, Overview, PolicyState, Refusal,
-    ReloadSummary, Request, Unbanned, Verdicts, XdpStats,
+    Answer, BanCounts, Banned, Envelope, FleetState, HandedConfig, MAX_MESSAGE, Overview,
+    PolicyState, Refusal, ReloadSummary, Request, Unbanned, Verdicts, XdpStats,
 };
 use crate::addr::{AddrError, BanTarget};
 use crate::blocklist::Ttl;
@@ -36,8 +36,9 @@ pub struct Control {
     pub judge: Arc<Judge>,
     /// The XDP counters.
     pub stats: Box<dyn Fn() -> Result<XdpStats, EbpfError> + Send + Sync>,
-    /// Re-reads and swaps in the config; answers what changed.
-    pub reload: Box<dyn Fn() -> Reloading + Send + Sync>,
+    /// Re-reads and swaps in the config (the file as the root CLI handed it, if it did);
+    /// answers what changed.
+    pub reload: Box<dyn Fn(Option<HandedConfig>) -> Reloading + Send + Sync>,
     /// Allowlisted networks: a manual ban inside one is refused.
     pub allowlisted: AllowlistCheck,
     /// Where the policy service listens (fixed at start), for `top`.
@@ -158,7 +159,7 @@ async fn answer(request: Request, control: &Control) -> Result<Answer, ControlEr
             other => return Err(ControlError::Mismatched(other)),
         },
         Request::Stats => Answer::Stats((control.stats)()?),
-        Request::Reload => Answer::Reloaded((control.reload)().await?),
+        Request::Reload { config } => Answer::Reloaded((control.reload)(config).await?),
         Request::Tophelos { since_secs, limit } => {
             let now = crate::clock::unix_ns() / 1_000_000_000;
             let rows = control.judge.court().report.lock().expect("report lock").top(

@@ -227,27 +227,45 @@ mod tests {
         assert!(pending.contains(ip(100 + PENDING_CAPACITY as u32 + 99), 30 * sec));
     }
 
+    /// Regression (issue 27): a monitor on the gateway connecting from one of our own
+    /// addresses and saying our name was banned for an hour and the ban published to the
+    /// fleet; loopback too where the allowlist left it out. Neither is ever banned nor held at
+    /// accept, through either door (both conclude here).
     #[test]
     fn a_ban_verdict_reaches_the_ban_worker_and_a_guarded_address_does_not() {
         use crate::blocklist::BanStore;
-        let rules = crate::config::Config::parse(
-            "[identity]\ndetect = false\ndomains = [\"example.com\"]\n",
+        let config = crate::config::Config::parse(
+            "[identity]\ndetect = false\ndomains = [\"example.com\"]\n\
+             addresses = [\"198.51.100.25\", \"2001:db8:25::1\"]\n\
+             [allowlist]\nnetworks = [\"198.51.100.128/25\"]\n\
+             [proxy]\nupstream = \"192.0.2.25:25\"\n",
             std::path::Path::new("t"),
             &crate::config::HostFacts::default(),
         )
-        .unwrap()
-        .rules;
+        .unwrap();
+        let live = super::super::Live::of(&config);
         let (sender, worker) =
             crate::blocklist::fake::spawn_worker(crate::blocklist::fake::FakeStore::default());
         let court = Court::new(Some(sender), None, Duration::from_secs(3600));
-        let never =
-            NeverBan { mta: "192.0.2.25".parse().unwrap(), trusted_proxies: &[], allowlist: &[] };
-        for ip in ["203.0.113.9", "192.0.2.25"] {
+        let never = live.never_ban();
+        let clients = [
+            "203.0.113.9",
+            "192.0.2.25",
+            "198.51.100.25",
+            "2001:db8:25::1",
+            "::ffff:198.51.100.25",
+            "127.0.0.1",
+            "127.3.2.1",
+            "::1",
+            "198.51.100.200",
+        ];
+        for ip in clients {
             let client = Client::new(ip.parse().unwrap(), None, false);
             let mut hearing = Hearing::new(&client);
-            hearing.hear(&Law::given(&rules, None), "mx.example.com", None);
+            hearing.hear(&Law::given(&config.rules, None), "mx.example.com", None);
+            // The allowlisted client passes; the others are banned by the rules.
             let verdict = hearing.verdict().unwrap().clone();
-            assert_eq!(verdict.action, Action::Ban);
+            court.condemn(&client, &verdict, &never);
             let record = Record {
                 door: Door::Proxy,
                 client: &client,
@@ -260,15 +278,17 @@ mod tests {
                 transport: None,
             };
             court.conclude(&record, &never);
+            let held = court.ban_pending(client.ip);
+            assert_eq!(held, ip == "203.0.113.9", "{ip}: held at accept only when bannable");
         }
         let now = crate::clock::unix_ns() / 1_000_000_000;
         let rows = court.report.lock().unwrap().top(now, Duration::from_secs(60), 10);
-        assert_eq!(rows.len(), 1, "both sessions observed under their HELO");
+        assert_eq!(rows.len(), 1, "every session observed under its HELO");
         drop(court);
         let list = worker.join().unwrap();
         let banned: Vec<String> =
             list.store().entries().unwrap().iter().map(|(t, _)| t.to_string()).collect();
-        assert_eq!(banned, ["203.0.113.9"], "the MTA's own address is never banned");
+        assert_eq!(banned, ["203.0.113.9"], "ours, the MTA, loopback, the allowlist: never banned");
         let reason = list.list(crate::clock::boot_ns()).unwrap()[0].reason.clone();
         assert_eq!(reason, "forged_identity: mx.example.com");
     }

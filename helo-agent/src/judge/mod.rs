@@ -26,6 +26,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ipnet::IpNet;
+use rustc_hash::FxHashSet;
 
 pub use self::court::{Court, Open, PENDING_HOLD};
 pub use self::hearing::{Heard, Hearing, Law, ReuseSeen};
@@ -64,6 +65,10 @@ pub struct Live {
     pub config: ProxyConfig,
     pub rules: Arc<RuleSet>,
     pub reject_message: String,
+    /// Whether a loopback client may be banned: never in the agent (`false` from
+    /// [`Live::of`]). The transcript tests, which run without root and so can only have
+    /// clients on loopback, turn it on to see bans at all.
+    pub loopback_bannable: bool,
 }
 
 impl Live {
@@ -73,6 +78,7 @@ impl Live {
             config: config.proxy.clone(),
             rules: config.rules.clone(),
             reject_message: config.reject_message.clone(),
+            loopback_bannable: false,
         }
     }
 
@@ -82,11 +88,15 @@ impl Live {
             mta: self.config.upstream.ip(),
             trusted_proxies: &self.config.trusted_proxies,
             allowlist: &self.rules.allowlist,
+            own: &self.rules.identity.addresses,
+            loopback: !self.loopback_bannable,
         }
     }
 }
 
-/// Addresses never banned, as the configuration in force says.
+/// Addresses never banned, as the configuration in force says: checked by the court for
+/// every ban verdict of either door, before the ban is held at accept, queued for the kernel
+/// or published to the fleet.
 #[derive(Clone, Copy, Debug)]
 pub struct NeverBan<'a> {
     /// The MTA's own address: banning it would cut the gateway off from itself.
@@ -94,13 +104,26 @@ pub struct NeverBan<'a> {
     /// Front proxies: banning one would cut off every client behind it.
     pub trusted_proxies: &'a [IpNet],
     pub allowlist: &'a [IpNet],
+    /// Our own addresses (`identity.addresses`, and the host's own with `identity.detect`): a
+    /// monitor or a local application that connects from one of them is the gateway itself,
+    /// whatever it says (a forged-looking HELO is its own name), and a ban would travel to
+    /// the whole fleet, cutting this gateway off from every other.
+    pub own: &'a FxHashSet<IpAddr>,
+    /// Loopback clients (127.0.0.0/8, ::1): local processes, whatever `allowlist.networks`
+    /// says. `false` only in tests (see [`Live::loopback_bannable`]).
+    pub loopback: bool,
 }
 
 impl NeverBan<'_> {
     /// Why `ip` must not be banned, if it must not.
     pub fn reason(&self, ip: IpAddr) -> Option<&'static str> {
+        let ip = crate::addr::canonical(ip);
         if ip == crate::addr::canonical(self.mta) {
             Some("the MTA's own address (proxy.upstream)")
+        } else if self.loopback && ip.is_loopback() {
+            Some("a loopback address: a local process")
+        } else if self.own.contains(&ip) {
+            Some("one of our own addresses (identity.addresses, identity.detect)")
         } else if self.trusted_proxies.iter().any(|net| net.contains(&ip)) {
             Some("a trusted front proxy (proxy.trusted_proxies)")
         } else if self.allowlist.iter().any(|net| net.contains(&ip)) {
@@ -287,13 +310,31 @@ mod tests {
     fn never_ban_names_the_right_reason() {
         let proxies = ["192.0.2.0/28".parse().unwrap()];
         let allow = ["198.51.100.128/25".parse().unwrap()];
+        let own: FxHashSet<IpAddr> =
+            ["192.0.2.25", "2001:db8::25"].iter().map(|a| a.parse().unwrap()).collect();
         let never = NeverBan {
             mta: "::ffff:127.0.0.1".parse().unwrap(),
             trusted_proxies: &proxies,
             allowlist: &allow,
+            own: &own,
+            loopback: true,
         };
         let reason = |ip: &str| never.reason(ip.parse().unwrap());
         assert_eq!(reason("127.0.0.1"), Some("the MTA's own address (proxy.upstream)"));
+        let local = Some("a loopback address: a local process");
+        assert_eq!(
+            (reason("127.0.0.2"), reason("::1"), reason("::ffff:127.1.2.3")),
+            (local, local, local)
+        );
+        let ours = Some("one of our own addresses (identity.addresses, identity.detect)");
+        assert_eq!(
+            (reason("192.0.2.25"), reason("2001:db8::25"), reason("::ffff:192.0.2.25")),
+            (ours, ours, ours)
+        );
+        assert_eq!(
+            NeverBan { loopback: false, ..never }.reason("127.0.0.2".parse().unwrap()),
+            None
+        );
         assert_eq!(reason("192.0.2.5"), Some("a trusted front proxy (proxy.trusted_proxies)"));
         assert_eq!(reason("198.51.100.200"), Some("allowlisted (allowlist.networks)"));
         assert_eq!(reason("203.0.113.9"), None);

@@ -58,6 +58,8 @@ pub(super) struct Context<'a> {
     pub peer: SocketAddr,
     pub local: SocketAddr,
     pub drain: watch::Receiver<Drain>,
+    /// The MTA's answers to HELO and EHLO, as the last passed session heard them.
+    pub learned: &'a upstream::Learned,
 }
 
 /// Whether any HELO of this client is judged at all (not allowlisted, not on a listener that
@@ -118,6 +120,7 @@ impl Drop for Late {
 
 pub(super) struct Handler<'a> {
     judge: &'a Judge,
+    learned: &'a upstream::Learned,
     live: &'a Live,
     config: &'a ProxyConfig,
     who: Client,
@@ -148,10 +151,11 @@ impl<'a> Handler<'a> {
     /// A handler for one admitted session. `input`: client bytes already read (after a
     /// trusted front proxy's header).
     pub(super) fn new(context: Context<'a>, client: TcpStream, input: Vec<u8>) -> Self {
-        let Context { judge, live, who, peer, local, drain } = context;
+        let Context { judge, live, who, peer, local, drain, learned } = context;
         let config = &live.config;
         let mut session =
             Session::new(judge.law(live), who, &live.reject_message, config.hostname.clone());
+        session.learned(learned.reply(true).as_deref(), learned.reply(false).as_deref());
         session.input().extend_from_slice(&input);
         // The DNS checks: the client's reverse names are looked up from now, in the background
         // (a client seen lately is known already: no task), and the HELO name when the HELO
@@ -174,6 +178,7 @@ impl<'a> Handler<'a> {
         let now = tokio::time::Instant::now();
         Handler {
             judge,
+            learned,
             live,
             config,
             who,
@@ -314,8 +319,10 @@ impl Handler<'_> {
                     self.tell(&answer).await
                 }
                 Step::Defer => Flow::Next,
-                Step::Pass(line) | Step::Forward(line) => self.forward(&line).await,
-                Step::Opaque => Flow::Opaque(Opacity::Chunks),
+                Step::Pass(line) | Step::Forward(line) | Step::Chunk(line) => {
+                    self.forward(&line).await
+                }
+                Step::Stream(len) => Box::pin(self.stream(len)).await,
             };
             if !matches!(flow, Flow::Next) {
                 return flow;
@@ -433,6 +440,47 @@ impl Handler<'_> {
         Flow::Next
     }
 
+    /// The rest of a BDAT chunk, `len` bytes, straight from the client to the MTA (spliced
+    /// when many), within the idle timeout, cut by a shutdown past its grace like a relay.
+    async fn stream(&mut self, len: u64) -> Flow {
+        let mta = self.upstream.as_ref().expect("a chunk follows a relayed BDAT");
+        let drain = &mut self.drain;
+        let cut = async {
+            let _ = drain.wait_for(|d| *d == Drain::Cut).await;
+        };
+        let moved = tokio::select! {
+            moved = relay::move_exact(&self.client, mta, len, self.config.idle_timeout) => moved,
+            () = cut => {
+                let (answer, end) = self.session.on_shutdown();
+                return Flow::Close(end, Some(answer));
+            }
+        };
+        match moved {
+            Ok(moved) => {
+                self.session.streamed(moved.moved);
+                self.outcome.copied += moved.copied;
+                self.outcome.spliced |= moved.copied < moved.moved;
+                if moved.client_closed {
+                    // Mid-chunk: the MTA sees the end of stream and drops the transaction.
+                    Flow::Close(End::ClientClosed, None)
+                } else {
+                    Flow::Next
+                }
+            }
+            Err(e) => {
+                self.outcome.error = Some(e.to_string());
+                match (e.side, e.kind()) {
+                    (crate::judge::Side::Client, io::ErrorKind::TimedOut) => {
+                        let (answer, end) = self.session.on_timeout();
+                        Flow::Close(end, Some(answer))
+                    }
+                    (crate::judge::Side::Client, _) => Flow::Close(End::ClientError, None),
+                    _ => Flow::Close(End::UpstreamError, Some(unavailable())),
+                }
+            }
+        }
+    }
+
     /// Waits for the client (unless the session waits for the MTA), the MTA's replies (while
     /// they are read), the deadline, or a shutdown.
     async fn wait(&mut self) -> Flow {
@@ -445,9 +493,12 @@ impl Handler<'_> {
         };
         let relaying = self.session.relaying();
         let hears_mta = self.upstream.is_some() && self.session.hears_mta();
-        // Mail may be on its way through a relaying session: it gets the drain's grace. A
-        // session before its verdict, or rejected, carries none and is told so at once.
-        let stop_on = if relaying { Drain::Cut } else { Drain::Draining };
+        // Mail may be on its way through a relaying session in a transaction: it gets the
+        // drain's grace. A session before its verdict, rejected, or relaying but idle between
+        // transactions carries none and is told so at once (the MTA gets QUIT), as Postfix's
+        // smtpd is on a stop; one that goes idle between transactions during the grace too.
+        let carries_mail = relaying && !self.session.between_transactions();
+        let stop_on = if carries_mail { Drain::Cut } else { Drain::Draining };
         let reading_client = !self.session.waiting();
         let input = self.session.input();
         input.reserve(READ_CHUNK);
@@ -527,7 +578,11 @@ impl Handler<'_> {
                 return flow;
             }
             self.last_reply = Some(code);
-            match self.session.on_reply(code, &reply) {
+            let after = self.session.on_reply(code, &reply);
+            if let Some((ehlo, reply)) = self.session.take_learned() {
+                self.learned.learn(ehlo, reply);
+            }
+            match after {
                 AfterReply::Continue => {}
                 AfterReply::Opaque(opacity) => return Flow::Opaque(opacity),
                 AfterReply::Reject(answer) => {

@@ -66,6 +66,10 @@ struct Shared {
     drain: watch::Sender<Drain>,
     refused: Throttled,
     accept_failed: Throttled,
+    /// Connections closed at accept (banned, or a ban just decided), summed up in the log.
+    closed_at_accept: Throttled,
+    /// What the MTA answers HELO and EHLO, for rejected sessions.
+    learned: upstream::Learned,
 }
 
 impl Shared {
@@ -79,6 +83,8 @@ impl Shared {
             drain: watch::Sender::new(Drain::Running),
             refused: Throttled::default(),
             accept_failed: Throttled::default(),
+            closed_at_accept: Throttled::default(),
+            learned: upstream::Learned::default(),
         })
     }
 
@@ -369,7 +375,9 @@ async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, check_
     let Arrival { stream, who, peer, local, input } = arrival;
     let _ = stream.set_nodelay(true);
     let judge = &*shared.judge;
-    let context = Context { judge, live: &live, who, peer, local, drain: shared.drain.subscribe() };
+    let drain = shared.drain.subscribe();
+    let learned = &shared.learned;
+    let context = Context { judge, live: &live, who, peer, local, drain, learned };
     let outcome = Handler::new(context, stream, input).run().await;
     let record = Record {
         door: Door::Proxy,
@@ -452,6 +460,15 @@ async fn arrive(
         Refusal::BanPending => {
             tracing::debug!(client = %ip, via = ?balancer, "client with a ban just decided closed at accept");
         }
+    }
+    // A returning bot floods this path: one line a second at most, with how many it stands for.
+    if let Some(count) = shared.closed_at_accept.tick(Instant::now()) {
+        tracing::info!(
+            client = %ip,
+            count,
+            "clients closed at accept, banned where XDP cannot drop them or with a ban just \
+             decided (count: since the last such line; client: the latest)"
+        );
     }
     None
 }

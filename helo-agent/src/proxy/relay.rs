@@ -89,7 +89,8 @@ pub enum Turn {
     DataEnd,
     /// The MTA answered the complete message: the client's turn again.
     Answered,
-    /// The relay cannot tell (TLS, BDAT chunks, bytes after the message, spliced data).
+    /// The relay cannot tell (TLS, a BDAT chunk of unknown size, bytes after the message,
+    /// spliced data).
     Unknown,
 }
 
@@ -485,6 +486,105 @@ async fn splice_until_end(
     }
 }
 
+/// What [`move_exact`] moved.
+#[derive(Debug, Default)]
+pub struct Moved {
+    /// Bytes that reached the MTA.
+    pub moved: u64,
+    /// Of them, copied through user space (the rest spliced).
+    pub copied: u64,
+    /// The client closed before the chunk was complete.
+    pub client_closed: bool,
+}
+
+/// Moves exactly `len` bytes of a BDAT chunk from the client to the MTA, and not one more
+/// (the client's next command follows them): copied when few, spliced through a pipe when
+/// many, as the relay does. Each wait for either side is bounded by `idle`.
+pub async fn move_exact(
+    from: &TcpStream,
+    to: &TcpStream,
+    len: u64,
+    idle: Duration,
+) -> Result<Moved, RelayError> {
+    let mut moved = Moved::default();
+    let pipe = if len >= 2 * COPY_FIRST as u64 {
+        pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC).ok()
+    } else {
+        None
+    };
+    let Some((pipe_read, pipe_write)) = pipe else {
+        let mut buf = vec![0u8; usize::try_from(len).unwrap_or(COPY_FIRST).min(COPY_FIRST)];
+        while moved.moved < len {
+            let want = usize::try_from(len - moved.moved).unwrap_or(buf.len()).min(buf.len());
+            let n = within(idle, Side::Client, read_some(from, &mut buf[..want])).await?;
+            if n == 0 {
+                moved.client_closed = true;
+                break;
+            }
+            within(idle, Side::Mta, write_all(to, &buf[..n])).await?;
+            moved.moved += n as u64;
+            moved.copied += n as u64;
+        }
+        return Ok(moved);
+    };
+    while moved.moved < len {
+        let want = usize::try_from(len - moved.moved).unwrap_or(CHUNK).min(CHUNK);
+        let into_pipe = async {
+            loop {
+                from.readable().await?;
+                match from.try_io(Interest::READABLE, || {
+                    splice(from, None, &pipe_write, None, want, SpliceFlags::NONBLOCK)
+                        .map_err(io::Error::from)
+                }) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    result => return result,
+                }
+            }
+        };
+        let n = within(idle, Side::Client, into_pipe).await?;
+        if n == 0 {
+            moved.client_closed = true;
+            break;
+        }
+        let mut left = n;
+        while left > 0 {
+            let out_of_pipe = async {
+                loop {
+                    to.writable().await?;
+                    match to.try_io(Interest::WRITABLE, || {
+                        splice(&pipe_read, None, to, None, left, SpliceFlags::NONBLOCK)
+                            .map_err(io::Error::from)
+                    }) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        result => return result,
+                    }
+                }
+            };
+            left -= within(idle, Side::Mta, out_of_pipe).await?;
+        }
+        moved.moved += n as u64;
+    }
+    Ok(moved)
+}
+
+/// `io` within `idle`, its failure (or the silence) tagged with `side`.
+async fn within<T>(
+    idle: Duration,
+    side: Side,
+    io: impl std::future::Future<Output = io::Result<T>>,
+) -> Result<T, RelayError> {
+    match tokio::time::timeout(idle, io).await {
+        Ok(result) => result.map_err(on(side)),
+        Err(_) => {
+            let error = io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no traffic for {}s", idle.as_secs()),
+            );
+            Err(RelayError { side, error })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -567,6 +667,41 @@ mod tests {
         assert!(relayed.error.is_none(), "a reset after the end is no error: {:?}", relayed.error);
         assert_eq!((relayed.up, relayed.down, relayed.spliced), (6, 15, false), "6 bytes: copied");
         assert!(!relayed.upstream_lost, "221 then close is the ordinary end");
+    }
+
+    /// A BDAT chunk is moved to its last byte and not one more, small (copied) or large
+    /// (spliced), whatever the pieces it arrives in; what follows stays for the commands.
+    #[tokio::test]
+    async fn a_chunk_moves_exactly_its_length() {
+        for len in [1usize, 100, 3 * COPY_FIRST + 7, 300_000] {
+            let (mut client_far, client_near) = pair().await;
+            let (upstream_near, mut upstream_far) = pair().await;
+            let chunk: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let sent = [&chunk[..], b"QUIT\r\n"].concat();
+            let writer = tokio::spawn(async move {
+                for piece in sent.chunks(50_000) {
+                    client_far.write_all(piece).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                client_far
+            });
+            let idle = Duration::from_secs(5);
+            let moved = move_exact(&client_near, &upstream_near, len as u64, idle).await.unwrap();
+            assert_eq!((moved.moved, moved.client_closed), (len as u64, false), "{len}");
+            assert_eq!(
+                moved.copied == moved.moved,
+                len < 2 * COPY_FIRST,
+                "{len}: spliced when large"
+            );
+            let mut got = vec![0u8; len];
+            upstream_far.read_exact(&mut got).await.unwrap();
+            assert!(got == chunk, "{len}: byte for byte");
+            let _client_far = writer.await.unwrap();
+            let mut rest = [0u8; 6];
+            let mut client_near = client_near;
+            client_near.read_exact(&mut rest).await.unwrap();
+            assert_eq!(&rest, b"QUIT\r\n", "{len}: the next command is left for the session");
+        }
     }
 
     #[test]

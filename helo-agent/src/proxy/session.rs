@@ -8,11 +8,18 @@
 //! Before HELO the proxy answers the client itself. At HELO/EHLO the rules decide. A pass
 //! connects the MTA and the proxy forwards the client's commands one line at a time, judging
 //! every later HELO/EHLO the same way, until the session becomes opaque: STARTTLS accepted (a
-//! 2xx: the rest is TLS the proxy cannot read), DATA accepted (354) or BDAT (message data
-//! follows). A HELO that fails, first or later, ends the MTA's part (QUIT, after the replies
-//! it still owes the client) and the proxy finishes the transcript alone, qmail style: `553`
-//! at every RCPT TO (or at the HELO itself), DATA refused. A rejected session stays rejected,
-//! whatever HELO comes next.
+//! 2xx: the rest is TLS the proxy cannot read) or DATA accepted (354: message data up to a
+//! lone dot, which only a scan of every byte could find, and the relay splices it unread).
+//! Commands whose reply decides what the next client line is are waited for: STARTTLS, DATA,
+//! AUTH (a 334 makes the next line a SASL response, relayed unparsed) and a BDAT whose size
+//! the proxy cannot read. A BDAT chunk is length-delimited (RFC 3030): its bytes follow the
+//! command whatever the MTA answers (Postfix reads and discards a refused chunk), so the proxy
+//! relays exactly that many bytes, spliced when they are many, and reads commands again
+//! after them, judging a HELO after a chunk, refused or not, and after a message sent with
+//! `BDAT n LAST`. A HELO that fails, first or later, ends the MTA's part (QUIT, after the
+//! replies it still owes the client) and the proxy finishes the transcript alone, qmail style:
+//! `553` at every RCPT TO (or at the HELO itself), DATA and BDAT refused (a chunk read and
+//! dropped). A rejected session stays rejected, whatever HELO comes next.
 //!
 //! Greeting itself, the proxy may run the pregreet test (postscreen's, see
 //! [`Session::greet`]): a `220-` line first, the final `220 ` line once the wait is over
@@ -29,7 +36,9 @@ use super::header;
 use crate::dns::Need;
 use crate::judge::{Client, End, Heard, Hearing, Law};
 use crate::rules::{Check, CheckAction, DnsFacts, RejectAt, Verdict};
-use crate::smtp::{LineScan, MAX_COMMAND_LINE, SmtpCommand, reply, scan_line};
+use crate::smtp::{
+    LineScan, MAX_COMMAND_LINE, MAX_RELAYED_LINE, SmtpCommand, bdat_size, reply, scan_line,
+};
 
 /// Commands a rejected session may send before it is closed.
 pub const MAX_REJECTED_COMMANDS: u32 = 50;
@@ -48,9 +57,12 @@ pub enum Step {
     Pass(Vec<u8>),
     /// Send this line to the MTA; its reply comes back through [`Session::on_reply`].
     Forward(Vec<u8>),
-    /// BDAT: send [`Session::take_input`] (the BDAT line and everything after it) to the MTA;
-    /// the chunk follows at once, so the session is opaque from here (message data).
-    Opaque,
+    /// Bytes of a BDAT chunk that were buffered: send them to the MTA as they are.
+    Chunk(Vec<u8>),
+    /// This many bytes of a BDAT chunk are still to come from the client and nothing is
+    /// buffered: move them to the MTA as they arrive (spliced when they are many), tell
+    /// [`Session::streamed`] how many moved, and ask again.
+    Stream(u64),
     /// The verdict is reject or ban: tell the MTA QUIT and let it go, write this to the
     /// client, and read on.
     Reject(Vec<u8>),
@@ -84,8 +96,9 @@ pub enum Opacity {
     /// relay still sees whether the MTA said goodbye, and the client's data is lines up to the
     /// lone dot that ends it.
     Data,
-    /// BDAT: message data in chunks of a stated size, not lines. The replies are watched as
-    /// with DATA; where the client's data ends, the relay cannot tell.
+    /// A BDAT whose size the proxy could not read, which the MTA accepted: message data in a
+    /// chunk of a size the proxy does not know. The replies are watched as with DATA; where
+    /// the client's data ends, the relay cannot tell.
     Chunks,
 }
 
@@ -98,7 +111,17 @@ enum Owed {
     Helo(bool),
     StartTls,
     Data,
+    /// AUTH, or a SASL response: a 334 makes the next line another response.
+    Auth,
+    /// A BDAT whose size the proxy could not read: Postfix answers 521 and hangs up; an MTA
+    /// that accepts it leaves the proxy unable to find where its chunk ends.
+    BadBdat,
 }
+
+/// Bytes of refused BDAT chunks the proxy reads and drops in a session it answers itself;
+/// beyond, the session is closed (Postfix stops skipping past 1.5 times its
+/// `message_size_limit`, 10 MB by default, and drops the connection).
+pub const MAX_DISCARDED: u64 = 16 * 1024 * 1024;
 
 /// Where the greeting stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,9 +169,13 @@ pub struct Session<'a> {
     /// relayed; the answer is made then, from what the MTA said by then.
     deferred: Option<bool>,
     /// The MTA's own replies to HELO and EHLO, replayed to a rejected client's HELO/EHLO, so it
-    /// hears what it heard from the MTA before.
+    /// hears what it heard from the MTA before, or what the MTA answers others (learned from
+    /// earlier sessions, [`Session::learned`]).
     mta_helo_reply: Option<Vec<u8>>,
     mta_ehlo_reply: Option<Vec<u8>>,
+    /// The MTA just answered this session's passed EHLO (`true`) or HELO: for the proxy to
+    /// learn ([`Session::take_learned`]).
+    fresh_reply: Option<bool>,
     rejected_commands: u32,
     commands_before_helo: u32,
     /// Client bytes not handled yet.
@@ -164,6 +191,17 @@ pub struct Session<'a> {
     /// A HELO judged whose `log` checks would read DNS: the I/O loop looks it up in the
     /// background ([`Session::take_late`]) and hands the answer to [`Session::on_late_dns`].
     late: Option<String>,
+    /// Bytes of a BDAT chunk still to relay to the MTA.
+    chunk: u64,
+    /// Bytes of a refused BDAT chunk still to read and drop (the proxy answered it).
+    discard: u64,
+    /// Bytes dropped so far (bounded by [`MAX_DISCARDED`]).
+    discarded: u64,
+    /// The MTA answered AUTH with 334: the next line is a SASL response, not a command.
+    sasl: bool,
+    /// A mail transaction may be open at the MTA: a MAIL went to it, and no RSET, HELO/EHLO
+    /// or last BDAT chunk since.
+    in_mail: bool,
 }
 
 impl<'a> Session<'a> {
@@ -179,6 +217,7 @@ impl<'a> Session<'a> {
             deferred: None,
             mta_helo_reply: None,
             mta_ehlo_reply: None,
+            fresh_reply: None,
             rejected_commands: 0,
             commands_before_helo: 0,
             buf: Vec::new(),
@@ -187,6 +226,11 @@ impl<'a> Session<'a> {
             pregreet: None,
             lookup: None,
             late: None,
+            chunk: 0,
+            discard: 0,
+            discarded: 0,
+            sasl: false,
+            in_mail: false,
         }
     }
 
@@ -194,6 +238,21 @@ impl<'a> Session<'a> {
     /// [`Step::Lookup`] and [`Session::on_dns`].
     pub fn enable_dns(&mut self) {
         self.hearing.look();
+    }
+
+    /// What the MTA answered the EHLO (`ehlo`) and HELO of earlier sessions: a session
+    /// rejected before the MTA answered its own is answered with that.
+    pub fn learned(&mut self, ehlo: Option<&[u8]>, helo: Option<&[u8]>) {
+        self.mta_ehlo_reply = ehlo.map(<[u8]>::to_vec);
+        self.mta_helo_reply = helo.map(<[u8]>::to_vec);
+    }
+
+    /// The MTA's answer to this session's passed EHLO (`true`) or HELO, once, when it came
+    /// in with the last [`Session::on_reply`].
+    pub fn take_learned(&mut self) -> Option<(bool, &[u8])> {
+        let ehlo = self.fresh_reply.take()?;
+        let reply = if ehlo { &self.mta_ehlo_reply } else { &self.mta_helo_reply };
+        reply.as_deref().map(|reply| (ehlo, reply))
     }
 
     /// The MTA greeted (`proxy.greeting = "mta"`): `host` is the name from its banner, which a
@@ -299,9 +358,23 @@ impl<'a> Session<'a> {
         std::mem::take(&mut self.buf)
     }
 
-    /// Client bytes handled so far (lines taken by [`Session::next_step`]).
+    /// Client bytes handled so far (lines taken by [`Session::next_step`], chunk bytes
+    /// relayed or dropped).
     pub fn consumed(&self) -> u64 {
         self.consumed
+    }
+
+    /// `moved` bytes of the chunk a [`Step::Stream`] asked for went to the MTA.
+    pub fn streamed(&mut self, moved: u64) {
+        debug_assert!(moved <= self.chunk, "no more than the chunk");
+        self.chunk -= moved.min(self.chunk);
+        self.consumed += moved;
+    }
+
+    /// The longest line the session takes now: where the proxy only relays, what the MTA
+    /// may take; where it answers itself, its own bound.
+    fn line_limit(&self) -> usize {
+        if self.phase == Phase::Passed { MAX_RELAYED_LINE } else { MAX_COMMAND_LINE }
     }
 
     /// What to do with what is buffered; `None`: read more (or, while [`Session::waiting`],
@@ -324,7 +397,26 @@ impl<'a> Session<'a> {
                 reply::line(554, "5.7.0", "Error: PROXY header from an untrusted address");
             return Some(Step::Close(refusal, End::UntrustedProxyHeader));
         }
-        let (len, content) = match scan_line(&self.buf, MAX_COMMAND_LINE) {
+        if self.chunk > 0 {
+            if self.buf.is_empty() {
+                return Some(Step::Stream(self.chunk));
+            }
+            let take = self.buf.len().min(usize::try_from(self.chunk).unwrap_or(usize::MAX));
+            let bytes: Vec<u8> = self.buf.drain(..take).collect();
+            self.chunk -= take as u64;
+            self.consumed += take as u64;
+            return Some(Step::Chunk(bytes));
+        }
+        if self.discard > 0 {
+            let take = self.buf.len().min(usize::try_from(self.discard).unwrap_or(usize::MAX));
+            self.buf.drain(..take);
+            self.discard -= take as u64;
+            self.consumed += take as u64;
+            if self.discard > 0 {
+                return None;
+            }
+        }
+        let (len, content) = match scan_line(&self.buf, self.line_limit()) {
             LineScan::Line { len, content } => (len, content),
             LineScan::NeedMore => return None,
             LineScan::TooLong => {
@@ -334,14 +426,7 @@ impl<'a> Session<'a> {
         };
         let line: Vec<u8> = self.buf.drain(..len).collect();
         self.consumed += len as u64;
-        Some(match self.take_line(line, content) {
-            Step::Opaque => {
-                // The BDAT line goes with its chunk: put it back.
-                self.consumed -= len as u64;
-                Step::Opaque
-            }
-            step => step,
-        })
+        Some(self.take_line(line, content))
     }
 
     /// The client said nothing in time: before a verdict `proxy.helo_timeout`, after one
@@ -389,17 +474,33 @@ impl<'a> Session<'a> {
         self.phase == Phase::Passed
     }
 
+    /// Whether a relaying session is idle between transactions: no mail transaction open, no
+    /// reply owed, nothing buffered. At shutdown such a session is ended at once (421), as
+    /// Postfix's smtpd is on a stop; one with mail in flight gets the grace.
+    pub fn between_transactions(&self) -> bool {
+        self.phase == Phase::Passed
+            && !self.in_mail
+            && self.owed.is_empty()
+            && self.chunk == 0
+            && self.buf.is_empty()
+    }
+
     /// Whether the MTA's replies are read: lines go to it, or a rejection waits for the
     /// replies it still owes.
     pub fn hears_mta(&self) -> bool {
         self.phase == Phase::Passed || self.deferred.is_some()
     }
 
-    /// Whether the next client line must wait for the MTA: its reply to STARTTLS or DATA
-    /// decides whether what follows is commands at all, and a deferred rejection waits for
+    /// Whether the next client line must wait for the MTA: its reply to STARTTLS, DATA or a
+    /// BDAT of unreadable size decides whether what follows is commands at all, its reply
+    /// to AUTH whether the next line is a SASL response, and a deferred rejection waits for
     /// the replies the MTA still owes.
     pub fn waiting(&self) -> bool {
-        self.deferred.is_some() || matches!(self.owed.back(), Some(Owed::StartTls | Owed::Data))
+        self.deferred.is_some()
+            || matches!(
+                self.owed.back(),
+                Some(Owed::StartTls | Owed::Data | Owed::Auth | Owed::BadBdat)
+            )
     }
 
     /// One command line (without its terminator).
@@ -410,7 +511,15 @@ impl<'a> Session<'a> {
     /// One line, its terminator after `content` bytes; a line bound for the MTA comes back in
     /// the step.
     fn take_line(&mut self, line: Vec<u8>, content: usize) -> Step {
+        if self.phase == Phase::Passed && std::mem::take(&mut self.sasl) {
+            // A SASL response (base64, or `*`): relayed unparsed, whatever it looks like.
+            self.owed.push_back(Owed::Auth);
+            return Step::Forward(line);
+        }
         let command = SmtpCommand::parse(&line[..content]);
+        if command == SmtpCommand::Bdat && self.phase != Phase::Passed {
+            return self.refuse_bdat(command, &line[..content]);
+        }
         match self.phase {
             Phase::Rejected => self.after_rejection(command),
             Phase::Passed => self.forward(command, line),
@@ -426,6 +535,7 @@ impl<'a> Session<'a> {
         {
             let kept = if ehlo { &mut self.mta_ehlo_reply } else { &mut self.mta_helo_reply };
             *kept = Some(reply.to_vec());
+            self.fresh_reply = Some(ehlo);
         }
         if self.owed.is_empty()
             && let Some(ehlo) = self.deferred.take()
@@ -436,12 +546,21 @@ impl<'a> Session<'a> {
         match owed {
             Some(Owed::StartTls) if (200..300).contains(&code) => AfterReply::Opaque(Opacity::Tls),
             Some(Owed::Data) if code == 354 => AfterReply::Opaque(Opacity::Data),
+            Some(Owed::BadBdat) if (200..300).contains(&code) => {
+                AfterReply::Opaque(Opacity::Chunks)
+            }
+            Some(Owed::Auth) if code == 334 && self.phase == Phase::Passed => {
+                self.sasl = true;
+                AfterReply::Continue
+            }
             _ => AfterReply::Continue,
         }
     }
 
     fn before_helo(&mut self, command: SmtpCommand, line: Vec<u8>) -> Step {
-        if !matches!(command, SmtpCommand::Helo(_) | SmtpCommand::Ehlo(_) | SmtpCommand::Quit) {
+        let named =
+            matches!(&command, SmtpCommand::Helo(a) | SmtpCommand::Ehlo(a) if !a.is_empty());
+        if !named && command != SmtpCommand::Quit {
             self.commands_before_helo += 1;
             if self.commands_before_helo > MAX_COMMANDS_BEFORE_HELO {
                 let limit = reply::line(421, "4.7.0", "Error: too many commands");
@@ -449,6 +568,9 @@ impl<'a> Session<'a> {
             }
         }
         match command {
+            SmtpCommand::Helo(argument) | SmtpCommand::Ehlo(argument) if argument.is_empty() => {
+                Step::Reply(bare_helo(&line))
+            }
             SmtpCommand::Helo(argument) | SmtpCommand::Ehlo(argument) => self.judge(argument, line),
             SmtpCommand::Quit => Step::Close(reply::line(221, "2.0.0", "Bye"), End::Closed),
             SmtpCommand::Noop => Step::Reply(reply::line(250, "2.0.0", "Ok")),
@@ -466,15 +588,34 @@ impl<'a> Session<'a> {
     /// A line after a pass: judged if it is a HELO, else bound for the MTA.
     fn forward(&mut self, command: SmtpCommand, line: Vec<u8>) -> Step {
         let owed = match command {
+            // A bare HELO/EHLO names nothing to judge: the MTA answers it with 501, and the
+            // client may try again.
+            SmtpCommand::Helo(argument) | SmtpCommand::Ehlo(argument) if argument.is_empty() => {
+                Owed::Reply
+            }
             SmtpCommand::Helo(argument) | SmtpCommand::Ehlo(argument) => {
                 return self.judge(argument, line);
             }
-            SmtpCommand::Bdat => {
-                self.buf.splice(0..0, line);
-                return Step::Opaque;
+            SmtpCommand::Bdat => match bdat_size(trim_line_end(&line)) {
+                Some(size) => {
+                    self.chunk = size;
+                    let last = trim_line_end(&line).to_ascii_uppercase().ends_with(b"LAST");
+                    self.in_mail &= !last;
+                    Owed::Reply
+                }
+                None => Owed::BadBdat,
+            },
+            SmtpCommand::Mail => {
+                self.in_mail = true;
+                Owed::Reply
+            }
+            SmtpCommand::Rset => {
+                self.in_mail = false;
+                Owed::Reply
             }
             SmtpCommand::StartTls => Owed::StartTls,
             SmtpCommand::Data => Owed::Data,
+            SmtpCommand::Auth => Owed::Auth,
             _ => Owed::Reply,
         };
         self.owed.push_back(owed);
@@ -507,6 +648,8 @@ impl<'a> Session<'a> {
     fn decided(&mut self, line: Vec<u8>) -> Step {
         let ehlo = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"EHLO");
         if !self.hearing.rejected() {
+            // A HELO/EHLO resets the MTA's transaction, as RSET does.
+            self.in_mail = false;
             self.owed.push_back(Owed::Helo(ehlo));
             return if self.phase == Phase::Passed {
                 Step::Forward(line)
@@ -537,6 +680,7 @@ impl<'a> Session<'a> {
             RejectAt::Rcpt => self
                 .mta_helo_reply
                 .clone()
+                .or_else(|| self.mta_ehlo_reply.as_deref().and_then(helo_from_ehlo))
                 .unwrap_or_else(|| format!("250 {}\r\n", self.host).into_bytes()),
         }
     }
@@ -546,6 +690,27 @@ impl<'a> Session<'a> {
         match &verdict.reply {
             Some(custom) => format!("{} {}\r\n", custom.code, custom.text).into_bytes(),
             None => reply::line(553, "5.7.1", self.reject_message),
+        }
+    }
+
+    /// A BDAT where the proxy answers itself (before HELO, or rejected): refused as Postfix
+    /// refuses one without recipients, its chunk read and dropped, so the client's next
+    /// command is found where it starts; a BDAT whose size cannot be read is answered as
+    /// Postfix does, with 521 and a close.
+    fn refuse_bdat(&mut self, command: SmtpCommand, line: &[u8]) -> Step {
+        let Some(size) = bdat_size(line) else {
+            let syntax = reply::line(521, "5.5.4", "Syntax: BDAT count [LAST]");
+            return Step::Close(syntax, End::Closed);
+        };
+        if self.discarded.saturating_add(size) > MAX_DISCARDED {
+            let closing = reply::line(421, "4.7.0", "Error: too much BDAT content");
+            return Step::Close(closing, End::Closed);
+        }
+        self.discarded += size;
+        self.discard = size;
+        match self.phase {
+            Phase::Rejected => self.after_rejection(command),
+            _ => self.before_helo(command, Vec::new()),
         }
     }
 
@@ -560,6 +725,8 @@ impl<'a> Session<'a> {
         let at_helo = verdict.reject_at == RejectAt::Helo;
         Step::Reply(match command {
             SmtpCommand::Quit => return Step::Close(reply::line(221, "2.0.0", "Bye"), End::Closed),
+            SmtpCommand::Helo(argument) if argument.is_empty() => bare_helo(b"HELO"),
+            SmtpCommand::Ehlo(argument) if argument.is_empty() => bare_helo(b"EHLO"),
             SmtpCommand::Helo(_) => self.helo_answer(false, verdict),
             SmtpCommand::Ehlo(_) => self.helo_answer(true, verdict),
             SmtpCommand::Mail if at_helo => {
@@ -580,6 +747,29 @@ impl<'a> Session<'a> {
             }
         })
     }
+}
+
+/// Postfix's answer to a HELO or EHLO without a name (`line` starts with the verb): a syntax
+/// error, after which the client may say it again, properly.
+fn bare_helo(line: &[u8]) -> Vec<u8> {
+    let verb =
+        if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"EHLO") { "EHLO" } else { "HELO" };
+    format!("501 Syntax: {verb} hostname\r\n").into_bytes()
+}
+
+/// The MTA's answer to HELO, from its answer to EHLO: the first line's greeting alone
+/// (`250-mx.example.com` gives `250 mx.example.com`), as Postfix answers both.
+fn helo_from_ehlo(ehlo: &[u8]) -> Option<Vec<u8>> {
+    let first = ehlo.split(|b| *b == b'\n').next()?;
+    let first = first.strip_suffix(b"\r").unwrap_or(first);
+    let greeting = first.strip_prefix(b"250-").or_else(|| first.strip_prefix(b"250 "))?;
+    Some([b"250 ", greeting, b"\r\n"].concat())
+}
+
+/// A line without its terminator (CRLF or a bare LF).
+fn trim_line_end(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
 }
 
 /// Whether the first bytes of a session are a PROXY header (complete enough to tell).

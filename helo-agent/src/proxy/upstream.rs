@@ -17,6 +17,31 @@ use crate::smtp::reply::{ReplyScan, scan_reply};
 /// How long a QUIT to an MTA being let go may take to write.
 const QUIT_WRITE: Duration = Duration::from_secs(5);
 
+/// What the MTA answered the HELO and EHLO of the last passed session, kept for sessions
+/// rejected before the MTA ever heard from them: a rejected bot then reads at its EHLO the
+/// capabilities the MTA offers, as a good client does, not a list of the proxy's own that
+/// would tell it it was caught. Until a session passed, the proxy answers with its own.
+#[derive(Default)]
+pub struct Learned {
+    replies: std::sync::Mutex<[Option<std::sync::Arc<[u8]>>; 2]>,
+}
+
+impl Learned {
+    /// The MTA's last answer to EHLO (`ehlo`) or HELO.
+    pub fn reply(&self, ehlo: bool) -> Option<std::sync::Arc<[u8]>> {
+        self.replies.lock().expect("learned replies lock")[usize::from(ehlo)].clone()
+    }
+
+    /// The MTA answered a passed EHLO (`ehlo`) or HELO with `reply`.
+    pub fn learn(&self, ehlo: bool, reply: &[u8]) {
+        let mut replies = self.replies.lock().expect("learned replies lock");
+        let slot = &mut replies[usize::from(ehlo)];
+        if slot.as_deref() != Some(reply) {
+            *slot = Some(reply.into());
+        }
+    }
+}
+
 pub struct Greeting {
     pub bytes: Vec<u8>,
     pub code: u16,

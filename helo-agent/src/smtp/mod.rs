@@ -11,8 +11,17 @@ pub mod reply;
 
 /// RFC 5321 4.5.3.1.4 allows 512 octets per command line; extensions (long EHLO arguments,
 /// MAIL parameters) push real clients past it, so we take up to 1000 (the text line limit)
-/// before answering 500.
+/// before answering 500. This bounds the lines the proxy answers itself: before a HELO passed,
+/// and in a rejected session.
 pub const MAX_COMMAND_LINE: usize = 1000;
+
+/// The longest line a passed session may send, terminator included: RFC 4954's 12288 octets
+/// for an AUTH command with its initial response and for each SASL response, which is the
+/// longest line SMTP knows. Once a HELO passed, the proxy only relays lines and watches a
+/// few verbs: the MTA applies its own limits (Postfix takes command lines up to its
+/// `line_length_limit`, 2048 by default, and SASL responses up to `smtpd_sasl_response_limit`,
+/// 12288), so the proxy must refuse nothing the MTA would take.
+pub const MAX_RELAYED_LINE: usize = 12288 + 2;
 
 /// The result of looking for one line at the start of a buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +65,25 @@ pub enum SmtpCommand {
     Help,
     /// Any other verb (upper-cased), or an empty line.
     Other(String),
+}
+
+/// The chunk size of a `BDAT` command line (without its terminator) as Postfix parses it:
+/// `BDAT <digits> [LAST]`, nothing else (RFC 3030). `None`: malformed, and Postfix hangs up
+/// (`521 5.5.4 Syntax: BDAT count [LAST]`).
+pub fn bdat_size(line: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(line).ok()?;
+    let mut words = text.split([' ', '\t']).filter(|w| !w.is_empty());
+    let (verb, size) = (words.next()?, words.next()?);
+    let last = words.next();
+    if !verb.eq_ignore_ascii_case("BDAT")
+        || words.next().is_some()
+        || last.is_some_and(|l| !l.eq_ignore_ascii_case("LAST"))
+        || size.is_empty()
+        || !size.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    size.parse().ok()
 }
 
 impl SmtpCommand {
@@ -147,6 +175,19 @@ mod tests {
         let mut past = vec![b'a'; MAX_COMMAND_LINE];
         past.extend_from_slice(b"\r\n");
         assert_eq!(scan_line(&past, MAX_COMMAND_LINE), LineScan::TooLong);
+    }
+
+    #[test]
+    fn bdat_sizes_parse_as_postfix_parses_them() {
+        assert_eq!(bdat_size(b"BDAT 5"), Some(5));
+        assert_eq!(bdat_size(b"bdat 0 last"), Some(0));
+        assert_eq!(bdat_size(b"BDAT  1048576\tLAST"), Some(1_048_576));
+        for bad in
+            [&b"BDAT"[..], b"BDAT x", b"BDAT -1", b"BDAT +5", b"BDAT 5 FIRST", b"BDAT 5 LAST x"]
+        {
+            assert_eq!(bdat_size(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(bdat_size(b"BDAT 99999999999999999999999"), None, "past u64");
     }
 
     #[test]
