@@ -29,6 +29,7 @@ fn load(dir: &PinDir, allow: &[ipnet::IpNet]) -> anyhow::Result<XdpProgram> {
         sizes: MapSizes { bans_v4: 1 << 21, ..MapSizes::default() },
         ports: &helo_common::DEFAULT_PORTS,
         allow,
+        passes: helo_agent::config::PassSizes::UNUSED,
     })?)
 }
 

@@ -39,6 +39,7 @@ fn load(dir: &Path, allow: &[&str]) -> XdpProgram {
         sizes: MapSizes::default(),
         ports: &helo_common::DEFAULT_PORTS,
         allow: &allow,
+        passes: helo_agent::config::PassSizes::default(),
     })
     .unwrap_or_else(|e| panic!("loading the programs: {e}"));
     let endpoints = [MX_V4.parse().unwrap(), MX_V6.parse().unwrap()];

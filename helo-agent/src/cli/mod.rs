@@ -14,6 +14,7 @@ mod bans;
 mod check;
 mod generate;
 mod link;
+mod passes;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -58,6 +59,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             done(bans::unban(&load(path, &overrides)?, &target, prefix))
         }
         CliCommand::List { json } => done(bans::list(&load(path, &overrides)?, json)),
+        CliCommand::Passes { json, remove } => {
+            let config = load(path, &overrides)?;
+            done(match remove {
+                Some(target) => passes::remove(&config, &target),
+                None => passes::list(&config, json),
+            })
+        }
         CliCommand::Check {
             helo,
             client,
