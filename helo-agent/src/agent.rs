@@ -497,8 +497,13 @@ pub async fn serve(
             tracing::warn!(%error, "cannot tell systemd the agent is ready (NOTIFY_SOCKET)")
         }
     }
+    let watching = watchdog.as_ref().map(|(stop, _)| stop.clone());
     let shutdown = async move {
         shutdown.await;
+        // Stopping is systemd's TimeoutStopSec's to watch; the sockets leave the map now.
+        if let Some(stop) = watching {
+            stop.store(true, Ordering::Relaxed);
+        }
         let _ = crate::watchdog::notify("STOPPING=1");
         if let Some(sockets) = sockets {
             Steering::fail_open(&sockets);
@@ -617,6 +622,14 @@ fn resolver(config: &Config) -> Result<Option<Arc<crate::dns::Dns>>, AgentError>
     }
 }
 
+/// A session thread stopped turning (see [`crate::watchdog`]): the kernel hands every new
+/// connection to the MTA from now on, and the agent goes, for its supervisor to restart it.
+fn stalled(sockets: &Mutex<AgentSockets>) {
+    Steering::fail_open(sockets);
+    let _ = crate::watchdog::notify("STATUS=hung: aborting");
+    std::process::abort();
+}
+
 /// The watchdog thread and the flag that stops it.
 type WatchdogThread = (Arc<AtomicBool>, std::thread::JoinHandle<()>);
 
@@ -636,11 +649,11 @@ fn start_watchdog(
     if systemd.is_none() && sockets.is_none() {
         return (beats, None);
     }
-    let fail_open = sockets.map(|sockets| {
-        Box::new(move || Steering::fail_open(&sockets)) as crate::watchdog::FailOpen
-    });
+    let on_stall =
+        sockets.map(|sockets| Box::new(move || stalled(&sockets)) as crate::watchdog::OnStall);
     let stop = Arc::new(AtomicBool::new(false));
-    match crate::watchdog::start(beats.clone(), systemd, fail_open, stop.clone()) {
+    let limit = crate::watchdog::limit();
+    match crate::watchdog::start(beats.clone(), systemd, limit, on_stall, stop.clone()) {
         Ok(thread) => {
             tracing::info!(
                 systemd_interval_s = systemd.map(|d| d.as_secs_f64()),

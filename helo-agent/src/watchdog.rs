@@ -2,18 +2,21 @@
 //! session threads no longer turning) must not hold port 25 hostage.
 //!
 //! Every session thread, and the runtime of the control socket and the ban queue, beats a
-//! [`Heartbeats`] slot once a second from a task of its own: a slot beats only while its event
-//! loop turns. A watchdog thread (a plain OS thread, so it runs whatever the runtimes do)
-//! reads the slots every half second:
-//! - under systemd with `WatchdogSec=` (`WATCHDOG_USEC` in the environment), it sends
-//!   `WATCHDOG=1` to `NOTIFY_SOCKET` every half interval while every slot beat within the
-//!   interval, and stops when one did not: systemd then kills the agent (SIGABRT), and the
-//!   kernel removes its listening sockets from the steering map as they close, so the MTA
-//!   takes every connection;
-//! - with steering on, whether systemd watches or not, a slot silent for the whole limit
-//!   (`WATCHDOG_USEC`, else [`DEFAULT_LIMIT`]) makes it empty the agent's slots in the
-//!   steering map itself (the MTA takes every connection from then on), log why, and abort
-//!   the process, so a supervisor restarts it (`Restart=on-failure`).
+//! [`Heartbeats`] slot from a task of its own (every eighth of the limit, at most every
+//! second): a slot beats only while its event loop turns. A watchdog thread (a plain OS
+//! thread, so it runs whatever the runtimes do) reads the slots a few times per beat. The
+//! limit is systemd's `WatchdogSec=` (`WATCHDOG_USEC` in the environment), else
+//! [`DEFAULT_LIMIT`]; a slot silent for half of it is a stall:
+//! - under systemd, it sends `WATCHDOG=1` to `NOTIFY_SOCKET` every quarter of the limit
+//!   while no slot stalls, and stops when one does: systemd kills the agent (SIGABRT) within
+//!   the limit, and the kernel removes its listening sockets from the steering map as they
+//!   close, so the MTA takes every connection;
+//! - with steering on, whether systemd watches or not, a stall makes it empty the agent's
+//!   slots in the steering map itself (the MTA takes every connection from then on), log
+//!   why, and abort the process, so a supervisor restarts it (`Restart=on-failure`).
+//!
+//! It stops watching when the agent starts to stop (the sockets are out of the map then, and
+//! a stop that hangs is `TimeoutStopSec`'s).
 //!
 //! [`notify`] speaks systemd's notification protocol directly: one datagram of `KEY=value`
 //! lines on the unix socket `NOTIFY_SOCKET` names (a path, or an abstract name after `@`).
@@ -27,8 +30,19 @@ use std::time::{Duration, Instant};
 /// How long a silent slot is tolerated without systemd's `WATCHDOG_USEC`.
 pub const DEFAULT_LIMIT: Duration = Duration::from_secs(30);
 
-/// How often each runtime beats.
+/// How often each runtime beats, at most.
 pub const BEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// The watchdog's limit: systemd's interval, else [`DEFAULT_LIMIT`].
+pub fn limit() -> Duration {
+    systemd_interval().unwrap_or(DEFAULT_LIMIT)
+}
+
+/// How often each runtime beats under `limit`: often enough that a live one never looks
+/// stalled.
+pub fn beat_every(limit: Duration) -> Duration {
+    (limit / 8).min(BEAT_EVERY)
+}
 
 /// One slot per event loop that must keep turning; each holds the last beat, in ms since
 /// `origin`.
@@ -68,11 +82,12 @@ impl Heartbeats {
             .max_by_key(|(_, silent)| *silent)
     }
 
-    /// Beats `slot` every [`BEAT_EVERY`] for as long as the calling runtime turns.
+    /// Beats `slot` every [`beat_every`] for as long as the calling runtime turns.
     pub async fn keep_beating(self: Arc<Self>, slot: usize) {
+        let every = beat_every(limit());
         loop {
             self.beat(slot);
-            tokio::time::sleep(BEAT_EVERY).await;
+            tokio::time::sleep(every).await;
         }
     }
 }
@@ -117,28 +132,30 @@ pub fn systemd_interval() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec))
 }
 
-/// What the watchdog thread does when a slot stays silent past the limit: empty the steering
-/// map's agent slots (the MTA takes every connection) before the process goes.
-pub type FailOpen = Box<dyn FnOnce() + Send>;
+/// What the watchdog thread does at a stall, once: the agent empties the steering map's agent
+/// slots (the MTA takes every connection) and aborts.
+pub type OnStall = Box<dyn FnOnce() + Send>;
 
 /// The watchdog thread; see the module doc. Stops when `stop` is set (the agent is shutting
 /// down: its threads stop beating as they end).
 pub fn start(
     beats: Arc<Heartbeats>,
     systemd: Option<Duration>,
-    fail_open: Option<FailOpen>,
+    limit: Duration,
+    on_stall: Option<OnStall>,
     stop: Arc<AtomicBool>,
 ) -> io::Result<std::thread::JoinHandle<()>> {
-    let limit = systemd.unwrap_or(DEFAULT_LIMIT);
-    let notify_every = systemd.map(|interval| interval / 2);
+    let stall = limit / 2;
+    let notify_every = systemd.map(|interval| interval / 4);
+    let look_every = beat_every(limit) / 2;
     std::thread::Builder::new().name("helo-watchdog".into()).spawn(move || {
-        let mut fail_open = fail_open;
+        let mut on_stall = on_stall;
         let mut last_notify: Option<Instant> = None;
         let mut stalled = false;
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             let (slot, silent) = beats.stalest(now).unwrap_or(("", Duration::ZERO));
-            if silent < limit {
+            if silent < stall {
                 stalled = false;
                 if let Some(every) = notify_every
                     && last_notify.is_none_or(|at| now.duration_since(at) >= every)
@@ -151,19 +168,17 @@ pub fn start(
             } else if !stalled {
                 stalled = true;
                 let limit_s = limit.as_secs_f64();
-                match fail_open.take() {
-                    Some(fail_open) => {
+                match on_stall.take() {
+                    Some(on_stall) => {
                         tracing::error!(thread = slot, silent_s = silent.as_secs_f64(), limit_s, "WATCHDOG: a thread of the agent stopped turning; the agent's sockets leave the steering map (the MTA takes every connection) and the agent aborts, for its supervisor to restart it");
-                        fail_open();
-                        let _ = notify("STATUS=hung: aborting");
-                        std::process::abort();
+                        on_stall();
                     }
                     None => {
                         tracing::error!(thread = slot, silent_s = silent.as_secs_f64(), limit_s, "WATCHDOG: a thread of the agent stopped turning; no more keep-alives to systemd, which kills the agent");
                     }
                 }
             }
-            std::thread::sleep(Duration::from_millis(500));
+            std::thread::sleep(look_every);
         }
     })
 }
@@ -171,6 +186,40 @@ pub fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A slot that stops beating is a stall once half the limit went by: the watchdog acts
+    /// once (the agent's action empties the steering map and aborts), and never while every
+    /// slot beats.
+    #[test]
+    fn a_thread_that_stops_turning_is_a_stall_and_the_watchdog_acts_once() {
+        use std::sync::atomic::AtomicUsize;
+        let beats = Heartbeats::new(vec!["helo-proxy-0".into(), "main".into()]);
+        let limit = Duration::from_millis(400);
+        let acted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let on_stall: OnStall = {
+            let acted = acted.clone();
+            Box::new(move || {
+                acted.fetch_add(1, Ordering::Relaxed);
+            })
+        };
+        let watchdog = start(beats.clone(), None, limit, Some(on_stall), stop.clone()).unwrap();
+        let turning = Instant::now();
+        while turning.elapsed() < Duration::from_millis(600) {
+            beats.beat(0);
+            beats.beat(1);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(acted.load(Ordering::Relaxed), 0, "both turn: no stall");
+        let hung = Instant::now();
+        while hung.elapsed() < Duration::from_millis(600) {
+            beats.beat(1); // main turns, helo-proxy-0 is stuck
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(acted.load(Ordering::Relaxed), 1, "one stall, acted on once");
+        stop.store(true, Ordering::Relaxed);
+        watchdog.join().unwrap();
+    }
 
     #[test]
     fn the_stalest_slot_is_the_one_that_stopped_beating() {
