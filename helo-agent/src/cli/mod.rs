@@ -145,6 +145,25 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
         config.proxy.upstream,
         config.policy.listeners.len(),
     );
+    if config.steer.enabled() {
+        let endpoints: Vec<String> =
+            config.steer.addresses.iter().map(ToString::to_string).collect();
+        let sockets: Vec<String> = config
+            .proxy
+            .listeners
+            .iter()
+            .filter(|l| l.check_helo)
+            .map(|l| l.address.to_string())
+            .collect();
+        let passes = config.steer.pass_ttl().map_or("no passes (pass_ttl 0s)".into(), |ttl| {
+            format!("passes for {}", crate::duration::format(ttl))
+        });
+        println!(
+            "steering: {} to the agent's sockets {} (strangers) or straight to the MTA (passes, or no agent running); {passes}",
+            endpoints.join(", "),
+            sockets.join(", ")
+        );
+    }
     if let Some(redis) = &config.fleet.redis {
         // Only the configuration: whether Redis answers shows at `run` (its log and
         // helo_filter_fleet_connected).
