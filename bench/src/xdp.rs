@@ -155,6 +155,7 @@ fn bans_and_restore(report: &mut Report) -> anyhow::Result<()> {
             .collect(),
         offences: Vec::new(),
         passes: Vec::new(),
+        steer_passes: Vec::new(),
     };
     let file = std::env::temp_dir().join(tests::unique("helo-bench-snapshot-"));
     snapshot::save(&file, &snap)?;
