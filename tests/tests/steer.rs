@@ -249,6 +249,19 @@ fn with_no_agent_socket_every_connection_goes_to_the_mta() {
     assert_eq!(bench.lookup("2001:db8:1::7", MX_V6), (None, Some(Stat::SteerNoAgent)));
 }
 
+/// A slot with no socket (a steering agent with one family only, or a socket already closed)
+/// is emptied without an error: the agent empties both slots at every stop, and logged an
+/// error for the empty one (the kernel answers EINVAL there, not ENOENT).
+#[test]
+fn emptying_an_empty_agent_slot_is_not_an_error() {
+    let mut bench = Bench::new(&[]);
+    bench.sockets.clear(Family::V4).unwrap();
+    bench.sockets.clear(Family::V4).unwrap_or_else(|e| panic!("the slot was empty already: {e}"));
+    let Bench { agent_v6, .. } = &mut bench;
+    drop(std::mem::replace(agent_v6, listen("[::1]:0", false)));
+    bench.sockets.clear(Family::V6).unwrap_or_else(|e| panic!("its socket closed: {e}"));
+}
+
 #[test]
 fn the_steered_endpoints_can_be_replaced_in_place() {
     let mut bench = Bench::new(&[]);

@@ -324,13 +324,23 @@ impl AgentSockets {
     /// hold a socket cannot be read back: the kernel answers user-space lookups only in a
     /// SOCKMAP with 8-byte values, and aya-ebpf declares 4-byte ones; the `steer_no_agent`
     /// counter tells when connections find none.)
+    ///
+    /// An empty slot is no error: a SOCKMAP answers a delete there with EINVAL (the slots
+    /// are always in range), not ENOENT.
     pub fn clear(&mut self, family: Family) -> Result<(), EbpfError> {
         match self.map.clear_index(&family.slot()) {
             Ok(()) => Ok(()),
-            Err(error) if absent(&error) => Ok(()),
+            Err(error) if absent(&error) || empty_slot(&error) => Ok(()),
             Err(source) => Err(EbpfError::Map { name: maps::AGENT_SOCKETS, source }),
         }
     }
+}
+
+/// A SOCKMAP's answer to deleting a slot with no socket in it (net/core/sock_map.c,
+/// `__sock_map_delete`).
+fn empty_slot(error: &MapError) -> bool {
+    matches!(error, MapError::SyscallError(e)
+        if e.io_error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()))
 }
 
 fn socket_family(socket: BorrowedFd<'_>) -> Result<Family, EbpfError> {
