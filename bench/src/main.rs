@@ -19,6 +19,7 @@ mod procfs;
 mod proxy;
 mod report;
 mod rules;
+mod steer;
 mod storm;
 mod xdp;
 
@@ -35,6 +36,7 @@ const SECTIONS: &[(&str, Section)] = &[
     ("xdp", xdp::run),
     ("flood", flood::run),
     ("proxy", proxy::run),
+    ("steer", steer::run),
     ("rules", rules::run),
     ("policy", policy::run),
     ("bots", bots::run),

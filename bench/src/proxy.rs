@@ -24,27 +24,27 @@ use crate::procfs::{process_ticks, rss_kib};
 use crate::report::{Report, f};
 use crate::{Guard, median, progress, reply};
 
-const SINK: &str = "127.0.0.1:10025";
-const AGENT: &str = "127.0.0.1:2525";
-const HAPROXY: &str = "127.0.0.1:2526";
+pub(crate) const SINK: &str = "127.0.0.1:10025";
+pub(crate) const AGENT: &str = "127.0.0.1:2525";
+pub(crate) const HAPROXY: &str = "127.0.0.1:2526";
 /// HAProxy again, writing a log line per session as the agent does.
 const HAPROXY_LOG: &str = "127.0.0.1:2527";
-const SESSIONS: usize = 4000;
-const CONCURRENCY: usize = 20;
+pub(crate) const SESSIONS: usize = 4000;
+pub(crate) const CONCURRENCY: usize = 20;
 /// Session-rate rounds per placement, alternating between the targets.
-const RATE_ROUNDS: usize = 5;
+pub(crate) const RATE_ROUNDS: usize = 5;
 /// DATA relay rounds.
 const ROUNDS: usize = 3;
 /// The HELO both load clients say.
 const HELO: &str = "mail.bench-sender.example";
 /// Pinned rounds: the proxy's CPU, and the load client's and the MTA's.
-const PROXY_CPU: usize = 0;
-const LOAD_CPU: usize = 1;
+pub(crate) const PROXY_CPU: usize = 0;
+pub(crate) const LOAD_CPU: usize = 1;
 const MESSAGE_MB: usize = 10;
 const MESSAGES: usize = 30;
 const IDLE: usize = 5000;
 
-fn wait_listening(addr: &str) -> anyhow::Result<()> {
+pub(crate) fn wait_listening(addr: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(addr).is_err() {
         anyhow::ensure!(Instant::now() < deadline, "nothing listens on {addr} after 10 s");
@@ -54,7 +54,7 @@ fn wait_listening(addr: &str) -> anyhow::Result<()> {
 }
 
 /// `program` with `prefix` in front of it (taskset when pinned).
-fn command(prefix: &[String], program: &str) -> Command {
+pub(crate) fn command(prefix: &[String], program: &str) -> Command {
     match prefix.split_first() {
         Some((first, rest)) => {
             let mut command = Command::new(first);
@@ -65,7 +65,7 @@ fn command(prefix: &[String], program: &str) -> Command {
     }
 }
 
-fn smtp_sink(placement: Placement) -> anyhow::Result<Guard> {
+pub(crate) fn smtp_sink(placement: Placement) -> anyhow::Result<Guard> {
     let child = command(&placement.prefix(LOAD_CPU), "smtp-sink")
         .args(["-u", "nobody", "-m", "8000", "-c", SINK, "4096"])
         .stdout(Stdio::null())
@@ -79,7 +79,7 @@ fn smtp_sink(placement: Placement) -> anyhow::Result<Guard> {
 /// HAProxy in TCP mode with splice-auto; its thread count its own (one per CPU it may use).
 /// `log`: with `option tcplog` to stdout (a file here), a line per session, as the agent writes
 /// its session line to stderr; listening on [`HAPROXY_LOG`] then.
-fn haproxy(dir: &Path, placement: Placement, log: bool) -> anyhow::Result<Guard> {
+pub(crate) fn haproxy(dir: &Path, placement: Placement, log: bool) -> anyhow::Result<Guard> {
     let (name, bind, global_log, log_options) = if log {
         (
             "haproxy-log",
@@ -117,7 +117,7 @@ fn haproxy(dir: &Path, placement: Placement, log: bool) -> anyhow::Result<Guard>
 }
 
 /// The agent; its session threads, one per CPU it may use (`proxy.workers` = 0).
-fn agent(pins: &PinDir, placement: Placement) -> AgentProcess {
+pub(crate) fn agent(pins: &PinDir, placement: Placement) -> AgentProcess {
     let config = pins.config(
         "[allowlist]\nnetworks = []\n[identity]\ndetect = false\n[proxy]\nmax_sessions = 9000\nmax_sessions_per_ip = 100000\nupstream = \"127.0.0.1:10025\"\n",
     );
@@ -168,15 +168,15 @@ fn session(addr: &str, body: &[u8]) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
-struct Rate {
-    per_second: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    cpu_secs: f64,
+pub(crate) struct Rate {
+    pub per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub cpu_secs: f64,
 }
 
 /// `count` sessions over `threads` connections at a time; the proxy's CPU from `pid`.
-fn drive(
+pub(crate) fn drive(
     addr: &str,
     count: usize,
     threads: usize,
@@ -319,13 +319,13 @@ fn session_rounds(
 }
 
 /// The median of `get` over `rates`, with its min–max.
-fn spread(rates: &[Rate], get: fn(&Rate) -> f64) -> (f64, f64, f64) {
+pub(crate) fn spread(rates: &[Rate], get: fn(&Rate) -> f64) -> (f64, f64, f64) {
     let mut values: Vec<f64> = rates.iter().map(get).collect();
     let med = median(&mut values);
     (med, values[0], values[values.len() - 1])
 }
 
-fn with_range((med, lo, hi): (f64, f64, f64), decimals: usize) -> String {
+pub(crate) fn with_range((med, lo, hi): (f64, f64, f64), decimals: usize) -> String {
     if med.is_nan() {
         return "-".into();
     }

@@ -29,6 +29,7 @@ fn load(dir: &PinDir, allow: &[ipnet::IpNet]) -> anyhow::Result<XdpProgram> {
         sizes: MapSizes { bans_v4: 1 << 21, ..MapSizes::default() },
         ports: &helo_common::DEFAULT_PORTS,
         allow,
+        passes: helo_agent::config::PassSizes::UNUSED,
     })?)
 }
 
@@ -154,6 +155,7 @@ fn bans_and_restore(report: &mut Report) -> anyhow::Result<()> {
             .collect(),
         offences: Vec::new(),
         passes: Vec::new(),
+        steer_passes: Vec::new(),
     };
     let file = std::env::temp_dir().join(tests::unique("helo-bench-snapshot-"));
     snapshot::save(&file, &snap)?;

@@ -5,22 +5,42 @@
 //! [`serve`] starts the runtime's work: the ban worker, the proxy, the control socket, metrics,
 //! SIGHUP reloads. On shutdown the worker saves the snapshot; the program stays attached
 //! through its pinned link (`helo-agent detach` removes it).
+//!
+//! With `[steer]` (the kernel front door), [`prepare`] also loads the steering program, puts
+//! the agent's listening sockets (one per family) into its map, then attaches it, or swaps it
+//! into the link an earlier run pinned: the sockets are in before the swap, so no connection
+//! finds the new program without them. On shutdown the sockets leave the map first (the MTA
+//! takes new connections from that instant), the listeners keep accepting what the kernel had
+//! already handed them for [`STEER_SETTLE`], and every session runs to its end, judged, never
+//! told 421 (within `proxy.shutdown_grace`). A watchdog ([`crate::watchdog`]) proves to
+//! systemd that the session threads turn, and with steering on empties the map itself when
+//! they stop.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::blocklist::Blocklist;
 use crate::blocklist::snapshot::{self, Loaded};
 use crate::blocklist::worker::{self, BanSender};
+use crate::config::PassSizes;
 use crate::config::{Config, Overrides, ProxyProtocol};
 use crate::control::XdpStats;
-use crate::ebpf::{self, Allowlist, Attached, EbpfError, LoadOptions, PinnedMaps, XdpProgram};
+use crate::ebpf::{
+    self, AgentSockets, Allowlist, Attached, EbpfError, Family, LoadOptions, PassMaps, PinnedMaps,
+    SteerAttached, SteerEndpoints, XdpProgram,
+};
 use crate::judge::{Judge, Live, Parts};
 use crate::metrics::Metrics;
 use crate::passes::PassCache;
 use crate::reload::Reloader;
+
+/// After the agent's sockets leave the steering map at shutdown, how long its listeners keep
+/// accepting: connections the kernel handed them just before (their handshake completing, or
+/// waiting in the accept queue) would be reset when the listeners close.
+pub const STEER_SETTLE: Duration = Duration::from_secs(1);
 
 /// File descriptors a session may hold: client and MTA sockets, and one pipe (two ends) for
 /// splice.
@@ -149,6 +169,59 @@ pub struct Prepared {
     passes: Arc<PassCache>,
     control: std::os::unix::net::UnixListener,
     metrics: Option<std::net::TcpListener>,
+    /// The kernel front door, with `[steer]`.
+    steering: Option<Steering>,
+}
+
+/// The kernel front door as [`prepare`] set it up.
+pub struct Steering {
+    /// The agent's sockets in the program's map: emptied at shutdown and by the watchdog.
+    sockets: Arc<Mutex<AgentSockets>>,
+    /// Kept open: the program's steered endpoints.
+    _endpoints: SteerEndpoints,
+    pub attached: SteerAttached,
+    /// The pass maps, for the ban worker.
+    passes: Option<PassMaps>,
+}
+
+impl Steering {
+    /// Empties the agent's slots: from now on the kernel hands every new connection to the MTA.
+    fn fail_open(sockets: &Mutex<AgentSockets>) {
+        let mut sockets = sockets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for family in [Family::V4, Family::V6] {
+            if let Err(error) = sockets.clear(family) {
+                tracing::error!(%error, ?family, "cannot take the agent's socket out of the steering map");
+            }
+        }
+    }
+}
+
+/// Loads the steering program, puts the agent's HELO-checking listeners (one per family, as
+/// the config validated) into its map, then attaches it to this network namespace, or swaps
+/// it into the link an earlier run pinned.
+fn start_steering(
+    program: &mut XdpProgram,
+    config: &Config,
+    listeners: &[crate::proxy::StdListeners],
+) -> Result<Steering, AgentError> {
+    use std::os::fd::AsFd;
+    program.load_steering(&config.steer.addresses)?;
+    let endpoints = program.take_steer_endpoints().expect("load_steering gives the endpoints");
+    let mut sockets = program.take_agent_sockets().expect("load_steering gives the socket map");
+    for (listener, check_helo) in listeners.first().into_iter().flatten() {
+        if *check_helo {
+            let family = sockets.set(listener.as_fd())?;
+            tracing::debug!(?family, address = ?listener.local_addr().ok(), "agent socket in the steering map");
+        }
+    }
+    let attached = program.attach_steering()?;
+    let passes = PassMaps::open(&config.xdp.pin_dir)?;
+    Ok(Steering {
+        sockets: Arc::new(Mutex::new(sockets)),
+        _endpoints: endpoints,
+        attached,
+        passes: Some(passes),
+    })
 }
 
 /// The privileged half of start-up; see the module doc. Single-threaded.
@@ -180,7 +253,23 @@ pub fn prepare(config: Config, options: Overrides) -> Result<Prepared, AgentErro
         sizes: config.xdp.sizes,
         ports: &config.xdp.ports,
         allow: &config.rules.allowlist,
+        passes: if config.steer.enabled() { config.steer.sizes } else { PassSizes::UNUSED },
     })?;
+    // The front door before XDP: a steering start that fails leaves nothing attached.
+    let steering = if config.steer.enabled() {
+        match start_steering(&mut program, &config, &listeners) {
+            Ok(steering) => Some(steering),
+            Err(error) => {
+                program.discard();
+                return Err(error);
+            }
+        }
+    } else {
+        if ebpf::unpin_steering(&config.xdp.pin_dir) {
+            tracing::info!("steering is off: removed the steering link an earlier run pinned");
+        }
+        None
+    };
     // An attach the kernel refuses (no XDP on this driver in this mode, another program there)
     // must not fail open silently: say so, and enforce the bans at accept instead. Other
     // errors (no such interface) are configuration errors and stop the agent.
@@ -215,10 +304,22 @@ pub fn prepare(config: Config, options: Overrides) -> Result<Prepared, AgentErro
             "XDP ban filter attached"
         );
     }
+    if let Some(steering) = &steering {
+        tracing::info!(
+            endpoints = ?config.steer.addresses,
+            netns = steering.attached.netns,
+            replaced_previous = steering.attached.replaced,
+            stays_attached = steering.attached.pinned,
+            pass_ttl = %crate::duration::format(config.steer.pass_ttl),
+            "steering attached: strangers to the agent, passes straight to the MTA, everyone to the MTA while no agent runs"
+        );
+    }
     let allowlist = program.take_allowlist();
     let mut bans = Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?);
     let passes = Arc::new(PassCache::new(config.proxy.pregreet.pass_cache_size));
-    let (history, origins) = restore_snapshot(&config, &mut bans, &passes)?;
+    let mut steering = steering;
+    let steer_passes = steering.as_mut().and_then(|s| s.passes.as_mut());
+    let (history, origins) = restore_snapshot(&config, &mut bans, &passes, steer_passes)?;
     let maps = Arc::new(PinnedMaps::open(&config.xdp.pin_dir)?);
     // Last: a control socket that answers means the agent is attached and restored.
     let control = bind_control(&config.agent.control_socket)?;
@@ -238,6 +339,7 @@ pub fn prepare(config: Config, options: Overrides) -> Result<Prepared, AgentErro
         passes,
         control,
         metrics,
+        steering,
     })
 }
 
@@ -251,6 +353,7 @@ fn restore_snapshot(
     config: &Config,
     bans: &mut Blocklist<PinnedMaps>,
     passes: &PassCache,
+    steer_passes: Option<&mut PassMaps>,
 ) -> Result<Remembered, AgentError> {
     let Some(path) = &config.snapshot.path else { return Ok(Default::default()) };
     let dir = path.parent().unwrap_or(Path::new("/"));
@@ -292,6 +395,8 @@ fn restore_snapshot(
     };
     let mut origins = Vec::new();
     let pregreet_passes = passes.restore(&snapshot.passes, now.unix_ns / 1_000_000_000);
+    let steer_passes = steer_passes
+        .map_or(0, |maps| crate::blocklist::passes::restore(maps, &snapshot.steer_passes, now));
     match snapshot::restore(bans, &snapshot, now) {
         Ok(done) => {
             tracing::info!(
@@ -301,6 +406,7 @@ fn restore_snapshot(
                 kept_longer_pinned = done.kept,
                 invalid = done.invalid,
                 pregreet_passes,
+                steer_passes,
                 ms = started.elapsed().as_millis() as u64,
                 "ban snapshot restored"
             );
@@ -389,10 +495,13 @@ pub async fn serve(
         passes,
         control: control_listener,
         metrics: metrics_listener,
+        mut steering,
     } = prepared;
     let metrics = Arc::new(Metrics::default());
     let remembered = (history, origins);
-    let (ban_sender, worker, fleet) = start_bans(&config, bans, remembered, &passes, &metrics);
+    let steer_passes = steering.as_mut().and_then(|s| s.passes.take());
+    let (ban_sender, worker, fleet) =
+        start_bans(&config, bans, remembered, &passes, steer_passes, &metrics);
     let judge = judge(&config, &ban_sender, attached.is_some(), &maps, passes, &metrics)?;
     log_ready(&listeners, &config);
     let reloader = Arc::new(Reloader::new(
@@ -413,7 +522,38 @@ pub async fn serve(
     if !policy.is_empty() {
         background.spawn(policy_server(policy, &judge)?);
     }
-    let proxied = crate::proxy::serve(listeners, judge.clone(), shutdown).await;
+    let sockets = steering.as_ref().map(|s| s.sockets.clone());
+    let (beats, watchdog) = start_watchdog(listeners.len(), sockets.clone(), &mut background);
+    match crate::watchdog::notify("READY=1") {
+        Ok(true) => tracing::debug!("told systemd the agent is ready"),
+        Ok(false) => {}
+        Err(error) => {
+            tracing::warn!(%error, "cannot tell systemd the agent is ready (NOTIFY_SOCKET)")
+        }
+    }
+    let watching = watchdog.as_ref().map(|(stop, _)| stop.clone());
+    let shutdown = async move {
+        shutdown.await;
+        // Stopping is systemd's TimeoutStopSec's to watch; the sockets leave the map now.
+        if let Some(stop) = watching {
+            stop.store(true, Ordering::Relaxed);
+        }
+        let _ = crate::watchdog::notify("STOPPING=1");
+        if let Some(sockets) = sockets {
+            Steering::fail_open(&sockets);
+            tracing::info!(
+                settle_ms = STEER_SETTLE.as_millis() as u64,
+                "stopping: the agent's sockets are out of the steering map, the MTA takes new connections; accepting what the kernel handed over already, then every session is judged to its end"
+            );
+            tokio::time::sleep(STEER_SETTLE).await;
+        }
+    };
+    let serving =
+        crate::proxy::Serving { judge_to_the_end: steering.is_some(), beats: Some(beats) };
+    let proxied = crate::proxy::serve_with(listeners, judge.clone(), shutdown, serving).await;
+    if let Some((stop, _)) = &watchdog {
+        stop.store(true, Ordering::Relaxed);
+    }
     drop((judge, reloader, ban_sender));
     shut_down(background, worker, program, attached, &iface, &config.xdp.pin_dir).await;
     if let Some(fleet) = fleet {
@@ -435,6 +575,7 @@ fn start_bans(
     bans: Blocklist<PinnedMaps>,
     (history, origins): Remembered,
     passes: &Arc<PassCache>,
+    steer_passes: Option<PassMaps>,
     metrics: &Arc<Metrics>,
 ) -> (BanSender, worker::Worker<PinnedMaps>, Option<tokio::task::JoinHandle<()>>) {
     let (fleet_events, fleet_queue) = crate::fleet::queue();
@@ -454,6 +595,8 @@ fn start_bans(
             }),
             allowlist: config.rules.allowlist.clone(),
             passes: Some(passes.clone()),
+            steer: steer_passes
+                .map(|maps| Box::new(maps) as Box<dyn crate::blocklist::passes::PassStore>),
         },
     );
     let fleet = fleet_on.then(|| {
@@ -522,6 +665,52 @@ fn resolver(config: &Config) -> Result<Option<Arc<crate::dns::Dns>>, AgentError>
             Ok(None)
         }
         Err(error) => Err(error.into()),
+    }
+}
+
+/// A session thread stopped turning (see [`crate::watchdog`]): the kernel hands every new
+/// connection to the MTA from now on, and the agent goes, for its supervisor to restart it.
+fn stalled(sockets: &Mutex<AgentSockets>) {
+    Steering::fail_open(sockets);
+    let _ = crate::watchdog::notify("STATUS=hung: aborting");
+    std::process::abort();
+}
+
+/// The watchdog thread and the flag that stops it.
+type WatchdogThread = (Arc<AtomicBool>, std::thread::JoinHandle<()>);
+
+/// The heartbeats of the session threads (slots `0..threads`) and of this runtime (the last
+/// slot, beaten by a background task), and the watchdog thread that reads them, when systemd
+/// watches the agent or steering is on (see [`crate::watchdog`]).
+fn start_watchdog(
+    threads: usize,
+    sockets: Option<Arc<Mutex<AgentSockets>>>,
+    background: &mut tokio::task::JoinSet<()>,
+) -> (Arc<crate::watchdog::Heartbeats>, Option<WatchdogThread>) {
+    let mut names: Vec<String> = (0..threads).map(|i| format!("helo-proxy-{i}")).collect();
+    names.push("main".into());
+    let beats = crate::watchdog::Heartbeats::new(names);
+    background.spawn(beats.clone().keep_beating(threads));
+    let systemd = crate::watchdog::systemd_interval();
+    if systemd.is_none() && sockets.is_none() {
+        return (beats, None);
+    }
+    let on_stall =
+        sockets.map(|sockets| Box::new(move || stalled(&sockets)) as crate::watchdog::OnStall);
+    let stop = Arc::new(AtomicBool::new(false));
+    let limit = crate::watchdog::limit();
+    match crate::watchdog::start(beats.clone(), systemd, limit, on_stall, stop.clone()) {
+        Ok(thread) => {
+            tracing::info!(
+                systemd_interval_s = systemd.map(|d| d.as_secs_f64()),
+                "watchdog: the session threads must keep turning"
+            );
+            (beats, Some((stop, thread)))
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot start the watchdog thread");
+            (beats, None)
+        }
     }
 }
 

@@ -35,13 +35,14 @@ use ipnet::IpNet;
 
 use crate::addr::BanTarget;
 use crate::blocklist::{BanStore, StoreError};
-use crate::config::{AttachMode, MapSizes};
+use crate::config::{AttachMode, MapSizes, PassSizes};
 
 mod steer;
 mod sys;
 
 pub use steer::{
     AgentSockets, Family, PassMaps, SteerAttached, SteerEndpoints, SteerLookup, SteerRun,
+    unpin_steering,
 };
 
 /// The XDP object built from `helo-ebpf` by build.rs.
@@ -100,6 +101,9 @@ pub struct LoadOptions<'a> {
     pub sizes: MapSizes,
     pub ports: &'a [u16],
     pub allow: &'a [IpNet],
+    /// The pass maps' capacities: `steer.max_passes_*` with steering on, else
+    /// [`PassSizes::UNUSED`].
+    pub passes: PassSizes,
 }
 
 /// The loaded object: the XDP program (maybe attached), and the steering program once
@@ -264,6 +268,7 @@ fn load_pinning(
         .map_err(|source| EbpfError::PinDir { dir: options.pin_dir.to_owned(), source })?;
     set_aside_stale_stats(options.pin_dir, pins)?;
     check_pinned(options.pin_dir)?;
+    steer::resize_pass_maps(options.pin_dir, options.passes);
     pins.created =
         PINNED_MAPS.iter().map(|name| options.pin_dir.join(name)).filter(|p| !p.exists()).collect();
 
@@ -272,6 +277,8 @@ fn load_pinning(
         .map_max_entries(maps::BANS_V4, options.sizes.bans_v4)
         .map_max_entries(maps::BANS_V6, options.sizes.bans_v6)
         .map_max_entries(maps::BANS_V6_NET, options.sizes.bans_v6_net)
+        .map_max_entries(maps::PASS_V4, options.passes.v4)
+        .map_max_entries(maps::PASS_V6, options.passes.v6)
         .load(PROGRAM_OBJECT)?;
     warn_on_resize(options.pin_dir, &options.sizes);
 

@@ -39,3 +39,4 @@ pub mod smtp;
 mod testing;
 pub mod top;
 pub mod unix;
+pub mod watchdog;

@@ -255,6 +255,14 @@ fn keep_fixed(old: &Config, new: &mut Config) -> Vec<&'static str> {
         changed.push("fleet");
         new.fleet = old.fleet.clone();
     }
+    if new.steer.addresses != old.steer.addresses {
+        changed.push("steer.addresses");
+        new.steer.addresses = old.steer.addresses.clone();
+    }
+    if new.steer.sizes != old.steer.sizes {
+        changed.push("steer.max_passes_v4/v6");
+        new.steer.sizes = old.steer.sizes;
+    }
     if new.snapshot != old.snapshot {
         changed.push("bans.snapshot");
         new.snapshot = old.snapshot.clone();

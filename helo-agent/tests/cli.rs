@@ -91,6 +91,20 @@ fn check_config_validates_without_running() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("fleet.redis"), "{stderr}");
     assert!(!stderr.contains("s3cret"), "never the password: {stderr}");
+    // Steering says where strangers go, and a set-up that would loop is refused with the fix.
+    let steer = dir.join("steer.toml");
+    let sockets = "[[proxy.listeners]]\naddress = \"127.0.0.1:2525\"\n";
+    std::fs::write(&steer, format!("[steer]\naddresses = [\"203.0.113.5:25\"]\n{sockets}"))
+        .unwrap();
+    let out = agent(&["check-config", steer.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("steering: 203.0.113.5:25 to the agent's sockets 127.0.0.1:2525")
+            && stdout.contains("passes for 1d"),
+        "{stdout}"
+    );
+    std::fs::write(&steer, "[steer]\naddresses = [\"203.0.113.5:25\"]\n").unwrap();
+    fails_with(&["check-config", steer.to_str().unwrap()], "covers the steered endpoint");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

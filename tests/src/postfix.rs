@@ -145,7 +145,7 @@ impl Drop for Postfix {
 }
 
 /// The instances this file starts, one directory each under /var/tmp/helo-filter-e2e.
-const INSTANCES: [&str; 11] = [
+const INSTANCES: [&str; 14] = [
     "main",
     "helo",
     "ops",
@@ -157,6 +157,9 @@ const INSTANCES: [&str; 11] = [
     "bench-policy",
     "bench-bots",
     "bench-storm",
+    "steer",
+    "steer-restart",
+    "bench-steer",
 ];
 
 /// `postfix -c DIR` refuses directories the system main.cf does not list. The tests run in

@@ -61,6 +61,7 @@ fn a_failed_start_never_touches_maps_pinned_before() {
             sizes: MapSizes::default(),
             ports: &helo_common::DEFAULT_PORTS,
             allow: &[],
+            passes: helo_agent::config::PassSizes::UNUSED,
         })
         .expect("load");
         program.keep_pins();

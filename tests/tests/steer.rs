@@ -39,6 +39,7 @@ fn load(dir: &Path, allow: &[&str]) -> XdpProgram {
         sizes: MapSizes::default(),
         ports: &helo_common::DEFAULT_PORTS,
         allow: &allow,
+        passes: helo_agent::config::PassSizes::default(),
     })
     .unwrap_or_else(|e| panic!("loading the programs: {e}"));
     let endpoints = [MX_V4.parse().unwrap(), MX_V6.parse().unwrap()];
@@ -246,6 +247,19 @@ fn with_no_agent_socket_every_connection_goes_to_the_mta() {
     let closed = std::mem::replace(agent_v6, listen("[::1]:0", false));
     drop(closed);
     assert_eq!(bench.lookup("2001:db8:1::7", MX_V6), (None, Some(Stat::SteerNoAgent)));
+}
+
+/// A slot with no socket (a steering agent with one family only, or a socket already closed)
+/// is emptied without an error: the agent empties both slots at every stop, and logged an
+/// error for the empty one (the kernel answers EINVAL there, not ENOENT).
+#[test]
+fn emptying_an_empty_agent_slot_is_not_an_error() {
+    let mut bench = Bench::new(&[]);
+    bench.sockets.clear(Family::V4).unwrap();
+    bench.sockets.clear(Family::V4).unwrap_or_else(|e| panic!("the slot was empty already: {e}"));
+    let Bench { agent_v6, .. } = &mut bench;
+    drop(std::mem::replace(agent_v6, listen("[::1]:0", false)));
+    bench.sockets.clear(Family::V6).unwrap_or_else(|e| panic!("its socket closed: {e}"));
 }
 
 #[test]

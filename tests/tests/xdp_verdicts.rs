@@ -33,6 +33,7 @@ fn load_with(allow: &[&str]) -> Loaded {
         sizes: MapSizes::default(),
         ports: &helo_common::DEFAULT_PORTS,
         allow: &allow,
+        passes: helo_agent::config::PassSizes::UNUSED,
     })
     .unwrap_or_else(|e| panic!("loading the XDP program: {e}"));
     let bans = Blocklist::new(PinnedMaps::open(dir.path()).expect("pinned maps"));
@@ -327,6 +328,7 @@ fn configured_ports_replace_the_defaults() {
         sizes: MapSizes::default(),
         ports: &[2525],
         allow: &[],
+        passes: helo_agent::config::PassSizes::UNUSED,
     })
     .unwrap();
     let mut bans = Blocklist::new(PinnedMaps::open(dir.path()).unwrap());
@@ -345,6 +347,7 @@ fn bans_survive_a_reload_of_the_program() {
         sizes: MapSizes::default(),
         ports: &helo_common::DEFAULT_PORTS,
         allow: &[],
+        passes: helo_agent::config::PassSizes::UNUSED,
     };
     {
         let _first = ebpf::load(&options).unwrap();
@@ -373,6 +376,7 @@ fn a_counters_map_pinned_by_an_older_version_is_replaced() {
         sizes: MapSizes::default(),
         ports: &helo_common::DEFAULT_PORTS,
         allow: &[],
+        passes: helo_agent::config::PassSizes::UNUSED,
     };
 
     let failed = ebpf::load(&options).expect("load");

@@ -7,6 +7,7 @@
 
 pub mod fake;
 pub mod offenders;
+pub mod passes;
 pub mod snapshot;
 pub mod worker;
 

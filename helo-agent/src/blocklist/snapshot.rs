@@ -36,6 +36,9 @@ pub struct Snapshot {
     /// `crate::passes`). Missing from snapshots written before the test existed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub passes: Vec<SavedPass>,
+    /// The steering door's passes (see `crate::blocklist::passes`), and until when.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steer_passes: Vec<crate::blocklist::passes::SavedSteerPass>,
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -147,6 +150,29 @@ pub fn forget(path: &Path, target: &str) -> Result<bool, SnapshotError> {
     Ok(true)
 }
 
+/// Removes the steering passes inside `net` from the snapshot at `path`, for a removal made
+/// while no agent runs. Returns how many went.
+pub fn forget_steer_passes(path: &Path, net: &ipnet::IpNet) -> Result<usize, SnapshotError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => return Err(SnapshotError::Read { path: path.to_owned(), source }),
+    };
+    let Ok(mut snapshot) = serde_json::from_slice::<Snapshot>(&bytes) else { return Ok(0) };
+    if snapshot.version != VERSION {
+        return Ok(0);
+    }
+    let before = snapshot.steer_passes.len();
+    snapshot
+        .steer_passes
+        .retain(|p| p.client.parse::<std::net::IpAddr>().is_ok_and(|ip| !net.contains(&ip)));
+    let removed = before - snapshot.steer_passes.len();
+    if removed > 0 {
+        save(path, &snapshot)?;
+    }
+    Ok(removed)
+}
+
 /// The bans in force among `entries` (as `list`'s store listed them) and the offence history,
 /// as a snapshot taken at `now`.
 pub fn capture<S: BanStore>(
@@ -177,6 +203,7 @@ pub fn capture<S: BanStore>(
         bans,
         offences,
         passes: Vec::new(),
+        steer_passes: Vec::new(),
     })
 }
 
@@ -343,6 +370,7 @@ mod tests {
             }],
             offences: vec![],
             passes: vec![],
+            steer_passes: vec![],
         };
         let done = restore(&mut list, &snapshot, at).unwrap();
         assert_eq!(done.kept, 1);
@@ -366,6 +394,7 @@ mod tests {
             }],
             offences: vec![],
             passes: vec![],
+            steer_passes: vec![],
         };
         let mut list = Blocklist::new(FakeStore::default());
         assert_eq!(restore(&mut list, &snapshot, now(1, 1)).unwrap().invalid, 1);
@@ -452,6 +481,7 @@ mod tests {
             bans: vec![ban("203.0.113.9"), ban("203.0.113.10")],
             offences: vec![offence("203.0.113.9"), offence("203.0.113.10")],
             passes: vec![],
+            steer_passes: vec![],
         };
         save(&path, &snapshot).unwrap();
         assert!(forget(&path, "203.0.113.9").unwrap());

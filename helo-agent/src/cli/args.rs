@@ -103,6 +103,18 @@ pub enum CliCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List the steering passes in force (`[steer]`): clients the kernel sends straight to the
+    /// MTA's own listener, unjudged by the proxy, until the pass expires (`steer.pass_ttl`),
+    /// by address: remaining time, hits (connections sent straight). A ban removes a pass.
+    Passes {
+        /// One JSON array, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Remove the pass of this client, or of every client in this network (2001:db8::/64):
+        /// its next connection is judged again. With no agent running, also from the snapshot.
+        #[arg(long, value_name = "ADDRESS|NETWORK", conflicts_with = "json")]
+        remove: Option<String>,
+    },
     /// Explain what the rules decide for a HELO, as the agent would (like `postmap -q`); the
     /// exit status says the verdict.
     #[command(after_help = CHECK_EXIT_STATUS)]

@@ -14,6 +14,7 @@ mod bans;
 mod check;
 mod generate;
 mod link;
+mod passes;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -61,6 +62,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             done(bans::unban(&load(path, &overrides)?, &target, prefix))
         }
         CliCommand::List { json } => done(bans::list(&load(path, &overrides)?, json)),
+        CliCommand::Passes { json, remove } => {
+            let config = load(path, &overrides)?;
+            done(match remove {
+                Some(target) => passes::remove(&config, &target),
+                None => passes::list(&config, json),
+            })
+        }
         CliCommand::Check {
             helo,
             client,
@@ -143,6 +151,25 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
         config.proxy.upstream,
         config.policy.listeners.len(),
     );
+    if config.steer.enabled() {
+        let endpoints: Vec<String> =
+            config.steer.addresses.iter().map(ToString::to_string).collect();
+        let sockets: Vec<String> = config
+            .proxy
+            .listeners
+            .iter()
+            .filter(|l| l.check_helo)
+            .map(|l| l.address.to_string())
+            .collect();
+        let passes = config.steer.pass_ttl().map_or("no passes (pass_ttl 0s)".into(), |ttl| {
+            format!("passes for {}", crate::duration::format(ttl))
+        });
+        println!(
+            "steering: {} to the agent's sockets {} (strangers) or straight to the MTA (passes, or no agent running); {passes}",
+            endpoints.join(", "),
+            sockets.join(", ")
+        );
+    }
     if let Some(redis) = &config.fleet.redis {
         // Only the configuration: whether Redis answers shows at `run` (its log and
         // helo_filter_fleet_connected).

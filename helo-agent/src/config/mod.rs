@@ -205,6 +205,7 @@ pub struct Config {
     pub snapshot: SnapshotConfig,
     pub fleet: FleetConfig,
     pub dns: DnsConfig,
+    pub steer: SteerConfig,
 }
 
 /// The resolver the DNS checks ask.
@@ -389,6 +390,51 @@ pub struct PregreetConfig {
     pub pass_ttl: Duration,
     /// Clients remembered at most (least recently seen forgotten first).
     pub pass_cache_size: usize,
+}
+
+/// `[steer]`: the kernel front door. With `addresses`, an sk_lookup program hands each new
+/// connection to those endpoints (the MTA's own port-25 listeners) to the agent's listeners
+/// (`proxy.listeners`, one per address family), unless the client holds a pass, which sends it
+/// straight to the MTA; with no agent socket in the kernel's map, everyone goes to the MTA.
+/// Empty: today's mode, where the agent owns port 25.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SteerConfig {
+    pub addresses: Vec<std::net::SocketAddr>,
+    /// How long a client that showed itself an honest sender goes straight to the MTA; zero:
+    /// no passes are written (every client is judged, and the door still fails open).
+    pub pass_ttl: Duration,
+    pub sizes: PassSizes,
+}
+
+impl SteerConfig {
+    pub fn enabled(&self) -> bool {
+        !self.addresses.is_empty()
+    }
+
+    /// The TTL of the passes the agent writes: `None` when steering is off or `pass_ttl` is 0.
+    pub fn pass_ttl(&self) -> Option<Duration> {
+        (self.enabled() && !self.pass_ttl.is_zero()).then_some(self.pass_ttl)
+    }
+}
+
+/// Capacities of the pass maps (LRU: when full, the least recently used pass goes, and that
+/// client is judged again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassSizes {
+    pub v4: u32,
+    pub v6: u32,
+}
+
+impl Default for PassSizes {
+    fn default() -> Self {
+        PassSizes { v4: helo_common::DEFAULT_MAX_PASS_V4, v6: helo_common::DEFAULT_MAX_PASS_V6 }
+    }
+}
+
+impl PassSizes {
+    /// What the pass maps are created with when steering is off: one entry each, so today's
+    /// mode does not pay for them (at their defaults, about 7 MB preallocated).
+    pub const UNUSED: PassSizes = PassSizes { v4: 1, v6: 1 };
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -27,6 +27,7 @@ pub struct RawConfig {
     pub dns: RawDns,
     pub pregreet: RawPregreet,
     pub reuse: RawReuse,
+    pub steer: RawSteer,
     pub impersonation: RawImpersonation,
     pub trust: RawTrust,
 }
@@ -117,6 +118,27 @@ impl Default for RawProxy {
             max_sessions_per_ip: 50,
             shutdown_grace: "30s".into(),
             workers: 0,
+        }
+    }
+}
+
+/// `[steer]`: the kernel front door (see `crate::config::SteerConfig`).
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSteer {
+    pub addresses: Vec<String>,
+    pub pass_ttl: String,
+    pub max_passes_v4: u32,
+    pub max_passes_v6: u32,
+}
+
+impl Default for RawSteer {
+    fn default() -> Self {
+        Self {
+            addresses: Vec::new(),
+            pass_ttl: "1d".into(),
+            max_passes_v4: helo_common::DEFAULT_MAX_PASS_V4,
+            max_passes_v6: helo_common::DEFAULT_MAX_PASS_V6,
         }
     }
 }

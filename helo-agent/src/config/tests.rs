@@ -526,3 +526,70 @@ fn helo_reuse_defaults_to_log_20_networks_an_hour_and_refuses_bad_values() {
         assert!(err.contains(expected), "{text:?}: {err}");
     }
 }
+
+const AGENT_SOCKETS: &str = "[[proxy.listeners]]\naddress = \"127.0.0.1:2525\"\n[[proxy.listeners]]\naddress = \"[::1]:2525\"\n";
+
+#[test]
+fn steering_takes_the_mta_endpoints_and_the_agent_sockets_one_per_family() {
+    let config = parse("").unwrap();
+    assert!(!config.steer.enabled(), "off by default: today's mode");
+    assert_eq!(config.steer.pass_ttl(), None);
+    let text = format!(
+        "[steer]\naddresses = [\"203.0.113.5:25\", \"[2001:db8::5]:25\", \"[::ffff:203.0.113.5]:25\"]\n\
+         pass_ttl = \"12h\"\n{AGENT_SOCKETS}"
+    );
+    let config = parse(&text).unwrap();
+    let endpoints: Vec<String> = config.steer.addresses.iter().map(ToString::to_string).collect();
+    assert_eq!(endpoints, ["203.0.113.5:25", "[2001:db8::5]:25"], "mapped v4 is v4, once");
+    assert_eq!(config.steer.pass_ttl(), Some(Duration::from_secs(12 * 3600)));
+    assert_eq!(config.steer.sizes, PassSizes::default());
+    let none = parse(&text.replace("\"12h\"", "\"0s\"")).unwrap();
+    assert_eq!(none.steer.pass_ttl(), None, "0s: no passes, steering still on");
+    assert!(none.steer.enabled());
+}
+
+#[test]
+fn steering_refuses_what_would_loop_or_leave_strangers_unjudged() {
+    let steer = |extra: &str| {
+        parse(&format!("[steer]\naddresses = [\"203.0.113.5:25\", \"[2001:db8::5]:25\"]\n{extra}"))
+            .unwrap_err()
+            .to_string()
+    };
+    let err = steer("");
+    assert!(
+        err.contains("proxy.listeners") && err.contains("covers the steered endpoint"),
+        "{err}"
+    );
+    let err = steer("[[proxy.listeners]]\naddress = \"127.0.0.1:2525\"\n");
+    assert!(err.contains("no IPv6 listener") && err.contains("[::1]:2525"), "{err}");
+    let err = steer(&format!("{AGENT_SOCKETS}[[proxy.listeners]]\naddress = \"127.0.0.2:2525\"\n"));
+    assert!(err.contains("one per address family"), "{err}");
+    let err = steer(&format!("{AGENT_SOCKETS}[proxy]\nupstream = \"203.0.113.5:25\"\n"));
+    assert!(err.contains("proxy.upstream") && err.contains("steered back"), "{err}");
+    let err = steer(&format!("pass_ttl = \"60d\"\n{AGENT_SOCKETS}"));
+    assert!(err.contains("steer.pass_ttl"), "{err}");
+    for bad in ["0.0.0.0:25", "[::]:25", "203.0.113.5:465"] {
+        let err = parse(&format!("[steer]\naddresses = [\"{bad}\"]\n{AGENT_SOCKETS}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("steer.addresses"), "{bad}: {err}");
+    }
+    // A submission listener (no HELO judged) is not an agent socket: it may stay beside them.
+    let text = format!(
+        "[steer]\naddresses = [\"203.0.113.5:25\"]\n{AGENT_SOCKETS}\
+         [[proxy.listeners]]\naddress = \"0.0.0.0:587\"\ncheck_helo = false\n"
+    );
+    assert!(parse(&text).is_ok());
+}
+
+#[test]
+fn a_steered_port_xdp_does_not_guard_is_a_warning() {
+    let text = format!("[steer]\naddresses = [\"203.0.113.5:2526\"]\n{AGENT_SOCKETS}");
+    let text = text.replacen("[::1]:2525", "[::1]:2527", 1);
+    let config = parse(&text).unwrap();
+    assert!(
+        config.warnings.iter().any(|w| w.contains("not in xdp.ports")),
+        "{:?}",
+        config.warnings
+    );
+}

@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::blocklist::BanEntry;
+use crate::blocklist::passes::PassEntry;
 /// What a reload swapped in (the answer to [`Request::Reload`]).
 pub use crate::reload::ReloadSummary;
 use crate::report::{HeloRow, RuleCount};
@@ -48,6 +49,12 @@ pub enum Request {
         target: String,
     },
     List,
+    /// The steering passes in force.
+    Passes,
+    /// Removes the steering passes of a client, or of every client inside a network.
+    RemovePasses {
+        target: String,
+    },
     Stats,
     /// Re-read the config. `config`: the file as the root CLI read it, for an agent that no
     /// longer may (a root-only file: the agent runs as `agent.user`); used when it is the
@@ -87,6 +94,8 @@ pub enum Answer {
     Banned(Banned),
     Unbanned(Unbanned),
     Listed(Vec<BanEntry>),
+    Passes(Vec<PassEntry>),
+    PassesRemoved(PassesRemoved),
     Stats(XdpStats),
     Reloaded(ReloadSummary),
     Tophelos(Vec<HeloRow>),
@@ -98,6 +107,12 @@ pub enum Answer {
 pub struct Banned {
     /// When the ban ends (CLOCK_BOOTTIME ns; `u64::MAX`: never).
     pub expires_ns: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassesRemoved {
+    /// How many passes went.
+    pub removed: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +233,8 @@ impl Answer {
             Request::Ban { .. } => Answer::Banned(from_value(data)?),
             Request::Unban { .. } => Answer::Unbanned(from_value(data)?),
             Request::List => Answer::Listed(from_value(data)?),
+            Request::Passes => Answer::Passes(from_value(data)?),
+            Request::RemovePasses { .. } => Answer::PassesRemoved(from_value(data)?),
             Request::Stats => Answer::Stats(from_value(data)?),
             Request::Reload { .. } => Answer::Reloaded(from_value(data)?),
             Request::Tophelos { .. } => Answer::Tophelos(from_value(data)?),

@@ -67,6 +67,8 @@ pub enum ControlError {
     Malformed(serde_json::Error),
     #[error(transparent)]
     Target(#[from] AddrError),
+    #[error("{0}")]
+    PassTarget(String),
     #[error(
         "{target} is in the allowlisted network {network} and would never be dropped: remove it \
          from allowlist.networks first"
@@ -158,6 +160,20 @@ async fn answer(request: Request, control: &Control) -> Result<Answer, ControlEr
             AdminAnswer::Listed(entries) => Answer::Listed(entries),
             other => return Err(ControlError::Mismatched(other)),
         },
+        Request::Passes => match control.bans.command(AdminCommand::Passes).await? {
+            AdminAnswer::Passes(entries) => Answer::Passes(entries),
+            other => return Err(ControlError::Mismatched(other)),
+        },
+        Request::RemovePasses { target } => {
+            let net =
+                crate::blocklist::passes::parse_net(&target).map_err(ControlError::PassTarget)?;
+            match control.bans.command(AdminCommand::RemovePasses { net }).await? {
+                AdminAnswer::PassesRemoved(removed) => {
+                    Answer::PassesRemoved(crate::control::PassesRemoved { removed })
+                }
+                other => return Err(ControlError::Mismatched(other)),
+            }
+        }
         Request::Stats => Answer::Stats((control.stats)()?),
         Request::Reload { config } => Answer::Reloaded((control.reload)(config).await?),
         Request::Tophelos { since_secs, limit } => {

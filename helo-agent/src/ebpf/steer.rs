@@ -49,6 +49,34 @@ pub(super) fn pinned_links(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Makes the pinned pass maps anew where their capacity is not `sizes` (a pinned map keeps the
+/// capacity it was made with): at one entry each while steering is off, so today's mode does
+/// not hold their memory, and at `steer.max_passes_*` with it on. Their passes are lost from
+/// the kernel, not from the snapshot, which the start restores next.
+pub(super) fn resize_pass_maps(dir: &Path, sizes: crate::config::PassSizes) {
+    for (name, wanted) in [(maps::PASS_V4, sizes.v4), (maps::PASS_V6, sizes.v6)] {
+        let path = dir.join(name);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else { continue };
+        if info.max_entries() != wanted && std::fs::remove_file(&path).is_ok() {
+            tracing::info!(
+                map = name,
+                pinned = info.max_entries(),
+                configured = wanted,
+                "pass map made anew at its configured capacity (its passes come back from the snapshot)"
+            );
+        }
+    }
+}
+
+/// Removes the pinned steering link of the calling thread's network namespace, if any: a start
+/// with steering off leaves no program steering connections (and holding the old pass maps).
+/// Returns whether there was one.
+pub fn unpin_steering(dir: &Path) -> bool {
+    let Ok(netns) = std::fs::metadata(THREAD_NETNS) else { return false };
+    let path = dir.join(format!("{STEER_LINK_PREFIX}{}", netns.ino()));
+    std::fs::remove_file(path).is_ok()
+}
+
 /// The address family of an agent socket, and so its slot in the agent sockets map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
@@ -296,13 +324,23 @@ impl AgentSockets {
     /// hold a socket cannot be read back: the kernel answers user-space lookups only in a
     /// SOCKMAP with 8-byte values, and aya-ebpf declares 4-byte ones; the `steer_no_agent`
     /// counter tells when connections find none.)
+    ///
+    /// An empty slot is no error: a SOCKMAP answers a delete there with EINVAL (the slots
+    /// are always in range), not ENOENT.
     pub fn clear(&mut self, family: Family) -> Result<(), EbpfError> {
         match self.map.clear_index(&family.slot()) {
             Ok(()) => Ok(()),
-            Err(error) if absent(&error) => Ok(()),
+            Err(error) if absent(&error) || empty_slot(&error) => Ok(()),
             Err(source) => Err(EbpfError::Map { name: maps::AGENT_SOCKETS, source }),
         }
     }
+}
+
+/// A SOCKMAP's answer to deleting a slot with no socket in it (net/core/sock_map.c,
+/// `__sock_map_delete`).
+fn empty_slot(error: &MapError) -> bool {
+    matches!(error, MapError::SyscallError(e)
+        if e.io_error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()))
 }
 
 fn socket_family(socket: BorrowedFd<'_>) -> Result<Family, EbpfError> {
@@ -410,6 +448,33 @@ impl PassMaps {
         let v6 = self.v6.iter().flatten().map(|(k, v)| (IpAddr::V6(Ipv6Addr::from(k)), v));
         Ok(v4.chain(v6).collect())
     }
+}
+
+/// The pinned pass maps as the ban worker writes them.
+impl crate::blocklist::passes::PassStore for PassMaps {
+    fn get(&self, client: IpAddr) -> Result<Option<PassValue>, crate::blocklist::StoreError> {
+        PassMaps::get(self, client).map_err(|e| store_error("lookup", e))
+    }
+
+    fn put(
+        &mut self,
+        client: IpAddr,
+        value: &PassValue,
+    ) -> Result<(), crate::blocklist::StoreError> {
+        self.insert(client, value).map_err(|e| store_error("update", e))
+    }
+
+    fn remove_within(&mut self, net: &IpNet) -> Result<usize, crate::blocklist::StoreError> {
+        PassMaps::remove_within(self, net).map_err(|e| store_error("delete", e))
+    }
+
+    fn entries(&self) -> Result<Vec<(IpAddr, PassValue)>, crate::blocklist::StoreError> {
+        PassMaps::entries(self).map_err(|e| store_error("walk", e))
+    }
+}
+
+fn store_error(operation: &'static str, error: EbpfError) -> crate::blocklist::StoreError {
+    crate::blocklist::StoreError::Map { map: "HELO_PASS", operation, source: Box::new(error) }
 }
 
 #[cfg(test)]

@@ -63,6 +63,13 @@ impl Court {
         }
     }
 
+    /// Asks the ban worker for a steering pass for `client` (see [`super::honest`]).
+    pub fn grant_pass(&self, client: IpAddr, ttl: Duration) {
+        if let Some(bans) = &self.bans {
+            bans.pass(client, ttl);
+        }
+    }
+
     /// A session's verdict is a ban, decided now, though the ban is requested only when the
     /// session ends (the proxy: earlier, XDP would drop the client's ACKs of our own 553s).
     /// From now the client's new connections are refused at accept, as the kernel will refuse

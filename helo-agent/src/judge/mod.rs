@@ -30,7 +30,7 @@ use rustc_hash::FxHashSet;
 
 pub use self::court::{Court, Open, PENDING_HOLD};
 pub use self::hearing::{Heard, Hearing, Law, ReuseSeen};
-pub use self::record::{Door, End, Record, Side, Transport};
+pub use self::record::{Door, End, Record, Side, Transport, honest};
 use crate::blocklist::BanCheck;
 use crate::blocklist::worker::BanSender;
 use crate::config::{Config, ProxyConfig};
@@ -69,6 +69,8 @@ pub struct Live {
     /// [`Live::of`]). The transcript tests, which run without root and so can only have
     /// clients on loopback, turn it on to see bans at all.
     pub loopback_bannable: bool,
+    /// How long a steering pass lasts; `None`: steering is off or writes no passes.
+    pub pass_ttl: Option<Duration>,
 }
 
 impl Live {
@@ -79,6 +81,7 @@ impl Live {
             rules: config.rules.clone(),
             reject_message: config.reject_message.clone(),
             loopback_bannable: false,
+            pass_ttl: config.steer.pass_ttl(),
         }
     }
 
@@ -265,9 +268,15 @@ impl Judge {
         self.court.condemn(client, verdict, &live.never_ban());
     }
 
-    /// A session is over (see [`Court::conclude`]).
+    /// A session is over (see [`Court::conclude`]); an honest sender earns a steering pass
+    /// (see [`honest`]).
     pub fn conclude(&self, record: &Record<'_>, live: &Live) {
         self.court.conclude(record, &live.never_ban());
+        if let Some(ttl) = live.pass_ttl
+            && honest(record)
+        {
+            self.court.grant_pass(record.client.ip, ttl);
+        }
     }
 
     /// `tophelos` rows with the reuse memory's count of each name (over `reuse.window` up to
@@ -403,5 +412,87 @@ mod tests {
         assert_eq!(judge.refused_at_accept(&bot), None);
         judge.condemn(&bot, hearing.verdict().unwrap(), &live);
         assert_eq!(judge.refused_at_accept(&bot), Some(Refusal::BanPending));
+    }
+
+    /// The pass rule (see [`honest`]): a proxy session whose every HELO passed with no check
+    /// doubting it, that did not pregreet, came straight and had a recipient accepted earns a
+    /// steering pass through the ban worker; miss one and it earns none.
+    #[test]
+    fn an_honest_sender_earns_a_steering_pass_and_a_doubted_one_none() {
+        use std::sync::Mutex;
+
+        use crate::blocklist::Blocklist;
+        use crate::blocklist::fake::FakeStore;
+        use crate::blocklist::passes::FakePasses;
+        use crate::blocklist::worker::{AdminCommand, Options, start};
+        let passes = Arc::new(Mutex::new(FakePasses::default()));
+        let escalation = crate::config::Escalation {
+            factor: 2,
+            max_ttl: Duration::from_secs(3600),
+            history: 16,
+            max_per_second: 100,
+        };
+        let options = Options {
+            steer: Some(Box::new(passes.clone())),
+            ..Options::new(escalation, crate::clock::boot_ns)
+        };
+        let (bans, worker) = start(Blocklist::new(FakeStore::default()), options);
+        let text = "[identity]\ndetect = false\n[steer]\naddresses = [\"203.0.113.5:25\"]\n\
+                    [[proxy.listeners]]\naddress = \"127.0.0.1:2525\"\n";
+        let config = Config::parse(text, std::path::Path::new("t"), &Default::default()).unwrap();
+        let judge =
+            Judge::new(Live::of(&config), Parts { bans: Some(bans.clone()), ..Default::default() });
+        let live = judge.live();
+        assert_eq!(live.pass_ttl, Some(Duration::from_secs(24 * 3600)));
+        let session =
+            |ip: &str, helo: &str, via: Option<IpAddr>, pregreet: Option<&str>, accepted: bool| {
+                let client = Client::new(ip.parse().unwrap(), via, false);
+                let mut hearing = Hearing::new(&client);
+                hearing.hear(&judge.law(&live), helo, None);
+                let verdict = hearing.verdict().cloned();
+                let logged: Vec<&'static str> =
+                    verdict.iter().flat_map(|v| v.logged.iter().map(|m| m.rule)).collect();
+                let record = Record {
+                    door: Door::Proxy,
+                    client: &client,
+                    helo: Some(helo),
+                    helos: &[],
+                    verdict: verdict.as_ref(),
+                    logged: &logged,
+                    dns: None,
+                    ms: 1,
+                    transport: Some(Transport {
+                        bytes_in: 0,
+                        bytes_out: 0,
+                        spliced: false,
+                        copied: 0,
+                        tls: false,
+                        accepted,
+                        end: End::Relayed,
+                        error: "",
+                        pregreet,
+                    }),
+                };
+                judge.conclude(&record, &live);
+            };
+        session("198.51.100.1", "mail.sender.example", None, None, true);
+        session("198.51.100.2", "mail.sender.example", None, None, false);
+        session(
+            "198.51.100.3",
+            "mail.sender.example",
+            None,
+            Some("4 bytes after 10 ms: EHLO"),
+            true,
+        );
+        session("198.51.100.4", "mail.sender.example", Some([192, 0, 2, 1].into()), None, true);
+        session("198.51.100.5", "198-51-100-5.dyn.isp.example", None, None, true);
+        session("198.51.100.6", "localhost", None, None, true);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(bans.command(AdminCommand::Passes)).unwrap();
+        let held: Vec<String> =
+            passes.lock().unwrap().passes.keys().map(ToString::to_string).collect();
+        assert_eq!(held, ["198.51.100.1"], "only the honest sender (the dynamic name is logged)");
+        drop((judge, bans));
+        worker.stop();
     }
 }

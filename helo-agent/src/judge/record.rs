@@ -137,11 +137,41 @@ pub struct Transport<'a> {
     pub spliced: bool,
     pub copied: u64,
     pub tls: bool,
+    /// The MTA accepted a recipient (a 2xx to RCPT TO, or 354 to DATA).
+    pub accepted: bool,
     /// How it ended, and so which side ended it ([`End::side`]).
     pub end: End,
     pub error: &'a str,
     /// What the client sent before the greeting was complete, and when (the pregreet test).
     pub pregreet: Option<&'a str>,
+}
+
+/// Whether a session showed its client an honest sender, the rule that earns a steering pass
+/// (its next connections go straight to the MTA, unjudged by the proxy):
+/// - the proxy heard it (the policy service cannot tell a pregreeter, and never sees the
+///   client's first bytes);
+/// - its verdict is a pass that no check doubted: no rule matched (an `OK` table entry, an
+///   allowlisted or exempt client included) and no `log` check fired, for any of its HELOs
+///   (a session whose later HELO failed is rejected, and stays so);
+/// - it did not speak before its turn (pregreet);
+/// - it came straight, not through a trusted front proxy (the kernel sees the proxy's
+///   address, not the client's);
+/// - the MTA accepted a recipient: a real transaction, not a probe that said EHLO and left.
+///
+/// Safe because a pass only skips the proxy: XDP still drops the client if it is ever banned
+/// (and every ban takes its pass away), and the policy door on the MTA's port-25 smtpd still
+/// judges every HELO it sends with the same rules, banning it if one turns bad.
+pub fn honest(record: &Record<'_>) -> bool {
+    let Some(transport) = &record.transport else { return false };
+    let Some(verdict) = record.verdict else { return false };
+    verdict.action == crate::rules::Action::Pass
+        && verdict.rule == "pass"
+        && verdict.logged.is_empty()
+        && record.logged.is_empty()
+        && transport.pregreet.is_none()
+        && transport.accepted
+        && record.client.via.is_none()
+        && !record.client.exempt
 }
 
 pub(super) fn action(verdict: Option<&Verdict>) -> &'static str {

@@ -668,6 +668,7 @@ impl Handler<'_> {
             format!("{} bytes after {ms} ms: {}", p.bytes, p.text)
         });
         outcome.verdict = self.session.verdict().cloned();
+        outcome.accepted = self.session.accepted();
         outcome.end = end;
         outcome
     }

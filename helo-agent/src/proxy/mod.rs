@@ -228,6 +228,28 @@ pub async fn serve(
     judge: Arc<Judge>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ThreadError> {
+    serve_with(sets, judge, shutdown, Serving::default()).await
+}
+
+/// How [`serve_with`] runs besides the listeners and the judge.
+#[derive(Default)]
+pub struct Serving {
+    /// Steering: the kernel hands new connections to the MTA once the agent's sockets are out
+    /// of its map, so nothing waits for the agent to exit. Sessions are not told 421 at
+    /// shutdown: every one, before its verdict too, is judged and relayed to its end (within
+    /// `proxy.shutdown_grace`).
+    pub judge_to_the_end: bool,
+    /// Each session thread beats its slot (its index) while its event loop turns.
+    pub beats: Option<Arc<crate::watchdog::Heartbeats>>,
+}
+
+/// [`serve`], with the steering mode's shutdown and the watchdog's heartbeats.
+pub async fn serve_with(
+    sets: Vec<StdListeners>,
+    judge: Arc<Judge>,
+    shutdown: impl Future<Output = ()>,
+    serving: Serving,
+) -> Result<(), ThreadError> {
     let shared = Shared::new(judge);
     let (stop, stopping) = watch::channel(false);
     let (end, ending) = watch::channel(false);
@@ -257,9 +279,13 @@ pub async fn serve(
         let mut stopping = stopping.clone();
         let mut ending = ending.clone();
         let closing = closing.clone();
+        let beats = serving.beats.clone();
         let spawned =
             std::thread::Builder::new().name(format!("helo-proxy-{index}")).spawn(move || {
                 runtime.block_on(async move {
+                    if let Some(beats) = beats {
+                        tokio::spawn(beats.keep_beating(index));
+                    }
                     let stop = async move {
                         let _ = stopping.wait_for(|stop| *stop).await;
                     };
@@ -286,7 +312,9 @@ pub async fn serve(
     stop.send_replace(true);
     let _ = closed.recv().await;
     if failed.is_none() {
-        shared.drain.send_replace(Drain::Draining);
+        if !serving.judge_to_the_end {
+            shared.drain.send_replace(Drain::Draining);
+        }
         drain(&shared).await;
     }
     end.send_replace(true);
@@ -394,6 +422,7 @@ async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, check_
             spliced: outcome.spliced,
             copied: outcome.copied,
             tls: outcome.tls,
+            accepted: outcome.accepted,
             end: outcome.end,
             error: outcome.error.as_deref().unwrap_or(""),
             pregreet: outcome.pregreet.as_deref(),

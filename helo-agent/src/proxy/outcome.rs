@@ -26,6 +26,8 @@ pub struct Outcome {
     pub copied: u64,
     /// The session went opaque at STARTTLS: the rest was TLS.
     pub tls: bool,
+    /// The MTA accepted a recipient (a 2xx to RCPT TO, or 354 to DATA).
+    pub accepted: bool,
     pub end: End,
     pub error: Option<String>,
     /// What DNS said of the HELO judged last (`not_finished`: the lookups for the log had not

@@ -116,6 +116,8 @@ enum Owed {
     /// A BDAT whose size the proxy could not read: Postfix answers 521 and hangs up; an MTA
     /// that accepts it leaves the proxy unable to find where its chunk ends.
     BadBdat,
+    /// A RCPT TO: a 2xx says the MTA took a recipient (what a pass is given for).
+    Rcpt,
 }
 
 /// Bytes of refused BDAT chunks the proxy reads and drops in a session it answers itself;
@@ -168,6 +170,9 @@ pub struct Session<'a> {
     /// A later HELO's rejection (`true`: an EHLO), held until the MTA's owed replies are
     /// relayed; the answer is made then, from what the MTA said by then.
     deferred: Option<bool>,
+    /// The MTA accepted a recipient: a 2xx to RCPT TO, or 354 to DATA (which it gives only
+    /// with a recipient accepted).
+    accepted: bool,
     /// The MTA's own replies to HELO and EHLO, replayed to a rejected client's HELO/EHLO, so it
     /// hears what it heard from the MTA before, or what the MTA answers others (learned from
     /// earlier sessions, [`Session::learned`]).
@@ -215,6 +220,7 @@ impl<'a> Session<'a> {
             phase: Phase::BeforeHelo,
             owed: VecDeque::new(),
             deferred: None,
+            accepted: false,
             mta_helo_reply: None,
             mta_ehlo_reply: None,
             fresh_reply: None,
@@ -465,6 +471,12 @@ impl<'a> Session<'a> {
     }
 
     /// Whether the session was rejected (by any of its HELOs).
+    /// Whether the MTA accepted a recipient in this session (as far as the proxy could read:
+    /// not inside TLS).
+    pub fn accepted(&self) -> bool {
+        self.accepted
+    }
+
     pub fn rejected(&self) -> bool {
         self.phase == Phase::Rejected
     }
@@ -544,8 +556,15 @@ impl<'a> Session<'a> {
             return AfterReply::Reject(self.helo_answer(ehlo, verdict));
         }
         match owed {
+            Some(Owed::Rcpt) if (200..300).contains(&code) => {
+                self.accepted = true;
+                AfterReply::Continue
+            }
             Some(Owed::StartTls) if (200..300).contains(&code) => AfterReply::Opaque(Opacity::Tls),
-            Some(Owed::Data) if code == 354 => AfterReply::Opaque(Opacity::Data),
+            Some(Owed::Data) if code == 354 => {
+                self.accepted = true;
+                AfterReply::Opaque(Opacity::Data)
+            }
             Some(Owed::BadBdat) if (200..300).contains(&code) => {
                 AfterReply::Opaque(Opacity::Chunks)
             }
@@ -616,6 +635,7 @@ impl<'a> Session<'a> {
             SmtpCommand::StartTls => Owed::StartTls,
             SmtpCommand::Data => Owed::Data,
             SmtpCommand::Auth => Owed::Auth,
+            SmtpCommand::Rcpt => Owed::Rcpt,
             _ => Owed::Reply,
         };
         self.owed.push_back(owed);

@@ -172,13 +172,29 @@ fn draw_kernel(frame: &mut Frame<'_>, area: Rect, screen: &Screen<'_>) {
         let total = pick(current).map_or("-".to_owned(), count);
         (name, style, rate(per_second(previous, current, pick)), total)
     };
-    let rows = vec![
-        row("dropped", Style::new().fg(Color::Red), Stat::Dropped),
-        row("passed", Style::new(), Stat::Passed),
-        row("allowed", Style::new(), Stat::Allowlisted),
-        row("parse err", Style::new(), Stat::ParseError),
-    ];
-    let title = if current.xdp.is_some() { " Kernel (XDP) " } else { " Kernel: unread " };
+    // With steering in use, its two outcomes that matter take the rows of the rare ones: new
+    // connections handed to the agent, and those sent straight to the MTA on a pass.
+    let steering = current.xdp.as_ref().is_some_and(|x| Stat::STEER.iter().any(|s| x.get(*s) > 0));
+    let rows = if steering {
+        vec![
+            row("dropped", Style::new().fg(Color::Red), Stat::Dropped),
+            row("passed", Style::new(), Stat::Passed),
+            row("judged", Style::new(), Stat::Steered),
+            row("straight", Style::new().fg(Color::Green), Stat::SteerPassed),
+        ]
+    } else {
+        vec![
+            row("dropped", Style::new().fg(Color::Red), Stat::Dropped),
+            row("passed", Style::new(), Stat::Passed),
+            row("allowed", Style::new(), Stat::Allowlisted),
+            row("parse err", Style::new(), Stat::ParseError),
+        ]
+    };
+    let title = match (&current.xdp, steering) {
+        (None, _) => " Kernel: unread ",
+        (Some(_), true) => " Kernel (XDP, steering) ",
+        (Some(_), false) => " Kernel (XDP) ",
+    };
     frame.render_widget(counter_table(title, rows), area);
 }
 
@@ -503,6 +519,29 @@ mod tests {
         assert!(master.contains("10.0.0.6:6379"), "{master}");
         assert!(master.contains("last failover 3m"), "{master}");
         assert!(lines[23].contains("q: quit"), "{text}");
+    }
+
+    /// With steering in use, the kernel box shows where new connections went: to the agent,
+    /// or straight to the MTA on a pass.
+    #[test]
+    fn the_kernel_box_shows_steering_once_it_steers() {
+        use helo_common::Stat;
+        let before = overview(60_000);
+        let mut now = overview(61_000);
+        let mut xdp = [0; helo_common::STAT_COUNT as usize];
+        xdp[Stat::Steered as usize] = 30;
+        xdp[Stat::SteerPassed as usize] = 270;
+        now.xdp = Some(XdpStats(xdp));
+        let mut was = [0; helo_common::STAT_COUNT as usize];
+        was[Stat::Steered as usize] = 20;
+        was[Stat::SteerPassed as usize] = 170;
+        let before = Overview { xdp: Some(XdpStats(was)), ..before };
+        let screen = Screen { previous: Some(&before), current: &now, socket: "/s", error: None };
+        let lines = render(&screen, 80, 24);
+        let text = lines.join("\n");
+        assert!(text.contains("Kernel (XDP, steering)"), "{text}");
+        assert_eq!(after(&lines, "judged"), ["10.0", "30"], "{text}");
+        assert_eq!(after(&lines, "straight"), ["100", "270"], "{text}");
     }
 
     #[test]

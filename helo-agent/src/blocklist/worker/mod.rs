@@ -11,6 +11,7 @@
 //! the fleet task, and applies the bans other gateways made.
 
 mod fleet;
+mod passes;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -65,6 +66,12 @@ pub enum AdminCommand {
         target: BanTarget,
     },
     List,
+    /// The steering passes in force.
+    Passes,
+    /// Removes every steering pass inside a network (a host is a /32 or a /128).
+    RemovePasses {
+        net: IpNet,
+    },
 }
 
 /// The worker's answer to an [`AdminCommand`], variant for variant.
@@ -74,6 +81,9 @@ pub enum AdminAnswer {
     /// Whether there was a ban to lift.
     Unbanned(bool),
     Listed(Vec<BanEntry>),
+    Passes(Vec<crate::blocklist::passes::PassEntry>),
+    /// How many passes went.
+    PassesRemoved(usize),
 }
 
 /// Why an admin's command was not carried out.
@@ -91,6 +101,8 @@ enum Message {
     Offence(BanRequest),
     Admin(AdminCommand, tokio::sync::oneshot::Sender<Result<AdminAnswer, WorkerError>>),
     Reconfigure(Escalation, Vec<IpNet>),
+    /// A steering pass for an honest sender, for this long.
+    Pass(IpAddr, Duration),
     /// Bans and unbans other gateways made.
     Remote(Vec<Event>, Arrival),
     /// Every ban held, as the fleet records it (to put back into a Redis that lost them).
@@ -132,6 +144,12 @@ impl BanSender {
                 false
             }
         }
+    }
+
+    /// Queues a steering pass for `client` (see `crate::blocklist::passes`); never blocks. A
+    /// pass lost to a full queue costs nothing but the client's next judging.
+    pub fn pass(&self, client: IpAddr, ttl: Duration) {
+        let _ = self.tx.try_send(Message::Pass(client, ttl));
     }
 
     /// Runs an admin command on the worker and waits for its answer.
@@ -197,6 +215,9 @@ pub struct Options {
     pub allowlist: Vec<IpNet>,
     /// The judge's pregreet passes, saved with each snapshot; `None`: none saved.
     pub passes: Option<Arc<crate::passes::PassCache>>,
+    /// The steering door's pass maps (written, taken away by every ban, saved with each
+    /// snapshot); `None`: steering is off.
+    pub steer: Option<Box<dyn crate::blocklist::passes::PassStore>>,
 }
 
 impl Options {
@@ -211,6 +232,7 @@ impl Options {
             fleet: None,
             allowlist: Vec::new(),
             passes: None,
+            steer: None,
         }
     }
 }
@@ -300,6 +322,7 @@ impl<S: BanStore> State<S> {
                     self.options.allowlist = allowlist;
                 }
                 Ok(Message::Remote(events, arrival)) => self.remote(events, arrival),
+                Ok(Message::Pass(client, ttl)) => self.grant_pass(client, ttl),
                 Ok(Message::Export(reply)) => {
                     let _ = reply.send(self.export());
                 }
@@ -336,6 +359,7 @@ impl<S: BanStore> State<S> {
             self.origins.retain(|target, _| held.contains(target));
         }
         self.count_entries(&left, now);
+        self.count_passes(&self.pass_entries());
     }
 
     /// Sets the ban gauges from `entries`, the maps' content as last listed.
@@ -368,6 +392,10 @@ impl<S: BanStore> State<S> {
     /// kernel removing expired entries and LRU evictions (`map_entries`).
     fn changed(&mut self, target: &BanTarget, before: Option<BanValue>, after: Option<BanValue>) {
         self.mark_unsaved();
+        if after.is_some() {
+            // Every ban applied passes through here (a rule's, an admin's, another gateway's).
+            self.revoke_passes(target);
+        }
         let now = (self.options.clock)();
         let Some(metrics) = &self.options.metrics else { return };
         let name = match target {
@@ -467,6 +495,10 @@ impl<S: BanStore> State<S> {
                 }
                 Ok(AdminAnswer::Listed(entries))
             }
+            AdminCommand::Passes => Ok(AdminAnswer::Passes(self.list_passes()?)),
+            AdminCommand::RemovePasses { net } => {
+                Ok(AdminAnswer::PassesRemoved(self.remove_passes(&net, "admin")?))
+            }
         }
     }
 
@@ -504,6 +536,9 @@ impl<S: BanStore> State<S> {
         if let Some(passes) = &self.options.passes {
             captured.passes = passes.saved(now.unix_ns / 1_000_000_000);
         }
+        let steer_passes = self.pass_entries();
+        captured.steer_passes = crate::blocklist::passes::saved(&steer_passes, now);
+        self.count_passes(&steer_passes);
         snapshot::save(path, &captured)?;
         self.count_entries(&entries, now.boot_ns);
         Ok(captured.bans.len())
