@@ -71,6 +71,18 @@ impl BanTarget {
         }
     }
 
+    /// The ban maps, by the names metrics and warnings give them (see [`BanTarget::map`]).
+    pub const MAPS: [&'static str; 3] = ["v4", "v6", "v6_net"];
+
+    /// The ban map this ban lives in, by its name in metrics and warnings.
+    pub fn map(&self) -> &'static str {
+        match self {
+            BanTarget::V4(_) => "v4",
+            BanTarget::V6(_) => "v6",
+            BanTarget::V6Net64(_) => "v6_net",
+        }
+    }
+
     /// Whether this ban and `net` overlap, either way round (a /64 may hold an allowlisted
     /// host, or lie inside an allowlisted network).
     pub fn overlaps(&self, net: &IpNet) -> bool {

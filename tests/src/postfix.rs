@@ -145,8 +145,19 @@ impl Drop for Postfix {
 }
 
 /// The instances this file starts, one directory each under /var/tmp/helo-filter-e2e.
-const INSTANCES: [&str; 9] =
-    ["main", "helo", "ops", "bytes", "tls", "policy", "bench-policy", "bench-bots", "bench-storm"];
+const INSTANCES: [&str; 11] = [
+    "main",
+    "helo",
+    "ops",
+    "bytes",
+    "tls",
+    "policy",
+    "storm",
+    "hop",
+    "bench-policy",
+    "bench-bots",
+    "bench-storm",
+];
 
 /// `postfix -c DIR` refuses directories the system main.cf does not list. The tests run in
 /// parallel, so the list is updated once for all of them (a read-modify-write each would race).

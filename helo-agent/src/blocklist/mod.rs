@@ -26,6 +26,10 @@ pub trait BanStore {
     fn entries(&self) -> Result<Vec<(BanTarget, BanValue)>, StoreError>;
     fn reason(&self, code: u32) -> Result<Option<[u8; REASON_TEXT_LEN]>, StoreError>;
     fn put_reason(&mut self, code: u32, text: &[u8; REASON_TEXT_LEN]) -> Result<(), StoreError>;
+    /// The capacity of each ban map, by [`BanTarget::map`]'s names (none: unbounded).
+    fn capacities(&self) -> Vec<(&'static str, usize)> {
+        Vec::new()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -242,6 +246,9 @@ impl<S: BanStore> BanStore for std::sync::Arc<std::sync::Mutex<S>> {
         text: &[u8; helo_common::REASON_TEXT_LEN],
     ) -> Result<(), StoreError> {
         self.lock().expect("store lock").put_reason(code, text)
+    }
+    fn capacities(&self) -> Vec<(&'static str, usize)> {
+        self.lock().expect("store lock").capacities()
     }
 }
 

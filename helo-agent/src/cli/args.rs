@@ -169,7 +169,7 @@ pub enum CliCommand {
     /// Live view of the running agent in the terminal, refreshed every second (q quits).
     ///
     /// Sessions per second and in total by verdict (pass, reject, ban, no HELO), bans added,
-    /// expired and capped per second and in force, the kernel's XDP drops per second, the top
+    /// expired per second, waiting and in force, the kernel's XDP drops per second, the top
     /// HELOs and rules of the last --since, the open sessions, the policy service and the
     /// fleet. q, Esc or Ctrl-C quits. Made for 80x24; over ssh, use `ssh -t`. Needs the
     /// running agent's control socket (root); without an agent it says which socket it tried

@@ -133,8 +133,7 @@ impl Default for MapSizes {
     }
 }
 
-/// Longer bans for repeat offenders, and a cap on the ban rate (`[bans]`; the ban worker
-/// applies them).
+/// Longer bans for repeat offenders (`[bans]`; the ban worker applies them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Escalation {
     /// Each new offence multiplies the TTL by this (1: no escalation).
@@ -143,10 +142,6 @@ pub struct Escalation {
     pub max_ttl: Duration,
     /// Offenders remembered at most (an LRU).
     pub history: usize,
-    /// Bans applied per second at most (a burst up to this many); beyond, requests are
-    /// dropped, so a flood of bad sessions cannot fill the LRU maps with noise and evict
-    /// real bans.
-    pub max_per_second: u32,
 }
 
 /// Who greets the client: the proxy itself, connecting to the MTA only for a client whose HELO

@@ -224,7 +224,9 @@ pub struct RawBans {
     pub escalation_factor: u32,
     pub max_ttl: String,
     pub history_size: usize,
-    pub max_per_second: u32,
+    /// No longer used (rule bans are never dropped): accepted, with a warning, so that an
+    /// older config still loads.
+    pub max_per_second: Option<u32>,
     pub snapshot: PathBuf,
     pub snapshot_interval: String,
 }
@@ -236,7 +238,7 @@ impl Default for RawBans {
             escalation_factor: 2,
             max_ttl: "1w".into(),
             history_size: 100_000,
-            max_per_second: 100,
+            max_per_second: None,
             snapshot: PathBuf::from("/var/lib/helo-filter/bans.json"),
             snapshot_interval: "5m".into(),
         }

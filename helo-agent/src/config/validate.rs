@@ -119,6 +119,13 @@ pub(super) fn config(
     let dns = dns(&raw.dns, origin)?;
     let reuse = reuse(&raw.reuse, origin)?;
     let mut warnings = agent_warnings(&agent);
+    if raw.bans.max_per_second.is_some() {
+        warnings.push(
+            "bans.max_per_second is no longer used: rule bans are never dropped (a storm's bans \
+             are all written, the ban maps are sized for it); remove the line"
+                .to_owned(),
+        );
+    }
     let identity = identity(&raw.identity, host, &raw.proxy.hostname, &mut warnings, origin)?;
     let (table, badhelo) = rule_entries(&raw.rules, &mut warnings)?;
     let rules = RuleSet {
@@ -365,15 +372,7 @@ fn escalation(raw: &RawBans, origin: &Origin) -> Result<Escalation, ConfigError>
     if raw.history_size == 0 {
         return Err(origin.invalid("bans.history_size", "must be at least 1"));
     }
-    if raw.max_per_second == 0 {
-        return Err(origin.invalid("bans.max_per_second", "must be at least 1"));
-    }
-    Ok(Escalation {
-        factor: raw.escalation_factor,
-        max_ttl,
-        history: raw.history_size,
-        max_per_second: raw.max_per_second,
-    })
+    Ok(Escalation { factor: raw.escalation_factor, max_ttl, history: raw.history_size })
 }
 
 fn proxy(

@@ -2,8 +2,9 @@
 //! counts it for tophelos and the metrics, applies the never-ban guards (each refusal logged
 //! with its reason) and requests the ban, whose TTL the ban worker escalates for repeat
 //! offenders. [`Court::condemn`] and [`Court::ban_pending`] hold a ban just decided at the
-//! doors until the ban worker has written it into the kernel. What happens when a verdict is
-//! `ban` is read here, and nowhere else.
+//! doors until the ban worker has written it into the kernel, however long it waits in the
+//! worker's queue (a storm's bans are never dropped: they queue). What happens when a verdict
+//! is `ban` is read here, and nowhere else.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -24,7 +25,7 @@ pub struct Court {
     bans: Option<BanSender>,
     pub metrics: Option<Arc<Metrics>>,
     pub report: Mutex<Report>,
-    /// Bans decided in the last [`PENDING_HOLD`], maybe not in the kernel yet.
+    /// Bans decided in the last [`PENDING_HOLD`], or still waiting for the ban worker.
     pending: Pending,
     /// Proxy sessions open now (see [`Court::opened`]).
     open: Arc<AtomicUsize>,
@@ -52,14 +53,15 @@ impl Court {
             return;
         }
         let (Some(bans), Some(ttl)) = (&self.bans, verdict.ttl) else { return };
-        let queued = bans.ban(BanRequest {
+        let place = bans.ban(BanRequest {
             client: ip,
             ttl,
             reason: format!("{}: {}", verdict.rule, record.helo.unwrap_or("")),
         });
-        if queued {
-            // The hold starts again now: the worker has yet to take the request.
-            self.pending.insert(ip, crate::clock::boot_ns(), ttl);
+        if let Some(place) = place {
+            // The hold starts again now, and lasts until the worker has written the ban.
+            let now = crate::clock::boot_ns();
+            self.pending.insert(ip, now, ttl, Some(place), |p| self.written(p));
         }
     }
 
@@ -73,7 +75,8 @@ impl Court {
             return;
         }
         if let Some(ttl) = verdict.ttl {
-            self.pending.insert(client.ip, crate::clock::boot_ns(), ttl);
+            let now = crate::clock::boot_ns();
+            self.pending.insert(client.ip, now, ttl, None, |p| self.written(p));
         }
     }
 
@@ -84,11 +87,18 @@ impl Court {
         self.pending.forget(|ip| target.overlaps(&ipnet::IpNet::from(ip)));
     }
 
-    /// Whether a ban of `ip` was decided within the last [`PENDING_HOLD`]: the ban worker may
-    /// not have written it into the kernel map yet, so a door refuses the client itself. Takes
-    /// no lock unless a ban was decided within the hold.
+    /// Whether a ban of `ip` was decided within the last [`PENDING_HOLD`], or waits for the ban
+    /// worker still: it may not be in the kernel map yet, so a door refuses the client itself.
+    /// Takes no lock unless a ban was decided within the hold or waits.
     pub fn ban_pending(&self, ip: IpAddr) -> bool {
-        self.pending.contains(crate::addr::canonical(ip), crate::clock::boot_ns())
+        let idle = self.bans.as_ref().is_none_or(BanSender::idle);
+        let (ip, now) = (crate::addr::canonical(ip), crate::clock::boot_ns());
+        self.pending.contains(ip, now, idle, |place| self.written(place))
+    }
+
+    /// Whether the ban worker has written the rule ban at `place` in its queue.
+    fn written(&self, place: u64) -> bool {
+        self.bans.as_ref().is_none_or(|bans| bans.applied(place))
     }
 
     /// A proxy session is open until the returned guard is dropped (the `sessions_open` gauge
@@ -133,12 +143,15 @@ impl Drop for Open {
     }
 }
 
-/// How long a decided ban is enforced by the doors themselves: far longer than the ban worker
-/// takes to write a ban (microseconds; a snapshot save can hold it for a fraction of a
-/// second), short enough that an admin's `unban` right after a ban is not undone for long.
+/// How long a decided ban is enforced by the doors themselves at least (and longer while it
+/// waits in the ban worker's queue): far longer than the worker takes to write a ban
+/// (microseconds; a snapshot save can hold it for a fraction of a second), short enough that
+/// an admin's `unban` right after a ban is not undone for long.
 pub const PENDING_HOLD: Duration = Duration::from_secs(5);
-/// Decided bans remembered at most; beyond, the oldest are forgotten (they are long written).
-const PENDING_CAPACITY: usize = 4096;
+/// Decided bans remembered at most (about 100 bytes each: 6 MB); beyond, the oldest are
+/// forgotten, written or not. The worker writes some 200k bans a second: only a worker stuck
+/// far behind a storm of more than this many new clients lets one through.
+const PENDING_CAPACITY: usize = 65_536;
 
 /// Bans decided recently: bounded, time-limited, cheap to ask when empty.
 #[derive(Default)]
@@ -151,28 +164,60 @@ struct Pending {
 
 #[derive(Default)]
 struct RecentBans {
-    /// Until when each client is held (boot ns).
-    until: HashMap<IpAddr, u64>,
+    /// How long each client is held.
+    held: HashMap<IpAddr, Hold>,
     /// The decisions in the order made, for expiry and the bound.
-    order: VecDeque<(IpAddr, u64)>,
+    order: VecDeque<(IpAddr, Hold)>,
+}
+
+/// One decided ban's hold at the doors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Hold {
+    /// Held until then at least (boot ns): the decision and [`PENDING_HOLD`] (never past the
+    /// ban's own end).
+    until: u64,
+    /// Held until then at most, written or not (boot ns): the ban's own end.
+    ends: u64,
+    /// The ban's place in the ban worker's queue (`None`: not requested yet): held while the
+    /// worker has not written it.
+    place: Option<u64>,
+}
+
+impl Hold {
+    fn holds(&self, now: u64, written: &impl Fn(u64) -> bool) -> bool {
+        now < self.until || (now < self.ends && self.place.is_some_and(|p| !written(p)))
+    }
 }
 
 impl Pending {
-    fn insert(&self, ip: IpAddr, now: u64, ttl: Duration) {
-        let hold = u64::try_from(ttl.min(PENDING_HOLD).as_nanos()).unwrap_or(u64::MAX);
-        let until = now.saturating_add(hold);
+    /// Holds `ip` for a ban of `ttl` decided at `now` (at `place` in the worker's queue, once
+    /// requested); `written` says whether the worker has written the ban at a place.
+    fn insert(
+        &self,
+        ip: IpAddr,
+        now: u64,
+        ttl: Duration,
+        place: Option<u64>,
+        written: impl Fn(u64) -> bool,
+    ) {
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let hold = Hold {
+            until: now.saturating_add(ns(ttl.min(PENDING_HOLD))),
+            ends: now.saturating_add(ns(ttl)),
+            place,
+        };
         let mut recent = self.recent.lock().expect("pending bans lock");
-        let held = recent.until.entry(ip).or_insert(0);
-        *held = (*held).max(until);
-        recent.order.push_back((ip, until));
-        while let Some(&(old, old_until)) = recent.order.front() {
-            if old_until > now && recent.order.len() <= PENDING_CAPACITY {
+        // The latest decision holds the client: a session's ban request replaces its verdict's.
+        recent.held.insert(ip, hold);
+        recent.order.push_back((ip, hold));
+        while let Some(&(old, old_hold)) = recent.order.front() {
+            if old_hold.holds(now, &written) && recent.order.len() <= PENDING_CAPACITY {
                 break;
             }
             recent.order.pop_front();
             // Only the client's latest decision removes it.
-            if recent.until.get(&old) == Some(&old_until) {
-                recent.until.remove(&old);
+            if recent.held.get(&old) == Some(&old_hold) {
+                recent.held.remove(&old);
             }
         }
         self.latest.fetch_max(now, Ordering::Relaxed);
@@ -181,18 +226,20 @@ impl Pending {
     /// Forgets the clients `covered` says.
     fn forget(&self, covered: impl Fn(IpAddr) -> bool) {
         let mut recent = self.recent.lock().expect("pending bans lock");
-        recent.until.retain(|ip, _| !covered(*ip));
+        recent.held.retain(|ip, _| !covered(*ip));
         recent.order.retain(|(ip, _)| !covered(*ip));
     }
 
-    fn contains(&self, ip: IpAddr, now: u64) -> bool {
+    /// Whether `ip` is held at `now`; `idle`: the ban worker has written every ban requested,
+    /// `written`: whether it has written the one at a place in its queue.
+    fn contains(&self, ip: IpAddr, now: u64, idle: bool, written: impl Fn(u64) -> bool) -> bool {
         let hold = u64::try_from(PENDING_HOLD.as_nanos()).unwrap_or(u64::MAX);
         let latest = self.latest.load(Ordering::Relaxed);
-        if latest == 0 || now >= latest.saturating_add(hold) {
+        if latest == 0 || (idle && now >= latest.saturating_add(hold)) {
             return false;
         }
         let recent = self.recent.lock().expect("pending bans lock");
-        recent.until.get(&ip).is_some_and(|&until| now < until)
+        recent.held.get(&ip).is_some_and(|hold| hold.holds(now, &written))
     }
 }
 
@@ -206,25 +253,44 @@ mod tests {
         let pending = Pending::default();
         let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0xcb00_7100 + i));
         let sec = 1_000_000_000u64;
-        assert!(!pending.contains(ip(1), 10 * sec), "nothing decided");
-        pending.insert(ip(1), 10 * sec, Duration::from_secs(3600));
-        assert!(pending.contains(ip(1), 10 * sec));
-        assert!(!pending.contains(ip(2), 10 * sec));
-        assert!(pending.contains(ip(1), 14 * sec));
-        assert!(!pending.contains(ip(1), 15 * sec), "past the hold");
-        pending.insert(ip(3), 20 * sec, Duration::from_secs(1));
-        assert!(!pending.contains(ip(3), 21 * sec), "never longer than the ban itself");
+        let written = |_| true;
+        let contains = |ip, now| pending.contains(ip, now, true, written);
+        assert!(!contains(ip(1), 10 * sec), "nothing decided");
+        pending.insert(ip(1), 10 * sec, Duration::from_secs(3600), Some(1), written);
+        assert!(contains(ip(1), 10 * sec));
+        assert!(!contains(ip(2), 10 * sec));
+        assert!(contains(ip(1), 14 * sec));
+        assert!(!contains(ip(1), 15 * sec), "past the hold");
+        pending.insert(ip(3), 20 * sec, Duration::from_secs(1), None, written);
+        assert!(!contains(ip(3), 21 * sec), "never longer than the ban itself");
         for i in 0..(PENDING_CAPACITY as u32 + 100) {
-            pending.insert(ip(100 + i), 30 * sec, Duration::from_secs(60));
+            pending.insert(ip(100 + i), 30 * sec, Duration::from_secs(60), None, written);
         }
         let recent = pending.recent.lock().unwrap();
-        assert!(recent.order.len() <= PENDING_CAPACITY && recent.until.len() <= PENDING_CAPACITY);
+        assert!(recent.order.len() <= PENDING_CAPACITY && recent.held.len() <= PENDING_CAPACITY);
         drop(recent);
-        assert!(!pending.contains(ip(100), 30 * sec), "the oldest forgotten first");
+        assert!(!contains(ip(100), 30 * sec), "the oldest forgotten first");
         pending.forget(|client| client == ip(200));
-        assert!(!pending.contains(ip(200), 30 * sec), "an admin's unban ends the hold");
-        assert!(pending.contains(ip(201), 30 * sec));
-        assert!(pending.contains(ip(100 + PENDING_CAPACITY as u32 + 99), 30 * sec));
+        assert!(!contains(ip(200), 30 * sec), "an admin's unban ends the hold");
+        assert!(contains(ip(201), 30 * sec));
+        assert!(contains(ip(100 + PENDING_CAPACITY as u32 + 99), 30 * sec));
+    }
+
+    /// A ban waiting in the worker's queue past the hold (a worker far behind a storm) still
+    /// holds its client at the doors until it is written: the bot must not slip through in
+    /// between. Never past the ban's own end.
+    #[test]
+    fn a_ban_not_yet_written_holds_its_client_past_the_hold() {
+        let pending = Pending::default();
+        let (bot, sec) = (IpAddr::from([203, 0, 113, 9]), 1_000_000_000u64);
+        let written = std::sync::atomic::AtomicU64::new(0);
+        let is_written = |place| written.load(Ordering::Relaxed) >= place;
+        pending.insert(bot, 10 * sec, Duration::from_secs(60), Some(7), is_written);
+        assert!(pending.contains(bot, 20 * sec, false, is_written), "waiting: held past the hold");
+        assert!(!pending.contains(bot, 71 * sec, false, is_written), "never past the ban's end");
+        written.store(7, Ordering::Relaxed);
+        assert!(!pending.contains(bot, 20 * sec, true, is_written), "written: the kernel has it");
+        assert!(pending.contains(bot, 12 * sec, true, is_written), "the hold itself still holds");
     }
 
     #[test]
