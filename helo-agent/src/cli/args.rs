@@ -63,7 +63,8 @@ pub enum CliCommand {
     /// Ban an address: its new connections to the guarded ports are dropped until the ban
     /// expires.
     Ban {
-        /// IPv4 or IPv6 address, or an IPv6 /64 (2001:db8:1:2::/64).
+        /// IPv4 or IPv6 address, or a prefix: IPv4 /24 to /32 (192.0.2.0/24), IPv6 /48 to /128
+        /// (2001:db8:1:2::/64, 2001:db8:7::/48).
         target: String,
         /// How long: 30s, 10m, 1h, 2d, 1w, 1h30m, at most 3650d (about ten years); or
         /// "forever". Default: bans.default_ttl.
@@ -80,7 +81,7 @@ pub enum CliCommand {
     /// the rule's TTL). With a fleet, the running agent lifts it on every gateway. With no agent
     /// running, the ban is also removed from the snapshot (on this gateway only).
     Unban {
-        /// The address or IPv6 /64 as it was banned.
+        /// The address or prefix as it was banned (as `list` shows it).
         target: String,
         /// Lift the /64 ban around an IPv6 address.
         #[arg(long)]

@@ -121,6 +121,8 @@ pub struct MapSizes {
     pub bans_v4: u32,
     pub bans_v6: u32,
     pub bans_v6_net: u32,
+    pub bans_v4_prefix: u32,
+    pub bans_v6_prefix: u32,
 }
 
 impl Default for MapSizes {
@@ -129,6 +131,8 @@ impl Default for MapSizes {
             bans_v4: helo_common::DEFAULT_MAX_BANS_V4,
             bans_v6: helo_common::DEFAULT_MAX_BANS_V6,
             bans_v6_net: helo_common::DEFAULT_MAX_BANS_V6_NET,
+            bans_v4_prefix: helo_common::DEFAULT_MAX_BANS_V4_PREFIX,
+            bans_v6_prefix: helo_common::DEFAULT_MAX_BANS_V6_PREFIX,
         }
     }
 }
@@ -191,6 +195,8 @@ pub struct Config {
     /// Things that load but deserve a look (entries Postfix would ignore, duplicates).
     pub warnings: Vec<String>,
     pub escalation: Escalation,
+    /// What a rule's ban covers around the client (`bans.prefix_v4`, `bans.prefix_v6`).
+    pub scope: crate::addr::BanScope,
     pub proxy: ProxyConfig,
     pub policy: PolicyConfig,
     pub agent: AgentConfig,

@@ -290,7 +290,7 @@ mod tests {
                 br#"{"v":1,"kind":"nuke","target":"192.0.2.7","node":"x","at_ms":1}"#,
                 "unknown variant",
             ),
-            (br#"{"v":1,"kind":"ban","target":"192.0.2.0/24","node":"x","at_ms":1}"#, "per host"),
+            (br#"{"v":1,"kind":"ban","target":"192.0.2.0/16","node":"x","at_ms":1}"#, "/24 to /32"),
             (br#"{"v":1,"kind":"ban","target":"example.com","node":"x","at_ms":1}"#, "not an IP"),
             (br#"{"v":1,"kind":"ban","target":"192.0.2.7","node":"","at_ms":1}"#, "node name"),
             (

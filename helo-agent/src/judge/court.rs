@@ -6,7 +6,7 @@
 //! worker's queue (a storm's bans are never dropped: they queue). What happens when a verdict
 //! is `ban` is read here, and nowhere else.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use super::record::{Record, action, log_line};
 use super::{Client, NeverBan};
+use crate::addr::{BanScope, BanTarget};
 use crate::blocklist::worker::{BanRequest, BanSender};
 use crate::metrics::{Metrics, VerdictLabels};
 use crate::report::Report;
@@ -42,8 +43,9 @@ impl Court {
         }
     }
 
-    /// A session is over: its log line, its observation, and its ban if the verdict says so.
-    pub fn conclude(&self, record: &Record<'_>, never: &NeverBan<'_>) {
+    /// A session is over: its log line, its observation, and its ban if the verdict says so:
+    /// of what `scope` covers around the client (its IPv6 /64 by default).
+    pub fn conclude(&self, record: &Record<'_>, never: &NeverBan<'_>, scope: BanScope) {
         log_line(record);
         self.observe(record);
         let Some(verdict) = record.verdict.filter(|v| v.action == Action::Ban) else { return };
@@ -53,15 +55,17 @@ impl Court {
             return;
         }
         let (Some(bans), Some(ttl)) = (&self.bans, verdict.ttl) else { return };
+        let target = never.target(ip, scope);
         let place = bans.ban(BanRequest {
             client: ip,
+            target,
             ttl,
             reason: format!("{}: {}", verdict.rule, record.helo.unwrap_or("")),
         });
         if let Some(place) = place {
             // The hold starts again now, and lasts until the worker has written the ban.
             let now = crate::clock::boot_ns();
-            self.pending.insert(ip, now, ttl, Some(place), |p| self.written(p));
+            self.pending.insert(target, now, ttl, Some(place), |p| self.written(p));
         }
     }
 
@@ -69,22 +73,29 @@ impl Court {
     /// session ends (the proxy: earlier, XDP would drop the client's ACKs of our own 553s).
     /// From now the client's new connections are refused at accept, as the kernel will refuse
     /// them once the ban is in. Nothing happens for a client that is never banned.
-    pub fn condemn(&self, client: &Client, verdict: &Verdict, never: &NeverBan<'_>) {
+    pub fn condemn(
+        &self,
+        client: &Client,
+        verdict: &Verdict,
+        never: &NeverBan<'_>,
+        scope: BanScope,
+    ) {
         if verdict.action != Action::Ban || self.bans.is_none() || never.reason(client.ip).is_some()
         {
             return;
         }
         if let Some(ttl) = verdict.ttl {
             let now = crate::clock::boot_ns();
-            self.pending.insert(client.ip, now, ttl, None, |p| self.written(p));
+            let target = never.target(client.ip, scope);
+            self.pending.insert(target, now, ttl, None, |p| self.written(p));
         }
     }
 
     /// An admin lifted `target`: the doors stop holding a ban just decided for the addresses
     /// it covers (else an unban right after a ban would not reach the doors for up to
     /// [`PENDING_HOLD`]).
-    pub fn forgive(&self, target: &crate::addr::BanTarget) {
-        self.pending.forget(|ip| target.overlaps(&ipnet::IpNet::from(ip)));
+    pub fn forgive(&self, target: &BanTarget) {
+        self.pending.forget(|held| target.overlaps(&held.network()));
     }
 
     /// Whether a ban of `ip` was decided within the last [`PENDING_HOLD`], or waits for the ban
@@ -164,10 +175,13 @@ struct Pending {
 
 #[derive(Default)]
 struct RecentBans {
-    /// How long each client is held.
-    held: HashMap<IpAddr, Hold>,
+    /// How long each ban's clients are held.
+    held: HashMap<BanTarget, Hold>,
     /// The decisions in the order made, for expiry and the bound.
-    order: VecDeque<(IpAddr, Hold)>,
+    order: VecDeque<(BanTarget, Hold)>,
+    /// The prefix lengths held bans have had (IPv6 or not, length): a client is looked up
+    /// under each (a few at most: the scopes of the configs in force since the start).
+    lengths: BTreeSet<(bool, u8)>,
 }
 
 /// One decided ban's hold at the doors.
@@ -190,11 +204,12 @@ impl Hold {
 }
 
 impl Pending {
-    /// Holds `ip` for a ban of `ttl` decided at `now` (at `place` in the worker's queue, once
-    /// requested); `written` says whether the worker has written the ban at a place.
+    /// Holds the clients of `target` for a ban of `ttl` decided at `now` (at `place` in the
+    /// worker's queue, once requested); `written` says whether the worker has written the ban
+    /// at a place.
     fn insert(
         &self,
-        ip: IpAddr,
+        target: BanTarget,
         now: u64,
         ttl: Duration,
         place: Option<u64>,
@@ -208,8 +223,12 @@ impl Pending {
         };
         let mut recent = self.recent.lock().expect("pending bans lock");
         // The latest decision holds the client: a session's ban request replaces its verdict's.
-        recent.held.insert(ip, hold);
-        recent.order.push_back((ip, hold));
+        recent.held.insert(target, hold);
+        recent.order.push_back((target, hold));
+        if target.is_prefix() {
+            let net = target.network();
+            recent.lengths.insert((net.addr().is_ipv6(), net.prefix_len()));
+        }
         while let Some(&(old, old_hold)) = recent.order.front() {
             if old_hold.holds(now, &written) && recent.order.len() <= PENDING_CAPACITY {
                 break;
@@ -223,11 +242,11 @@ impl Pending {
         self.latest.fetch_max(now, Ordering::Relaxed);
     }
 
-    /// Forgets the clients `covered` says.
-    fn forget(&self, covered: impl Fn(IpAddr) -> bool) {
+    /// Forgets the bans `covered` says.
+    fn forget(&self, covered: impl Fn(&BanTarget) -> bool) {
         let mut recent = self.recent.lock().expect("pending bans lock");
-        recent.held.retain(|ip, _| !covered(*ip));
-        recent.order.retain(|(ip, _)| !covered(*ip));
+        recent.held.retain(|target, _| !covered(target));
+        recent.order.retain(|(target, _)| !covered(target));
     }
 
     /// Whether `ip` is held at `now`; `idle`: the ban worker has written every ban requested,
@@ -239,7 +258,15 @@ impl Pending {
             return false;
         }
         let recent = self.recent.lock().expect("pending bans lock");
-        recent.held.get(&ip).is_some_and(|hold| hold.holds(now, &written))
+        let holds = |target: BanTarget| {
+            recent.held.get(&target).is_some_and(|hold| hold.holds(now, &written))
+        };
+        holds(BanTarget::host(ip))
+            || recent
+                .lengths
+                .iter()
+                .filter(|(v6, _)| *v6 == ip.is_ipv6())
+                .any(|(_, len)| holds(BanTarget::of(ip, *len)))
     }
 }
 
@@ -255,22 +282,23 @@ mod tests {
         let sec = 1_000_000_000u64;
         let written = |_| true;
         let contains = |ip, now| pending.contains(ip, now, true, written);
+        let host = BanTarget::host;
         assert!(!contains(ip(1), 10 * sec), "nothing decided");
-        pending.insert(ip(1), 10 * sec, Duration::from_secs(3600), Some(1), written);
+        pending.insert(host(ip(1)), 10 * sec, Duration::from_secs(3600), Some(1), written);
         assert!(contains(ip(1), 10 * sec));
         assert!(!contains(ip(2), 10 * sec));
         assert!(contains(ip(1), 14 * sec));
         assert!(!contains(ip(1), 15 * sec), "past the hold");
-        pending.insert(ip(3), 20 * sec, Duration::from_secs(1), None, written);
+        pending.insert(host(ip(3)), 20 * sec, Duration::from_secs(1), None, written);
         assert!(!contains(ip(3), 21 * sec), "never longer than the ban itself");
         for i in 0..(PENDING_CAPACITY as u32 + 100) {
-            pending.insert(ip(100 + i), 30 * sec, Duration::from_secs(60), None, written);
+            pending.insert(host(ip(100 + i)), 30 * sec, Duration::from_secs(60), None, written);
         }
         let recent = pending.recent.lock().unwrap();
         assert!(recent.order.len() <= PENDING_CAPACITY && recent.held.len() <= PENDING_CAPACITY);
         drop(recent);
         assert!(!contains(ip(100), 30 * sec), "the oldest forgotten first");
-        pending.forget(|client| client == ip(200));
+        pending.forget(|held| *held == host(ip(200)));
         assert!(!contains(ip(200), 30 * sec), "an admin's unban ends the hold");
         assert!(contains(ip(201), 30 * sec));
         assert!(contains(ip(100 + PENDING_CAPACITY as u32 + 99), 30 * sec));
@@ -285,12 +313,36 @@ mod tests {
         let (bot, sec) = (IpAddr::from([203, 0, 113, 9]), 1_000_000_000u64);
         let written = std::sync::atomic::AtomicU64::new(0);
         let is_written = |place| written.load(Ordering::Relaxed) >= place;
-        pending.insert(bot, 10 * sec, Duration::from_secs(60), Some(7), is_written);
+        pending.insert(
+            BanTarget::host(bot),
+            10 * sec,
+            Duration::from_secs(60),
+            Some(7),
+            is_written,
+        );
         assert!(pending.contains(bot, 20 * sec, false, is_written), "waiting: held past the hold");
         assert!(!pending.contains(bot, 71 * sec, false, is_written), "never past the ban's end");
         written.store(7, Ordering::Relaxed);
         assert!(!pending.contains(bot, 20 * sec, true, is_written), "written: the kernel has it");
         assert!(pending.contains(bot, 12 * sec, true, is_written), "the hold itself still holds");
+    }
+
+    /// A rule's ban covers the client's /64: a bot that hops to the next address of its /64
+    /// at once is held at the doors too, and an unban of the /64 ends the hold.
+    #[test]
+    fn a_prefix_ban_holds_every_address_inside_it() {
+        let pending = Pending::default();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let sec = 1_000_000_000u64;
+        let written = |_| true;
+        let target = BanScope::default().covering(ip("2001:db8:5::10"));
+        pending.insert(target, 10 * sec, Duration::from_secs(3600), None, written);
+        assert!(pending.contains(ip("2001:db8:5::11"), 11 * sec, true, written));
+        assert!(pending.contains(ip("2001:db8:5::ffff:1"), 11 * sec, true, written));
+        assert!(!pending.contains(ip("2001:db8:6::11"), 11 * sec, true, written));
+        assert!(!pending.contains(ip("192.0.2.1"), 11 * sec, true, written));
+        pending.forget(|held| held.overlaps(&"2001:db8:5::/64".parse().unwrap()));
+        assert!(!pending.contains(ip("2001:db8:5::11"), 11 * sec, true, written));
     }
 
     #[test]
@@ -324,7 +376,7 @@ mod tests {
                 ms: 1,
                 transport: None,
             };
-            court.conclude(&record, &never);
+            court.conclude(&record, &never, BanScope::default());
         }
         let now = crate::clock::unix_ns() / 1_000_000_000;
         let rows = court.report.lock().unwrap().top(now, Duration::from_secs(60), 10);

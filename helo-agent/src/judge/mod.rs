@@ -64,6 +64,8 @@ pub struct Live {
     pub config: ProxyConfig,
     pub rules: Arc<RuleSet>,
     pub reject_message: String,
+    /// What a rule's ban covers around the client (`bans.prefix_v4`, `bans.prefix_v6`).
+    pub scope: crate::addr::BanScope,
 }
 
 impl Live {
@@ -73,6 +75,7 @@ impl Live {
             config: config.proxy.clone(),
             rules: config.rules.clone(),
             reject_message: config.reject_message.clone(),
+            scope: config.scope,
         }
     }
 
@@ -97,6 +100,21 @@ pub struct NeverBan<'a> {
 }
 
 impl NeverBan<'_> {
+    /// The ban `scope` makes for `ip`, narrowed to `ip` alone when the prefix would cover the
+    /// MTA's own address or a trusted front proxy (the kernel would drop them; an allowlisted
+    /// network inside a banned prefix is passed by the kernel, so it narrows nothing).
+    pub fn target(&self, ip: IpAddr, scope: crate::addr::BanScope) -> crate::addr::BanTarget {
+        let target = scope.covering(ip);
+        let mta = crate::addr::canonical(self.mta);
+        if target.is_prefix()
+            && (target.covers(mta) || self.trusted_proxies.iter().any(|net| target.overlaps(net)))
+        {
+            tracing::info!(client = %ip, prefix = %target, "banning the client alone: its prefix holds the MTA or a trusted front proxy");
+            return crate::addr::BanTarget::host(ip);
+        }
+        target
+    }
+
     /// Why `ip` must not be banned, if it must not.
     pub fn reason(&self, ip: IpAddr) -> Option<&'static str> {
         if ip == crate::addr::canonical(self.mta) {
@@ -224,10 +242,14 @@ impl Judge {
     }
 
     /// Why a door refuses `client` as it arrives (a connection, a new SMTP session), before
-    /// hearing a word: what XDP would have done, as near as user space can, and a ban decided
-    /// a moment ago that may not be in the kernel yet (a bot that reconnects at once would
-    /// otherwise pass with a fresh HELO).
+    /// hearing a word: what XDP would have done, as near as user space can (an allowlisted
+    /// client passes, even inside a banned prefix), and a ban decided a moment ago that may
+    /// not be in the kernel yet (a bot that reconnects at once would otherwise pass with a
+    /// fresh HELO).
     pub fn refused_at_accept(&self, client: &Client) -> Option<Refusal> {
+        if self.live().rules.allowlist.iter().any(|net| net.contains(&client.ip)) {
+            return None;
+        }
         if self.banned(client) {
             Some(Refusal::Banned)
         } else if self.court.ban_pending(client.ip) {
@@ -239,12 +261,12 @@ impl Judge {
 
     /// A session's verdict is a ban, decided now (see [`Court::condemn`]).
     pub fn condemn(&self, client: &Client, verdict: &Verdict, live: &Live) {
-        self.court.condemn(client, verdict, &live.never_ban());
+        self.court.condemn(client, verdict, &live.never_ban(), live.scope);
     }
 
     /// A session is over (see [`Court::conclude`]).
     pub fn conclude(&self, record: &Record<'_>, live: &Live) {
-        self.court.conclude(record, &live.never_ban());
+        self.court.conclude(record, &live.never_ban(), live.scope);
     }
 
     /// `tophelos` rows with the reuse memory's count of each name (over `reuse.window` up to

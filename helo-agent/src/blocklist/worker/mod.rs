@@ -58,6 +58,9 @@ const BEHIND: u64 = 1024;
 #[derive(Debug)]
 pub struct BanRequest {
     pub client: IpAddr,
+    /// What the ban covers: the client's address, or a prefix around it (`bans.prefix_v4`,
+    /// `bans.prefix_v6`); its offences are counted under it.
+    pub target: BanTarget,
     /// The rule's TTL, before escalation.
     pub ttl: Duration,
     pub reason: String,
@@ -440,6 +443,9 @@ impl<S: BanStore> State<S> {
             Err(error) => tracing::warn!(%error, "sweeping expired bans failed"),
         }
         let left: Vec<_> = entries.into_iter().filter(|(_, v)| v.active_at(now)).collect();
+        if let Err(error) = self.list.keep_lengths(&left) {
+            tracing::warn!(%error, "updating the prefix lengths the kernel looks up failed");
+        }
         if !self.origins.is_empty() {
             let held: std::collections::HashSet<_> = left.iter().map(|(t, _)| *t).collect();
             self.origins.retain(|target, _| held.contains(target));
@@ -564,7 +570,7 @@ impl<S: BanStore> State<S> {
 
     fn offence(&mut self, request: BanRequest) {
         let now = (self.options.clock)();
-        let target = BanTarget::host(request.client);
+        let target = request.target;
         let (count, ttl) = self.offenders.offend(target, request.ttl, now);
         let before = self.list.store().get(&target).ok().flatten();
         match self.list.ban(&target, Ttl::For(ttl), &request.reason, now) {
@@ -576,6 +582,7 @@ impl<S: BanStore> State<S> {
                 }
                 tracing::info!(
                     client = %request.client,
+                    %target,
                     ttl = %crate::duration::format(ttl),
                     offence = count,
                     reason = request.reason,
@@ -733,6 +740,7 @@ pub(super) mod tests {
             assert!(
                 bans.ban(BanRequest {
                     client: ip.parse().unwrap(),
+                    target: BanTarget::host(ip.parse().unwrap()),
                     ttl: Duration::from_secs(3600),
                     reason: "forged_identity".into(),
                 })
@@ -769,6 +777,7 @@ pub(super) mod tests {
         let (bans, worker) = spawn(store, ESCALATION, later);
         let request = || BanRequest {
             client: "198.51.100.77".parse().unwrap(),
+            target: BanTarget::host("198.51.100.77".parse().unwrap()),
             ttl: Duration::from_secs(3600),
             reason: String::new(),
         };
@@ -791,8 +800,10 @@ pub(super) mod tests {
     }
 
     pub(super) fn request(ip: &str) -> BanRequest {
+        let client = ip.parse().unwrap();
         BanRequest {
-            client: ip.parse().unwrap(),
+            client,
+            target: BanTarget::host(client),
             ttl: Duration::from_secs(3600),
             reason: "x".into(),
         }
@@ -944,6 +955,7 @@ pub(super) mod tests {
         let (bans, worker) = spawn(store, ESCALATION, clock);
         let request = |ip: &str, secs| BanRequest {
             client: ip.parse().unwrap(),
+            target: BanTarget::host(ip.parse().unwrap()),
             ttl: Duration::from_secs(secs),
             reason: String::new(),
         };
