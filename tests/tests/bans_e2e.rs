@@ -58,6 +58,12 @@ impl Bed {
                 false => client.ip(&["addr", "add", &format!("{addr}/24"), "dev", &cl_if]),
             };
         }
+        // IPv6 clients sit in /48s of their own: each side routes the other's on the link.
+        for addr in clients.iter().filter(|a| a.contains(':')) {
+            let net: ipnet::Ipv6Net = format!("{addr}/48").parse().unwrap();
+            gateway.ip(&["-6", "route", "replace", &net.trunc().to_string(), "dev", &gw_if]);
+            client.ip(&["-6", "route", "replace", &format!("{GW6}/128"), "dev", &cl_if]);
+        }
         client.ip(&["route", "add", "local", "10.200.0.0/16", "dev", "lo"]);
         gateway.ip(&["route", "add", "10.200.0.0/16", "via", "198.51.100.100"]);
         let postfix = Postfix::start(&gateway, name, "inet_protocols = all\n", "");
@@ -228,4 +234,76 @@ fn a_storm_of_forging_bots_is_banned_whole_and_none_delivers_on_its_return() {
         );
     }
     assert!(!bed.log().contains("ban dropped"), "no ban is dropped:\n{}", bed.log());
+}
+
+/// Issue 27: a bot at 2001:db8:5::10 forged our name and was banned as one host; it came back
+/// from 2001:db8:5::11 with a fresh HELO and delivered. A rule's ban now covers the client's
+/// /64 (`bans.prefix_v6` at its default): `list` shows the /64, the kernel drops the bot's next
+/// address in it, an allowlisted host inside the /64 still delivers, and a host of the next
+/// /64 is untouched. Fails before: the ban is `2001:db8:5::10`, and ::11 delivers.
+#[test]
+fn an_ipv6_bot_banned_at_one_address_is_dropped_from_the_next_one_in_its_64() {
+    const BOT: &str = "2001:db8:5::10";
+    const HOP: &str = "2001:db8:5::11";
+    const FRIEND: &str = "2001:db8:5::99";
+    const NEIGHBOUR: &str = "2001:db8:5:1::10";
+    let mut bed = Bed::new("hop", &[BOT, HOP, FRIEND, NEIGHBOUR]);
+    bed.start_agent(&format!(
+        "{CONFIG}\n[allowlist]\nnetworks = [\"127.0.0.0/8\", \"::1/128\", \"{FRIEND}/128\"]\n"
+    ));
+    let gw: SocketAddr = format!("[{GW6}]:25").parse().unwrap();
+    let ns = &bed.client;
+    let run = |from: &'static str, helo: &'static str| {
+        ns.spawn(move || session(from.parse().unwrap(), gw, helo)).join().unwrap()
+    };
+
+    assert_eq!(run(BOT, MTA_NAME), Outcome::Refused, "the forging bot is refused:\n{}", bed.log());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let banned = loop {
+        let banned = bed.banned();
+        if !banned.is_empty() || std::time::Instant::now() > deadline {
+            break banned;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let targets: Vec<&str> = banned.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(targets, ["2001:db8:5::/64"], "the bot's /64 is banned:\n{}", bed.log());
+    assert!(banned[0].1.contains(MTA_NAME), "the reason names the HELO: {banned:?}");
+
+    assert_eq!(
+        run(HOP, "mail.bots.example"),
+        Outcome::Dropped,
+        "the bot back from the next address of its /64 is dropped by the kernel"
+    );
+    assert_eq!(
+        run(FRIEND, "mail.friend.example"),
+        Outcome::Delivered,
+        "an allowlisted host inside the banned /64 still delivers:\n{}",
+        bed.log()
+    );
+    assert_eq!(
+        run(NEIGHBOUR, "mail.neighbour.example"),
+        Outcome::Delivered,
+        "a host of the next /64 is not banned:\n{}",
+        bed.log()
+    );
+    // Postfix delivers from its queue a moment after the 250.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut delivered = bed.postfix.delivered();
+    while delivered.len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        delivered = bed.postfix.delivered();
+    }
+    let from = |who: &str| {
+        delivered
+            .iter()
+            .filter(|m| String::from_utf8_lossy(m).contains(&format!("from {who}")))
+            .count()
+    };
+    assert_eq!(
+        (from(BOT), from(HOP)),
+        (0, 0),
+        "nothing from the bot's /64 but the allowlisted host"
+    );
+    assert_eq!((from(FRIEND), from(NEIGHBOUR)), (1, 1), "{} messages", delivered.len());
 }
