@@ -272,6 +272,22 @@ mod tests {
         assert_eq!(Event::decode(unban.encode().as_bytes()), Ok(unban));
     }
 
+    /// Issue 27: a rule's ban of a prefix (an IPv6 /64 by default, a /48 or an IPv4 /24 as
+    /// configured) travels to the fleet as the prefix, under a key of its own.
+    #[test]
+    fn prefix_bans_travel_as_their_prefix() {
+        let keys = Keys::new("helo-filter:");
+        for target in
+            ["2001:db8:5::/64", "2001:db8:7::/48", "198.51.100.0/24", "2001:db8:7f::8/127"]
+        {
+            let ban = Event::Ban(BanRecord { target: target.parse().unwrap(), ..record() });
+            assert!(ban.encode().contains(&format!(r#""target":"{target}""#)), "{}", ban.encode());
+            assert_eq!(Event::decode(ban.encode().as_bytes()), Ok(ban));
+            let key = keys.ban(&target.parse().unwrap());
+            assert_eq!(key, format!("helo-filter:ban:{target}"));
+        }
+    }
+
     #[test]
     fn the_wire_form_is_stable() {
         assert_eq!(
