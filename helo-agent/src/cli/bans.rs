@@ -109,6 +109,12 @@ pub(super) fn unban(config: &Config, target: &str, prefix: bool) -> anyhow::Resu
             (in_maps || in_snapshot, false)
         }
     };
+    if !was_banned && let Some(prefix) = covering(config, &target) {
+        anyhow::bail!(
+            "{target} is not banned itself, the ban of {prefix} covers it (a rule's ban covers \
+             the client's IPv6 /64 by default, bans.prefix_v6): to lift it, unban {prefix}"
+        );
+    }
     anyhow::ensure!(was_banned, "{target} is not banned (see `helo-agent list`)");
     match (fleet, through_agent) {
         (true, true) => println!(
@@ -123,6 +129,21 @@ pub(super) fn unban(config: &Config, target: &str, prefix: bool) -> anyhow::Resu
         (false, _) => println!("unbanned {target}"),
     }
     Ok(())
+}
+
+/// A ban of a prefix that covers `target`, from the agent or the pinned maps, for an admin
+/// who unbans an address that a prefix ban holds.
+fn covering(config: &Config, target: &BanTarget) -> Option<BanTarget> {
+    let entries = match AgentLink::of(config).ask(Request::List) {
+        Ok(Some(Answer::Listed(entries))) => entries,
+        _ => Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir).ok()?)
+            .list(crate::clock::boot_ns())
+            .ok()?,
+    };
+    entries
+        .iter()
+        .filter_map(|entry| entry.target.parse::<BanTarget>().ok())
+        .find(|ban| ban.is_prefix() && ban != target && ban.network().contains(&target.network()))
 }
 
 /// `list`: the bans in force, from the agent or the pinned maps.
