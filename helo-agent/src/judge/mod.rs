@@ -321,6 +321,30 @@ mod tests {
         assert_eq!(reason("203.0.113.9"), None);
     }
 
+    /// A rule's ban covers the client's prefix, but never one that holds the MTA or a trusted
+    /// front proxy (the kernel would drop them): then the client alone. An allowlisted network
+    /// inside the prefix narrows nothing (the kernel passes it).
+    #[test]
+    fn a_rule_ban_narrows_to_the_client_when_its_prefix_holds_the_mta_or_a_front_proxy() {
+        use crate::addr::BanScope;
+        let proxies = ["2001:db8:7::5/128".parse().unwrap(), "192.0.2.5/32".parse().unwrap()];
+        let allow = ["2001:db8:8::99/128".parse().unwrap()];
+        let never = NeverBan {
+            mta: "2001:db8:6::25".parse().unwrap(),
+            trusted_proxies: &proxies,
+            allowlist: &allow,
+        };
+        let target = |ip: &str, scope| never.target(ip.parse().unwrap(), scope).to_string();
+        let wide = BanScope { v4: 24, v6: 64 };
+        assert_eq!(target("2001:db8:5::10", wide), "2001:db8:5::/64");
+        assert_eq!(target("2001:db8:6::10", wide), "2001:db8:6::10", "the MTA's /64");
+        assert_eq!(target("2001:db8:7::10", wide), "2001:db8:7::10", "a front proxy's /64");
+        assert_eq!(target("2001:db8:8::10", wide), "2001:db8:8::/64", "an allowlisted host inside");
+        assert_eq!(target("192.0.2.77", wide), "192.0.2.77", "a front proxy's /24");
+        assert_eq!(target("198.51.100.77", wide), "198.51.100.0/24");
+        assert_eq!(target("198.51.100.77", BanScope::default()), "198.51.100.77");
+    }
+
     fn judge(extra: &str) -> Arc<Judge> {
         let text = format!("[identity]\ndetect = false\n{extra}");
         let config = Config::parse(&text, std::path::Path::new("t"), &Default::default()).unwrap();
