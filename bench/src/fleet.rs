@@ -67,9 +67,8 @@ impl Gateway {
             ),
             None => String::new(),
         };
-        let config = pins.config(&format!(
-            "{fleet}[bans]\nmax_per_second = 1000000\nsnapshot = \"\"\n[identity]\ndetect = false\n"
-        ));
+        let config =
+            pins.config(&format!("{fleet}[bans]\nsnapshot = \"\"\n[identity]\ndetect = false\n"));
         let control = pins.control_socket();
         let listen = format!("127.0.0.1:{port}");
         let agent =
@@ -84,7 +83,7 @@ impl Gateway {
         let pins = PinDir::new();
         let config = pins.config(&format!(
             "[fleet]\nredis = \"{url}\"\nnode = \"{node}\"\nprefix = \"{prefix}\"\n\
-             [bans]\nmax_per_second = 1000000\nsnapshot = \"\"\n[identity]\ndetect = false\n"
+             [bans]\nsnapshot = \"\"\n[identity]\ndetect = false\n"
         ));
         let control = pins.control_socket();
         let listen = format!("127.0.0.1:{port}");

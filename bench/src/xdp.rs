@@ -196,8 +196,8 @@ fn bans_and_restore(report: &mut Report) -> anyhow::Result<()> {
             vec!["snapshot parse".into(), format!("{:.0} ms", parsed.as_secs_f64() * 1000.0)],
             vec!["restore, parse included".into(), format!("{:.0} ms", restore.as_secs_f64() * 1000.0)],
         ],
-        &["The agent's ban worker caps bans at `bans.max_per_second` (default 100) on purpose; this \
-           is what the kernel side can take."
+        &["Rule bans are never capped: in a storm they queue behind the ban worker, which writes \
+           them at this rate."
             .into()],
     );
     Ok(())

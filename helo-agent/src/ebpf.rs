@@ -30,7 +30,10 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::xdp::XdpLink;
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
-use helo_common::{BanValue, PROGRAM_NAME, PassValue, REASON_TEXT_LEN, STAT_COUNT, Stat, maps};
+use helo_common::{
+    BanValue, LENGTHS_V4, LENGTHS_V6, PREFIX_SLOTS, PROGRAM_NAME, PassValue, PrefixV4, PrefixV6,
+    REASON_TEXT_LEN, STAT_COUNT, Stat, maps,
+};
 use ipnet::IpNet;
 
 use crate::addr::BanTarget;
@@ -120,10 +123,13 @@ pub struct XdpProgram {
 
 /// The maps pinned under the pin directory (the allowlist, the ports, the steered endpoints
 /// and the agent sockets are not).
-const PINNED_MAPS: [&str; 7] = [
+const PINNED_MAPS: [&str; 10] = [
     maps::BANS_V4,
     maps::BANS_V6,
     maps::BANS_V6_NET,
+    maps::BANS_V4_PREFIX,
+    maps::BANS_V6_PREFIX,
+    maps::BAN_LENGTHS,
     maps::REASONS,
     maps::STATS,
     maps::PASS_V4,
@@ -279,6 +285,8 @@ fn load_pinning(
         .map_max_entries(maps::BANS_V6_NET, options.sizes.bans_v6_net)
         .map_max_entries(maps::PASS_V4, options.passes.v4)
         .map_max_entries(maps::PASS_V6, options.passes.v6)
+        .map_max_entries(maps::BANS_V4_PREFIX, options.sizes.bans_v4_prefix)
+        .map_max_entries(maps::BANS_V6_PREFIX, options.sizes.bans_v6_prefix)
         .load(PROGRAM_OBJECT)?;
     warn_on_resize(options.pin_dir, &options.sizes);
 
@@ -503,8 +511,20 @@ pub struct PinnedMaps {
     bans_v4: HashMap<MapData, [u8; 4], BanValue>,
     bans_v6: HashMap<MapData, [u8; 16], BanValue>,
     bans_v6_net: HashMap<MapData, [u8; 8], BanValue>,
+    /// The prefix maps of other lengths: `None` in a pin directory an older agent made that
+    /// no agent of this version has started on yet (its hosts and /64s work as before).
+    prefixes: Option<PrefixMaps>,
     reasons: HashMap<MapData, u32, [u8; REASON_TEXT_LEN]>,
     stats: PerCpuArray<MapData, u64>,
+    /// Each ban map's capacity, by [`BanTarget::map`]'s names.
+    capacities: Vec<(&'static str, usize)>,
+}
+
+/// The ban maps of prefixes of other lengths than /64, and the lengths they hold.
+struct PrefixMaps {
+    v4: HashMap<MapData, PrefixV4, BanValue>,
+    v6: HashMap<MapData, PrefixV6, BanValue>,
+    lengths: Array<MapData, [u8; PREFIX_SLOTS]>,
 }
 
 impl PinnedMaps {
@@ -513,13 +533,45 @@ impl PinnedMaps {
             return Err(EbpfError::NotRunning { dir: dir.to_owned() });
         }
         check_pinned(dir)?;
+        let prefixes = match dir.join(maps::BAN_LENGTHS).exists() {
+            true => Some(PrefixMaps {
+                v4: open_pinned(dir, maps::BANS_V4_PREFIX)?,
+                v6: open_pinned(dir, maps::BANS_V6_PREFIX)?,
+                lengths: open_pinned(dir, maps::BAN_LENGTHS)?,
+            }),
+            false => None,
+        };
+        let capacities = [
+            ("v4", maps::BANS_V4),
+            ("v6", maps::BANS_V6),
+            ("v6_net", maps::BANS_V6_NET),
+            ("v4_prefix", maps::BANS_V4_PREFIX),
+            ("v6_prefix", maps::BANS_V6_PREFIX),
+        ]
+        .into_iter()
+        .filter_map(|(label, name)| {
+            let info = MapInfo::from_pin(dir.join(name)).ok()?;
+            Some((label, info.max_entries() as usize))
+        })
+        .collect();
         Ok(Self {
             bans_v4: open_pinned(dir, maps::BANS_V4)?,
             bans_v6: open_pinned(dir, maps::BANS_V6)?,
             bans_v6_net: open_pinned(dir, maps::BANS_V6_NET)?,
+            prefixes,
             reasons: open_pinned(dir, maps::REASONS)?,
             stats: open_pinned(dir, maps::STATS)?,
+            capacities,
         })
+    }
+
+    /// The prefix maps, or what to do when this pin directory has none yet.
+    fn prefixes(&self) -> Result<&PrefixMaps, StoreError> {
+        self.prefixes.as_ref().ok_or(StoreError::NoPrefixMaps)
+    }
+
+    fn prefixes_mut(&mut self) -> Result<&mut PrefixMaps, StoreError> {
+        self.prefixes.as_mut().ok_or(StoreError::NoPrefixMaps)
     }
 
     /// The counters of both programs (XDP verdicts, steering outcomes), summed over CPUs,
@@ -550,10 +602,13 @@ where
 /// Refuses pinned maps whose key or value sizes differ from this build's: reusing them would
 /// make the kernel read bans with the wrong layout.
 fn check_pinned(dir: &Path) -> Result<(), EbpfError> {
-    let expected: [(&'static str, usize, usize); 7] = [
+    let expected: [(&'static str, usize, usize); 10] = [
         (maps::BANS_V4, 4, size_of::<BanValue>()),
         (maps::BANS_V6, 16, size_of::<BanValue>()),
         (maps::BANS_V6_NET, 8, size_of::<BanValue>()),
+        (maps::BANS_V4_PREFIX, size_of::<PrefixV4>(), size_of::<BanValue>()),
+        (maps::BANS_V6_PREFIX, size_of::<PrefixV6>(), size_of::<BanValue>()),
+        (maps::BAN_LENGTHS, 4, PREFIX_SLOTS),
         (maps::REASONS, 4, REASON_TEXT_LEN),
         (maps::STATS, 4, 8),
         (maps::PASS_V4, 4, size_of::<PassValue>()),
@@ -582,6 +637,8 @@ fn warn_on_resize(dir: &Path, sizes: &MapSizes) {
         (maps::BANS_V4, sizes.bans_v4),
         (maps::BANS_V6, sizes.bans_v6),
         (maps::BANS_V6_NET, sizes.bans_v6_net),
+        (maps::BANS_V4_PREFIX, sizes.bans_v4_prefix),
+        (maps::BANS_V6_PREFIX, sizes.bans_v6_prefix),
     ] {
         if let Ok(info) = MapInfo::from_pin(dir.join(name))
             && info.max_entries() != wanted
@@ -614,62 +671,101 @@ fn absent(error: &MapError) -> bool {
     }
 }
 
-macro_rules! per_target {
-    ($self:ident, $target:expr, |$map:ident, $key:ident, $name:ident| $body:expr) => {
-        match $target {
-            BanTarget::V4(k) => {
-                let ($map, $key, $name) = (&$self.bans_v4, k, maps::BANS_V4);
-                $body
-            }
-            BanTarget::V6(k) => {
-                let ($map, $key, $name) = (&$self.bans_v6, k, maps::BANS_V6);
-                $body
-            }
-            BanTarget::V6Net64(k) => {
-                let ($map, $key, $name) = (&$self.bans_v6_net, k, maps::BANS_V6_NET);
-                $body
-            }
-        }
-    };
-    (mut $self:ident, $target:expr, |$map:ident, $key:ident, $name:ident| $body:expr) => {
-        match $target {
-            BanTarget::V4(k) => {
-                let ($map, $key, $name) = (&mut $self.bans_v4, k, maps::BANS_V4);
-                $body
-            }
-            BanTarget::V6(k) => {
-                let ($map, $key, $name) = (&mut $self.bans_v6, k, maps::BANS_V6);
-                $body
-            }
-            BanTarget::V6Net64(k) => {
-                let ($map, $key, $name) = (&mut $self.bans_v6_net, k, maps::BANS_V6_NET);
-                $body
-            }
+/// Looks `$key` up in `$map` (a map named `$name`): the value, `None` when absent.
+macro_rules! lookup {
+    ($map:expr, $key:expr, $name:expr) => {
+        match $map.get($key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(error) if absent(&error) => Ok(None),
+            Err(error) => Err(map_error($name, "lookup", error)),
         }
     };
 }
 
+/// Removes `$key` from `$map`: whether it was there.
+macro_rules! delete {
+    ($map:expr, $key:expr, $name:expr) => {
+        match $map.remove($key) {
+            Ok(()) => Ok(true),
+            Err(error) if absent(&error) => Ok(false),
+            Err(error) => Err(map_error($name, "delete", error)),
+        }
+    };
+}
+
+impl PinnedMaps {
+    /// Makes sure the programs probe the prefix maps for `len` (of IPv4 or IPv6 prefixes)
+    /// before a ban of that length goes in, so that none is ever in a map unseen.
+    fn use_length(&mut self, v6: bool, len: u8) -> Result<(), StoreError> {
+        let (entry, family) = if v6 { (LENGTHS_V6, "IPv6") } else { (LENGTHS_V4, "IPv4") };
+        let lengths = &mut self.prefixes_mut()?.lengths;
+        let mut slots = lengths
+            .get(&entry, 0)
+            .map_err(|error| map_error(maps::BAN_LENGTHS, "lookup", error))?;
+        if slots.contains(&len) {
+            return Ok(());
+        }
+        let Some(free) = slots.iter().position(|slot| *slot == 0) else {
+            let in_use = slots.iter().map(|l| format!("/{l}")).collect::<Vec<_>>().join(", ");
+            return Err(StoreError::Lengths { family, len, in_use });
+        };
+        slots[free] = len;
+        lengths.set(entry, slots, 0).map_err(|error| map_error(maps::BAN_LENGTHS, "update", error))
+    }
+}
+
 impl BanStore for PinnedMaps {
     fn get(&self, target: &BanTarget) -> Result<Option<BanValue>, StoreError> {
-        per_target!(self, target, |map, key, name| match map.get(key, 0) {
-            Ok(value) => Ok(Some(value)),
-            Err(error) if absent(&error) => Ok(None),
-            Err(error) => Err(map_error(name, "lookup", error)),
-        })
+        match *target {
+            BanTarget::V4(k) => lookup!(self.bans_v4, &k, maps::BANS_V4),
+            BanTarget::V6(k) => lookup!(self.bans_v6, &k, maps::BANS_V6),
+            BanTarget::V6Net64(k) => lookup!(self.bans_v6_net, &k, maps::BANS_V6_NET),
+            BanTarget::V4Net(a, len) => match &self.prefixes {
+                Some(p) => lookup!(p.v4, &PrefixV4::new(a, len), maps::BANS_V4_PREFIX),
+                None => Ok(None),
+            },
+            BanTarget::V6Net(a, len) => match &self.prefixes {
+                Some(p) => lookup!(p.v6, &PrefixV6::new(a, len), maps::BANS_V6_PREFIX),
+                None => Ok(None),
+            },
+        }
     }
 
     fn put(&mut self, target: &BanTarget, value: &BanValue) -> Result<(), StoreError> {
-        per_target!(mut self, target, |map, key, name| map
-            .insert(key, value, 0)
-            .map_err(|error| map_error(name, "update", error)))
+        let update = |name| move |error| map_error(name, "update", error);
+        match *target {
+            BanTarget::V4(k) => self.bans_v4.insert(k, value, 0).map_err(update(maps::BANS_V4)),
+            BanTarget::V6(k) => self.bans_v6.insert(k, value, 0).map_err(update(maps::BANS_V6)),
+            BanTarget::V6Net64(k) => {
+                self.bans_v6_net.insert(k, value, 0).map_err(update(maps::BANS_V6_NET))
+            }
+            BanTarget::V4Net(a, len) => {
+                self.use_length(false, len)?;
+                let key = PrefixV4::new(a, len);
+                self.prefixes_mut()?.v4.insert(key, value, 0).map_err(update(maps::BANS_V4_PREFIX))
+            }
+            BanTarget::V6Net(a, len) => {
+                self.use_length(true, len)?;
+                let key = PrefixV6::new(a, len);
+                self.prefixes_mut()?.v6.insert(key, value, 0).map_err(update(maps::BANS_V6_PREFIX))
+            }
+        }
     }
 
     fn remove(&mut self, target: &BanTarget) -> Result<bool, StoreError> {
-        per_target!(mut self, target, |map, key, name| match map.remove(key) {
-            Ok(()) => Ok(true),
-            Err(error) if absent(&error) => Ok(false),
-            Err(error) => Err(map_error(name, "delete", error)),
-        })
+        match *target {
+            BanTarget::V4(k) => delete!(self.bans_v4, &k, maps::BANS_V4),
+            BanTarget::V6(k) => delete!(self.bans_v6, &k, maps::BANS_V6),
+            BanTarget::V6Net64(k) => delete!(self.bans_v6_net, &k, maps::BANS_V6_NET),
+            BanTarget::V4Net(a, len) => match &mut self.prefixes {
+                Some(p) => delete!(p.v4, &PrefixV4::new(a, len), maps::BANS_V4_PREFIX),
+                None => Ok(false),
+            },
+            BanTarget::V6Net(a, len) => match &mut self.prefixes {
+                Some(p) => delete!(p.v6, &PrefixV6::new(a, len), maps::BANS_V6_PREFIX),
+                None => Ok(false),
+            },
+        }
     }
 
     fn entries(&self) -> Result<Vec<(BanTarget, BanValue)>, StoreError> {
@@ -679,7 +775,45 @@ impl BanStore for PinnedMaps {
         all.extend(self.bans_v4.iter().flatten().map(|(k, v)| (BanTarget::V4(k), v)));
         all.extend(self.bans_v6.iter().flatten().map(|(k, v)| (BanTarget::V6(k), v)));
         all.extend(self.bans_v6_net.iter().flatten().map(|(k, v)| (BanTarget::V6Net64(k), v)));
+        if let Some(p) = &self.prefixes {
+            let len = |l: u32| u8::try_from(l).unwrap_or(u8::MAX);
+            all.extend(
+                p.v4.iter().flatten().map(|(k, v)| (BanTarget::V4Net(k.addr, len(k.len)), v)),
+            );
+            all.extend(
+                p.v6.iter().flatten().map(|(k, v)| (BanTarget::V6Net(k.addr, len(k.len)), v)),
+            );
+        }
         Ok(all)
+    }
+
+    fn prefix_lengths(&self, v6: bool) -> Vec<u8> {
+        let entry = if v6 { LENGTHS_V6 } else { LENGTHS_V4 };
+        let Ok(prefixes) = self.prefixes() else { return Vec::new() };
+        let slots = prefixes.lengths.get(&entry, 0).unwrap_or([0; PREFIX_SLOTS]);
+        slots.into_iter().filter(|len| *len != 0).collect()
+    }
+
+    fn keep_lengths(&mut self, used: &[(bool, u8)]) -> Result<(), StoreError> {
+        let Some(prefixes) = &mut self.prefixes else { return Ok(()) };
+        for (v6, entry) in [(false, LENGTHS_V4), (true, LENGTHS_V6)] {
+            let slots = prefixes
+                .lengths
+                .get(&entry, 0)
+                .map_err(|error| map_error(maps::BAN_LENGTHS, "lookup", error))?;
+            let kept = slots.map(|len| if used.contains(&(v6, len)) { len } else { 0 });
+            if kept != slots {
+                prefixes
+                    .lengths
+                    .set(entry, kept, 0)
+                    .map_err(|error| map_error(maps::BAN_LENGTHS, "update", error))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn capacities(&self) -> Vec<(&'static str, usize)> {
+        self.capacities.clone()
     }
 
     fn reason(&self, code: u32) -> Result<Option<[u8; REASON_TEXT_LEN]>, StoreError> {

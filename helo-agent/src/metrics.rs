@@ -52,10 +52,12 @@ pub struct Metrics {
     pub sessions: Family<VerdictLabels, Counter>,
     pub session_ends: Family<EndLabels, Counter>,
     pub bans_added: Counter,
-    pub bans_capped: Counter,
+    /// Rule bans waiting for the ban worker.
+    pub ban_queue: Gauge,
     pub bans_swept: Counter,
     pub bans_active: Gauge,
     pub map_entries: Family<NameLabels, Gauge>,
+    pub map_capacity: Family<NameLabels, Gauge>,
     pub xdp_packets: Family<NameLabels, Counter>,
     pub relay_bytes: Family<PathLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
@@ -91,11 +93,11 @@ impl Default for Metrics {
         );
         let bans_added = Counter::default();
         registry.register("bans_added", "Bans written to the kernel maps", bans_added.clone());
-        let bans_capped = Counter::default();
+        let ban_queue = Gauge::default();
         registry.register(
-            "bans_capped",
-            "Bans dropped by the bans.max_per_second cap",
-            bans_capped.clone(),
+            "ban_queue",
+            "Rule bans decided and waiting for the ban worker to write them (none is ever dropped; the doors refuse their clients meanwhile)",
+            ban_queue.clone(),
         );
         let bans_swept = Counter::default();
         registry.register(
@@ -114,6 +116,12 @@ impl Default for Metrics {
             "map_entries",
             "Entries in each ban map, expired ones included: counted at start, each minute and each snapshot, moved by each ban and unban",
             map_entries.clone(),
+        );
+        let map_capacity = Family::<NameLabels, Gauge>::default();
+        registry.register(
+            "map_capacity",
+            "Capacity of each ban map: when map_entries reaches it, the kernel evicts the least recently used bans, even bans in force",
+            map_capacity.clone(),
         );
         let xdp_packets = Family::<NameLabels, Counter>::default();
         registry.register(
@@ -170,10 +178,11 @@ impl Default for Metrics {
             sessions,
             session_ends,
             bans_added,
-            bans_capped,
+            ban_queue,
             bans_swept,
             bans_active,
             map_entries,
+            map_capacity,
             xdp_packets,
             relay_bytes,
             reloads,

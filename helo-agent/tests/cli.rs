@@ -33,9 +33,9 @@ fn bad_input_gets_a_clear_message_and_exit_1() {
     fails_with(&["ban", "not-an-ip"], "is not an IP address or CIDR");
     fails_with(&["ban", "192.0.2.1", "--ttl", "30"], "write it as 30s, 30m, 30h or 30d");
     fails_with(&["ban", "192.0.2.1", "--ttl", "0s"], "--ttl must be longer than 0s");
-    fails_with(&["ban", "192.0.2.0/24"], "allowlist it instead");
+    fails_with(&["ban", "192.0.2.0/16"], "allowlist it instead");
     fails_with(&["ban", "127.0.0.1"], "is in the allowlisted network 127.0.0.0/8");
-    fails_with(&["ban", "192.0.2.1", "--prefix"], "--prefix applies to IPv6 addresses only");
+    fails_with(&["ban", "192.0.2.1", "--prefix"], "--prefix widens an IPv6 address to its /64");
     fails_with(&["list"], "no pinned helo-filter maps in /nonexistent/helo-cli-test");
     fails_with(&["--config", "/nonexistent/helo.toml", "check", "x"], "cannot read config file");
 }

@@ -1932,3 +1932,54 @@ async fn a_dead_resolver_delays_no_dry_run_and_costs_an_enforcing_check_one_time
         "{line}"
     );
 }
+
+/// Issue 27: an IPv6 client's /64 is one client, for the per-address session cap and for a
+/// rule's ban. Behind a trusted front proxy naming each client: sessions from ::20 and ::21
+/// fill a cap of 2 for their whole /64 (::22 gets 421), a host of the next /64 still gets in;
+/// a bot of the /64 forging a name gets the /64 banned, and its neighbour at ::11 is closed
+/// at accept, as the kernel would drop it.
+#[tokio::test]
+async fn an_ipv6_clients_64_is_one_client_for_the_session_cap_and_the_ban() {
+    let mta = Mta::start().await;
+    let config = format!("{OWN}trusted_proxies = [\"127.0.0.1/32\"]\nmax_sessions_per_ip = 2\n");
+    let agent = Agent::start(mta.addr, &config).await;
+    let from = |client: &'static str| {
+        let addr = agent.addr;
+        async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let header = format!("PROXY TCP6 {client} 2001:db8:25::25 40000 25\r\n");
+            stream.write_all(header.as_bytes()).await.unwrap();
+            let greeting = read_reply(&mut stream).await;
+            (stream, greeting)
+        }
+    };
+    let mut held = Vec::new();
+    for client in ["2001:db8:5::20", "2001:db8:5::21"] {
+        let (stream, greeting) = from(client).await;
+        assert!(greeting.starts_with("220 "), "{client}: {greeting:?}");
+        held.push(stream);
+    }
+    let (_, greeting) = from("2001:db8:5::22").await;
+    assert_eq!(greeting, "421 4.7.0 Error: too many connections\r\n", "the /64 is one client");
+    let (_, greeting) = from("2001:db8:5:1::22").await;
+    assert!(greeting.starts_with("220 "), "the next /64 is another client: {greeting:?}");
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let (mut bot, greeting) = from("2001:db8:5::10").await;
+    assert!(greeting.starts_with("220 "), "{greeting:?}");
+    for line in ["EHLO localhost", "MAIL FROM:<a@b.example>", "RCPT TO:<c@d.example>"] {
+        bot.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
+        let reply = read_reply(&mut bot).await;
+        if line.starts_with("RCPT") {
+            assert!(reply.starts_with("553"), "{reply:?}");
+        }
+    }
+    drop(bot);
+    eventually("the /64 ban", || agent.banned() == ["2001:db8:5::/64"]).await;
+    let (_, greeting) = from("2001:db8:5::11").await;
+    assert_eq!(greeting, "", "the bot's neighbour in its /64 is closed at accept");
+    let (_, greeting) = from("2001:db8:5:1::11").await;
+    assert!(greeting.starts_with("220 "), "the next /64 is not banned: {greeting:?}");
+    agent.stop().await;
+}

@@ -18,6 +18,15 @@ pub mod maps {
     pub const BANS_V6: &str = "HELO_BANS_V6";
     /// `LRU_HASH<[u8; 8], BanValue>`: banned IPv6 /64 prefixes (the first 8 bytes).
     pub const BANS_V6_NET: &str = "HELO_BANS_V6N";
+    /// `LRU_HASH<PrefixV4, BanValue>`: banned IPv4 prefixes, /24 to /31.
+    pub const BANS_V4_PREFIX: &str = "HELO_BANS_V4P";
+    /// `LRU_HASH<PrefixV6, BanValue>`: banned IPv6 prefixes of other lengths than /64, /48 to
+    /// /127.
+    pub const BANS_V6_PREFIX: &str = "HELO_BANS_V6P";
+    /// `ARRAY<[u8; PREFIX_SLOTS]>` of two entries ([`super::LENGTHS_V4`],
+    /// [`super::LENGTHS_V6`]): the prefix lengths the prefix ban maps hold bans of, one per
+    /// non-zero byte. The programs probe the prefix maps for these lengths only.
+    pub const BAN_LENGTHS: &str = "HELO_BAN_LENS";
     /// `LPM_TRIE<[u8; 4], u8>`: IPv4 networks that are never dropped.
     pub const ALLOW_V4: &str = "HELO_ALLOW_V4";
     /// `LPM_TRIE<[u8; 16], u8>`: IPv6 networks that are never dropped.
@@ -52,8 +61,20 @@ pub const DEFAULT_PORTS: [u16; 3] = [25, 465, 587];
 
 /// Default capacities. The ban maps are LRU: when full, the least recently used ban goes.
 pub const DEFAULT_MAX_BANS_V4: u32 = 262_144;
-pub const DEFAULT_MAX_BANS_V6: u32 = 131_072;
-pub const DEFAULT_MAX_BANS_V6_NET: u32 = 65_536;
+pub const DEFAULT_MAX_BANS_V6: u32 = 65_536;
+pub const DEFAULT_MAX_BANS_V6_NET: u32 = 262_144;
+pub const DEFAULT_MAX_BANS_V4_PREFIX: u32 = 65_536;
+pub const DEFAULT_MAX_BANS_V6_PREFIX: u32 = 65_536;
+
+/// Prefix lengths of each family the prefix ban maps may hold bans of at once: each costs a
+/// packet from that family one more lookup.
+pub const PREFIX_SLOTS: usize = 8;
+// The programs read the slots as one u64 to see whether any is in use.
+const _: () = assert!(PREFIX_SLOTS == 8);
+/// Entry of the lengths map ([`maps::BAN_LENGTHS`]) for IPv4 prefixes.
+pub const LENGTHS_V4: u32 = 0;
+/// Entry of the lengths map for IPv6 prefixes.
+pub const LENGTHS_V6: u32 = 1;
 pub const MAX_ALLOW_ENTRIES: u32 = 4_096;
 pub const MAX_REASONS: u32 = 4_096;
 /// Number of entries in the port map: one per TCP port.
@@ -289,6 +310,71 @@ impl Stat {
     }
 }
 
+/// The key of the IPv4 prefix ban map: a prefix length and the address with the host bits
+/// cleared (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PrefixV4 {
+    pub len: u32,
+    pub addr: [u8; 4],
+}
+
+const _: () = assert!(size_of::<PrefixV4>() == 8);
+
+impl PrefixV4 {
+    /// The `len`-bit prefix of `addr`.
+    #[inline(always)]
+    pub fn new(addr: [u8; 4], len: u8) -> Self {
+        let len = len as u32;
+        // One shift, no loop: the verifier walks every branch of a loop once per path.
+        let mask = u32::MAX.checked_shl(32u32.saturating_sub(len)).unwrap_or(0);
+        let addr = (u32::from_be_bytes(addr) & mask).to_be_bytes();
+        PrefixV4 { len, addr }
+    }
+}
+
+/// The key of the IPv6 prefix ban map (lengths other than /64): a prefix length and the
+/// address with the host bits cleared (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PrefixV6 {
+    pub len: u32,
+    pub addr: [u8; 16],
+}
+
+const _: () = assert!(size_of::<PrefixV6>() == 20);
+
+impl PrefixV6 {
+    /// The `len`-bit prefix of `addr`: two 64-bit halves (the BPF target has no 128-bit
+    /// shift), a shift each, no loop.
+    #[inline(always)]
+    pub fn new(addr: [u8; 16], len: u8) -> Self {
+        let len = len as u32;
+        let [a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7] = addr;
+        let high = u64::from_be_bytes([a0, a1, a2, a3, a4, a5, a6, a7]);
+        let low = u64::from_be_bytes([b0, b1, b2, b3, b4, b5, b6, b7]);
+        let high_mask = u64::MAX.checked_shl(64u32.saturating_sub(len)).unwrap_or(0);
+        let low_mask = match len {
+            0..=64 => 0,
+            _ => u64::MAX.checked_shl(128u32.saturating_sub(len)).unwrap_or(0),
+        };
+        let [a0, a1, a2, a3, a4, a5, a6, a7] = (high & high_mask).to_be_bytes();
+        let [b0, b1, b2, b3, b4, b5, b6, b7] = (low & low_mask).to_be_bytes();
+        let addr = [a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7];
+        PrefixV6 { len, addr }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `PrefixV4` and `PrefixV6` are `#[repr(C)]`, `Copy`, integers and byte arrays without
+// padding (sizes asserted above), so every bit pattern is a valid value.
+#[allow(unsafe_code, reason = "aya reads map keys as plain bytes: `Pod` is its promise")]
+unsafe impl aya::Pod for PrefixV4 {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+#[allow(unsafe_code, reason = "aya reads map keys as plain bytes: `Pod` is its promise")]
+unsafe impl aya::Pod for PrefixV6 {}
+
 /// The key of the IPv6 prefix ban map: the /64 network part of an address.
 #[inline(always)]
 pub fn v6_prefix64(addr: &[u8; 16]) -> [u8; 8] {
@@ -322,6 +408,9 @@ mod tests {
             maps::BANS_V4,
             maps::BANS_V6,
             maps::BANS_V6_NET,
+            maps::BANS_V4_PREFIX,
+            maps::BANS_V6_PREFIX,
+            maps::BAN_LENGTHS,
             maps::ALLOW_V4,
             maps::ALLOW_V6,
             maps::PORTS,
@@ -392,6 +481,24 @@ mod tests {
         assert!(ban.active_at(999));
         assert!(!ban.active_at(1_000));
         assert!(BanValue::new(NEVER_EXPIRES, 0).active_at(u64::MAX - 1));
+    }
+
+    #[test]
+    fn prefix_keys_clear_the_host_bits() {
+        assert_eq!(PrefixV4::new([192, 0, 2, 77], 24), PrefixV4 { len: 24, addr: [192, 0, 2, 0] });
+        assert_eq!(PrefixV4::new([192, 0, 2, 77], 28).addr, [192, 0, 2, 64]);
+        assert_eq!(PrefixV4::new([192, 0, 2, 77], 32).addr, [192, 0, 2, 77]);
+        let addr = [0x20, 0x01, 0x0d, 0xb8, 0xab, 0xcd, 0xef, 0x12, 9, 9, 9, 9, 9, 9, 9, 9];
+        let p48 = PrefixV6::new(addr, 48);
+        assert_eq!(p48.len, 48);
+        assert_eq!(p48.addr, [0x20, 0x01, 0x0d, 0xb8, 0xab, 0xcd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(PrefixV6::new(addr, 60).addr[6..9], [0xef, 0x10, 0]);
+        assert_eq!(PrefixV6::new(addr, 52).addr[6..8], [0xe0, 0]);
+        assert_eq!(PrefixV6::new(addr, 127).addr[15], 8);
+        assert_eq!(PrefixV6::new(addr, 64).addr[7..], [0x12, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(PrefixV6::new(addr, 128).addr, addr);
+        assert_eq!(PrefixV6::new(addr, 0).addr, [0; 16]);
+        assert_eq!(PrefixV4::new([192, 0, 2, 77], 0).addr, [0; 4]);
     }
 
     #[test]

@@ -6,9 +6,10 @@
 //! TCP. Connection-opening packets (SYN without ACK) to a guarded destination port from a
 //! banned, unexpired source are dropped; everything else passes, the rest of a banned source's
 //! packets included, so that the session that earned the ban (and any other one already open)
-//! can end cleanly while no new one can start. Allowlisted networks pass whatever the ban maps
-//! say. Each frame is counted under exactly one verdict in a per-CPU array; nothing is logged
-//! per packet.
+//! can end cleanly while no new one can start. A source is banned by a ban of its host, of its
+//! IPv6 /64, or of a prefix of another length in use (IPv4 /24 to /31, IPv6 /48 to /127), each
+//! one hash lookup. Allowlisted networks pass whatever the ban maps say. Each frame is counted
+//! under exactly one verdict in a per-CPU array; nothing is logged per packet.
 //!
 //! `helo_steer`, the sk_lookup steering (the front door, attached to the agent's network
 //! namespace): a new TCP connection to a steered address and port goes to the agent's socket
@@ -33,10 +34,11 @@ use aya_ebpf::{
     programs::{SkLookupContext, XdpContext},
 };
 use helo_common::{
-    AGENT_SOCKETS as AGENT_SOCKET_SLOTS, BanValue, DEFAULT_MAX_BANS_V4, DEFAULT_MAX_BANS_V6,
-    DEFAULT_MAX_BANS_V6_NET, DEFAULT_MAX_PASS_V4, DEFAULT_MAX_PASS_V6, MAX_ALLOW_ENTRIES,
-    MAX_REASONS, MAX_STEER_ENDPOINTS, PORT_MAP_LEN, PassValue, REASON_TEXT_LEN, STAT_COUNT, Stat,
-    SteerEndpoint, v6_prefix64,
+    AGENT_SOCKETS as AGENT_SOCKET_SLOTS, BanValue, DEFAULT_MAX_BANS_V4, DEFAULT_MAX_BANS_V4_PREFIX,
+    DEFAULT_MAX_BANS_V6, DEFAULT_MAX_BANS_V6_NET, DEFAULT_MAX_BANS_V6_PREFIX, DEFAULT_MAX_PASS_V4,
+    DEFAULT_MAX_PASS_V6, LENGTHS_V4, LENGTHS_V6, MAX_ALLOW_ENTRIES, MAX_REASONS,
+    MAX_STEER_ENDPOINTS, PORT_MAP_LEN, PREFIX_SLOTS, PassValue, PrefixV4, PrefixV6,
+    REASON_TEXT_LEN, STAT_COUNT, Stat, SteerEndpoint, v6_prefix64,
 };
 use packet::{be16, read};
 
@@ -48,6 +50,17 @@ static BANS_V4: LruHashMap<[u8; 4], BanValue> = LruHashMap::pinned(DEFAULT_MAX_B
 static BANS_V6: LruHashMap<[u8; 16], BanValue> = LruHashMap::pinned(DEFAULT_MAX_BANS_V6, 0);
 #[map(name = "HELO_BANS_V6N")]
 static BANS_V6_NET: LruHashMap<[u8; 8], BanValue> = LruHashMap::pinned(DEFAULT_MAX_BANS_V6_NET, 0);
+// Prefix bans of other lengths (IPv4 /24 to /31, IPv6 /48 to /127 but /64): one hash map per
+// family keyed by (length, prefix), probed once for each length in use (`BAN_LENGTHS`), so a
+// packet's cost grows with the lengths in use, never with the number of bans.
+#[map(name = "HELO_BANS_V4P")]
+static BANS_V4_PREFIX: LruHashMap<PrefixV4, BanValue> =
+    LruHashMap::pinned(DEFAULT_MAX_BANS_V4_PREFIX, 0);
+#[map(name = "HELO_BANS_V6P")]
+static BANS_V6_PREFIX: LruHashMap<PrefixV6, BanValue> =
+    LruHashMap::pinned(DEFAULT_MAX_BANS_V6_PREFIX, 0);
+#[map(name = "HELO_BAN_LENS")]
+static BAN_LENGTHS: Array<[u8; PREFIX_SLOTS]> = Array::pinned(2, 0);
 #[map(name = "HELO_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
 #[map(name = "HELO_REASONS")]
@@ -81,6 +94,9 @@ const _: () = {
     assert!(same(maps::BANS_V4, "HELO_BANS_V4"));
     assert!(same(maps::BANS_V6, "HELO_BANS_V6"));
     assert!(same(maps::BANS_V6_NET, "HELO_BANS_V6N"));
+    assert!(same(maps::BANS_V4_PREFIX, "HELO_BANS_V4P"));
+    assert!(same(maps::BANS_V6_PREFIX, "HELO_BANS_V6P"));
+    assert!(same(maps::BAN_LENGTHS, "HELO_BAN_LENS"));
     assert!(same(maps::STATS, "HELO_STATS"));
     assert!(same(maps::REASONS, "HELO_REASONS"));
     assert!(same(maps::ALLOW_V4, "HELO_ALLOW_V4"));
@@ -197,17 +213,61 @@ fn ipv4(ctx: &XdpContext, offset: usize) -> Result<Stat, ParseError> {
     if ALLOW_V4.get(Key::new(32, source)).is_some() {
         return Ok(Stat::Allowlisted);
     }
-    Ok(match BANS_V4.get_ptr_mut(source) {
+    let mut expired = false;
+    if let Some(ban) = BANS_V4.get_ptr_mut(source) {
         // SAFETY: `ban` is what the lookup just returned.
-        Some(ban) => match unsafe { judge(ctx, tcp, ban) }? {
-            Judgement::Banned(stat) => stat,
+        match unsafe { judge(ctx, tcp, ban) }? {
+            Judgement::Banned(stat) => return Ok(stat),
             Judgement::Expired => {
                 let _ = BANS_V4.remove(source);
-                Stat::ExpiredPass
+                expired = true;
+                // A prefix ban may still cover the host: on to them.
             }
-        },
-        None => Stat::Passed,
-    })
+        }
+    }
+    let lengths = lengths(LENGTHS_V4);
+    if u64::from_ne_bytes(lengths) == 0 {
+        return Ok(if expired { Stat::ExpiredPass } else { Stat::Passed });
+    }
+    // SAFETY: bpf_ktime_get_boot_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let mut hit = None;
+    // The length of an expired ban met (0: none). A length, not an `Option` of the key: the
+    // payload of a `None` is undefined, and LLVM may spill it from a register the verifier
+    // holds unread.
+    let mut stale = 0u8;
+    for &len in lengths.iter() {
+        if len == 0 {
+            continue;
+        }
+        if let Some(ban) = BANS_V4_PREFIX.get_ptr_mut(PrefixV4::new(source, len)) {
+            // SAFETY: `ban` is what the lookup just returned.
+            if unsafe { (*ban).expires_ns } > now {
+                hit = Some(ban);
+                break;
+            }
+            stale = len;
+        }
+    }
+    if stale != 0 {
+        // One expired prefix ban goes per packet; the others when their sources come back.
+        let _ = BANS_V4_PREFIX.remove(PrefixV4::new(source, stale));
+        expired = true;
+    }
+    if let Some(ban) = hit {
+        // SAFETY: `ban` is what a lookup returned in this run.
+        if let Judgement::Banned(stat) = unsafe { judge(ctx, tcp, ban) }? {
+            return Ok(stat);
+        }
+    }
+    Ok(if expired { Stat::ExpiredPass } else { Stat::Passed })
+}
+
+/// The prefix lengths the prefix ban maps of a family hold bans of (zero bytes: unused
+/// slots), from the lengths map's entry `family` ([`LENGTHS_V4`] or [`LENGTHS_V6`]).
+#[inline(always)]
+fn lengths(family: u32) -> [u8; PREFIX_SLOTS] {
+    BAN_LENGTHS.get(family).copied().unwrap_or([0; PREFIX_SLOTS])
 }
 
 #[inline(always)]
@@ -252,28 +312,66 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Result<Stat, ParseError> {
     if ALLOW_V6.get(Key::new(128, source)).is_some() {
         return Ok(Stat::Allowlisted);
     }
+    let mut expired_host = false;
     if let Some(ban) = BANS_V6.get_ptr_mut(source) {
         // SAFETY: `ban` is what the lookup just returned.
         match unsafe { judge(ctx, transport, ban) }? {
             Judgement::Banned(stat) => return Ok(stat),
             Judgement::Expired => {
                 let _ = BANS_V6.remove(source);
-                // A /64 ban may still cover the host: fall through to it.
+                // A prefix ban may still cover the host: on to them.
+                expired_host = true;
             }
         }
     }
+    let mut expired = expired_host;
     let prefix = v6_prefix64(&source);
-    Ok(match BANS_V6_NET.get_ptr_mut(prefix) {
+    if let Some(ban) = BANS_V6_NET.get_ptr_mut(prefix) {
         // SAFETY: `ban` is what the lookup just returned.
-        Some(ban) => match unsafe { judge(ctx, transport, ban) }? {
-            Judgement::Banned(stat) => stat,
+        match unsafe { judge(ctx, transport, ban) }? {
+            Judgement::Banned(stat) => return Ok(stat),
             Judgement::Expired => {
                 let _ = BANS_V6_NET.remove(prefix);
-                Stat::ExpiredPass
+                expired = true;
             }
-        },
-        None => Stat::Passed,
-    })
+        }
+    }
+    let lengths = lengths(LENGTHS_V6);
+    if u64::from_ne_bytes(lengths) == 0 {
+        return Ok(if expired { Stat::ExpiredPass } else { Stat::Passed });
+    }
+    // SAFETY: bpf_ktime_get_boot_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let mut hit = None;
+    // The length of an expired ban met (0: none). A length, not an `Option` of the key: the
+    // payload of a `None` is undefined, and LLVM may spill it from a register the verifier
+    // holds unread.
+    let mut stale = 0u8;
+    for &len in lengths.iter() {
+        if len == 0 {
+            continue;
+        }
+        if let Some(ban) = BANS_V6_PREFIX.get_ptr_mut(PrefixV6::new(source, len)) {
+            // SAFETY: `ban` is what the lookup just returned.
+            if unsafe { (*ban).expires_ns } > now {
+                hit = Some(ban);
+                break;
+            }
+            stale = len;
+        }
+    }
+    if stale != 0 {
+        // One expired prefix ban goes per packet; the others when their sources come back.
+        let _ = BANS_V6_PREFIX.remove(PrefixV6::new(source, stale));
+        expired = true;
+    }
+    if let Some(ban) = hit {
+        // SAFETY: `ban` is what a lookup returned in this run.
+        if let Judgement::Banned(stat) = unsafe { judge(ctx, transport, ban) }? {
+            return Ok(stat);
+        }
+    }
+    Ok(if expired { Stat::ExpiredPass } else { Stat::Passed })
 }
 
 #[inline(always)]

@@ -4,7 +4,8 @@
 //! In order, for a connection to an address and port in the steering map:
 //! 1. a client in an allowlisted network goes straight to the MTA (it is never judged, as XDP
 //!    never drops it);
-//! 2. a client with a ban in force goes to the agent, whatever its pass says: XDP normally
+//! 2. a client with a ban in force (of its host, its /64 or a prefix of a length in use, as
+//!    XDP looks them up) goes to the agent, whatever its pass says: XDP normally
 //!    drops its SYN first, so it gets here only when XDP is not on its path (not attached, or
 //!    another interface), and the agent then refuses it at accept;
 //! 3. a client with a pass in force goes straight to the MTA, and the pass counts the hit; an
@@ -21,12 +22,13 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use helo_common::{
-    AGENT_SOCKET_V4, AGENT_SOCKET_V6, BanValue, PassValue, Stat, SteerEndpoint, v6_prefix64,
+    AGENT_SOCKET_V4, AGENT_SOCKET_V6, BanValue, LENGTHS_V4, LENGTHS_V6, PassValue, PrefixV4,
+    PrefixV6, Stat, SteerEndpoint, v6_prefix64,
 };
 
 use crate::{
-    AGENT_SOCKETS, ALLOW_V4, ALLOW_V6, BANS_V4, BANS_V6, BANS_V6_NET, PASS_V4, PASS_V6, STEER,
-    lookup,
+    AGENT_SOCKETS, ALLOW_V4, ALLOW_V6, BANS_V4, BANS_V4_PREFIX, BANS_V6, BANS_V6_NET,
+    BANS_V6_PREFIX, PASS_V4, PASS_V6, STEER, lengths, lookup,
 };
 
 const AF_INET: u32 = 2;
@@ -82,7 +84,7 @@ fn client_v4(source: [u8; 4], now: u64) -> Client {
     if ALLOW_V4.get(Key::new(32, source)).is_some() {
         return Client::Allowlisted;
     }
-    if banned(BANS_V4.get_ptr(source), now) {
+    if banned(BANS_V4.get_ptr(source), now) || banned_prefix_v4(source, now) {
         return Client::Banned;
     }
     let Some(pass) = PASS_V4.get_ptr_mut(source) else { return Client::Stranger };
@@ -101,6 +103,7 @@ fn client_v6(source: [u8; 16], now: u64) -> Client {
     }
     if banned(BANS_V6.get_ptr(source), now)
         || banned(BANS_V6_NET.get_ptr(v6_prefix64(&source)), now)
+        || banned_prefix_v6(source, now)
     {
         return Client::Banned;
     }
@@ -111,6 +114,27 @@ fn client_v6(source: [u8; 16], now: u64) -> Client {
     }
     let _ = PASS_V6.remove(source);
     Client::Stranger
+}
+
+/// Whether a prefix ban of a length in use covers `source` (XDP's probes, the same lengths).
+#[inline(always)]
+fn banned_prefix_v4(source: [u8; 4], now: u64) -> bool {
+    for &len in lengths(LENGTHS_V4).iter() {
+        if len != 0 && banned(BANS_V4_PREFIX.get_ptr(PrefixV4::new(source, len)), now) {
+            return true;
+        }
+    }
+    false
+}
+
+#[inline(always)]
+fn banned_prefix_v6(source: [u8; 16], now: u64) -> bool {
+    for &len in lengths(LENGTHS_V6).iter() {
+        if len != 0 && banned(BANS_V6_PREFIX.get_ptr(PrefixV6::new(source, len)), now) {
+            return true;
+        }
+    }
+    false
 }
 
 /// Whether a ban map lookup found a ban in force. An expired ban is left for XDP (or the

@@ -145,7 +145,7 @@ impl Drop for Postfix {
 }
 
 /// The instances this file starts, one directory each under /var/tmp/helo-filter-e2e.
-const INSTANCES: [&str; 14] = [
+const INSTANCES: [&str; 16] = [
     "main",
     "helo",
     "ops",
@@ -154,6 +154,8 @@ const INSTANCES: [&str; 14] = [
     "policy",
     "sweep",
     "self",
+    "storm",
+    "hop",
     "bench-policy",
     "bench-bots",
     "bench-storm",

@@ -763,3 +763,39 @@ fn a_burst_of_bans_on_one_gateway_reaches_the_others_whole() {
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("fleet")).take(5).collect();
     assert_eq!(held(), BURST, "bans of the burst at gw2; gw1's fleet lines:\n{}", lines.join("\n"));
 }
+
+/// Issue 27: the fleet shares a rule's ban as the prefix it covers. With `bans.prefix_v4 = 24`
+/// a bot forging the fleet's name at gateway 1 gets its /24 banned; gateway 2 holds the /24
+/// (and Redis keeps it under its own key), and drops another address of it, while a client
+/// outside still gets in. (The IPv6 /64 default travels the same way, as its text; this
+/// fleet's network is IPv4 only.)
+#[test]
+fn a_rule_ban_of_a_prefix_is_shared_as_the_prefix() {
+    const HOPPER: &str = "10.89.0.4";
+    const NEXT: &str = "10.89.0.5";
+    let fleet = fleet();
+    for address in [HOPPER, NEXT] {
+        fleet.network.ip(&["addr", "add", &format!("{address}/32"), "dev", "lo"]);
+    }
+    let [g1, g2, _] = &fleet.gateways[..] else { unreachable!() };
+    for g in [g1, g2] {
+        g.ns.ip(&["route", "add", "10.89.0.0/24", "via", &format!("10.77.{}.2", g.n)]);
+        let config = std::fs::read_to_string(&g.config).unwrap();
+        let config = config.replace("[bans]\n", "[bans]\nprefix_v4 = 24\n");
+        std::fs::write(&g.config, config).unwrap();
+    }
+    let _agents = [g1.start(), g2.start()];
+    greeted(connect(&fleet, NEXT, g2), "the bot's neighbour at gw2 before any ban");
+    let reply = ehlo(&fleet, HOPPER, g1, "mx.example.net");
+    assert!(reply.starts_with("250"), "rejection comes at RCPT (qmail style): {reply:?}");
+    for g in [g1, g2] {
+        wait_for(&format!("gw{} to hold the /24", g.n), Duration::from_secs(5), || {
+            g.holds("10.89.0.0/24")
+        });
+    }
+    assert_eq!(g2.bans()[0].1.as_deref(), Some("gw1"), "{:?}", g2.bans());
+    let redis_key = format!("{}ban:10.89.0.0/24", fleet.prefix);
+    assert!(fleet.redis.cli(&["GET", &redis_key]).contains("mx.example.net"), "kept in Redis");
+    dropped(connect(&fleet, NEXT, g2), "the bot's neighbour in its /24 at gw2");
+    greeted(connect(&fleet, BYSTANDER, g2), "a client outside the /24 at gw2");
+}

@@ -225,6 +225,17 @@ fn ipv6_prefix_ban_drops_until_unbanned() {
     // IPv4 from the same host is another source: untouched.
     greeted(connect(&bed.client, CLIENT, GW_V4), "the same host over IPv4");
 
+    // Unbanning the host alone lifts nothing, and says which ban to lift.
+    let output = std::process::Command::new(tests::agent_bin())
+        .arg("--pin-dir")
+        .arg(bed.pin_dir.path())
+        .args(["unban", CLIENT_V6])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "unban of a host inside a banned /64: {stderr}");
+    assert!(stderr.contains("unban 2001:db8:100::/64"), "{stderr}");
+    dropped(connect(&bed.client, CLIENT_V6, GW_V6), "v6 client still in a banned /64");
     agent_cli(bed.pin_dir.path(), &["unban", "2001:db8:100::/64"]);
     greeted(connect(&bed.client, CLIENT_V6, GW_V6), "v6 client after unban");
 }

@@ -236,6 +236,29 @@ fn an_allowlisted_client_goes_straight_to_the_mta() {
     assert_eq!(bench.lookup("192.0.2.7", MX_V4), (bench.v4(), Some(Stat::Steered)));
 }
 
+/// Issue 27: the steering program consults the ban maps as XDP does, prefixes of every length
+/// in use included, and passes an allowlisted client inside a banned prefix straight to the MTA,
+/// as XDP passes it.
+#[test]
+fn a_prefix_ban_steers_its_clients_to_the_agent_and_an_allowlisted_one_inside_passes() {
+    let bench = Bench::new(&["2001:db8:5::99/128", "198.51.100.77/32"]);
+    let dir = bench.dir.path();
+    for client in ["2001:db8:5::7", "2001:db8:48:1::7", "198.51.100.7", "2001:db8:5::99"] {
+        pass(dir, client, boot_ns() + MINUTE_NS);
+    }
+    ban(dir, "2001:db8:5::/64");
+    ban(dir, "2001:db8:48::/48");
+    ban(dir, "198.51.100.0/24");
+    for client in ["2001:db8:5::7", "2001:db8:48:1::7"] {
+        assert_eq!(bench.lookup(client, MX_V6), (bench.v6(), Some(Stat::SteerBanned)), "{client}");
+    }
+    assert_eq!(bench.lookup("198.51.100.7", MX_V4), (bench.v4(), Some(Stat::SteerBanned)));
+    assert_eq!(bench.lookup("2001:db8:5::99", MX_V6), (None, Some(Stat::SteerAllowlisted)));
+    assert_eq!(bench.lookup("198.51.100.77", MX_V4), (None, Some(Stat::SteerAllowlisted)));
+    assert_eq!(bench.lookup("2001:db8:49::7", MX_V6), (bench.v6(), Some(Stat::Steered)));
+    assert_eq!(bench.lookup("198.51.101.7", MX_V4), (bench.v4(), Some(Stat::Steered)));
+}
+
 #[test]
 fn with_no_agent_socket_every_connection_goes_to_the_mta() {
     let mut bench = Bench::new(&[]);

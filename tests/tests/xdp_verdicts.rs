@@ -214,6 +214,153 @@ fn allowlisted_source_passes_though_banned() {
     assert_eq!(xdp.verdict(&frames::syn_v4("203.0.113.99", 25)), (XDP_DROP, Stat::Dropped));
 }
 
+/// Issue 27: a rule's ban covers a prefix (the IPv6 /64 by default; /48 to /128 and IPv4 /24
+/// to /32 as configured): every address inside is dropped, nothing outside; each length in
+/// use is probed, an expired prefix ban passes (and goes) while a ban of another length still
+/// drops.
+#[test]
+fn prefix_bans_of_every_length_drop_inside_and_nothing_outside() {
+    let mut xdp = load();
+    xdp.ban("198.51.100.0/24");
+    xdp.ban("192.0.2.64/28");
+    xdp.ban("2001:db8:4800::/48");
+    xdp.ban("2001:db8:5600:ab00::/56");
+    xdp.ban("2001:db8:7f::8/127");
+    let drop_v4 = ["198.51.100.1", "198.51.100.255", "192.0.2.64", "192.0.2.79"];
+    let pass_v4 = ["198.51.101.1", "192.0.2.63", "192.0.2.80"];
+    let drop_v6 = [
+        "2001:db8:4800::1",
+        "2001:db8:4800:ffff:ffff::1",
+        "2001:db8:5600:abff::1",
+        "2001:db8:7f::8",
+        "2001:db8:7f::9",
+    ];
+    let pass_v6 = ["2001:db8:4801::1", "2001:db8:5600:ac00::1", "2001:db8:7f::a"];
+    for host in drop_v4 {
+        assert_eq!(xdp.verdict(&frames::syn_v4(host, 25)), (XDP_DROP, Stat::Dropped), "{host}");
+    }
+    for host in pass_v4 {
+        assert_eq!(xdp.verdict(&frames::syn_v4(host, 25)), (XDP_PASS, Stat::Passed), "{host}");
+    }
+    for host in drop_v6 {
+        assert_eq!(xdp.verdict(&frames::syn_v6(host, 25)), (XDP_DROP, Stat::Dropped), "{host}");
+    }
+    for host in pass_v6 {
+        assert_eq!(xdp.verdict(&frames::syn_v6(host, 25)), (XDP_PASS, Stat::Passed), "{host}");
+    }
+    let listed: Vec<String> =
+        xdp.bans.list(boot_ns()).unwrap().into_iter().map(|e| e.target).collect();
+    assert_eq!(
+        listed,
+        [
+            "192.0.2.64/28",
+            "198.51.100.0/24",
+            "2001:db8:7f::8/127",
+            "2001:db8:4800::/48",
+            "2001:db8:5600:ab00::/56"
+        ]
+    );
+    // An expired /48 around a live /56: the /56 still drops, and the /48 goes.
+    let mut maps = PinnedMaps::open(xdp._dir.path()).unwrap();
+    let wide: BanTarget = "2001:db8:5600::/48".parse().unwrap();
+    maps.put(&wide, &BanValue::new(boot_ns() - 1, 0)).unwrap();
+    let inside = frames::syn_v6("2001:db8:5600:ab00::1", 25);
+    assert_eq!(xdp.verdict(&inside), (XDP_DROP, Stat::Dropped));
+    assert_eq!(maps.get(&wide).unwrap(), None, "the program removes the expired prefix ban");
+    // An expired prefix ban alone: passed as expired, and gone.
+    let alone: BanTarget = "2001:db8:4900::/48".parse().unwrap();
+    maps.put(&alone, &BanValue::new(boot_ns() - 1, 0)).unwrap();
+    let frame = frames::syn_v6("2001:db8:4900:1::1", 25);
+    assert_eq!(xdp.verdict(&frame), (XDP_PASS, Stat::ExpiredPass));
+    assert_eq!(maps.get(&alone).unwrap(), None);
+    assert_eq!(xdp.verdict(&frame), (XDP_PASS, Stat::Passed));
+}
+
+/// The kernel probes only the prefix lengths bans are held at, and at most
+/// `helo_common::PREFIX_SLOTS` of them a family: a ban at one more is refused with the lengths
+/// in use, and a length whose bans are all gone is dropped from the probes.
+#[test]
+fn prefix_lengths_in_use_are_bounded_and_tidied() {
+    let mut xdp = load();
+    let lengths = |maps: &PinnedMaps| {
+        let mut l = helo_agent::blocklist::BanStore::prefix_lengths(maps, true);
+        l.sort_unstable();
+        l
+    };
+    for len in 48..48 + helo_common::PREFIX_SLOTS as u8 {
+        xdp.ban(&format!("2001:db8:{len:x}::/{len}"));
+    }
+    let nine: BanTarget = "2001:db8:99::/100".parse().unwrap();
+    let err = xdp.bans.ban(&nine, Ttl::Forever, "", boot_ns()).unwrap_err();
+    assert!(err.to_string().contains("/48, /49"), "{err}");
+    assert_eq!(xdp.verdict(&frames::syn_v6("2001:db8:99::1", 25)), (XDP_PASS, Stat::Passed));
+    assert_eq!(xdp.verdict(&frames::syn_v6("2001:db8:37::1", 25)), (XDP_DROP, Stat::Dropped));
+    assert_eq!(lengths(xdp.bans.store()), (48..56).collect::<Vec<u8>>());
+    xdp.bans.unban(&"2001:db8:37::/55".parse().unwrap()).unwrap();
+    let left = xdp.bans.store().entries().unwrap();
+    xdp.bans.keep_lengths(&left).unwrap();
+    assert_eq!(lengths(xdp.bans.store()), [48, 49, 50, 51, 52, 53, 54]);
+    xdp.bans.ban(&nine, Ttl::Forever, "", boot_ns()).expect("a freed length is free again");
+    assert_eq!(xdp.verdict(&frames::syn_v6("2001:db8:99::1", 25)), (XDP_DROP, Stat::Dropped));
+}
+
+/// Issue 27: an allowlisted address inside a banned prefix still passes (the rest of the
+/// prefix is dropped), whatever the length.
+#[test]
+fn an_allowlisted_address_inside_a_banned_prefix_passes() {
+    let mut xdp = load_with(&["2001:db8:5::99/128", "198.51.100.77/32", "2001:db8:6:1::/64"]);
+    xdp.ban("2001:db8:5::/64");
+    xdp.ban("2001:db8:6::/48");
+    xdp.ban("198.51.100.0/24");
+    for host in ["2001:db8:5::99", "2001:db8:6:1::5"] {
+        assert_eq!(xdp.verdict(&frames::syn_v6(host, 25)), (XDP_PASS, Stat::Allowlisted), "{host}");
+    }
+    assert_eq!(xdp.verdict(&frames::syn_v4("198.51.100.77", 25)), (XDP_PASS, Stat::Allowlisted));
+    for host in ["2001:db8:5::98", "2001:db8:6:2::5"] {
+        assert_eq!(xdp.verdict(&frames::syn_v6(host, 25)), (XDP_DROP, Stat::Dropped), "{host}");
+    }
+    assert_eq!(xdp.verdict(&frames::syn_v4("198.51.100.78", 25)), (XDP_DROP, Stat::Dropped));
+}
+
+/// A pin directory an older version made has no maps for prefixes of other lengths than /64:
+/// its bans work on (the CLI working on it without an agent says to start one for a /48),
+/// and the next start adds the new maps and keeps every ban.
+#[test]
+fn a_pin_directory_of_the_older_layout_gains_the_prefix_maps_and_keeps_its_bans() {
+    require_root();
+    let dir = PinDir::new();
+    let options = LoadOptions {
+        pin_dir: dir.path(),
+        sizes: MapSizes::default(),
+        passes: helo_agent::config::PassSizes::UNUSED,
+        ports: &helo_common::DEFAULT_PORTS,
+        allow: &[],
+    };
+    drop(ebpf::load(&options).unwrap());
+    for name in [
+        helo_common::maps::BANS_V4_PREFIX,
+        helo_common::maps::BANS_V6_PREFIX,
+        helo_common::maps::BAN_LENGTHS,
+    ] {
+        std::fs::remove_file(dir.path().join(name)).unwrap();
+    }
+    let mut old = Blocklist::new(PinnedMaps::open(dir.path()).expect("the older layout opens"));
+    old.ban(&"203.0.113.9".parse().unwrap(), Ttl::Forever, "", boot_ns()).unwrap();
+    old.ban(&"2001:db8:bad::/64".parse().unwrap(), Ttl::Forever, "", boot_ns()).unwrap();
+    let err = old.ban(&"2001:db8::/48".parse().unwrap(), Ttl::Forever, "", boot_ns()).unwrap_err();
+    assert!(err.to_string().contains("start the agent once"), "{err}");
+    let program = ebpf::load(&options).unwrap();
+    let mut bans = Blocklist::new(PinnedMaps::open(dir.path()).unwrap());
+    bans.ban(&"2001:db8::/48".parse().unwrap(), Ttl::Forever, "", boot_ns()).unwrap();
+    for (frame, what) in [
+        (frames::syn_v4("203.0.113.9", 25), "the older host ban"),
+        (frames::syn_v6("2001:db8:bad::1", 25), "the older /64 ban"),
+        (frames::syn_v6("2001:db8:0:1::1", 25), "a /48 ban"),
+    ] {
+        assert_eq!(program.test_run(&frame, 1).unwrap().0, XDP_DROP, "{what}");
+    }
+}
+
 /// A reload replaces the allowlist in the kernel in place: the new networks are spared, the
 /// dropped ones are not.
 #[test]

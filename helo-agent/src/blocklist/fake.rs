@@ -17,7 +17,6 @@ pub fn spawn_worker<S: BanStore + Send + 'static>(
         factor: 2,
         max_ttl: std::time::Duration::from_secs(86_400),
         history: 100,
-        max_per_second: 1000,
     };
     super::worker::spawn(store, escalation, crate::clock::boot_ns)
 }
@@ -97,5 +96,13 @@ impl BanStore for FakeStore {
         }
         self.reasons.insert(code, *text);
         Ok(())
+    }
+
+    /// Every map holds `capacity` (shared, here), when there is one.
+    fn capacities(&self) -> Vec<(&'static str, usize)> {
+        if self.capacity == usize::MAX {
+            return Vec::new();
+        }
+        BanTarget::MAPS.iter().map(|name| (*name, self.capacity)).collect()
     }
 }

@@ -27,6 +27,24 @@ pub trait BanStore {
     fn entries(&self) -> Result<Vec<(BanTarget, BanValue)>, StoreError>;
     fn reason(&self, code: u32) -> Result<Option<[u8; REASON_TEXT_LEN]>, StoreError>;
     fn put_reason(&mut self, code: u32, text: &[u8; REASON_TEXT_LEN]) -> Result<(), StoreError>;
+    /// The capacity of each ban map, by [`BanTarget::map`]'s names (none: unbounded).
+    fn capacities(&self) -> Vec<(&'static str, usize)> {
+        Vec::new()
+    }
+    /// The lengths of the IPv4 (`v6` false) or IPv6 prefix bans the store may hold besides
+    /// hosts and /64s: the kernel programs probe these. By default every length a ban may
+    /// have.
+    fn prefix_lengths(&self, v6: bool) -> Vec<u8> {
+        match v6 {
+            false => crate::addr::V4_LENS.filter(|len| *len != 32).collect(),
+            true => crate::addr::V6_LENS.filter(|len| ![64, 128].contains(len)).collect(),
+        }
+    }
+    /// Stops probing prefix lengths of which no ban is left: `used` are the (IPv6, length)
+    /// pairs the prefix bans in force have.
+    fn keep_lengths(&mut self, _used: &[(bool, u8)]) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,10 +57,21 @@ pub enum StoreError {
     },
     #[error("ban map {map} is full ({capacity} entries)")]
     Full { map: &'static str, capacity: usize },
+    #[error(
+        "the pinned maps hold no prefix bans other than /64 yet (they were made by an older \
+         version): start the agent once to add them, or ban a host or a /64"
+    )]
+    NoPrefixMaps,
+    #[error(
+        "a /{len} ban would be a {family} prefix length more to look up for every packet, and \
+         these are in use already: {in_use}; ban at one of them, or lift the bans of one"
+    )]
+    Lengths { family: &'static str, len: u8, in_use: String },
 }
 
 /// Whether an address is banned now, for enforcing bans in user space when XDP cannot be
-/// attached: a ban of the host or of its IPv6 /64 counts.
+/// attached: a ban of the host, of its IPv6 /64 or of a prefix of a length in use counts, as
+/// in the kernel.
 pub trait BanCheck: Send + Sync {
     fn banned(&self, ip: std::net::IpAddr, now_ns: u64) -> bool;
 }
@@ -54,7 +83,11 @@ impl<S: BanStore + Send + Sync> BanCheck for S {
         };
         let host = BanTarget::host(ip);
         let prefix = BanTarget::prefix(ip);
-        active(host) || (prefix != host && active(prefix))
+        if active(host) || (prefix != host && active(prefix)) {
+            return true;
+        }
+        let v6 = crate::addr::canonical(ip).is_ipv6();
+        self.prefix_lengths(v6).into_iter().any(|len| active(BanTarget::of(ip, len)))
     }
 }
 
@@ -147,6 +180,22 @@ impl<S: BanStore> Blocklist<S> {
         let value = BanValue { hits, ..BanValue::new(expires_ns, code) };
         self.store.put(target, &value)?;
         Ok(value)
+    }
+
+    /// Stops the kernel probing prefix lengths no ban in `entries` (the bans in force, as
+    /// listed) has.
+    pub fn keep_lengths(&mut self, entries: &[(BanTarget, BanValue)]) -> Result<(), StoreError> {
+        let mut used: Vec<(bool, u8)> = entries
+            .iter()
+            .filter_map(|(target, _)| match target {
+                BanTarget::V4Net(_, len) => Some((false, *len)),
+                BanTarget::V6Net(_, len) => Some((true, *len)),
+                _ => None,
+            })
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        self.store.keep_lengths(&used)
     }
 
     /// Lifts a ban. `Ok(false)` when `target` was not banned.
@@ -243,6 +292,15 @@ impl<S: BanStore> BanStore for std::sync::Arc<std::sync::Mutex<S>> {
         text: &[u8; helo_common::REASON_TEXT_LEN],
     ) -> Result<(), StoreError> {
         self.lock().expect("store lock").put_reason(code, text)
+    }
+    fn capacities(&self) -> Vec<(&'static str, usize)> {
+        self.lock().expect("store lock").capacities()
+    }
+    fn prefix_lengths(&self, v6: bool) -> Vec<u8> {
+        self.lock().expect("store lock").prefix_lengths(v6)
+    }
+    fn keep_lengths(&mut self, used: &[(bool, u8)]) -> Result<(), StoreError> {
+        self.lock().expect("store lock").keep_lengths(used)
     }
 }
 

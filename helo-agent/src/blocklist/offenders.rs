@@ -1,9 +1,14 @@
-//! Who offended, how often, and how many rule bans may be applied now: pure, time passed in
-//! (CLOCK_BOOTTIME ns). Repeat offenders get longer bans: each new offence multiplies the TTL
-//! by `bans.escalation_factor`, up to `bans.max_ttl`; the history is an LRU of
-//! `bans.history_size` and forgets an address after `bans.max_ttl` without offences. A token
-//! bucket caps rule bans at `bans.max_per_second` (bursts up to as many), so a flood cannot
-//! fill the LRU maps and evict real bans. The ban worker owns one.
+//! Who offended and how often: pure, time passed in (CLOCK_BOOTTIME ns). Repeat offenders get
+//! longer bans: each new offence multiplies the TTL by `bans.escalation_factor`, up to
+//! `bans.max_ttl`; the history is an LRU of `bans.history_size` and forgets an offender (a
+//! host, or the prefix a rule's ban covers) after `bans.max_ttl` without offences. The ban
+//! worker owns one.
+//!
+//! Every offence is counted and banned: there is no rate cap. One used to drop the rule bans
+//! beyond `bans.max_per_second` so that a flood could not fill the LRU maps; in a storm every
+//! one of them was a real offender's, and the bots whose bans it dropped came back and
+//! delivered (issue 29). The maps are sized for a storm instead, and the ban worker warns
+//! long before they fill.
 
 use std::num::NonZeroUsize;
 use std::time::Duration;
@@ -28,23 +33,22 @@ pub fn escalated(base: Duration, count: u32, escalation: &Escalation) -> Duratio
     Duration::from_secs(secs).min(escalation.max_ttl.max(base))
 }
 
-/// The offence history and the rate cap, under the escalation settings in force.
+/// The offence history, under the escalation settings in force.
 pub struct Offenders {
     escalation: Escalation,
     history: LruCache<BanTarget, Offence>,
-    bucket: TokenBucket,
 }
 
 impl Offenders {
     /// Starts with `restored` offences (target, count, last offence in boot ns), from a
     /// snapshot, at `now`.
-    pub fn new(escalation: Escalation, mut restored: Vec<(BanTarget, u32, u64)>, now: u64) -> Self {
+    pub fn new(escalation: Escalation, mut restored: Vec<(BanTarget, u32, u64)>) -> Self {
         let mut history = LruCache::new(capacity(&escalation));
         restored.sort_by_key(|(_, _, last)| *last);
         for (target, count, last_ns) in restored {
             history.put(target, Offence { count, last_ns });
         }
-        Offenders { escalation, history, bucket: TokenBucket::new(escalation.max_per_second, now) }
+        Offenders { escalation, history }
     }
 
     pub fn escalation(&self) -> Escalation {
@@ -57,17 +61,8 @@ impl Offenders {
     }
 
     /// A rule's offence by `target` at `now`, whose rule bans for `base`: its count (1: the
-    /// first, or the first since the history forgot it) and the escalated TTL; `None` when the
-    /// rate cap refuses it (then nothing is counted).
-    pub fn offend(
-        &mut self,
-        target: BanTarget,
-        base: Duration,
-        now: u64,
-    ) -> Option<(u32, Duration)> {
-        if !self.bucket.take(now) {
-            return None;
-        }
+    /// first, or the first since the history forgot it) and the escalated TTL.
+    pub fn offend(&mut self, target: BanTarget, base: Duration, now: u64) -> (u32, Duration) {
         let forget_ns = self.forget_ns();
         let count = match self.history.get_mut(&target) {
             Some(offence) if now.saturating_sub(offence.last_ns) < forget_ns => {
@@ -80,7 +75,7 @@ impl Offenders {
                 1
             }
         };
-        Some((count, escalated(base, count, &self.escalation)))
+        (count, escalated(base, count, &self.escalation))
     }
 
     /// Offences another gateway counted for `target` (`count`, the latest at `last_ns`): the
@@ -112,14 +107,10 @@ impl Offenders {
         self.history.iter()
     }
 
-    /// New settings (a reload) at `now`: the history resized, the bucket refilled if its rate
-    /// changed.
-    pub fn reconfigure(&mut self, escalation: Escalation, now: u64) {
+    /// New settings (a reload): the history resized.
+    pub fn reconfigure(&mut self, escalation: Escalation) {
         if escalation.history != self.escalation.history {
             self.history.resize(capacity(&escalation));
-        }
-        if escalation.max_per_second != self.escalation.max_per_second {
-            self.bucket = TokenBucket::new(escalation.max_per_second, now);
         }
         self.escalation = escalation;
     }
@@ -129,57 +120,12 @@ fn capacity(escalation: &Escalation) -> NonZeroUsize {
     NonZeroUsize::new(escalation.history.max(1)).expect("at least 1")
 }
 
-/// At most `rate` tokens a second, holding up to `rate`.
-struct TokenBucket {
-    rate: u64,
-    tokens_milli: u64,
-    last_ns: u64,
-}
-
-impl TokenBucket {
-    fn new(rate: u32, now_ns: u64) -> Self {
-        let rate = u64::from(rate.max(1));
-        TokenBucket { rate, tokens_milli: rate * 1000, last_ns: now_ns }
-    }
-
-    fn take(&mut self, now_ns: u64) -> bool {
-        let elapsed_ms = now_ns.saturating_sub(self.last_ns) / 1_000_000;
-        if elapsed_ms > 0 {
-            self.tokens_milli = (self.tokens_milli + elapsed_ms * self.rate).min(self.rate * 1000);
-            self.last_ns = now_ns;
-        }
-        if self.tokens_milli >= 1000 {
-            self.tokens_milli -= 1000;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ESCALATION: Escalation = Escalation {
-        factor: 2,
-        max_ttl: Duration::from_secs(8 * 3600),
-        history: 2,
-        max_per_second: 1000,
-    };
-
-    #[test]
-    fn the_bucket_allows_a_burst_then_the_rate() {
-        let mut bucket = TokenBucket::new(3, 0);
-        assert_eq!((0..5).filter(|_| bucket.take(0)).count(), 3, "a burst of 3");
-        assert!(!bucket.take(100_000_000), "0.1 s later: 0.3 tokens");
-        assert!(bucket.take(400_000_000), "0.4 s later: 1.2 tokens");
-        assert_eq!(
-            (0..10).filter(|_| bucket.take(10_000_000_000)).count(),
-            3,
-            "refills to the burst only"
-        );
-    }
+    const ESCALATION: Escalation =
+        Escalation { factor: 2, max_ttl: Duration::from_secs(8 * 3600), history: 2 };
 
     #[test]
     fn ttl_doubles_per_offence_up_to_the_maximum() {

@@ -72,7 +72,8 @@ pub enum CliCommand {
     /// Ban an address: its new connections to the guarded ports are dropped until the ban
     /// expires.
     Ban {
-        /// IPv4 or IPv6 address, or an IPv6 /64 (2001:db8:1:2::/64).
+        /// IPv4 or IPv6 address, or a prefix: IPv4 /24 to /32 (192.0.2.0/24), IPv6 /48 to /128
+        /// (2001:db8:1:2::/64, 2001:db8:7::/48).
         target: String,
         /// How long: 30s, 10m, 1h, 2d, 1w, 1h30m, at most 3650d (about ten years); or
         /// "forever". Default: bans.default_ttl.
@@ -89,7 +90,7 @@ pub enum CliCommand {
     /// the rule's TTL). With a fleet, the running agent lifts it on every gateway. With no agent
     /// running, the ban is also removed from the snapshot (on this gateway only).
     Unban {
-        /// The address or IPv6 /64 as it was banned.
+        /// The address or prefix as it was banned (as `list` shows it).
         target: String,
         /// Lift the /64 ban around an IPv6 address.
         #[arg(long)]
@@ -193,7 +194,7 @@ pub enum CliCommand {
     /// Live view of the running agent in the terminal, refreshed every second (q quits).
     ///
     /// Sessions per second and in total by verdict (pass, reject, ban, no HELO), bans added,
-    /// expired and capped per second and in force, the kernel's XDP drops per second, the top
+    /// expired per second, waiting and in force, the kernel's XDP drops per second, the top
     /// HELOs and rules of the last --since, the open sessions, the policy service and the
     /// fleet. q, Esc or Ctrl-C quits. Made for 80x24; over ssh, use `ssh -t`. Needs the
     /// running agent's control socket (root); without an agent it says which socket it tried

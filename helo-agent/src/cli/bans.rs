@@ -31,11 +31,14 @@ pub(super) fn ban(
         "--reason is {} bytes long; a ban keeps at most {REASON_TEXT_LEN}: shorten it",
         reason.len()
     );
-    if let Some(net) = config.rules.allowlist.iter().find(|net| target.overlaps(net)) {
+    if let Some(net) = config.rules.allowlist.iter().find(|net| target.within(net)) {
         anyhow::bail!(
             "{target} is in the allowlisted network {net} and would never be dropped: remove it \
              from allowlist.networks first"
         );
+    }
+    for net in config.rules.allowlist.iter().filter(|net| target.overlaps(net)) {
+        println!("note: {net} is allowlisted: its addresses inside {target} still pass");
     }
     let ttl_secs = match ttl {
         Ttl::For(d) => Some(d.as_secs().max(1)),
@@ -106,6 +109,12 @@ pub(super) fn unban(config: &Config, target: &str, prefix: bool) -> anyhow::Resu
             (in_maps || in_snapshot, false)
         }
     };
+    if !was_banned && let Some(prefix) = covering(config, &target) {
+        anyhow::bail!(
+            "{target} is not banned itself, the ban of {prefix} covers it (a rule's ban covers \
+             the client's IPv6 /64 by default, bans.prefix_v6): to lift it, unban {prefix}"
+        );
+    }
     anyhow::ensure!(was_banned, "{target} is not banned (see `helo-agent list`)");
     match (fleet, through_agent) {
         (true, true) => println!(
@@ -120,6 +129,21 @@ pub(super) fn unban(config: &Config, target: &str, prefix: bool) -> anyhow::Resu
         (false, _) => println!("unbanned {target}"),
     }
     Ok(())
+}
+
+/// A ban of a prefix that covers `target`, from the agent or the pinned maps, for an admin
+/// who unbans an address that a prefix ban holds.
+fn covering(config: &Config, target: &BanTarget) -> Option<BanTarget> {
+    let entries = match AgentLink::of(config).ask(Request::List) {
+        Ok(Some(Answer::Listed(entries))) => entries,
+        _ => Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir).ok()?)
+            .list(crate::clock::boot_ns())
+            .ok()?,
+    };
+    entries
+        .iter()
+        .filter_map(|entry| entry.target.parse::<BanTarget>().ok())
+        .find(|ban| ban.is_prefix() && ban != target && ban.network().contains(&target.network()))
 }
 
 /// `list`: the bans in force, from the agent or the pinned maps.
@@ -198,9 +222,12 @@ pub(super) fn detach(config: &Config, maps: bool) -> anyhow::Result<()> {
 fn parse_target(text: &str, prefix: bool) -> anyhow::Result<BanTarget> {
     let target: BanTarget = text.parse()?;
     Ok(match (prefix, target) {
-        (false, t) | (true, t @ BanTarget::V6Net64(_)) => t,
+        (false, t) | (true, t @ (BanTarget::V6Net64(_) | BanTarget::V6Net(..))) => t,
         (true, BanTarget::V6(o)) => BanTarget::prefix(std::net::Ipv6Addr::from(o).into()),
-        (true, BanTarget::V4(_)) => anyhow::bail!("--prefix applies to IPv6 addresses only"),
+        (true, BanTarget::V4(_) | BanTarget::V4Net(..)) => anyhow::bail!(
+            "--prefix widens an IPv6 address to its /64; for an IPv4 prefix, write it: \
+             192.0.2.0/24"
+        ),
     })
 }
 
@@ -213,5 +240,7 @@ mod tests {
         assert_eq!(parse_target("2001:db8:1:2::9", true).unwrap().to_string(), "2001:db8:1:2::/64");
         assert_eq!(parse_target("2001:db8:1:2::9", false).unwrap().to_string(), "2001:db8:1:2::9");
         assert!(parse_target("192.0.2.1", true).is_err());
+        assert_eq!(parse_target("192.0.2.1/24", false).unwrap().to_string(), "192.0.2.0/24");
+        assert_eq!(parse_target("2001:db8:1::/48", true).unwrap().to_string(), "2001:db8:1::/48");
     }
 }

@@ -121,6 +121,8 @@ pub struct MapSizes {
     pub bans_v4: u32,
     pub bans_v6: u32,
     pub bans_v6_net: u32,
+    pub bans_v4_prefix: u32,
+    pub bans_v6_prefix: u32,
 }
 
 impl Default for MapSizes {
@@ -129,12 +131,13 @@ impl Default for MapSizes {
             bans_v4: helo_common::DEFAULT_MAX_BANS_V4,
             bans_v6: helo_common::DEFAULT_MAX_BANS_V6,
             bans_v6_net: helo_common::DEFAULT_MAX_BANS_V6_NET,
+            bans_v4_prefix: helo_common::DEFAULT_MAX_BANS_V4_PREFIX,
+            bans_v6_prefix: helo_common::DEFAULT_MAX_BANS_V6_PREFIX,
         }
     }
 }
 
-/// Longer bans for repeat offenders, and a cap on the ban rate (`[bans]`; the ban worker
-/// applies them).
+/// Longer bans for repeat offenders (`[bans]`; the ban worker applies them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Escalation {
     /// Each new offence multiplies the TTL by this (1: no escalation).
@@ -143,10 +146,6 @@ pub struct Escalation {
     pub max_ttl: Duration,
     /// Offenders remembered at most (an LRU).
     pub history: usize,
-    /// Bans applied per second at most (a burst up to this many); beyond, requests are
-    /// dropped, so a flood of bad sessions cannot fill the LRU maps with noise and evict
-    /// real bans.
-    pub max_per_second: u32,
 }
 
 /// Who greets the client: the proxy itself, connecting to the MTA only for a client whose HELO
@@ -199,6 +198,8 @@ pub struct Config {
     /// Things that load but deserve a look (entries Postfix would ignore, duplicates).
     pub warnings: Vec<String>,
     pub escalation: Escalation,
+    /// What a rule's ban covers around the client (`bans.prefix_v4`, `bans.prefix_v6`).
+    pub scope: crate::addr::BanScope,
     pub proxy: ProxyConfig,
     pub policy: PolicyConfig,
     pub agent: AgentConfig,

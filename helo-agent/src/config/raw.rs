@@ -260,6 +260,8 @@ pub struct RawXdp {
     pub max_bans_v4: u32,
     pub max_bans_v6: u32,
     pub max_bans_v6_net: u32,
+    pub max_bans_v4_prefix: u32,
+    pub max_bans_v6_prefix: u32,
 }
 
 impl Default for RawXdp {
@@ -273,6 +275,8 @@ impl Default for RawXdp {
             max_bans_v4: sizes.bans_v4,
             max_bans_v6: sizes.bans_v6,
             max_bans_v6_net: sizes.bans_v6_net,
+            max_bans_v4_prefix: sizes.bans_v4_prefix,
+            max_bans_v6_prefix: sizes.bans_v6_prefix,
         }
     }
 }
@@ -284,7 +288,11 @@ pub struct RawBans {
     pub escalation_factor: u32,
     pub max_ttl: String,
     pub history_size: usize,
-    pub max_per_second: u32,
+    pub prefix_v4: u8,
+    pub prefix_v6: u8,
+    /// No longer used (rule bans are never dropped): accepted, with a warning, so that an
+    /// older config still loads.
+    pub max_per_second: Option<u32>,
     pub snapshot: PathBuf,
     pub snapshot_interval: String,
 }
@@ -296,7 +304,9 @@ impl Default for RawBans {
             escalation_factor: 2,
             max_ttl: "1w".into(),
             history_size: 100_000,
-            max_per_second: 100,
+            prefix_v4: 32,
+            prefix_v6: 64,
+            max_per_second: None,
             snapshot: PathBuf::from("/var/lib/helo-filter/bans.json"),
             snapshot_interval: "5m".into(),
         }

@@ -112,6 +112,31 @@ fn rule_files_are_imported_with_their_locations() {
     assert!(config.warnings[0].contains("helo_access:2"), "{:?}", config.warnings);
 }
 
+/// `bans.max_per_second` dropped a storm's bans (issue 29) and is gone; a config that still
+/// sets it loads, with a warning that says to remove it.
+#[test]
+fn the_retired_ban_rate_cap_loads_with_a_warning() {
+    let config = parse("[bans]\nmax_per_second = 100\n").unwrap();
+    assert!(
+        config.warnings.iter().any(|w| w.contains("bans.max_per_second is no longer used")),
+        "{:?}",
+        config.warnings
+    );
+    assert!(!parse("").unwrap().warnings.iter().any(|w| w.contains("max_per_second")));
+}
+
+/// Issue 27: a rule's ban covers the client's IPv6 /64 by default, its IPv4 address alone; each
+/// family's length may be set within its bounds, edges included.
+#[test]
+fn ban_prefix_lengths_default_to_the_v6_64_and_take_their_bounds() {
+    use crate::addr::BanScope;
+    assert_eq!(parse("").unwrap().scope, BanScope { v4: 32, v6: 64 });
+    for (v4, v6) in [(24, 48), (32, 128), (28, 56)] {
+        let text = format!("[bans]\nprefix_v4 = {v4}\nprefix_v6 = {v6}");
+        assert_eq!(parse(&text).unwrap().scope, BanScope { v4, v6 }, "{text}");
+    }
+}
+
 #[test]
 fn unknown_keys_are_refused_with_the_line() {
     let err = parse("[xdp]\nport = [25]\n").unwrap_err().to_string();
@@ -142,7 +167,11 @@ fn bad_values_name_the_key_and_the_fix() {
         ("[reject]\nmessage = \"two\\nlines\"", "reject.message"),
         ("[bans]\nmax_ttl = \"forever\"", "bans.max_ttl"),
         ("[bans]\nescalation_factor = 0", "bans.escalation_factor"),
-        ("[bans]\nmax_per_second = 0", "bans.max_per_second"),
+        ("[bans]\nprefix_v4 = 23", "bans.prefix_v4: /23 is outside /24 to /32"),
+        ("[bans]\nprefix_v4 = 33", "bans.prefix_v4: /33 is outside"),
+        ("[bans]\nprefix_v6 = 47", "bans.prefix_v6: /47 is outside /48 to /128"),
+        ("[bans]\nprefix_v6 = 129", "bans.prefix_v6: /129 is outside"),
+        ("[xdp]\nmax_bans_v6_prefix = 0", "xdp.max_bans_v6_prefix"),
         ("[proxy]\nupstream = \"localhost\"", "proxy.upstream"),
         ("[proxy]\nlisteners = []", "proxy.listeners"),
         ("[[proxy.listeners]]\naddress = \"25\"", "proxy.listeners.address"),
@@ -271,12 +300,7 @@ fn proxy_listeners_and_limits() {
     assert_eq!(defaults.proxy.proxy_protocol, ProxyProtocol::V2);
     assert_eq!(
         defaults.escalation,
-        Escalation {
-            factor: 2,
-            max_ttl: Duration::from_secs(604_800),
-            history: 100_000,
-            max_per_second: 100
-        }
+        Escalation { factor: 2, max_ttl: Duration::from_secs(604_800), history: 100_000 }
     );
 }
 

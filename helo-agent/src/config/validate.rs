@@ -105,6 +105,7 @@ pub(super) fn config(
         .map_err(|message| origin.invalid("allowlist.networks", message))?;
     let reject_message = reject_message(&raw.reject, origin)?;
     let escalation = escalation(&raw.bans, origin)?;
+    let scope = scope(&raw.bans, origin)?;
     let proxy = proxy(&raw.proxy, &raw.pregreet, host, origin)?;
     let policy = policy(&raw.policy, origin)?;
     if proxy.listeners.is_empty() && policy.listeners.is_empty() {
@@ -122,6 +123,13 @@ pub(super) fn config(
     let steer = steer(&raw.steer, &proxy, origin)?;
     let mut warnings = agent_warnings(&agent);
     warnings.extend(steer_warnings(&steer, &xdp));
+    if raw.bans.max_per_second.is_some() {
+        warnings.push(
+            "bans.max_per_second is no longer used: rule bans are never dropped (a storm's bans \
+             are all written, the ban maps are sized for it); remove the line"
+                .to_owned(),
+        );
+    }
     let identity = identity(&raw.identity, host, &raw.proxy.hostname, &mut warnings, origin)?;
     let (table, badhelo) = rule_entries(&raw.rules, &mut warnings)?;
     let rules = RuleSet {
@@ -147,6 +155,7 @@ pub(super) fn config(
         reject_message,
         warnings,
         escalation,
+        scope,
         proxy,
         policy,
         agent,
@@ -523,6 +532,8 @@ fn xdp(raw: &RawXdp, origin: &Origin) -> Result<XdpConfig, ConfigError> {
         ("xdp.max_bans_v4", raw.max_bans_v4),
         ("xdp.max_bans_v6", raw.max_bans_v6),
         ("xdp.max_bans_v6_net", raw.max_bans_v6_net),
+        ("xdp.max_bans_v4_prefix", raw.max_bans_v4_prefix),
+        ("xdp.max_bans_v6_prefix", raw.max_bans_v6_prefix),
     ] {
         if !(16..=16_777_216).contains(&size) {
             return Err(origin.invalid(key, format!("{size} is outside 16..=16777216")));
@@ -548,6 +559,8 @@ fn xdp(raw: &RawXdp, origin: &Origin) -> Result<XdpConfig, ConfigError> {
             bans_v4: raw.max_bans_v4,
             bans_v6: raw.max_bans_v6,
             bans_v6_net: raw.max_bans_v6_net,
+            bans_v4_prefix: raw.max_bans_v4_prefix,
+            bans_v6_prefix: raw.max_bans_v6_prefix,
         },
     })
 }
@@ -563,6 +576,27 @@ fn reject_message(raw: &RawReject, origin: &Origin) -> Result<String, ConfigErro
     Ok(message.to_owned())
 }
 
+/// `bans.prefix_v4` and `bans.prefix_v6`: what a rule's ban covers around the client.
+fn scope(raw: &RawBans, origin: &Origin) -> Result<crate::addr::BanScope, ConfigError> {
+    use crate::addr::{V4_LENS, V6_LENS};
+    if !V4_LENS.contains(&raw.prefix_v4) {
+        return Err(origin.invalid(
+            "bans.prefix_v4",
+            format!("/{} is outside /24 to /32 (32: the client's address alone)", raw.prefix_v4),
+        ));
+    }
+    if !V6_LENS.contains(&raw.prefix_v6) {
+        return Err(origin.invalid(
+            "bans.prefix_v6",
+            format!(
+                "/{} is outside /48 to /128 (64: the client's /64; 128: its address alone)",
+                raw.prefix_v6
+            ),
+        ));
+    }
+    Ok(crate::addr::BanScope { v4: raw.prefix_v4, v6: raw.prefix_v6 })
+}
+
 fn escalation(raw: &RawBans, origin: &Origin) -> Result<Escalation, ConfigError> {
     let max_ttl = origin.duration("bans.max_ttl", &raw.max_ttl)?;
     if raw.escalation_factor == 0 {
@@ -571,15 +605,7 @@ fn escalation(raw: &RawBans, origin: &Origin) -> Result<Escalation, ConfigError>
     if raw.history_size == 0 {
         return Err(origin.invalid("bans.history_size", "must be at least 1"));
     }
-    if raw.max_per_second == 0 {
-        return Err(origin.invalid("bans.max_per_second", "must be at least 1"));
-    }
-    Ok(Escalation {
-        factor: raw.escalation_factor,
-        max_ttl,
-        history: raw.history_size,
-        max_per_second: raw.max_per_second,
-    })
+    Ok(Escalation { factor: raw.escalation_factor, max_ttl, history: raw.history_size })
 }
 
 fn proxy(

@@ -159,8 +159,9 @@ pub struct BanCounts {
     pub added: u64,
     /// Expired bans swept from the maps.
     pub expired: u64,
-    /// Bans dropped by the `bans.max_per_second` cap.
-    pub capped: u64,
+    /// Rule bans decided and waiting for the ban worker (never dropped).
+    #[serde(default)]
+    pub queued: u64,
     pub active: u64,
 }
 
@@ -422,7 +423,7 @@ mod tests {
             at_ms: 12_345,
             sessions: Verdicts { pass: 3, reject: 2, ban: 1, none: 0 },
             sessions_open: 1,
-            bans: BanCounts { added: 1, expired: 0, capped: 0, active: 1 },
+            bans: BanCounts { added: 1, expired: 0, queued: 0, active: 1 },
             xdp: Some(XdpStats([7; helo_common::STAT_COUNT as usize])),
             since_secs: 300,
             top_helos: Vec::new(),

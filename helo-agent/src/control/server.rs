@@ -216,7 +216,7 @@ fn overview(control: &Control, since: Duration, limit: usize) -> Overview {
             .map(|m| BanCounts {
                 added: m.bans_added.get(),
                 expired: m.bans_swept.get(),
-                capped: m.bans_capped.get(),
+                queued: gauge(&m.ban_queue),
                 active: gauge(&m.bans_active),
             })
             .unwrap_or_default(),

@@ -272,6 +272,22 @@ mod tests {
         assert_eq!(Event::decode(unban.encode().as_bytes()), Ok(unban));
     }
 
+    /// Issue 27: a rule's ban of a prefix (an IPv6 /64 by default, a /48 or an IPv4 /24 as
+    /// configured) travels to the fleet as the prefix, under a key of its own.
+    #[test]
+    fn prefix_bans_travel_as_their_prefix() {
+        let keys = Keys::new("helo-filter:");
+        for target in
+            ["2001:db8:5::/64", "2001:db8:7::/48", "198.51.100.0/24", "2001:db8:7f::8/127"]
+        {
+            let ban = Event::Ban(BanRecord { target: target.parse().unwrap(), ..record() });
+            assert!(ban.encode().contains(&format!(r#""target":"{target}""#)), "{}", ban.encode());
+            assert_eq!(Event::decode(ban.encode().as_bytes()), Ok(ban));
+            let key = keys.ban(&target.parse().unwrap());
+            assert_eq!(key, format!("helo-filter:ban:{target}"));
+        }
+    }
+
     #[test]
     fn the_wire_form_is_stable() {
         assert_eq!(
@@ -290,7 +306,7 @@ mod tests {
                 br#"{"v":1,"kind":"nuke","target":"192.0.2.7","node":"x","at_ms":1}"#,
                 "unknown variant",
             ),
-            (br#"{"v":1,"kind":"ban","target":"192.0.2.0/24","node":"x","at_ms":1}"#, "per host"),
+            (br#"{"v":1,"kind":"ban","target":"192.0.2.0/16","node":"x","at_ms":1}"#, "/24 to /32"),
             (br#"{"v":1,"kind":"ban","target":"example.com","node":"x","at_ms":1}"#, "not an IP"),
             (br#"{"v":1,"kind":"ban","target":"192.0.2.7","node":"","at_ms":1}"#, "node name"),
             (

@@ -2,10 +2,11 @@
 //! counts it for tophelos and the metrics, applies the never-ban guards (each refusal logged
 //! with its reason) and requests the ban, whose TTL the ban worker escalates for repeat
 //! offenders. [`Court::condemn`] and [`Court::ban_pending`] hold a ban just decided at the
-//! doors until the ban worker has written it into the kernel. What happens when a verdict is
-//! `ban` is read here, and nowhere else.
+//! doors until the ban worker has written it into the kernel, however long it waits in the
+//! worker's queue (a storm's bans are never dropped: they queue). What happens when a verdict
+//! is `ban` is read here, and nowhere else.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use super::record::{Record, action, log_line};
 use super::{Client, NeverBan};
+use crate::addr::{BanScope, BanTarget};
 use crate::blocklist::worker::{BanRequest, BanSender};
 use crate::metrics::{Metrics, VerdictLabels};
 use crate::report::Report;
@@ -24,7 +26,7 @@ pub struct Court {
     bans: Option<BanSender>,
     pub metrics: Option<Arc<Metrics>>,
     pub report: Mutex<Report>,
-    /// Bans decided in the last [`PENDING_HOLD`], maybe not in the kernel yet.
+    /// Bans decided in the last [`PENDING_HOLD`], or still waiting for the ban worker.
     pending: Pending,
     /// Proxy sessions open now (see [`Court::opened`]).
     open: Arc<AtomicUsize>,
@@ -41,8 +43,9 @@ impl Court {
         }
     }
 
-    /// A session is over: its log line, its observation, and its ban if the verdict says so.
-    pub fn conclude(&self, record: &Record<'_>, never: &NeverBan<'_>) {
+    /// A session is over: its log line, its observation, and its ban if the verdict says so:
+    /// of what `scope` covers around the client (its IPv6 /64 by default).
+    pub fn conclude(&self, record: &Record<'_>, never: &NeverBan<'_>, scope: BanScope) {
         log_line(record);
         self.observe(record);
         let Some(verdict) = record.verdict.filter(|v| v.action == Action::Ban) else { return };
@@ -52,14 +55,17 @@ impl Court {
             return;
         }
         let (Some(bans), Some(ttl)) = (&self.bans, verdict.ttl) else { return };
-        let queued = bans.ban(BanRequest {
+        let target = never.target(ip, scope);
+        let place = bans.ban(BanRequest {
             client: ip,
+            target,
             ttl,
             reason: format!("{}: {}", verdict.rule, record.helo.unwrap_or("")),
         });
-        if queued {
-            // The hold starts again now: the worker has yet to take the request.
-            self.pending.insert(ip, crate::clock::boot_ns(), ttl);
+        if let Some(place) = place {
+            // The hold starts again now, and lasts until the worker has written the ban.
+            let now = crate::clock::boot_ns();
+            self.pending.insert(target, now, ttl, Some(place), |p| self.written(p));
         }
     }
 
@@ -74,28 +80,43 @@ impl Court {
     /// session ends (the proxy: earlier, XDP would drop the client's ACKs of our own 553s).
     /// From now the client's new connections are refused at accept, as the kernel will refuse
     /// them once the ban is in. Nothing happens for a client that is never banned.
-    pub fn condemn(&self, client: &Client, verdict: &Verdict, never: &NeverBan<'_>) {
+    pub fn condemn(
+        &self,
+        client: &Client,
+        verdict: &Verdict,
+        never: &NeverBan<'_>,
+        scope: BanScope,
+    ) {
         if verdict.action != Action::Ban || self.bans.is_none() || never.reason(client.ip).is_some()
         {
             return;
         }
         if let Some(ttl) = verdict.ttl {
-            self.pending.insert(client.ip, crate::clock::boot_ns(), ttl);
+            let now = crate::clock::boot_ns();
+            let target = never.target(client.ip, scope);
+            self.pending.insert(target, now, ttl, None, |p| self.written(p));
         }
     }
 
     /// An admin lifted `target`: the doors stop holding a ban just decided for the addresses
     /// it covers (else an unban right after a ban would not reach the doors for up to
     /// [`PENDING_HOLD`]).
-    pub fn forgive(&self, target: &crate::addr::BanTarget) {
-        self.pending.forget(|ip| target.overlaps(&ipnet::IpNet::from(ip)));
+    pub fn forgive(&self, target: &BanTarget) {
+        self.pending.forget(|held| target.overlaps(&held.network()));
     }
 
-    /// Whether a ban of `ip` was decided within the last [`PENDING_HOLD`]: the ban worker may
-    /// not have written it into the kernel map yet, so a door refuses the client itself. Takes
-    /// no lock unless a ban was decided within the hold.
+    /// Whether a ban of `ip` was decided within the last [`PENDING_HOLD`], or waits for the ban
+    /// worker still: it may not be in the kernel map yet, so a door refuses the client itself.
+    /// Takes no lock unless a ban was decided within the hold or waits.
     pub fn ban_pending(&self, ip: IpAddr) -> bool {
-        self.pending.contains(crate::addr::canonical(ip), crate::clock::boot_ns())
+        let idle = self.bans.as_ref().is_none_or(BanSender::idle);
+        let (ip, now) = (crate::addr::canonical(ip), crate::clock::boot_ns());
+        self.pending.contains(ip, now, idle, |place| self.written(place))
+    }
+
+    /// Whether the ban worker has written the rule ban at `place` in its queue.
+    fn written(&self, place: u64) -> bool {
+        self.bans.as_ref().is_none_or(|bans| bans.applied(place))
     }
 
     /// A proxy session is open until the returned guard is dropped (the `sessions_open` gauge
@@ -140,12 +161,15 @@ impl Drop for Open {
     }
 }
 
-/// How long a decided ban is enforced by the doors themselves: far longer than the ban worker
-/// takes to write a ban (microseconds; a snapshot save can hold it for a fraction of a
-/// second), short enough that an admin's `unban` right after a ban is not undone for long.
+/// How long a decided ban is enforced by the doors themselves at least (and longer while it
+/// waits in the ban worker's queue): far longer than the worker takes to write a ban
+/// (microseconds; a snapshot save can hold it for a fraction of a second), short enough that
+/// an admin's `unban` right after a ban is not undone for long.
 pub const PENDING_HOLD: Duration = Duration::from_secs(5);
-/// Decided bans remembered at most; beyond, the oldest are forgotten (they are long written).
-const PENDING_CAPACITY: usize = 4096;
+/// Decided bans remembered at most (about 100 bytes each: 6 MB); beyond, the oldest are
+/// forgotten, written or not. The worker writes some 200k bans a second: only a worker stuck
+/// far behind a storm of more than this many new clients lets one through.
+const PENDING_CAPACITY: usize = 65_536;
 
 /// Bans decided recently: bounded, time-limited, cheap to ask when empty.
 #[derive(Default)]
@@ -158,48 +182,98 @@ struct Pending {
 
 #[derive(Default)]
 struct RecentBans {
-    /// Until when each client is held (boot ns).
-    until: HashMap<IpAddr, u64>,
+    /// How long each ban's clients are held.
+    held: HashMap<BanTarget, Hold>,
     /// The decisions in the order made, for expiry and the bound.
-    order: VecDeque<(IpAddr, u64)>,
+    order: VecDeque<(BanTarget, Hold)>,
+    /// The prefix lengths held bans have had (IPv6 or not, length): a client is looked up
+    /// under each (a few at most: the scopes of the configs in force since the start).
+    lengths: BTreeSet<(bool, u8)>,
+}
+
+/// One decided ban's hold at the doors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Hold {
+    /// Held until then at least (boot ns): the decision and [`PENDING_HOLD`] (never past the
+    /// ban's own end).
+    until: u64,
+    /// Held until then at most, written or not (boot ns): the ban's own end.
+    ends: u64,
+    /// The ban's place in the ban worker's queue (`None`: not requested yet): held while the
+    /// worker has not written it.
+    place: Option<u64>,
+}
+
+impl Hold {
+    fn holds(&self, now: u64, written: &impl Fn(u64) -> bool) -> bool {
+        now < self.until || (now < self.ends && self.place.is_some_and(|p| !written(p)))
+    }
 }
 
 impl Pending {
-    fn insert(&self, ip: IpAddr, now: u64, ttl: Duration) {
-        let hold = u64::try_from(ttl.min(PENDING_HOLD).as_nanos()).unwrap_or(u64::MAX);
-        let until = now.saturating_add(hold);
+    /// Holds the clients of `target` for a ban of `ttl` decided at `now` (at `place` in the
+    /// worker's queue, once requested); `written` says whether the worker has written the ban
+    /// at a place.
+    fn insert(
+        &self,
+        target: BanTarget,
+        now: u64,
+        ttl: Duration,
+        place: Option<u64>,
+        written: impl Fn(u64) -> bool,
+    ) {
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let hold = Hold {
+            until: now.saturating_add(ns(ttl.min(PENDING_HOLD))),
+            ends: now.saturating_add(ns(ttl)),
+            place,
+        };
         let mut recent = self.recent.lock().expect("pending bans lock");
-        let held = recent.until.entry(ip).or_insert(0);
-        *held = (*held).max(until);
-        recent.order.push_back((ip, until));
-        while let Some(&(old, old_until)) = recent.order.front() {
-            if old_until > now && recent.order.len() <= PENDING_CAPACITY {
+        // The latest decision holds the client: a session's ban request replaces its verdict's.
+        recent.held.insert(target, hold);
+        recent.order.push_back((target, hold));
+        if target.is_prefix() {
+            let net = target.network();
+            recent.lengths.insert((net.addr().is_ipv6(), net.prefix_len()));
+        }
+        while let Some(&(old, old_hold)) = recent.order.front() {
+            if old_hold.holds(now, &written) && recent.order.len() <= PENDING_CAPACITY {
                 break;
             }
             recent.order.pop_front();
             // Only the client's latest decision removes it.
-            if recent.until.get(&old) == Some(&old_until) {
-                recent.until.remove(&old);
+            if recent.held.get(&old) == Some(&old_hold) {
+                recent.held.remove(&old);
             }
         }
         self.latest.fetch_max(now, Ordering::Relaxed);
     }
 
-    /// Forgets the clients `covered` says.
-    fn forget(&self, covered: impl Fn(IpAddr) -> bool) {
+    /// Forgets the bans `covered` says.
+    fn forget(&self, covered: impl Fn(&BanTarget) -> bool) {
         let mut recent = self.recent.lock().expect("pending bans lock");
-        recent.until.retain(|ip, _| !covered(*ip));
-        recent.order.retain(|(ip, _)| !covered(*ip));
+        recent.held.retain(|target, _| !covered(target));
+        recent.order.retain(|(target, _)| !covered(target));
     }
 
-    fn contains(&self, ip: IpAddr, now: u64) -> bool {
+    /// Whether `ip` is held at `now`; `idle`: the ban worker has written every ban requested,
+    /// `written`: whether it has written the one at a place in its queue.
+    fn contains(&self, ip: IpAddr, now: u64, idle: bool, written: impl Fn(u64) -> bool) -> bool {
         let hold = u64::try_from(PENDING_HOLD.as_nanos()).unwrap_or(u64::MAX);
         let latest = self.latest.load(Ordering::Relaxed);
-        if latest == 0 || now >= latest.saturating_add(hold) {
+        if latest == 0 || (idle && now >= latest.saturating_add(hold)) {
             return false;
         }
         let recent = self.recent.lock().expect("pending bans lock");
-        recent.until.get(&ip).is_some_and(|&until| now < until)
+        let holds = |target: BanTarget| {
+            recent.held.get(&target).is_some_and(|hold| hold.holds(now, &written))
+        };
+        holds(BanTarget::host(ip))
+            || recent
+                .lengths
+                .iter()
+                .filter(|(v6, _)| *v6 == ip.is_ipv6())
+                .any(|(_, len)| holds(BanTarget::of(ip, *len)))
     }
 }
 
@@ -213,25 +287,69 @@ mod tests {
         let pending = Pending::default();
         let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0xcb00_7100 + i));
         let sec = 1_000_000_000u64;
-        assert!(!pending.contains(ip(1), 10 * sec), "nothing decided");
-        pending.insert(ip(1), 10 * sec, Duration::from_secs(3600));
-        assert!(pending.contains(ip(1), 10 * sec));
-        assert!(!pending.contains(ip(2), 10 * sec));
-        assert!(pending.contains(ip(1), 14 * sec));
-        assert!(!pending.contains(ip(1), 15 * sec), "past the hold");
-        pending.insert(ip(3), 20 * sec, Duration::from_secs(1));
-        assert!(!pending.contains(ip(3), 21 * sec), "never longer than the ban itself");
+        let written = |_| true;
+        let contains = |ip, now| pending.contains(ip, now, true, written);
+        let host = BanTarget::host;
+        assert!(!contains(ip(1), 10 * sec), "nothing decided");
+        pending.insert(host(ip(1)), 10 * sec, Duration::from_secs(3600), Some(1), written);
+        assert!(contains(ip(1), 10 * sec));
+        assert!(!contains(ip(2), 10 * sec));
+        assert!(contains(ip(1), 14 * sec));
+        assert!(!contains(ip(1), 15 * sec), "past the hold");
+        pending.insert(host(ip(3)), 20 * sec, Duration::from_secs(1), None, written);
+        assert!(!contains(ip(3), 21 * sec), "never longer than the ban itself");
         for i in 0..(PENDING_CAPACITY as u32 + 100) {
-            pending.insert(ip(100 + i), 30 * sec, Duration::from_secs(60));
+            pending.insert(host(ip(100 + i)), 30 * sec, Duration::from_secs(60), None, written);
         }
         let recent = pending.recent.lock().unwrap();
-        assert!(recent.order.len() <= PENDING_CAPACITY && recent.until.len() <= PENDING_CAPACITY);
+        assert!(recent.order.len() <= PENDING_CAPACITY && recent.held.len() <= PENDING_CAPACITY);
         drop(recent);
-        assert!(!pending.contains(ip(100), 30 * sec), "the oldest forgotten first");
-        pending.forget(|client| client == ip(200));
-        assert!(!pending.contains(ip(200), 30 * sec), "an admin's unban ends the hold");
-        assert!(pending.contains(ip(201), 30 * sec));
-        assert!(pending.contains(ip(100 + PENDING_CAPACITY as u32 + 99), 30 * sec));
+        assert!(!contains(ip(100), 30 * sec), "the oldest forgotten first");
+        pending.forget(|held| *held == host(ip(200)));
+        assert!(!contains(ip(200), 30 * sec), "an admin's unban ends the hold");
+        assert!(contains(ip(201), 30 * sec));
+        assert!(contains(ip(100 + PENDING_CAPACITY as u32 + 99), 30 * sec));
+    }
+
+    /// A ban waiting in the worker's queue past the hold (a worker far behind a storm) still
+    /// holds its client at the doors until it is written: the bot must not slip through in
+    /// between. Never past the ban's own end.
+    #[test]
+    fn a_ban_not_yet_written_holds_its_client_past_the_hold() {
+        let pending = Pending::default();
+        let (bot, sec) = (IpAddr::from([203, 0, 113, 9]), 1_000_000_000u64);
+        let written = std::sync::atomic::AtomicU64::new(0);
+        let is_written = |place| written.load(Ordering::Relaxed) >= place;
+        pending.insert(
+            BanTarget::host(bot),
+            10 * sec,
+            Duration::from_secs(60),
+            Some(7),
+            is_written,
+        );
+        assert!(pending.contains(bot, 20 * sec, false, is_written), "waiting: held past the hold");
+        assert!(!pending.contains(bot, 71 * sec, false, is_written), "never past the ban's end");
+        written.store(7, Ordering::Relaxed);
+        assert!(!pending.contains(bot, 20 * sec, true, is_written), "written: the kernel has it");
+        assert!(pending.contains(bot, 12 * sec, true, is_written), "the hold itself still holds");
+    }
+
+    /// A rule's ban covers the client's /64: a bot that hops to the next address of its /64
+    /// at once is held at the doors too, and an unban of the /64 ends the hold.
+    #[test]
+    fn a_prefix_ban_holds_every_address_inside_it() {
+        let pending = Pending::default();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let sec = 1_000_000_000u64;
+        let written = |_| true;
+        let target = BanScope::default().covering(ip("2001:db8:5::10"));
+        pending.insert(target, 10 * sec, Duration::from_secs(3600), None, written);
+        assert!(pending.contains(ip("2001:db8:5::11"), 11 * sec, true, written));
+        assert!(pending.contains(ip("2001:db8:5::ffff:1"), 11 * sec, true, written));
+        assert!(!pending.contains(ip("2001:db8:6::11"), 11 * sec, true, written));
+        assert!(!pending.contains(ip("192.0.2.1"), 11 * sec, true, written));
+        pending.forget(|held| held.overlaps(&"2001:db8:5::/64".parse().unwrap()));
+        assert!(!pending.contains(ip("2001:db8:5::11"), 11 * sec, true, written));
     }
 
     /// Regression (issue 27): a monitor on the gateway connecting from one of our own
@@ -272,7 +390,7 @@ mod tests {
             hearing.hear(&Law::given(&config.rules, None), "mx.example.com", None);
             // The allowlisted client passes; the others are banned by the rules.
             let verdict = hearing.verdict().unwrap().clone();
-            court.condemn(&client, &verdict, &never);
+            court.condemn(&client, &verdict, &never, BanScope::default());
             let record = Record {
                 door: Door::Proxy,
                 client: &client,
@@ -284,7 +402,7 @@ mod tests {
                 ms: 1,
                 transport: None,
             };
-            court.conclude(&record, &never);
+            court.conclude(&record, &never, BanScope::default());
             let held = court.ban_pending(client.ip);
             assert_eq!(held, ip == "203.0.113.9", "{ip}: held at accept only when bannable");
         }

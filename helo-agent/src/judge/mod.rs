@@ -71,6 +71,8 @@ pub struct Live {
     pub loopback_bannable: bool,
     /// How long a steering pass lasts; `None`: steering is off or writes no passes.
     pub pass_ttl: Option<Duration>,
+    /// What a rule's ban covers around the client (`bans.prefix_v4`, `bans.prefix_v6`).
+    pub scope: crate::addr::BanScope,
 }
 
 impl Live {
@@ -82,6 +84,7 @@ impl Live {
             reject_message: config.reject_message.clone(),
             loopback_bannable: false,
             pass_ttl: config.steer.pass_ttl(),
+            scope: config.scope,
         }
     }
 
@@ -118,6 +121,24 @@ pub struct NeverBan<'a> {
 }
 
 impl NeverBan<'_> {
+    /// The ban `scope` makes for `ip`, narrowed to `ip` alone when the prefix would cover the
+    /// MTA's own address, one of our own addresses or a trusted front proxy (the kernel would
+    /// drop them, and the fleet would ban our gateway everywhere; an allowlisted network
+    /// inside a banned prefix is passed by the kernel, so it narrows nothing).
+    pub fn target(&self, ip: IpAddr, scope: crate::addr::BanScope) -> crate::addr::BanTarget {
+        let target = scope.covering(ip);
+        let mta = crate::addr::canonical(self.mta);
+        if target.is_prefix()
+            && (target.covers(mta)
+                || self.own.iter().any(|own| target.covers(crate::addr::canonical(*own)))
+                || self.trusted_proxies.iter().any(|net| target.overlaps(net)))
+        {
+            tracing::info!(client = %ip, prefix = %target, "banning the client alone: its prefix holds the MTA, one of our own addresses or a trusted front proxy");
+            return crate::addr::BanTarget::host(ip);
+        }
+        target
+    }
+
     /// Why `ip` must not be banned, if it must not.
     pub fn reason(&self, ip: IpAddr) -> Option<&'static str> {
         let ip = crate::addr::canonical(ip);
@@ -250,10 +271,14 @@ impl Judge {
     }
 
     /// Why a door refuses `client` as it arrives (a connection, a new SMTP session), before
-    /// hearing a word: what XDP would have done, as near as user space can, and a ban decided
-    /// a moment ago that may not be in the kernel yet (a bot that reconnects at once would
-    /// otherwise pass with a fresh HELO).
+    /// hearing a word: what XDP would have done, as near as user space can (an allowlisted
+    /// client passes, even inside a banned prefix), and a ban decided a moment ago that may
+    /// not be in the kernel yet (a bot that reconnects at once would otherwise pass with a
+    /// fresh HELO).
     pub fn refused_at_accept(&self, client: &Client) -> Option<Refusal> {
+        if self.live().rules.allowlist.iter().any(|net| net.contains(&client.ip)) {
+            return None;
+        }
         if self.banned(client) {
             Some(Refusal::Banned)
         } else if self.court.ban_pending(client.ip) {
@@ -265,13 +290,13 @@ impl Judge {
 
     /// A session's verdict is a ban, decided now (see [`Court::condemn`]).
     pub fn condemn(&self, client: &Client, verdict: &Verdict, live: &Live) {
-        self.court.condemn(client, verdict, &live.never_ban());
+        self.court.condemn(client, verdict, &live.never_ban(), live.scope);
     }
 
     /// A session is over (see [`Court::conclude`]); an honest sender earns a steering pass
     /// (see [`honest`]).
     pub fn conclude(&self, record: &Record<'_>, live: &Live) {
-        self.court.conclude(record, &live.never_ban());
+        self.court.conclude(record, &live.never_ban(), live.scope);
         if let Some(ttl) = live.pass_ttl
             && honest(record)
         {
@@ -347,6 +372,35 @@ mod tests {
         assert_eq!(reason("192.0.2.5"), Some("a trusted front proxy (proxy.trusted_proxies)"));
         assert_eq!(reason("198.51.100.200"), Some("allowlisted (allowlist.networks)"));
         assert_eq!(reason("203.0.113.9"), None);
+    }
+
+    /// A rule's ban covers the client's prefix, but never one that holds the MTA, one of our
+    /// own addresses or a trusted front proxy (the kernel would drop them): then the client
+    /// alone. An allowlisted network
+    /// inside the prefix narrows nothing (the kernel passes it).
+    #[test]
+    fn a_rule_ban_narrows_to_the_client_when_its_prefix_holds_the_mta_us_or_a_front_proxy() {
+        use crate::addr::BanScope;
+        let proxies = ["2001:db8:7::5/128".parse().unwrap(), "192.0.2.5/32".parse().unwrap()];
+        let allow = ["2001:db8:8::99/128".parse().unwrap()];
+        let own: FxHashSet<IpAddr> = ["2001:db8:9::1".parse().unwrap()].into_iter().collect();
+        let never = NeverBan {
+            mta: "2001:db8:6::25".parse().unwrap(),
+            trusted_proxies: &proxies,
+            allowlist: &allow,
+            own: &own,
+            loopback: true,
+        };
+        let target = |ip: &str, scope| never.target(ip.parse().unwrap(), scope).to_string();
+        let wide = BanScope { v4: 24, v6: 64 };
+        assert_eq!(target("2001:db8:5::10", wide), "2001:db8:5::/64");
+        assert_eq!(target("2001:db8:6::10", wide), "2001:db8:6::10", "the MTA's /64");
+        assert_eq!(target("2001:db8:7::10", wide), "2001:db8:7::10", "a front proxy's /64");
+        assert_eq!(target("2001:db8:9::10", wide), "2001:db8:9::10", "our own address's /64");
+        assert_eq!(target("2001:db8:8::10", wide), "2001:db8:8::/64", "an allowlisted host inside");
+        assert_eq!(target("192.0.2.77", wide), "192.0.2.77", "a front proxy's /24");
+        assert_eq!(target("198.51.100.77", wide), "198.51.100.0/24");
+        assert_eq!(target("198.51.100.77", BanScope::default()), "198.51.100.77");
     }
 
     fn judge(extra: &str) -> Arc<Judge> {
@@ -430,7 +484,6 @@ mod tests {
             factor: 2,
             max_ttl: Duration::from_secs(3600),
             history: 16,
-            max_per_second: 100,
         };
         let options = Options {
             steer: Some(Box::new(passes.clone())),

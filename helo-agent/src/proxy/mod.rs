@@ -93,7 +93,10 @@ impl Shared {
         self.max_sessions - self.sessions.available_permits()
     }
 
+    /// A session of a client at `ip`, within the limits: `per_ip_limit` counts an IPv6
+    /// client's whole /64 as one client (see [`crate::addr::session_key`]).
     fn admit(self: &Arc<Self>, ip: IpAddr, per_ip_limit: usize) -> Option<Admission> {
+        let ip = crate::addr::session_key(ip);
         let permit = self.sessions.clone().try_acquire_owned().ok()?;
         let mut per_ip = self.per_ip.lock().expect("per-ip lock");
         let count = per_ip.entry(ip).or_insert(0);

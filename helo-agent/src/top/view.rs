@@ -158,7 +158,7 @@ fn draw_bans(frame: &mut Frame<'_>, area: Rect, screen: &Screen<'_>) {
     let rows = vec![
         row("added", |o| o.bans.added),
         row("expired", |o| o.bans.expired),
-        row("capped", |o| o.bans.capped),
+        ("queued", Style::new(), String::new(), count(current.bans.queued)),
         ("active", HEADER, String::new(), count(current.bans.active)),
     ];
     frame.render_widget(counter_table(" Bans ", rows), area);
@@ -456,8 +456,8 @@ mod tests {
         before.sessions = Verdicts { pass: 10, reject: 5, ban: 1, none: 0 };
         now.sessions = Verdicts { pass: 13, reject: 7, ban: 2, none: 1 };
         now.sessions_open = 4;
-        before.bans = BanCounts { added: 1, expired: 0, capped: 0, active: 1 };
-        now.bans = BanCounts { added: 2, expired: 1, capped: 0, active: 1 };
+        before.bans = BanCounts { added: 1, expired: 0, queued: 0, active: 1 };
+        now.bans = BanCounts { added: 2, expired: 1, queued: 0, active: 1 };
         let mut xdp = [0; helo_common::STAT_COUNT as usize];
         xdp[helo_common::Stat::Dropped as usize] = 40;
         before.xdp = Some(XdpStats(xdp));

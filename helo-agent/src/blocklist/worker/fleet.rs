@@ -134,7 +134,9 @@ impl<S: BanStore> State<S> {
         reasons: &mut std::collections::HashSet<u32>,
     ) -> Remote {
         let BanRecord { target, ref node, ref reason, .. } = record;
-        if let Some(net) = self.options.allowlist.iter().find(|net| target.overlaps(net)) {
+        // Inside an allowlisted network it would drop nothing; a prefix that merely holds an
+        // allowlisted network is applied (the kernel passes the allowlisted addresses in it).
+        if let Some(net) = self.options.allowlist.iter().find(|net| target.within(net)) {
             tracing::warn!(%target, node, reason, allowlisted = %net, "ban from another gateway refused: the address is in this gateway's allowlist");
             return Remote::Refused;
         }
