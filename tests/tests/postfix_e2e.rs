@@ -392,8 +392,13 @@ fn operations_tophelos_metrics_reload_and_least_privilege() {
     let (ok, transcript) = bed.swaks("198.51.100.4", "mail.sender.example", 25, None);
     assert!(ok, "{transcript}");
 
-    let rows: serde_json::Value =
-        serde_json::from_str(&cli(&["tophelos", "--since", "10m", "--json"])).unwrap();
+    // A relayed session is recorded when it ends, both sides closed: a moment after swaks has
+    // read the 221 to its QUIT.
+    let tophelos = || cli(&["tophelos", "--since", "10m", "--json"]);
+    wait_for("the passed session in tophelos", Duration::from_secs(5), || {
+        tophelos().contains("mail.sender.example")
+    });
+    let rows: serde_json::Value = serde_json::from_str(&tophelos()).unwrap();
     let row = |helo: &str| {
         rows.as_array()
             .unwrap()
@@ -1118,8 +1123,10 @@ fn the_sweep_bdat_bare_ehlo_capabilities_long_lines_and_a_prompt_stop() {
         "inet_protocols = all\n",
         &format!("{GW}:2525 inet n - n - - smtpd\n"),
     );
+    // The IPv6 clients share one /64, and each must reach the agent after the one before was
+    // banned: a rule's ban covers the host alone here (CONFIG ends in [bans]).
     let config = format!(
-        "{CONFIG}[proxy]\n[[proxy.listeners]]\naddress = \"{GW}:25\"\n\
+        "{CONFIG}prefix_v6 = 128\n[proxy]\n[[proxy.listeners]]\naddress = \"{GW}:25\"\n\
          [[proxy.listeners]]\naddress = \"[{GW6}]:25\"\n\
          [[proxy.listeners]]\naddress = \"{GW}:587\"\ncheck_helo = false\n"
     );
