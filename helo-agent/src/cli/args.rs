@@ -309,7 +309,7 @@ impl ValueEnum for ProxyProtocol {
                  (IP_TRANSPARENT), for MTAs that cannot take PROXY headers. IP_TRANSPARENT needs \
                  CAP_NET_RAW (or CAP_NET_ADMIN; the agent keeps CAP_NET_RAW after dropping \
                  privileges) and a route that brings the MTA's replies back to this host (see \
-                 the README)",
+                 docs/doors.md)",
             ),
         })
     }
