@@ -69,6 +69,7 @@ impl Addresses for Setup {
             Setup::Proxy => 3,
             Setup::Policy => 4,
             Setup::Postscreen => 5,
+            Setup::Steer => 6,
         }
     }
 
@@ -259,6 +260,7 @@ fn run_setup(
     match setup {
         Setup::Postfix => {}
         Setup::Postscreen => anyhow::bail!("the bots section sets up no postscreen"),
+        Setup::Steer => anyhow::bail!("the bots section sets up no steering"),
         Setup::Fail2ban => fail2ban = Some(Fail2ban::start(gateway, postfix_log)?),
         Setup::Proxy => {
             let config = agent_config(&pins, "");

@@ -29,6 +29,9 @@ pub enum Setup {
     Proxy,
     /// helo-filter's policy service inside Postfix.
     Policy,
+    /// helo-filter's steering front door: Postfix keeps port 25 (with the policy door), the
+    /// kernel steers strangers to the agent and known senders straight to Postfix.
+    Steer,
 }
 
 impl Setup {
@@ -39,6 +42,7 @@ impl Setup {
             Setup::Fail2ban => "Postfix + fail2ban (nftables)",
             Setup::Proxy => "helo-filter proxy + Postfix",
             Setup::Policy => "helo-filter policy service in Postfix",
+            Setup::Steer => "helo-filter steering + Postfix",
         }
     }
 
@@ -50,6 +54,7 @@ impl Setup {
             Setup::Postscreen => 2,
             Setup::Proxy => 3,
             Setup::Policy => 4,
+            Setup::Steer => 5,
         }
     }
 }
