@@ -436,22 +436,25 @@ impl Running {
                 // Steering: Postfix keeps the setup's port 25 (its smtpd asks the policy door);
                 // the agent's own socket takes the strangers the kernel steers to it, and
                 // relays those that pass to the PROXY smtpd, as the README's set-up has it.
-                let door = format!(
-                    "[steer]\naddresses = [\"{server}\"]\n[policy]\nlisteners = [\"{POLICY}\"]\n\
-                     [proxy]\nupstream = \"{UPSTREAM}\"\n\
-                     [[proxy.listeners]]\naddress = \"{AGENT_SOCKET}\"\n"
-                );
-                let door = if setup == Setup::Steer { door.as_str() } else { "" };
-                let config = crate::gateway::agent_config(&pins, identity, door);
+                let (door, extra) = if setup == Setup::Steer {
+                    let door = format!(
+                        "[steer]\naddresses = [\"{server}\"]\n\
+                         [policy]\nlisteners = [\"{POLICY}\"]\n\
+                         [proxy]\nupstream = \"{UPSTREAM}\"\n\
+                         [[proxy.listeners]]\naddress = \"{AGENT_SOCKET}\"\n"
+                    );
+                    (door, Vec::new())
+                } else {
+                    (String::new(), vec!["--listen", server.as_str(), "--upstream", UPSTREAM])
+                };
+                let config = crate::gateway::agent_config(&pins, identity, &door);
                 let control = pins.control_socket();
-                let proxy = ["--listen", server.as_str(), "--upstream", UPSTREAM];
-                let extra: &[&str] = if setup == Setup::Steer { &[] } else { &proxy };
                 running.agent = Some(AgentProcess::run_in(
                     gateway,
                     &config,
                     gw_if,
                     "native",
-                    extra,
+                    &extra,
                     move || tests::control_answers(&control),
                 ));
                 running.pins = Some(pins);
