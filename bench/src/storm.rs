@@ -65,7 +65,7 @@ const HELD_P99: f64 = 1.0;
 /// offered, and the step's achieved rate says so.
 const IN_FLIGHT: usize = 12_000;
 /// Rounds per placement; the figures are their medians.
-const ROUNDS: usize = 1;
+const ROUNDS: usize = 3;
 /// Pinned rounds: the gateway's processes on one CPU, the clients on the other.
 const GATEWAY_CPU: usize = 0;
 const CLIENT_CPU: usize = 1;
@@ -893,8 +893,7 @@ fn write_report(
              counters here do not show: the clients' SYNs sent again are the dropped bots'). \
              Steering takes the known senders past the agent: the kernel hands them to \
              Postfix's own smtpd, and only their policy-door request shares the agent with the \
-             storm. One round each on a noisy 2-core VM: read the steps, not only the \
-             headline."
+             storm. On a noisy 2-core VM: read the steps, not only the headline."
                 .to_owned(),
         ],
     );
