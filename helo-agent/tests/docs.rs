@@ -176,8 +176,7 @@ fn documented(pages: &[(PathBuf, String)], key: &str) -> bool {
 
 /// The value of a commented-out `# key = value` line: a TOML value, not prose.
 fn looks_like_a_value(value: &str) -> bool {
-    let value = value.trim();
-    value.parse::<toml::Value>().is_ok() || format!("v = {value}").parse::<toml::Table>().is_ok()
+    format!("v = {}", value.trim()).parse::<toml::Table>().is_ok()
 }
 
 fn collect_keys(prefix: &str, table: &toml::Table, keys: &mut Vec<String>) {
