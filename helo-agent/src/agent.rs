@@ -593,7 +593,7 @@ fn start_bans(
                 node: config.fleet.node.clone(),
                 events: fleet_events,
             }),
-            allowlist: config.rules.allowlist.clone(),
+            spared: worker::Spared::of(config),
             passes: Some(passes.clone()),
             steer: steer_passes
                 .map(|maps| Box::new(maps) as Box<dyn crate::blocklist::passes::PassStore>),

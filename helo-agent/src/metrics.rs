@@ -253,7 +253,7 @@ impl FleetMetrics {
         );
         fleet.register(
             "refused",
-            "Bans from other gateways refused because the address is in this gateway's allowlist",
+            "Bans from other gateways refused: they cover an address this gateway never bans (allowlist, own addresses, loopback, trusted proxies)",
             m.refused.clone(),
         );
         fleet.register(

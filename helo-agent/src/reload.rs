@@ -184,7 +184,7 @@ impl Reloader {
         // The judge's memories (HELO reuse, pregreet passes) are its own, not the file's: the
         // new rules count on in them, with the new limits, so a reload forgets nothing.
         self.judge.replace(Live::of(&new));
-        self.bans.reconfigure(new.escalation, new.rules.allowlist.clone());
+        self.bans.reconfigure(new.escalation, crate::blocklist::worker::Spared::of(&new));
         for warning in &new.warnings {
             tracing::warn!("{warning}");
         }

@@ -29,6 +29,8 @@ const DURING_OUTAGE: &str = "10.88.0.5";
 const BEFORE_OUTAGE: &str = "10.88.0.6";
 /// Never banned: each gateway must still greet it.
 const BYSTANDER: &str = "10.88.0.9";
+/// One of gateway 3's own addresses (`identity.addresses`): a monitor of it, say.
+const GW3_OWN: &str = "10.88.0.7";
 
 /// One gateway: its namespace, veth end, pin directory and config.
 struct Gateway {
@@ -117,7 +119,9 @@ fn fleet() -> Fleet {
 fn network() -> Netns {
     require_root();
     let network = Netns::new("hfnet");
-    for address in [REDIS, CLIENT, ALLOWLISTED, BOT, DURING_OUTAGE, BEFORE_OUTAGE, BYSTANDER] {
+    for address in
+        [REDIS, CLIENT, ALLOWLISTED, BOT, DURING_OUTAGE, BEFORE_OUTAGE, BYSTANDER, GW3_OWN]
+    {
         network.ip(&["addr", "add", &format!("{address}/32"), "dev", "lo"]);
     }
     network
@@ -134,9 +138,11 @@ fn gateways(network: Netns, redis: Redis, url: &str) -> Fleet {
             network.ip(&["addr", "add", &format!("10.77.{n}.2/24"), "dev", &outside]);
             ns.ip(&["route", "add", "10.88.0.0/24", "via", &format!("10.77.{n}.2")]);
             let pin_dir = PinDir::new();
-            let allowlist = match n {
-                3 => format!("[\"127.0.0.0/8\", \"{ALLOWLISTED}/32\"]"),
-                _ => "[\"127.0.0.0/8\"]".to_owned(),
+            let (allowlist, own) = match n {
+                3 => {
+                    (format!("[\"127.0.0.0/8\", \"{ALLOWLISTED}/32\"]"), format!("[\"{GW3_OWN}\"]"))
+                }
+                _ => ("[\"127.0.0.0/8\"]".to_owned(), "[]".to_owned()),
             };
             let config = pin_dir.config(&format!(
                 r#"
@@ -149,6 +155,7 @@ timeout = "1s"
 networks = {allowlist}
 [identity]
 domains = ["example.net"]
+addresses = {own}
 detect = false
 [bans]
 default_ttl = "3s"
@@ -279,6 +286,15 @@ fn a_ban_anywhere_drops_everywhere_and_an_unban_anywhere_lifts_everywhere() {
     });
     assert!(!g3.holds(ALLOWLISTED), "gw3 never applies a ban of its allowlist");
     greeted(connect(&fleet, ALLOWLISTED, g3), "the allowlisted address at gw3");
+
+    // So is a ban of one of gateway 3's own addresses: gateway 3 would cut itself off.
+    g1.cli(&["ban", GW3_OWN, "--ttl", "10m"]);
+    wait_for("gw2 to hold the ban of gw3's address", Duration::from_secs(5), || g2.holds(GW3_OWN));
+    wait_for("gw3 to log that it is its own", Duration::from_secs(5), || {
+        agents[2].log().contains("this gateway's own address")
+    });
+    assert!(!g3.holds(GW3_OWN), "gw3 never applies a ban of its own address");
+    greeted(connect(&fleet, GW3_OWN, g3), "gw3's own address at gw3");
 
     // Garbage on the channel is ignored with a log line, and the fleet goes on.
     let channel = format!("{}events", fleet.prefix);

@@ -1,18 +1,22 @@
 //! The ban worker's fleet half (see `crate::fleet`): every ban and unban made here is handed
 //! to the fleet task as an [`Event`] (never waiting: a full queue drops it, counted), and the
 //! bans other gateways made arrive as remote events: applied with their expiry, never handed
-//! back, refused for an allowlisted address. The offence count they carry joins the history,
+//! back, refused where a ban made here would be ([`Spared`]: the allowlist, our own addresses,
+//! loopback, trusted front proxies). The offence count they carry joins the history,
 //! so escalation counts offences made anywhere in the fleet.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use helo_common::{BanValue, NEVER_EXPIRES};
+use ipnet::IpNet;
 
 use super::{Arrival, State};
 use crate::addr::BanTarget;
 use crate::blocklist::BanStore;
 use crate::blocklist::snapshot;
 use crate::clock::Now;
+use crate::config::Config;
 use crate::fleet::message::{BanRecord, Event};
 
 const NS_PER_MS: u64 = 1_000_000;
@@ -134,10 +138,8 @@ impl<S: BanStore> State<S> {
         reasons: &mut std::collections::HashSet<u32>,
     ) -> Remote {
         let BanRecord { target, ref node, ref reason, .. } = record;
-        // Inside an allowlisted network it would drop nothing; a prefix that merely holds an
-        // allowlisted network is applied (the kernel passes the allowlisted addresses in it).
-        if let Some(net) = self.options.allowlist.iter().find(|net| target.within(net)) {
-            tracing::warn!(%target, node, reason, allowlisted = %net, "ban from another gateway refused: the address is in this gateway's allowlist");
+        if let Some(why) = self.options.spared.refusal(&target) {
+            tracing::warn!(%target, node, reason, "ban from another gateway refused: {why}");
             return Remote::Refused;
         }
         let age_ns = now.unix_ns.saturating_sub(record.at_ms.saturating_mul(NS_PER_MS));
@@ -214,10 +216,71 @@ impl<S: BanStore> State<S> {
     }
 }
 
+/// What a ban from another gateway may not cover here: what this gateway's own bans never
+/// take (see [`crate::judge::NeverBan`]). Another gateway judges by its own config, so it may
+/// ban an address this one trusts or owns: a monitor of ours that said our name there, or a
+/// prefix that holds this gateway. Renewed at each reload.
+#[derive(Clone, Debug, Default)]
+pub struct Spared {
+    /// `allowlist.networks`.
+    pub allowlist: Vec<IpNet>,
+    /// The MTA's address (`proxy.upstream`) and ours (`identity.addresses`, with
+    /// `identity.detect` the host's own): a ban that covers one would drop this gateway's own
+    /// connections, and with XDP cut it off from itself.
+    pub own: Vec<IpAddr>,
+    /// `proxy.trusted_proxies`: a ban of one would cut off every client behind it.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// Local processes, whatever the config says.
+const LOOPBACK: [&str; 2] = ["127.0.0.0/8", "::1/128"];
+
+impl Spared {
+    /// What `config` spares.
+    pub fn of(config: &Config) -> Self {
+        let mut own: Vec<IpAddr> = config.rules.identity.addresses.iter().copied().collect();
+        own.push(config.proxy.upstream.ip());
+        own.sort_unstable();
+        own.dedup();
+        Spared {
+            allowlist: config.rules.allowlist.clone(),
+            own,
+            trusted_proxies: config.proxy.trusted_proxies.clone(),
+        }
+    }
+
+    /// Why a remote ban of `target` is refused here, if it is. A ban inside an allowlisted
+    /// network would drop nothing, so it is refused; a prefix that merely holds one is applied
+    /// (the kernel passes the allowlisted addresses in it). Our own addresses, loopback and
+    /// front proxies are not in the kernel's allowlist: a ban that covers one is refused whole
+    /// (it cannot be narrowed to the bot it was made for, which only its maker knows).
+    fn refusal(&self, target: &BanTarget) -> Option<String> {
+        if let Some(net) = self.allowlist.iter().find(|net| target.within(net)) {
+            return Some(format!("the address is in this gateway's allowlist ({net})"));
+        }
+        if let Some(ip) = self.own.iter().find(|ip| target.covers(**ip)) {
+            return Some(format!(
+                "it covers {ip}, this gateway's own address (proxy.upstream, identity.addresses)"
+            ));
+        }
+        if let Some(net) = LOOPBACK
+            .iter()
+            .map(|net| net.parse::<IpNet>().expect("a network"))
+            .find(|net| target.overlaps(net))
+        {
+            return Some(format!("it covers loopback ({net}), local processes"));
+        }
+        if let Some(net) = self.trusted_proxies.iter().find(|net| target.overlaps(net)) {
+            return Some(format!("it covers a trusted front proxy ({net}, proxy.trusted_proxies)"));
+        }
+        None
+    }
+}
+
 /// What became of one remote event.
 enum Remote {
     Applied,
-    /// The address is allowlisted here.
+    /// The address is spared here ([`Spared`]).
     Refused,
     /// Nothing to write: a ban as long is in force here, or the record only carries offences.
     Kept,
@@ -242,11 +305,80 @@ mod tests {
         let (events, queue) = tokio::sync::mpsc::channel(16);
         let options = Options {
             fleet: Some(FleetLink { node: "mx1".into(), events }),
-            allowlist: allowlist.iter().map(|n| n.parse().unwrap()).collect(),
+            spared: Spared {
+                allowlist: allowlist.iter().map(|n| n.parse().unwrap()).collect(),
+                ..Spared::default()
+            },
             metrics: Some(Arc::new(Metrics::default())),
             ..Options::new(ESCALATION, clock)
         };
         (options, queue)
+    }
+
+    /// A ban another gateway made, of an address this one spares, is refused whole: our own
+    /// address (a monitor of ours that said our name there), a prefix that holds it, the MTA,
+    /// loopback, a trusted front proxy; the same ban of a neighbour is applied. Before the
+    /// fix only the allowlist was checked, and this gateway banned itself on the fleet's word.
+    #[test]
+    fn remote_bans_of_what_this_gateway_spares_are_refused() {
+        let (mut options, _queue) = fleet_options(now, &[]);
+        options.spared = Spared {
+            own: vec!["192.0.2.25".parse().unwrap(), "2001:db8:25::25".parse().unwrap()],
+            trusted_proxies: vec!["198.51.100.0/28".parse().unwrap()],
+            ..Spared::default()
+        };
+        let metrics = options.metrics.clone().unwrap();
+        let store = Arc::new(Mutex::new(FakeStore::default()));
+        let (bans, worker) = start(Blocklist::new(store.clone()), options);
+        let refused = [
+            "192.0.2.25",
+            "192.0.2.0/24",
+            "2001:db8:25::25",
+            "2001:db8:25::/64",
+            "127.0.0.5",
+            "::1",
+            "198.51.100.3",
+            "198.51.100.0/24",
+        ];
+        let applied = ["192.0.2.26", "2001:db8:26::/64", "198.51.100.16"];
+        let events = refused.iter().chain(&applied).map(|t| remote_ban(t, "mx2", 1, 600));
+        bans.remote(events.collect(), Arrival::Live).unwrap();
+        sync(&bans);
+        for target in refused {
+            assert!(store.get(&target.parse().unwrap()).unwrap().is_none(), "{target} refused");
+        }
+        for target in applied {
+            assert!(store.get(&target.parse().unwrap()).unwrap().is_some(), "{target} applied");
+        }
+        assert_eq!((metrics.fleet.applied.get(), metrics.fleet.refused.get()), (3, 8));
+        drop(bans);
+        worker.stop();
+    }
+
+    #[test]
+    fn spared_comes_from_the_config_in_force() {
+        let text = r#"
+            [identity]
+            detect = false
+            addresses = ["192.0.2.25"]
+            [allowlist]
+            networks = ["10.9.0.0/16"]
+            [proxy]
+            upstream = "192.0.2.80:10025"
+            trusted_proxies = ["198.51.100.7"]
+        "#;
+        let host = crate::config::HostFacts::default();
+        let config = Config::parse(text, std::path::Path::new("test.toml"), &host).unwrap();
+        let spared = Spared::of(&config);
+        assert_eq!(
+            spared.own,
+            ["192.0.2.25".parse::<IpAddr>().unwrap(), "192.0.2.80".parse().unwrap()]
+        );
+        let why = |t: &str| spared.refusal(&t.parse().unwrap());
+        assert!(why("10.9.3.4").unwrap().contains("allowlist"));
+        assert!(why("192.0.2.80").unwrap().contains("own address"));
+        assert!(why("198.51.100.7").unwrap().contains("trusted front proxy"));
+        assert_eq!(why("192.0.2.26"), None);
     }
 
     fn remote_ban(target: &str, node: &str, offences: u32, secs: u64) -> Event {

@@ -18,6 +18,8 @@
 mod fleet;
 mod passes;
 
+pub use fleet::Spared;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -116,7 +118,7 @@ enum Message {
     /// A rule's ban, with its place in the queue (see [`Queue::requested`]).
     Offence(u64, BanRequest),
     Admin(AdminCommand, tokio::sync::oneshot::Sender<Result<AdminAnswer, WorkerError>>),
-    Reconfigure(Escalation, Vec<IpNet>),
+    Reconfigure(Escalation, Spared),
     /// A steering pass for an honest sender, for this long.
     Pass(IpAddr, Duration),
     /// Bans and unbans other gateways made.
@@ -230,11 +232,11 @@ impl BanSender {
         answer.await.map_err(|_| WorkerError::Stopped)?
     }
 
-    /// New escalation settings and allowlist (a reload).
-    pub fn reconfigure(&self, escalation: Escalation, allowlist: Vec<IpNet>) {
+    /// New escalation settings and what remote bans spare (a reload).
+    pub fn reconfigure(&self, escalation: Escalation, spared: Spared) {
         // A reload is rare: it waits its turn past the bound rather than be lost.
         self.queue.others.fetch_add(1, Ordering::AcqRel);
-        if self.tx.send(Message::Reconfigure(escalation, allowlist)).is_err() {
+        if self.tx.send(Message::Reconfigure(escalation, spared)).is_err() {
             self.queue.others.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -293,8 +295,8 @@ pub struct Options {
     pub origins: Vec<(BanTarget, String)>,
     /// `None`: no fleet.
     pub fleet: Option<FleetLink>,
-    /// Remote bans of these networks are refused.
-    pub allowlist: Vec<IpNet>,
+    /// Remote bans of these addresses are refused.
+    pub spared: Spared,
     /// The judge's pregreet passes, saved with each snapshot; `None`: none saved.
     pub passes: Option<Arc<crate::passes::PassCache>>,
     /// The steering door's pass maps (written, taken away by every ban, saved with each
@@ -312,7 +314,7 @@ impl Options {
             history: Vec::new(),
             origins: Vec::new(),
             fleet: None,
-            allowlist: Vec::new(),
+            spared: Spared::default(),
             passes: None,
             steer: None,
         }
@@ -429,9 +431,9 @@ impl<S: BanStore> State<S> {
                 Ok(Message::Admin(command, reply)) => {
                     let _ = reply.send(self.command(command));
                 }
-                Ok(Message::Reconfigure(escalation, allowlist)) => {
+                Ok(Message::Reconfigure(escalation, spared)) => {
                     self.offenders.reconfigure(escalation);
-                    self.options.allowlist = allowlist;
+                    self.options.spared = spared;
                 }
                 Ok(Message::Remote(events, arrival)) => self.remote(events, arrival),
                 Ok(Message::Pass(client, ttl)) => self.grant_pass(client, ttl),
