@@ -42,76 +42,6 @@ use crate::reload::Reloader;
 /// waiting in the accept queue) would be reset when the listeners close.
 pub const STEER_SETTLE: Duration = Duration::from_secs(1);
 
-/// File descriptors a session may hold: client and MTA sockets, and one pipe (two ends) for
-/// splice.
-const FDS_PER_SESSION: u64 = 4;
-
-/// Sessions the proxy holds at once under any open-file limit worth no warning: a busy MX
-/// peaks in the hundreds. Below, a start says what to raise.
-const FEW_SESSIONS: u64 = 1000;
-
-/// Raises RLIMIT_NOFILE to what `max_sessions` needs (as root past the hard limit, up to
-/// fs.nr_open, where CAP_SYS_RESOURCE allows). Returns the limit in force.
-fn raise_fd_limit(max_sessions: usize) -> u64 {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let need = max_sessions as u64 * FDS_PER_SESSION + 256;
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(1_048_576);
-    let current = getrlimit(Resource::Nofile);
-    let (soft, hard) = (current.current.unwrap_or(u64::MAX), current.maximum.unwrap_or(u64::MAX));
-    let wanted = need.min(nr_open).max(soft);
-    let _ = setrlimit(
-        Resource::Nofile,
-        Rlimit { current: Some(wanted), maximum: Some(hard.max(wanted)) },
-    )
-    .or_else(|_| {
-        setrlimit(Resource::Nofile, Rlimit { current: Some(hard.min(wanted)), maximum: Some(hard) })
-    });
-    let limit = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
-    let default = max_sessions == crate::config::raw::RawProxy::default().max_sessions;
-    if let Some(level) = fd_limit_notice(limit, need, default) {
-        let holds = limit.saturating_sub(256) / FDS_PER_SESSION;
-        let fix = format!(
-            "raise it (systemd: LimitNOFILE={need}, as the unit sets; shell: ulimit -Hn {need} \
-             as root) or lower proxy.max_sessions"
-        );
-        match level {
-            tracing::Level::WARN => tracing::warn!(
-                limit,
-                holds,
-                max_sessions,
-                "open-file limit too low for proxy.max_sessions: {fix}"
-            ),
-            _ => tracing::info!(
-                limit,
-                holds,
-                max_sessions,
-                "the open-file limit holds fewer sessions at once than proxy.max_sessions (its \
-                 default): enough for a busy MX; for a flood, {fix}"
-            ),
-        }
-    }
-    limit
-}
-
-/// How loudly to say that `limit` open files fall short of the `need` of proxy.max_sessions
-/// (`default`: the admin left it at its default): not at all when they do not; a warning when
-/// the limit holds fewer than [`FEW_SESSIONS`] sessions, or fewer than the admin asked for;
-/// else a note (a hard limit a shell inherited without CAP_SYS_RESOURCE to raise it, which
-/// every start by hand met, is no fault of the admin's).
-fn fd_limit_notice(limit: u64, need: u64, default: bool) -> Option<tracing::Level> {
-    let holds = limit.saturating_sub(256) / FDS_PER_SESSION;
-    if limit >= need {
-        None
-    } else if holds < FEW_SESSIONS || !default {
-        Some(tracing::Level::WARN)
-    } else {
-        Some(tracing::Level::INFO)
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
@@ -228,26 +158,17 @@ fn start_steering(
 pub fn prepare(config: Config, options: Overrides) -> Result<Prepared, AgentError> {
     let iface = match config.xdp.interface.clone() {
         Some(iface) => iface,
-        None => default_route_interface().ok_or(AgentError::NoDefaultInterface)?,
+        None => crate::host::default_route_interface().ok_or(AgentError::NoDefaultInterface)?,
     };
-    let mode = config.xdp.mode;
     // With the proxy off (policy service alone) no session holds sockets of its own.
     let sessions = if config.proxy.listeners.is_empty() { 0 } else { config.proxy.max_sessions };
-    let fd_limit = raise_fd_limit(sessions);
+    let fd_limit = crate::host::raise_fd_limit(sessions);
     tracing::debug!(fd_limit, "open-file limit");
     refuse_if_running(&config.agent.control_socket)?;
     let threads = if config.proxy.listeners.is_empty() { 0 } else { config.proxy.worker_count() };
     let listeners = crate::proxy::bind_std(&config.proxy.listeners, threads)?;
     let policy = crate::policy::bind_std(&config.policy)?;
-    let metrics = config
-        .agent
-        .metrics
-        .map(|address| {
-            std::net::TcpListener::bind(address)
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                .map_err(|source| AgentError::Metrics { address, source })
-        })
-        .transpose()?;
+    let metrics = bind_metrics(&config)?;
     let mut program = ebpf::load(&LoadOptions {
         pin_dir: &config.xdp.pin_dir,
         sizes: config.xdp.sizes,
@@ -270,49 +191,16 @@ pub fn prepare(config: Config, options: Overrides) -> Result<Prepared, AgentErro
         }
         None
     };
-    // An attach the kernel refuses (no XDP on this driver in this mode, another program there)
-    // must not fail open silently: say so, and enforce the bans at accept instead. Other
-    // errors (no such interface) are configuration errors and stop the agent.
-    let attached = match program.attach(&iface, mode) {
-        Ok(attached) => Some(attached),
-        Err(error @ EbpfError::Attach { .. }) => {
-            tracing::error!(
-                %error,
-                iface,
-                "XDP NOT ATTACHED: bans are enforced in user space at accept instead (banned \
-                 clients are closed before the greeting; ports not proxied are not protected)"
-            );
-            None
-        }
+    let attached = match attach_xdp(&mut program, &iface, &config) {
+        Ok(attached) => attached,
         Err(error) => {
             // Nothing uses the maps this start pinned: leave no trace of it.
             program.discard();
-            return Err(error.into());
+            return Err(error);
         }
     };
-    program.keep_pins();
-    if let Some(attached) = attached {
-        tracing::info!(
-            iface,
-            mode = attached.mode,
-            replaced_previous = attached.replaced,
-            stays_attached = attached.pinned,
-            ports = ?config.xdp.ports,
-            pin_dir = %config.xdp.pin_dir.display(),
-            allowlist = config.rules.allowlist.len(),
-            config = %config.source.as_deref().map_or("<embedded defaults>".into(), |p| p.display().to_string()),
-            "XDP ban filter attached"
-        );
-    }
     if let Some(steering) = &steering {
-        tracing::info!(
-            endpoints = ?config.steer.addresses,
-            netns = steering.attached.netns,
-            replaced_previous = steering.attached.replaced,
-            stays_attached = steering.attached.pinned,
-            pass_ttl = %crate::duration::format(config.steer.pass_ttl),
-            "steering attached: strangers to the agent, passes straight to the MTA, everyone to the MTA while no agent runs"
-        );
+        log_steering(steering, &config);
     }
     let allowlist = program.take_allowlist();
     let mut bans = Blocklist::new(PinnedMaps::open(&config.xdp.pin_dir)?);
@@ -341,6 +229,71 @@ pub fn prepare(config: Config, options: Overrides) -> Result<Prepared, AgentErro
         metrics,
         steering,
     })
+}
+
+/// The metrics listener (`agent.metrics`), bound as root before privileges are dropped.
+fn bind_metrics(config: &Config) -> Result<Option<std::net::TcpListener>, AgentError> {
+    config
+        .agent
+        .metrics
+        .map(|address| {
+            std::net::TcpListener::bind(address)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|source| AgentError::Metrics { address, source })
+        })
+        .transpose()
+}
+
+/// Attaches XDP to `iface` and keeps the pins; `None` where the kernel refused the attach. On
+/// an error the caller discards the program.
+fn attach_xdp(
+    program: &mut XdpProgram,
+    iface: &str,
+    config: &Config,
+) -> Result<Option<Attached>, AgentError> {
+    // An attach the kernel refuses (no XDP on this driver in this mode, another program there)
+    // must not fail open silently: say so, and enforce the bans at accept instead. Other
+    // errors (no such interface) are configuration errors and stop the agent.
+    let attached = match program.attach(iface, config.xdp.mode) {
+        Ok(attached) => Some(attached),
+        Err(error @ EbpfError::Attach { .. }) => {
+            tracing::error!(
+                %error,
+                iface,
+                "XDP NOT ATTACHED: bans are enforced in user space at accept instead (banned \
+                 clients are closed before the greeting; ports not proxied are not protected)"
+            );
+            None
+        }
+        Err(error) => return Err(error.into()),
+    };
+    program.keep_pins();
+    if let Some(attached) = attached {
+        tracing::info!(
+            iface,
+            mode = attached.mode,
+            replaced_previous = attached.replaced,
+            stays_attached = attached.pinned,
+            ports = ?config.xdp.ports,
+            pin_dir = %config.xdp.pin_dir.display(),
+            allowlist = config.rules.allowlist.len(),
+            config = %config.source.as_deref().map_or("<embedded defaults>".into(), |p| p.display().to_string()),
+            "XDP ban filter attached"
+        );
+    }
+    Ok(attached)
+}
+
+/// What the steering start did, in one line.
+fn log_steering(steering: &Steering, config: &Config) {
+    tracing::info!(
+        endpoints = ?config.steer.addresses,
+        netns = steering.attached.netns,
+        replaced_previous = steering.attached.replaced,
+        stays_attached = steering.attached.pinned,
+        pass_ttl = %crate::duration::format(config.steer.pass_ttl),
+        "steering attached: strangers to the agent, passes straight to the MTA, everyone to the MTA while no agent runs"
+    );
 }
 
 /// What a snapshot gives back besides the bans: the offence history still in force, and the
@@ -524,13 +477,7 @@ pub async fn serve(
     }
     let sockets = steering.as_ref().map(|s| s.sockets.clone());
     let (beats, watchdog) = start_watchdog(listeners.len(), sockets.clone(), &mut background);
-    match crate::watchdog::notify("READY=1") {
-        Ok(true) => tracing::debug!("told systemd the agent is ready"),
-        Ok(false) => {}
-        Err(error) => {
-            tracing::warn!(%error, "cannot tell systemd the agent is ready (NOTIFY_SOCKET)")
-        }
-    }
+    tell_systemd_ready();
     let watching = watchdog.as_ref().map(|(stop, _)| stop.clone());
     let shutdown = async move {
         shutdown.await;
@@ -557,14 +504,28 @@ pub async fn serve(
     drop((judge, reloader, ban_sender));
     shut_down(background, worker, program, attached, &iface, &config.xdp.pin_dir).await;
     if let Some(fleet) = fleet {
-        // The worker has stopped, so the queue is closed: the task sends what is left, or
-        // gives up with Redis unreachable.
-        let timeout = config.fleet.timeout.saturating_mul(2);
-        if tokio::time::timeout(timeout, fleet).await.is_err() {
-            tracing::warn!("fleet: the last bans were not all shared before stopping");
-        }
+        finish_fleet(fleet, config.fleet.timeout.saturating_mul(2)).await;
     }
     proxied.map_err(AgentError::Threads)
+}
+
+/// `READY=1` to systemd, where it listens (`NOTIFY_SOCKET`).
+fn tell_systemd_ready() {
+    match crate::watchdog::notify("READY=1") {
+        Ok(true) => tracing::debug!("told systemd the agent is ready"),
+        Ok(false) => {}
+        Err(error) => {
+            tracing::warn!(%error, "cannot tell systemd the agent is ready (NOTIFY_SOCKET)")
+        }
+    }
+}
+
+/// Waits for the fleet task: the worker has stopped, so its queue is closed, and the task
+/// sends what is left, or gives up with Redis unreachable.
+async fn finish_fleet(fleet: tokio::task::JoinHandle<()>, timeout: Duration) {
+    if tokio::time::timeout(timeout, fleet).await.is_err() {
+        tracing::warn!("fleet: the last bans were not all shared before stopping");
+    }
 }
 
 /// Starts the ban worker (with the offence history and the fleet's bans the snapshot gave
@@ -839,51 +800,9 @@ async fn shut_down(
     }
 }
 
-/// The interface of the IPv4 default route, else of the IPv6 one.
-pub fn default_route_interface() -> Option<String> {
-    let v4 = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
-    let v6 = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
-    default_v4(&v4).or_else(|| default_v6(&v6))
-}
-
-/// From /proc/net/route: `Iface Destination Gateway Flags ... Mask ...`, all hex.
-fn default_v4(table: &str) -> Option<String> {
-    table.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        (fields.len() > 7 && fields[1] == "00000000" && fields[7] == "00000000")
-            .then(|| fields[0].to_owned())
-    })
-}
-
-/// From /proc/net/ipv6_route: `dest plen src splen next-hop metric refcnt use flags iface`.
-fn default_v6(table: &str) -> Option<String> {
-    table.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        (fields.len() == 10
-            && fields[0].bytes().all(|b| b == b'0')
-            && fields[1] == "00"
-            && fields[9] != "lo")
-            .then(|| fields[9].to_owned())
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Regression (issue 27): every start by hand warned about the open-file limit (a shell's
-    /// hard limit, 20000 here, which root cannot raise without CAP_SYS_RESOURCE, holds 4936
-    /// sessions, short of the default proxy.max_sessions' 10000). A warning only when it
-    /// matters: fewer than 1000 sessions, or fewer than the admin asked for.
-    #[test]
-    fn the_open_file_limit_is_warned_about_only_when_it_matters() {
-        let need = 10_000 * FDS_PER_SESSION + 256;
-        assert_eq!(fd_limit_notice(65_536, need, true), None, "the unit's LimitNOFILE holds it");
-        assert_eq!(fd_limit_notice(20_000, need, true), Some(tracing::Level::INFO));
-        assert_eq!(fd_limit_notice(20_000, need, false), Some(tracing::Level::WARN), "asked for");
-        assert_eq!(fd_limit_notice(1024, need, true), Some(tracing::Level::WARN), "192 sessions");
-        assert_eq!(fd_limit_notice(1024, 1024, false), None);
-    }
 
     #[test]
     fn the_control_socket_replaces_a_stale_socket_but_never_another_file() {
@@ -902,21 +821,5 @@ mod tests {
         assert!(matches!(err, AgentError::AlreadyRunning { .. }), "{err}");
         drop(listener);
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn default_route_from_proc_net_route() {
-        let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
-                     eth1\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
-                     eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
-        assert_eq!(default_v4(table).as_deref(), Some("eth0"));
-        assert_eq!(default_v4("Iface\tDestination\n"), None);
-    }
-
-    #[test]
-    fn default_route_from_proc_net_ipv6_route() {
-        let table = "00000000000000000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000001 00000000 00200001       lo\n\
-                     00000000000000000000000000000000 00 00000000000000000000000000000000 00 20010db8000000000000000000000001 00000400 00000001 00000000 00000003     ens3\n";
-        assert_eq!(default_v6(table).as_deref(), Some("ens3"));
     }
 }

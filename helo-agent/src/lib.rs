@@ -8,7 +8,8 @@
 //! service) are the doors; `smtp` is sans-IO SMTP; `addr` turns addresses into ban keys;
 //! `blocklist` decides what a ban is (pure, behind a store trait) and runs the ban worker;
 //! `fleet` shares bans with the other gateways through Redis; `ebpf` is the only module that
-//! talks to the kernel through aya; `agent` is the `run` loop and `reload` its reloads;
+//! talks to the kernel through aya; `agent` is the `run` loop (`host`: what it reads of the
+//! host, the open-file limit and the default route) and `reload` its reloads;
 //! `control` the control socket (and `top` the live terminal view over it), `unix` binds it
 //! and the policy door's sockets; `metrics` and `report` what is observed; `privilege` the
 //! switch to `agent.user`; `clock` and `duration` are the time helpers everything shares.
@@ -24,6 +25,7 @@ pub mod dns;
 pub mod duration;
 pub mod ebpf;
 pub mod fleet;
+pub mod host;
 pub mod judge;
 pub mod metrics;
 pub mod passes;

@@ -65,13 +65,8 @@ pub struct Metrics {
     pub sessions_open: Gauge,
     /// Bans shared with other gateways (`[fleet]`).
     pub fleet: FleetMetrics,
-    /// New connections the steering program decided, by outcome (`[steer]`).
-    pub steer_connections: Family<NameLabels, Counter>,
-    /// Passes in force in the kernel's pass maps: counted at start, each minute and each
-    /// snapshot, moved by each pass written or taken away.
-    pub steer_passes: Gauge,
-    pub steer_passes_granted: Counter,
-    pub steer_passes_revoked: Counter,
+    /// The steering front door (`[steer]`).
+    pub steer: SteerMetrics,
     /// The XDP counters as last read, to add only what is new.
     xdp_seen: Mutex<[u64; helo_common::STAT_COUNT as usize]>,
 }
@@ -146,33 +141,7 @@ impl Default for Metrics {
         let sessions_open = Gauge::default();
         registry.register("sessions_open", "Sessions open now", sessions_open.clone());
         let fleet = FleetMetrics::register(&mut registry);
-        let steer_connections = Family::<NameLabels, Counter>::default();
-        let steer_passes = Gauge::default();
-        let steer_passes_granted = Counter::default();
-        let steer_passes_revoked = Counter::default();
-        {
-            let steer = registry.sub_registry_with_prefix("steer");
-            steer.register(
-                "connections",
-                "New connections to the steered endpoints, by the steering program's decision (steered: to the agent; steer_passed: a pass, straight to the MTA; steer_allowed, steer_banned, steer_no_agent: no agent socket, to the MTA; steer_error)",
-                steer_connections.clone(),
-            );
-            steer.register(
-                "passes",
-                "Passes in force (clients that go straight to the MTA): counted at start, each minute and each snapshot, moved by each pass written or taken away",
-                steer_passes.clone(),
-            );
-            steer.register(
-                "passes_granted",
-                "Passes written after an honest session",
-                steer_passes_granted.clone(),
-            );
-            steer.register(
-                "passes_revoked",
-                "Passes taken away by a ban (any ban: a rule's, an admin's, another gateway's) or by an admin",
-                steer_passes_revoked.clone(),
-            );
-        }
+        let steer = SteerMetrics::register(&mut registry);
         Metrics {
             registry,
             sessions,
@@ -189,12 +158,53 @@ impl Default for Metrics {
             snapshots,
             sessions_open,
             fleet,
-            steer_connections,
-            steer_passes,
-            steer_passes_granted,
-            steer_passes_revoked,
+            steer,
             xdp_seen: Mutex::new([0; helo_common::STAT_COUNT as usize]),
         }
+    }
+}
+
+/// The steering front door's counters (all zero with steering off).
+pub struct SteerMetrics {
+    /// New connections the steering program decided, by outcome.
+    pub connections: Family<NameLabels, Counter>,
+    /// Passes in force in the kernel's pass maps: counted at start, each minute and each
+    /// snapshot, moved by each pass written or taken away.
+    pub passes: Gauge,
+    pub passes_granted: Counter,
+    pub passes_revoked: Counter,
+}
+
+impl SteerMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = SteerMetrics {
+            connections: Family::default(),
+            passes: Gauge::default(),
+            passes_granted: Counter::default(),
+            passes_revoked: Counter::default(),
+        };
+        let steer = registry.sub_registry_with_prefix("steer");
+        steer.register(
+            "connections",
+            "New connections to the steered endpoints, by the steering program's decision (steered: to the agent; steer_passed: a pass, straight to the MTA; steer_allowed, steer_banned, steer_no_agent: no agent socket, to the MTA; steer_error)",
+            m.connections.clone(),
+        );
+        steer.register(
+            "passes",
+            "Passes in force (clients that go straight to the MTA): counted at start, each minute and each snapshot, moved by each pass written or taken away",
+            m.passes.clone(),
+        );
+        steer.register(
+            "passes_granted",
+            "Passes written after an honest session",
+            m.passes_granted.clone(),
+        );
+        steer.register(
+            "passes_revoked",
+            "Passes taken away by a ban (any ban: a rule's, an admin's, another gateway's) or by an admin",
+            m.passes_revoked.clone(),
+        );
+        m
     }
 }
 
@@ -330,7 +340,7 @@ impl Metrics {
         for stat in helo_common::Stat::STEER {
             let i = stat as usize;
             let gained = totals[i].checked_sub(seen[i]).unwrap_or(totals[i]);
-            self.steer_connections.get_or_create(&NameLabels { name: stat.name() }).inc_by(gained);
+            self.steer.connections.get_or_create(&NameLabels { name: stat.name() }).inc_by(gained);
             seen[i] = totals[i];
         }
     }

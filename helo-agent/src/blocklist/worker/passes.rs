@@ -32,9 +32,9 @@ impl<S: BanStore> State<S> {
             Ok(()) => {
                 tracing::debug!(%client, ttl = %crate::duration::format(ttl), "steering pass written");
                 if let Some(m) = &self.options.metrics {
-                    m.steer_passes_granted.inc();
+                    m.steer.passes_granted.inc();
                     if !had {
-                        m.steer_passes.inc();
+                        m.steer.passes.inc();
                     }
                 }
                 self.mark_unsaved();
@@ -58,8 +58,8 @@ impl<S: BanStore> State<S> {
         if removed > 0 {
             tracing::info!(%net, removed, why, "steering passes removed");
             if let Some(m) = &self.options.metrics {
-                m.steer_passes_revoked.inc_by(removed as u64);
-                m.steer_passes.dec_by(removed as i64);
+                m.steer.passes_revoked.inc_by(removed as u64);
+                m.steer.passes.dec_by(removed as i64);
             }
             self.mark_unsaved();
         }
@@ -77,7 +77,7 @@ impl<S: BanStore> State<S> {
         let (Some(metrics), Some(_)) = (&self.options.metrics, &self.options.steer) else { return };
         let now = (self.options.clock)();
         let active = entries.iter().filter(|(_, v)| v.active_at(now)).count();
-        crate::metrics::set_gauge(&metrics.steer_passes, active);
+        crate::metrics::set_gauge(&metrics.steer.passes, active);
     }
 
     /// Every pass, expired ones included (empty without steering).
@@ -123,7 +123,7 @@ mod tests {
         }
         sync(&bans);
         assert_eq!(held(&passes).len(), 5);
-        assert_eq!(metrics.steer_passes.get(), 5);
+        assert_eq!(metrics.steer.passes.get(), 5);
 
         bans.ban(request("198.51.100.7")); // a rule's ban here
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
@@ -146,8 +146,8 @@ mod tests {
         bans.remote(vec![remote], Arrival::Live).unwrap();
         sync(&bans);
         assert_eq!(held(&passes), ["198.51.100.9"], "each ban took its passes");
-        assert_eq!(metrics.steer_passes.get(), 1);
-        assert_eq!(metrics.steer_passes_revoked.get(), 4);
+        assert_eq!(metrics.steer.passes.get(), 1);
+        assert_eq!(metrics.steer.passes_revoked.get(), 4);
 
         bans.pass("198.51.100.7".parse().unwrap(), hour);
         bans.pass("2001:db8:1:2::99".parse().unwrap(), hour);
