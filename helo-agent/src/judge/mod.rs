@@ -139,6 +139,36 @@ impl NeverBan<'_> {
         target
     }
 
+    /// Why a ban of `target` that another gateway made must not be applied here, if it must
+    /// not: the same guards, for a ban this gateway did not decide (another gateway judges by
+    /// its own config: a monitor of ours that said our name there is a forger to it). A ban
+    /// inside an allowlisted network would drop nothing; a prefix that merely holds one is
+    /// applied (the kernel passes the allowlisted addresses in it). A ban that covers the MTA,
+    /// one of our own addresses, loopback or a front proxy is refused whole: those are not in
+    /// the kernel's allowlist, and only the ban's maker knows the bot it was made for.
+    pub fn refuses_remote(&self, target: &crate::addr::BanTarget) -> Option<String> {
+        if let Some(net) = self.allowlist.iter().find(|net| target.within(net)) {
+            return Some(format!("the address is in this gateway's allowlist ({net})"));
+        }
+        let ours = std::iter::once(self.mta).chain(self.own.iter().copied());
+        if let Some(ip) = ours.map(crate::addr::canonical).find(|ip| target.covers(*ip)) {
+            return Some(format!(
+                "it covers {ip}, this gateway's own address (proxy.upstream, identity.addresses)"
+            ));
+        }
+        let localhost = [IpAddr::from([127, 0, 0, 1]), IpAddr::from(std::net::Ipv6Addr::LOCALHOST)];
+        if self.loopback
+            && (target.network().addr().is_loopback()
+                || localhost.iter().any(|ip| target.covers(*ip)))
+        {
+            return Some("it covers loopback addresses: local processes".to_owned());
+        }
+        if let Some(net) = self.trusted_proxies.iter().find(|net| target.overlaps(net)) {
+            return Some(format!("it covers a trusted front proxy ({net}, proxy.trusted_proxies)"));
+        }
+        None
+    }
+
     /// Why `ip` must not be banned, if it must not.
     pub fn reason(&self, ip: IpAddr) -> Option<&'static str> {
         let ip = crate::addr::canonical(ip);

@@ -1,8 +1,8 @@
 //! The ban worker's fleet half (see `crate::fleet`): every ban and unban made here is handed
 //! to the fleet task as an [`Event`] (never waiting: a full queue drops it, counted), and the
 //! bans other gateways made arrive as remote events: applied with their expiry, never handed
-//! back, refused where a ban made here would be ([`Spared`]: the allowlist, our own addresses,
-//! loopback, trusted front proxies). The offence count they carry joins the history,
+//! back, refused where a ban made here would be ([`Spared`]: the allowlist, the MTA, our own
+//! addresses, loopback, trusted front proxies). The offence count they carry joins the history,
 //! so escalation counts offences made anywhere in the fleet.
 
 use std::net::IpAddr;
@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use helo_common::{BanValue, NEVER_EXPIRES};
 use ipnet::IpNet;
+use rustc_hash::FxHashSet;
 
 use super::{Arrival, State};
 use crate::addr::BanTarget;
@@ -18,6 +19,7 @@ use crate::blocklist::snapshot;
 use crate::clock::Now;
 use crate::config::Config;
 use crate::fleet::message::{BanRecord, Event};
+use crate::judge::NeverBan;
 
 const NS_PER_MS: u64 = 1_000_000;
 /// Remote expiries this close to a ban's here are the same ban.
@@ -138,7 +140,7 @@ impl<S: BanStore> State<S> {
         reasons: &mut std::collections::HashSet<u32>,
     ) -> Remote {
         let BanRecord { target, ref node, ref reason, .. } = record;
-        if let Some(why) = self.options.spared.refusal(&target) {
+        if let Some(why) = self.options.spared.never_ban().refuses_remote(&target) {
             tracing::warn!(%target, node, reason, "ban from another gateway refused: {why}");
             return Remote::Refused;
         }
@@ -216,64 +218,50 @@ impl<S: BanStore> State<S> {
     }
 }
 
-/// What a ban from another gateway may not cover here: what this gateway's own bans never
-/// take (see [`crate::judge::NeverBan`]). Another gateway judges by its own config, so it may
-/// ban an address this one trusts or owns: a monitor of ours that said our name there, or a
-/// prefix that holds this gateway. Renewed at each reload.
-#[derive(Clone, Debug, Default)]
+/// What this gateway never bans, held by the worker for the bans other gateways made (see
+/// [`NeverBan::refuses_remote`]): the judge's guards, owned, renewed at each reload.
+#[derive(Clone, Debug)]
 pub struct Spared {
-    /// `allowlist.networks`.
-    pub allowlist: Vec<IpNet>,
-    /// The MTA's address (`proxy.upstream`) and ours (`identity.addresses`, with
-    /// `identity.detect` the host's own): a ban that covers one would drop this gateway's own
-    /// connections, and with XDP cut it off from itself.
-    pub own: Vec<IpAddr>,
-    /// `proxy.trusted_proxies`: a ban of one would cut off every client behind it.
+    /// `proxy.upstream`'s address.
+    pub mta: IpAddr,
+    /// `identity.addresses`, with `identity.detect` the host's own.
+    pub own: FxHashSet<IpAddr>,
     pub trusted_proxies: Vec<IpNet>,
+    pub allowlist: Vec<IpNet>,
 }
 
-/// Local processes, whatever the config says.
-const LOOPBACK: [&str; 2] = ["127.0.0.0/8", "::1/128"];
+impl Default for Spared {
+    /// Loopback alone (and the unspecified address, for an MTA not known).
+    fn default() -> Self {
+        Spared {
+            mta: IpAddr::from([0, 0, 0, 0]),
+            own: FxHashSet::default(),
+            trusted_proxies: Vec::new(),
+            allowlist: Vec::new(),
+        }
+    }
+}
 
 impl Spared {
     /// What `config` spares.
     pub fn of(config: &Config) -> Self {
-        let mut own: Vec<IpAddr> = config.rules.identity.addresses.iter().copied().collect();
-        own.push(config.proxy.upstream.ip());
-        own.sort_unstable();
-        own.dedup();
         Spared {
-            allowlist: config.rules.allowlist.clone(),
-            own,
+            mta: config.proxy.upstream.ip(),
+            own: config.rules.identity.addresses.clone(),
             trusted_proxies: config.proxy.trusted_proxies.clone(),
+            allowlist: config.rules.allowlist.clone(),
         }
     }
 
-    /// Why a remote ban of `target` is refused here, if it is. A ban inside an allowlisted
-    /// network would drop nothing, so it is refused; a prefix that merely holds one is applied
-    /// (the kernel passes the allowlisted addresses in it). Our own addresses, loopback and
-    /// front proxies are not in the kernel's allowlist: a ban that covers one is refused whole
-    /// (it cannot be narrowed to the bot it was made for, which only its maker knows).
-    fn refusal(&self, target: &BanTarget) -> Option<String> {
-        if let Some(net) = self.allowlist.iter().find(|net| target.within(net)) {
-            return Some(format!("the address is in this gateway's allowlist ({net})"));
+    /// The judge's guards over these addresses (loopback always spared).
+    fn never_ban(&self) -> NeverBan<'_> {
+        NeverBan {
+            mta: self.mta,
+            trusted_proxies: &self.trusted_proxies,
+            allowlist: &self.allowlist,
+            own: &self.own,
+            loopback: true,
         }
-        if let Some(ip) = self.own.iter().find(|ip| target.covers(**ip)) {
-            return Some(format!(
-                "it covers {ip}, this gateway's own address (proxy.upstream, identity.addresses)"
-            ));
-        }
-        if let Some(net) = LOOPBACK
-            .iter()
-            .map(|net| net.parse::<IpNet>().expect("a network"))
-            .find(|net| target.overlaps(net))
-        {
-            return Some(format!("it covers loopback ({net}), local processes"));
-        }
-        if let Some(net) = self.trusted_proxies.iter().find(|net| target.overlaps(net)) {
-            return Some(format!("it covers a trusted front proxy ({net}, proxy.trusted_proxies)"));
-        }
-        None
     }
 }
 
@@ -323,9 +311,10 @@ mod tests {
     fn remote_bans_of_what_this_gateway_spares_are_refused() {
         let (mut options, _queue) = fleet_options(now, &[]);
         options.spared = Spared {
-            own: vec!["192.0.2.25".parse().unwrap(), "2001:db8:25::25".parse().unwrap()],
+            mta: "127.0.0.1".parse().unwrap(),
+            own: ["192.0.2.25", "2001:db8:25::25"].iter().map(|a| a.parse().unwrap()).collect(),
             trusted_proxies: vec!["198.51.100.0/28".parse().unwrap()],
-            ..Spared::default()
+            allowlist: Vec::new(),
         };
         let metrics = options.metrics.clone().unwrap();
         let store = Arc::new(Mutex::new(FakeStore::default()));
@@ -370,13 +359,10 @@ mod tests {
         let host = crate::config::HostFacts::default();
         let config = Config::parse(text, std::path::Path::new("test.toml"), &host).unwrap();
         let spared = Spared::of(&config);
-        assert_eq!(
-            spared.own,
-            ["192.0.2.25".parse::<IpAddr>().unwrap(), "192.0.2.80".parse().unwrap()]
-        );
-        let why = |t: &str| spared.refusal(&t.parse().unwrap());
+        let why = |t: &str| spared.never_ban().refuses_remote(&t.parse().unwrap());
         assert!(why("10.9.3.4").unwrap().contains("allowlist"));
-        assert!(why("192.0.2.80").unwrap().contains("own address"));
+        assert!(why("192.0.2.25").unwrap().contains("own address"));
+        assert!(why("192.0.2.80").unwrap().contains("own address"), "the MTA");
         assert!(why("198.51.100.7").unwrap().contains("trusted front proxy"));
         assert_eq!(why("192.0.2.26"), None);
     }
