@@ -118,7 +118,8 @@ enum Message {
     /// A rule's ban, with its place in the queue (see [`Queue::requested`]).
     Offence(u64, BanRequest),
     Admin(AdminCommand, tokio::sync::oneshot::Sender<Result<AdminAnswer, WorkerError>>),
-    Reconfigure(Escalation, Spared),
+    /// Boxed: the guards' sets would make every message as large.
+    Reconfigure(Escalation, Box<Spared>),
     /// A steering pass for an honest sender, for this long.
     Pass(IpAddr, Duration),
     /// Bans and unbans other gateways made.
@@ -236,7 +237,7 @@ impl BanSender {
     pub fn reconfigure(&self, escalation: Escalation, spared: Spared) {
         // A reload is rare: it waits its turn past the bound rather than be lost.
         self.queue.others.fetch_add(1, Ordering::AcqRel);
-        if self.tx.send(Message::Reconfigure(escalation, spared)).is_err() {
+        if self.tx.send(Message::Reconfigure(escalation, Box::new(spared))).is_err() {
             self.queue.others.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -433,7 +434,7 @@ impl<S: BanStore> State<S> {
                 }
                 Ok(Message::Reconfigure(escalation, spared)) => {
                     self.offenders.reconfigure(escalation);
-                    self.options.spared = spared;
+                    self.options.spared = *spared;
                 }
                 Ok(Message::Remote(events, arrival)) => self.remote(events, arrival),
                 Ok(Message::Pass(client, ttl)) => self.grant_pass(client, ttl),
