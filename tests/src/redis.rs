@@ -16,12 +16,14 @@ pub struct Redis {
     pub address: String,
     pub port: u16,
     pub password: String,
-    /// TLS only: the CA certificate clients verify it with.
-    pub ca: Option<PathBuf>,
+    /// TLS only: its certificate, and the CA clients verify it with (sentinels watching it
+    /// speak TLS with the same files).
+    pub tls: Option<TlsFiles>,
 }
 
 /// A server certificate for TLS: the CA's certificate, and the server's certificate and key
 /// (for `address`), made with openssl in `dir`.
+#[derive(Clone, Debug)]
 pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: PathBuf,
@@ -102,9 +104,29 @@ impl Redis {
         Self::spawn(ns, address, port, password, None, &["--replicaof", master.0, &master_port])
     }
 
-    /// The same, speaking only TLS (`rediss://`).
+    /// The same, speaking only TLS (`rediss://`), to its clients and its replicas.
     pub fn start_tls(ns: &Netns, address: &str, port: u16, password: &str, tls: &TlsFiles) -> Self {
         Self::spawn(ns, address, port, password, Some(tls), &[])
+    }
+
+    /// A replica of `master` that speaks only TLS, to its master too.
+    pub fn start_tls_replica(
+        ns: &Netns,
+        address: &str,
+        port: u16,
+        master: (&str, u16),
+        password: &str,
+        tls: &TlsFiles,
+    ) -> Self {
+        let master_port = master.1.to_string();
+        Self::spawn(
+            ns,
+            address,
+            port,
+            password,
+            Some(tls),
+            &["--replicaof", master.0, &master_port],
+        )
     }
 
     fn spawn(
@@ -131,6 +153,8 @@ impl Redis {
                 tls.ca.to_str().unwrap(),
                 "--tls-auth-clients",
                 "no",
+                "--tls-replication",
+                "yes",
             ],
         };
         let child = Command::new("nsenter")
@@ -155,7 +179,7 @@ impl Redis {
             address: address.to_owned(),
             port,
             password: password.to_owned(),
-            ca: tls.map(|tls| tls.ca.clone()),
+            tls: tls.cloned(),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while redis.cli(&["PING"]).trim() != "PONG" {
@@ -167,7 +191,7 @@ impl Redis {
 
     /// The URL an agent connects with (`[fleet] redis`).
     pub fn url(&self) -> String {
-        let scheme = if self.ca.is_some() { "rediss" } else { "redis" };
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
         format!("{scheme}://:{}@{}:{}/0", self.password, self.address, self.port)
     }
 
@@ -183,7 +207,7 @@ impl Redis {
             .arg(format!("--net=/var/run/netns/{}", self.ns))
             .args(["redis-cli", "--no-auth-warning", "-h", &self.address])
             .args(["-p", &self.port.to_string(), "-a", &self.password])
-            .args(self.ca.iter().flat_map(|ca| [Path::new("--tls"), Path::new("--cacert"), ca]))
+            .args(tls_args(self.tls.as_ref()))
             .args(args)
             .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
@@ -230,12 +254,20 @@ pub struct Sentinel {
     pub address: String,
     pub port: u16,
     dir: PathBuf,
+    /// TLS only (as its master): the files it serves and checks with.
+    tls: Option<TlsFiles>,
+}
+
+/// `redis-cli`'s arguments for a server that speaks only TLS.
+fn tls_args(tls: Option<&TlsFiles>) -> Vec<&Path> {
+    tls.map_or(Vec::new(), |tls| vec![Path::new("--tls"), Path::new("--cacert"), &tls.ca])
 }
 
 impl Sentinel {
     /// Starts it and waits (up to 10 s) until it answers PING. `down_after_ms`: how long the
     /// master must not answer before this sentinel calls it down; `quorum`: how many
-    /// sentinels must agree.
+    /// sentinels must agree. A master that speaks only TLS gets a sentinel that does too,
+    /// with the same certificate, to its clients, its peers and the nodes it watches.
     pub fn start(
         ns: &Netns,
         address: &str,
@@ -248,10 +280,20 @@ impl Sentinel {
         let dir = std::env::temp_dir().join(crate::unique("helo-sentinel-"));
         std::fs::create_dir_all(&dir).unwrap();
         let conf = dir.join("sentinel.conf");
+        let listen = match &master.tls {
+            None => format!("port {port}\n"),
+            Some(tls) => format!(
+                "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\n\
+                 tls-ca-cert-file {}\ntls-auth-clients no\ntls-replication yes\n",
+                tls.cert.display(),
+                tls.key.display(),
+                tls.ca.display()
+            ),
+        };
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind {address}\nprotected-mode no\ndaemonize no\n\
+                "{listen}bind {address}\nprotected-mode no\ndaemonize no\n\
                  loglevel notice\nlogfile {log}\ndir {dir}\n\
                  sentinel announce-ip {address}\n\
                  sentinel monitor {service} {host} {master_port} {quorum}\n\
@@ -277,8 +319,14 @@ impl Sentinel {
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server --sentinel (cargo xtask setup installs it)");
-        let sentinel =
-            Sentinel { child, ns: ns.name.clone(), address: address.to_owned(), port, dir };
+        let sentinel = Sentinel {
+            child,
+            ns: ns.name.clone(),
+            address: address.to_owned(),
+            port,
+            dir,
+            tls: master.tls.clone(),
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while sentinel.cli(&["PING"]).trim() != "PONG" {
             assert!(Instant::now() < deadline, "redis sentinel did not answer in 10 s");
@@ -292,6 +340,7 @@ impl Sentinel {
         let out = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", self.ns))
             .args(["redis-cli", "-h", &self.address, "-p", &self.port.to_string()])
+            .args(tls_args(self.tls.as_ref()))
             .args(args)
             .stdin(Stdio::null())
             .output()

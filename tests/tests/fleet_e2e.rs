@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tests::netns::{Netns, veth};
-use tests::redis::{Redis, Sentinel};
+use tests::redis::{Redis, Sentinel, TlsFiles};
 use tests::{AgentProcess, PinDir, agent_cli, require_root, unique};
 
 const REDIS: &str = "10.88.0.1";
@@ -417,7 +417,7 @@ fn the_fleet_speaks_tls_to_redis() {
     fleet.redis.kill();
     let dir = std::env::temp_dir().join(unique("helo-fleet-tls-"));
     std::fs::create_dir_all(&dir).unwrap();
-    let tls = tests::redis::TlsFiles::make(&dir, REDIS);
+    let tls = TlsFiles::make(&dir, REDIS);
     // The agent reads the CA after dropping root.
     for file in [&dir, &tls.ca] {
         let mode = if file.is_dir() { 0o755 } else { 0o644 };
@@ -559,10 +559,29 @@ const DOWN_AFTER_MS: u64 = 1000;
 /// sentinels that know both and each other (quorum 2); and three gateways whose `fleet.redis`
 /// names the sentinels.
 fn sentinel_fleet() -> (Fleet, Redis, Vec<Sentinel>) {
+    sentinel_fleet_with(None)
+}
+
+/// The same, every node and sentinel speaking only TLS with `tls` (`rediss+sentinel://`).
+fn sentinel_fleet_with(tls: Option<&TlsFiles>) -> (Fleet, Redis, Vec<Sentinel>) {
     let network = network();
-    let master = Redis::start(&network, REDIS, REDIS_PORT, PASSWORD);
-    let replica =
-        Redis::start_replica(&network, REDIS, REPLICA_PORT, (REDIS, REDIS_PORT), PASSWORD);
+    let (master, replica) = match tls {
+        None => (
+            Redis::start(&network, REDIS, REDIS_PORT, PASSWORD),
+            Redis::start_replica(&network, REDIS, REPLICA_PORT, (REDIS, REDIS_PORT), PASSWORD),
+        ),
+        Some(tls) => (
+            Redis::start_tls(&network, REDIS, REDIS_PORT, PASSWORD, tls),
+            Redis::start_tls_replica(
+                &network,
+                REDIS,
+                REPLICA_PORT,
+                (REDIS, REDIS_PORT),
+                PASSWORD,
+                tls,
+            ),
+        ),
+    };
     wait_for("the replica in sync", Duration::from_secs(10), || replica.replica_in_sync());
     let sentinels: Vec<Sentinel> = SENTINEL_PORTS
         .iter()
@@ -572,8 +591,62 @@ fn sentinel_fleet() -> (Fleet, Redis, Vec<Sentinel>) {
         sentinels.iter().all(|s| s.ready(SERVICE, 1, 2))
     });
     let hosts: Vec<String> = SENTINEL_PORTS.iter().map(|p| format!("{REDIS}:{p}")).collect();
-    let url = format!("redis+sentinel://:{PASSWORD}@{}/{SERVICE}/0", hosts.join(","));
+    let scheme = if tls.is_some() { "rediss+sentinel" } else { "redis+sentinel" };
+    let url = format!("{scheme}://:{PASSWORD}@{}/{SERVICE}/0", hosts.join(","));
     (gateways(network, master, &url), replica, sentinels)
+}
+
+/// `rediss+sentinel://`: the gateways speak TLS to the sentinels and to the master they name,
+/// verify both certificates, and after the master's death find the promoted replica over TLS
+/// too (issue 28: Sentinel, with `rediss`/TLS kept working).
+#[test]
+fn the_fleet_speaks_tls_to_a_sentinel_service_through_its_failover() {
+    let dir = std::env::temp_dir().join(unique("helo-sentinel-tls-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tls = TlsFiles::make(&dir, REDIS);
+    // The agent reads the CA after dropping root.
+    for file in [&dir, &tls.ca] {
+        let mode = if file.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+    let (mut fleet, replica, sentinels) = sentinel_fleet_with(Some(&tls));
+    let env = format!("SSL_CERT_FILE={}", tls.ca.display());
+    let [g1, g2, _] = &fleet.gateways[..] else { unreachable!() };
+    let agents: Vec<_> = [g1, g2]
+        .iter()
+        .map(|g| {
+            let [nsenter, net] = g.ns.exec_prefix();
+            g.start_with_prefix(&[&nsenter, &net, "env", &env])
+        })
+        .collect();
+    let first = fleet.redis.node();
+    for g in [g1, g2] {
+        wait_for(&format!("gw{} on the master, over TLS", g.n), Duration::from_secs(10), || {
+            fleet_state(g).master.as_deref() == Some(first.as_str())
+        });
+    }
+    g1.cli(&["ban", CLIENT, "--ttl", "10m", "--reason", "sentinel-tls"]);
+    wait_for("gw2 to hold gw1's ban", Duration::from_secs(5), || g2.holds(CLIENT));
+    let key = format!("{}ban:{CLIENT}", fleet.prefix);
+    assert!(fleet.redis.cli(&["GET", &key]).contains("sentinel-tls"), "kept in the master");
+
+    fleet.redis.kill();
+    wait_for_master(&sentinels, &replica.node(), Duration::from_secs(60));
+    for g in [g1, g2] {
+        wait_for(&format!("gw{} on the new master", g.n), Duration::from_secs(20), || {
+            fleet_state(g).master.as_deref() == Some(replica.node().as_str())
+        });
+    }
+    g2.cli(&["ban", BOT, "--ttl", "10m", "--reason", "after-failover"]);
+    wait_for("gw1 to hold gw2's ban after the failover", Duration::from_secs(5), || g1.holds(BOT));
+    assert!(g1.holds(CLIENT) && g2.holds(CLIENT), "the ban of before is kept");
+    for agent in &agents {
+        let log = agent.log();
+        assert!(!log.contains(PASSWORD), "the password is never logged:\n{log}");
+        assert!(!log.contains("panicked"), "{log}");
+    }
+    drop(agents);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// What the gateway's `top` shows of the fleet (the control socket's overview).
