@@ -1933,6 +1933,37 @@ async fn a_dead_resolver_delays_no_dry_run_and_costs_an_enforcing_check_one_time
     );
 }
 
+/// The storm's leak: a bot forging our name while the resolver cannot give its reverse name
+/// is told 450 and not banned (an honest host of our zone would clear itself), then comes
+/// back with another HELO. Before, that second session was judged on its new HELO alone and
+/// reached the MTA; now it answers for the earlier HELO first: 450 again while DNS cannot say
+/// (the unit test of the hearing shows the ban once it can). Another client with that HELO
+/// is not held.
+#[tokio::test]
+async fn a_bot_told_450_for_our_name_does_not_come_back_free_with_another_helo() {
+    let dead = DeadResolver::start();
+    let mta = Mta::start().await;
+    // Clients behind a trusted front proxy, so that their reverse lookups reach the dead
+    // resolver (a loopback client's is answered locally).
+    let extra = format!(
+        "[dns]\nservers = [\"{}\"]\ntimeout = \"1s\"\n\
+         [proxy]\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+        dead.address
+    );
+    let config = Config::parse(&extra, Path::new("dns.toml"), &HostFacts::default()).unwrap();
+    let resolver = Some(Arc::new(helo_agent::dns::Dns::new(&config.dns).unwrap()));
+    let agent = Agent::start_full(mta.addr, &extra, false, None, resolver).await;
+    let forged = proxied(&agent, "203.0.113.9:40000", "mx.example.com").await;
+    assert!(forged[3].starts_with("450 4.7.1 <mx.example.com>"), "{forged:?}");
+    let back = proxied(&agent, "203.0.113.9:40001", "fresh.example").await;
+    assert!(back[1].starts_with("250"), "the EHLO is answered: {back:?}");
+    assert!(back[3].starts_with("450 4.7.1 <mx.example.com>"), "still put off: {back:?}");
+    let other = proxied(&agent, "203.0.113.10:40000", "fresh.example").await;
+    assert!(other[3].starts_with("250"), "another client: {other:?}");
+    assert!(agent.banned().is_empty(), "a 450 never bans");
+    agent.stop().await;
+}
+
 /// Issue 27: an IPv6 client's /64 is one client, for the per-address session cap and for a
 /// rule's ban. Behind a trusted front proxy naming each client: sessions from ::20 and ::21
 /// fill a cap of 2 for their whole /64 (::22 gets 421), a host of the next /64 still gets in;

@@ -7,8 +7,9 @@
 //!   ([`Live`]: the rules, the proxy's settings, the reject text), the [`Court`], the resolver
 //!   of the DNS checks, the ban maps read where the kernel cannot enforce them
 //!   ([`Judge::refused_at_accept`]), and the judge's memories: which client networks used
-//!   each HELO lately (`crate::reuse`), and which clients passed the pregreet test lately
-//!   (`crate::passes`).
+//!   each HELO lately (`crate::reuse`), which clients passed the pregreet test lately
+//!   (`crate::passes`), and which were told 450 for a HELO that DNS alone kept from a ban
+//!   (`deferrals.rs`: their next session answers for that HELO first).
 //! - [`Client`]: who the client is, resolved once at accept (the real address after a trusted
 //!   front proxy, canonical; the listener's facts).
 //! - [`Hearing`] (`hearing.rs`): one session's judging, sans-IO, the sequence written once:
@@ -18,6 +19,7 @@
 //!   ([`NeverBan`]) and the ban request.
 
 mod court;
+pub mod deferrals;
 pub mod hearing;
 mod record;
 
@@ -241,6 +243,8 @@ pub struct Judge {
     /// lost when the rules change.
     memory: Arc<Memory>,
     passes: Arc<PassCache>,
+    /// The bans DNS put off (see [`deferrals`]): outlive every reload too.
+    deferrals: deferrals::Deferrals,
 }
 
 impl Judge {
@@ -256,6 +260,7 @@ impl Judge {
             lookup: parts.lookup,
             memory: Arc::default(),
             passes,
+            deferrals: deferrals::Deferrals::default(),
         })
     }
 
@@ -271,7 +276,7 @@ impl Judge {
 
     /// What a session under `live` is judged by.
     pub fn law<'a>(&'a self, live: &'a Live) -> Law<'a> {
-        Law::new(&live.rules, &self.memory)
+        Law::new(&live.rules, &self.memory).deferring(&self.deferrals)
     }
 
     pub fn court(&self) -> &Court {

@@ -290,6 +290,12 @@ pub struct Verdict {
     /// What DNS could still change of this verdict, not known yet.
     #[serde(skip)]
     pub wants: Wants,
+    /// A [`DNS_TEMPFAIL`] verdict that stands in for a ban: this check, which bans, matched,
+    /// and only the client's reverse name, which DNS could not give, could clear it. The
+    /// judge remembers the client and this HELO (`judge::Deferrals`), so that it cannot come
+    /// back with another HELO and go free before DNS has decided.
+    #[serde(skip)]
+    pub deferred_ban: Option<Check>,
 }
 
 /// What a verdict wants from DNS that its facts did not have (see `judge::Hearing`).
@@ -584,14 +590,18 @@ impl RuleSet {
             }
             ClientDns::TempFail(why) if enforces => {
                 let helo = facts.argument.trim();
-                return Some(self.tempfail(
+                let mut verdict = self.tempfail(
                     format!("{reason}; the client's reverse name could not be checked ({why})"),
                     format!(
                         "4.7.1 <{helo}>: Helo command rejected: cannot check your reverse name, \
                          try again later"
                     ),
                     j,
-                ));
+                );
+                if self.action(check) == CheckAction::Ban {
+                    verdict.deferred_ban = Some(check);
+                }
+                return Some(verdict);
             }
             ClientDns::NotLooked if enforces && facts.looks => j.wants.client = true,
             _ => {}
@@ -611,6 +621,7 @@ impl RuleSet {
             ttl: None,
             logged: std::mem::take(&mut j.logged),
             wants: std::mem::take(&mut j.wants),
+            deferred_ban: None,
         }
     }
 
@@ -786,6 +797,7 @@ impl RuleSet {
             ttl: (action == Action::Ban).then_some(self.ban_ttl),
             logged: std::mem::take(&mut j.logged),
             wants: std::mem::take(&mut j.wants),
+            deferred_ban: None,
         })
     }
 
@@ -816,6 +828,7 @@ impl RuleSet {
             ttl: None,
             logged: Vec::new(),
             wants: Wants::default(),
+            deferred_ban: None,
         }
     }
 }
