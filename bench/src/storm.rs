@@ -936,7 +936,7 @@ fn write_report(
                     String::new()
                 };
                 notes.push(format!(
-                    "{} ({}), at {}/s, sessions ended (bots', and legitimate ones lost): {}{skipped}; \
+                    "{} ({}), at {}/s, sessions ended in the first round (bots', and legitimate ones lost): {}{skipped}; \
                      TCP counters that moved: {}.",
                     setup.name(),
                     placement.name(),
@@ -981,16 +981,18 @@ fn write_report(
             held_label(postscreen)
         ),
     );
-    let steps: Vec<StepFigures> =
-        ours.into_iter().flat_map(|s| median_steps(&of(Placement::Pinned, s))).collect();
-    let spam: usize = steps.iter().map(StepFigures::bots_delivered).sum();
+    // Every bot message of every round in both placements: a median round hides a leak (one
+    // round of steering at 6000/s unpinned delivered 2 while the median showed 0).
+    let steps: Vec<&StepFigures> =
+        runs.iter().filter(|r| ours.contains(&r.setup)).flat_map(|r| r.steps.iter()).collect();
+    let spam: usize = steps.iter().map(|s| s.bots_delivered()).sum();
     let best_steps = median_steps(&of(Placement::Pinned, best));
     let lost: usize = best_steps.iter().filter(|s| s.rate <= proxy).map(|s| s.legit_lost).sum();
     report.target(
         "storm: helo-filter delivers no bot message",
         spam == 0 && !steps.is_empty(),
         format!(
-            "{spam} delivered over {} steps of both doors ({} by HELO kind: {})",
+            "{spam} delivered over {} steps of both doors, every round pinned and unpinned ({} by HELO kind: {})",
             steps.len(),
             KINDS.join(" / "),
             [0, 1, 2]
